@@ -1,0 +1,405 @@
+//go:build ignore
+
+// Socket-level service load balancing: cgroup sock_addr programs attached at the cgroup v2
+// root rewrite a service VIP:port to a backend once per connect() (TCP, connected UDP) or
+// per datagram (unconnected UDP), and undo the rewrite for recvmsg()/getpeername().
+//
+// The per-socket choice lives in SK_STORAGE: it dies with the socket, so there is no LRU
+// to evict from, no 5-tuple to collide on and nothing for userspace to garbage-collect.
+
+#include "vmlinux.h"
+#include "bpf_helpers.h"
+#include "bpf_endian.h"
+#include "socklb.h"
+
+char __license[] SEC("license") = "Dual BSD/GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define ECONNREFUSED 111
+#define EHOSTUNREACH 113
+
+#define SYS_REJECT 0
+#define SYS_PROCEED 1
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, PODSOCK_MAX_SERVICES);
+	__type(key, struct svc_key);
+	__type(value, struct svc_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podsock_svc_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, PODSOCK_MAX_SLOTS);
+	__type(key, struct slot_key);
+	__type(value, struct backend);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podsock_slot_v1 SEC(".maps");
+
+// Service names are only read by userspace; keeping them next to the services lets a
+// restarted agent (or a human with bpftool) see exactly what the datapath serves.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, PODSOCK_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, struct svc_name);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podsock_name_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct sock_state);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podsock_sock_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podsock_stat_v1 SEC(".maps");
+
+static __always_inline void count(__u32 stat)
+{
+	__u64 *v = bpf_map_lookup_elem(&podsock_stat_v1, &stat);
+
+	if (v)
+		*v += 1;
+}
+
+static __always_inline void addr_from_v4(__u32 *addr, __u32 ip4)
+{
+	addr[0] = 0;
+	addr[1] = 0;
+	addr[2] = bpf_htonl(0x0000ffff);
+	addr[3] = ip4;
+}
+
+static __always_inline int addr_equal(const __u32 *a, const __u32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+static __always_inline void addr_copy(__u32 *dst, const __u32 *src)
+{
+	dst[0] = src[0];
+	dst[1] = src[1];
+	dst[2] = src[2];
+	dst[3] = src[3];
+}
+
+// The kernel only accepts 32-bit loads of user_ip6, so read it word by word.
+static __always_inline void read_user_addr(struct bpf_sock_addr *ctx, int v6, __u32 *addr)
+{
+	if (v6) {
+		addr[0] = ctx->user_ip6[0];
+		addr[1] = ctx->user_ip6[1];
+		addr[2] = ctx->user_ip6[2];
+		addr[3] = ctx->user_ip6[3];
+	} else {
+		addr_from_v4(addr, ctx->user_ip4);
+	}
+}
+
+static __always_inline void write_user_addr(struct bpf_sock_addr *ctx, int v6, const __u32 *addr,
+					    __u16 port)
+{
+	if (v6) {
+		ctx->user_ip6[0] = addr[0];
+		ctx->user_ip6[1] = addr[1];
+		ctx->user_ip6[2] = addr[2];
+		ctx->user_ip6[3] = addr[3];
+	} else {
+		ctx->user_ip4 = addr[3];
+	}
+	// user_port must be written as a 32-bit store; the port sits in its low 16 bits.
+	ctx->user_port = (__u32)port;
+}
+
+static __always_inline struct svc_value *lookup_service(struct bpf_sock_addr *ctx, int v6,
+							 struct svc_key *key)
+{
+	__builtin_memset(key, 0, sizeof(*key));
+	read_user_addr(ctx, v6, key->addr);
+	key->port = (__u16)ctx->user_port;
+	key->proto = (__u8)ctx->protocol;
+	if (key->proto != IPPROTO_TCP && key->proto != IPPROTO_UDP)
+		return NULL;
+	return bpf_map_lookup_elem(&podsock_svc_v1, key);
+}
+
+// Spreads socket cookies (sequential numbers) over the slots so that a socket keeps one
+// backend for as long as the backend set stays the same.
+static __always_inline __u32 cookie_hash(__u64 cookie)
+{
+	return (__u32)((cookie * 0x9e3779b97f4a7c15ULL) >> 32);
+}
+
+// Userspace writes a new revision's slots before it switches the service entry to that
+// revision and deletes the old slots after, so a reader that lost that race re-reads the
+// service once and then sees the complete new set.
+static __always_inline struct backend *pick_backend(struct svc_key *key, struct svc_value **svcp,
+						    __u32 hash)
+{
+	struct svc_value *svc = *svcp;
+	struct slot_key slot = {};
+	struct backend *be;
+
+	if (svc->slot_count == 0)
+		return NULL;
+	slot.svc_id = svc->id;
+	slot.rev = svc->rev;
+	slot.slot = hash % svc->slot_count;
+	be = bpf_map_lookup_elem(&podsock_slot_v1, &slot);
+	if (be)
+		return be;
+
+	svc = bpf_map_lookup_elem(&podsock_svc_v1, key);
+	if (!svc || svc->slot_count == 0)
+		return NULL;
+	*svcp = svc;
+	slot.svc_id = svc->id;
+	slot.rev = svc->rev;
+	slot.slot = hash % svc->slot_count;
+	return bpf_map_lookup_elem(&podsock_slot_v1, &slot);
+}
+
+static __always_inline void fill_entry(struct lb_entry *e, const struct svc_key *key,
+				       const struct svc_value *svc, const struct backend *be)
+{
+	addr_copy(e->vip, key->addr);
+	addr_copy(e->backend, be->addr);
+	e->vip_port = key->port;
+	e->backend_port = be->port;
+	e->svc_id = svc->id;
+	e->svc_rev = svc->rev;
+}
+
+static __always_inline struct lb_entry *find_entry(struct sock_state *state,
+						   const struct svc_key *key,
+						   const struct svc_value *svc, __u32 first)
+{
+	__u32 i;
+
+	for (i = first; i < LB_ENTRIES; i++) {
+		struct lb_entry *e = &state->entries[i];
+
+		if (i >= state->count)
+			break;
+		if (e->svc_id == svc->id && e->vip_port == key->port && addr_equal(e->vip, key->addr))
+			return e;
+	}
+	return NULL;
+}
+
+static __always_inline int refuse(__u32 stat)
+{
+	count(stat);
+	// Without an error set the caller would see EPERM, which reads like a policy denial.
+	bpf_set_retval(-ECONNREFUSED);
+	return SYS_REJECT;
+}
+
+static __always_inline int sock_connect(struct bpf_sock_addr *ctx, int v6)
+{
+	struct sock_state *state;
+	struct svc_value *svc;
+	struct backend *be = NULL, chosen_be = {};
+	struct svc_key key;
+	__u32 hash;
+	// Read ctx->sk once, up front: clang otherwise folds the offset into a derived ctx
+	// pointer, which the verifier rejects.
+	struct bpf_sock *sk = ctx->sk;
+
+	if (!sk)
+		return SYS_PROCEED;
+	svc = lookup_service(ctx, v6, &key);
+	if (!svc) {
+		// A balanced socket re-connected elsewhere must not keep claiming its old backend.
+		if (bpf_sk_storage_get(&podsock_sock_v1, sk, 0, 0))
+			bpf_sk_storage_delete(&podsock_sock_v1, sk);
+		return SYS_PROCEED;
+	}
+
+	state = bpf_sk_storage_get(&podsock_sock_v1, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (key.proto == IPPROTO_UDP && state) {
+		// Connected UDP picks once per socket: keep what an earlier sendmsg() to this
+		// service chose, as long as the service has not changed since.
+		struct lb_entry *prev = find_entry(state, &key, svc, 0);
+
+		if (prev && prev->svc_rev == svc->rev) {
+			addr_copy(chosen_be.addr, prev->backend);
+			chosen_be.port = prev->backend_port;
+			be = &chosen_be;
+		}
+	}
+	if (!be) {
+		hash = key.proto == IPPROTO_TCP ? bpf_get_prandom_u32() :
+						  cookie_hash(bpf_get_socket_cookie(ctx));
+		be = pick_backend(&key, &svc, hash);
+	}
+	if (!be)
+		return refuse(STAT_NO_BACKEND);
+
+	if (state) {
+		__builtin_memset(state, 0, sizeof(*state));
+		fill_entry(&state->entries[0], &key, svc, be);
+		state->connected = 1;
+		state->proto = key.proto;
+		state->count = 1;
+	} else {
+		count(STAT_NO_STORAGE);
+	}
+	write_user_addr(ctx, v6, be->addr, be->port);
+	count(STAT_CONNECT);
+	return SYS_PROCEED;
+}
+
+static __always_inline int sock_sendmsg(struct bpf_sock_addr *ctx, int v6)
+{
+	struct sock_state *state;
+	struct lb_entry *e = NULL;
+	struct svc_value *svc;
+	struct backend *be;
+	struct svc_key key;
+	__u32 first;
+	struct bpf_sock *sk = ctx->sk;
+
+	if (!sk)
+		return SYS_PROCEED;
+	svc = lookup_service(ctx, v6, &key);
+	if (!svc || key.proto != IPPROTO_UDP)
+		return SYS_PROCEED;
+
+	state = bpf_sk_storage_get(&podsock_sock_v1, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!state) {
+		count(STAT_NO_STORAGE);
+		be = pick_backend(&key, &svc, cookie_hash(bpf_get_socket_cookie(ctx)));
+		if (!be)
+			return refuse(STAT_NO_BACKEND);
+		write_user_addr(ctx, v6, be->addr, be->port);
+		count(STAT_SENDMSG);
+		return SYS_PROCEED;
+	}
+
+	// Entry 0 belongs to the connected peer, if any; datagrams to other services rotate
+	// through the remaining entries so replies from each backend can still be reversed.
+	first = state->connected ? 1 : 0;
+	e = find_entry(state, &key, svc, first);
+	if (e && e->svc_rev == svc->rev) {
+		write_user_addr(ctx, v6, e->backend, e->backend_port);
+		count(STAT_SENDMSG);
+		return SYS_PROCEED;
+	}
+
+	be = pick_backend(&key, &svc, cookie_hash(bpf_get_socket_cookie(ctx)));
+	if (!be)
+		return refuse(STAT_NO_BACKEND);
+	if (!e) {
+		__u32 span = LB_ENTRIES - first;
+		__u32 idx = first + (state->next % span);
+
+		if (idx >= LB_ENTRIES)
+			idx = LB_ENTRIES - 1;
+		e = &state->entries[idx];
+		state->next = (state->next + 1) % span;
+		if (state->count < idx + 1)
+			state->count = idx + 1;
+		state->proto = IPPROTO_UDP;
+	}
+	fill_entry(e, &key, svc, be);
+	write_user_addr(ctx, v6, be->addr, be->port);
+	count(STAT_SENDMSG);
+	return SYS_PROCEED;
+}
+
+// Replace the backend with the VIP it stands for, in the address that recvmsg() or
+// getpeername() hands to the application.
+static __always_inline int sock_reverse(struct bpf_sock_addr *ctx, int v6, int connected_only)
+{
+	struct sock_state *state;
+	__u32 addr[4], i;
+	__u16 port;
+	struct bpf_sock *sk = ctx->sk;
+
+	if (!sk)
+		return SYS_PROCEED;
+	state = bpf_sk_storage_get(&podsock_sock_v1, sk, 0, 0);
+	if (!state)
+		return SYS_PROCEED;
+	if (connected_only && !state->connected)
+		return SYS_PROCEED;
+
+	read_user_addr(ctx, v6, addr);
+	port = (__u16)ctx->user_port;
+	for (i = 0; i < LB_ENTRIES; i++) {
+		struct lb_entry *e = &state->entries[i];
+
+		if (i >= state->count || (connected_only && i > 0))
+			break;
+		if (e->backend_port == port && addr_equal(e->backend, addr)) {
+			write_user_addr(ctx, v6, e->vip, e->vip_port);
+			count(STAT_REVERSE);
+			break;
+		}
+	}
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/connect4")
+int podsock_connect4(struct bpf_sock_addr *ctx)
+{
+	return sock_connect(ctx, 0);
+}
+
+SEC("cgroup/connect6")
+int podsock_connect6(struct bpf_sock_addr *ctx)
+{
+	return sock_connect(ctx, 1);
+}
+
+SEC("cgroup/sendmsg4")
+int podsock_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return sock_sendmsg(ctx, 0);
+}
+
+SEC("cgroup/sendmsg6")
+int podsock_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return sock_sendmsg(ctx, 1);
+}
+
+SEC("cgroup/recvmsg4")
+int podsock_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return sock_reverse(ctx, 0, 0);
+}
+
+SEC("cgroup/recvmsg6")
+int podsock_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return sock_reverse(ctx, 1, 0);
+}
+
+SEC("cgroup/getpeername4")
+int podsock_getpeername4(struct bpf_sock_addr *ctx)
+{
+	return sock_reverse(ctx, 0, 1);
+}
+
+SEC("cgroup/getpeername6")
+int podsock_getpeername6(struct bpf_sock_addr *ctx)
+{
+	return sock_reverse(ctx, 1, 1);
+}

@@ -1,0 +1,315 @@
+// Package datapath is the sole owner of podsock's BPF objects: it loads the socket-LB
+// programs, pins maps and links under <bpffs>/podsock, adopts what a previous agent left
+// pinned, and writes services into the maps.
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+)
+
+// PinDirName is the directory under the bpffs mount that holds everything podsock pins.
+const PinDirName = "podsock"
+
+// Capacities of the service and slot maps; bpf/socklb.h defines the same numbers
+// (TestMapCapacities checks that they agree).
+const (
+	maxServices = 262144
+	maxSlots    = 1 << 20
+)
+
+// ErrIncompatiblePins is returned when pinned maps exist whose layout differs from the one
+// this binary was built with; they must be removed with `podsock cleanup` first.
+var ErrIncompatiblePins = errors.New("pinned maps are incompatible with this podsock version")
+
+// Options says where the datapath attaches and pins.
+type Options struct {
+	// CgroupRoot is the cgroup v2 directory the socket-LB programs attach to.
+	CgroupRoot string
+	// BPFFS is a mounted bpffs; pins go under BPFFS/podsock.
+	BPFFS string
+	Log   logrus.FieldLogger
+}
+
+// attachPoint ties a program to its cgroup hook and the name of its pinned link.
+type attachPoint struct {
+	name   string
+	attach ebpf.AttachType
+	prog   func(*socklbPrograms) *ebpf.Program
+}
+
+var attachPoints = []attachPoint{
+	{"connect4", ebpf.AttachCGroupInet4Connect, func(p *socklbPrograms) *ebpf.Program { return p.PodsockConnect4 }},
+	{"connect6", ebpf.AttachCGroupInet6Connect, func(p *socklbPrograms) *ebpf.Program { return p.PodsockConnect6 }},
+	{"sendmsg4", ebpf.AttachCGroupUDP4Sendmsg, func(p *socklbPrograms) *ebpf.Program { return p.PodsockSendmsg4 }},
+	{"sendmsg6", ebpf.AttachCGroupUDP6Sendmsg, func(p *socklbPrograms) *ebpf.Program { return p.PodsockSendmsg6 }},
+	{"recvmsg4", ebpf.AttachCGroupUDP4Recvmsg, func(p *socklbPrograms) *ebpf.Program { return p.PodsockRecvmsg4 }},
+	{"recvmsg6", ebpf.AttachCGroupUDP6Recvmsg, func(p *socklbPrograms) *ebpf.Program { return p.PodsockRecvmsg6 }},
+	{"getpeername4", ebpf.AttachCgroupInet4GetPeername, func(p *socklbPrograms) *ebpf.Program { return p.PodsockGetpeername4 }},
+	{"getpeername6", ebpf.AttachCgroupInet6GetPeername, func(p *socklbPrograms) *ebpf.Program { return p.PodsockGetpeername6 }},
+}
+
+// Datapath holds the loaded programs, the pinned maps and links, and a mirror of what the
+// maps contain so that Apply writes only differences.
+type Datapath struct {
+	opts     Options
+	pinDir   string
+	cgroupID uint64
+	log      logrus.FieldLogger
+
+	objs  socklbObjects
+	links map[string]link.Link
+	// AdoptedLinks counts links that a previous agent pinned and this one took over.
+	adoptedLinks int
+
+	mu       sync.Mutex
+	services map[socklbSvcKey]*installed
+	usedIDs  map[uint32]bool
+	nextID   uint32
+}
+
+// Load loads the programs, reusing the pinned maps when they are compatible, and attaches
+// them to the cgroup root. Links pinned by an earlier agent are taken over and switched to
+// the new programs, so a restart never attaches twice and never leaves a gap.
+func Load(opts Options) (*Datapath, error) {
+	if opts.Log == nil {
+		opts.Log = logrus.StandardLogger()
+	}
+	cgroupID, err := CgroupID(opts.CgroupRoot)
+	if err != nil {
+		return nil, err
+	}
+	pinDir := filepath.Join(opts.BPFFS, PinDirName)
+	if err := os.MkdirAll(filepath.Join(pinDir, "links"), 0o700); err != nil {
+		return nil, fmt.Errorf("create pin dir: %w", err)
+	}
+	dp := &Datapath{
+		opts:     opts,
+		pinDir:   pinDir,
+		cgroupID: cgroupID,
+		log:      opts.Log,
+		links:    map[string]link.Link{},
+		services: map[socklbSvcKey]*installed{},
+		usedIDs:  map[uint32]bool{},
+		nextID:   1,
+	}
+	spec, err := loadSocklb()
+	if err != nil {
+		return nil, fmt.Errorf("load BPF spec: %w", err)
+	}
+	err = spec.LoadAndAssign(&dp.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}})
+	if err != nil {
+		var verr *ebpf.VerifierError
+		if errors.As(err, &verr) {
+			return nil, fmt.Errorf("load socket-LB programs: %+v", verr)
+		}
+		if errors.Is(err, ebpf.ErrMapIncompatible) {
+			return nil, fmt.Errorf("%w in %s (run `podsock cleanup`): %v", ErrIncompatiblePins, pinDir, err)
+		}
+		return nil, fmt.Errorf("load socket-LB programs: %w", err)
+	}
+	if err := dp.readServices(); err != nil {
+		dp.closeAll()
+		return nil, err
+	}
+	if err := dp.attach(); err != nil {
+		dp.closeAll()
+		return nil, err
+	}
+	return dp, nil
+}
+
+func (dp *Datapath) attach() error {
+	for _, ap := range attachPoints {
+		prog := ap.prog(&dp.objs.socklbPrograms)
+		pin := filepath.Join(dp.pinDir, "links", ap.name)
+		l, err := dp.adoptLink(pin, ap, prog)
+		if err != nil {
+			return err
+		}
+		if l == nil {
+			l, err = link.AttachCgroup(link.CgroupOptions{Path: dp.opts.CgroupRoot, Attach: ap.attach, Program: prog})
+			if err != nil {
+				return fmt.Errorf("attach %s to %s: %w", ap.name, dp.opts.CgroupRoot, err)
+			}
+			if err := l.Pin(pin); err != nil {
+				l.Close()
+				return fmt.Errorf("pin %s link: %w", ap.name, err)
+			}
+		}
+		dp.links[ap.name] = l
+	}
+	return nil
+}
+
+// adoptLink takes over a pinned link when it is attached to our cgroup root, replacing its
+// program in place. A link pinned for another cgroup (cgroup_root changed) is detached.
+func (dp *Datapath) adoptLink(pin string, ap attachPoint, prog *ebpf.Program) (link.Link, error) {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		dp.log.WithError(err).Warnf("pinned %s link is unusable; removing it", ap.name)
+		return nil, os.Remove(pin)
+	}
+	info, err := l.Info()
+	if err == nil && info.Cgroup() != nil && info.Cgroup().CgroupId == dp.cgroupID {
+		if err := l.Update(prog); err != nil {
+			l.Close()
+			return nil, fmt.Errorf("update adopted %s link: %w", ap.name, err)
+		}
+		dp.adoptedLinks++
+		return l, nil
+	}
+	dp.log.Infof("pinned %s link belongs to another cgroup; detaching it", ap.name)
+	if err := detachLink(l); err != nil {
+		return nil, fmt.Errorf("detach stale %s link: %w", ap.name, err)
+	}
+	return nil, nil
+}
+
+// detachLink removes a link from its hook even if other processes still hold it open.
+func detachLink(l link.Link) error {
+	defer l.Close()
+	if err := l.Unpin(); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	if err := l.Detach(); err != nil && !errors.Is(err, link.ErrNotSupported) && !errors.Is(err, unix.ENOLINK) {
+		return err
+	}
+	return nil
+}
+
+// Close releases this process's handles. Pinned maps and links stay, and keep serving.
+func (dp *Datapath) Close() error {
+	dp.closeAll()
+	return nil
+}
+
+func (dp *Datapath) closeAll() {
+	for name, l := range dp.links {
+		l.Close()
+		delete(dp.links, name)
+	}
+	dp.objs.Close()
+}
+
+// PinDir is where the maps and links are pinned.
+func (dp *Datapath) PinDir() string { return dp.pinDir }
+
+// AdoptedLinks is how many links this datapath took over from a previous agent.
+func (dp *Datapath) AdoptedLinks() int { return dp.adoptedLinks }
+
+// Attached reports whether every socket-LB link is in place on the cgroup root.
+func (dp *Datapath) Attached() bool {
+	for _, ap := range attachPoints {
+		l, ok := dp.links[ap.name]
+		if !ok {
+			return false
+		}
+		info, err := l.Info()
+		if err != nil || info.Cgroup() == nil || info.Cgroup().CgroupId != dp.cgroupID {
+			return false
+		}
+	}
+	return true
+}
+
+// Stats are the datapath's own counters, summed over CPUs.
+type Stats struct {
+	Connects  uint64 `json:"connects"`
+	Sendmsgs  uint64 `json:"sendmsgs"`
+	Reversed  uint64 `json:"reversed"`
+	NoBackend uint64 `json:"no_backend"`
+	NoStorage uint64 `json:"no_storage"`
+}
+
+// Order matches enum stat_index in bpf/socklb.h.
+const (
+	statConnect = iota
+	statSendmsg
+	statReverse
+	statNoBackend
+	statNoStorage
+	statMax
+)
+
+// Stats reads the datapath counters.
+func (dp *Datapath) Stats() (Stats, error) {
+	var sums [statMax]uint64
+	for i := range sums {
+		var perCPU []uint64
+		if err := dp.objs.PodsockStatV1.Lookup(uint32(i), &perCPU); err != nil {
+			return Stats{}, fmt.Errorf("read stat %d: %w", i, err)
+		}
+		for _, v := range perCPU {
+			sums[i] += v
+		}
+	}
+	return Stats{
+		Connects:  sums[statConnect],
+		Sendmsgs:  sums[statSendmsg],
+		Reversed:  sums[statReverse],
+		NoBackend: sums[statNoBackend],
+		NoStorage: sums[statNoStorage],
+	}, nil
+}
+
+// SockStorage exposes the per-socket LB state map (for tests and the socket iterator).
+func (dp *Datapath) SockStorage() *ebpf.Map { return dp.objs.PodsockSockV1 }
+
+// Cleanup detaches every link podsock pinned under bpffs and removes all its pins. It
+// works from the pins alone, without loading anything.
+func Cleanup(bpffs string) error {
+	pinDir := filepath.Join(bpffs, PinDirName)
+	linkDir := filepath.Join(pinDir, "links")
+	var errs []error
+	entries, err := os.ReadDir(linkDir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("read %s: %w", linkDir, err)
+	}
+	for _, e := range entries {
+		pin := filepath.Join(linkDir, e.Name())
+		l, err := link.LoadPinnedLink(pin, nil)
+		if err != nil {
+			errs = append(errs, os.Remove(pin))
+			continue
+		}
+		if err := detachLink(l); err != nil {
+			errs = append(errs, fmt.Errorf("detach %s: %w", pin, err))
+		}
+	}
+	if err := os.RemoveAll(pinDir); err != nil {
+		errs = append(errs, fmt.Errorf("remove %s: %w", pinDir, err))
+	}
+	return errors.Join(errs...)
+}
+
+// CgroupID is the kernel's ID of a cgroup v2 directory: its inode number.
+func CgroupID(path string) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, fmt.Errorf("cgroup %s: %w", path, err)
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(path, &fs); err != nil {
+		return 0, fmt.Errorf("cgroup %s: %w", path, err)
+	}
+	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
+		return 0, fmt.Errorf("cgroup %s: not on a cgroup v2 mount", path)
+	}
+	if st.Mode&syscall.S_IFMT != syscall.S_IFDIR {
+		return 0, fmt.Errorf("cgroup %s: not a directory", path)
+	}
+	return st.Ino, nil
+}

@@ -1,0 +1,485 @@
+package datapath
+
+import (
+	"errors"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+
+	"github.com/podsock/podsock/test/testenv"
+)
+
+var (
+	vipRanges = []string{"10.96.0.0/12", "fd00:96::/108"}
+	webVIP    = netip.MustParseAddrPort("10.96.0.20:80")
+	dnsVIP    = netip.MustParseAddrPort("10.96.0.53:53")
+	web6VIP   = netip.MustParseAddrPort("[fd00:96::20]:80")
+	emptyVIP  = netip.MustParseAddrPort("10.96.0.99:80")
+	beA       = netip.MustParseAddrPort("10.88.0.5:8080")
+	beB       = netip.MustParseAddrPort("10.88.0.6:8080")
+	beC       = netip.MustParseAddrPort("10.88.0.7:8080")
+	dnsA      = netip.MustParseAddrPort("10.88.0.5:5353")
+	dnsB      = netip.MustParseAddrPort("10.88.0.6:5353")
+	be6A      = netip.MustParseAddrPort("[fd00:88::5]:8080")
+	be6B      = netip.MustParseAddrPort("[fd00:88::6]:8080")
+)
+
+// fixture is one test's world: a child cgroup the test process runs in, a netns holding
+// the backends and the clients, and a private bpffs for the pins.
+type fixture struct {
+	t     *testing.T
+	cg    *testenv.Cgroup
+	ns    *testenv.Netns
+	bpffs string
+}
+
+func newFixture(t *testing.T) *fixture {
+	testenv.RequirePrivileged(t)
+	f := &fixture{t: t}
+	f.cg = testenv.NewCgroup(t)
+	f.ns = testenv.NewNetns(t, vipRanges,
+		"10.88.0.5/32", "10.88.0.6/32", "10.88.0.7/32", "fd00:88::5/128", "fd00:88::6/128")
+	f.bpffs = testenv.BPFFS(t)
+	f.cg.EnterSelf(t)
+	// Without podsock the VIP must not answer: the blackhole route rejects it locally.
+	if _, err := testenv.DialTCP(f.ns, 0, webVIP, false); !isUnreachable(err) {
+		t.Fatalf("VIP %s answered without podsock (err %v): test would prove nothing", webVIP, err)
+	}
+	return f
+}
+
+func isUnreachable(err error) bool {
+	return errors.Is(err, unix.ENETUNREACH) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EHOSTUNREACH)
+}
+
+func (f *fixture) load() *Datapath {
+	f.t.Helper()
+	dp, err := Load(Options{CgroupRoot: f.cg.Path, BPFFS: f.bpffs})
+	if err != nil {
+		f.t.Fatalf("load datapath: %v", err)
+	}
+	f.t.Cleanup(func() {
+		dp.Close()
+		if err := Cleanup(f.bpffs); err != nil {
+			f.t.Errorf("cleanup: %v", err)
+		}
+	})
+	return dp
+}
+
+func apply(t *testing.T, dp *Datapath, svcs ...Service) ApplyResult {
+	t.Helper()
+	res, err := dp.Apply(svcs)
+	if err != nil {
+		t.Fatalf("apply: %v", err)
+	}
+	return res
+}
+
+func tcpService(name string, vip netip.AddrPort, backends ...Backend) Service {
+	return Service{Name: name, VIP: vip.Addr(), Port: vip.Port(), Proto: ProtoTCP, Backends: backends}
+}
+
+func udpService(name string, vip netip.AddrPort, backends ...Backend) Service {
+	s := tcpService(name, vip, backends...)
+	s.Proto = ProtoUDP
+	return s
+}
+
+func be(ap netip.AddrPort, weight uint32) Backend { return Backend{Addr: ap, Weight: weight} }
+
+func TestPrivilegedTCPWeightsAndPeerName(t *testing.T) {
+	f := newFixture(t)
+	a := testenv.StartTCPBackend(t, f.ns, "A", beA)
+	b := testenv.StartTCPBackend(t, f.ns, "B", beB)
+	dp := f.load()
+	apply(t, dp, tcpService("default/web", webVIP, be(beA, 1), be(beB, 3)))
+
+	const n = 800
+	for i := range n {
+		res, err := testenv.DialTCP(f.ns, 0, webVIP, false)
+		if err != nil {
+			t.Fatalf("connect %d through VIP: %v", i, err)
+		}
+		if res.Peer != webVIP {
+			t.Fatalf("getpeername = %s, want the VIP %s", res.Peer, webVIP)
+		}
+	}
+	ha, hb := a.Hits(), b.Hits()
+	if ha+hb != n {
+		t.Fatalf("backends answered %d+%d connections, want %d", ha, hb, n)
+	}
+	// Weight 1:3, so A should get 200 of 800; 5 standard deviations is ±61.
+	if ha < 139 || ha > 261 {
+		t.Fatalf("backend A got %d of %d connections with weight 1:3, want about 200", ha, n)
+	}
+	st, err := dp.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Connects < n {
+		t.Fatalf("datapath counted %d connects, want >= %d", st.Connects, n)
+	}
+}
+
+func TestPrivilegedUDPReplySourceIsVIP(t *testing.T) {
+	f := newFixture(t)
+	testenv.StartUDPBackend(t, f.ns, "A", dnsA)
+	testenv.StartUDPBackend(t, f.ns, "B", dnsB)
+	dp := f.load()
+	apply(t, dp, udpService("kube-system/dns", dnsVIP, be(dnsA, 1), be(dnsB, 1)))
+
+	t.Run("unconnected", func(t *testing.T) {
+		seen := map[string]bool{}
+		for range 32 {
+			fd, err := testenv.Socket(f.ns, unix.AF_INET, unix.SOCK_DGRAM)
+			if err != nil {
+				t.Fatal(err)
+			}
+			first := ""
+			for range 5 {
+				res, err := testenv.UDPExchange(fd, unix.AF_INET, dnsVIP)
+				if err != nil {
+					unix.Close(fd)
+					t.Fatal(err)
+				}
+				if res.From != dnsVIP {
+					t.Fatalf("recvfrom source = %s, want the VIP %s", res.From, dnsVIP)
+				}
+				if first == "" {
+					first = res.Backend
+				} else if res.Backend != first {
+					t.Fatalf("one unconnected socket reached %s then %s: not sticky", first, res.Backend)
+				}
+			}
+			seen[first] = true
+			unix.Close(fd)
+		}
+		if !seen["A"] || !seen["B"] {
+			t.Fatalf("32 sockets reached only %v, want both backends", seen)
+		}
+	})
+
+	t.Run("connected", func(t *testing.T) {
+		fd, err := testenv.Socket(f.ns, unix.AF_INET, unix.SOCK_DGRAM)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Close(fd)
+		if err := testenv.Connect(fd, testenv.Sockaddr(unix.AF_INET, dnsVIP)); err != nil {
+			t.Fatalf("connect UDP to VIP: %v", err)
+		}
+		peer, err := unix.Getpeername(fd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := testenv.AddrPort(peer); got != dnsVIP {
+			t.Fatalf("getpeername = %s, want the VIP %s", got, dnsVIP)
+		}
+		res, err := testenv.UDPExchange(fd, unix.AF_INET, netip.AddrPort{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.From != dnsVIP || (res.Backend != "A" && res.Backend != "B") {
+			t.Fatalf("connected UDP reply from %s by %q, want the VIP and a backend", res.From, res.Backend)
+		}
+	})
+
+	t.Run("sendmsg then connect keeps the backend", func(t *testing.T) {
+		for range 8 {
+			fd, err := testenv.Socket(f.ns, unix.AF_INET, unix.SOCK_DGRAM)
+			if err != nil {
+				t.Fatal(err)
+			}
+			first, err := testenv.UDPExchange(fd, unix.AF_INET, dnsVIP)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := testenv.Connect(fd, testenv.Sockaddr(unix.AF_INET, dnsVIP)); err != nil {
+				t.Fatal(err)
+			}
+			second, err := testenv.UDPExchange(fd, unix.AF_INET, netip.AddrPort{})
+			unix.Close(fd)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if first.Backend != second.Backend {
+				t.Fatalf("socket switched from %s to %s on connect()", first.Backend, second.Backend)
+			}
+		}
+	})
+}
+
+func TestPrivilegedIPv6AndV4Mapped(t *testing.T) {
+	f := newFixture(t)
+	testenv.StartTCPBackend(t, f.ns, "A6", be6A)
+	testenv.StartTCPBackend(t, f.ns, "B6", be6B)
+	testenv.StartTCPBackend(t, f.ns, "A", beA)
+	testenv.StartUDPBackend(t, f.ns, "U6", netip.MustParseAddrPort("[fd00:88::5]:5353"))
+	dp := f.load()
+	dns6VIP := netip.MustParseAddrPort("[fd00:96::53]:53")
+	apply(t, dp,
+		tcpService("default/web6", web6VIP, be(be6A, 1), be(be6B, 1)),
+		tcpService("default/web", webVIP, be(beA, 1)),
+		udpService("default/dns6", dns6VIP, be(netip.MustParseAddrPort("[fd00:88::5]:5353"), 1)))
+
+	seen := map[string]bool{}
+	for range 64 {
+		res, err := testenv.DialTCP(f.ns, unix.AF_INET6, web6VIP, false)
+		if err != nil {
+			t.Fatalf("IPv6 connect through VIP: %v", err)
+		}
+		if res.Peer != web6VIP {
+			t.Fatalf("IPv6 getpeername = %s, want %s", res.Peer, web6VIP)
+		}
+		seen[res.Backend] = true
+	}
+	if !seen["A6"] || !seen["B6"] {
+		t.Fatalf("IPv6 service reached %v, want both backends", seen)
+	}
+
+	// An AF_INET6 socket connecting to ::ffff:10.96.0.20 must hit the IPv4 service.
+	res, err := testenv.DialTCP(f.ns, unix.AF_INET6, webVIP, false)
+	if err != nil {
+		t.Fatalf("v4-mapped connect through VIP: %v", err)
+	}
+	if res.Backend != "A" || res.Peer != webVIP {
+		t.Fatalf("v4-mapped connect reached %q, peer %s; want A and the VIP %s", res.Backend, res.Peer, webVIP)
+	}
+
+	fd, err := testenv.Socket(f.ns, unix.AF_INET6, unix.SOCK_DGRAM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	ures, err := testenv.UDPExchange(fd, unix.AF_INET6, dns6VIP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ures.Backend != "U6" || ures.From != dns6VIP {
+		t.Fatalf("IPv6 UDP reply by %q from %s, want U6 from the VIP %s", ures.Backend, ures.From, dns6VIP)
+	}
+}
+
+func TestPrivilegedNoBackendsFailFast(t *testing.T) {
+	f := newFixture(t)
+	dp := f.load()
+	apply(t, dp, tcpService("default/empty", emptyVIP), udpService("default/empty-udp", emptyVIP))
+
+	start := time.Now()
+	_, err := testenv.DialTCP(f.ns, 0, emptyVIP, false)
+	if !errors.Is(err, unix.ECONNREFUSED) {
+		t.Fatalf("TCP connect to a service without backends: %v, want ECONNREFUSED", err)
+	}
+	if d := time.Since(start); d > 100*time.Millisecond {
+		t.Fatalf("refusal took %v, want immediate", d)
+	}
+
+	fd, err := testenv.Socket(f.ns, unix.AF_INET, unix.SOCK_DGRAM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Sendto(fd, []byte("x"), 0, testenv.Sockaddr(unix.AF_INET, emptyVIP)); !errors.Is(err, unix.ECONNREFUSED) {
+		t.Fatalf("UDP sendto a service without backends: %v, want ECONNREFUSED", err)
+	}
+	if err := testenv.Connect(fd, testenv.Sockaddr(unix.AF_INET, emptyVIP)); !errors.Is(err, unix.ECONNREFUSED) {
+		t.Fatalf("UDP connect to a service without backends: %v, want ECONNREFUSED", err)
+	}
+	st, _ := dp.Stats()
+	if st.NoBackend < 3 {
+		t.Fatalf("no_backend counter = %d, want >= 3", st.NoBackend)
+	}
+}
+
+func TestPrivilegedRemovedBackendGetsNoNewConnects(t *testing.T) {
+	f := newFixture(t)
+	a := testenv.StartTCPBackend(t, f.ns, "A", beA)
+	b := testenv.StartTCPBackend(t, f.ns, "B", beB)
+	dp := f.load()
+	apply(t, dp, tcpService("default/web", webVIP, be(beA, 1), be(beB, 1)))
+	for range 50 {
+		if _, err := testenv.DialTCP(f.ns, 0, webVIP, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if b.Hits() == 0 {
+		t.Fatal("backend B got no connections before its removal")
+	}
+	res := apply(t, dp, tcpService("default/web", webVIP, be(beA, 1)))
+	if res.Updated != 1 || !slices.Equal(res.RemovedBackends[webVIP.String()+"/tcp"], []netip.AddrPort{beB}) {
+		t.Fatalf("apply result %+v, want one update that removed %s", res, beB)
+	}
+	before := b.Hits()
+	for range 200 {
+		r, err := testenv.DialTCP(f.ns, 0, webVIP, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Backend != "A" {
+			t.Fatalf("connect after removal reached %s", r.Backend)
+		}
+	}
+	if b.Hits() != before || a.Hits() < 200 {
+		t.Fatalf("after removal: A %d, B %d (was %d)", a.Hits(), b.Hits(), before)
+	}
+}
+
+// Connects racing with updates must always see a whole backend set, old or new.
+func TestPrivilegedUpdateIsAtomicForConcurrentConnects(t *testing.T) {
+	f := newFixture(t)
+	testenv.StartTCPBackend(t, f.ns, "A", beA)
+	testenv.StartTCPBackend(t, f.ns, "B", beB)
+	testenv.StartTCPBackend(t, f.ns, "C", beC)
+	dp := f.load()
+	sets := [][]Backend{{be(beA, 1)}, {be(beB, 2), be(beC, 1)}}
+	apply(t, dp, tcpService("default/web", webVIP, sets[0]...))
+
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var applyErr error
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := 1; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := dp.Apply([]Service{tcpService("default/web", webVIP, sets[i%2]...)}); err != nil {
+				applyErr = err
+				return
+			}
+		}
+	}()
+	for i := range 1500 {
+		if _, err := testenv.DialTCP(f.ns, 0, webVIP, false); err != nil {
+			close(stop)
+			wg.Wait()
+			t.Fatalf("connect %d during updates: %v", i, err)
+		}
+	}
+	close(stop)
+	wg.Wait()
+	if applyErr != nil {
+		t.Fatal(applyErr)
+	}
+}
+
+func attachedCount(t *testing.T, cgroup string, attach ebpf.AttachType) int {
+	t.Helper()
+	fd, err := os.Open(cgroup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fd.Close()
+	res, err := link.QueryPrograms(link.QueryOptions{Target: int(fd.Fd()), Attach: attach})
+	if err != nil {
+		t.Fatalf("query %s programs: %v", attach, err)
+	}
+	return len(res.Programs)
+}
+
+func TestPrivilegedPinsSurviveAndAreAdopted(t *testing.T) {
+	f := newFixture(t)
+	testenv.StartTCPBackend(t, f.ns, "A", beA)
+	dp, err := Load(Options{CgroupRoot: f.cg.Path, BPFFS: f.bpffs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dp.AdoptedLinks() != 0 {
+		t.Fatalf("fresh load adopted %d links", dp.AdoptedLinks())
+	}
+	apply(t, dp, tcpService("default/web", webVIP, be(beA, 1)))
+	dp.Close()
+
+	// The loader is gone; the pinned links keep balancing.
+	if r, err := testenv.DialTCP(f.ns, 0, webVIP, false); err != nil || r.Backend != "A" {
+		t.Fatalf("connect after the loader closed: %+v %v", r, err)
+	}
+
+	dp2 := f.load()
+	if dp2.AdoptedLinks() != len(attachPoints) {
+		t.Fatalf("reload adopted %d links, want %d", dp2.AdoptedLinks(), len(attachPoints))
+	}
+	for _, ap := range attachPoints {
+		if n := attachedCount(t, f.cg.Path, ap.attach); n != 1 {
+			t.Fatalf("%s: %d programs attached after adoption, want 1", ap.name, n)
+		}
+	}
+	svcs, err := dp2.Services()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(svcs) != 1 || svcs[0].Name != "default/web" || svcs[0].Backends[0].Addr != beA {
+		t.Fatalf("adopted services = %+v", svcs)
+	}
+	res := apply(t, dp2, tcpService("default/web", webVIP, be(beA, 1)))
+	if res.Unchanged != 1 || res.Added+res.Updated+res.Removed != 0 {
+		t.Fatalf("re-applying the same config after adoption changed something: %+v", res)
+	}
+	if !dp2.Attached() {
+		t.Fatal("adopted datapath reports not attached")
+	}
+}
+
+func TestPrivilegedCleanupRemovesEverything(t *testing.T) {
+	f := newFixture(t)
+	testenv.StartTCPBackend(t, f.ns, "A", beA)
+	dp, err := Load(Options{CgroupRoot: f.cg.Path, BPFFS: f.bpffs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	apply(t, dp, tcpService("default/web", webVIP, be(beA, 1)))
+	dp.Close()
+	if err := Cleanup(f.bpffs); err != nil {
+		t.Fatal(err)
+	}
+	for _, ap := range attachPoints {
+		if n := attachedCount(t, f.cg.Path, ap.attach); n != 0 {
+			t.Fatalf("%s: %d programs still attached after cleanup", ap.name, n)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(f.bpffs, PinDirName)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("pin dir still there after cleanup: %v", err)
+	}
+	if _, err := testenv.DialTCP(f.ns, 0, webVIP, false); !isUnreachable(err) {
+		t.Fatalf("VIP still answers after cleanup: %v", err)
+	}
+}
+
+func TestPrivilegedReattachWhenCgroupRootChanges(t *testing.T) {
+	f := newFixture(t)
+	dp, err := Load(Options{CgroupRoot: f.cg.Path, BPFFS: f.bpffs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dp.Close()
+	other := testenv.NewCgroup(t)
+	dp3, err := Load(Options{CgroupRoot: other.Path, BPFFS: f.bpffs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer Cleanup(f.bpffs)
+	defer dp3.Close()
+	if dp3.AdoptedLinks() != 0 {
+		t.Fatalf("adopted %d links of another cgroup", dp3.AdoptedLinks())
+	}
+	for _, ap := range attachPoints {
+		if n := attachedCount(t, f.cg.Path, ap.attach); n != 0 {
+			t.Fatalf("%s still attached to the old cgroup root", ap.name)
+		}
+		if n := attachedCount(t, other.Path, ap.attach); n != 1 {
+			t.Fatalf("%s: %d programs on the new cgroup root, want 1", ap.name, n)
+		}
+	}
+}

@@ -1,0 +1,414 @@
+package datapath
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/cilium/ebpf"
+)
+
+// Protocol numbers as the kernel knows them.
+const (
+	ProtoTCP uint8 = 6
+	ProtoUDP uint8 = 17
+)
+
+// Service is one VIP:port/protocol and its weighted backends, as the datapath serves it.
+type Service struct {
+	Name     string
+	VIP      netip.Addr
+	Port     uint16
+	Proto    uint8
+	Backends []Backend
+}
+
+// Backend is a backend address and its relative weight (>= 1).
+type Backend struct {
+	Addr   netip.AddrPort
+	Weight uint32
+}
+
+// ProtoName is "tcp" or "udp".
+func ProtoName(p uint8) string {
+	switch p {
+	case ProtoTCP:
+		return "tcp"
+	case ProtoUDP:
+		return "udp"
+	}
+	return fmt.Sprintf("proto-%d", p)
+}
+
+// installed mirrors one service entry in the maps.
+type installed struct {
+	id    uint32
+	rev   uint32
+	name  string
+	slots []netip.AddrPort
+}
+
+// ApplyResult says what Apply changed.
+type ApplyResult struct {
+	Added, Updated, Removed, Unchanged int
+	// RemovedBackends are backends that served a service before and no longer do, per
+	// service key ("vip:port/proto"); sockets still attached to them are stale.
+	RemovedBackends map[string][]netip.AddrPort
+}
+
+func svcKey(vip netip.Addr, port uint16, proto uint8) socklbSvcKey {
+	return socklbSvcKey{Addr: addrWords(vip), Port: htons(port), Proto: proto}
+}
+
+func keyString(k socklbSvcKey) string {
+	return fmt.Sprintf("%s/%s", netip.AddrPortFrom(wordsAddr(k.Addr), ntohs(k.Port)), ProtoName(k.Proto))
+}
+
+func nameValue(name string) (socklbSvcName, error) {
+	var v socklbSvcName
+	if len(name) >= len(v.Name) {
+		return v, fmt.Errorf("service name %q longer than %d bytes", name, len(v.Name)-1)
+	}
+	for i := range len(name) {
+		v.Name[i] = int8(name[i])
+	}
+	return v, nil
+}
+
+func nameString(v socklbSvcName) string {
+	var b strings.Builder
+	for _, c := range v.Name {
+		if c == 0 {
+			break
+		}
+		b.WriteByte(byte(c))
+	}
+	return b.String()
+}
+
+// Apply makes the maps serve exactly the given services, writing only what differs.
+// Each service changes atomically for a concurrent connect(): the new revision's slots are
+// written first, then the service entry is switched to them, then the old slots go.
+func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+
+	res := ApplyResult{RemovedBackends: map[string][]netip.AddrPort{}}
+	desired := make(map[socklbSvcKey]Service, len(services))
+	for _, s := range services {
+		k := svcKey(s.VIP, s.Port, s.Proto)
+		if _, dup := desired[k]; dup {
+			return res, fmt.Errorf("service %s: duplicate %s", s.Name, keyString(k))
+		}
+		if _, err := nameValue(s.Name); err != nil {
+			return res, err
+		}
+		desired[k] = s
+	}
+	if err := dp.checkCapacity(desired); err != nil {
+		return res, err
+	}
+
+	var errs []error
+	// Removals first: they free IDs and slots for what comes next.
+	for k, cur := range dp.services {
+		if _, keep := desired[k]; keep {
+			continue
+		}
+		if err := dp.removeService(k, cur); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		res.Removed++
+		res.RemovedBackends[keyString(k)] = uniqueAddrs(cur.slots)
+	}
+	// A stable order keeps ID assignment reproducible.
+	keys := make([]socklbSvcKey, 0, len(desired))
+	for k := range desired {
+		keys = append(keys, k)
+	}
+	slices.SortFunc(keys, func(a, b socklbSvcKey) int { return cmp.Compare(keyString(a), keyString(b)) })
+	for _, k := range keys {
+		s := desired[k]
+		slots := expandSlots(s.Backends)
+		cur := dp.services[k]
+		switch {
+		case cur == nil:
+			if err := dp.addService(k, s.Name, slots); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			res.Added++
+		case cur.name == s.Name && slices.Equal(cur.slots, slots):
+			res.Unchanged++
+		default:
+			gone := missingFrom(cur.slots, slots)
+			if err := dp.updateService(k, cur, s.Name, slots); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			res.Updated++
+			if len(gone) > 0 {
+				res.RemovedBackends[keyString(k)] = gone
+			}
+		}
+	}
+	return res, errors.Join(errs...)
+}
+
+func (dp *Datapath) checkCapacity(desired map[socklbSvcKey]Service) error {
+	if len(desired) > maxServices {
+		return fmt.Errorf("%d services exceed the datapath's limit of %d", len(desired), maxServices)
+	}
+	// Old and new slots coexist for a moment while a service switches revisions.
+	slots := 0
+	for _, cur := range dp.services {
+		slots += len(cur.slots)
+	}
+	for _, s := range desired {
+		slots += len(expandSlots(s.Backends))
+	}
+	if slots > maxSlots {
+		return fmt.Errorf("services need %d backend slots, more than the datapath's %d", slots, maxSlots)
+	}
+	return nil
+}
+
+func (dp *Datapath) allocID() (uint32, error) {
+	for range maxServices + 1 {
+		id := dp.nextID
+		dp.nextID++
+		if dp.nextID == 0 || dp.nextID > maxServices {
+			dp.nextID = 1
+		}
+		if !dp.usedIDs[id] {
+			dp.usedIDs[id] = true
+			return id, nil
+		}
+	}
+	return 0, errors.New("no free service id")
+}
+
+func (dp *Datapath) writeSlots(id, rev uint32, slots []netip.AddrPort) error {
+	for i, s := range slots {
+		k := socklbSlotKey{SvcId: id, Rev: rev, Slot: uint32(i)}
+		v := backendValue(s)
+		if err := dp.objs.PodsockSlotV1.Update(&k, &v, ebpf.UpdateAny); err != nil {
+			dp.deleteSlots(id, rev, i)
+			return fmt.Errorf("write slot %d: %w", i, err)
+		}
+	}
+	return nil
+}
+
+func (dp *Datapath) deleteSlots(id, rev uint32, n int) {
+	for i := range n {
+		k := socklbSlotKey{SvcId: id, Rev: rev, Slot: uint32(i)}
+		if err := dp.objs.PodsockSlotV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			dp.log.WithError(err).Warnf("delete slot %d of service %d", i, id)
+		}
+	}
+}
+
+func (dp *Datapath) addService(k socklbSvcKey, name string, slots []netip.AddrPort) error {
+	id, err := dp.allocID()
+	if err != nil {
+		return fmt.Errorf("service %s: %w", name, err)
+	}
+	nv, _ := nameValue(name)
+	if err := dp.objs.PodsockNameV1.Update(&id, &nv, ebpf.UpdateAny); err != nil {
+		delete(dp.usedIDs, id)
+		return fmt.Errorf("service %s: write name: %w", name, err)
+	}
+	const rev = 1
+	if err := dp.writeSlots(id, rev, slots); err != nil {
+		dp.objs.PodsockNameV1.Delete(&id)
+		delete(dp.usedIDs, id)
+		return fmt.Errorf("service %s: %w", name, err)
+	}
+	v := socklbSvcValue{Id: id, Rev: rev, SlotCount: uint32(len(slots))}
+	if err := dp.objs.PodsockSvcV1.Update(&k, &v, ebpf.UpdateNoExist); err != nil {
+		dp.deleteSlots(id, rev, len(slots))
+		dp.objs.PodsockNameV1.Delete(&id)
+		delete(dp.usedIDs, id)
+		return fmt.Errorf("service %s: write service entry: %w", name, err)
+	}
+	dp.services[k] = &installed{id: id, rev: rev, name: name, slots: slots}
+	return nil
+}
+
+func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, name string, slots []netip.AddrPort) error {
+	if name != cur.name {
+		nv, _ := nameValue(name)
+		if err := dp.objs.PodsockNameV1.Update(&cur.id, &nv, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("service %s: write name: %w", name, err)
+		}
+		cur.name = name
+	}
+	if slices.Equal(cur.slots, slots) {
+		return nil
+	}
+	rev := cur.rev + 1
+	if err := dp.writeSlots(cur.id, rev, slots); err != nil {
+		return fmt.Errorf("service %s: %w", name, err)
+	}
+	v := socklbSvcValue{Id: cur.id, Rev: rev, SlotCount: uint32(len(slots))}
+	if err := dp.objs.PodsockSvcV1.Update(&k, &v, ebpf.UpdateExist); err != nil {
+		dp.deleteSlots(cur.id, rev, len(slots))
+		return fmt.Errorf("service %s: switch to revision %d: %w", name, rev, err)
+	}
+	dp.deleteSlots(cur.id, cur.rev, len(cur.slots))
+	cur.rev = rev
+	cur.slots = slots
+	return nil
+}
+
+func (dp *Datapath) removeService(k socklbSvcKey, cur *installed) error {
+	if err := dp.objs.PodsockSvcV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("service %s: delete: %w", cur.name, err)
+	}
+	dp.deleteSlots(cur.id, cur.rev, len(cur.slots))
+	if err := dp.objs.PodsockNameV1.Delete(&cur.id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		dp.log.WithError(err).Warnf("delete name of service %s", cur.name)
+	}
+	delete(dp.usedIDs, cur.id)
+	delete(dp.services, k)
+	return nil
+}
+
+// readServices rebuilds the mirror from pinned maps left by a previous agent, and drops
+// what an interrupted Apply may have left half-written (slots of a revision no service
+// points at, names of services that do not exist).
+func (dp *Datapath) readServices() error {
+	byID := map[uint32]socklbSvcKey{}
+	var k socklbSvcKey
+	var v socklbSvcValue
+	it := dp.objs.PodsockSvcV1.Iterate()
+	for it.Next(&k, &v) {
+		dp.services[k] = &installed{id: v.Id, rev: v.Rev, slots: make([]netip.AddrPort, v.SlotCount)}
+		dp.usedIDs[v.Id] = true
+		byID[v.Id] = k
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read pinned services: %w", err)
+	}
+
+	var sk socklbSlotKey
+	var be socklbBackend
+	var stale []socklbSlotKey
+	sit := dp.objs.PodsockSlotV1.Iterate()
+	for sit.Next(&sk, &be) {
+		svc, ok := byID[sk.SvcId]
+		cur := dp.services[svc]
+		if !ok || cur.rev != sk.Rev || int(sk.Slot) >= len(cur.slots) {
+			stale = append(stale, sk)
+			continue
+		}
+		cur.slots[sk.Slot] = backendAddrPort(be)
+	}
+	if err := sit.Err(); err != nil {
+		return fmt.Errorf("read pinned slots: %w", err)
+	}
+	for _, s := range stale {
+		dp.objs.PodsockSlotV1.Delete(&s)
+	}
+
+	var id uint32
+	var nv socklbSvcName
+	var orphans []uint32
+	nit := dp.objs.PodsockNameV1.Iterate()
+	for nit.Next(&id, &nv) {
+		svc, ok := byID[id]
+		if !ok {
+			orphans = append(orphans, id)
+			continue
+		}
+		dp.services[svc].name = nameString(nv)
+	}
+	if err := nit.Err(); err != nil {
+		return fmt.Errorf("read pinned names: %w", err)
+	}
+	for _, o := range orphans {
+		dp.objs.PodsockNameV1.Delete(&o)
+	}
+	for id := range dp.usedIDs {
+		dp.nextID = max(dp.nextID, id+1)
+	}
+	if len(dp.services) > 0 {
+		dp.log.Infof("adopted %d services from pinned maps (%d stale slots dropped)", len(dp.services), len(stale))
+	}
+	return nil
+}
+
+// Services reads the services back from the maps, as the BPF programs see them.
+func (dp *Datapath) Services() ([]Service, error) {
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+	var out []Service
+	var k socklbSvcKey
+	var v socklbSvcValue
+	it := dp.objs.PodsockSvcV1.Iterate()
+	for it.Next(&k, &v) {
+		s := Service{VIP: wordsAddr(k.Addr), Port: ntohs(k.Port), Proto: k.Proto}
+		var nv socklbSvcName
+		if err := dp.objs.PodsockNameV1.Lookup(&v.Id, &nv); err == nil {
+			s.Name = nameString(nv)
+		}
+		slots := make([]netip.AddrPort, 0, v.SlotCount)
+		for i := range v.SlotCount {
+			var be socklbBackend
+			sk := socklbSlotKey{SvcId: v.Id, Rev: v.Rev, Slot: i}
+			if err := dp.objs.PodsockSlotV1.Lookup(&sk, &be); err != nil {
+				return nil, fmt.Errorf("service %s: slot %d: %w", s.Name, i, err)
+			}
+			slots = append(slots, backendAddrPort(be))
+		}
+		s.Backends = weightsFromSlots(slots)
+		out = append(out, s)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read services: %w", err)
+	}
+	slices.SortFunc(out, func(a, b Service) int { return cmp.Compare(a.Name, b.Name) })
+	return out, nil
+}
+
+// Counts returns the number of services and distinct backends the datapath serves.
+func (dp *Datapath) Counts() (services, backends int) {
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+	for _, s := range dp.services {
+		backends += len(uniqueAddrs(s.slots))
+	}
+	return len(dp.services), backends
+}
+
+func uniqueAddrs(slots []netip.AddrPort) []netip.AddrPort {
+	var out []netip.AddrPort
+	seen := map[netip.AddrPort]bool{}
+	for _, s := range slots {
+		if !seen[s] {
+			seen[s] = true
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// missingFrom lists the addresses of old that next does not contain.
+func missingFrom(old, next []netip.AddrPort) []netip.AddrPort {
+	keep := map[netip.AddrPort]bool{}
+	for _, s := range next {
+		keep[s] = true
+	}
+	var out []netip.AddrPort
+	for _, s := range uniqueAddrs(old) {
+		if !keep[s] {
+			out = append(out, s)
+		}
+	}
+	return out
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs the pinned build and test toolchain from Debian. Idempotent: a package already at
+# its pinned version is left alone, so `make test` stays fast on a warm machine.
+set -euo pipefail
+
+declare -A PINNED=(
+  [clang-19]="1:19.1.7-3~deb12u1"
+  [llvm-19]="1:19.1.7-3~deb12u1"
+  [libbpf-dev]="1:1.1.2-0+deb12u1"
+  [bpftool]="7.1.0+6.1.192-2"
+  [iproute2]="6.1.0-3"
+  [iptables]="1.8.9-2"
+)
+
+missing=()
+for pkg in "${!PINNED[@]}"; do
+  have=$(dpkg-query -W -f='${Version}' "$pkg" 2>/dev/null || true)
+  [[ "$have" == "${PINNED[$pkg]}" ]] || missing+=("$pkg=${PINNED[$pkg]}")
+done
+[[ ${#missing[@]} -eq 0 ]] && exit 0
+
+if [[ $(id -u) -ne 0 ]]; then
+  echo "install-deps: need root to install: ${missing[*]}" >&2
+  exit 1
+fi
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get -o DPkg::Lock::Timeout=120 update -qq
+apt-get -o DPkg::Lock::Timeout=120 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

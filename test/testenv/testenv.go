@@ -1,0 +1,249 @@
+// Package testenv gives privileged tests the kernel objects they need (a child cgroup v2,
+// network namespaces, a private bpffs) and removes them again, even when a test fails.
+package testenv
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// RequirePrivileged skips a test that needs root, cgroup v2 and BTF when they are absent,
+// and fails it instead when CI=true: in CI these tests must run.
+func RequirePrivileged(t testing.TB) {
+	t.Helper()
+	reason := ""
+	switch {
+	case os.Geteuid() != 0:
+		reason = "needs root"
+	case !fileExists("/sys/kernel/btf/vmlinux"):
+		reason = "needs kernel BTF (/sys/kernel/btf/vmlinux)"
+	default:
+		if _, err := Cgroup2Mount(); err != nil {
+			reason = err.Error()
+		}
+	}
+	if reason == "" {
+		return
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("privileged test cannot run in CI: %s", reason)
+	}
+	t.Skipf("skipping privileged test: %s", reason)
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
+
+// Cgroup2Mount finds the cgroup v2 mount point in /proc/self/mountinfo; hybrid hosts mount
+// it at /sys/fs/cgroup/unified, pure v2 hosts at /sys/fs/cgroup.
+func Cgroup2Mount() (string, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		for i, fld := range fields {
+			if fld == "-" && i+1 < len(fields) && fields[i+1] == "cgroup2" {
+				return fields[4], nil
+			}
+		}
+	}
+	return "", errors.New("no cgroup2 mount in /proc/self/mountinfo")
+}
+
+// Name returns a short unique name for test objects.
+func Name(prefix string) string {
+	return fmt.Sprintf("%s-%08x", prefix, rand.Uint32())
+}
+
+// Cgroup is a cgroup v2 directory created for one test.
+type Cgroup struct {
+	Path string
+}
+
+// NewCgroup creates a child cgroup below the cgroup2 mount and removes it at cleanup.
+func NewCgroup(t testing.TB) *Cgroup {
+	t.Helper()
+	mnt, err := Cgroup2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(mnt, Name("podsock-test"))
+	if err := os.Mkdir(path, 0o755); err != nil {
+		t.Fatalf("create cgroup: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := os.Remove(path); err != nil {
+			t.Errorf("remove cgroup %s: %v", path, err)
+		}
+	})
+	return &Cgroup{Path: path}
+}
+
+// EnterSelf moves the whole test process into the cgroup until the test ends, so that the
+// sockets it creates are subject to the programs attached there.
+func (c *Cgroup) EnterSelf(t testing.TB) {
+	t.Helper()
+	orig, err := selfCgroup()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mnt, _ := Cgroup2Mount()
+	pid := fmt.Sprint(os.Getpid())
+	if err := os.WriteFile(filepath.Join(c.Path, "cgroup.procs"), []byte(pid), 0); err != nil {
+		t.Fatalf("enter cgroup %s: %v", c.Path, err)
+	}
+	t.Cleanup(func() {
+		back := filepath.Join(mnt, orig, "cgroup.procs")
+		if err := os.WriteFile(back, []byte(pid), 0); err != nil {
+			t.Errorf("leave cgroup %s: %v", c.Path, err)
+		}
+	})
+}
+
+// AddProcess moves another process into the cgroup.
+func (c *Cgroup) AddProcess(pid int) error {
+	return os.WriteFile(filepath.Join(c.Path, "cgroup.procs"), []byte(fmt.Sprint(pid)), 0)
+}
+
+func selfCgroup() (string, error) {
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "0::"); ok {
+			return rest, nil
+		}
+	}
+	return "", errors.New("no cgroup v2 entry in /proc/self/cgroup")
+}
+
+// BPFFS mounts a private bpffs for the test's pins and unmounts it at cleanup.
+func BPFFS(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "podsock-bpffs-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		os.Remove(dir)
+		t.Fatalf("mount bpffs: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
+			t.Errorf("unmount %s: %v", dir, err)
+		}
+		os.Remove(dir)
+	})
+	return dir
+}
+
+// Run runs a command and fails the test with its output when it fails.
+func Run(t testing.TB, name string, args ...string) {
+	t.Helper()
+	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+}
+
+// Netns is a named network namespace created for one test.
+type Netns struct {
+	Name string
+	Path string
+}
+
+// NewNetns creates a named netns with lo up, adds the given local addresses (CIDR form,
+// e.g. "10.88.0.5/32") to lo, installs a blackhole route for every VIP range before anything
+// can send, verifies those routes, and deletes the netns at cleanup.
+func NewNetns(t testing.TB, blackholes []string, localAddrs ...string) *Netns {
+	t.Helper()
+	name := Name("podsock-test")
+	Run(t, "ip", "netns", "add", name)
+	t.Cleanup(func() {
+		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
+			t.Errorf("delete netns %s: %v: %s", name, err, out)
+		}
+	})
+	ns := &Netns{Name: name, Path: filepath.Join("/run/netns", name)}
+	Run(t, "ip", "-n", name, "link", "set", "lo", "up")
+	for _, r := range blackholes {
+		Run(t, "ip", "-n", name, "route", "add", "blackhole", r)
+	}
+	ns.RequireBlackholes(t, blackholes)
+	for _, a := range localAddrs {
+		Run(t, "ip", "-n", name, "addr", "add", a, "dev", "lo")
+	}
+	return ns
+}
+
+// RequireBlackholes fails the test unless every range has a blackhole route in the netns.
+func (ns *Netns) RequireBlackholes(t testing.TB, ranges []string) {
+	t.Helper()
+	for _, r := range ranges {
+		family := "-4"
+		if strings.Contains(r, ":") {
+			family = "-6"
+		}
+		out, err := exec.Command("ip", family, "-n", ns.Name, "route", "show", "type", "blackhole", r).CombinedOutput()
+		if err != nil || !strings.Contains(string(out), strings.SplitN(r, "/", 2)[0]) {
+			t.Fatalf("netns %s: no blackhole route for %s (%v): %s", ns.Name, r, err, out)
+		}
+	}
+}
+
+// Do runs fn on an OS thread that has entered the netns. Sockets created inside fn belong
+// to the netns for their whole life. A thread whose netns cannot be restored is never
+// handed back to the Go scheduler: its goroutine exits still locked, which ends the thread.
+func (ns *Netns) Do(fn func() error) error {
+	target, err := os.Open(ns.Path)
+	if err != nil {
+		return fmt.Errorf("open netns %s: %w", ns.Path, err)
+	}
+	defer target.Close()
+	return DoInNetns(int(target.Fd()), fn)
+}
+
+// DoInNetns is Do for a netns given as an open file descriptor.
+func DoInNetns(nsfd int, fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- err
+			return
+		}
+		defer orig.Close()
+		if err := unix.Setns(nsfd, unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("setns: %w", err)
+			return
+		}
+		fnErr := fn()
+		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
+			// Leave the thread locked: it dies with this goroutine.
+			errc <- errors.Join(fnErr, fmt.Errorf("restore netns: %w", err))
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- fnErr
+	}()
+	return <-errc
+}

@@ -9,11 +9,12 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
-	"syscall"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/sirupsen/logrus"
+
+	"github.com/podsock/podsock/internal/cgroupfs"
 	"golang.org/x/sys/unix"
 )
 
@@ -84,7 +85,7 @@ func Load(opts Options) (*Datapath, error) {
 	if opts.Log == nil {
 		opts.Log = logrus.StandardLogger()
 	}
-	cgroupID, err := CgroupID(opts.CgroupRoot)
+	cgroupID, err := cgroupfs.ID(opts.CgroupRoot)
 	if err != nil {
 		return nil, err
 	}
@@ -293,23 +294,4 @@ func Cleanup(bpffs string) error {
 		errs = append(errs, fmt.Errorf("remove %s: %w", pinDir, err))
 	}
 	return errors.Join(errs...)
-}
-
-// CgroupID is the kernel's ID of a cgroup v2 directory: its inode number.
-func CgroupID(path string) (uint64, error) {
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		return 0, fmt.Errorf("cgroup %s: %w", path, err)
-	}
-	var fs unix.Statfs_t
-	if err := unix.Statfs(path, &fs); err != nil {
-		return 0, fmt.Errorf("cgroup %s: %w", path, err)
-	}
-	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
-		return 0, fmt.Errorf("cgroup %s: not on a cgroup v2 mount", path)
-	}
-	if st.Mode&syscall.S_IFMT != syscall.S_IFDIR {
-		return 0, fmt.Errorf("cgroup %s: not a directory", path)
-	}
-	return st.Ino, nil
 }

@@ -2,6 +2,7 @@ package datapath
 
 import (
 	"net/netip"
+	"slices"
 )
 
 // MaxSlotsPerService bounds the selection table of one service. Weights whose sum is larger
@@ -53,7 +54,7 @@ func expandSlots(backends []Backend) []netip.AddrPort {
 }
 
 // weightsFromSlots recovers backends and their (reduced) weights from a selection table,
-// in order of first appearance.
+// sorted by address.
 func weightsFromSlots(slots []netip.AddrPort) []Backend {
 	var out []Backend
 	index := map[netip.AddrPort]int{}
@@ -73,6 +74,7 @@ func weightsFromSlots(slots []netip.AddrPort) []Backend {
 	for i := range out {
 		out[i].Weight /= uint32(g)
 	}
+	slices.SortFunc(out, func(a, b Backend) int { return a.Addr.Compare(b.Addr) })
 	return out
 }
 

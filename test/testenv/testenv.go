@@ -3,7 +3,6 @@
 package testenv
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -15,6 +14,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/podsock/podsock/internal/cgroupfs"
 )
 
 // RequirePrivileged skips a test that needs root, cgroup v2 and BTF when they are absent,
@@ -28,7 +29,7 @@ func RequirePrivileged(t testing.TB) {
 	case !fileExists("/sys/kernel/btf/vmlinux"):
 		reason = "needs kernel BTF (/sys/kernel/btf/vmlinux)"
 	default:
-		if _, err := Cgroup2Mount(); err != nil {
+		if _, err := cgroupfs.Mount(); err != nil {
 			reason = err.Error()
 		}
 	}
@@ -46,26 +47,6 @@ func fileExists(p string) bool {
 	return err == nil
 }
 
-// Cgroup2Mount finds the cgroup v2 mount point in /proc/self/mountinfo; hybrid hosts mount
-// it at /sys/fs/cgroup/unified, pure v2 hosts at /sys/fs/cgroup.
-func Cgroup2Mount() (string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		for i, fld := range fields {
-			if fld == "-" && i+1 < len(fields) && fields[i+1] == "cgroup2" {
-				return fields[4], nil
-			}
-		}
-	}
-	return "", errors.New("no cgroup2 mount in /proc/self/mountinfo")
-}
-
 // Name returns a short unique name for test objects.
 func Name(prefix string) string {
 	return fmt.Sprintf("%s-%08x", prefix, rand.Uint32())
@@ -79,7 +60,7 @@ type Cgroup struct {
 // NewCgroup creates a child cgroup below the cgroup2 mount and removes it at cleanup.
 func NewCgroup(t testing.TB) *Cgroup {
 	t.Helper()
-	mnt, err := Cgroup2Mount()
+	mnt, err := cgroupfs.Mount()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -103,7 +84,7 @@ func (c *Cgroup) EnterSelf(t testing.TB) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mnt, _ := Cgroup2Mount()
+	mnt, _ := cgroupfs.Mount()
 	pid := fmt.Sprint(os.Getpid())
 	if err := os.WriteFile(filepath.Join(c.Path, "cgroup.procs"), []byte(pid), 0); err != nil {
 		t.Fatalf("enter cgroup %s: %v", c.Path, err)

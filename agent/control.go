@@ -1,0 +1,198 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/podsock/podsock/datapath"
+)
+
+// SocketName is the control socket's file name inside state_dir.
+const SocketName = "podsock.sock"
+
+// Status is what `podsock status --json` prints.
+type Status struct {
+	Datapath         DatapathStatus `json:"datapath"`
+	NRI              NRIStatus      `json:"nri"`
+	Services         int            `json:"services"`
+	Backends         int            `json:"backends"`
+	Pods             int            `json:"pods"`
+	ConfigGeneration uint64         `json:"config_generation"`
+	ConfigPath       string         `json:"config_path"`
+	LastReloadError  string         `json:"last_reload_error"`
+	PID              int            `json:"pid"`
+}
+
+type DatapathStatus struct {
+	Attached     bool           `json:"attached"`
+	PinDir       string         `json:"pin_dir"`
+	CgroupRoot   string         `json:"cgroup_root"`
+	AdoptedLinks int            `json:"adopted_links"`
+	Counters     datapath.Stats `json:"counters"`
+}
+
+type NRIStatus struct {
+	Enabled   bool `json:"enabled"`
+	Connected bool `json:"connected"`
+}
+
+// ServiceView is one element of `podsock services --json`.
+type ServiceView struct {
+	Name     string   `json:"name"`
+	VIP      string   `json:"vip"`
+	Port     uint16   `json:"port"`
+	Protocol string   `json:"protocol"`
+	Backends []string `json:"backends"`
+	Weights  []uint32 `json:"weights"`
+}
+
+// listenControl binds the control socket (mode 0600). A socket file left by a dead agent
+// is replaced; one a live agent answers on is an error, so two agents never race.
+func listenControl(stateDir string) (net.Listener, error) {
+	path := filepath.Join(stateDir, SocketName)
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("another agent is already serving %s", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("remove stale control socket: %w", err)
+	}
+	old := syscall.Umask(0o177)
+	ln, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("listen on control socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("chmod control socket: %w", err)
+	}
+	return ln, nil
+}
+
+func (a *Agent) serveControl(ln net.Listener) *http.Server {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, a.status())
+	})
+	mux.HandleFunc("GET /v1/services", func(w http.ResponseWriter, r *http.Request) {
+		svcs, err := a.dp.Services()
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		writeJSON(w, serviceViews(svcs))
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			a.log.WithError(err).Error("control socket stopped")
+		}
+	}()
+	return srv
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(v)
+}
+
+func (a *Agent) status() Status {
+	a.mu.Lock()
+	gen, lastErr, cfg := a.generation, a.lastReloadError, a.cfg
+	a.mu.Unlock()
+	nSvc, nBackends := a.dp.Counts()
+	counters, err := a.dp.Stats()
+	if err != nil {
+		a.log.WithError(err).Warn("read datapath counters")
+	}
+	st := Status{
+		Datapath: DatapathStatus{
+			Attached:     a.dp.Attached(),
+			PinDir:       a.dp.PinDir(),
+			CgroupRoot:   a.cgroupRoot,
+			AdoptedLinks: a.dp.AdoptedLinks(),
+			Counters:     counters,
+		},
+		Services:         nSvc,
+		Backends:         nBackends,
+		ConfigGeneration: gen,
+		LastReloadError:  lastErr,
+		PID:              os.Getpid(),
+	}
+	if cfg != nil {
+		st.ConfigPath = cfg.Path
+		st.NRI.Enabled = cfg.NRI.Enabled
+	}
+	return st
+}
+
+func serviceViews(svcs []datapath.Service) []ServiceView {
+	out := make([]ServiceView, 0, len(svcs))
+	for _, s := range svcs {
+		v := ServiceView{Name: s.Name, VIP: s.VIP.String(), Port: s.Port, Protocol: datapath.ProtoName(s.Proto),
+			Backends: []string{}, Weights: []uint32{}}
+		for _, b := range s.Backends {
+			v.Backends = append(v.Backends, b.Addr.String())
+			v.Weights = append(v.Weights, b.Weight)
+		}
+		out = append(out, v)
+	}
+	return out
+}
+
+// Client talks to a running agent over its control socket.
+type Client struct {
+	path string
+	http *http.Client
+}
+
+// NewClient returns a client for the agent whose state_dir is given.
+func NewClient(stateDir string) *Client {
+	path := filepath.Join(stateDir, SocketName)
+	return &Client{path: path, http: &http.Client{
+		Timeout: 30 * time.Second,
+		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		}},
+	}}
+}
+
+func (c *Client) get(path string, v any) error {
+	resp, err := c.http.Get("http://podsock" + path)
+	if err != nil {
+		var op *net.OpError
+		if errors.As(err, &op) {
+			return fmt.Errorf("%w (no answer on %s)", ErrNotRunning, c.path)
+		}
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var msg [512]byte
+		n, _ := resp.Body.Read(msg[:])
+		return fmt.Errorf("agent: %s: %s", resp.Status, msg[:n])
+	}
+	return json.NewDecoder(resp.Body).Decode(v)
+}
+
+// Status asks the agent for its status.
+func (c *Client) Status() (Status, error) {
+	var st Status
+	return st, c.get("/v1/status", &st)
+}
+
+// Services asks the agent for the services as the datapath has them.
+func (c *Client) Services() ([]ServiceView, error) {
+	var out []ServiceView
+	return out, c.get("/v1/services", &out)
+}

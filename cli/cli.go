@@ -1,0 +1,306 @@
+// Package cli implements podsock's commands: argument parsing, talking to the agent, and
+// printing for humans or as JSON.
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime/debug"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+
+	"github.com/podsock/podsock/agent"
+	"github.com/podsock/podsock/config"
+	"github.com/podsock/podsock/datapath"
+)
+
+// Version is set at build time (-ldflags "-X github.com/podsock/podsock/cli.Version=…").
+var Version = ""
+
+const usage = `usage: podsock <command> [flags]
+
+commands:
+  run       --config FILE             run the agent (load or adopt the datapath, serve)
+  status    --config FILE [--json]    datapath, NRI and config state; exit 0 when serving
+  services  --config FILE [--json]    services and backends as the datapath has them
+  cleanup   --config FILE             detach and unpin everything podsock created
+  version   [--json]                  version and the kernel features found
+
+--config defaults to ` + config.DefaultPath + `
+`
+
+// exit codes
+const (
+	exitOK    = 0
+	exitFail  = 1
+	exitUsage = 2
+)
+
+// Main runs one command and returns the process exit code.
+func Main(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return exitUsage
+	}
+	cmd, rest := args[0], args[1:]
+	c := &command{name: cmd, stdout: stdout, stderr: stderr}
+	var run func(*command) error
+	switch cmd {
+	case "run":
+		run = runAgent
+	case "status":
+		run = status
+	case "services":
+		run = services
+	case "cleanup":
+		run = cleanup
+	case "version":
+		run = version
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return exitOK
+	default:
+		fmt.Fprintf(stderr, "podsock: unknown command %q (try `podsock help`)\n", cmd)
+		return exitUsage
+	}
+	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	c.flags = fs
+	if cmd != "version" {
+		fs.StringVar(&c.configPath, "config", config.DefaultPath, "config file")
+	}
+	if cmd == "status" || cmd == "services" || cmd == "version" {
+		fs.BoolVar(&c.json, "json", false, "print JSON")
+	}
+	if err := fs.Parse(rest); err != nil {
+		fmt.Fprintf(stderr, "podsock %s: %v (try `podsock help`)\n", cmd, err)
+		return exitUsage
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "podsock %s: unexpected argument %q (try `podsock help`)\n", cmd, fs.Arg(0))
+		return exitUsage
+	}
+	if err := run(c); err != nil {
+		var u unhealthy
+		if !errors.As(err, &u) {
+			fmt.Fprintf(stderr, "podsock %s: %s\n", cmd, oneLine(err.Error()))
+		}
+		return exitFail
+	}
+	return exitOK
+}
+
+type command struct {
+	name           string
+	flags          *flag.FlagSet
+	configPath     string
+	json           bool
+	stdout, stderr io.Writer
+}
+
+// unhealthy is a failure already reported on stdout (status of a broken datapath).
+type unhealthy struct{}
+
+func (unhealthy) Error() string { return "unhealthy" }
+
+func oneLine(s string) string {
+	return strings.Join(strings.Fields(s), " ")
+}
+
+func (c *command) config() (*config.Config, error) {
+	return config.Load(c.configPath)
+}
+
+func (c *command) client() (*agent.Client, error) {
+	cfg, err := c.config()
+	if err != nil {
+		return nil, err
+	}
+	return agent.NewClient(cfg.Agent.StateDir), nil
+}
+
+func (c *command) printJSON(v any) error {
+	enc := json.NewEncoder(c.stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func runAgent(c *command) error {
+	log := logrus.New()
+	log.SetOutput(c.stderr)
+	log.SetFormatter(&logrus.TextFormatter{FullTimestamp: true})
+	return agent.Run(context.Background(), c.configPath, log)
+}
+
+func status(c *command) error {
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	st, err := cl.Status()
+	if err != nil {
+		return err
+	}
+	if c.json {
+		if err := c.printJSON(st); err != nil {
+			return err
+		}
+	} else {
+		w := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintf(w, "agent\tpid %d, config %s (generation %d)\n", st.PID, st.ConfigPath, st.ConfigGeneration)
+		if st.LastReloadError != "" {
+			fmt.Fprintf(w, "last reload\trejected: %s\n", st.LastReloadError)
+		}
+		fmt.Fprintf(w, "datapath\t%s, pinned in %s, cgroup root %s\n", attachedWord(st.Datapath.Attached), st.Datapath.PinDir, st.Datapath.CgroupRoot)
+		fmt.Fprintf(w, "nri\t%s\n", nriWord(st.NRI))
+		fmt.Fprintf(w, "services\t%d (%d backends)\n", st.Services, st.Backends)
+		fmt.Fprintf(w, "pods\t%d\n", st.Pods)
+		k := st.Datapath.Counters
+		fmt.Fprintf(w, "counters\t%d connects, %d sendmsgs, %d reversed, %d refused (no backend), %d without socket storage\n",
+			k.Connects, k.Sendmsgs, k.Reversed, k.NoBackend, k.NoStorage)
+		w.Flush()
+	}
+	if !st.Datapath.Attached {
+		return unhealthy{}
+	}
+	return nil
+}
+
+func attachedWord(b bool) string {
+	if b {
+		return "attached"
+	}
+	return "NOT attached"
+}
+
+func nriWord(n agent.NRIStatus) string {
+	switch {
+	case !n.Enabled:
+		return "disabled (standalone)"
+	case n.Connected:
+		return "connected"
+	}
+	return "enabled, not connected"
+}
+
+func services(c *command) error {
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	svcs, err := cl.Services()
+	if err != nil {
+		return err
+	}
+	if c.json {
+		return c.printJSON(svcs)
+	}
+	w := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "NAME\tVIP\tPROTO\tBACKENDS")
+	for _, s := range svcs {
+		var bs []string
+		for i, b := range s.Backends {
+			if s.Weights[i] != 1 {
+				b = fmt.Sprintf("%s (weight %d)", b, s.Weights[i])
+			}
+			bs = append(bs, b)
+		}
+		backends := strings.Join(bs, ", ")
+		if backends == "" {
+			backends = "(none: connects are refused)"
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", s.Name, joinHostPort(s.VIP, s.Port), s.Protocol, backends)
+	}
+	return w.Flush()
+}
+
+func joinHostPort(ip string, port uint16) string {
+	if strings.Contains(ip, ":") {
+		return fmt.Sprintf("[%s]:%d", ip, port)
+	}
+	return fmt.Sprintf("%s:%d", ip, port)
+}
+
+func cleanup(c *command) error {
+	cfg, err := c.config()
+	if err != nil {
+		return err
+	}
+	cl := agent.NewClient(cfg.Agent.StateDir)
+	if st, err := cl.Status(); err == nil {
+		return fmt.Errorf("the agent (pid %d) is running; stop it first, then run cleanup", st.PID)
+	}
+	if err := datapath.Cleanup(cfg.Agent.BPFFS); err != nil {
+		return err
+	}
+	sock := filepath.Join(cfg.Agent.StateDir, agent.SocketName)
+	if err := os.Remove(sock); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove %s: %w", sock, err)
+	}
+	// The state dir goes too when nothing but podsock's own files were in it.
+	if err := os.Remove(cfg.Agent.StateDir); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, unix.ENOTEMPTY) {
+		return fmt.Errorf("remove %s: %w", cfg.Agent.StateDir, err)
+	}
+	fmt.Fprintf(c.stdout, "removed podsock's links and pins under %s and its state in %s\n",
+		filepath.Join(cfg.Agent.BPFFS, datapath.PinDirName), cfg.Agent.StateDir)
+	return nil
+}
+
+type versionInfo struct {
+	Version  string             `json:"version"`
+	Kernel   string             `json:"kernel"`
+	Features []datapath.Feature `json:"features"`
+}
+
+func version(c *command) error {
+	v := versionInfo{Version: buildVersion(), Kernel: kernelRelease(), Features: datapath.ProbeFeatures()}
+	if c.json {
+		return c.printJSON(v)
+	}
+	fmt.Fprintf(c.stdout, "podsock %s\nkernel %s\n", v.Version, v.Kernel)
+	for _, f := range v.Features {
+		state := "yes"
+		if !f.Present {
+			state = "NO"
+			if f.Required {
+				state = "NO (required)"
+			}
+		}
+		fmt.Fprintf(c.stdout, "  %-18s %s\n", f.Name, state)
+	}
+	return nil
+}
+
+func buildVersion() string {
+	if Version != "" {
+		return Version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range bi.Settings {
+			if s.Key == "vcs.revision" && len(s.Value) >= 12 {
+				return "dev-" + s.Value[:12]
+			}
+		}
+		if bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+			return bi.Main.Version
+		}
+	}
+	return "dev"
+}
+
+func kernelRelease() string {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return "unknown"
+	}
+	return unix.ByteSliceToString(u.Release[:])
+}

@@ -1,0 +1,51 @@
+package datapath
+
+import (
+	"fmt"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/btf"
+	"github.com/cilium/ebpf/features"
+)
+
+// Feature is one kernel capability podsock relies on, and whether this kernel has it.
+type Feature struct {
+	Name     string `json:"name"`
+	Present  bool   `json:"present"`
+	Required bool   `json:"required"`
+	Detail   string `json:"detail,omitempty"`
+}
+
+// ProbeFeatures asks the kernel, without attaching anything, which of podsock's
+// dependencies it provides.
+func ProbeFeatures() []Feature {
+	probe := func(name string, required bool, err error) Feature {
+		f := Feature{Name: name, Present: err == nil, Required: required}
+		if err != nil {
+			f.Detail = err.Error()
+		}
+		return f
+	}
+	kernel, btfErr := btf.LoadKernelSpec()
+	hasType := func(names ...string) error {
+		if btfErr != nil {
+			return btfErr
+		}
+		for _, n := range names {
+			if _, err := kernel.AnyTypeByName(n); err != nil {
+				return fmt.Errorf("%s: %w", n, err)
+			}
+		}
+		return nil
+	}
+	return []Feature{
+		probe("btf", true, btfErr),
+		probe("cgroup_sock_addr", true, features.HaveProgramType(ebpf.CGroupSockAddr)),
+		probe("sk_storage", true, features.HaveMapType(ebpf.SkStorage)),
+		probe("set_retval", true, features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnSetRetval)),
+		probe("bounded_loops", true, features.HaveBoundedLoops()),
+		probe("iter_tcp_udp", false, hasType("bpf_iter__tcp", "bpf_iter__udp")),
+		probe("bpf_sock_destroy", false, hasType("bpf_sock_destroy")),
+	}
+}

@@ -87,7 +87,9 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 	defer func() {
 		srv.Close()
 		os.Remove(ln.Addr().String())
-		dp.Close()
+		if err := dp.Close(); err != nil {
+			log.WithError(err).Warn("release datapath handles")
+		}
 		log.Info("stopped; the pinned datapath keeps serving")
 	}()
 

@@ -102,7 +102,8 @@ func (a *Agent) serveControl(ln net.Listener) *http.Server {
 
 func writeJSON(w http.ResponseWriter, v any) {
 	w.Header().Set("Content-Type", "application/json")
-	json.NewEncoder(w).Encode(v)
+	// An error here means the client went away; there is no one left to tell.
+	_ = json.NewEncoder(w).Encode(v)
 }
 
 func (a *Agent) status() Status {

@@ -120,12 +120,28 @@ func (c *command) config() (*config.Config, error) {
 	return config.Load(c.configPath)
 }
 
-func (c *command) client() (*agent.Client, error) {
+// settings returns the [agent] section. A config that is broken elsewhere still names the
+// agent's state dir and pins, so read-only commands and cleanup keep working; the problem
+// is shown as a warning.
+func (c *command) settings() (config.Agent, error) {
 	cfg, err := c.config()
+	if err == nil {
+		return cfg.Agent, nil
+	}
+	settings, lenientErr := config.AgentSettings(c.configPath)
+	if lenientErr != nil {
+		return config.Agent{}, err
+	}
+	fmt.Fprintf(c.stderr, "podsock %s: warning: %s\n", c.name, oneLine(err.Error()))
+	return settings, nil
+}
+
+func (c *command) client() (*agent.Client, error) {
+	settings, err := c.settings()
 	if err != nil {
 		return nil, err
 	}
-	return agent.NewClient(cfg.Agent.StateDir), nil
+	return agent.NewClient(settings.StateDir), nil
 }
 
 func (c *command) printJSON(v any) error {
@@ -167,7 +183,9 @@ func status(c *command) error {
 		k := st.Datapath.Counters
 		fmt.Fprintf(w, "counters\t%d connects, %d sendmsgs, %d reversed, %d refused (no backend), %d without socket storage\n",
 			k.Connects, k.Sendmsgs, k.Reversed, k.NoBackend, k.NoStorage)
-		w.Flush()
+		if err := w.Flush(); err != nil {
+			return err
+		}
 	}
 	if !st.Datapath.Attached {
 		return unhealthy{}
@@ -231,27 +249,27 @@ func joinHostPort(ip string, port uint16) string {
 }
 
 func cleanup(c *command) error {
-	cfg, err := c.config()
+	settings, err := c.settings()
 	if err != nil {
 		return err
 	}
-	cl := agent.NewClient(cfg.Agent.StateDir)
+	cl := agent.NewClient(settings.StateDir)
 	if st, err := cl.Status(); err == nil {
 		return fmt.Errorf("the agent (pid %d) is running; stop it first, then run cleanup", st.PID)
 	}
-	if err := datapath.Cleanup(cfg.Agent.BPFFS); err != nil {
+	if err := datapath.Cleanup(settings.BPFFS); err != nil {
 		return err
 	}
-	sock := filepath.Join(cfg.Agent.StateDir, agent.SocketName)
+	sock := filepath.Join(settings.StateDir, agent.SocketName)
 	if err := os.Remove(sock); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("remove %s: %w", sock, err)
 	}
 	// The state dir goes too when nothing but podsock's own files were in it.
-	if err := os.Remove(cfg.Agent.StateDir); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, unix.ENOTEMPTY) {
-		return fmt.Errorf("remove %s: %w", cfg.Agent.StateDir, err)
+	if err := os.Remove(settings.StateDir); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, unix.ENOTEMPTY) {
+		return fmt.Errorf("remove %s: %w", settings.StateDir, err)
 	}
 	fmt.Fprintf(c.stdout, "removed podsock's links and pins under %s and its state in %s\n",
-		filepath.Join(cfg.Agent.BPFFS, datapath.PinDirName), cfg.Agent.StateDir)
+		filepath.Join(settings.BPFFS, datapath.PinDirName), settings.StateDir)
 	return nil
 }
 

@@ -14,8 +14,9 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/sirupsen/logrus"
 
-	"github.com/podsock/podsock/internal/cgroupfs"
 	"golang.org/x/sys/unix"
+
+	"github.com/podsock/podsock/internal/cgroupfs"
 )
 
 // PinDirName is the directory under the bpffs mount that holds everything podsock pins.
@@ -111,20 +112,18 @@ func Load(opts Options) (*Datapath, error) {
 	if err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
-			return nil, fmt.Errorf("load socket-LB programs: %+v", verr)
+			return nil, fmt.Errorf("load socket-LB programs: %+w", verr)
 		}
 		if errors.Is(err, ebpf.ErrMapIncompatible) {
-			return nil, fmt.Errorf("%w in %s (run `podsock cleanup`): %v", ErrIncompatiblePins, pinDir, err)
+			return nil, fmt.Errorf("%w in %s (run `podsock cleanup`): %w", ErrIncompatiblePins, pinDir, err)
 		}
 		return nil, fmt.Errorf("load socket-LB programs: %w", err)
 	}
 	if err := dp.readServices(); err != nil {
-		dp.closeAll()
-		return nil, err
+		return nil, errors.Join(err, dp.closeAll())
 	}
 	if err := dp.attach(); err != nil {
-		dp.closeAll()
-		return nil, err
+		return nil, errors.Join(err, dp.closeAll())
 	}
 	return dp, nil
 }
@@ -193,16 +192,21 @@ func detachLink(l link.Link) error {
 
 // Close releases this process's handles. Pinned maps and links stay, and keep serving.
 func (dp *Datapath) Close() error {
-	dp.closeAll()
-	return nil
+	return dp.closeAll()
 }
 
-func (dp *Datapath) closeAll() {
+func (dp *Datapath) closeAll() error {
+	var errs []error
 	for name, l := range dp.links {
-		l.Close()
+		if err := l.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close %s link: %w", name, err))
+		}
 		delete(dp.links, name)
 	}
-	dp.objs.Close()
+	if err := dp.objs.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("close BPF objects: %w", err))
+	}
+	return errors.Join(errs...)
 }
 
 // PinDir is where the maps and links are pinned.

@@ -225,15 +225,13 @@ func (dp *Datapath) addService(k socklbSvcKey, name string, slots []netip.AddrPo
 	}
 	const rev = 1
 	if err := dp.writeSlots(id, rev, slots); err != nil {
-		dp.objs.PodsockNameV1.Delete(&id)
-		delete(dp.usedIDs, id)
+		dp.deleteName(id)
 		return fmt.Errorf("service %s: %w", name, err)
 	}
 	v := socklbSvcValue{Id: id, Rev: rev, SlotCount: uint32(len(slots))}
 	if err := dp.objs.PodsockSvcV1.Update(&k, &v, ebpf.UpdateNoExist); err != nil {
 		dp.deleteSlots(id, rev, len(slots))
-		dp.objs.PodsockNameV1.Delete(&id)
-		delete(dp.usedIDs, id)
+		dp.deleteName(id)
 		return fmt.Errorf("service %s: write service entry: %w", name, err)
 	}
 	dp.services[k] = &installed{id: id, rev: rev, name: name, slots: slots}
@@ -271,12 +269,18 @@ func (dp *Datapath) removeService(k socklbSvcKey, cur *installed) error {
 		return fmt.Errorf("service %s: delete: %w", cur.name, err)
 	}
 	dp.deleteSlots(cur.id, cur.rev, len(cur.slots))
-	if err := dp.objs.PodsockNameV1.Delete(&cur.id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		dp.log.WithError(err).Warnf("delete name of service %s", cur.name)
-	}
-	delete(dp.usedIDs, cur.id)
+	dp.deleteName(cur.id)
 	delete(dp.services, k)
 	return nil
+}
+
+// deleteName drops a service's name and frees its ID. A failure only leaves an orphan
+// name, which the next adoption removes.
+func (dp *Datapath) deleteName(id uint32) {
+	if err := dp.objs.PodsockNameV1.Delete(&id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		dp.log.WithError(err).Warnf("delete name of service %d", id)
+	}
+	delete(dp.usedIDs, id)
 }
 
 // readServices rebuilds the mirror from pinned maps left by a previous agent, and drops
@@ -313,7 +317,9 @@ func (dp *Datapath) readServices() error {
 		return fmt.Errorf("read pinned slots: %w", err)
 	}
 	for _, s := range stale {
-		dp.objs.PodsockSlotV1.Delete(&s)
+		if err := dp.objs.PodsockSlotV1.Delete(&s); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			dp.log.WithError(err).Warnf("drop stale slot %+v", s)
+		}
 	}
 
 	var id uint32
@@ -332,7 +338,7 @@ func (dp *Datapath) readServices() error {
 		return fmt.Errorf("read pinned names: %w", err)
 	}
 	for _, o := range orphans {
-		dp.objs.PodsockNameV1.Delete(&o)
+		dp.deleteName(o)
 	}
 	for id := range dp.usedIDs {
 		dp.nextID = max(dp.nextID, id+1)

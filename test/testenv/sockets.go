@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
-	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -37,7 +36,7 @@ func (b *Backend) hit() {
 }
 
 // StartTCPBackend listens in the netns and writes the backend ID to every connection.
-func StartTCPBackend(t testing.TB, ns *Netns, id string, addr netip.AddrPort) *Backend {
+func StartTCPBackend(t TB, ns *Netns, id string, addr netip.AddrPort) *Backend {
 	t.Helper()
 	var ln net.Listener
 	err := ns.Do(func() (err error) {
@@ -75,7 +74,7 @@ func StartTCPBackend(t testing.TB, ns *Netns, id string, addr netip.AddrPort) *B
 }
 
 // StartUDPBackend answers every datagram with the backend ID, to the datagram's source.
-func StartUDPBackend(t testing.TB, ns *Netns, id string, addr netip.AddrPort) *Backend {
+func StartUDPBackend(t TB, ns *Netns, id string, addr netip.AddrPort) *Backend {
 	t.Helper()
 	var pc net.PacketConn
 	err := ns.Do(func() (err error) {

@@ -18,6 +18,16 @@ import (
 	"github.com/podsock/podsock/internal/cgroupfs"
 )
 
+// TB is the part of testing.TB the helpers use, so benchmarks outside `go test` can use
+// them too.
+type TB interface {
+	Helper()
+	Cleanup(func())
+	Fatal(args ...any)
+	Fatalf(format string, args ...any)
+	Errorf(format string, args ...any)
+}
+
 // RequirePrivileged skips a test that needs root, cgroup v2 and BTF when they are absent,
 // and fails it instead when CI=true: in CI these tests must run.
 func RequirePrivileged(t testing.TB) {
@@ -58,7 +68,7 @@ type Cgroup struct {
 }
 
 // NewCgroup creates a child cgroup below the cgroup2 mount and removes it at cleanup.
-func NewCgroup(t testing.TB) *Cgroup {
+func NewCgroup(t TB) *Cgroup {
 	t.Helper()
 	mnt, err := cgroupfs.Mount()
 	if err != nil {
@@ -78,7 +88,7 @@ func NewCgroup(t testing.TB) *Cgroup {
 
 // EnterSelf moves the whole test process into the cgroup until the test ends, so that the
 // sockets it creates are subject to the programs attached there.
-func (c *Cgroup) EnterSelf(t testing.TB) {
+func (c *Cgroup) EnterSelf(t TB) {
 	t.Helper()
 	orig, err := selfCgroup()
 	if err != nil {
@@ -116,7 +126,7 @@ func selfCgroup() (string, error) {
 }
 
 // BPFFS mounts a private bpffs for the test's pins and unmounts it at cleanup.
-func BPFFS(t testing.TB) string {
+func BPFFS(t TB) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "podsock-bpffs-")
 	if err != nil {
@@ -136,7 +146,7 @@ func BPFFS(t testing.TB) string {
 }
 
 // Run runs a command and fails the test with its output when it fails.
-func Run(t testing.TB, name string, args ...string) {
+func Run(t TB, name string, args ...string) {
 	t.Helper()
 	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
 		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
@@ -152,7 +162,7 @@ type Netns struct {
 // NewNetns creates a named netns with lo up, adds the given local addresses (CIDR form,
 // e.g. "10.88.0.5/32") to lo, installs a blackhole route for every VIP range before anything
 // can send, verifies those routes, and deletes the netns at cleanup.
-func NewNetns(t testing.TB, blackholes []string, localAddrs ...string) *Netns {
+func NewNetns(t TB, blackholes []string, localAddrs ...string) *Netns {
 	t.Helper()
 	name := Name("podsock-test")
 	Run(t, "ip", "netns", "add", name)
@@ -174,7 +184,7 @@ func NewNetns(t testing.TB, blackholes []string, localAddrs ...string) *Netns {
 }
 
 // RequireBlackholes fails the test unless every range has a blackhole route in the netns.
-func (ns *Netns) RequireBlackholes(t testing.TB, ranges []string) {
+func (ns *Netns) RequireBlackholes(t TB, ranges []string) {
 	t.Helper()
 	for _, r := range ranges {
 		family := "-4"

@@ -1,0 +1,234 @@
+// Package config is podsock's configuration model: a strict TOML file whose
+// every problem is reported as a single "FILE:LINE: what is wrong" line, so an
+// operator can fix the file without reading agent logs.
+package config
+
+import (
+	"errors"
+	"io/fs"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+
+	"github.com/BurntSushi/toml"
+)
+
+// DefaultPath is where the agent looks for its configuration.
+const DefaultPath = "/etc/podsock/podsock.toml"
+
+// Limits enforced by Validate. They mirror the sizes of the datapath maps and
+// of the fixed-size name field the datapath reports back.
+const (
+	MaxBackends       = 1024
+	MaxWeight         = 1000
+	MaxServiceNameLen = 127
+)
+
+// Protocol is a transport protocol a service is balanced for.
+type Protocol string
+
+const (
+	ProtocolTCP Protocol = "tcp"
+	ProtocolUDP Protocol = "udp"
+)
+
+func (p Protocol) valid() bool { return p == ProtocolTCP || p == ProtocolUDP }
+
+// Config is a parsed, validated configuration file.
+type Config struct {
+	Path     string    `toml:"-"` // file it was loaded from; "" when parsed from unnamed bytes
+	Agent    Agent     `toml:"agent"`
+	NRI      NRI       `toml:"nri"`
+	LB       LB        `toml:"lb"`
+	Services []Service `toml:"service"`
+}
+
+type Agent struct {
+	CgroupRoot string `toml:"cgroup_root"` // "" means the cgroup2 mount itself
+	BPFFS      string `toml:"bpffs"`
+	StateDir   string `toml:"state_dir"`
+	LogLevel   string `toml:"log_level"`
+}
+
+type NRI struct {
+	Enabled     bool   `toml:"enabled"`
+	Socket      string `toml:"socket"`
+	PluginName  string `toml:"plugin_name"`
+	PluginIndex string `toml:"plugin_index"` // two digits: NRI orders plugins by it
+}
+
+type LB struct {
+	// Terminate lists the protocols whose sockets to a removed backend are
+	// destroyed. Empty means none.
+	Terminate []Protocol `toml:"terminate"`
+}
+
+// Terminates reports whether sockets of protocol p to removed backends are
+// destroyed.
+func (l LB) Terminates(p Protocol) bool { return slices.Contains(l.Terminate, p) }
+
+type Service struct {
+	Name     string     `toml:"name"`
+	VIP      netip.Addr `toml:"vip"`
+	Port     uint16     `toml:"port"`
+	Protocol Protocol   `toml:"protocol"`
+	// Backends may be empty: the service then exists but refuses connects.
+	Backends []Backend `toml:"backends"`
+}
+
+// Key identifies the service in the datapath, e.g. "10.96.0.20:80/tcp" or
+// "[fd00::1]:53/udp". Two services may not share a key.
+func (s Service) Key() string {
+	return netip.AddrPortFrom(s.VIP, s.Port).String() + "/" + string(s.Protocol)
+}
+
+type Backend struct {
+	Addr   netip.AddrPort `toml:"addr"`
+	Weight uint32         `toml:"weight"` // 1..MaxWeight; relative share of new connections
+}
+
+// Default returns the configuration used for every key a file omits.
+func Default() *Config {
+	return &Config{
+		Agent: Agent{
+			BPFFS:    "/sys/fs/bpf",
+			StateDir: "/run/podsock",
+			LogLevel: "info",
+		},
+		NRI: NRI{
+			Enabled:     true,
+			Socket:      "/var/run/nri/nri.sock",
+			PluginName:  "podsock",
+			PluginIndex: "10",
+		},
+		LB: LB{Terminate: []Protocol{ProtocolTCP, ProtocolUDP}},
+	}
+}
+
+// Load reads and parses the file at path.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		msg := err.Error()
+		// The path is already the error's prefix; don't repeat it.
+		var pe *fs.PathError
+		if errors.As(err, &pe) {
+			msg = pe.Op + ": " + pe.Err.Error()
+		}
+		return nil, &Error{File: path, Msg: msg, Err: err}
+	}
+	return Parse(path, data)
+}
+
+// Parse parses and validates data; name is the file name used in errors and
+// recorded as Config.Path. Keys the file omits keep their Default values. The
+// returned error is an *Error describing the first problem in the file.
+func Parse(name string, data []byte) (*Config, error) {
+	var doc map[string]any
+	if _, err := toml.Decode(string(data), &doc); err != nil {
+		var pe toml.ParseError
+		if errors.As(err, &pe) {
+			return nil, &Error{File: name, Line: pe.Position.Line, Msg: pe.Message, Err: err}
+		}
+		return nil, &Error{File: name, Msg: err.Error(), Err: err}
+	}
+
+	c := Default()
+	c.Path = name
+	pos := indexLines(data)
+
+	d := decoder{c: c, bad: map[string]bool{}}
+	d.document(doc)
+
+	// Values that failed to decode were left at their zero value; checking
+	// them again would only repeat the decode error less precisely.
+	problems := d.problems
+	for _, p := range c.check(pos) {
+		if !d.covers(p.at) {
+			problems = append(problems, p)
+		}
+	}
+	if err := c.report(problems, pos); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// Validate checks the values and their relations (unique names and keys,
+// address families, limits). Parse already calls it; it is exported for
+// configurations built or modified in code, so its errors name Path but no
+// line: the config may no longer match the file.
+func (c *Config) Validate() error {
+	return c.report(c.check(nil), nil)
+}
+
+// report turns the problems into one error: the one earliest in the file, as
+// later ones are often consequences of it and one clear line beats a list.
+func (c *Config) report(problems []problem, pos lineIndex) error {
+	if len(problems) == 0 {
+		return nil
+	}
+	best, bestLine := 0, pos.line(problems[0].at)
+	for i, p := range problems[1:] {
+		if l := pos.line(p.at); l > 0 && (bestLine == 0 || l < bestLine) {
+			best, bestLine = i+1, l
+		}
+	}
+	return &Error{File: c.Path, Line: bestLine, Msg: problems[best].msg}
+}
+
+// Error is a problem with a configuration file.
+type Error struct {
+	File string
+	Line int // 1-based; 0 when the problem has no single line
+	Msg  string
+	Err  error // underlying cause, if any
+}
+
+func (e *Error) Error() string {
+	file := e.File
+	if file == "" {
+		file = "<config>"
+	}
+	msg := oneLine(e.Msg)
+	if e.Line > 0 {
+		return file + ":" + strconv.Itoa(e.Line) + ": " + msg
+	}
+	return file + ": " + msg
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// oneLine keeps messages that quote foreign text (the TOML library's) on one
+// line, which log scrapers and the CLI rely on.
+func oneLine(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if c == '\n' || c == '\r' {
+			b[i] = ' '
+		}
+	}
+	return string(b)
+}
+
+// problem is one thing wrong, located by its place in the document rather
+// than by line so that decode and validation problems can be ordered together.
+type problem struct {
+	at  keyPath
+	msg string
+}
+
+// AgentSettings reads only the [agent] section, leniently: the commands that talk to a
+// running agent need its state_dir even when the rest of the file has just been broken
+// (which is exactly when an operator asks for `podsock status`).
+func AgentSettings(path string) (Agent, error) {
+	var doc struct {
+		Agent Agent `toml:"agent"`
+	}
+	doc.Agent = Default().Agent
+	if _, err := toml.DecodeFile(path, &doc); err != nil {
+		return Agent{}, err
+	}
+	return doc.Agent, nil
+}

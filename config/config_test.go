@@ -1,0 +1,672 @@
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/BurntSushi/toml"
+)
+
+// doc joins its arguments as lines, so argument n is line n of the file and
+// the expected line of each error case can be read off the test table.
+func doc(lines ...string) string { return strings.Join(lines, "\n") + "\n" }
+
+// svc is a valid [[service]] body; cases append one bad key or override one.
+const (
+	svcName = `name = "default/web"`
+	svcVIP  = `vip = "10.96.0.20"`
+	svcPort = `port = 80`
+)
+
+func TestParseErrors(t *testing.T) {
+	manyBackends := make([]string, MaxBackends+1)
+	for i := range manyBackends {
+		manyBackends[i] = fmt.Sprintf("%q", fmt.Sprintf("10.88.%d.%d:80", i/250, i%250+1))
+	}
+
+	tests := []struct {
+		name string
+		in   string
+		line int
+		want string
+	}{
+		// Syntax errors come from the TOML library.
+		{"syntax/unterminated string", doc(`[agent]`, `log_level = "info`), 2, "strings cannot contain newlines"},
+		{"syntax/trailing garbage", doc(`[nri]`, `enabled = true false`), 2, "expected a top-level item to end with a newline"},
+		{"syntax/duplicate key", doc(`[agent]`, `bpffs = "/a"`, `bpffs = "/b"`), 3, "has already been defined"},
+		{"syntax/duplicate table", doc(`[agent]`, `[nri]`, `[agent]`), 3, "has already been defined"},
+
+		// Structure and types.
+		{"unknown top-level key", doc(`# podsock`, `foo = 1`), 2, `unknown key "foo"`},
+		{"unknown table", doc(`[agent]`, ``, `[agnet]`, `bpffs = "/x"`), 3, "unknown table [agnet]"},
+		{"unknown table, quoted", doc(`[agent]`, `["a b".c]`), 2, `unknown table ["a b"]`},
+		{"byte order mark", "\uFEFF" + doc(`[agent]`, `log_level = "x"`), 2, `agent.log_level "x"`},
+		{"agent not a table", doc(`agent = "x"`), 1, "agent must be a table ([agent]), not string"},
+		{"nri array of tables", doc(`[[nri]]`, `enabled = true`), 1, "nri must be a table ([nri]), not array"},
+		{"lb not a table", doc(`lb = 1`), 1, "lb must be a table ([lb]), not integer"},
+		{"agent unknown key", doc(`[agent]`, `bpffs = "/x"`, `bogus = 1`), 3, `unknown key "bogus" in [agent]`},
+		{"agent unknown subtable", doc(`[agent]`, `[agent.extra]`, `x = 1`), 2, `unknown key "extra" in [agent]`},
+		{"agent wrong type", doc(`[agent]`, `state_dir = 5`), 2, "agent.state_dir must be a string, not integer"},
+		{"agent dotted key wrong type", doc(`agent.log_level = 3`), 1, "agent.log_level must be a string, not integer"},
+		{"agent quoted key wrong type", doc(`[agent]`, `"cgroup_root" = []`), 2, "agent.cgroup_root must be a string, not array"},
+		{"nri enabled wrong type", doc(`[nri]`, `enabled = "yes"`), 2, "nri.enabled must be a boolean, not string"},
+		{"nri plugin_index integer", doc(`[nri]`, `plugin_index = 10`), 2, `must be a string of two digits (plugin_index = "10"), not integer`},
+		{"nri plugin_index float", doc(`[nri]`, `plugin_index = 1.5`), 2, "nri.plugin_index must be a string, not float"},
+		{"nri socket wrong type", doc(`[nri]`, `socket = 1979-05-27`), 2, "nri.socket must be a string, not datetime"},
+		{"nri unknown key", doc(`[nri]`, `enabled = false`, `sock = "/x"`), 3, `unknown key "sock" in [nri]`},
+		{"lb unknown key", doc(`[lb]`, `terminates = []`), 2, `unknown key "terminates" in [lb]`},
+		{"lb terminate not array", doc(`[lb]`, `terminate = "tcp"`), 2, "lb.terminate must be an array of protocols, not string"},
+		{"lb terminate element type", doc(`[lb]`, `terminate = [`, `  "tcp",`, `  7,`, `]`), 4, "lb.terminate[1] must be a string, not integer"},
+		{"service single table", doc(`[service]`, svcName), 1, "service must be an array of tables ([[service]]), not table"},
+		{"service element not table", doc(`service = [1]`), 1, "service #1 must be a table, not integer"},
+		{"service unknown key", doc(`[[service]]`, svcName, svcVIP, svcPort, ``,
+			`[[service]]`, `name = "b"`, svcVIP, `port = 81`, `bogus = true`), 10, `service "b": unknown key "bogus"`},
+		{"service name wrong type", doc(`[[service]]`, `name = 5`, svcVIP, svcPort), 2, "service #1: name must be a string, not integer"},
+		{"vip wrong type", doc(`[[service]]`, svcName, `vip = 10`, svcPort), 3, `service "default/web": vip must be a string, not integer`},
+		{"vip not an address", doc(`[[service]]`, svcName, `vip = "10.96.0.300"`, svcPort), 3, `vip "10.96.0.300" is not an IP address`},
+		{"port wrong type", doc(`[[service]]`, svcName, svcVIP, `port = "80"`), 4, "port must be an integer, not string"},
+		{"port float", doc(`[[service]]`, svcName, svcVIP, `port = 80.0`), 4, "port must be an integer, not float"},
+		{"port zero", doc(`[[service]]`, svcName, svcVIP, `port = 0`), 4, "port 0 out of range (1..65535)"},
+		{"port too big", doc(`[[service]]`, svcName, svcVIP, `port = 65536`), 4, "port 65536 out of range (1..65535)"},
+		{"port negative", doc(`[[service]]`, svcName, svcVIP, `port = -1`), 4, "port -1 out of range"},
+		{"protocol wrong type", doc(`[[service]]`, svcName, svcVIP, svcPort, `protocol = true`), 5, "protocol must be a string, not boolean"},
+		{"backends not array", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = "10.88.0.5:80"`), 5, "backends must be an array, not string"},
+		{"backend wrong type", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = [8080]`), 5, `backend #1 must be a string "ip:port" or a table`},
+		{"backend missing port", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = ["10.88.0.5"]`), 5, `backend "10.88.0.5": missing port`},
+		{"backend empty port", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = ["10.88.0.5:"]`), 5, `backend "10.88.0.5:": missing port`},
+		{"backend bad ip", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = ["10.88.0:80"]`), 5, `"10.88.0" is not an IP address`},
+		{"backend ipv6 without brackets", doc(`[[service]]`, `name = "v6"`, `vip = "fd00::1"`, svcPort, `backends = ["fd00::5:80"]`), 5, "IPv6 address must be in brackets"},
+		{"backend ipv4 in brackets", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = ["[10.88.0.5]:80"]`), 5, "only IPv6 addresses go in brackets"},
+		{"backend missing bracket", doc(`[[service]]`, `name = "v6"`, `vip = "fd00::1"`, svcPort, `backends = ["[fd00::5:80"]`), 5, "missing ']'"},
+		{"backend bracket without port", doc(`[[service]]`, `name = "v6"`, `vip = "fd00::1"`, svcPort, `backends = ["[fd00::5]"]`), 5, `backend "[fd00::5]": missing port`},
+		{"backend junk after bracket", doc(`[[service]]`, `name = "v6"`, `vip = "fd00::1"`, svcPort, `backends = ["[fd00::5]80"]`), 5, `unexpected "80" after ']'`},
+		{"backend port not numeric", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = ["10.88.0.5:http"]`), 5, `invalid port "http"`},
+		{"backend port signed", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = ["10.88.0.5:+80"]`), 5, `invalid port "+80"`},
+		{"backend port out of range", doc(`[[service]]`, svcName, svcVIP, svcPort, ``, `backends = ["10.88.0.5:99999"]`), 6,
+			`service "default/web": backend "10.88.0.5:99999": port out of range`},
+		{"backend port zero", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = ["10.88.0.5:0"]`), 5, `backend "10.88.0.5:0": port out of range`},
+		{"backend table unknown key", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = [{addr = "10.88.0.5:80", wieght = 2}]`), 5,
+			`backend "10.88.0.5:80": unknown key "wieght"`},
+		{"backend table missing addr", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = ["10.88.0.5:80", {weight = 2}]`), 5, "backend #2: missing addr"},
+		{"backend addr wrong type", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = [{addr = 5}]`), 5, "backend #1: addr must be a string, not integer"},
+		{"backend addr invalid", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = [{addr = "10.88.0.5"}]`), 5, `backend "10.88.0.5": missing port`},
+		{"backend weight wrong type", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = [{addr = "10.88.0.5:80", weight = "3"}]`), 5,
+			"weight must be an integer, not string"},
+		{"backend weight zero", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = [{addr = "10.88.0.5:80", weight = 0}]`), 5,
+			"weight 0 out of range (1..1000)"},
+		{"backend weight too big", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = [{addr = "10.88.0.5:80", weight = 1001}]`), 5,
+			"weight 1001 out of range (1..1000)"},
+
+		// Values.
+		{"log_level", doc(`[agent]`, `log_level = "verbose"`), 2, `agent.log_level "verbose" is not one of debug, info, warn, error`},
+		{"bpffs empty", doc(`[agent]`, `bpffs = ""`), 2, "agent.bpffs must not be empty"},
+		{"bpffs relative", doc(`[agent]`, `bpffs = "sys/fs/bpf"`), 2, `agent.bpffs "sys/fs/bpf" must be an absolute path`},
+		{"state_dir empty", doc(`[agent]`, `state_dir = ''`), 2, "agent.state_dir must not be empty"},
+		{"state_dir relative", doc(`[agent]`, `state_dir = "run"`), 2, `agent.state_dir "run" must be an absolute path`},
+		{"cgroup_root relative", doc(`[agent]`, `cgroup_root = "kubepods"`), 2, `agent.cgroup_root "kubepods" must be an absolute path`},
+		{"nri socket relative", doc(`[nri]`, `socket = "nri.sock"`), 2, `nri.socket "nri.sock" must be an absolute path`},
+		{"nri socket empty", doc(`[nri]`, `enabled = true`, `socket = ""`), 3, "nri.socket must not be empty"},
+		{"plugin_index one digit", doc(`[nri]`, `plugin_index = "1"`), 2, `nri.plugin_index "1" must be exactly two digits`},
+		{"plugin_index three digits", doc(`[nri]`, `plugin_index = "100"`), 2, `nri.plugin_index "100" must be exactly two digits`},
+		{"plugin_index letters", doc(`[nri]`, `plugin_index = "a1"`), 2, `nri.plugin_index "a1" must be exactly two digits`},
+		{"plugin_name empty", doc(`[nri]`, `plugin_name = ""`), 2, "nri.plugin_name must not be empty"},
+		{"plugin_name bad char", doc(`[nri]`, `plugin_name = "pod sock"`), 2, `nri.plugin_name "pod sock" may only contain`},
+		{"terminate unknown protocol", doc(`[lb]`, `terminate = ["sctp"]`), 2, `lb.terminate: "sctp" is not tcp or udp`},
+		{"terminate duplicate", doc(`[lb]`, `terminate = [`, `  "udp",`, `  "tcp",  # both`, `  "udp",`, `]`), 5, `lb.terminate lists "udp" twice`},
+
+		{"name empty", doc(`[[service]]`, `name = ""`, svcVIP, svcPort), 2, "service #1: name must not be empty"},
+		{"name missing", doc(`[[service]]`, svcName, svcVIP, svcPort, `[[service]]`, `vip = "10.96.0.21"`, svcPort), 5, "service #2: name must not be empty"},
+		{"name too long", doc(`[[service]]`, `name = "`+strings.Repeat("n", 128)+`"`, svcVIP, svcPort), 2, "name is 128 bytes long, at most 127 allowed"},
+		{"name with space", doc(`[[service]]`, `name = "web app"`, svcVIP, svcPort), 2, `service "web app": name must not contain spaces or unprintable characters`},
+		{"name with control", doc(`[[service]]`, `name = "web\u0007"`, svcVIP, svcPort), 2, `must not contain spaces or unprintable characters`},
+		{"name duplicate", doc(`[[service]]`, svcName, svcVIP, svcPort, `[[service]]`, svcName, svcVIP, `port = 81`), 6,
+			`service "default/web": name already used by service #1 (line 2)`},
+		{"vip missing", doc(`[[service]]`, svcName, svcPort), 1, `service "default/web": vip is required`},
+		{"vip unspecified v4", doc(`[[service]]`, svcName, `vip = "0.0.0.0"`, svcPort), 3, "vip 0.0.0.0 is unspecified"},
+		{"vip unspecified v6", doc(`[[service]]`, svcName, `vip = "::"`, svcPort), 3, "vip :: is unspecified"},
+		{"vip multicast v4", doc(`[[service]]`, svcName, `vip = "239.1.1.1"`, svcPort), 3, "vip 239.1.1.1 is multicast"},
+		{"vip multicast v6", doc(`[[service]]`, svcName, `vip = "ff02::1"`, svcPort), 3, "vip ff02::1 is multicast"},
+		{"vip zone", doc(`[[service]]`, svcName, `vip = "fe80::1%eth0"`, svcPort), 3, "vip fe80::1%eth0 must not have a zone"},
+		{"port missing", doc(`[[service]]`, svcName, svcVIP, `protocol = "udp"`), 1, `service "default/web": port is required`},
+		{"protocol unknown", doc(`[[service]]`, svcName, svcVIP, svcPort, `protocol = "sctp"`), 5, `protocol "sctp" is not tcp or udp`},
+		{"protocol upper case", doc(`[[service]]`, svcName, svcVIP, svcPort, `protocol = "TCP"`), 5, `protocol "TCP" is not tcp or udp`},
+		{"backend family v6 in v4", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = ["[fd00::5]:80"]`), 5,
+			`backend "[fd00::5]:80": address family differs from vip 10.96.0.20`},
+		{"backend family mapped in v6", doc(`[[service]]`, `name = "v6"`, `vip = "fd00::1"`, svcPort, `backends = ["[::ffff:10.88.0.5]:80"]`), 5,
+			`backend "10.88.0.5:80": address family differs from vip fd00::1`},
+		{"backend duplicate", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = [`, `  "10.88.0.5:80",`, `  "10.88.0.6:80",`,
+			`  {addr = "[::ffff:10.88.0.5]:80", weight = 2},`, `]`), 8, `backend "10.88.0.5:80": listed twice`},
+		{"backend unspecified", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = ["0.0.0.0:80"]`), 5, "address 0.0.0.0 is unspecified"},
+		{"backend multicast", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = ["224.0.0.1:80"]`), 5, "address 224.0.0.1 is multicast"},
+		{"backend zone", doc(`[[service]]`, `name = "v6"`, `vip = "fd00::1"`, svcPort, `backends = ["[fe80::5%eth0]:80"]`), 5, "must not have a zone"},
+		{"too many backends", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = [`+strings.Join(manyBackends, ", ")+`]`), 5,
+			"1025 backends, at most 1024 allowed"},
+		{"duplicate key", doc(`[[service]]`, `name = "a"`, svcVIP, svcPort, `[[service]]`, `name = "b"`, svcVIP, svcPort, `protocol = "tcp"`), 7,
+			`service "b": 10.96.0.20:80/tcp already used by service "a" (line 3)`},
+		{"duplicate key v6", doc(`[[service]]`, `name = "a"`, `vip = "fd00::1"`, `port = 53`, `protocol = "udp"`,
+			`[[service]]`, `name = "b"`, `vip = "fd00:0::1"`, `port = 53`, `protocol = "udp"`), 8, `[fd00::1]:53/udp already used by service "a"`},
+		{"duplicate key mapped", doc(`[[service]]`, `name = "a"`, svcVIP, svcPort, `[[service]]`, `name = "b"`, `vip = "::ffff:10.96.0.20"`, svcPort), 7,
+			`10.96.0.20:80/tcp already used`},
+
+		// Locations: the first problem by line wins, whatever its kind, and
+		// the scanner is not fooled by strings, comments or other layouts.
+		{"first by line/value before type", doc(`[[service]]`, `name = "a"`, `vip = "0.0.0.0"`, svcPort, `[[service]]`, `name = "b"`, svcVIP, `port = "80"`), 3,
+			"vip 0.0.0.0 is unspecified"},
+		{"first by line/type before value", doc(`[[service]]`, `name = "a"`, `vip = 1`, svcPort, `[[service]]`, `name = "b"`, `vip = "0.0.0.0"`, svcPort), 3,
+			"vip must be a string"},
+		{"first by line/sections out of order", doc(`[lb]`, `terminate = ["sctp"]`, `[agent]`, `log_level = "loud"`), 2, "lb.terminate"},
+		{"first by line/later table", doc(`[nri]`, `plugin_index = "x"`, `[agent]`, `log_level = "loud"`), 2, "nri.plugin_index"},
+		{"first by line/one service", doc(`[[service]]`, `port = 0`, `name = "web app"`, svcVIP), 2, "port 0 out of range"},
+		{"multi-line string hides headers", doc(`[agent]`, `cgroup_root = """`, `[[service]]`, `vip = 1`, `"""`,
+			`[[service]]`, svcName, `vip = "1.2.3"`, svcPort), 2, "agent.cgroup_root"},
+		{"multi-line string does not shift services", doc(`[nri]`, `socket = '''/run/nri.sock`, `[[service]]`, `'''`, `enabled = false`,
+			`[[service]]`, svcName, `vip = "1.2.3"`, svcPort), 8, `vip "1.2.3" is not an IP address`},
+		{"strings and comments with brackets", doc(`[[service]] # [[service]]`, `name = "a#[[service]]=1"`, `"vip" = "10.96.0.20" # vip = "x"`,
+			svcPort, `backends = ["10.88.0.5:80", # ],[`, `  "10.88.0.6:80", '10.88.0.7:8x']`), 6, `invalid port "8x"`},
+		{"escaped quote in string", doc(`[[service]]`, `name = "a\"[[service]]"`, `vip = "10.96.0.20"`, svcPort, `backends = ["\"", "10.88.0.5:80"]`), 5,
+			`backend "\"": missing port`},
+		{"array of backend tables", doc(`[[service]]`, svcName, svcVIP, svcPort, `[[service.backends]]`, `addr = "10.88.0.5:80"`,
+			`[[service.backends]]`, `addr = "10.88.0.6:80"`, `weight = 5000`), 9, `backend "10.88.0.6:80": weight 5000 out of range`},
+		{"array of backend tables, missing addr", doc(`[[service]]`, svcName, svcVIP, svcPort, `[[service.backends]]`, `addr = "10.88.0.5:80"`,
+			`[[service.backends]]`, `weight = 5`), 7, "backend #2: missing addr"},
+		{"inline services", doc(`service = [`, `  {name = "a", vip = "10.96.0.20", port = 80},`, `  {name = "b", vip = "10.96.0.21", port = 80, extra = 1},`, `]`), 3,
+			`service "b": unknown key "extra"`},
+		{"inline service missing vip", doc(`service = [{name = "a", port = 80}]`), 1, `service "a": vip is required`},
+		{"multi-line backend element", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = [`, `  "10.88.0.5:80",`, ``, `  # next one is bad`,
+			`  { addr = "10.88.0.6:80",`, `    weight = 0 },`, `]`), 9, "weight 0 out of range"},
+		{"crlf", strings.ReplaceAll(doc(`[agent]`, `bpffs = "/x"`, `[[service]]`, svcName, `vip = "x"`, svcPort), "\n", "\r\n"), 5, `vip "x" is not an IP address`},
+		{"dotted keys in service", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends.x = 1`), 5, "backends must be an array, not table"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			const file = "/etc/podsock/podsock.toml"
+			c, err := Parse(file, []byte(tt.in))
+			if err == nil {
+				t.Fatalf("Parse succeeded (%d services), want error at line %d containing %q", len(c.Services), tt.line, tt.want)
+			}
+			msg := err.Error()
+			prefix := fmt.Sprintf("%s:%d: ", file, tt.line)
+			if !strings.HasPrefix(msg, prefix) || !strings.Contains(msg, tt.want) {
+				t.Errorf("error = %q\nwant prefix %q containing %q", msg, prefix, tt.want)
+			}
+			if strings.ContainsAny(msg, "\n\r") {
+				t.Errorf("error spans several lines: %q", msg)
+			}
+			var ce *Error
+			if !errors.As(err, &ce) || ce.File != file || ce.Line != tt.line {
+				t.Errorf("error is %#v, want *Error with File %q and Line %d", err, file, tt.line)
+			}
+		})
+	}
+}
+
+const example = `# podsock example
+[agent]
+cgroup_root = "/sys/fs/cgroup/kubepods.slice"
+bpffs = "/sys/fs/bpf"
+state_dir = "/run/podsock"
+log_level = "debug"
+
+[nri]
+enabled = true
+socket = "/var/run/nri/nri.sock"
+plugin_name = "podsock"
+plugin_index = "05"
+
+[lb]
+terminate = ["udp"]
+
+[[service]]
+name = "default/web"
+vip = "10.96.0.20"
+port = 80
+protocol = "tcp"
+backends = ["10.88.0.5:8080", "10.88.0.6:8080"]
+
+[[service]]
+name = "default/web-udp"        # same VIP and port, other protocol
+vip = "10.96.0.20"
+port = 80
+protocol = "udp"
+backends = [
+  {addr = "10.88.0.5:8080", weight = 3},
+  "10.88.0.6:8080",
+  {addr = "[::ffff:10.88.0.7]:8080"},
+]
+
+[[service]]
+name = "kube-system/dns"
+vip = "fd00::a"
+port = 53
+backends = ["[fd00::5]:5353", {addr = "[fd00::6]:5353", weight = 1000}]
+
+[[service]]
+name = "default/mapped"
+vip = "::ffff:10.96.0.30"
+port = 443
+backends = []
+
+[[service]]
+name = "default/none"
+vip = "10.96.0.31"
+port = 65535
+`
+
+func TestParseExample(t *testing.T) {
+	c, err := Parse("example.toml", []byte(example))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Path != "example.toml" {
+		t.Errorf("Path = %q", c.Path)
+	}
+	wantAgent := Agent{CgroupRoot: "/sys/fs/cgroup/kubepods.slice", BPFFS: "/sys/fs/bpf", StateDir: "/run/podsock", LogLevel: "debug"}
+	if c.Agent != wantAgent {
+		t.Errorf("Agent = %+v, want %+v", c.Agent, wantAgent)
+	}
+	wantNRI := NRI{Enabled: true, Socket: "/var/run/nri/nri.sock", PluginName: "podsock", PluginIndex: "05"}
+	if c.NRI != wantNRI {
+		t.Errorf("NRI = %+v, want %+v", c.NRI, wantNRI)
+	}
+	if !slices.Equal(c.LB.Terminate, []Protocol{ProtocolUDP}) || c.LB.Terminates(ProtocolTCP) || !c.LB.Terminates(ProtocolUDP) {
+		t.Errorf("LB = %+v", c.LB)
+	}
+
+	ap := netip.MustParseAddrPort
+	want := []struct {
+		key      string
+		name     string
+		backends []Backend
+	}{
+		{"10.96.0.20:80/tcp", "default/web", []Backend{{ap("10.88.0.5:8080"), 1}, {ap("10.88.0.6:8080"), 1}}},
+		{"10.96.0.20:80/udp", "default/web-udp", []Backend{{ap("10.88.0.5:8080"), 3}, {ap("10.88.0.6:8080"), 1}, {ap("10.88.0.7:8080"), 1}}},
+		{"[fd00::a]:53/tcp", "kube-system/dns", []Backend{{ap("[fd00::5]:5353"), 1}, {ap("[fd00::6]:5353"), 1000}}},
+		{"10.96.0.30:443/tcp", "default/mapped", []Backend{}},
+		{"10.96.0.31:65535/tcp", "default/none", nil},
+	}
+	if len(c.Services) != len(want) {
+		t.Fatalf("%d services, want %d", len(c.Services), len(want))
+	}
+	for i, w := range want {
+		s := c.Services[i]
+		if s.Key() != w.key || s.Name != w.name {
+			t.Errorf("service %d = %q %s, want %q %s", i, s.Name, s.Key(), w.name, w.key)
+		}
+		if !slices.Equal(s.Backends, w.backends) {
+			t.Errorf("service %q backends = %v, want %v", s.Name, s.Backends, w.backends)
+		}
+		if !s.VIP.Is4() && !s.VIP.Is6() || s.VIP.Is4In6() {
+			t.Errorf("service %q VIP %v not normalized", s.Name, s.VIP)
+		}
+		for _, b := range s.Backends {
+			if b.Addr.Addr().Is4In6() {
+				t.Errorf("service %q backend %v not unmapped", s.Name, b.Addr)
+			}
+		}
+	}
+	if c.Services[3].VIP != netip.MustParseAddr("10.96.0.30") {
+		t.Errorf("mapped VIP = %v, want 10.96.0.30", c.Services[3].VIP)
+	}
+	if err := c.Validate(); err != nil {
+		t.Errorf("Validate after Parse: %v", err)
+	}
+}
+
+// sameConfig compares everything but Path, treating nil and empty slices alike.
+func sameConfig(a, b *Config) bool {
+	if a.Agent != b.Agent || a.NRI != b.NRI || !slices.Equal(a.LB.Terminate, b.LB.Terminate) || len(a.Services) != len(b.Services) {
+		return false
+	}
+	for i, s := range a.Services {
+		t := b.Services[i]
+		if s.Name != t.Name || s.VIP != t.VIP || s.Port != t.Port || s.Protocol != t.Protocol || !slices.Equal(s.Backends, t.Backends) {
+			return false
+		}
+	}
+	return true
+}
+
+// reencode writes c back as TOML, which must parse to the same config: the
+// struct tags and the parser agree on the file format.
+func reencode(t *testing.T, c *Config) {
+	t.Helper()
+	var buf strings.Builder
+	if err := toml.NewEncoder(&buf).Encode(c); err != nil {
+		t.Fatalf("encode: %v", err)
+	}
+	again, err := Parse("encoded.toml", []byte(buf.String()))
+	if err != nil {
+		t.Fatalf("re-parse of encoded config: %v\n%s", err, buf.String())
+	}
+	if !sameConfig(c, again) {
+		t.Fatalf("re-parse differs:\n%+v\n%+v\n%s", c, again, buf.String())
+	}
+}
+
+func TestEncodeRoundTrip(t *testing.T) {
+	c, err := Parse("example.toml", []byte(example))
+	if err != nil {
+		t.Fatal(err)
+	}
+	reencode(t, c)
+	reencode(t, Default())
+}
+
+func TestParseDefaults(t *testing.T) {
+	for _, in := range []string{"", "# nothing\n", "[agent]\n[nri]\n[lb]\n"} {
+		c, err := Parse("empty.toml", []byte(in))
+		if err != nil {
+			t.Fatalf("Parse(%q): %v", in, err)
+		}
+		d := Default()
+		if c.Agent != d.Agent || c.NRI != d.NRI || !slices.Equal(c.LB.Terminate, d.LB.Terminate) || len(c.Services) != 0 {
+			t.Errorf("Parse(%q) = %+v, want defaults %+v", in, c, d)
+		}
+	}
+
+	d := Default()
+	wantAgent := Agent{CgroupRoot: "", BPFFS: "/sys/fs/bpf", StateDir: "/run/podsock", LogLevel: "info"}
+	wantNRI := NRI{Enabled: true, Socket: "/var/run/nri/nri.sock", PluginName: "podsock", PluginIndex: "10"}
+	if d.Agent != wantAgent || d.NRI != wantNRI || !d.LB.Terminates(ProtocolTCP) || !d.LB.Terminates(ProtocolUDP) || d.Path != "" {
+		t.Errorf("Default() = %+v", d)
+	}
+	if err := d.Validate(); err != nil {
+		t.Errorf("Default().Validate() = %v", err)
+	}
+
+	// Only the keys present are overridden.
+	c, err := Parse("x", []byte(doc(`[agent]`, `log_level = "warn"`, `[nri]`, `enabled = false`, `socket = ""`, `plugin_name = "Pod.sock-2_x"`, `[lb]`, `terminate = []`,
+		`[[service]]`, `name = "a"`, `vip = "10.96.0.1"`, `port = 1`)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Agent.LogLevel != "warn" || c.Agent.BPFFS != "/sys/fs/bpf" || c.NRI.Enabled || c.NRI.PluginName != "Pod.sock-2_x" || c.NRI.PluginIndex != "10" {
+		t.Errorf("partial override: %+v %+v", c.Agent, c.NRI)
+	}
+	if c.LB.Terminate == nil || len(c.LB.Terminate) != 0 || c.LB.Terminates(ProtocolTCP) {
+		t.Errorf("terminate = [] gave %#v", c.LB.Terminate)
+	}
+	if s := c.Services[0]; s.Protocol != ProtocolTCP || len(s.Backends) != 0 {
+		t.Errorf("service defaults: %+v", s)
+	}
+}
+
+func TestServiceKey(t *testing.T) {
+	for _, tt := range []struct {
+		s    Service
+		want string
+	}{
+		{Service{VIP: netip.MustParseAddr("10.96.0.20"), Port: 80, Protocol: ProtocolTCP}, "10.96.0.20:80/tcp"},
+		{Service{VIP: netip.MustParseAddr("fd00::1"), Port: 53, Protocol: ProtocolUDP}, "[fd00::1]:53/udp"},
+	} {
+		if got := tt.s.Key(); got != tt.want {
+			t.Errorf("Key() = %q, want %q", got, tt.want)
+		}
+	}
+}
+
+// Configs built in code have no file positions; Validate still names the
+// problem, without a line.
+func TestValidateInCode(t *testing.T) {
+	valid := func() *Config {
+		c := Default()
+		c.Services = []Service{{
+			Name:     "a",
+			VIP:      netip.MustParseAddr("10.96.0.1"),
+			Port:     80,
+			Protocol: ProtocolTCP,
+			Backends: []Backend{{Addr: netip.MustParseAddrPort("10.88.0.5:80"), Weight: 1}},
+		}}
+		return c
+	}
+	if err := valid().Validate(); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name   string
+		change func(c *Config)
+		want   string
+	}{
+		{"mapped vip", func(c *Config) { c.Services[0].VIP = netip.MustParseAddr("::ffff:10.96.0.1") },
+			`<config>: service "a": vip ::ffff:10.96.0.1 is IPv4-mapped; write it as 10.96.0.1`},
+		{"mapped backend", func(c *Config) { c.Services[0].Backends[0].Addr = netip.MustParseAddrPort("[::ffff:10.88.0.5]:80") },
+			`backend "[::ffff:10.88.0.5]:80": address ::ffff:10.88.0.5 is IPv4-mapped`},
+		{"backend port zero", func(c *Config) { c.Services[0].Backends[0].Addr = netip.MustParseAddrPort("10.88.0.5:0") },
+			`backend "10.88.0.5:0": port out of range`},
+		{"backend without address", func(c *Config) { c.Services[0].Backends[0].Addr = netip.AddrPort{} },
+			`service "a": backend #1: address is required`},
+		{"weight zero", func(c *Config) { c.Services[0].Backends[0].Weight = 0 }, "weight 0 out of range (1..1000)"},
+		{"weight too big", func(c *Config) { c.Services[0].Backends[0].Weight = 1001 }, "weight 1001 out of range (1..1000)"},
+		{"port zero", func(c *Config) { c.Services[0].Port = 0 }, `service "a": port is required`},
+		{"no vip", func(c *Config) { c.Services[0].VIP = netip.Addr{} }, `service "a": vip is required`},
+		{"empty protocol", func(c *Config) { c.Services[0].Protocol = "" }, `protocol "" is not tcp or udp`},
+		{"invalid utf-8 name", func(c *Config) { c.Services[0].Name = "a\xff" }, "name must be valid UTF-8"},
+		{"duplicate name", func(c *Config) {
+			s := c.Services[0]
+			s.Port = 81
+			c.Services = append(c.Services, s)
+		}, `<config>: service "a": name already used by service #1`},
+		{"duplicate key", func(c *Config) {
+			s := c.Services[0]
+			s.Name = "b"
+			c.Services = append(c.Services, s)
+		}, `<config>: service "b": 10.96.0.1:80/tcp already used by service "a"`},
+		{"first in order", func(c *Config) { c.Agent.LogLevel = ""; c.NRI.PluginIndex = "" }, "<config>: agent.log_level"},
+		{"path prefix", func(c *Config) { c.Path = "/x.toml"; c.Agent.BPFFS = "" }, "/x.toml: agent.bpffs must not be empty"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := valid()
+			tt.change(c)
+			err := c.Validate()
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("Validate() = %v, want %q", err, tt.want)
+			}
+			if !strings.HasPrefix(err.Error(), "<config>: ") && !strings.HasPrefix(err.Error(), "/x.toml: ") {
+				t.Errorf("error %q has a line or no file", err)
+			}
+		})
+	}
+}
+
+func TestLoad(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "podsock.toml")
+	if err := os.WriteFile(path, []byte(example), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Path != path || len(c.Services) != 5 {
+		t.Errorf("Load = Path %q, %d services", c.Path, len(c.Services))
+	}
+
+	bad := filepath.Join(dir, "bad.toml")
+	if err := os.WriteFile(bad, []byte(doc(`[agent]`, `log_level = "loud"`)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(bad); err == nil || !strings.HasPrefix(err.Error(), bad+":2: agent.log_level") {
+		t.Errorf("Load(bad) = %v", err)
+	}
+
+	missing := filepath.Join(dir, "missing.toml")
+	_, err = Load(missing)
+	if err == nil || err.Error() != missing+": open: no such file or directory" || !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("Load(missing) = %v", err)
+	}
+}
+
+func TestIndexLines(t *testing.T) {
+	in := doc(
+		`[agent]`,                // 1
+		`bpffs = "/x"  # [nri]`,  // 2
+		`[[service]]`,            // 3
+		`name = '''`,             // 4
+		`[[service]]`,            // 5
+		`'''`,                    // 6
+		`[[service]]`,            // 7
+		`'vip' = "10.0.0.1"`,     // 8
+		`backends = [ "a:1",`,    // 9
+		`  { addr = "b:2" }, [`,  // 10
+		`  1, 2 ], "c:3" ]`,      // 11
+		`[[service.backends]]`,   // 12
+		`"a.b" .c = 1`,           // 13
+		`[service.backends.sub]`, // 14
+	)
+	ix := indexLines([]byte(in))
+	svc := keyPath{}.key("service")
+	for _, tt := range []struct {
+		p    keyPath
+		want int
+	}{
+		{keyPath{}.key("agent"), 1},
+		{keyPath{}.key("agent").key("bpffs"), 2},
+		{keyPath{}.key("nri"), 0},
+		{svc.index(0), 3},
+		{svc.index(0).key("name"), 4},
+		{svc.index(1), 7},
+		{svc.index(1).key("vip"), 8},
+		{svc.index(1).key("port"), 7},
+		{svc.index(1).key("backends"), 9},
+		{svc.index(1).key("backends").index(0), 9},
+		{svc.index(1).key("backends").index(1), 10},
+		{svc.index(1).key("backends").index(1).key("addr"), 10},
+		{svc.index(1).key("backends").index(2), 10},
+		{svc.index(1).key("backends").index(3), 11},
+		{svc.index(2), 3}, // unknown element: the array's first line
+		{svc.index(1).key("backends").index(0).key("a.b").key("c"), 13},
+		{svc.index(1).key("backends").index(0).key("sub"), 14},
+	} {
+		if got := ix.line(tt.p); got != tt.want {
+			t.Errorf("line(%q) = %d, want %d", tt.p, got, tt.want)
+		}
+	}
+}
+
+func TestIndexLinesStrings(t *testing.T) {
+	in := doc(
+		`[agent]`,                  // 1
+		`cgroup_root = """a \"""\`, // 2: escaped quotes, line continuation
+		`  b"""""`,                 // 3: content quotes before the delimiter
+		`bpffs = "\" [x]"`,         // 4
+		`state_dir = '''`,          // 5
+		`\'''`,                     // 6: no escapes in literal strings
+		`log_level = 1`,            // 7
+		strings.Repeat("a.", maxDepth)+"a = [1,", // 8: too deep to index, still skipped
+		`2]`, // 9
+		"["+strings.Repeat("b.", maxDepth)+"b]", // 10
+		`c = 1`,              // 11
+		`[nri]`,              // 12
+		`"bad\escape" = """`, // 13: a key Go cannot unquote
+		`"""`,                // 14
+		`x = 'unterminated`,  // 15: invalid, but must not derail the scan
+		`y = 1`,              // 16
+	)
+	ix := indexLines([]byte(in))
+	agent, nri := keyPath{}.key("agent"), keyPath{}.key("nri")
+	for _, tt := range []struct {
+		p    keyPath
+		want int
+	}{
+		{agent.key("cgroup_root"), 2},
+		{agent.key("bpffs"), 4},
+		{agent.key("state_dir"), 5},
+		{agent.key("log_level"), 7},
+		{keyPath{}.key("a"), 0},
+		{keyPath{}.key("b"), 0},
+		{nri, 12},
+		{nri.key(`bad\escape`), 13},
+		{nri.key("x"), 15},
+		{nri.key("y"), 16},
+	} {
+		if got := ix.line(tt.p); got != tt.want {
+			t.Errorf("line(%q) = %d, want %d", tt.p, got, tt.want)
+		}
+	}
+}
+
+func TestErrorString(t *testing.T) {
+	for _, tt := range []struct {
+		err  Error
+		want string
+	}{
+		{Error{File: "f.toml", Line: 3, Msg: "bad"}, "f.toml:3: bad"},
+		{Error{File: "f.toml", Msg: "bad"}, "f.toml: bad"},
+		{Error{Msg: "two\nlines\r"}, "<config>: two lines "},
+	} {
+		if got := tt.err.Error(); got != tt.want {
+			t.Errorf("Error() = %q, want %q", got, tt.want)
+		}
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add([]byte(example))
+	f.Add([]byte(""))
+	f.Add([]byte(doc(`[agent]`, `log_level = "verbose"`)))
+	f.Add([]byte(doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = ["10.88.0.5:99999", {addr = "[fd00::1]:80", weight = 0}]`)))
+	f.Add([]byte(doc(`[[service]]`, svcName, `vip = "::ffff:10.0.0.1"`, svcPort, `[[service.backends]]`, `addr = "[::ffff:10.0.0.2]:1"`)))
+	f.Add([]byte(doc(`service = [{name = "a", vip = "fd00::1", port = 1, protocol = "udp", backends = ["[fd00::2]:2"]}]`)))
+	f.Add([]byte(doc(`[lb]`, `terminate = ["tcp", "tcp"]`, `[nri]`, `plugin_index = 10`)))
+	f.Add([]byte(doc(`[agent]`, `cgroup_root = """`, `[[service]]`, `"""`, `x = 'y'`, `[[service]]`)))
+	f.Add([]byte("[agent\nbpffs = \"/x\r\n"))
+
+	f.Fuzz(func(t *testing.T, data []byte) {
+		indexLines(data) // must cope with anything, not only valid TOML
+
+		const file = "fuzz.toml"
+		c, err := Parse(file, data)
+		if err != nil {
+			msg := err.Error()
+			if !strings.HasPrefix(msg, file+":") {
+				t.Fatalf("error without file name: %q", msg)
+			}
+			if strings.ContainsAny(msg, "\n\r") {
+				t.Fatalf("error spans several lines: %q", msg)
+			}
+			var ce *Error
+			if !errors.As(err, &ce) || ce.Line > bytes.Count(data, []byte("\n"))+1 {
+				t.Fatalf("error %q: not an *Error, or line past the end of the input", msg)
+			}
+			return
+		}
+		if err := c.Validate(); err != nil {
+			t.Fatalf("parsed config fails Validate: %v", err)
+		}
+		reencode(t, c)
+	})
+}
+
+func TestAgentSettingsSurviveErrorsElsewhere(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "podsock.toml")
+	data := "[agent]\nstate_dir = \"/run/other\"\n\n[[service]]\nname = \"x\"\nport = 99999\nbogus = 1\n"
+	if err := os.WriteFile(path, []byte(data), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(path); err == nil {
+		t.Fatal("Load accepted a broken config")
+	}
+	a, err := AgentSettings(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.StateDir != "/run/other" || a.BPFFS != "/sys/fs/bpf" {
+		t.Fatalf("AgentSettings = %+v, want state_dir from the file and default bpffs", a)
+	}
+	if err := os.WriteFile(path, []byte("[agent\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := AgentSettings(path); err == nil {
+		t.Fatal("AgentSettings accepted a file that is not TOML")
+	}
+}

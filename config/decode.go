@@ -1,0 +1,415 @@
+package config
+
+import (
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// decoder fills a Config from the generic document the TOML library produced.
+// Walking the document by hand, rather than letting the library decode into
+// structs, is what gives every unknown key and wrong type an exact location:
+// the library neither tells which [[service]] a key belongs to nor reports
+// problems in a stable order.
+type decoder struct {
+	c        *Config
+	problems []problem
+	bad      map[string]bool // paths whose value could not be decoded
+}
+
+func (d *decoder) fail(at keyPath, format string, args ...any) {
+	d.problems = append(d.problems, problem{at: at, msg: fmt.Sprintf(format, args...)})
+	d.bad[at.String()] = true
+}
+
+// covers reports whether at, or a value containing it, failed to decode.
+func (d *decoder) covers(at keyPath) bool {
+	for ; len(at) > 0; at = at[:len(at)-1] {
+		if d.bad[at.String()] {
+			return true
+		}
+	}
+	return false
+}
+
+// Maps are walked in key order so that two problems on one line (an inline
+// table) are always reported the same way.
+func sortedKeys(m map[string]any) []string { return slices.Sorted(maps.Keys(m)) }
+
+func (d *decoder) document(doc map[string]any) {
+	var root keyPath
+	for _, k := range sortedKeys(doc) {
+		v, at := doc[k], root.key(k)
+		switch k {
+		case "agent":
+			d.agent(at, v)
+		case "nri":
+			d.nri(at, v)
+		case "lb":
+			d.lb(at, v)
+		case "service":
+			d.services(at, v)
+		default:
+			if _, ok := v.(map[string]any); ok {
+				d.fail(at, "unknown table [%s]", quoteKey(k))
+			} else {
+				d.fail(at, "unknown key %q", k)
+			}
+		}
+	}
+}
+
+func (d *decoder) table(at keyPath, name string, v any) (map[string]any, bool) {
+	t, ok := v.(map[string]any)
+	if !ok {
+		d.fail(at, "%s must be a table ([%s]), not %s", name, name, typeName(v))
+	}
+	return t, ok
+}
+
+func (d *decoder) unknown(at keyPath, section, k string) {
+	d.fail(at, "unknown key %q in [%s]", k, section)
+}
+
+func (d *decoder) agent(at keyPath, v any) {
+	t, ok := d.table(at, "agent", v)
+	if !ok {
+		return
+	}
+	a := &d.c.Agent
+	fields := map[string]*string{
+		"cgroup_root": &a.CgroupRoot,
+		"bpffs":       &a.BPFFS,
+		"state_dir":   &a.StateDir,
+		"log_level":   &a.LogLevel,
+	}
+	for _, k := range sortedKeys(t) {
+		if dst, ok := fields[k]; ok {
+			d.str(at.key(k), "agent."+k, t[k], dst)
+		} else {
+			d.unknown(at.key(k), "agent", k)
+		}
+	}
+}
+
+func (d *decoder) nri(at keyPath, v any) {
+	t, ok := d.table(at, "nri", v)
+	if !ok {
+		return
+	}
+	n := &d.c.NRI
+	for _, k := range sortedKeys(t) {
+		v, kat := t[k], at.key(k)
+		switch k {
+		case "enabled":
+			if b, ok := v.(bool); ok {
+				n.Enabled = b
+			} else {
+				d.fail(kat, "nri.enabled must be a boolean, not %s", typeName(v))
+			}
+		case "socket":
+			d.str(kat, "nri.socket", v, &n.Socket)
+		case "plugin_name":
+			d.str(kat, "nri.plugin_name", v, &n.PluginName)
+		case "plugin_index":
+			// An easy mistake, as it looks like a number.
+			if i, ok := v.(int64); ok {
+				d.fail(kat, "nri.plugin_index must be a string of two digits (plugin_index = \"%02d\"), not integer", i)
+			} else {
+				d.str(kat, "nri.plugin_index", v, &n.PluginIndex)
+			}
+		default:
+			d.unknown(kat, "nri", k)
+		}
+	}
+}
+
+func (d *decoder) lb(at keyPath, v any) {
+	t, ok := d.table(at, "lb", v)
+	if !ok {
+		return
+	}
+	for _, k := range sortedKeys(t) {
+		v, kat := t[k], at.key(k)
+		switch k {
+		case "terminate":
+			elems, ok := v.([]any)
+			if !ok {
+				d.fail(kat, "lb.terminate must be an array of protocols, not %s", typeName(v))
+				continue
+			}
+			// Non-nil even when empty: "terminate = []" means none, not the default.
+			ps := make([]Protocol, 0, len(elems))
+			for i, e := range elems {
+				s, ok := e.(string)
+				if !ok {
+					d.fail(kat.index(i), "lb.terminate[%d] must be a string, not %s", i, typeName(e))
+				}
+				// Keep indexes aligned with the file even for rejected elements.
+				ps = append(ps, Protocol(s))
+			}
+			d.c.LB.Terminate = ps
+		default:
+			d.unknown(kat, "lb", k)
+		}
+	}
+}
+
+func (d *decoder) services(at keyPath, v any) {
+	var elems []any
+	switch v := v.(type) {
+	case []map[string]any: // [[service]]
+		for _, t := range v {
+			elems = append(elems, t)
+		}
+	case []any: // service = [{...}]
+		elems = v
+	default:
+		d.fail(at, "service must be an array of tables ([[service]]), not %s", typeName(v))
+		return
+	}
+	for i, e := range elems {
+		sat := at.index(i)
+		t, ok := e.(map[string]any)
+		if !ok {
+			d.fail(sat, "service #%d must be a table, not %s", i+1, typeName(e))
+			d.c.Services = append(d.c.Services, Service{})
+			continue
+		}
+		d.c.Services = append(d.c.Services, d.service(sat, i, t))
+	}
+}
+
+func (d *decoder) service(at keyPath, i int, t map[string]any) Service {
+	s := Service{Protocol: ProtocolTCP}
+	name, _ := t["name"].(string)
+	label := serviceLabel(i, name)
+	for _, k := range sortedKeys(t) {
+		v, kat := t[k], at.key(k)
+		switch k {
+		case "name":
+			d.str(kat, label+": name", v, &s.Name)
+		case "vip":
+			str, ok := v.(string)
+			if !ok {
+				d.fail(kat, "%s: vip must be a string, not %s", label, typeName(v))
+				continue
+			}
+			a, err := netip.ParseAddr(str)
+			if err != nil {
+				d.fail(kat, "%s: vip %q is not an IP address", label, str)
+				continue
+			}
+			s.VIP = unmap(a)
+		case "port":
+			n, ok := v.(int64)
+			if !ok {
+				d.fail(kat, "%s: port must be an integer, not %s", label, typeName(v))
+				continue
+			}
+			if n < 1 || n > 65535 {
+				d.fail(kat, "%s: port %d out of range (1..65535)", label, n)
+				continue
+			}
+			s.Port = uint16(n)
+		case "protocol":
+			var p string
+			d.str(kat, label+": protocol", v, &p)
+			s.Protocol = Protocol(p)
+		case "backends":
+			s.Backends = d.backends(kat, label, v)
+		default:
+			d.fail(kat, "%s: unknown key %q", label, k)
+		}
+	}
+	return s
+}
+
+func (d *decoder) backends(at keyPath, label string, v any) []Backend {
+	var elems []any
+	switch v := v.(type) {
+	case []any:
+		elems = v
+	case []map[string]any: // [[service.backends]]
+		for _, t := range v {
+			elems = append(elems, t)
+		}
+	default:
+		d.fail(at, "%s: backends must be an array, not %s", label, typeName(v))
+		return nil
+	}
+	bs := make([]Backend, 0, len(elems))
+	for j, e := range elems {
+		// Rejected elements stay as zero values so indexes match the file.
+		bs = append(bs, d.backend(at.index(j), label, j, e))
+	}
+	return bs
+}
+
+func (d *decoder) backend(at keyPath, label string, j int, e any) Backend {
+	switch e := e.(type) {
+	case string:
+		ap, err := parseAddrPort(e)
+		if err != nil {
+			d.fail(at, "%s: backend %q: %v", label, e, err)
+			return Backend{}
+		}
+		return Backend{Addr: ap, Weight: 1}
+	case map[string]any:
+		b := Backend{Weight: 1}
+		what := fmt.Sprintf("%s: backend #%d", label, j+1)
+		if addr, ok := e["addr"].(string); ok {
+			what = fmt.Sprintf("%s: backend %q", label, addr)
+		}
+		if _, ok := e["addr"]; !ok {
+			d.fail(at, "%s: missing addr", what)
+		}
+		for _, k := range sortedKeys(e) {
+			v, kat := e[k], at.key(k)
+			switch k {
+			case "addr":
+				s, ok := v.(string)
+				if !ok {
+					d.fail(kat, "%s: addr must be a string, not %s", what, typeName(v))
+					continue
+				}
+				ap, err := parseAddrPort(s)
+				if err != nil {
+					d.fail(kat, "%s: %v", what, err)
+					continue
+				}
+				b.Addr = ap
+			case "weight":
+				n, ok := v.(int64)
+				if !ok {
+					d.fail(kat, "%s: weight must be an integer, not %s", what, typeName(v))
+					continue
+				}
+				if n < 1 || n > MaxWeight {
+					d.fail(kat, "%s: weight %d out of range (1..%d)", what, n, MaxWeight)
+					continue
+				}
+				b.Weight = uint32(n)
+			default:
+				d.fail(kat, "%s: unknown key %q", what, k)
+			}
+		}
+		return b
+	default:
+		d.fail(at, "%s: backend #%d must be a string \"ip:port\" or a table {addr = \"ip:port\", weight = n}, not %s",
+			label, j+1, typeName(e))
+		return Backend{}
+	}
+}
+
+func (d *decoder) str(at keyPath, what string, v any, dst *string) {
+	s, ok := v.(string)
+	if !ok {
+		d.fail(at, "%s must be a string, not %s", what, typeName(v))
+		return
+	}
+	*dst = s
+}
+
+// parseAddrPort parses "ip:port" or "[ipv6]:port". It does the splitting
+// itself so each mistake gets a specific message, where netip.ParseAddrPort
+// has one generic error.
+func parseAddrPort(s string) (netip.AddrPort, error) {
+	var host, port string
+	if rest, ok := strings.CutPrefix(s, "["); ok {
+		end := strings.IndexByte(rest, ']')
+		if end < 0 {
+			return netip.AddrPort{}, fmt.Errorf("missing ']'")
+		}
+		host, rest = rest[:end], rest[end+1:]
+		if rest == "" {
+			return netip.AddrPort{}, fmt.Errorf("missing port")
+		}
+		if rest[0] != ':' {
+			return netip.AddrPort{}, fmt.Errorf("unexpected %q after ']'", rest)
+		}
+		port = rest[1:]
+		if !strings.Contains(host, ":") {
+			return netip.AddrPort{}, fmt.Errorf("only IPv6 addresses go in brackets")
+		}
+	} else {
+		i := strings.LastIndexByte(s, ':')
+		if i < 0 {
+			return netip.AddrPort{}, fmt.Errorf("missing port")
+		}
+		host, port = s[:i], s[i+1:]
+		if strings.Contains(host, ":") {
+			return netip.AddrPort{}, fmt.Errorf("IPv6 address must be in brackets, as in \"[fd00::1]:80\"")
+		}
+	}
+	ip, err := netip.ParseAddr(host)
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("%q is not an IP address", host)
+	}
+	if port == "" {
+		return netip.AddrPort{}, fmt.Errorf("missing port")
+	}
+	if strings.Trim(port, "0123456789") != "" {
+		return netip.AddrPort{}, fmt.Errorf("invalid port %q", port)
+	}
+	n, err := strconv.ParseUint(port, 10, 16)
+	if err != nil || n == 0 {
+		return netip.AddrPort{}, fmt.Errorf("port out of range (1..65535)")
+	}
+	return netip.AddrPortFrom(unmap(ip), uint16(n)), nil
+}
+
+// unmap turns ::ffff:a.b.c.d into a.b.c.d, so that the datapath, which keys on
+// the family, sees one spelling of each IPv4 address. Zoned addresses are kept
+// as written for Validate to reject.
+func unmap(a netip.Addr) netip.Addr {
+	if a.Zone() != "" {
+		return a
+	}
+	return a.Unmap()
+}
+
+func serviceLabel(i int, name string) string {
+	if name == "" {
+		return fmt.Sprintf("service #%d", i+1)
+	}
+	return fmt.Sprintf("service %q", name)
+}
+
+// quoteKey shows a key as it would be written in TOML, quoted only if needed.
+func quoteKey(k string) string {
+	if k == "" || strings.ContainsFunc(k, func(r rune) bool { return !isBareKeyRune(r) }) {
+		return strconv.Quote(k)
+	}
+	return k
+}
+
+func isBareKeyRune(r rune) bool {
+	return r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_' || r == '-'
+}
+
+// typeName names a decoded value's TOML type for error messages.
+func typeName(v any) string {
+	switch v.(type) {
+	case string:
+		return "string"
+	case int64:
+		return "integer"
+	case float64:
+		return "float"
+	case bool:
+		return "boolean"
+	case time.Time:
+		return "datetime"
+	case []any, []map[string]any:
+		return "array"
+	case map[string]any:
+		return "table"
+	default:
+		return fmt.Sprintf("%T", v)
+	}
+}

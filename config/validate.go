@@ -1,0 +1,185 @@
+package config
+
+import (
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"unicode"
+	"unicode/utf8"
+)
+
+type problems []problem
+
+func (ps *problems) add(at keyPath, format string, args ...any) {
+	*ps = append(*ps, problem{at: at, msg: fmt.Sprintf(format, args...)})
+}
+
+// check finds everything wrong with c's values, in document order. pos, when
+// the config was parsed, locates the other party of a conflict.
+func (c *Config) check(pos lineIndex) []problem {
+	var ps problems
+	var root keyPath
+
+	agent := root.key("agent")
+	switch c.Agent.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		ps.add(agent.key("log_level"), "agent.log_level %q is not one of debug, info, warn, error", c.Agent.LogLevel)
+	}
+	ps.absPath(agent.key("cgroup_root"), "agent.cgroup_root", c.Agent.CgroupRoot, true)
+	ps.absPath(agent.key("bpffs"), "agent.bpffs", c.Agent.BPFFS, false)
+	ps.absPath(agent.key("state_dir"), "agent.state_dir", c.Agent.StateDir, false)
+
+	nri := root.key("nri")
+	// The socket only matters when NRI is used; a disabled section may keep
+	// whatever it had.
+	if c.NRI.Enabled {
+		ps.absPath(nri.key("socket"), "nri.socket", c.NRI.Socket, false)
+	}
+	if n := c.NRI.PluginName; n == "" {
+		ps.add(nri.key("plugin_name"), "nri.plugin_name must not be empty")
+	} else if !validPluginName(n) {
+		ps.add(nri.key("plugin_name"), "nri.plugin_name %q may only contain letters, digits, '_', '.' and '-'", n)
+	}
+	if x := c.NRI.PluginIndex; len(x) != 2 || !isDigit(x[0]) || !isDigit(x[1]) {
+		ps.add(nri.key("plugin_index"), "nri.plugin_index %q must be exactly two digits, like \"10\"", x)
+	}
+
+	terminate := root.key("lb").key("terminate")
+	seen := map[Protocol]bool{}
+	for i, p := range c.LB.Terminate {
+		switch {
+		case !p.valid():
+			ps.add(terminate.index(i), "lb.terminate: %q is not tcp or udp", p)
+		case seen[p]:
+			ps.add(terminate.index(i), "lb.terminate lists %q twice", p)
+		}
+		seen[p] = true
+	}
+
+	c.checkServices(&ps, pos)
+	return ps
+}
+
+func (c *Config) checkServices(ps *problems, pos lineIndex) {
+	svcs := keyPath{}.key("service")
+	names := map[string]int{} // name -> index of the service that has it
+	keys := map[string]int{}  // Key() -> index of the service that has it
+	for i, s := range c.Services {
+		at := svcs.index(i)
+		label := serviceLabel(i, s.Name)
+
+		if msg := checkName(s.Name); msg != "" {
+			ps.add(at.key("name"), "%s: %s", label, msg)
+		} else if first, dup := names[s.Name]; dup {
+			ps.add(at.key("name"), "%s: name already used by service #%d%s", label, first+1, pos.lineOf(svcs.index(first).key("name")))
+		} else {
+			names[s.Name] = i
+		}
+
+		vipOK := false
+		if s.VIP.IsValid() {
+			if msg := checkAddr(s.VIP); msg != "" {
+				ps.add(at.key("vip"), "%s: vip %s", label, msg)
+			} else {
+				vipOK = true
+			}
+		} else {
+			ps.add(at.key("vip"), "%s: vip is required", label)
+		}
+		if s.Port == 0 {
+			ps.add(at.key("port"), "%s: port is required (1..65535)", label)
+		}
+		if !s.Protocol.valid() {
+			ps.add(at.key("protocol"), "%s: protocol %q is not tcp or udp", label, s.Protocol)
+		}
+		if vipOK && s.Port != 0 && s.Protocol.valid() {
+			if first, dup := keys[s.Key()]; dup {
+				ps.add(at.key("vip"), "%s: %s already used by %s%s",
+					label, s.Key(), serviceLabel(first, c.Services[first].Name), pos.lineOf(svcs.index(first).key("vip")))
+			} else {
+				keys[s.Key()] = i
+			}
+		}
+
+		if len(s.Backends) > MaxBackends {
+			ps.add(at.key("backends"), "%s: %d backends, at most %d allowed", label, len(s.Backends), MaxBackends)
+		}
+		seen := map[netip.AddrPort]bool{}
+		for j, b := range s.Backends {
+			bat := at.key("backends").index(j)
+			addr := bat.key("addr")
+			what := fmt.Sprintf("%s: backend %q", label, b.Addr)
+			a := b.Addr.Addr()
+			switch {
+			case !a.IsValid():
+				what = fmt.Sprintf("%s: backend #%d", label, j+1)
+				ps.add(addr, "%s: address is required", what)
+			case checkAddr(a) != "":
+				ps.add(addr, "%s: address %s", what, checkAddr(a))
+			case b.Addr.Port() == 0:
+				ps.add(addr, "%s: port out of range (1..65535)", what)
+			case vipOK && a.Is4() != s.VIP.Is4():
+				ps.add(addr, "%s: address family differs from vip %s", what, s.VIP)
+			case seen[b.Addr]:
+				ps.add(addr, "%s: listed twice", what)
+			}
+			seen[b.Addr] = true
+			if b.Weight < 1 || b.Weight > MaxWeight {
+				ps.add(bat.key("weight"), "%s: weight %d out of range (1..%d)", what, b.Weight, MaxWeight)
+			}
+		}
+	}
+}
+
+func (ps *problems) absPath(at keyPath, what, p string, emptyOK bool) {
+	switch {
+	case p == "" && emptyOK:
+	case p == "":
+		ps.add(at, "%s must not be empty", what)
+	case !filepath.IsAbs(p):
+		ps.add(at, "%s %q must be an absolute path", what, p)
+	}
+}
+
+// checkName returns what is wrong with a service name, or "". Names are shown
+// in CLI tables and carried in fixed-size datapath records, hence the limits.
+func checkName(n string) string {
+	switch {
+	case n == "":
+		return "name must not be empty"
+	case len(n) > MaxServiceNameLen:
+		return fmt.Sprintf("name is %d bytes long, at most %d allowed", len(n), MaxServiceNameLen)
+	case !utf8.ValidString(n):
+		return "name must be valid UTF-8"
+	}
+	for _, r := range n {
+		if unicode.IsSpace(r) || !unicode.IsPrint(r) {
+			return "name must not contain spaces or unprintable characters"
+		}
+	}
+	return ""
+}
+
+// checkAddr returns what is wrong with a VIP or backend address, or "".
+func checkAddr(a netip.Addr) string {
+	switch {
+	case a.Zone() != "":
+		return fmt.Sprintf("%s must not have a zone", a)
+	case a.Is4In6():
+		// Parse unmaps these; only configs built in code can get here.
+		return fmt.Sprintf("%s is IPv4-mapped; write it as %s", a, a.Unmap())
+	case a.IsUnspecified():
+		return fmt.Sprintf("%s is unspecified", a)
+	case a.IsMulticast():
+		return fmt.Sprintf("%s is multicast", a)
+	}
+	return ""
+}
+
+func validPluginName(n string) bool {
+	return !strings.ContainsFunc(n, func(r rune) bool { return !isBareKeyRune(r) && r != '.' })
+}
+
+func isDigit(c byte) bool { return c >= '0' && c <= '9' }

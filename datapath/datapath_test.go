@@ -1,0 +1,182 @@
+package datapath
+
+import (
+	"net/netip"
+	"os"
+	"reflect"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/cilium/ebpf/btf"
+)
+
+func TestMapCapacitiesMatchTheObject(t *testing.T) {
+	spec, err := loadSocklb()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]uint32{
+		"podsock_svc_v1":  maxServices,
+		"podsock_name_v1": maxServices,
+		"podsock_slot_v1": maxSlots,
+	} {
+		if got := spec.Maps[name].MaxEntries; got != want {
+			t.Errorf("map %s holds %d entries, Go assumes %d", name, got, want)
+		}
+	}
+}
+
+// The generated Go types must lay out exactly like the C structs the programs use.
+func TestGoStructsMatchBTF(t *testing.T) {
+	spec, err := loadSocklb()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for cName, goVal := range map[string]any{
+		"svc_key":    socklbSvcKey{},
+		"svc_value":  socklbSvcValue{},
+		"slot_key":   socklbSlotKey{},
+		"backend":    socklbBackend{},
+		"svc_name":   socklbSvcName{},
+		"lb_entry":   socklbLbEntry{},
+		"sock_state": socklbSockState{},
+	} {
+		var st *btf.Struct
+		if err := spec.Types.TypeByName(cName, &st); err != nil {
+			t.Fatalf("struct %s: %v", cName, err)
+		}
+		gt := reflect.TypeOf(goVal)
+		if uintptr(st.Size) != gt.Size() {
+			t.Errorf("struct %s: C size %d, Go size %d", cName, st.Size, gt.Size())
+		}
+		var goFields []reflect.StructField
+		for i := range gt.NumField() {
+			if f := gt.Field(i); f.Name != "_" {
+				goFields = append(goFields, f)
+			}
+		}
+		if len(goFields) != len(st.Members) {
+			t.Fatalf("struct %s: %d C members, %d Go fields", cName, len(st.Members), len(goFields))
+		}
+		for i, m := range st.Members {
+			if uintptr(m.Offset.Bytes()) != goFields[i].Offset {
+				t.Errorf("struct %s: member %s at C offset %d, Go field %s at %d",
+					cName, m.Name, m.Offset.Bytes(), goFields[i].Name, goFields[i].Offset)
+			}
+		}
+	}
+}
+
+// enum stat_index lives only in the header (no BTF for an unused enum), so read it there.
+func TestStatIndexMatchesHeader(t *testing.T) {
+	src, err := os.ReadFile("../bpf/socklb.h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := regexp.MustCompile(`(?s)enum stat_index \{(.*?)\}`).FindSubmatch(src)
+	if body == nil {
+		t.Fatal("enum stat_index not found in bpf/socklb.h")
+	}
+	var names []string
+	for _, f := range strings.Split(string(body[1]), ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			names = append(names, f)
+		}
+	}
+	want := []string{"STAT_CONNECT", "STAT_SENDMSG", "STAT_REVERSE", "STAT_NO_BACKEND", "STAT_NO_STORAGE", "STAT_MAX"}
+	if !slices.Equal(names, want) {
+		t.Fatalf("enum stat_index = %v, Go indexes assume %v", names, want)
+	}
+	if statMax != len(want)-1 {
+		t.Fatalf("statMax = %d, want %d", statMax, len(want)-1)
+	}
+}
+
+func TestAddressWordsRoundTrip(t *testing.T) {
+	for _, s := range []string{"10.96.0.20", "fd00:96::20", "::1", "255.255.255.255"} {
+		a := netip.MustParseAddr(s)
+		if got := wordsAddr(addrWords(a)); got != a {
+			t.Errorf("%s came back as %s", a, got)
+		}
+	}
+	// IPv4 must be stored v4-mapped so AF_INET6 sockets connecting to ::ffff:VIP match.
+	w := addrWords(netip.MustParseAddr("10.96.0.20"))
+	mapped := addrWords(netip.MustParseAddr("::ffff:10.96.0.20"))
+	if w != mapped {
+		t.Errorf("IPv4 words %x differ from v4-mapped words %x", w, mapped)
+	}
+	if ntohs(htons(8080)) != 8080 {
+		t.Error("port byte order does not round-trip")
+	}
+	b := backendValue(netip.MustParseAddrPort("[fd00::5]:53"))
+	if got := backendAddrPort(b); got.String() != "[fd00::5]:53" {
+		t.Errorf("backend came back as %s", got)
+	}
+}
+
+func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
+
+func TestExpandSlots(t *testing.T) {
+	a, b, c := ap("10.0.0.1:80"), ap("10.0.0.2:80"), ap("10.0.0.3:80")
+	count := func(slots []netip.AddrPort) map[netip.AddrPort]int {
+		m := map[netip.AddrPort]int{}
+		for _, s := range slots {
+			m[s]++
+		}
+		return m
+	}
+	tests := []struct {
+		name     string
+		backends []Backend
+		want     map[netip.AddrPort]int
+	}{
+		{"none", nil, map[netip.AddrPort]int{}},
+		{"equal weights reduce to one slot each", []Backend{{a, 5}, {b, 5}}, map[netip.AddrPort]int{a: 1, b: 1}},
+		{"zero weight counts as one", []Backend{{a, 0}, {b, 1}}, map[netip.AddrPort]int{a: 1, b: 1}},
+		{"gcd reduction", []Backend{{a, 2}, {b, 6}, {c, 4}}, map[netip.AddrPort]int{a: 1, b: 3, c: 2}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := count(expandSlots(tt.backends))
+			if !reflect.DeepEqual(got, tt.want) {
+				t.Fatalf("slots %v, want %v", got, tt.want)
+			}
+		})
+	}
+
+	t.Run("scaled to the cap, nobody dropped", func(t *testing.T) {
+		backends := []Backend{{a, 1000}, {b, 999}, {c, 1}}
+		for i := range 10 {
+			backends = append(backends, Backend{netip.AddrPortFrom(netip.MustParseAddr("10.1.0.1"), uint16(1000+i)), 997})
+		}
+		slots := expandSlots(backends)
+		if len(slots) > MaxSlotsPerService {
+			t.Fatalf("%d slots, cap is %d", len(slots), MaxSlotsPerService)
+		}
+		got := count(slots)
+		if got[c] != 1 || len(got) != len(backends) {
+			t.Fatalf("light backend got %d slots, %d of %d backends kept", got[c], len(got), len(backends))
+		}
+	})
+
+	t.Run("deterministic and interleaved", func(t *testing.T) {
+		in := []Backend{{a, 1}, {b, 3}}
+		first := expandSlots(in)
+		if !slices.Equal(first, expandSlots(in)) {
+			t.Fatal("same input gave different tables")
+		}
+		if !slices.Equal(first, []netip.AddrPort{b, b, a, b}) && !slices.Equal(first, []netip.AddrPort{b, a, b, b}) {
+			t.Fatalf("table %v is not interleaved", first)
+		}
+	})
+
+	t.Run("weights recovered from slots", func(t *testing.T) {
+		got := weightsFromSlots(expandSlots([]Backend{{c, 4}, {a, 2}, {b, 6}}))
+		want := []Backend{{a, 1}, {b, 3}, {c, 2}}
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("recovered %v, want %v", got, want)
+		}
+	})
+}

@@ -1,0 +1,530 @@
+// Command bench measures podsock's datapath against baselines measured in the same run,
+// interleaving the cases round by round, and prints ratios. Run it as root: `make bench`.
+//
+// Every client and backend lives in network namespaces and cgroups this program creates
+// and removes; VIP ranges are blackholed (or, for the iptables baseline, routed into a
+// dummy device in a netns with no uplink), so nothing can leave the machine.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"text/tabwriter"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/podsock/podsock/datapath"
+	"github.com/podsock/podsock/internal/cgroupfs"
+	"github.com/podsock/podsock/test/testenv"
+)
+
+var (
+	rounds     = flag.Int("rounds", 30, "rounds; each alternates the cases operation by operation")
+	perRound   = flag.Int("ops", 500, "operations per case per round")
+	manyCount  = flag.Int("many", 100000, "services in the 'many services' datapath")
+	iptCount   = flag.Int("iptables", 10000, "rules/services in the kube-proxy comparison")
+	podsockBin = flag.String("podsock", "bin/podsock", "podsock binary for the agent apply benchmark")
+)
+
+var (
+	backendTCP = netip.MustParseAddrPort("10.88.0.5:8080")
+	backendUDP = netip.MustParseAddrPort("10.88.0.5:5353")
+	vipRange   = "10.96.0.0/12"
+)
+
+// vip returns the i-th service address in 10.96.0.0/12.
+func vip(i int) netip.AddrPort {
+	base := netip.MustParseAddr("10.96.0.1").As4()
+	n := uint32(base[0])<<24 | uint32(base[1])<<16 | uint32(base[2])<<8 | uint32(base[3])
+	n += uint32(i)
+	return netip.AddrPortFrom(netip.AddrFrom4([4]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)}), 80)
+}
+
+func services(n int, proto uint8, be netip.AddrPort) []datapath.Service {
+	out := make([]datapath.Service, n)
+	for i := range out {
+		v := vip(i)
+		out[i] = datapath.Service{Name: fmt.Sprintf("bench/svc-%d", i), VIP: v.Addr(), Port: v.Port(), Proto: proto,
+			Backends: []datapath.Backend{{Addr: be, Weight: 1}}}
+	}
+	return out
+}
+
+func main() {
+	flag.Parse()
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "bench: must run as root")
+		os.Exit(1)
+	}
+	e := &env{}
+	// An interrupted bench still removes its netns, cgroups and pins.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM)
+	go func() {
+		sig := <-sigs
+		fmt.Fprintf(os.Stderr, "bench: %s, cleaning up\n", sig)
+		e.runCleanups()
+		os.Exit(1)
+	}()
+	defer func() {
+		r := recover()
+		e.runCleanups()
+		if r != nil {
+			fmt.Fprintln(os.Stderr, "bench:", r)
+			os.Exit(1)
+		}
+	}()
+	e.run()
+}
+
+func (e *env) run() {
+	ns := testenv.NewNetns(e, []string{vipRange}, "10.88.0.5/32")
+	startAcceptor(e, ns, backendTCP)
+	startUDPEcho(e, ns, backendUDP)
+
+	// Sibling cgroups: programs attached to one never run for another.
+	cgOne, cgMany, cgIPT, cgNone := testenv.NewCgroup(e), testenv.NewCgroup(e), testenv.NewCgroup(e), testenv.NewCgroup(e)
+	home := homeCgroup(e)
+	e.Cleanup(func() { enter(home) })
+	one := e.datapath(cgOne)
+	apply(one, append(services(1, datapath.ProtoTCP, backendTCP), datapath.Service{
+		Name: "bench/udp", VIP: vip(0).Addr(), Port: 53, Proto: datapath.ProtoUDP,
+		Backends: []datapath.Backend{{Addr: backendUDP, Weight: 1}},
+	}))
+	many := e.datapath(cgMany)
+	start := time.Now()
+	apply(many, services(*manyCount, datapath.ProtoTCP, backendTCP))
+	fmt.Printf("loaded %d services into a datapath in %v\n", *manyCount, time.Since(start).Round(time.Millisecond))
+	ipt := e.datapath(cgIPT)
+	apply(ipt, services(*iptCount, datapath.ProtoTCP, backendTCP))
+	nsIPT, iptLoad := e.kubeProxyNetns(*iptCount)
+
+	lastIPT := vip(*iptCount - 1)
+	fmt.Printf("running %d rounds of %d operations per case, cases alternating op by op...\n\n", *rounds, *perRound)
+	res := interleave(*rounds, *perRound, []benchCase{
+		{name: "vip", cg: cgOne, ns: ns, addr: vip(0)},
+		{name: "direct", cg: cgOne, ns: ns, addr: backendTCP},
+		{name: "direct-no-podsock", cg: cgNone, ns: ns, addr: backendTCP},
+		{name: "vip-many", cg: cgMany, ns: ns, addr: vip(*manyCount - 1)},
+	})
+	maps.Copy(res, interleave(*rounds, *perRound, []benchCase{
+		{name: "vip-10k", cg: cgIPT, ns: ns, addr: lastIPT},
+		{name: "iptables-10k", cg: cgNone, ns: nsIPT, addr: lastIPT},
+	}))
+	// UDP round trips wait for the echo server; measured apart so their wake-ups do not
+	// land on the connect() timings.
+	maps.Copy(res, interleave(*rounds, *perRound, []benchCase{
+		{name: "udp-vip", cg: cgOne, ns: ns, udp: true, addr: netip.AddrPortFrom(vip(0).Addr(), 53)},
+		{name: "udp-direct", cg: cgOne, ns: ns, udp: true, addr: backendUDP},
+	}))
+	enter(home)
+
+	applyTime, reloadTime, rss, hwm := e.agentApply(*iptCount)
+
+	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(w, "case\tpodsock\tbaseline\tratio\ttarget\t")
+	row := func(name, a, b, target string, higherIsBetter bool) {
+		ratio := res.ratio(a, b)
+		label := fmt.Sprintf("%.3fx", ratio)
+		if higherIsBetter {
+			label = fmt.Sprintf("%.2fx faster", 1/ratio)
+		}
+		fmt.Fprintf(w, "%s\t%v\t%v\t%s\t%s\t\n", name, median(res[a]), median(res[b]), label, target)
+	}
+	row("TCP connect: VIP vs direct to backend", "vip", "direct", "<= 1.03x", false)
+	row("TCP connect: VIP vs direct, no podsock at all", "vip", "direct-no-podsock", "(info)", false)
+	row(fmt.Sprintf("TCP connect: VIP with %d services vs 1", *manyCount), "vip-many", "vip", "<= 1.05x", false)
+	row(fmt.Sprintf("TCP connect: podsock %d svcs vs iptables DNAT %d rules", *iptCount, *iptCount), "vip-10k", "iptables-10k", ">= 5x faster", true)
+	row("UDP sendmsg+recvmsg round trip: VIP vs direct", "udp-vip", "udp-direct", "<= 1.11x (>= 0.9x throughput)", false)
+	w.Flush()
+	fmt.Printf("\nUDP throughput via VIP: %.3fx of direct\n", 1/res.ratio("udp-vip", "udp-direct"))
+	fmt.Printf("agent: %d-service config applied in %v from start (reload changing every backend: %v); RSS %d MiB, peak %d MiB\n",
+		*iptCount, applyTime.Round(time.Millisecond), reloadTime.Round(time.Millisecond), rss>>20, hwm>>20)
+	fmt.Printf("iptables-restore of %d DNAT rules took %v\n", *iptCount, iptLoad.Round(time.Millisecond))
+	fmt.Println("(podsock/baseline: median per-operation cost; ratio: median of per-round ratios)")
+}
+
+// env lets the testenv helpers run outside `go test`: cleanups run in reverse order at
+// exit, and a fatal error unwinds through main.
+type env struct {
+	mu       sync.Mutex
+	cleanups []func()
+}
+
+func (e *env) Helper()                        {}
+func (e *env) Cleanup(f func())               { e.cleanups = append(e.cleanups, f) }
+func (e *env) Fatal(args ...any)              { panic(fmt.Sprint(args...)) }
+func (e *env) Fatalf(format string, a ...any) { panic(fmt.Sprintf(format, a...)) }
+func (e *env) Errorf(format string, a ...any) { fmt.Fprintf(os.Stderr, "bench: "+format+"\n", a...) }
+func (e *env) runCleanups() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for i := len(e.cleanups) - 1; i >= 0; i-- {
+		e.cleanups[i]()
+	}
+	e.cleanups = nil
+}
+
+func (e *env) datapath(cg *testenv.Cgroup) *datapath.Datapath {
+	bpffs := testenv.BPFFS(e)
+	dp, err := datapath.Load(datapath.Options{CgroupRoot: cg.Path, BPFFS: bpffs})
+	if err != nil {
+		e.Fatal(err)
+	}
+	e.Cleanup(func() {
+		dp.Close()
+		if err := datapath.Cleanup(bpffs); err != nil {
+			e.Errorf("cleanup: %v", err)
+		}
+	})
+	return dp
+}
+
+func apply(dp *datapath.Datapath, svcs []datapath.Service) {
+	if _, err := dp.Apply(svcs); err != nil {
+		panic(err)
+	}
+}
+
+// kubeProxyNetns builds the iptables baseline: a netns with no uplink whose OUTPUT nat
+// chain holds one DNAT rule per service, as kube-proxy's iptables mode does. DNAT needs a
+// route for the VIP, and a blackhole would fail connect() before netfilter sees it, so the
+// VIP range is routed as local to lo: whatever DNAT misses stays inside this netns, which
+// has no other interface at all.
+func (e *env) kubeProxyNetns(n int) (*testenv.Netns, time.Duration) {
+	ns := testenv.NewNetns(e, nil, "10.88.0.5/32")
+	testenv.Run(e, "ip", "-n", ns.Name, "route", "add", "local", vipRange, "dev", "lo")
+	links, _ := exec.Command("ip", "-n", ns.Name, "-o", "link", "show").Output()
+	if got := strings.Count(strings.TrimSpace(string(links)), "\n") + 1; got != 1 {
+		e.Fatalf("iptables baseline netns has %d links, want only lo:\n%s", got, links)
+	}
+	var rules strings.Builder
+	rules.WriteString("*nat\n:KUBE-SERVICES - [0:0]\n-A OUTPUT -j KUBE-SERVICES\n")
+	for i := range n {
+		v := vip(i)
+		fmt.Fprintf(&rules, "-A KUBE-SERVICES -d %s/32 -p tcp -m tcp --dport %d -j DNAT --to-destination %s\n",
+			v.Addr(), v.Port(), backendTCP)
+	}
+	rules.WriteString("COMMIT\n")
+	cmd := exec.Command("ip", "netns", "exec", ns.Name, "iptables-restore")
+	cmd.Stdin = strings.NewReader(rules.String())
+	start := time.Now()
+	if out, err := cmd.CombinedOutput(); err != nil {
+		e.Fatalf("iptables-restore: %v: %s", err, out)
+	}
+	took := time.Since(start)
+	// The backend must be reachable in this netns too.
+	startAcceptor(e, ns, backendTCP)
+	return ns, took
+}
+
+// benchCase is one kind of operation: a TCP connect() or a UDP round trip to addr from a
+// socket created in ns while the process sat in cg (a socket keeps its cgroup for life).
+type benchCase struct {
+	name string
+	cg   *testenv.Cgroup
+	ns   *testenv.Netns
+	udp  bool
+	addr netip.AddrPort
+}
+
+// samples holds each case's per-operation cost, one value per round.
+type samples map[string][]time.Duration
+
+func median[T float64 | time.Duration](v []T) T {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+// ratio is the median over rounds of a's cost divided by b's cost in the same round.
+func (s samples) ratio(a, b string) float64 {
+	r := make([]float64, len(s[a]))
+	for i := range r {
+		r[i] = float64(s[a][i]) / float64(s[b][i])
+	}
+	return median(r)
+}
+
+// interleave alternates the cases operation by operation, in random order: every
+// case's i-th operation runs right next to the others', so the machine's drift (large on a
+// 2-core VM) hits all cases alike. Sockets are created up front, per case, in the case's cgroup and netns.
+func interleave(rounds, ops int, cases []benchCase) samples {
+	out := samples{}
+	for r := -1; r < rounds; r++ { // round -1 warms up
+		fds := make([][]int, len(cases))
+		for ci, c := range cases {
+			enter(c.cg)
+			n := ops
+			if c.udp {
+				n = 1 // one unconnected socket per round, as a resolver would reuse it
+			}
+			fds[ci] = makeSockets(c.ns, c.udp, n)
+		}
+		totals := make([]time.Duration, len(cases))
+		for i := range ops {
+			// A fresh random order each time: an operation pays for leftovers of the one
+			// before it (the iptables path leaves work behind), so no case may always
+			// follow the same other.
+			for _, ci := range rand.Perm(len(cases)) {
+				c := cases[ci]
+				if c.udp {
+					totals[ci] += udpRoundTrip(fds[ci][0], c.addr)
+				} else {
+					totals[ci] += connectOnce(fds[ci][i], c.addr)
+				}
+			}
+		}
+		for _, f := range fds {
+			closeAll(f)
+		}
+		if r < 0 {
+			continue
+		}
+		for ci, c := range cases {
+			out[c.name] = append(out[c.name], totals[ci]/time.Duration(ops))
+		}
+	}
+	return out
+}
+
+// homeCgroup is the cgroup the bench started in, to return to before the test cgroups go.
+func homeCgroup(e *env) *testenv.Cgroup {
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		e.Fatal(err)
+	}
+	mnt, err := cgroupfs.Mount()
+	if err != nil {
+		e.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "0::"); ok {
+			return &testenv.Cgroup{Path: filepath.Join(mnt, rest)}
+		}
+	}
+	e.Fatal("no cgroup v2 entry in /proc/self/cgroup")
+	return nil
+}
+
+func enter(cg *testenv.Cgroup) {
+	if err := cg.AddProcess(os.Getpid()); err != nil {
+		panic(fmt.Sprintf("enter cgroup %s: %v", cg.Path, err))
+	}
+}
+
+func makeSockets(ns *testenv.Netns, udp bool, n int) []int {
+	typ := unix.SOCK_STREAM
+	if udp {
+		typ = unix.SOCK_DGRAM
+	}
+	fds := make([]int, 0, n)
+	err := ns.Do(func() error {
+		for range n {
+			fd, err := unix.Socket(unix.AF_INET, typ|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				return err
+			}
+			fds = append(fds, fd)
+		}
+		return nil
+	})
+	if err != nil {
+		closeAll(fds)
+		panic(err)
+	}
+	if udp {
+		tv := unix.Timeval{Sec: 2}
+		unix.SetsockoptTimeval(fds[0], unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	}
+	return fds
+}
+
+// closeAll resets TCP connections instead of leaving TIME_WAIT behind between rounds.
+func closeAll(fds []int) {
+	linger := &unix.Linger{Onoff: 1, Linger: 0}
+	for _, fd := range fds {
+		unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, linger)
+		unix.Close(fd)
+	}
+}
+
+func connectOnce(fd int, addr netip.AddrPort) time.Duration {
+	sa := testenv.Sockaddr(unix.AF_INET, addr)
+	start := time.Now()
+	err := testenv.Connect(fd, sa)
+	took := time.Since(start)
+	if err != nil {
+		panic(fmt.Sprintf("connect %s: %v", addr, err))
+	}
+	return took
+}
+
+// udpRoundTrip sends one datagram and waits for the echo, checking that the reply
+// appears to come from the address the datagram was sent to.
+func udpRoundTrip(fd int, addr netip.AddrPort) time.Duration {
+	var buf [64]byte
+	sa := testenv.Sockaddr(unix.AF_INET, addr)
+	start := time.Now()
+	if err := unix.Sendto(fd, buf[:8], 0, sa); err != nil {
+		panic(fmt.Sprintf("sendto %s: %v", addr, err))
+	}
+	for {
+		_, from, err := unix.Recvfrom(fd, buf[:], 0)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			panic(fmt.Sprintf("recvfrom: %v", err))
+		}
+		if got := testenv.AddrPort(from); got != addr {
+			panic(fmt.Sprintf("reply from %s, want %s", got, addr))
+		}
+		return time.Since(start)
+	}
+}
+
+// startAcceptor accepts and drops connections as cheaply as possible, so the server's
+// work weighs little in the client's measurement.
+func startAcceptor(e *env, ns *testenv.Netns, addr netip.AddrPort) {
+	var lfd int
+	if err := ns.Do(func() (err error) {
+		lfd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		unix.SetsockoptInt(lfd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
+		if err := unix.Bind(lfd, testenv.Sockaddr(unix.AF_INET, addr)); err != nil {
+			return err
+		}
+		return unix.Listen(lfd, 4096)
+	}); err != nil {
+		e.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			fd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
+			if errors.Is(err, unix.EINTR) || errors.Is(err, unix.ECONNABORTED) {
+				continue
+			}
+			if err != nil {
+				return
+			}
+			unix.Close(fd)
+		}
+	}()
+	e.Cleanup(func() {
+		unix.Shutdown(lfd, unix.SHUT_RDWR)
+		<-done
+		unix.Close(lfd)
+	})
+}
+
+func startUDPEcho(e *env, ns *testenv.Netns, addr netip.AddrPort) {
+	var pc net.PacketConn
+	if err := ns.Do(func() (err error) {
+		pc, err = net.ListenPacket("udp", addr.String())
+		return err
+	}); err != nil {
+		e.Fatal(err)
+	}
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(buf[:n], from)
+		}
+	}()
+	e.Cleanup(func() { pc.Close() })
+}
+
+// agentApply starts the real agent with an n-service config and measures how long until
+// it serves all of them, how long a reload that changes every backend takes, and its RSS.
+func (e *env) agentApply(n int) (applied, reloaded time.Duration, rss, hwm int64) {
+	cg := testenv.NewCgroup(e)
+	bpffs := testenv.BPFFS(e)
+	dir, err := os.MkdirTemp("", "podsock-bench-")
+	if err != nil {
+		e.Fatal(err)
+	}
+	e.Cleanup(func() { os.RemoveAll(dir) })
+	cfgPath := filepath.Join(dir, "podsock.toml")
+	write := func(port int) {
+		var b strings.Builder
+		fmt.Fprintf(&b, "[agent]\ncgroup_root = %q\nbpffs = %q\nstate_dir = %q\nlog_level = \"warn\"\n[nri]\nenabled = false\n",
+			cg.Path, bpffs, filepath.Join(dir, "state"))
+		for i := range n {
+			v := vip(i)
+			fmt.Fprintf(&b, "[[service]]\nname = \"bench/svc-%d\"\nvip = \"%s\"\nport = %d\nbackends = [\"10.88.0.5:%d\"]\n", i, v.Addr(), v.Port(), port)
+		}
+		if err := os.WriteFile(cfgPath, []byte(b.String()), 0o644); err != nil {
+			e.Fatal(err)
+		}
+	}
+	write(8080)
+	cmd := exec.Command(*podsockBin, "run", "--config", cfgPath)
+	cmd.Stderr = os.Stderr
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		e.Fatal(err)
+	}
+	e.Cleanup(func() {
+		cmd.Process.Signal(unix.SIGTERM)
+		cmd.Wait()
+		exec.Command(*podsockBin, "cleanup", "--config", cfgPath).Run()
+	})
+	waitGeneration := func(gen string) {
+		ok := testenv.WaitFor(60*time.Second, func() bool {
+			out, err := exec.Command(*podsockBin, "status", "--json", "--config", cfgPath).Output()
+			return err == nil && strings.Contains(string(out), fmt.Sprintf(`"services": %d,`, n)) &&
+				strings.Contains(string(out), `"config_generation": `+gen)
+		})
+		if !ok {
+			e.Fatalf("agent did not reach config generation %s", gen)
+		}
+	}
+	waitGeneration("1")
+	applied = time.Since(start)
+	write(8081)
+	start = time.Now()
+	cmd.Process.Signal(unix.SIGHUP)
+	waitGeneration("2")
+	reloaded = time.Since(start)
+	rss, hwm = procMem(cmd.Process.Pid)
+	return applied, reloaded, rss, hwm
+}
+
+func procMem(pid int) (rss, hwm int64) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		var kb int64
+		if _, err := fmt.Sscanf(line, "VmRSS: %d kB", &kb); err == nil {
+			rss = kb << 10
+		}
+		if _, err := fmt.Sscanf(line, "VmHWM: %d kB", &kb); err == nil {
+			hwm = kb << 10
+		}
+	}
+	return rss, hwm
+}

@@ -16,18 +16,15 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"text/tabwriter"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/podsock/podsock/datapath"
-	"github.com/podsock/podsock/internal/cgroupfs"
 	"github.com/podsock/podsock/test/testenv"
 )
 
@@ -70,24 +67,7 @@ func main() {
 		os.Exit(1)
 	}
 	e := &env{}
-	// An interrupted bench still removes its netns, cgroups and pins.
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM)
-	go func() {
-		sig := <-sigs
-		fmt.Fprintf(os.Stderr, "bench: %s, cleaning up\n", sig)
-		e.runCleanups()
-		os.Exit(1)
-	}()
-	defer func() {
-		r := recover()
-		e.runCleanups()
-		if r != nil {
-			fmt.Fprintln(os.Stderr, "bench:", r)
-			os.Exit(1)
-		}
-	}()
-	e.run()
+	e.Main("bench", e.run)
 }
 
 func (e *env) run() {
@@ -97,7 +77,10 @@ func (e *env) run() {
 
 	// Sibling cgroups: programs attached to one never run for another.
 	cgOne, cgMany, cgIPT, cgNone := testenv.NewCgroup(e), testenv.NewCgroup(e), testenv.NewCgroup(e), testenv.NewCgroup(e)
-	home := homeCgroup(e)
+	home, err := testenv.HomeCgroup()
+	if err != nil {
+		e.Fatal(err)
+	}
 	e.Cleanup(func() { enter(home) })
 	one := e.datapath(cgOne)
 	apply(one, append(services(1, datapath.ProtoTCP, backendTCP), datapath.Service{
@@ -157,26 +140,8 @@ func (e *env) run() {
 	fmt.Println("(podsock/baseline: median per-operation cost; ratio: median of per-round ratios)")
 }
 
-// env lets the testenv helpers run outside `go test`: cleanups run in reverse order at
-// exit, and a fatal error unwinds through main.
-type env struct {
-	mu       sync.Mutex
-	cleanups []func()
-}
-
-func (e *env) Helper()                        {}
-func (e *env) Cleanup(f func())               { e.cleanups = append(e.cleanups, f) }
-func (e *env) Fatal(args ...any)              { panic(fmt.Sprint(args...)) }
-func (e *env) Fatalf(format string, a ...any) { panic(fmt.Sprintf(format, a...)) }
-func (e *env) Errorf(format string, a ...any) { fmt.Fprintf(os.Stderr, "bench: "+format+"\n", a...) }
-func (e *env) runCleanups() {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	for i := len(e.cleanups) - 1; i >= 0; i-- {
-		e.cleanups[i]()
-	}
-	e.cleanups = nil
-}
+// env is the bench's world; its cleanups undo everything at exit.
+type env struct{ testenv.Standalone }
 
 func (e *env) datapath(cg *testenv.Cgroup) *datapath.Datapath {
 	bpffs := testenv.BPFFS(e)
@@ -299,25 +264,6 @@ func interleave(rounds, ops int, cases []benchCase) samples {
 		}
 	}
 	return out
-}
-
-// homeCgroup is the cgroup the bench started in, to return to before the test cgroups go.
-func homeCgroup(e *env) *testenv.Cgroup {
-	b, err := os.ReadFile("/proc/self/cgroup")
-	if err != nil {
-		e.Fatal(err)
-	}
-	mnt, err := cgroupfs.Mount()
-	if err != nil {
-		e.Fatal(err)
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, "0::"); ok {
-			return &testenv.Cgroup{Path: filepath.Join(mnt, rest)}
-		}
-	}
-	e.Fatal("no cgroup v2 entry in /proc/self/cgroup")
-	return nil
 }
 
 func enter(cg *testenv.Cgroup) {

@@ -1,0 +1,82 @@
+package testenv
+
+import (
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sync"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/podsock/podsock/internal/cgroupfs"
+)
+
+// Standalone lets the helpers run outside `go test` (the bench and the demo): cleanups run
+// in reverse order at the end, a fatal error panics up to Main, and SIGINT/SIGTERM still
+// remove every netns, cgroup and pin created so far.
+type Standalone struct {
+	mu       sync.Mutex
+	cleanups []func()
+}
+
+func (s *Standalone) Helper() {}
+
+func (s *Standalone) Cleanup(f func()) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cleanups = append(s.cleanups, f)
+}
+
+func (s *Standalone) Fatal(args ...any) { panic(fmt.Sprint(args...)) }
+
+func (s *Standalone) Fatalf(format string, a ...any) { panic(fmt.Sprintf(format, a...)) }
+
+func (s *Standalone) Errorf(format string, a ...any) {
+	fmt.Fprintf(os.Stderr, "error: "+format+"\n", a...)
+}
+
+// RunCleanups undoes everything registered so far, newest first.
+func (s *Standalone) RunCleanups() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i := len(s.cleanups) - 1; i >= 0; i-- {
+		s.cleanups[i]()
+	}
+	s.cleanups = nil
+}
+
+// Main runs fn, then the cleanups, whatever happens, and exits non-zero on failure.
+func (s *Standalone) Main(name string, fn func()) {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM)
+	go func() {
+		sig := <-sigs
+		fmt.Fprintf(os.Stderr, "%s: %s, cleaning up\n", name, sig)
+		s.RunCleanups()
+		os.Exit(1)
+	}()
+	defer func() {
+		r := recover()
+		s.RunCleanups()
+		if r != nil {
+			fmt.Fprintf(os.Stderr, "%s: %v\n", name, r)
+			os.Exit(1)
+		}
+	}()
+	fn()
+}
+
+// HomeCgroup is the cgroup v2 the process runs in now, to return to before removing the
+// cgroups it entered.
+func HomeCgroup() (*Cgroup, error) {
+	mnt, err := cgroupfs.Mount()
+	if err != nil {
+		return nil, err
+	}
+	rel, err := selfCgroup()
+	if err != nil {
+		return nil, err
+	}
+	return &Cgroup{Path: filepath.Join(mnt, rel)}, nil
+}

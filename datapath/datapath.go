@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -298,4 +299,24 @@ func Cleanup(bpffs string) error {
 		errs = append(errs, fmt.Errorf("remove %s: %w", pinDir, err))
 	}
 	return errors.Join(errs...)
+}
+
+// ProgramCost is how often a program ran and for how long, as the kernel counts it while
+// run-time statistics are enabled (ebpf.EnableStats or kernel.bpf_stats_enabled).
+type ProgramCost struct {
+	Runs    uint64
+	Runtime time.Duration
+}
+
+// ProgramCosts reads the kernel's run-time statistics of each socket-LB program.
+func (dp *Datapath) ProgramCosts() (map[string]ProgramCost, error) {
+	out := map[string]ProgramCost{}
+	for _, ap := range attachPoints {
+		st, err := ap.prog(&dp.objs.socklbPrograms).Stats()
+		if err != nil {
+			return nil, fmt.Errorf("stats of %s: %w", ap.name, err)
+		}
+		out[ap.name] = ProgramCost{Runs: st.RunCount, Runtime: st.Runtime}
+	}
+	return out, nil
 }

@@ -1,8 +1,8 @@
 # podsock — every target installs what it needs (pinned) through scripts/.
+# clang-19 is pinned in datapath/gen.go and installed by scripts/install-deps.sh.
 SHELL := /bin/bash
 export PATH := /usr/local/go/bin:$(CURDIR)/bin:$(PATH)
 
-CLANG ?= clang-19
 GOLANGCI_LINT_VERSION := v2.15.0
 GENERATED := datapath/socklb_bpfel.go datapath/socklb_bpfel.o
 

@@ -1,0 +1,133 @@
+package agent
+
+import (
+	"encoding/json"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/podsock/podsock/config"
+	"github.com/podsock/podsock/datapath"
+)
+
+// Socket paths must stay short (108 bytes), so not t.TempDir.
+func shortDir(t *testing.T) string {
+	dir, err := os.MkdirTemp("", "ps-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+func TestControlSocketIsPrivateAndExclusive(t *testing.T) {
+	dir := shortDir(t)
+	ln, err := listenControl(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(filepath.Join(dir, SocketName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if perm := st.Mode().Perm(); perm != 0o600 {
+		t.Fatalf("control socket mode %o, want 600", perm)
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	if _, err := listenControl(dir); err == nil || !strings.Contains(err.Error(), "another agent") {
+		t.Fatalf("second listener on a live socket: %v, want refusal", err)
+	}
+	ln.Close()
+}
+
+func TestStaleControlSocketIsReplaced(t *testing.T) {
+	dir := shortDir(t)
+	path := filepath.Join(dir, SocketName)
+	// A socket file nobody listens on, as a killed agent leaves it.
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.SetUnlinkOnClose(false)
+	l.Close()
+	ln, err := listenControl(dir)
+	if err != nil {
+		t.Fatalf("stale socket not replaced: %v", err)
+	}
+	ln.Close()
+}
+
+func TestToDatapath(t *testing.T) {
+	got := toDatapath([]config.Service{{
+		Name: "kube-system/dns", VIP: netip.MustParseAddr("10.96.0.10"), Port: 53, Protocol: config.ProtocolUDP,
+		Backends: []config.Backend{{Addr: netip.MustParseAddrPort("10.88.0.5:53"), Weight: 2}},
+	}, {
+		Name: "default/web", VIP: netip.MustParseAddr("fd00::20"), Port: 80, Protocol: config.ProtocolTCP,
+	}})
+	want := []datapath.Service{{
+		Name: "kube-system/dns", VIP: netip.MustParseAddr("10.96.0.10"), Port: 53, Proto: datapath.ProtoUDP,
+		Backends: []datapath.Backend{{Addr: netip.MustParseAddrPort("10.88.0.5:53"), Weight: 2}},
+	}, {
+		Name: "default/web", VIP: netip.MustParseAddr("fd00::20"), Port: 80, Proto: datapath.ProtoTCP,
+	}}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("got %+v\nwant %+v", got, want)
+	}
+}
+
+// The JSON field names are fixed by SPEC.md.
+func TestServicesJSONShape(t *testing.T) {
+	views := serviceViews([]datapath.Service{{
+		Name: "default/web", VIP: netip.MustParseAddr("fd00::20"), Port: 80, Proto: datapath.ProtoTCP,
+		Backends: []datapath.Backend{{Addr: netip.MustParseAddrPort("[fd00::5]:8080"), Weight: 3}},
+	}, {Name: "default/empty", VIP: netip.MustParseAddr("10.96.0.9"), Port: 53, Proto: datapath.ProtoUDP}})
+	b, err := json.Marshal(views)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `[{"name":"default/web","vip":"fd00::20","port":80,"protocol":"tcp","backends":["[fd00::5]:8080"],"weights":[3]},` +
+		`{"name":"default/empty","vip":"10.96.0.9","port":53,"protocol":"udp","backends":[],"weights":[]}]`
+	if string(b) != want {
+		t.Fatalf("services JSON\n got %s\nwant %s", b, want)
+	}
+}
+
+func TestStatusJSONShape(t *testing.T) {
+	b, err := json.Marshal(Status{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"datapath", "nri", "services", "backends", "pods", "config_generation"} {
+		if _, ok := m[k]; !ok {
+			t.Errorf("status JSON lacks %q: %s", k, b)
+		}
+	}
+	dp := m["datapath"].(map[string]any)
+	nri := m["nri"].(map[string]any)
+	for _, k := range []string{"attached", "pin_dir"} {
+		if _, ok := dp[k]; !ok {
+			t.Errorf("status.datapath lacks %q", k)
+		}
+	}
+	for _, k := range []string{"enabled", "connected"} {
+		if _, ok := nri[k]; !ok {
+			t.Errorf("status.nri lacks %q", k)
+		}
+	}
+}

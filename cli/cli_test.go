@@ -1,0 +1,90 @@
+package cli
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func run(args ...string) (code int, stdout, stderr string) {
+	var out, errb bytes.Buffer
+	code = Main(args, &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+// Bad arguments get exactly one line on stderr and exit code 2; nothing else runs.
+func TestBadArgumentsAreOneLine(t *testing.T) {
+	tests := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"bogus"}, `unknown command "bogus"`},
+		{[]string{"status", "--jsn"}, "flag provided but not defined: -jsn"},
+		{[]string{"services", "extra"}, `unexpected argument "extra"`},
+		{[]string{"run", "--config"}, "flag needs an argument: -config"},
+		{[]string{"version", "--config", "x"}, "flag provided but not defined: -config"},
+	}
+	for _, tt := range tests {
+		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
+			code, stdout, stderr := run(tt.args...)
+			if code != exitUsage {
+				t.Errorf("exit %d, want %d", code, exitUsage)
+			}
+			if stdout != "" {
+				t.Errorf("printed to stdout: %q", stdout)
+			}
+			if strings.Count(stderr, "\n") != 1 || !strings.Contains(stderr, tt.want) {
+				t.Errorf("stderr %q, want one line containing %q", stderr, tt.want)
+			}
+		})
+	}
+}
+
+func TestNoArgumentsPrintsUsage(t *testing.T) {
+	code, _, stderr := run()
+	if code != exitUsage || !strings.Contains(stderr, "usage: podsock") {
+		t.Fatalf("exit %d, stderr %q", code, stderr)
+	}
+}
+
+func TestMissingConfigIsOneLine(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "nope.toml")
+	for _, cmd := range []string{"status", "services", "cleanup"} {
+		code, _, stderr := run(cmd, "--config", path)
+		if code != exitFail {
+			t.Errorf("%s: exit %d, want %d", cmd, code, exitFail)
+		}
+		want := "podsock " + cmd + ": " + path + ": open: no such file or directory\n"
+		if stderr != want {
+			t.Errorf("%s: stderr %q, want %q", cmd, stderr, want)
+		}
+	}
+}
+
+// With the rest of the file broken, status still finds the agent through [agent].
+func TestStatusWithBrokenConfigFallsBackToAgentSection(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "podsock.toml")
+	cfg := "[agent]\nstate_dir = \"" + dir + "\"\n\n[[service]]\nname = \"x\"\nport = 0\n"
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, _, stderr := run("status", "--config", path)
+	if code != exitFail {
+		t.Fatalf("exit %d with no agent running", code)
+	}
+	lines := strings.Split(strings.TrimSpace(stderr), "\n")
+	if len(lines) != 2 || !strings.Contains(lines[0], "warning: "+path+":") ||
+		!strings.Contains(lines[1], "agent is not running (no answer on "+filepath.Join(dir, "podsock.sock")+")") {
+		t.Fatalf("stderr:\n%s", stderr)
+	}
+}
+
+func TestVersionJSON(t *testing.T) {
+	code, stdout, _ := run("version", "--json")
+	if code != exitOK || !strings.Contains(stdout, `"version"`) || !strings.Contains(stdout, `"features"`) {
+		t.Fatalf("exit %d, stdout %s", code, stdout)
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/sirupsen/logrus"
 
@@ -36,6 +37,12 @@ type Agent struct {
 // Run is `podsock run`: it returns when ctx is done or SIGTERM/SIGINT arrives, leaving the
 // pinned datapath serving. Errors it returns are fatal and fit on one line.
 func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
+	// Catch signals before anything slow: a SIGHUP during a long adoption must not take
+	// the default action and kill the agent.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
+
 	cfg, err := config.Load(cfgPath)
 	if err != nil {
 		return err
@@ -59,14 +66,14 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 	if err := os.MkdirAll(cfg.Agent.StateDir, 0o700); err != nil {
 		return fmt.Errorf("create state dir: %w", err)
 	}
-	ln, err := listenControl(cfg.Agent.StateDir)
+	ctl, err := listenControl(cfg.Agent.StateDir)
 	if err != nil {
 		return err
 	}
 
 	dp, err := datapath.Load(datapath.Options{CgroupRoot: cgroupRoot, BPFFS: cfg.Agent.BPFFS, Log: log})
 	if err != nil {
-		ln.Close()
+		ctl.Close()
 		return err
 	}
 	a := &Agent{log: log, dp: dp, cgroupRoot: cgroupRoot, settings: cfg.Agent}
@@ -76,26 +83,33 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 		"adopted_links": dp.AdoptedLinks(),
 	}).Info("datapath attached")
 	if err := a.apply(cfg); err != nil {
-		// The datapath keeps whatever it served before; a half-applied config is reported.
+		// The datapath keeps whatever it served before; the half-applied config is shown
+		// in status, with its error, until a reload succeeds.
 		log.WithError(err).Error("initial config not fully applied")
+		a.mu.Lock()
+		a.cfg = cfg
+		a.lastReloadError = err.Error()
+		a.mu.Unlock()
 	}
 	if cfg.NRI.Enabled {
 		log.Warn("nri.enabled is set, but this build has no NRI adapter yet; balancing every process under cgroup_root")
 	}
 
-	srv := a.serveControl(ln)
+	srv := a.serveControl(ctl.ln)
 	defer func() {
-		srv.Close()
-		os.Remove(ln.Addr().String())
+		// Let answers in flight finish before the datapath handles they read go away.
+		shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(shutdownCtx); err != nil {
+			log.WithError(err).Warn("control socket shutdown")
+		}
+		ctl.Close()
 		if err := dp.Close(); err != nil {
 			log.WithError(err).Warn("release datapath handles")
 		}
 		log.Info("stopped; the pinned datapath keeps serving")
 	}()
 
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
-	defer signal.Stop(sigs)
 	for {
 		select {
 		case <-ctx.Done():

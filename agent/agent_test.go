@@ -26,10 +26,11 @@ func shortDir(t *testing.T) string {
 
 func TestControlSocketIsPrivateAndExclusive(t *testing.T) {
 	dir := shortDir(t)
-	ln, err := listenControl(dir)
+	ctl, err := listenControl(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
+	ln := ctl.ln
 	st, err := os.Stat(filepath.Join(dir, SocketName))
 	if err != nil {
 		t.Fatal(err)
@@ -49,7 +50,13 @@ func TestControlSocketIsPrivateAndExclusive(t *testing.T) {
 	if _, err := listenControl(dir); err == nil || !strings.Contains(err.Error(), "another agent") {
 		t.Fatalf("second listener on a live socket: %v, want refusal", err)
 	}
-	ln.Close()
+	ctl.Close()
+	// Released: the next agent gets it.
+	again, err := listenControl(dir)
+	if err != nil {
+		t.Fatalf("after release: %v", err)
+	}
+	again.Close()
 }
 
 func TestStaleControlSocketIsReplaced(t *testing.T) {
@@ -62,11 +69,11 @@ func TestStaleControlSocketIsReplaced(t *testing.T) {
 	}
 	l.SetUnlinkOnClose(false)
 	l.Close()
-	ln, err := listenControl(dir)
+	ctl, err := listenControl(dir)
 	if err != nil {
 		t.Fatalf("stale socket not replaced: %v", err)
 	}
-	ln.Close()
+	ctl.Close()
 }
 
 func TestToDatapath(t *testing.T) {

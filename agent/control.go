@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/podsock/podsock/datapath"
 )
 
@@ -54,28 +56,56 @@ type ServiceView struct {
 	Weights  []uint32 `json:"weights"`
 }
 
-// listenControl binds the control socket (mode 0600). A socket file left by a dead agent
-// is replaced; one a live agent answers on is an error, so two agents never race.
-func listenControl(stateDir string) (net.Listener, error) {
-	path := filepath.Join(stateDir, SocketName)
-	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-		c.Close()
-		return nil, fmt.Errorf("another agent is already serving %s", path)
+// LockName is the lock file in state_dir that one agent at a time holds.
+const LockName = "podsock.lock"
+
+// control is the agent's claim on its state dir: the lock and the listening socket.
+type control struct {
+	lock *os.File
+	ln   net.Listener
+}
+
+// listenControl takes the state dir's lock, so two agents never share it, then binds the
+// control socket (mode 0600), replacing a socket file a dead agent left behind.
+func listenControl(stateDir string) (*control, error) {
+	lockPath := filepath.Join(stateDir, LockName)
+	lock, err := os.OpenFile(lockPath, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", lockPath, err)
 	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("another agent is already running with state dir %s", stateDir)
+		}
+		return nil, fmt.Errorf("lock %s: %w", lockPath, err)
+	}
+	path := filepath.Join(stateDir, SocketName)
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		lock.Close()
 		return nil, fmt.Errorf("remove stale control socket: %w", err)
 	}
 	old := syscall.Umask(0o177)
 	ln, err := net.Listen("unix", path)
 	syscall.Umask(old)
+	if err == nil {
+		err = os.Chmod(path, 0o600)
+	}
 	if err != nil {
-		return nil, fmt.Errorf("listen on control socket: %w", err)
+		if ln != nil {
+			ln.Close()
+		}
+		lock.Close()
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
 	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("chmod control socket: %w", err)
-	}
-	return ln, nil
+	return &control{lock: lock, ln: ln}, nil
+}
+
+// Close removes the socket and releases the lock.
+func (c *control) Close() {
+	c.ln.Close()
+	os.Remove(c.ln.Addr().String())
+	c.lock.Close()
 }
 
 func (a *Agent) serveControl(ln net.Listener) *http.Server {
@@ -171,11 +201,13 @@ func NewClient(stateDir string) *Client {
 func (c *Client) get(path string, v any) error {
 	resp, err := c.http.Get("http://podsock" + path)
 	if err != nil {
-		var op *net.OpError
-		if errors.As(err, &op) {
+		switch {
+		case errors.Is(err, unix.ENOENT), errors.Is(err, unix.ECONNREFUSED):
 			return fmt.Errorf("%w (no answer on %s)", ErrNotRunning, c.path)
+		case errors.Is(err, unix.EACCES), errors.Is(err, unix.EPERM):
+			return fmt.Errorf("permission denied on %s (the control socket is root's)", c.path)
 		}
-		return err
+		return fmt.Errorf("control socket %s: %w", c.path, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {

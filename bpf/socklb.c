@@ -145,33 +145,37 @@ static __always_inline __u32 cookie_hash(__u64 cookie)
 	return (__u32)((cookie * 0x9e3779b97f4a7c15ULL) >> 32);
 }
 
+#define PICK_TRIES 3
+
 // Userspace writes a new revision's slots before it switches the service entry to that
 // revision and deletes the old slots after, so a reader that lost that race re-reads the
-// service once and then sees the complete new set.
+// service and then sees a complete set. Back-to-back updates can make it lose again, so it
+// retries a few times before refusing.
 static __always_inline struct backend *pick_backend(struct svc_key *key, struct svc_value **svcp,
 						    __u32 hash)
 {
 	struct svc_value *svc = *svcp;
 	struct slot_key slot = {};
 	struct backend *be;
+	int try;
 
-	if (svc->slot_count == 0)
-		return NULL;
-	slot.svc_id = svc->id;
-	slot.rev = svc->rev;
-	slot.slot = hash % svc->slot_count;
-	be = bpf_map_lookup_elem(&podsock_slot_v1, &slot);
-	if (be)
-		return be;
-
-	svc = bpf_map_lookup_elem(&podsock_svc_v1, key);
-	if (!svc || svc->slot_count == 0)
-		return NULL;
-	*svcp = svc;
-	slot.svc_id = svc->id;
-	slot.rev = svc->rev;
-	slot.slot = hash % svc->slot_count;
-	return bpf_map_lookup_elem(&podsock_slot_v1, &slot);
+	for (try = 0; try < PICK_TRIES; try++) {
+		if (try > 0) {
+			svc = bpf_map_lookup_elem(&podsock_svc_v1, key);
+			if (!svc)
+				return NULL;
+			*svcp = svc;
+		}
+		if (svc->slot_count == 0)
+			return NULL;
+		slot.svc_id = svc->id;
+		slot.rev = svc->rev;
+		slot.slot = hash % svc->slot_count;
+		be = bpf_map_lookup_elem(&podsock_slot_v1, &slot);
+		if (be)
+			return be;
+	}
+	return NULL;
 }
 
 static __always_inline void fill_entry(struct lb_entry *e, const struct svc_key *key,
@@ -185,10 +189,13 @@ static __always_inline void fill_entry(struct lb_entry *e, const struct svc_key 
 	e->svc_rev = svc->rev;
 }
 
+// find_entry returns the socket's translation for this service, preferring one made under
+// the service's current revision; an older one is kept only for reversing late replies.
 static __always_inline struct lb_entry *find_entry(struct sock_state *state,
 						   const struct svc_key *key,
 						   const struct svc_value *svc, __u32 first)
 {
+	struct lb_entry *older = NULL;
 	__u32 i;
 
 	for (i = first; i < LB_ENTRIES; i++) {
@@ -196,10 +203,13 @@ static __always_inline struct lb_entry *find_entry(struct sock_state *state,
 
 		if (i >= state->count)
 			break;
-		if (e->svc_id == svc->id && e->vip_port == key->port && addr_equal(e->vip, key->addr))
+		if (e->svc_id != svc->id || e->vip_port != key->port || !addr_equal(e->vip, key->addr))
+			continue;
+		if (e->svc_rev == svc->rev)
 			return e;
+		older = e;
 	}
-	return NULL;
+	return older;
 }
 
 static __always_inline int refuse(__u32 stat)
@@ -305,7 +315,9 @@ static __always_inline int sock_sendmsg(struct bpf_sock_addr *ctx, int v6)
 	be = pick_backend(&key, &svc, cookie_hash(bpf_get_socket_cookie(ctx)));
 	if (!be)
 		return refuse(STAT_NO_BACKEND);
-	if (!e) {
+	// The service changed. If the socket moves to another backend, its old translation
+	// stays in its entry so replies still in flight from the old backend show the VIP.
+	if (!e || e->backend_port != be->port || !addr_equal(e->backend, be->addr)) {
 		__u32 span = LB_ENTRIES - first;
 		__u32 idx = first + (state->next % span);
 

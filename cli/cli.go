@@ -260,9 +260,11 @@ func cleanup(c *command) error {
 	if err := datapath.Cleanup(settings.BPFFS); err != nil {
 		return err
 	}
-	sock := filepath.Join(settings.StateDir, agent.SocketName)
-	if err := os.Remove(sock); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("remove %s: %w", sock, err)
+	for _, name := range []string{agent.SocketName, agent.LockName} {
+		p := filepath.Join(settings.StateDir, name)
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("remove %s: %w", p, err)
+		}
 	}
 	// The state dir goes too when nothing but podsock's own files were in it.
 	if err := os.Remove(settings.StateDir); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, unix.ENOTEMPTY) {

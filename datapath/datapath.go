@@ -130,26 +130,43 @@ func Load(opts Options) (*Datapath, error) {
 }
 
 func (dp *Datapath) attach() error {
+	created := map[string]link.Link{}
 	for _, ap := range attachPoints {
 		prog := ap.prog(&dp.objs.socklbPrograms)
 		pin := filepath.Join(dp.pinDir, "links", ap.name)
 		l, err := dp.adoptLink(pin, ap, prog)
-		if err != nil {
-			return err
+		if err == nil && l == nil {
+			l, err = dp.attachNew(pin, ap, prog)
+			if err == nil {
+				created[ap.name] = l
+			}
 		}
-		if l == nil {
-			l, err = link.AttachCgroup(link.CgroupOptions{Path: dp.opts.CgroupRoot, Attach: ap.attach, Program: prog})
-			if err != nil {
-				return fmt.Errorf("attach %s to %s: %w", ap.name, dp.opts.CgroupRoot, err)
+		if err != nil {
+			// Half a datapath (forward translation without its reverse) is worse than
+			// none: undo what this run attached. Adopted links keep serving as before.
+			for name, c := range created {
+				if derr := detachLink(c); derr != nil {
+					dp.log.WithError(derr).Warnf("roll back %s link", name)
+				}
+				delete(dp.links, name)
 			}
-			if err := l.Pin(pin); err != nil {
-				l.Close()
-				return fmt.Errorf("pin %s link: %w", ap.name, err)
-			}
+			return err
 		}
 		dp.links[ap.name] = l
 	}
 	return nil
+}
+
+func (dp *Datapath) attachNew(pin string, ap attachPoint, prog *ebpf.Program) (link.Link, error) {
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: dp.opts.CgroupRoot, Attach: ap.attach, Program: prog})
+	if err != nil {
+		return nil, fmt.Errorf("attach %s to %s: %w", ap.name, dp.opts.CgroupRoot, err)
+	}
+	if err := l.Pin(pin); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("pin %s link: %w", ap.name, err)
+	}
+	return l, nil
 }
 
 // adoptLink takes over a pinned link when it is attached to our cgroup root, replacing its
@@ -164,7 +181,12 @@ func (dp *Datapath) adoptLink(pin string, ap attachPoint, prog *ebpf.Program) (l
 		return nil, os.Remove(pin)
 	}
 	info, err := l.Info()
-	if err == nil && info.Cgroup() != nil && info.Cgroup().CgroupId == dp.cgroupID {
+	if err != nil {
+		// Detaching a link we cannot inspect could open a gap in service; refuse instead.
+		l.Close()
+		return nil, fmt.Errorf("inspect pinned %s link: %w", ap.name, err)
+	}
+	if info.Cgroup() != nil && info.Cgroup().CgroupId == dp.cgroupID {
 		if err := l.Update(prog); err != nil {
 			l.Close()
 			return nil, fmt.Errorf("update adopted %s link: %w", ap.name, err)
@@ -197,6 +219,8 @@ func (dp *Datapath) Close() error {
 }
 
 func (dp *Datapath) closeAll() error {
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
 	var errs []error
 	for name, l := range dp.links {
 		if err := l.Close(); err != nil {
@@ -218,6 +242,8 @@ func (dp *Datapath) AdoptedLinks() int { return dp.adoptedLinks }
 
 // Attached reports whether every socket-LB link is in place on the cgroup root.
 func (dp *Datapath) Attached() bool {
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
 	for _, ap := range attachPoints {
 		l, ok := dp.links[ap.name]
 		if !ok {

@@ -2,6 +2,7 @@ package datapath
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -48,16 +49,19 @@ func newFixture(t *testing.T) *fixture {
 	f.ns = testenv.NewNetns(t, vipRanges,
 		"10.88.0.5/32", "10.88.0.6/32", "10.88.0.7/32", "fd00:88::5/128", "fd00:88::6/128")
 	f.bpffs = testenv.BPFFS(t)
+	// Whatever a test loaded, even if it failed before registering its own cleanup,
+	// is detached before the bpffs goes away.
+	t.Cleanup(func() {
+		if err := Cleanup(f.bpffs); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
 	f.cg.EnterSelf(t)
 	// Without podsock the VIP must not answer: the blackhole route rejects it locally.
-	if _, err := testenv.DialTCP(f.ns, 0, webVIP, false); !isUnreachable(err) {
+	if _, err := testenv.DialTCP(f.ns, 0, webVIP, false); !testenv.IsUnreachable(err) {
 		t.Fatalf("VIP %s answered without podsock (err %v): test would prove nothing", webVIP, err)
 	}
 	return f
-}
-
-func isUnreachable(err error) bool {
-	return errors.Is(err, unix.ENETUNREACH) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EHOSTUNREACH)
 }
 
 func (f *fixture) load() *Datapath {
@@ -344,11 +348,10 @@ func TestPrivilegedUpdateIsAtomicForConcurrentConnects(t *testing.T) {
 	apply(t, dp, tcpService("default/web", webVIP, sets[0]...))
 
 	stop := make(chan struct{})
-	var wg sync.WaitGroup
 	var applyErr error
-	wg.Add(1)
+	applied := make(chan struct{})
 	go func() {
-		defer wg.Done()
+		defer close(applied)
 		for i := 1; ; i++ {
 			select {
 			case <-stop:
@@ -361,15 +364,34 @@ func TestPrivilegedUpdateIsAtomicForConcurrentConnects(t *testing.T) {
 			}
 		}
 	}()
-	for i := range 1500 {
-		if _, err := testenv.DialTCP(f.ns, 0, webVIP, false); err != nil {
-			close(stop)
-			wg.Wait()
-			t.Fatalf("connect %d during updates: %v", i, err)
-		}
+	// Several clients at once, each checking every answer came from a backend of one of
+	// the two sets and that no connect was refused or lost.
+	const clients, perClient = 4, 400
+	var wg sync.WaitGroup
+	errs := make(chan error, clients)
+	for range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range perClient {
+				r, err := testenv.DialTCP(f.ns, 0, webVIP, false)
+				if err == nil && r.Backend != "A" && r.Backend != "B" && r.Backend != "C" {
+					err = fmt.Errorf("answer from %q", r.Backend)
+				}
+				if err != nil {
+					errs <- fmt.Errorf("connect %d during updates: %w", i, err)
+					return
+				}
+			}
+		}()
 	}
-	close(stop)
 	wg.Wait()
+	close(stop)
+	<-applied
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
 	if applyErr != nil {
 		t.Fatal(applyErr)
 	}
@@ -452,7 +474,7 @@ func TestPrivilegedCleanupRemovesEverything(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(f.bpffs, PinDirName)); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("pin dir still there after cleanup: %v", err)
 	}
-	if _, err := testenv.DialTCP(f.ns, 0, webVIP, false); !isUnreachable(err) {
+	if _, err := testenv.DialTCP(f.ns, 0, webVIP, false); !testenv.IsUnreachable(err) {
 		t.Fatalf("VIP still answers after cleanup: %v", err)
 	}
 }
@@ -481,5 +503,40 @@ func TestPrivilegedReattachWhenCgroupRootChanges(t *testing.T) {
 		if n := attachedCount(t, other.Path, ap.attach); n != 1 {
 			t.Fatalf("%s: %d programs on the new cgroup root, want 1", ap.name, n)
 		}
+	}
+}
+
+// A reply still in flight from a backend the service just dropped must show the VIP too.
+func TestPrivilegedUDPLateReplyAfterServiceChangeShowsVIP(t *testing.T) {
+	f := newFixture(t)
+	testenv.StartDelayedUDPBackend(t, f.ns, "slow-A", dnsA, 300*time.Millisecond)
+	testenv.StartUDPBackend(t, f.ns, "B", dnsB)
+	dp := f.load()
+	apply(t, dp, udpService("kube-system/dns", dnsVIP, be(dnsA, 1)))
+
+	fd, err := testenv.Socket(f.ns, unix.AF_INET, unix.SOCK_DGRAM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Sendto(fd, []byte("q1"), 0, testenv.Sockaddr(unix.AF_INET, dnsVIP)); err != nil {
+		t.Fatal(err)
+	}
+	apply(t, dp, udpService("kube-system/dns", dnsVIP, be(dnsB, 1)))
+	// The next datagram goes to B and B answers at once; A's late answer follows.
+	res, err := testenv.UDPExchange(fd, unix.AF_INET, dnsVIP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Backend != "B" || res.From != dnsVIP {
+		t.Fatalf("after the change: reply by %q from %s, want B from the VIP", res.Backend, res.From)
+	}
+	buf := make([]byte, 64)
+	n, from, err := unix.Recvfrom(fd, buf, 0)
+	if err != nil {
+		t.Fatalf("late reply: %v", err)
+	}
+	if got := testenv.AddrPort(from); string(buf[:n]) != "slow-A" || got != dnsVIP {
+		t.Fatalf("late reply by %q from %s, want slow-A from the VIP %s", buf[:n], got, dnsVIP)
 	}
 }

@@ -161,6 +161,26 @@ func TestExpandSlots(t *testing.T) {
 		}
 	})
 
+	t.Run("many light backends never push the table past the cap", func(t *testing.T) {
+		var backends []Backend
+		for i := range 1024 {
+			w := uint32(1)
+			if i < 5 {
+				w = 1000
+			}
+			backends = append(backends, Backend{netip.AddrPortFrom(netip.MustParseAddr("10.2.0.1"), uint16(1+i)), w})
+		}
+		slots := expandSlots(backends)
+		got := count(slots)
+		if len(slots) > MaxSlotsPerService || len(got) != len(backends) {
+			t.Fatalf("%d slots for %d of %d backends, cap %d", len(slots), len(got), len(backends), MaxSlotsPerService)
+		}
+		heavy, light := got[backends[0].Addr], got[backends[1023].Addr]
+		if heavy < 100*light {
+			t.Fatalf("weight 1000 got %d slots, weight 1 got %d: proportion lost", heavy, light)
+		}
+	})
+
 	t.Run("deterministic and interleaved", func(t *testing.T) {
 		in := []Backend{{a, 1}, {b, 3}}
 		first := expandSlots(in)
@@ -179,4 +199,29 @@ func TestExpandSlots(t *testing.T) {
 			t.Fatalf("recovered %v, want %v", got, want)
 		}
 	})
+}
+
+// Re-applying a config must not count its slots twice: only one service at a time has
+// both its old and its new table in the map.
+func TestCapacityCountsOneOverlapAtATime(t *testing.T) {
+	dp := &Datapath{services: map[socklbSvcKey]*installed{}}
+	desired := map[socklbSvcKey]Service{}
+	big := []Backend{{ap("10.0.0.1:80"), 1}, {ap("10.0.0.2:80"), MaxSlotsPerService - 1}}
+	slots := expandSlots(big)
+	n := maxSlots/len(slots) - 1 // fills the map but for one table's worth
+	for i := range n {
+		vip := netip.AddrFrom4([4]byte{10, 96, byte(i >> 8), byte(i)})
+		k := svcKey(vip, 80, ProtoTCP)
+		desired[k] = Service{VIP: vip, Port: 80, Proto: ProtoTCP, Backends: big}
+		dp.services[k] = &installed{slots: slots}
+	}
+	if err := dp.checkCapacity(desired); err != nil {
+		t.Fatalf("re-applying %d installed slots: %v", n*len(slots), err)
+	}
+	// One more service of the same size no longer fits next to the overlap.
+	extra := netip.MustParseAddr("10.97.0.1")
+	desired[svcKey(extra, 80, ProtoTCP)] = Service{VIP: extra, Port: 80, Proto: ProtoTCP, Backends: big}
+	if err := dp.checkCapacity(desired); err == nil {
+		t.Fatal("a config past the slot capacity was accepted")
+	}
 }

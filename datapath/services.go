@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"slices"
 	"strings"
@@ -163,16 +164,21 @@ func (dp *Datapath) checkCapacity(desired map[socklbSvcKey]Service) error {
 	if len(desired) > maxServices {
 		return fmt.Errorf("%d services exceed the datapath's limit of %d", len(desired), maxServices)
 	}
-	// Old and new slots coexist for a moment while a service switches revisions.
-	slots := 0
-	for _, cur := range dp.services {
-		slots += len(cur.slots)
+	// Removals run first. After that, a service keeps the larger of its old and new
+	// tables until it is processed, and while it switches revisions its old and new
+	// tables coexist: at most one such overlap at a time.
+	slots, overlap := 0, 0
+	for k, s := range desired {
+		n := len(expandSlots(s.Backends))
+		old := 0
+		if cur := dp.services[k]; cur != nil {
+			old = len(cur.slots)
+			overlap = max(overlap, min(old, n))
+		}
+		slots += max(old, n)
 	}
-	for _, s := range desired {
-		slots += len(expandSlots(s.Backends))
-	}
-	if slots > maxSlots {
-		return fmt.Errorf("services need %d backend slots, more than the datapath's %d", slots, maxSlots)
+	if slots+overlap > maxSlots {
+		return fmt.Errorf("services need %d backend slots, more than the datapath's %d", slots+overlap, maxSlots)
 	}
 	return nil
 }
@@ -223,7 +229,9 @@ func (dp *Datapath) addService(k socklbSvcKey, name string, slots []netip.AddrPo
 		delete(dp.usedIDs, id)
 		return fmt.Errorf("service %s: write name: %w", name, err)
 	}
-	const rev = 1
+	// A fresh random revision: a socket that still remembers an earlier service with this
+	// ID must not mistake the new one's revision for the one it chose under.
+	rev := rand.Uint32()
 	if err := dp.writeSlots(id, rev, slots); err != nil {
 		dp.deleteName(id)
 		return fmt.Errorf("service %s: %w", name, err)
@@ -382,14 +390,17 @@ func (dp *Datapath) Services() ([]Service, error) {
 	return out, nil
 }
 
-// Counts returns the number of services and distinct backends the datapath serves.
+// Counts returns the number of services and of distinct backend addresses they use.
 func (dp *Datapath) Counts() (services, backends int) {
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
+	seen := map[netip.AddrPort]bool{}
 	for _, s := range dp.services {
-		backends += len(uniqueAddrs(s.slots))
+		for _, a := range s.slots {
+			seen[a] = true
+		}
 	}
-	return len(dp.services), backends
+	return len(dp.services), len(seen)
 }
 
 func uniqueAddrs(slots []netip.AddrPort) []netip.AddrPort {

@@ -29,9 +29,16 @@ func expandSlots(backends []Backend) []netip.AddrPort {
 		total += weights[i]
 	}
 	if total > MaxSlotsPerService {
-		scaled := uint64(0)
+		// Every backend keeps one slot; the rest are shared in proportion, rounding down,
+		// so the table never exceeds the cap (there are at most 1024 backends).
+		spare := uint64(MaxSlotsPerService - len(weights))
+		scaled, g2 := uint64(0), uint64(0)
 		for i, w := range weights {
-			weights[i] = max(w*MaxSlotsPerService/total, 1)
+			weights[i] = 1 + w*spare/total
+			g2 = gcd(g2, weights[i])
+		}
+		for i := range weights {
+			weights[i] /= g2
 			scaled += weights[i]
 		}
 		total = scaled

@@ -48,6 +48,8 @@ func StartTCPBackend(t TB, ns *Netns, id string, addr netip.AddrPort) *Backend {
 	}
 	b := &Backend{ID: id, Addr: addr}
 	done := make(chan struct{})
+	var connMu sync.Mutex
+	var conns []net.Conn
 	go func() {
 		defer close(done)
 		for {
@@ -56,6 +58,9 @@ func StartTCPBackend(t TB, ns *Netns, id string, addr netip.AddrPort) *Backend {
 				return
 			}
 			b.hit()
+			connMu.Lock()
+			conns = append(conns, c)
+			connMu.Unlock()
 			go func() {
 				defer c.Close()
 				c.Write([]byte(id + "\n"))
@@ -69,12 +74,28 @@ func StartTCPBackend(t TB, ns *Netns, id string, addr netip.AddrPort) *Backend {
 			}()
 		}
 	}()
-	t.Cleanup(func() { ln.Close(); <-done })
+	t.Cleanup(func() {
+		ln.Close()
+		<-done
+		// Connections a client kept open would otherwise keep the netns alive.
+		connMu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		connMu.Unlock()
+	})
 	return b
 }
 
 // StartUDPBackend answers every datagram with the backend ID, to the datagram's source.
 func StartUDPBackend(t TB, ns *Netns, id string, addr netip.AddrPort) *Backend {
+	t.Helper()
+	return StartDelayedUDPBackend(t, ns, id, addr, 0)
+}
+
+// StartDelayedUDPBackend answers like StartUDPBackend, after the given delay: a reply that
+// is still in flight while the test changes the service.
+func StartDelayedUDPBackend(t TB, ns *Netns, id string, addr netip.AddrPort, delay time.Duration) *Backend {
 	t.Helper()
 	var pc net.PacketConn
 	err := ns.Do(func() (err error) {
@@ -95,6 +116,13 @@ func StartUDPBackend(t TB, ns *Netns, id string, addr netip.AddrPort) *Backend {
 				return
 			}
 			b.hit()
+			if delay > 0 {
+				go func() {
+					time.Sleep(delay)
+					pc.WriteTo([]byte(id), from)
+				}()
+				continue
+			}
 			pc.WriteTo([]byte(id), from)
 		}
 	}()
@@ -260,6 +288,12 @@ func ignoringEINTR(fn func() (int, error)) (int, error) {
 			return n, err
 		}
 	}
+}
+
+// IsUnreachable says the kernel refused to route the address locally (the blackhole
+// route at work), as opposed to anything that could have sent a packet.
+func IsUnreachable(err error) bool {
+	return errors.Is(err, unix.ENETUNREACH) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EHOSTUNREACH)
 }
 
 // WaitFor polls cond every 10 ms until it holds or the timeout passes.

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Installs the pinned build and test toolchain from Debian. Idempotent: a package already at
 # its pinned version is left alone, so `make test` stays fast on a warm machine.
+#
+# Debian replaces point releases in place (security updates), so a pinned version can
+# disappear from the archive. Then the current candidate is installed with a warning;
+# `make generate-check` still proves that the committed BPF objects match what it builds.
 set -euo pipefail
 
 declare -A PINNED=(
@@ -15,7 +19,7 @@ declare -A PINNED=(
 missing=()
 for pkg in "${!PINNED[@]}"; do
   have=$(dpkg-query -W -f='${Version}' "$pkg" 2>/dev/null || true)
-  [[ "$have" == "${PINNED[$pkg]}" ]] || missing+=("$pkg=${PINNED[$pkg]}")
+  [[ "$have" == "${PINNED[$pkg]}" ]] || missing+=("$pkg")
 done
 [[ ${#missing[@]} -eq 0 ]] && exit 0
 
@@ -23,7 +27,25 @@ if [[ $(id -u) -ne 0 ]]; then
   echo "install-deps: need root to install: ${missing[*]}" >&2
   exit 1
 fi
-echo "install-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get -o DPkg::Lock::Timeout=120 update -qq
-apt-get -o DPkg::Lock::Timeout=120 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+
+want=()
+for pkg in "${missing[@]}"; do
+  pin=${PINNED[$pkg]}
+  if apt-cache madison "$pkg" | awk -F'|' '{gsub(/ /,"",$2); print $2}' | grep -qxF "$pin"; then
+    want+=("$pkg=$pin")
+  else
+    have=$(dpkg-query -W -f='${Version}' "$pkg" 2>/dev/null || true)
+    candidate=$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')
+    if [[ -z "$candidate" || "$candidate" == "(none)" ]]; then
+      echo "install-deps: $pkg is not available from the configured Debian archive" >&2
+      exit 1
+    fi
+    echo "install-deps: warning: $pkg $pin is gone from the archive; using $candidate" >&2
+    [[ "$have" == "$candidate" ]] || want+=("$pkg=$candidate")
+  fi
+done
+[[ ${#want[@]} -eq 0 ]] && exit 0
+echo "install-deps: installing ${want[*]}"
+apt-get -o DPkg::Lock::Timeout=120 install -y -qq --no-install-recommends "${want[@]}" >/dev/null

@@ -404,3 +404,30 @@ func TestPrivilegedAgentFatalErrorsAreOneLine(t *testing.T) {
 		}
 	})
 }
+
+// With nothing mounted at agent.bpffs, the agent mounts bpffs there itself.
+func TestPrivilegedAgentMountsBPFFSWhenMissing(t *testing.T) {
+	w := newWorld(t)
+	testenv.StartTCPBackend(t, w.ns, "A", beA)
+	plain, err := os.MkdirTemp("", "podsock-e2e-nobpffs-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		unix.Unmount(plain, unix.MNT_DETACH)
+		os.Remove(plain)
+	})
+	w.bpffs = plain
+	w.writeConfig(webService(`"10.88.0.5:8080"`))
+	w.startAgent()
+	var fs unix.Statfs_t
+	if err := unix.Statfs(plain, &fs); err != nil || fs.Type != unix.BPF_FS_MAGIC {
+		t.Fatalf("%s is not bpffs after the agent started (type %x, %v)", plain, fs.Type, err)
+	}
+	if _, err := os.Stat(filepath.Join(plain, "podsock", "links", "connect4")); err != nil {
+		t.Fatalf("links not pinned in the mounted bpffs: %v", err)
+	}
+	if r, err := testenv.DialTCP(w.ns, 0, webVIP, false); err != nil || r.Backend != "A" {
+		t.Fatalf("connect through the VIP: %+v %v", r, err)
+	}
+}

@@ -77,6 +77,23 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 		return err
 	}
 	a := &Agent{log: log, dp: dp, cgroupRoot: cgroupRoot, settings: cfg.Agent}
+	// A stop asked for during a long load is honoured before the config is applied; a
+	// reload asked for then is done right after.
+	reloadPending := false
+	for pending := true; pending; {
+		select {
+		case sig := <-sigs:
+			if sig == syscall.SIGHUP {
+				reloadPending = true
+				continue
+			}
+			log.Infof("received %s during start-up", sig)
+			ctl.Close()
+			return dp.Close()
+		default:
+			pending = false
+		}
+	}
 	log.WithFields(logrus.Fields{
 		"cgroup_root":   cgroupRoot,
 		"pin_dir":       dp.PinDir(),
@@ -90,6 +107,9 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 		a.cfg = cfg
 		a.lastReloadError = err.Error()
 		a.mu.Unlock()
+	}
+	if reloadPending {
+		a.reload(cfgPath)
 	}
 	if cfg.NRI.Enabled {
 		log.Warn("nri.enabled is set, but this build has no NRI adapter yet; balancing every process under cgroup_root")

@@ -68,17 +68,9 @@ type control struct {
 // listenControl takes the state dir's lock, so two agents never share it, then binds the
 // control socket (mode 0600), replacing a socket file a dead agent left behind.
 func listenControl(stateDir string) (*control, error) {
-	lockPath := filepath.Join(stateDir, LockName)
-	lock, err := os.OpenFile(lockPath, os.O_RDWR|os.O_CREATE, 0o600)
+	lock, err := LockStateDir(stateDir)
 	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", lockPath, err)
-	}
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		lock.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, fmt.Errorf("another agent is already running with state dir %s", stateDir)
-		}
-		return nil, fmt.Errorf("lock %s: %w", lockPath, err)
+		return nil, err
 	}
 	path := filepath.Join(stateDir, SocketName)
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -99,6 +91,24 @@ func listenControl(stateDir string) (*control, error) {
 		return nil, fmt.Errorf("control socket %s: %w", path, err)
 	}
 	return &control{lock: lock, ln: ln}, nil
+}
+
+// LockStateDir takes the state dir's lock file (created if missing), failing at once if
+// an agent holds it. Closing the file releases it.
+func LockStateDir(stateDir string) (*os.File, error) {
+	lockPath := filepath.Join(stateDir, LockName)
+	lock, err := os.OpenFile(lockPath, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", lockPath, err)
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("another agent is already running with state dir %s", stateDir)
+		}
+		return nil, fmt.Errorf("lock %s: %w", lockPath, err)
+	}
+	return lock, nil
 }
 
 // Close removes the socket and releases the lock.

@@ -212,6 +212,22 @@ static __always_inline struct lb_entry *find_entry(struct sock_state *state,
 	return older;
 }
 
+static __always_inline struct lb_entry *find_backend(struct sock_state *state,
+						     const struct backend *be, __u32 first)
+{
+	__u32 i;
+
+	for (i = first; i < LB_ENTRIES; i++) {
+		struct lb_entry *e = &state->entries[i];
+
+		if (i >= state->count)
+			break;
+		if (e->backend_port == be->port && addr_equal(e->backend, be->addr))
+			return e;
+	}
+	return NULL;
+}
+
 static __always_inline int refuse(__u32 stat)
 {
 	count(stat);
@@ -315,9 +331,12 @@ static __always_inline int sock_sendmsg(struct bpf_sock_addr *ctx, int v6)
 	be = pick_backend(&key, &svc, cookie_hash(bpf_get_socket_cookie(ctx)));
 	if (!be)
 		return refuse(STAT_NO_BACKEND);
-	// The service changed. If the socket moves to another backend, its old translation
-	// stays in its entry so replies still in flight from the old backend show the VIP.
-	if (!e || e->backend_port != be->port || !addr_equal(e->backend, be->addr)) {
+	// Keep one entry per backend, so a reply can mean only one VIP: the one this socket
+	// used last with that backend. A backend new to the socket takes a fresh entry, and
+	// the service's previous translation stays, so replies still in flight from a
+	// backend the service just dropped keep showing the VIP.
+	e = find_backend(state, be, first);
+	if (!e) {
 		__u32 span = LB_ENTRIES - first;
 		__u32 idx = first + (state->next % span);
 

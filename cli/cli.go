@@ -257,6 +257,14 @@ func cleanup(c *command) error {
 	if st, err := cl.Status(); err == nil {
 		return fmt.Errorf("the agent (pid %d) is running; stop it first, then run cleanup", st.PID)
 	}
+	// An agent that is starting, or whose socket is gone, still holds its lock.
+	if _, err := os.Stat(settings.StateDir); err == nil {
+		lock, err := agent.LockStateDir(settings.StateDir)
+		if err != nil {
+			return fmt.Errorf("%w; stop it first, then run cleanup", err)
+		}
+		defer lock.Close()
+	}
 	if err := datapath.Cleanup(settings.BPFFS); err != nil {
 		return err
 	}

@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/podsock/podsock/agent"
 )
 
 func run(args ...string) (code int, stdout, stderr string) {
@@ -86,5 +88,31 @@ func TestVersionJSON(t *testing.T) {
 	code, stdout, _ := run("version", "--json")
 	if code != exitOK || !strings.Contains(stdout, `"version"`) || !strings.Contains(stdout, `"features"`) {
 		t.Fatalf("exit %d, stdout %s", code, stdout)
+	}
+}
+
+// A starting agent has no control socket yet but holds its lock: cleanup must not run.
+func TestCleanupRefusesWhileTheStateDirIsLocked(t *testing.T) {
+	dir, err := os.MkdirTemp("", "ps-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	path := filepath.Join(dir, "podsock.toml")
+	cfg := "[agent]\nstate_dir = \"" + dir + "\"\nbpffs = \"" + filepath.Join(dir, "bpffs") + "\"\n"
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	lock, err := agent.LockStateDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Close()
+	code, _, stderr := run("cleanup", "--config", path)
+	if code != exitFail || !strings.Contains(stderr, "another agent is already running") || strings.Count(stderr, "\n") != 1 {
+		t.Fatalf("exit %d, stderr %q", code, stderr)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "podsock.lock")); err != nil {
+		t.Fatalf("cleanup removed the held lock file: %v", err)
 	}
 }

@@ -64,6 +64,8 @@ var attachPoints = []attachPoint{
 // Datapath holds the loaded programs, the pinned maps and links, and a mirror of what the
 // maps contain so that Apply writes only differences.
 type Datapath struct {
+	// lock is the pin dir held with flock: one agent (or cleanup) at a time.
+	lock     *os.File
 	opts     Options
 	pinDir   string
 	cgroupID uint64
@@ -95,7 +97,12 @@ func Load(opts Options) (*Datapath, error) {
 	if err := os.MkdirAll(filepath.Join(pinDir, "links"), 0o700); err != nil {
 		return nil, fmt.Errorf("create pin dir: %w", err)
 	}
+	lock, err := lockPinDir(pinDir)
+	if err != nil {
+		return nil, err
+	}
 	dp := &Datapath{
+		lock:     lock,
 		opts:     opts,
 		pinDir:   pinDir,
 		cgroupID: cgroupID,
@@ -107,14 +114,19 @@ func Load(opts Options) (*Datapath, error) {
 	}
 	spec, err := loadSocklb()
 	if err != nil {
+		lock.Close()
 		return nil, fmt.Errorf("load BPF spec: %w", err)
 	}
 	err = spec.LoadAndAssign(&dp.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}})
 	if err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
-			return nil, fmt.Errorf("load socket-LB programs: %+w", verr)
+			lock.Close()
+			// The whole log, not the truncated summary: it is what a kernel difference needs.
+			opts.Log.Errorf("verifier rejected the socket-LB programs:\n%+v", verr)
+			return nil, fmt.Errorf("load socket-LB programs (verifier log above): %w", err)
 		}
+		lock.Close()
 		if errors.Is(err, ebpf.ErrMapIncompatible) {
 			return nil, fmt.Errorf("%w in %s (run `podsock cleanup`): %w", ErrIncompatiblePins, pinDir, err)
 		}
@@ -129,76 +141,110 @@ func Load(opts Options) (*Datapath, error) {
 	return dp, nil
 }
 
+// attach puts one link per hook on the cgroup root. Links already there are taken over
+// and switched to this run's programs (same maps, so they keep serving). Missing links are
+// attached unpinned first; only when every hook has its link are links of a previous
+// cgroup root detached and the new ones pinned. A failure before that point leaves the
+// node as it was, never forward translation without its reverse.
 func (dp *Datapath) attach() error {
-	created := map[string]link.Link{}
+	fresh := map[string]link.Link{}
+	var stale []link.Link
+	rollback := func() {
+		for _, l := range fresh {
+			l.Close() // unpinned: closing detaches it
+		}
+		for _, l := range stale {
+			l.Close() // still pinned: keeps serving the old root
+		}
+	}
 	for _, ap := range attachPoints {
 		prog := ap.prog(&dp.objs.socklbPrograms)
 		pin := filepath.Join(dp.pinDir, "links", ap.name)
-		l, err := dp.adoptLink(pin, ap, prog)
-		if err == nil && l == nil {
-			l, err = dp.attachNew(pin, ap, prog)
-			if err == nil {
-				created[ap.name] = l
-			}
-		}
+		adopted, old, err := dp.adoptLink(pin, ap, prog)
 		if err != nil {
-			// Half a datapath (forward translation without its reverse) is worse than
-			// none: undo what this run attached. Adopted links keep serving as before.
-			for name, c := range created {
-				if derr := detachLink(c); derr != nil {
-					dp.log.WithError(derr).Warnf("roll back %s link", name)
-				}
-				delete(dp.links, name)
-			}
+			rollback()
 			return err
 		}
+		if adopted != nil {
+			dp.links[ap.name] = adopted
+			continue
+		}
+		if old != nil {
+			stale = append(stale, old)
+		}
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: dp.opts.CgroupRoot, Attach: ap.attach, Program: prog})
+		if err != nil {
+			rollback()
+			return fmt.Errorf("attach %s to %s: %w", ap.name, dp.opts.CgroupRoot, err)
+		}
+		fresh[ap.name] = l
+	}
+	for _, old := range stale {
+		if err := detachLink(old); err != nil {
+			dp.log.WithError(err).Warn("detach link of the previous cgroup root")
+		}
+	}
+	for _, ap := range attachPoints {
+		l, ok := fresh[ap.name]
+		if !ok {
+			continue
+		}
 		dp.links[ap.name] = l
+		if err := l.Pin(filepath.Join(dp.pinDir, "links", ap.name)); err != nil {
+			return fmt.Errorf("pin %s link: %w", ap.name, err)
+		}
 	}
 	return nil
 }
 
-func (dp *Datapath) attachNew(pin string, ap attachPoint, prog *ebpf.Program) (link.Link, error) {
-	l, err := link.AttachCgroup(link.CgroupOptions{Path: dp.opts.CgroupRoot, Attach: ap.attach, Program: prog})
-	if err != nil {
-		return nil, fmt.Errorf("attach %s to %s: %w", ap.name, dp.opts.CgroupRoot, err)
-	}
-	if err := l.Pin(pin); err != nil {
-		l.Close()
-		return nil, fmt.Errorf("pin %s link: %w", ap.name, err)
-	}
-	return l, nil
-}
-
-// adoptLink takes over a pinned link when it is attached to our cgroup root, replacing its
-// program in place. A link pinned for another cgroup (cgroup_root changed) is detached.
-func (dp *Datapath) adoptLink(pin string, ap attachPoint, prog *ebpf.Program) (link.Link, error) {
+// adoptLink looks at the pinned link of one hook. A link on our cgroup root is taken over
+// and switched to prog. A link on another cgroup (cgroup_root changed) is returned as old,
+// for attach to detach once its replacement is in place.
+func (dp *Datapath) adoptLink(pin string, ap attachPoint, prog *ebpf.Program) (adopted, old link.Link, err error) {
 	l, err := link.LoadPinnedLink(pin, nil)
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
+		return nil, nil, nil
 	}
 	if err != nil {
 		dp.log.WithError(err).Warnf("pinned %s link is unusable; removing it", ap.name)
-		return nil, os.Remove(pin)
+		return nil, nil, os.Remove(pin)
 	}
 	info, err := l.Info()
 	if err != nil {
 		// Detaching a link we cannot inspect could open a gap in service; refuse instead.
 		l.Close()
-		return nil, fmt.Errorf("inspect pinned %s link: %w", ap.name, err)
+		return nil, nil, fmt.Errorf("inspect pinned %s link: %w", ap.name, err)
 	}
 	if info.Cgroup() != nil && info.Cgroup().CgroupId == dp.cgroupID {
 		if err := l.Update(prog); err != nil {
 			l.Close()
-			return nil, fmt.Errorf("update adopted %s link: %w", ap.name, err)
+			return nil, nil, fmt.Errorf("update adopted %s link: %w", ap.name, err)
 		}
 		dp.adoptedLinks++
-		return l, nil
+		return l, nil, nil
 	}
-	dp.log.Infof("pinned %s link belongs to another cgroup; detaching it", ap.name)
-	if err := detachLink(l); err != nil {
-		return nil, fmt.Errorf("detach stale %s link: %w", ap.name, err)
+	dp.log.Infof("pinned %s link belongs to another cgroup; replacing it", ap.name)
+	return nil, l, nil
+}
+
+// ErrPinDirBusy means another process (an agent, or a cleanup) holds the pin dir.
+var ErrPinDirBusy = errors.New("pin dir is in use")
+
+// lockPinDir takes an exclusive flock on the pin dir, so two agents, or an agent and a
+// cleanup, never work on the same pins at once, whatever their state dirs.
+func lockPinDir(pinDir string) (*os.File, error) {
+	f, err := os.Open(pinDir)
+	if err != nil {
+		return nil, fmt.Errorf("open pin dir: %w", err)
 	}
-	return nil, nil
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%w: another podsock process holds %s", ErrPinDirBusy, pinDir)
+		}
+		return nil, fmt.Errorf("lock %s: %w", pinDir, err)
+	}
+	return f, nil
 }
 
 // detachLink removes a link from its hook even if other processes still hold it open.
@@ -221,6 +267,7 @@ func (dp *Datapath) Close() error {
 func (dp *Datapath) closeAll() error {
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
+	defer dp.lock.Close()
 	var errs []error
 	for name, l := range dp.links {
 		if err := l.Close(); err != nil {
@@ -278,6 +325,8 @@ const (
 
 // Stats reads the datapath counters.
 func (dp *Datapath) Stats() (Stats, error) {
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
 	var sums [statMax]uint64
 	for i := range sums {
 		var perCPU []uint64
@@ -305,6 +354,14 @@ func (dp *Datapath) SockStorage() *ebpf.Map { return dp.objs.PodsockSockV1 }
 func Cleanup(bpffs string) error {
 	pinDir := filepath.Join(bpffs, PinDirName)
 	linkDir := filepath.Join(pinDir, "links")
+	lock, err := lockPinDir(pinDir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
 	var errs []error
 	entries, err := os.ReadDir(linkDir)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {

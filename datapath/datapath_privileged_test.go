@@ -540,3 +540,46 @@ func TestPrivilegedUDPLateReplyAfterServiceChangeShowsVIP(t *testing.T) {
 		t.Fatalf("late reply by %q from %s, want slow-A from the VIP %s", buf[:n], got, dnsVIP)
 	}
 }
+
+// Two services sharing a backend, used from one unconnected socket: each reply must show
+// the VIP the socket just sent to, not the other one.
+func TestPrivilegedUDPSharedBackendShowsTheVIPJustUsed(t *testing.T) {
+	f := newFixture(t)
+	testenv.StartUDPBackend(t, f.ns, "A", dnsA)
+	dp := f.load()
+	otherVIP := netip.MustParseAddrPort("10.96.0.54:53")
+	apply(t, dp, udpService("ns/dns-1", dnsVIP, be(dnsA, 1)), udpService("ns/dns-2", otherVIP, be(dnsA, 1)))
+
+	fd, err := testenv.Socket(f.ns, unix.AF_INET, unix.SOCK_DGRAM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	for i, vip := range []netip.AddrPort{dnsVIP, otherVIP, dnsVIP, otherVIP, otherVIP, dnsVIP} {
+		res, err := testenv.UDPExchange(fd, unix.AF_INET, vip)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.From != vip || res.Backend != "A" {
+			t.Fatalf("exchange %d with %s: reply by %q from %s", i, vip, res.Backend, res.From)
+		}
+	}
+}
+
+// Two agents (or an agent and a cleanup) never work on the same pins at once.
+func TestPrivilegedPinDirIsExclusive(t *testing.T) {
+	f := newFixture(t)
+	f.load()
+	other := testenv.NewCgroup(t)
+	if _, err := Load(Options{CgroupRoot: other.Path, BPFFS: f.bpffs}); !errors.Is(err, ErrPinDirBusy) {
+		t.Fatalf("second Load on held pins: %v, want ErrPinDirBusy", err)
+	}
+	if err := Cleanup(f.bpffs); !errors.Is(err, ErrPinDirBusy) {
+		t.Fatalf("Cleanup under a running datapath: %v, want ErrPinDirBusy", err)
+	}
+	for _, ap := range attachPoints {
+		if n := attachedCount(t, f.cg.Path, ap.attach); n != 1 {
+			t.Fatalf("%s: %d programs after the refused attempts, want 1", ap.name, n)
+		}
+	}
+}

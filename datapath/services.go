@@ -107,6 +107,9 @@ func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
 		if _, err := nameValue(s.Name); err != nil {
 			return res, err
 		}
+		if len(s.Backends) > MaxBackendsPerService {
+			return res, fmt.Errorf("service %s: %d backends, at most %d", s.Name, len(s.Backends), MaxBackendsPerService)
+		}
 		desired[k] = s
 	}
 	if err := dp.checkCapacity(desired); err != nil {

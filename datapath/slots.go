@@ -9,6 +9,10 @@ import (
 // are scaled down to it, keeping every backend at least one slot.
 const MaxSlotsPerService = 4096
 
+// MaxBackendsPerService leaves every backend room for at least one slot, with slots to
+// spare for the weights.
+const MaxBackendsPerService = 1024
+
 // expandSlots turns weighted backends into the selection table the BPF programs index with
 // a random number (TCP) or a socket-cookie hash (UDP). The table is as small as the weights
 // allow and interleaved (smooth weighted round robin), so the same input always yields the

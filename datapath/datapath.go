@@ -346,8 +346,6 @@ func (dp *Datapath) Stats() (Stats, error) {
 	}, nil
 }
 
-// SockStorage exposes the per-socket LB state map (for tests and the socket iterator).
-func (dp *Datapath) SockStorage() *ebpf.Map { return dp.objs.PodsockSockV1 }
 
 // Cleanup detaches every link podsock pinned under bpffs and removes all its pins. It
 // works from the pins alone, without loading anything.

@@ -346,7 +346,6 @@ func (dp *Datapath) Stats() (Stats, error) {
 	}, nil
 }
 
-
 // Cleanup detaches every link podsock pinned under bpffs and removes all its pins. It
 // works from the pins alone, without loading anything.
 func Cleanup(bpffs string) error {

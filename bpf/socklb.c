@@ -189,13 +189,12 @@ static __always_inline void fill_entry(struct lb_entry *e, const struct svc_key 
 	e->svc_rev = svc->rev;
 }
 
-// find_entry returns the socket's translation for this service, preferring one made under
-// the service's current revision; an older one is kept only for reversing late replies.
+// find_entry returns the socket's translation for this service made under the service's
+// current revision, if it has one.
 static __always_inline struct lb_entry *find_entry(struct sock_state *state,
 						   const struct svc_key *key,
 						   const struct svc_value *svc, __u32 first)
 {
-	struct lb_entry *older = NULL;
 	__u32 i;
 
 	for (i = first; i < LB_ENTRIES; i++) {
@@ -203,15 +202,19 @@ static __always_inline struct lb_entry *find_entry(struct sock_state *state,
 
 		if (i >= state->count)
 			break;
-		if (e->svc_id != svc->id || e->vip_port != key->port || !addr_equal(e->vip, key->addr))
-			continue;
-		if (e->svc_rev == svc->rev)
+		if (e->svc_id == svc->id && e->svc_rev == svc->rev && e->vip_port == key->port &&
+		    addr_equal(e->vip, key->addr))
 			return e;
-		older = e;
 	}
-	return older;
+	return NULL;
 }
 
+static __always_inline int entry_has_backend(const struct lb_entry *e, const struct backend *be)
+{
+	return e->backend_port == be->port && addr_equal(e->backend, be->addr);
+}
+
+// find_backend returns the translation that sent the socket to this backend, if any.
 static __always_inline struct lb_entry *find_backend(struct sock_state *state,
 						     const struct backend *be, __u32 first)
 {
@@ -222,7 +225,7 @@ static __always_inline struct lb_entry *find_backend(struct sock_state *state,
 
 		if (i >= state->count)
 			break;
-		if (e->backend_port == be->port && addr_equal(e->backend, be->addr))
+		if (entry_has_backend(e, be))
 			return e;
 	}
 	return NULL;
@@ -263,7 +266,7 @@ static __always_inline int sock_connect(struct bpf_sock_addr *ctx, int v6)
 		// service chose, as long as the service has not changed since.
 		struct lb_entry *prev = find_entry(state, &key, svc, 0);
 
-		if (prev && prev->svc_rev == svc->rev) {
+		if (prev) {
 			addr_copy(chosen_be.addr, prev->backend);
 			chosen_be.port = prev->backend_port;
 			be = &chosen_be;
@@ -322,7 +325,7 @@ static __always_inline int sock_sendmsg(struct bpf_sock_addr *ctx, int v6)
 	// through the remaining entries so replies from each backend can still be reversed.
 	first = state->connected ? 1 : 0;
 	e = find_entry(state, &key, svc, first);
-	if (e && e->svc_rev == svc->rev) {
+	if (e) {
 		write_user_addr(ctx, v6, e->backend, e->backend_port);
 		count(STAT_SENDMSG);
 		return SYS_PROCEED;
@@ -359,8 +362,8 @@ static __always_inline int sock_sendmsg(struct bpf_sock_addr *ctx, int v6)
 static __always_inline int sock_reverse(struct bpf_sock_addr *ctx, int v6, int connected_only)
 {
 	struct sock_state *state;
-	__u32 addr[4], i;
-	__u16 port;
+	struct backend peer = {};
+	struct lb_entry *e;
 	struct bpf_sock *sk = ctx->sk;
 
 	if (!sk)
@@ -371,18 +374,16 @@ static __always_inline int sock_reverse(struct bpf_sock_addr *ctx, int v6, int c
 	if (connected_only && !state->connected)
 		return SYS_PROCEED;
 
-	read_user_addr(ctx, v6, addr);
-	port = (__u16)ctx->user_port;
-	for (i = 0; i < LB_ENTRIES; i++) {
-		struct lb_entry *e = &state->entries[i];
-
-		if (i >= state->count || (connected_only && i > 0))
-			break;
-		if (e->backend_port == port && addr_equal(e->backend, addr)) {
-			write_user_addr(ctx, v6, e->vip, e->vip_port);
-			count(STAT_REVERSE);
-			break;
-		}
+	read_user_addr(ctx, v6, peer.addr);
+	peer.port = (__u16)ctx->user_port;
+	if (connected_only)
+		// A connected socket's peer is entry 0.
+		e = entry_has_backend(&state->entries[0], &peer) ? &state->entries[0] : NULL;
+	else
+		e = find_backend(state, &peer, 0);
+	if (e) {
+		write_user_addr(ctx, v6, e->vip, e->vip_port);
+		count(STAT_REVERSE);
 	}
 	return SYS_PROCEED;
 }

@@ -101,6 +101,13 @@ func Load(opts Options) (*Datapath, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Until the programs are loaded nothing else releases the lock; closeAll does after.
+	loaded := false
+	defer func() {
+		if !loaded {
+			lock.Close()
+		}
+	}()
 	dp := &Datapath{
 		lock:     lock,
 		opts:     opts,
@@ -114,24 +121,22 @@ func Load(opts Options) (*Datapath, error) {
 	}
 	spec, err := loadSocklb()
 	if err != nil {
-		lock.Close()
 		return nil, fmt.Errorf("load BPF spec: %w", err)
 	}
 	err = spec.LoadAndAssign(&dp.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}})
 	if err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
-			lock.Close()
 			// The whole log, not the truncated summary: it is what a kernel difference needs.
 			opts.Log.Errorf("verifier rejected the socket-LB programs:\n%+v", verr)
 			return nil, fmt.Errorf("load socket-LB programs (verifier log above): %w", err)
 		}
-		lock.Close()
 		if errors.Is(err, ebpf.ErrMapIncompatible) {
 			return nil, fmt.Errorf("%w in %s (run `podsock cleanup`): %w", ErrIncompatiblePins, pinDir, err)
 		}
 		return nil, fmt.Errorf("load socket-LB programs: %w", err)
 	}
+	loaded = true
 	if err := dp.readServices(); err != nil {
 		return nil, errors.Join(err, dp.closeAll())
 	}

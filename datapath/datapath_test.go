@@ -205,14 +205,14 @@ func TestExpandSlots(t *testing.T) {
 // both its old and its new table in the map.
 func TestCapacityCountsOneOverlapAtATime(t *testing.T) {
 	dp := &Datapath{services: map[socklbSvcKey]*installed{}}
-	desired := map[socklbSvcKey]Service{}
+	desired := map[socklbSvcKey]wanted{}
 	big := []Backend{{ap("10.0.0.1:80"), 1}, {ap("10.0.0.2:80"), MaxSlotsPerService - 1}}
 	slots := expandSlots(big)
 	n := maxSlots/len(slots) - 1 // fills the map but for one table's worth
 	for i := range n {
 		vip := netip.AddrFrom4([4]byte{10, 96, byte(i >> 8), byte(i)})
 		k := svcKey(vip, 80, ProtoTCP)
-		desired[k] = Service{VIP: vip, Port: 80, Proto: ProtoTCP, Backends: big}
+		desired[k] = wanted{slots: slots}
 		dp.services[k] = &installed{slots: slots}
 	}
 	if err := dp.checkCapacity(desired); err != nil {
@@ -220,7 +220,7 @@ func TestCapacityCountsOneOverlapAtATime(t *testing.T) {
 	}
 	// One more service of the same size no longer fits next to the overlap.
 	extra := netip.MustParseAddr("10.97.0.1")
-	desired[svcKey(extra, 80, ProtoTCP)] = Service{VIP: extra, Port: 80, Proto: ProtoTCP, Backends: big}
+	desired[svcKey(extra, 80, ProtoTCP)] = wanted{slots: slots}
 	if err := dp.checkCapacity(desired); err == nil {
 		t.Fatal("a config past the slot capacity was accepted")
 	}

@@ -98,7 +98,7 @@ func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
 	defer dp.mu.Unlock()
 
 	res := ApplyResult{RemovedBackends: map[string][]netip.AddrPort{}}
-	desired := make(map[socklbSvcKey]Service, len(services))
+	desired := make(map[socklbSvcKey]wanted, len(services))
 	for _, s := range services {
 		k := svcKey(s.VIP, s.Port, s.Proto)
 		if _, dup := desired[k]; dup {
@@ -110,7 +110,7 @@ func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
 		if len(s.Backends) > MaxBackendsPerService {
 			return res, fmt.Errorf("service %s: %d backends, at most %d", s.Name, len(s.Backends), MaxBackendsPerService)
 		}
-		desired[k] = s
+		desired[k] = wanted{name: s.Name, slots: expandSlots(s.Backends)}
 	}
 	if err := dp.checkCapacity(desired); err != nil {
 		return res, err
@@ -134,23 +134,23 @@ func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
 	for k := range desired {
 		keys = append(keys, k)
 	}
-	slices.SortFunc(keys, func(a, b socklbSvcKey) int { return cmp.Compare(keyString(a), keyString(b)) })
+	slices.SortFunc(keys, compareKeys)
 	for _, k := range keys {
 		s := desired[k]
-		slots := expandSlots(s.Backends)
+		slots := s.slots
 		cur := dp.services[k]
 		switch {
 		case cur == nil:
-			if err := dp.addService(k, s.Name, slots); err != nil {
+			if err := dp.addService(k, s.name, slots); err != nil {
 				errs = append(errs, err)
 				continue
 			}
 			res.Added++
-		case cur.name == s.Name && slices.Equal(cur.slots, slots):
+		case cur.name == s.name && slices.Equal(cur.slots, slots):
 			res.Unchanged++
 		default:
 			gone := missingFrom(cur.slots, slots)
-			if err := dp.updateService(k, cur, s.Name, slots); err != nil {
+			if err := dp.updateService(k, cur, s.name, slots); err != nil {
 				errs = append(errs, err)
 				continue
 			}
@@ -163,7 +163,25 @@ func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
 	return res, errors.Join(errs...)
 }
 
-func (dp *Datapath) checkCapacity(desired map[socklbSvcKey]Service) error {
+// wanted is a service as Apply is asked for it, with its selection table expanded.
+type wanted struct {
+	name  string
+	slots []netip.AddrPort
+}
+
+func compareKeys(a, b socklbSvcKey) int {
+	for i := range a.Addr {
+		if c := cmp.Compare(a.Addr[i], b.Addr[i]); c != 0 {
+			return c
+		}
+	}
+	if c := cmp.Compare(a.Port, b.Port); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.Proto, b.Proto)
+}
+
+func (dp *Datapath) checkCapacity(desired map[socklbSvcKey]wanted) error {
 	if len(desired) > maxServices {
 		return fmt.Errorf("%d services exceed the datapath's limit of %d", len(desired), maxServices)
 	}
@@ -172,7 +190,7 @@ func (dp *Datapath) checkCapacity(desired map[socklbSvcKey]Service) error {
 	// tables coexist: at most one such overlap at a time.
 	slots, overlap := 0, 0
 	for k, s := range desired {
-		n := len(expandSlots(s.Backends))
+		n := len(s.slots)
 		old := 0
 		if cur := dp.services[k]; cur != nil {
 			old = len(cur.slots)

@@ -90,18 +90,15 @@ func NewCgroup(t TB) *Cgroup {
 // sockets it creates are subject to the programs attached there.
 func (c *Cgroup) EnterSelf(t TB) {
 	t.Helper()
-	orig, err := selfCgroup()
+	home, err := HomeCgroup()
 	if err != nil {
 		t.Fatal(err)
 	}
-	mnt, _ := cgroupfs.Mount()
-	pid := fmt.Sprint(os.Getpid())
-	if err := os.WriteFile(filepath.Join(c.Path, "cgroup.procs"), []byte(pid), 0); err != nil {
+	if err := c.AddProcess(os.Getpid()); err != nil {
 		t.Fatalf("enter cgroup %s: %v", c.Path, err)
 	}
 	t.Cleanup(func() {
-		back := filepath.Join(mnt, orig, "cgroup.procs")
-		if err := os.WriteFile(back, []byte(pid), 0); err != nil {
+		if err := home.AddProcess(os.Getpid()); err != nil {
 			t.Errorf("leave cgroup %s: %v", c.Path, err)
 		}
 	})

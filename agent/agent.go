@@ -80,7 +80,8 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 	// A stop asked for during a long load is honoured before the config is applied; a
 	// reload asked for then is done right after.
 	reloadPending := false
-	for pending := true; pending; {
+drain:
+	for {
 		select {
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP {
@@ -91,7 +92,7 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 			ctl.Close()
 			return dp.Close()
 		default:
-			pending = false
+			break drain
 		}
 	}
 	log.WithFields(logrus.Fields{

@@ -18,6 +18,8 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 #define AF_INET6 10
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
+#define EPERM 1
+#define EEXIST 17
 #define ECONNREFUSED 111
 #define EHOSTUNREACH 113
 
@@ -67,11 +69,78 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} podsock_stat_v1 SEC(".maps");
+} podsock_stat_v2 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct datapath_cfg);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podsock_cfg_v1 SEC(".maps");
+
+// Pod identity, as the runtime reported it: the cgroup of each workload container, the
+// pod cgroup, and the pod's netns cookie.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, PODSOCK_MAX_CONTAINERS);
+	__type(key, __u64);
+	__type(value, struct pod_ref);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podsock_ctrcg_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, PODSOCK_MAX_PODS);
+	__type(key, __u64);
+	__type(value, struct pod_ref);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podsock_podcg_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, PODSOCK_MAX_PODS);
+	__type(key, __u64);
+	__type(value, struct pod_ref);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podsock_netns_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, PODSOCK_MAX_PODS);
+	__type(key, __u32);
+	__type(value, struct pod_meta);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podsock_pod_v1 SEC(".maps");
+
+// {service, pod} pairs a restricted service admits.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, PODSOCK_MAX_POD_SERVICE);
+	__type(key, struct pod_svc_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podsock_allow_v1 SEC(".maps");
+
+// The backend each pod sticks to, per service with affinity = "pod". Written here on a
+// pod's first connect; userspace removes entries when the backend or the pod goes.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, PODSOCK_MAX_POD_SERVICE);
+	__type(key, struct pod_svc_key);
+	__type(value, struct backend);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podsock_aff_v1 SEC(".maps");
 
 static __always_inline void count(__u32 stat)
 {
-	__u64 *v = bpf_map_lookup_elem(&podsock_stat_v1, &stat);
+	__u64 *v = bpf_map_lookup_elem(&podsock_stat_v2, &stat);
 
 	if (v)
 		*v += 1;
@@ -231,6 +300,129 @@ static __always_inline struct lb_entry *find_backend(struct sock_state *state,
 	return NULL;
 }
 
+// Who is calling: a known pod, the host, or neither (a netns the runtime never told us of).
+struct client {
+	__u32 pod_id; // 0: not a known pod
+	__u32 flags;  // pod flags
+	__u8 host;    // the socket lives in the host netns
+};
+
+static __always_inline struct pod_ref *pod_by_cgroup(void)
+{
+	__u64 id = bpf_get_current_cgroup_id();
+	struct pod_ref *ref = bpf_map_lookup_elem(&podsock_ctrcg_v1, &id);
+	int level;
+
+	if (ref)
+		return ref;
+	// Not a container cgroup we know (the pause process, a nested cgroup, a container
+	// created behind the runtime's back): the pod cgroup, at whatever depth the runtime put
+	// it, is an exact match among the caller's ancestors.
+	for (level = 1; level <= PODSOCK_MAX_CGROUP_DEPTH; level++) {
+		id = bpf_get_current_ancestor_cgroup_id(level);
+		if (!id)
+			break;
+		ref = bpf_map_lookup_elem(&podsock_podcg_v1, &id);
+		if (ref)
+			return ref;
+	}
+	return NULL;
+}
+
+static __always_inline void classify(struct bpf_sock_addr *ctx, const struct datapath_cfg *cfg,
+				     struct client *c)
+{
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	struct pod_ref *ref = pod_by_cgroup();
+
+	if (!ref)
+		ref = bpf_map_lookup_elem(&podsock_netns_v1, &netns);
+	c->pod_id = ref ? ref->pod_id : 0;
+	c->flags = ref ? ref->flags : 0;
+	c->host = cfg && netns == cfg->host_netns_cookie;
+}
+
+enum verdict {
+	VERDICT_BALANCE,
+	VERDICT_SKIP,
+	VERDICT_DENY,
+};
+
+// policy decides what happens to a socket operation towards svc from this client. Clients
+// are only classified when a node setting or the service needs it, so services without
+// pod policy pay nothing for it.
+static __always_inline enum verdict policy(struct bpf_sock_addr *ctx, const struct svc_value *svc,
+					   struct client *c)
+{
+	__u32 key = 0;
+	struct datapath_cfg *cfg = bpf_map_lookup_elem(&podsock_cfg_v1, &key);
+	__u32 cfg_flags = cfg ? cfg->flags : 0;
+
+	__builtin_memset(c, 0, sizeof(*c));
+	if (!(cfg_flags & (CFG_HOSTNS_ONLY | CFG_ANY_SKIP)) &&
+	    !(svc->flags & (SVC_F_RESTRICT | SVC_F_AFFINITY_POD)))
+		return VERDICT_BALANCE;
+	classify(ctx, cfg, c);
+	if ((cfg_flags & CFG_HOSTNS_ONLY) && !c->host)
+		return VERDICT_SKIP;
+	if (c->flags & POD_F_SKIP_LB)
+		return VERDICT_SKIP;
+	if (svc->flags & SVC_F_RESTRICT) {
+		struct pod_svc_key ak = { .svc_id = svc->id, .pod_id = c->pod_id };
+
+		if (c->pod_id) {
+			if (!bpf_map_lookup_elem(&podsock_allow_v1, &ak))
+				return VERDICT_DENY;
+		} else if (!c->host || !(svc->flags & SVC_F_ALLOW_HOST)) {
+			// A netns that is neither the host nor a pod we know is denied: an
+			// allow-list fails closed.
+			return VERDICT_DENY;
+		}
+	}
+	return VERDICT_BALANCE;
+}
+
+static __always_inline int deny(void)
+{
+	count(STAT_DENIED);
+	bpf_set_retval(-EPERM);
+	return SYS_REJECT;
+}
+
+// pick_for_client is pick_backend, except that a pod of a service with pod affinity
+// reuses the backend it was given first, for as long as userspace keeps that entry (it
+// removes it with the backend).
+static __always_inline struct backend *pick_for_client(struct svc_key *key, struct svc_value **svcp,
+						       const struct client *c, __u32 hash,
+						       struct backend *scratch)
+{
+	struct pod_svc_key ak;
+	struct backend *be;
+	long err;
+
+	if (!((*svcp)->flags & SVC_F_AFFINITY_POD) || !c->pod_id)
+		return pick_backend(key, svcp, hash);
+	ak.svc_id = (*svcp)->id;
+	ak.pod_id = c->pod_id;
+	be = bpf_map_lookup_elem(&podsock_aff_v1, &ak);
+	if (be)
+		return be;
+	be = pick_backend(key, svcp, hash);
+	if (!be)
+		return NULL;
+	*scratch = *be;
+	err = bpf_map_update_elem(&podsock_aff_v1, &ak, scratch, BPF_NOEXIST);
+	if (err == -EEXIST) {
+		// Another socket of the pod won the race: follow its choice.
+		be = bpf_map_lookup_elem(&podsock_aff_v1, &ak);
+		if (be)
+			return be;
+	} else if (err) {
+		count(STAT_AFFINITY_FULL);
+	}
+	return scratch;
+}
+
 static __always_inline int refuse(__u32 stat)
 {
 	count(stat);
@@ -243,8 +435,10 @@ static __always_inline int sock_connect(struct bpf_sock_addr *ctx, int v6)
 {
 	struct sock_state *state;
 	struct svc_value *svc;
-	struct backend *be = NULL, chosen_be = {};
+	struct backend *be = NULL, chosen_be = {}, scratch = {};
 	struct svc_key key;
+	struct client client;
+	enum verdict verdict;
 	__u32 hash;
 	// Read ctx->sk once, up front: clang otherwise folds the offset into a derived ctx
 	// pointer, which the verifier rejects.
@@ -253,7 +447,12 @@ static __always_inline int sock_connect(struct bpf_sock_addr *ctx, int v6)
 	if (!sk)
 		return SYS_PROCEED;
 	svc = lookup_service(ctx, v6, &key);
-	if (!svc) {
+	verdict = svc ? policy(ctx, svc, &client) : VERDICT_SKIP;
+	if (verdict == VERDICT_DENY)
+		return deny();
+	if (verdict == VERDICT_SKIP) {
+		if (svc)
+			count(STAT_SKIPPED);
 		// A balanced socket re-connected elsewhere must not keep claiming its old backend.
 		if (bpf_sk_storage_get(&podsock_sock_v1, sk, 0, 0))
 			bpf_sk_storage_delete(&podsock_sock_v1, sk);
@@ -275,7 +474,7 @@ static __always_inline int sock_connect(struct bpf_sock_addr *ctx, int v6)
 	if (!be) {
 		hash = key.proto == IPPROTO_TCP ? bpf_get_prandom_u32() :
 						  cookie_hash(bpf_get_socket_cookie(ctx));
-		be = pick_backend(&key, &svc, hash);
+		be = pick_for_client(&key, &svc, &client, hash, &scratch);
 	}
 	if (!be)
 		return refuse(STAT_NO_BACKEND);
@@ -299,8 +498,10 @@ static __always_inline int sock_sendmsg(struct bpf_sock_addr *ctx, int v6)
 	struct sock_state *state;
 	struct lb_entry *e = NULL;
 	struct svc_value *svc;
-	struct backend *be;
+	struct backend *be, scratch = {};
 	struct svc_key key;
+	struct client client;
+	enum verdict verdict;
 	__u32 first;
 	struct bpf_sock *sk = ctx->sk;
 
@@ -309,11 +510,19 @@ static __always_inline int sock_sendmsg(struct bpf_sock_addr *ctx, int v6)
 	svc = lookup_service(ctx, v6, &key);
 	if (!svc || key.proto != IPPROTO_UDP)
 		return SYS_PROCEED;
+	verdict = policy(ctx, svc, &client);
+	if (verdict == VERDICT_DENY)
+		return deny();
+	if (verdict == VERDICT_SKIP) {
+		count(STAT_SKIPPED);
+		return SYS_PROCEED;
+	}
 
 	state = bpf_sk_storage_get(&podsock_sock_v1, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!state) {
 		count(STAT_NO_STORAGE);
-		be = pick_backend(&key, &svc, cookie_hash(bpf_get_socket_cookie(ctx)));
+		be = pick_for_client(&key, &svc, &client, cookie_hash(bpf_get_socket_cookie(ctx)),
+				     &scratch);
 		if (!be)
 			return refuse(STAT_NO_BACKEND);
 		write_user_addr(ctx, v6, be->addr, be->port);
@@ -331,7 +540,7 @@ static __always_inline int sock_sendmsg(struct bpf_sock_addr *ctx, int v6)
 		return SYS_PROCEED;
 	}
 
-	be = pick_backend(&key, &svc, cookie_hash(bpf_get_socket_cookie(ctx)));
+	be = pick_for_client(&key, &svc, &client, cookie_hash(bpf_get_socket_cookie(ctx)), &scratch);
 	if (!be)
 		return refuse(STAT_NO_BACKEND);
 	// Keep one entry per backend, so a reply can mean only one VIP: the one this socket

@@ -8,6 +8,13 @@
 #define PODSOCK_MAX_SLOTS 1048576
 #define PODSOCK_NAME_LEN 128
 #define LB_ENTRIES 4
+#define PODSOCK_MAX_PODS 65536
+#define PODSOCK_MAX_CONTAINERS 262144
+#define PODSOCK_MAX_POD_SERVICE 1048576
+#define PODSOCK_SANDBOX_ID_LEN 64
+// How deep below the cgroup2 root a pod cgroup may sit (kubepods QoS slices, kind, a
+// custom cgroup_parent): the datapath looks for the pod at every level up to this one.
+#define PODSOCK_MAX_CGROUP_DEPTH 16
 
 // Addresses are IPv6 or IPv4-mapped IPv6 (::ffff:a.b.c.d) in network byte order, so one
 // lookup serves AF_INET sockets, AF_INET6 sockets and v4-mapped connects alike.
@@ -18,6 +25,11 @@ struct svc_key {
 	__u8 proto;
 	__u8 pad;
 };
+
+// Service flags.
+#define SVC_F_AFFINITY_POD 1 // every socket of one pod goes to the same backend
+#define SVC_F_RESTRICT 2     // only clients in podsock_allow_v1 (and the host, with ALLOW_HOST)
+#define SVC_F_ALLOW_HOST 4   // host-netns clients pass a restricted service
 
 struct svc_value {
 	__u32 id;
@@ -62,12 +74,47 @@ struct sock_state {
 	__u8 count;
 };
 
+// Pod flags.
+#define POD_F_SKIP_LB 1 // socket-LB leaves this pod's sockets alone (service meshes)
+
+// What the identity maps (container cgroup, pod cgroup, netns cookie) say about a pod.
+struct pod_ref {
+	__u32 pod_id;
+	__u32 flags;
+};
+
+// Userspace's record of a pod ID, so a restarted agent finds the IDs that the allow and
+// affinity entries use. The datapath never reads it.
+struct pod_meta {
+	char sandbox_id[PODSOCK_SANDBOX_ID_LEN];
+	__u32 flags;
+	__u32 pad;
+};
+
+struct pod_svc_key {
+	__u32 svc_id;
+	__u32 pod_id;
+};
+
+// Node-wide settings.
+#define CFG_HOSTNS_ONLY 1 // balance only sockets of the host netns
+#define CFG_ANY_SKIP 2    // some pod has POD_F_SKIP_LB: clients must be classified
+
+struct datapath_cfg {
+	__u64 host_netns_cookie;
+	__u32 flags;
+	__u32 pad;
+};
+
 enum stat_index {
 	STAT_CONNECT,
 	STAT_SENDMSG,
 	STAT_REVERSE,
 	STAT_NO_BACKEND,
 	STAT_NO_STORAGE,
+	STAT_DENIED,
+	STAT_SKIPPED,
+	STAT_AFFINITY_FULL,
 	STAT_MAX,
 };
 

@@ -40,7 +40,10 @@ type Options struct {
 	CgroupRoot string
 	// BPFFS is a mounted bpffs; pins go under BPFFS/podsock.
 	BPFFS string
-	Log   logrus.FieldLogger
+	// HostNetns is the cookie of the netns whose sockets count as the host's (hostns_only,
+	// allow_host). 0 means the netns this process runs in, which is right for a node agent.
+	HostNetns uint64
+	Log       logrus.FieldLogger
 }
 
 // attachPoint ties a program to its cgroup hook and the name of its pinned link.
@@ -80,6 +83,13 @@ type Datapath struct {
 	services map[socklbSvcKey]*installed
 	usedIDs  map[uint32]bool
 	nextID   uint32
+
+	pods       map[string]*installedPod // by sandbox ID
+	podIDs     map[uint32]*installedPod
+	nextPodID  uint32
+	skipPods   map[uint32]bool
+	hostnsOnly bool
+	hostNetns  uint64
 }
 
 // Load loads the programs, reusing the pinned maps when they are compatible, and attaches
@@ -118,6 +128,17 @@ func Load(opts Options) (*Datapath, error) {
 		services: map[socklbSvcKey]*installed{},
 		usedIDs:  map[uint32]bool{},
 		nextID:   1,
+
+		pods:      map[string]*installedPod{},
+		podIDs:    map[uint32]*installedPod{},
+		nextPodID: 1,
+		skipPods:  map[uint32]bool{},
+	}
+	dp.hostNetns = opts.HostNetns
+	if dp.hostNetns == 0 {
+		if dp.hostNetns, err = ownNetnsCookie(); err != nil {
+			return nil, err
+		}
 	}
 	spec, err := loadSocklb()
 	if err != nil {
@@ -138,6 +159,18 @@ func Load(opts Options) (*Datapath, error) {
 	}
 	loaded = true
 	if err := dp.readServices(); err != nil {
+		return nil, errors.Join(err, dp.closeAll())
+	}
+	if err := dp.readPods(); err != nil {
+		return nil, errors.Join(err, dp.closeAll())
+	}
+	// Keep the pinned hostns_only setting until the agent applies its config: a restart
+	// must not change what pods see.
+	var cfg socklbDatapathCfg
+	if err := dp.objs.PodsockCfgV1.Lookup(uint32(0), &cfg); err == nil {
+		dp.hostnsOnly = cfg.Flags&cfgHostnsOnly != 0
+	}
+	if err := dp.writeCfg(); err != nil {
 		return nil, errors.Join(err, dp.closeAll())
 	}
 	if err := dp.attach(); err != nil {
@@ -316,6 +349,13 @@ type Stats struct {
 	Reversed  uint64 `json:"reversed"`
 	NoBackend uint64 `json:"no_backend"`
 	NoStorage uint64 `json:"no_storage"`
+	// Denied counts connects/sendmsgs refused with EPERM by a service's allow-list.
+	Denied uint64 `json:"denied"`
+	// Skipped counts operations towards a VIP that were left alone (skip-LB pods,
+	// hostns_only).
+	Skipped uint64 `json:"skipped"`
+	// AffinityFull counts pod-affinity choices that could not be recorded.
+	AffinityFull uint64 `json:"affinity_full"`
 }
 
 // Order matches enum stat_index in bpf/socklb.h.
@@ -325,6 +365,9 @@ const (
 	statReverse
 	statNoBackend
 	statNoStorage
+	statDenied
+	statSkipped
+	statAffinityFull
 	statMax
 )
 
@@ -335,7 +378,7 @@ func (dp *Datapath) Stats() (Stats, error) {
 	var sums [statMax]uint64
 	for i := range sums {
 		var perCPU []uint64
-		if err := dp.objs.PodsockStatV1.Lookup(uint32(i), &perCPU); err != nil {
+		if err := dp.objs.PodsockStatV2.Lookup(uint32(i), &perCPU); err != nil {
 			return Stats{}, fmt.Errorf("read stat %d: %w", i, err)
 		}
 		for _, v := range perCPU {
@@ -348,6 +391,10 @@ func (dp *Datapath) Stats() (Stats, error) {
 		Reversed:  sums[statReverse],
 		NoBackend: sums[statNoBackend],
 		NoStorage: sums[statNoStorage],
+
+		Denied:       sums[statDenied],
+		Skipped:      sums[statSkipped],
+		AffinityFull: sums[statAffinityFull],
 	}, nil
 }
 

@@ -21,6 +21,7 @@ func TestMapCapacitiesMatchTheObject(t *testing.T) {
 		"podsock_svc_v1":  maxServices,
 		"podsock_name_v1": maxServices,
 		"podsock_slot_v1": maxSlots,
+		"podsock_pod_v1":  maxPods,
 	} {
 		if got := spec.Maps[name].MaxEntries; got != want {
 			t.Errorf("map %s holds %d entries, Go assumes %d", name, got, want)
@@ -35,13 +36,17 @@ func TestGoStructsMatchBTF(t *testing.T) {
 		t.Fatal(err)
 	}
 	for cName, goVal := range map[string]any{
-		"svc_key":    socklbSvcKey{},
-		"svc_value":  socklbSvcValue{},
-		"slot_key":   socklbSlotKey{},
-		"backend":    socklbBackend{},
-		"svc_name":   socklbSvcName{},
-		"lb_entry":   socklbLbEntry{},
-		"sock_state": socklbSockState{},
+		"svc_key":      socklbSvcKey{},
+		"svc_value":    socklbSvcValue{},
+		"slot_key":     socklbSlotKey{},
+		"backend":      socklbBackend{},
+		"svc_name":     socklbSvcName{},
+		"lb_entry":     socklbLbEntry{},
+		"sock_state":   socklbSockState{},
+		"pod_ref":      socklbPodRef{},
+		"pod_meta":     socklbPodMeta{},
+		"pod_svc_key":  socklbPodSvcKey{},
+		"datapath_cfg": socklbDatapathCfg{},
 	} {
 		var st *btf.Struct
 		if err := spec.Types.TypeByName(cName, &st); err != nil {
@@ -85,7 +90,7 @@ func TestStatIndexMatchesHeader(t *testing.T) {
 			names = append(names, f)
 		}
 	}
-	want := []string{"STAT_CONNECT", "STAT_SENDMSG", "STAT_REVERSE", "STAT_NO_BACKEND", "STAT_NO_STORAGE", "STAT_MAX"}
+	want := []string{"STAT_CONNECT", "STAT_SENDMSG", "STAT_REVERSE", "STAT_NO_BACKEND", "STAT_NO_STORAGE", "STAT_DENIED", "STAT_SKIPPED", "STAT_AFFINITY_FULL", "STAT_MAX"}
 	if !slices.Equal(names, want) {
 		t.Fatalf("enum stat_index = %v, Go indexes assume %v", names, want)
 	}

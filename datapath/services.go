@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"slices"
@@ -25,7 +26,40 @@ type Service struct {
 	Port     uint16
 	Proto    uint8
 	Backends []Backend
+	Policy   ServicePolicy
 }
+
+// ServicePolicy is what a service asks of its clients' identity.
+type ServicePolicy struct {
+	// AffinityPod sends every socket of one pod to the same backend while it exists.
+	AffinityPod bool
+	// Restrict admits only the pods in AllowedPods, and host-netns clients if AllowHost.
+	// Everything else gets EPERM.
+	Restrict    bool
+	AllowHost   bool
+	AllowedPods []string // sandbox IDs; pods the datapath does not know yet are skipped
+}
+
+func (p ServicePolicy) flags() uint32 {
+	var f uint32
+	if p.AffinityPod {
+		f |= svcFlagAffinityPod
+	}
+	if p.Restrict {
+		f |= svcFlagRestrict
+		if p.AllowHost {
+			f |= svcFlagAllowHost
+		}
+	}
+	return f
+}
+
+// Service flags, as in bpf/socklb.h.
+const (
+	svcFlagAffinityPod = 1
+	svcFlagRestrict    = 2
+	svcFlagAllowHost   = 4
+)
 
 // Backend is a backend address and its relative weight (>= 1).
 type Backend struct {
@@ -50,6 +84,9 @@ type installed struct {
 	rev   uint32
 	name  string
 	slots []netip.AddrPort
+	flags uint32
+	// allowed are the pod IDs with an entry in the allow map for this service.
+	allowed map[uint32]bool
 }
 
 // ApplyResult says what Apply changed.
@@ -110,7 +147,7 @@ func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
 		if len(s.Backends) > MaxBackendsPerService {
 			return res, fmt.Errorf("service %s: %d backends, at most %d", s.Name, len(s.Backends), MaxBackendsPerService)
 		}
-		desired[k] = wanted{name: s.Name, slots: expandSlots(s.Backends)}
+		desired[k] = wanted{name: s.Name, slots: expandSlots(s.Backends), flags: s.Policy.flags(), allowed: dp.podIDsOf(s.Policy)}
 	}
 	if err := dp.checkCapacity(desired); err != nil {
 		return res, err
@@ -141,16 +178,16 @@ func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
 		cur := dp.services[k]
 		switch {
 		case cur == nil:
-			if err := dp.addService(k, s.name, slots); err != nil {
+			if err := dp.addService(k, s); err != nil {
 				errs = append(errs, err)
 				continue
 			}
 			res.Added++
-		case cur.name == s.name && slices.Equal(cur.slots, slots):
+		case cur.name == s.name && slices.Equal(cur.slots, slots) && cur.flags == s.flags && maps.Equal(cur.allowed, s.allowed):
 			res.Unchanged++
 		default:
 			gone := missingFrom(cur.slots, slots)
-			if err := dp.updateService(k, cur, s.name, slots); err != nil {
+			if err := dp.updateService(k, cur, s); err != nil {
 				errs = append(errs, err)
 				continue
 			}
@@ -163,10 +200,13 @@ func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
 	return res, errors.Join(errs...)
 }
 
-// wanted is a service as Apply is asked for it, with its selection table expanded.
+// wanted is a service as Apply is asked for it, with its selection table expanded and its
+// allowed pods resolved to pod IDs.
 type wanted struct {
-	name  string
-	slots []netip.AddrPort
+	name    string
+	slots   []netip.AddrPort
+	flags   uint32
+	allowed map[uint32]bool
 }
 
 func compareKeys(a, b socklbSvcKey) int {
@@ -240,7 +280,8 @@ func (dp *Datapath) deleteSlots(id, rev uint32, n int) {
 	}
 }
 
-func (dp *Datapath) addService(k socklbSvcKey, name string, slots []netip.AddrPort) error {
+func (dp *Datapath) addService(k socklbSvcKey, w wanted) error {
+	name, slots := w.name, w.slots
 	id, err := dp.allocID()
 	if err != nil {
 		return fmt.Errorf("service %s: %w", name, err)
@@ -257,17 +298,28 @@ func (dp *Datapath) addService(k socklbSvcKey, name string, slots []netip.AddrPo
 		dp.deleteName(id)
 		return fmt.Errorf("service %s: %w", name, err)
 	}
-	v := socklbSvcValue{Id: id, Rev: rev, SlotCount: uint32(len(slots))}
+	cur := &installed{id: id, rev: rev, name: name, slots: slots, allowed: map[uint32]bool{}}
+	// The allow entries go in before the service does, so no allowed pod is ever refused.
+	if err := dp.writeAllowed(cur, w.allowed); err != nil {
+		dp.deleteAllowed(cur, nil)
+		dp.deleteSlots(id, rev, len(slots))
+		dp.deleteName(id)
+		return fmt.Errorf("service %s: %w", name, err)
+	}
+	v := socklbSvcValue{Id: id, Rev: rev, SlotCount: uint32(len(slots)), Flags: w.flags}
 	if err := dp.objs.PodsockSvcV1.Update(&k, &v, ebpf.UpdateNoExist); err != nil {
+		dp.deleteAllowed(cur, nil)
 		dp.deleteSlots(id, rev, len(slots))
 		dp.deleteName(id)
 		return fmt.Errorf("service %s: write service entry: %w", name, err)
 	}
-	dp.services[k] = &installed{id: id, rev: rev, name: name, slots: slots}
+	cur.flags = w.flags
+	dp.services[k] = cur
 	return nil
 }
 
-func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, name string, slots []netip.AddrPort) error {
+func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) error {
+	name, slots := w.name, w.slots
 	if name != cur.name {
 		nv, _ := nameValue(name)
 		if err := dp.objs.PodsockNameV1.Update(&cur.id, &nv, ebpf.UpdateAny); err != nil {
@@ -275,21 +327,44 @@ func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, name string, s
 		}
 		cur.name = name
 	}
-	if slices.Equal(cur.slots, slots) {
-		return nil
-	}
-	rev := cur.rev + 1
-	if err := dp.writeSlots(cur.id, rev, slots); err != nil {
+	// Newly allowed pods get their entries before the switch, formerly allowed ones lose
+	// theirs after it: a pod allowed both before and after is never refused.
+	if err := dp.writeAllowed(cur, w.allowed); err != nil {
 		return fmt.Errorf("service %s: %w", name, err)
 	}
-	v := socklbSvcValue{Id: cur.id, Rev: rev, SlotCount: uint32(len(slots))}
+	sameSlots := slices.Equal(cur.slots, slots)
+	if sameSlots && cur.flags == w.flags {
+		dp.deleteAllowed(cur, w.allowed)
+		return nil
+	}
+	rev := cur.rev
+	if !sameSlots {
+		rev = cur.rev + 1
+		if err := dp.writeSlots(cur.id, rev, slots); err != nil {
+			return fmt.Errorf("service %s: %w", name, err)
+		}
+	}
+	v := socklbSvcValue{Id: cur.id, Rev: rev, SlotCount: uint32(len(slots)), Flags: w.flags}
 	if err := dp.objs.PodsockSvcV1.Update(&k, &v, ebpf.UpdateExist); err != nil {
-		dp.deleteSlots(cur.id, rev, len(slots))
+		if !sameSlots {
+			dp.deleteSlots(cur.id, rev, len(slots))
+		}
 		return fmt.Errorf("service %s: switch to revision %d: %w", name, rev, err)
 	}
-	dp.deleteSlots(cur.id, cur.rev, len(cur.slots))
-	cur.rev = rev
-	cur.slots = slots
+	if !sameSlots {
+		dp.deleteSlots(cur.id, cur.rev, len(cur.slots))
+	}
+	dp.deleteAllowed(cur, w.allowed)
+	gone := missingFrom(cur.slots, slots)
+	oldFlags := cur.flags
+	cur.rev, cur.slots, cur.flags = rev, slots, w.flags
+	switch {
+	case oldFlags&svcFlagAffinityPod != 0 && w.flags&svcFlagAffinityPod == 0:
+		dp.dropAffinity(cur.id, nil)
+	case w.flags&svcFlagAffinityPod != 0 && len(gone) > 0:
+		// Pods stuck to a backend that is gone pick again on their next connect.
+		dp.dropAffinity(cur.id, gone)
+	}
 	return nil
 }
 
@@ -298,6 +373,11 @@ func (dp *Datapath) removeService(k socklbSvcKey, cur *installed) error {
 		return fmt.Errorf("service %s: delete: %w", cur.name, err)
 	}
 	dp.deleteSlots(cur.id, cur.rev, len(cur.slots))
+	dp.deleteAllowed(cur, nil)
+	if cur.flags&svcFlagAffinityPod != 0 {
+		// IDs are reused: a later service must not inherit these choices.
+		dp.dropAffinity(cur.id, nil)
+	}
 	dp.deleteName(cur.id)
 	delete(dp.services, k)
 	return nil
@@ -321,7 +401,7 @@ func (dp *Datapath) readServices() error {
 	var v socklbSvcValue
 	it := dp.objs.PodsockSvcV1.Iterate()
 	for it.Next(&k, &v) {
-		dp.services[k] = &installed{id: v.Id, rev: v.Rev, slots: make([]netip.AddrPort, v.SlotCount)}
+		dp.services[k] = &installed{id: v.Id, rev: v.Rev, slots: make([]netip.AddrPort, v.SlotCount), flags: v.Flags, allowed: map[uint32]bool{}}
 		dp.usedIDs[v.Id] = true
 		byID[v.Id] = k
 	}

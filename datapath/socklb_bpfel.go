@@ -20,6 +20,13 @@ type socklbBackend struct {
 	Pad  uint16
 }
 
+type socklbDatapathCfg struct {
+	_               structs.HostLayout
+	HostNetnsCookie uint64
+	Flags           uint32
+	Pad             uint32
+}
+
 type socklbLbEntry struct {
 	_           structs.HostLayout
 	Vip         [4]uint32
@@ -28,6 +35,25 @@ type socklbLbEntry struct {
 	BackendPort uint16
 	SvcId       uint32
 	SvcRev      uint32
+}
+
+type socklbPodMeta struct {
+	_         structs.HostLayout
+	SandboxId [64]int8
+	Flags     uint32
+	Pad       uint32
+}
+
+type socklbPodRef struct {
+	_     structs.HostLayout
+	PodId uint32
+	Flags uint32
+}
+
+type socklbPodSvcKey struct {
+	_     structs.HostLayout
+	SvcId uint32
+	PodId uint32
 }
 
 type socklbSlotKey struct {
@@ -71,10 +97,17 @@ type socklbSvcValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	socklbMapPodsockAffV1         = "podsock_aff_v1"
+	socklbMapPodsockAllowV1       = "podsock_allow_v1"
+	socklbMapPodsockCfgV1         = "podsock_cfg_v1"
+	socklbMapPodsockCtrcgV1       = "podsock_ctrcg_v1"
 	socklbMapPodsockNameV1        = "podsock_name_v1"
+	socklbMapPodsockNetnsV1       = "podsock_netns_v1"
+	socklbMapPodsockPodV1         = "podsock_pod_v1"
+	socklbMapPodsockPodcgV1       = "podsock_podcg_v1"
 	socklbMapPodsockSlotV1        = "podsock_slot_v1"
 	socklbMapPodsockSockV1        = "podsock_sock_v1"
-	socklbMapPodsockStatV1        = "podsock_stat_v1"
+	socklbMapPodsockStatV2        = "podsock_stat_v2"
 	socklbMapPodsockSvcV1         = "podsock_svc_v1"
 	socklbProgPodsockConnect4     = "podsock_connect4"
 	socklbProgPodsockConnect6     = "podsock_connect6"
@@ -142,11 +175,18 @@ type socklbProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socklbMapSpecs struct {
-	PodsockNameV1 *ebpf.MapSpec `ebpf:"podsock_name_v1"`
-	PodsockSlotV1 *ebpf.MapSpec `ebpf:"podsock_slot_v1"`
-	PodsockSockV1 *ebpf.MapSpec `ebpf:"podsock_sock_v1"`
-	PodsockStatV1 *ebpf.MapSpec `ebpf:"podsock_stat_v1"`
-	PodsockSvcV1  *ebpf.MapSpec `ebpf:"podsock_svc_v1"`
+	PodsockAffV1   *ebpf.MapSpec `ebpf:"podsock_aff_v1"`
+	PodsockAllowV1 *ebpf.MapSpec `ebpf:"podsock_allow_v1"`
+	PodsockCfgV1   *ebpf.MapSpec `ebpf:"podsock_cfg_v1"`
+	PodsockCtrcgV1 *ebpf.MapSpec `ebpf:"podsock_ctrcg_v1"`
+	PodsockNameV1  *ebpf.MapSpec `ebpf:"podsock_name_v1"`
+	PodsockNetnsV1 *ebpf.MapSpec `ebpf:"podsock_netns_v1"`
+	PodsockPodV1   *ebpf.MapSpec `ebpf:"podsock_pod_v1"`
+	PodsockPodcgV1 *ebpf.MapSpec `ebpf:"podsock_podcg_v1"`
+	PodsockSlotV1  *ebpf.MapSpec `ebpf:"podsock_slot_v1"`
+	PodsockSockV1  *ebpf.MapSpec `ebpf:"podsock_sock_v1"`
+	PodsockStatV2  *ebpf.MapSpec `ebpf:"podsock_stat_v2"`
+	PodsockSvcV1   *ebpf.MapSpec `ebpf:"podsock_svc_v1"`
 }
 
 // socklbVariableSpecs contains global variables before they are loaded into the kernel.
@@ -175,19 +215,33 @@ func (o *socklbObjects) Close() error {
 //
 // It can be passed to loadSocklbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socklbMaps struct {
-	PodsockNameV1 *ebpf.Map `ebpf:"podsock_name_v1"`
-	PodsockSlotV1 *ebpf.Map `ebpf:"podsock_slot_v1"`
-	PodsockSockV1 *ebpf.Map `ebpf:"podsock_sock_v1"`
-	PodsockStatV1 *ebpf.Map `ebpf:"podsock_stat_v1"`
-	PodsockSvcV1  *ebpf.Map `ebpf:"podsock_svc_v1"`
+	PodsockAffV1   *ebpf.Map `ebpf:"podsock_aff_v1"`
+	PodsockAllowV1 *ebpf.Map `ebpf:"podsock_allow_v1"`
+	PodsockCfgV1   *ebpf.Map `ebpf:"podsock_cfg_v1"`
+	PodsockCtrcgV1 *ebpf.Map `ebpf:"podsock_ctrcg_v1"`
+	PodsockNameV1  *ebpf.Map `ebpf:"podsock_name_v1"`
+	PodsockNetnsV1 *ebpf.Map `ebpf:"podsock_netns_v1"`
+	PodsockPodV1   *ebpf.Map `ebpf:"podsock_pod_v1"`
+	PodsockPodcgV1 *ebpf.Map `ebpf:"podsock_podcg_v1"`
+	PodsockSlotV1  *ebpf.Map `ebpf:"podsock_slot_v1"`
+	PodsockSockV1  *ebpf.Map `ebpf:"podsock_sock_v1"`
+	PodsockStatV2  *ebpf.Map `ebpf:"podsock_stat_v2"`
+	PodsockSvcV1   *ebpf.Map `ebpf:"podsock_svc_v1"`
 }
 
 func (m *socklbMaps) Close() error {
 	return _SocklbClose(
+		m.PodsockAffV1,
+		m.PodsockAllowV1,
+		m.PodsockCfgV1,
+		m.PodsockCtrcgV1,
 		m.PodsockNameV1,
+		m.PodsockNetnsV1,
+		m.PodsockPodV1,
+		m.PodsockPodcgV1,
 		m.PodsockSlotV1,
 		m.PodsockSockV1,
-		m.PodsockStatV1,
+		m.PodsockStatV2,
 		m.PodsockSvcV1,
 	)
 }

@@ -235,3 +235,62 @@ func DoInNetns(nsfd int, fn func() error) error {
 	}()
 	return <-errc
 }
+
+// NewChild creates a cgroup below c and removes it at cleanup; programs attached to c
+// apply to its children too.
+func (c *Cgroup) NewChild(t TB, name string) *Cgroup {
+	t.Helper()
+	path := filepath.Join(c.Path, name)
+	if err := os.Mkdir(path, 0o755); err != nil {
+		t.Fatalf("create cgroup %s: %v", path, err)
+	}
+	t.Cleanup(func() {
+		if err := os.Remove(path); err != nil {
+			t.Errorf("remove cgroup %s: %v", path, err)
+		}
+	})
+	return &Cgroup{Path: path}
+}
+
+// ID is the cgroup's ID: its directory's inode, as bpf_get_current_cgroup_id() sees it.
+func (c *Cgroup) ID(t TB) uint64 {
+	t.Helper()
+	id, err := cgroupfs.ID(c.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// RunIn runs fn with the whole process moved into c, and moves it back to back afterwards.
+func (c *Cgroup) RunIn(t TB, back *Cgroup, fn func()) {
+	t.Helper()
+	if err := c.AddProcess(os.Getpid()); err != nil {
+		t.Fatalf("enter cgroup %s: %v", c.Path, err)
+	}
+	defer func() {
+		if err := back.AddProcess(os.Getpid()); err != nil {
+			t.Errorf("return to cgroup %s: %v", back.Path, err)
+		}
+	}()
+	fn()
+}
+
+// Cookie is the netns cookie, read with SO_NETNS_COOKIE from a socket inside it.
+func (ns *Netns) Cookie(t TB) uint64 {
+	t.Helper()
+	var cookie uint64
+	err := ns.Do(func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		cookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("netns cookie of %s: %v", ns.Name, err)
+	}
+	return cookie
+}

@@ -1,0 +1,526 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+)
+
+// maxPods is the capacity of the pod maps; bpf/socklb.h defines the same number.
+const maxPods = 65536
+
+// Pod flags and node settings, as in bpf/socklb.h.
+const (
+	podFlagSkipLB = 1
+
+	cfgHostnsOnly = 1
+	cfgAnySkip    = 2
+)
+
+// Pod is what the datapath needs to know of a pod to recognise its sockets: the exact
+// cgroup IDs and netns cookie the runtime reported, and the pod's policy.
+type Pod struct {
+	// SandboxID identifies the pod (the runtime's sandbox ID).
+	SandboxID        string
+	ContainerCgroups []uint64 // cgroup IDs of the workload containers
+	PodCgroup        uint64   // 0 while unknown
+	NetnsCookie      uint64   // 0 for a host-network pod: the host netns is not the pod's
+	SkipLB           bool
+	// AllowedServices names the restricted services that admit this pod.
+	AllowedServices []string
+}
+
+// installedPod mirrors one pod's entries in the maps.
+type installedPod struct {
+	id        uint32
+	sandboxID string
+	flags     uint32
+	// identity holds the keys this pod owns in the container-cgroup, pod-cgroup and netns
+	// maps.
+	ctrCgroups []uint64
+	podCgroup  uint64
+	netns      uint64
+}
+
+// PodSyncResult says what SyncPods changed.
+type PodSyncResult struct {
+	Added, Updated, Removed int
+}
+
+// SetPod installs or updates a pod. Allow entries go in before the identity entries that
+// make the pod's sockets recognisable, so a newly seen pod is never refused by a service
+// that admits it, and a pod marked to skip LB is never balanced.
+func (dp *Datapath) SetPod(p Pod) error {
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+	_, err := dp.setPod(p)
+	return err
+}
+
+func (dp *Datapath) setPod(p Pod) (added bool, err error) {
+	if p.SandboxID == "" {
+		return false, errors.New("pod without a sandbox ID")
+	}
+	var meta socklbPodMeta
+	if len(p.SandboxID) > len(meta.SandboxId) {
+		return false, fmt.Errorf("pod %s: sandbox ID longer than %d bytes", p.SandboxID, len(meta.SandboxId))
+	}
+	cur := dp.pods[p.SandboxID]
+	if cur == nil {
+		id, err := dp.allocPodID()
+		if err != nil {
+			return false, fmt.Errorf("pod %s: %w", p.SandboxID, err)
+		}
+		cur = &installedPod{id: id, sandboxID: p.SandboxID}
+		added = true
+	}
+	var flags uint32
+	if p.SkipLB {
+		flags |= podFlagSkipLB
+	}
+	for i := range len(p.SandboxID) {
+		meta.SandboxId[i] = int8(p.SandboxID[i])
+	}
+	meta.Flags = flags
+	if err := dp.objs.PodsockPodV1.Update(&cur.id, &meta, ebpf.UpdateAny); err != nil {
+		if added {
+			delete(dp.podIDs, cur.id)
+		}
+		return false, fmt.Errorf("pod %s: write pod record: %w", p.SandboxID, err)
+	}
+	if added {
+		dp.pods[p.SandboxID] = cur
+		dp.podIDs[cur.id] = cur
+	}
+
+	var errs []error
+	allowed := map[uint32]bool{}
+	for _, name := range p.AllowedServices {
+		for _, svc := range dp.services {
+			if svc.name == name && svc.flags&svcFlagRestrict != 0 {
+				allowed[svc.id] = true
+				if !svc.allowed[cur.id] {
+					errs = append(errs, dp.writeAllow(svc, cur.id))
+				}
+			}
+		}
+	}
+	if flags&podFlagSkipLB != 0 {
+		dp.skipPods[cur.id] = true
+		errs = append(errs, dp.writeCfg())
+	}
+
+	ref := socklbPodRef{PodId: cur.id, Flags: flags}
+	ctr := slices.Clone(p.ContainerCgroups)
+	slices.Sort(ctr)
+	ctr = slices.Compact(ctr)
+	for _, cg := range ctr {
+		errs = append(errs, dp.writeIdentity(dp.objs.PodsockCtrcgV1, "container cgroup", cg, ref))
+	}
+	for _, cg := range cur.ctrCgroups {
+		if !slices.Contains(ctr, cg) {
+			dp.deleteIdentity(dp.objs.PodsockCtrcgV1, cg, cur.id)
+		}
+	}
+	if p.PodCgroup != 0 {
+		errs = append(errs, dp.writeIdentity(dp.objs.PodsockPodcgV1, "pod cgroup", p.PodCgroup, ref))
+	}
+	if cur.podCgroup != 0 && cur.podCgroup != p.PodCgroup {
+		dp.deleteIdentity(dp.objs.PodsockPodcgV1, cur.podCgroup, cur.id)
+	}
+	if p.NetnsCookie != 0 {
+		errs = append(errs, dp.writeIdentity(dp.objs.PodsockNetnsV1, "netns", p.NetnsCookie, ref))
+	}
+	if cur.netns != 0 && cur.netns != p.NetnsCookie {
+		dp.deleteIdentity(dp.objs.PodsockNetnsV1, cur.netns, cur.id)
+	}
+	cur.ctrCgroups, cur.podCgroup, cur.netns, cur.flags = ctr, p.PodCgroup, p.NetnsCookie, flags
+
+	for _, svc := range dp.services {
+		if svc.allowed[cur.id] && !allowed[svc.id] {
+			dp.deleteAllow(svc, cur.id)
+		}
+	}
+	if flags&podFlagSkipLB == 0 && dp.skipPods[cur.id] {
+		delete(dp.skipPods, cur.id)
+		errs = append(errs, dp.writeCfg())
+	}
+	if err := errors.Join(errs...); err != nil {
+		return added, fmt.Errorf("pod %s: %w", p.SandboxID, err)
+	}
+	return added, nil
+}
+
+// RemovePod forgets a pod: its sockets stop being recognised first, then its allow and
+// affinity entries and its ID go.
+func (dp *Datapath) RemovePod(sandboxID string) error {
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+	cur := dp.pods[sandboxID]
+	if cur == nil {
+		return nil
+	}
+	return dp.removePod(cur)
+}
+
+func (dp *Datapath) removePod(cur *installedPod) error {
+	for _, cg := range cur.ctrCgroups {
+		dp.deleteIdentity(dp.objs.PodsockCtrcgV1, cg, cur.id)
+	}
+	if cur.podCgroup != 0 {
+		dp.deleteIdentity(dp.objs.PodsockPodcgV1, cur.podCgroup, cur.id)
+	}
+	if cur.netns != 0 {
+		dp.deleteIdentity(dp.objs.PodsockNetnsV1, cur.netns, cur.id)
+	}
+	for _, svc := range dp.services {
+		if svc.allowed[cur.id] {
+			dp.deleteAllow(svc, cur.id)
+		}
+		if svc.flags&svcFlagAffinityPod != 0 {
+			k := socklbPodSvcKey{SvcId: svc.id, PodId: cur.id}
+			if err := dp.objs.PodsockAffV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				dp.log.WithError(err).Warnf("delete affinity of pod %s", cur.sandboxID)
+			}
+		}
+	}
+	var err error
+	if dp.skipPods[cur.id] {
+		delete(dp.skipPods, cur.id)
+		err = dp.writeCfg()
+	}
+	if derr := dp.objs.PodsockPodV1.Delete(&cur.id); derr != nil && !errors.Is(derr, ebpf.ErrKeyNotExist) {
+		// Keep the ID reserved: its record is still there.
+		return errors.Join(err, fmt.Errorf("pod %s: delete pod record: %w", cur.sandboxID, derr))
+	}
+	delete(dp.pods, cur.sandboxID)
+	delete(dp.podIDs, cur.id)
+	return err
+}
+
+// SyncPods makes the pod maps hold exactly these pods: the runtime's Synchronize.
+func (dp *Datapath) SyncPods(pods []Pod) (PodSyncResult, error) {
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+	var res PodSyncResult
+	var errs []error
+	want := map[string]bool{}
+	for _, p := range pods {
+		want[p.SandboxID] = true
+	}
+	for id, cur := range dp.pods {
+		if want[id] {
+			continue
+		}
+		if err := dp.removePod(cur); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		res.Removed++
+	}
+	for _, p := range pods {
+		added, err := dp.setPod(p)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		if added {
+			res.Added++
+		} else if err == nil {
+			res.Updated++
+		}
+	}
+	return res, errors.Join(errs...)
+}
+
+// PodCount is the number of pods the datapath recognises.
+func (dp *Datapath) PodCount() int {
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+	return len(dp.pods)
+}
+
+// PodMapEntries counts the entries of each pod-related map, as the kernel holds them;
+// churn tests compare it with a baseline.
+func (dp *Datapath) PodMapEntries() (map[string]int, error) {
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+	out := map[string]int{}
+	for name, m := range map[string]*ebpf.Map{
+		"container_cgroups": dp.objs.PodsockCtrcgV1,
+		"pod_cgroups":       dp.objs.PodsockPodcgV1,
+		"netns":             dp.objs.PodsockNetnsV1,
+		"pods":              dp.objs.PodsockPodV1,
+		"allow":             dp.objs.PodsockAllowV1,
+		"affinity":          dp.objs.PodsockAffV1,
+	} {
+		n, err := countEntries(m)
+		if err != nil {
+			return nil, fmt.Errorf("count %s entries: %w", name, err)
+		}
+		out[name] = n
+	}
+	return out, nil
+}
+
+func countEntries(m *ebpf.Map) (int, error) {
+	n := 0
+	var k, v []byte
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		n++
+	}
+	return n, it.Err()
+}
+
+// SetHostnsOnly switches socket-LB to host-netns sockets only, or back to all.
+func (dp *Datapath) SetHostnsOnly(on bool) error {
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+	dp.hostnsOnly = on
+	return dp.writeCfg()
+}
+
+func (dp *Datapath) writeCfg() error {
+	var flags uint32
+	if dp.hostnsOnly {
+		flags |= cfgHostnsOnly
+	}
+	if len(dp.skipPods) > 0 {
+		flags |= cfgAnySkip
+	}
+	v := socklbDatapathCfg{HostNetnsCookie: dp.hostNetns, Flags: flags}
+	if err := dp.objs.PodsockCfgV1.Update(uint32(0), &v, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("write datapath settings: %w", err)
+	}
+	return nil
+}
+
+func (dp *Datapath) allocPodID() (uint32, error) {
+	for range maxPods {
+		id := dp.nextPodID
+		dp.nextPodID++
+		if dp.nextPodID >= maxPods {
+			dp.nextPodID = 1
+		}
+		if dp.podIDs[id] == nil {
+			return id, nil
+		}
+	}
+	return 0, fmt.Errorf("all %d pod IDs in use", maxPods-1)
+}
+
+func (dp *Datapath) writeIdentity(m *ebpf.Map, what string, key uint64, ref socklbPodRef) error {
+	if err := m.Update(&key, &ref, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("write %s %d: %w", what, key, err)
+	}
+	return nil
+}
+
+// deleteIdentity removes key only while it still names pod id: two pods can briefly
+// claim the same key (a sandbox recreated with the netns of the old one), and the newer
+// claim must survive the older pod's removal.
+func (dp *Datapath) deleteIdentity(m *ebpf.Map, key uint64, id uint32) {
+	var ref socklbPodRef
+	if err := m.Lookup(&key, &ref); err != nil || ref.PodId != id {
+		return
+	}
+	if err := m.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		dp.log.WithError(err).Warnf("delete identity %d of pod %d", key, id)
+	}
+}
+
+func (dp *Datapath) writeAllow(svc *installed, podID uint32) error {
+	k := socklbPodSvcKey{SvcId: svc.id, PodId: podID}
+	if err := dp.objs.PodsockAllowV1.Update(&k, uint32(1), ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("allow pod %d for service %s: %w", podID, svc.name, err)
+	}
+	svc.allowed[podID] = true
+	return nil
+}
+
+func (dp *Datapath) deleteAllow(svc *installed, podID uint32) {
+	k := socklbPodSvcKey{SvcId: svc.id, PodId: podID}
+	if err := dp.objs.PodsockAllowV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		dp.log.WithError(err).Warnf("delete allow entry of pod %d for service %s", podID, svc.name)
+		return
+	}
+	delete(svc.allowed, podID)
+}
+
+// writeAllowed adds the allow entries of want that svc lacks.
+func (dp *Datapath) writeAllowed(svc *installed, want map[uint32]bool) error {
+	for id := range want {
+		if svc.allowed[id] {
+			continue
+		}
+		if err := dp.writeAllow(svc, id); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// deleteAllowed removes svc's allow entries that keep does not hold (all, for nil).
+func (dp *Datapath) deleteAllowed(svc *installed, keep map[uint32]bool) {
+	for id := range svc.allowed {
+		if !keep[id] {
+			dp.deleteAllow(svc, id)
+		}
+	}
+}
+
+// podIDsOf resolves a policy's allowed sandbox IDs to the IDs of pods the datapath knows.
+func (dp *Datapath) podIDsOf(p ServicePolicy) map[uint32]bool {
+	out := map[uint32]bool{}
+	if !p.Restrict {
+		return out
+	}
+	for _, sb := range p.AllowedPods {
+		if cur := dp.pods[sb]; cur != nil {
+			out[cur.id] = true
+		}
+	}
+	return out
+}
+
+// dropAffinity removes a service's affinity entries that point at one of gone (all of
+// them, for nil).
+func (dp *Datapath) dropAffinity(svcID uint32, gone []netip.AddrPort) {
+	var k socklbPodSvcKey
+	var be socklbBackend
+	var drop []socklbPodSvcKey
+	it := dp.objs.PodsockAffV1.Iterate()
+	for it.Next(&k, &be) {
+		if k.SvcId == svcID && (gone == nil || slices.Contains(gone, backendAddrPort(be))) {
+			drop = append(drop, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		dp.log.WithError(err).Warnf("read affinity entries of service %d", svcID)
+	}
+	for _, k := range drop {
+		if err := dp.objs.PodsockAffV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			dp.log.WithError(err).Warnf("delete affinity entry %+v", k)
+		}
+	}
+}
+
+// readPods rebuilds the pod mirror from pinned maps left by a previous agent. Identity,
+// allow and affinity entries of pods without a record are dropped.
+func (dp *Datapath) readPods() error {
+	var id uint32
+	var meta socklbPodMeta
+	it := dp.objs.PodsockPodV1.Iterate()
+	for it.Next(&id, &meta) {
+		b := make([]byte, 0, len(meta.SandboxId))
+		for _, c := range meta.SandboxId {
+			if c == 0 {
+				break
+			}
+			b = append(b, byte(c))
+		}
+		p := &installedPod{id: id, sandboxID: string(b), flags: meta.Flags}
+		dp.pods[p.sandboxID] = p
+		dp.podIDs[id] = p
+		if p.flags&podFlagSkipLB != 0 {
+			dp.skipPods[id] = true
+		}
+		dp.nextPodID = max(dp.nextPodID, id+1)
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read pinned pods: %w", err)
+	}
+	if dp.nextPodID >= maxPods {
+		dp.nextPodID = 1
+	}
+	for _, m := range []struct {
+		m     *ebpf.Map
+		claim func(p *installedPod, key uint64)
+	}{
+		{dp.objs.PodsockCtrcgV1, func(p *installedPod, k uint64) { p.ctrCgroups = append(p.ctrCgroups, k) }},
+		{dp.objs.PodsockPodcgV1, func(p *installedPod, k uint64) { p.podCgroup = k }},
+		{dp.objs.PodsockNetnsV1, func(p *installedPod, k uint64) { p.netns = k }},
+	} {
+		var key uint64
+		var ref socklbPodRef
+		var stale []uint64
+		it := m.m.Iterate()
+		for it.Next(&key, &ref) {
+			if p := dp.podIDs[ref.PodId]; p != nil {
+				m.claim(p, key)
+			} else {
+				stale = append(stale, key)
+			}
+		}
+		if err := it.Err(); err != nil {
+			return fmt.Errorf("read pinned %s: %w", m.m, err)
+		}
+		for _, k := range stale {
+			if err := m.m.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				dp.log.WithError(err).Warn("drop stale pod identity")
+			}
+		}
+	}
+	for _, p := range dp.pods {
+		slices.Sort(p.ctrCgroups)
+	}
+	byID := map[uint32]*installed{}
+	for _, s := range dp.services {
+		byID[s.id] = s
+	}
+	for _, m := range []struct {
+		m    *ebpf.Map
+		keep func(svc *installed, k socklbPodSvcKey) bool
+	}{
+		{dp.objs.PodsockAllowV1, func(svc *installed, k socklbPodSvcKey) bool {
+			if svc.flags&svcFlagRestrict == 0 {
+				return false
+			}
+			svc.allowed[k.PodId] = true
+			return true
+		}},
+		{dp.objs.PodsockAffV1, func(svc *installed, _ socklbPodSvcKey) bool { return svc.flags&svcFlagAffinityPod != 0 }},
+	} {
+		var k socklbPodSvcKey
+		var v []byte
+		var stale []socklbPodSvcKey
+		it := m.m.Iterate()
+		for it.Next(&k, &v) {
+			svc := byID[k.SvcId]
+			if svc == nil || dp.podIDs[k.PodId] == nil || !m.keep(svc, k) {
+				stale = append(stale, k)
+			}
+		}
+		if err := it.Err(); err != nil {
+			return fmt.Errorf("read pinned %s: %w", m.m, err)
+		}
+		for _, k := range stale {
+			if err := m.m.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				dp.log.WithError(err).Warn("drop stale pod entry")
+			}
+		}
+	}
+	if len(dp.pods) > 0 {
+		dp.log.Infof("adopted %d pods from pinned maps", len(dp.pods))
+	}
+	return nil
+}
+
+// ownNetnsCookie is the cookie of the netns this process runs in: the host netns, for a
+// node agent. SO_NETNS_COOKIE needs no privilege and no nsfs path.
+func ownNetnsCookie() (uint64, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, fmt.Errorf("socket for the netns cookie: %w", err)
+	}
+	defer unix.Close(fd)
+	cookie, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+	if err != nil {
+		return 0, fmt.Errorf("read the host netns cookie: %w", err)
+	}
+	return cookie, nil
+}

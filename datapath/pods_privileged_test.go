@@ -1,0 +1,292 @@
+package datapath
+
+import (
+	"errors"
+	"net/netip"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/podsock/podsock/test/testenv"
+)
+
+// podWorld is a fixture with pods: f.ns plays the host netns (the datapath is told so), two
+// child cgroups of the attach cgroup are the containers of pods A and B, and a second netns
+// with its own backends is pod N, known only by its netns cookie.
+type podWorld struct {
+	*fixture
+	dp         *Datapath
+	ctrA, ctrB *testenv.Cgroup
+	podNS      *testenv.Netns
+	hitsA      *testenv.Backend // backend A in f.ns
+}
+
+func newPodWorld(t *testing.T) *podWorld {
+	f := newFixture(t)
+	w := &podWorld{fixture: f}
+	w.hitsA = testenv.StartTCPBackend(t, f.ns, "A", beA)
+	testenv.StartTCPBackend(t, f.ns, "B", beB)
+	w.podNS = testenv.NewNetns(t, vipRanges, "10.88.0.5/32", "10.88.0.6/32")
+	testenv.StartTCPBackend(t, w.podNS, "A", beA)
+	testenv.StartTCPBackend(t, w.podNS, "B", beB)
+	w.ctrA = f.cg.NewChild(t, "ctr-a")
+	w.ctrB = f.cg.NewChild(t, "ctr-b")
+	dp, err := Load(Options{CgroupRoot: f.cg.Path, BPFFS: f.bpffs, HostNetns: f.ns.Cookie(t)})
+	if err != nil {
+		t.Fatalf("load datapath: %v", err)
+	}
+	t.Cleanup(func() { dp.Close() })
+	w.dp = dp
+	return w
+}
+
+func (w *podWorld) setPods(t *testing.T, pods ...Pod) {
+	t.Helper()
+	for _, p := range pods {
+		if err := w.dp.SetPod(p); err != nil {
+			t.Fatalf("set pod %s: %v", p.SandboxID, err)
+		}
+	}
+}
+
+// dialFrom connects to the VIP from inside cgroup cg (nil: the attach cgroup) and netns ns.
+func (w *podWorld) dialFrom(t *testing.T, cg *testenv.Cgroup, ns *testenv.Netns) (res testenv.TCPResult, err error) {
+	t.Helper()
+	if cg == nil {
+		return testenv.DialTCP(ns, 0, webVIP, false)
+	}
+	cg.RunIn(t, w.cg, func() { res, err = testenv.DialTCP(ns, 0, webVIP, false) })
+	return res, err
+}
+
+func TestPrivilegedAllowListByPodIdentity(t *testing.T) {
+	w := newPodWorld(t)
+	svc := tcpService("default/web", webVIP, be(beA, 1))
+	svc.Policy = ServicePolicy{Restrict: true, AllowHost: true, AllowedPods: []string{"pod-a", "pod-n"}}
+	apply(t, w.dp, svc)
+	w.setPods(t,
+		Pod{SandboxID: "pod-a", ContainerCgroups: []uint64{w.ctrA.ID(t)}, AllowedServices: []string{"default/web"}},
+		Pod{SandboxID: "pod-b", ContainerCgroups: []uint64{w.ctrB.ID(t)}},
+		Pod{SandboxID: "pod-n", NetnsCookie: w.podNS.Cookie(t), AllowedServices: []string{"default/web"}},
+	)
+
+	if res, err := w.dialFrom(t, w.ctrA, w.ns); err != nil || res.Backend != "A" || res.Peer != webVIP {
+		t.Fatalf("allowed pod A (by container cgroup): reply %q peer %s err %v; want A via the VIP", res.Backend, res.Peer, err)
+	}
+	if _, err := w.dialFrom(t, w.ctrB, w.ns); !errors.Is(err, unix.EPERM) {
+		t.Fatalf("pod B, not on the allow-list: err %v, want EPERM", err)
+	}
+	if res, err := w.dialFrom(t, nil, w.podNS); err != nil || res.Backend != "A" {
+		t.Fatalf("allowed pod N (by netns cookie): reply %q err %v; want A", res.Backend, err)
+	}
+	if res, err := w.dialFrom(t, nil, w.ns); err != nil || res.Backend != "A" {
+		t.Fatalf("host client with allow_host: reply %q err %v; want A", res.Backend, err)
+	}
+	// A process in a cgroup nested below a pod cgroup, which no container event named, is
+	// found through its ancestors at whatever depth the pod cgroup sits.
+	podCg := w.cg.NewChild(t, "pod-p")
+	nested := podCg.NewChild(t, "sidecar").NewChild(t, "worker")
+	w.setPods(t, Pod{SandboxID: "pod-p", PodCgroup: podCg.ID(t)})
+	if _, err := w.dialFrom(t, nested, w.ns); !errors.Is(err, unix.EPERM) {
+		t.Fatalf("pod P before it is allowed: err %v, want EPERM", err)
+	}
+	w.setPods(t, Pod{SandboxID: "pod-p", PodCgroup: podCg.ID(t), AllowedServices: []string{"default/web"}})
+	if res, err := w.dialFrom(t, nested, w.ns); err != nil || res.Backend != "A" {
+		t.Fatalf("allowed pod P (by pod cgroup, two levels down): reply %q err %v; want A", res.Backend, err)
+	}
+	// A netns that is neither the host nor a known pod: the allow-list fails closed.
+	stranger := testenv.NewNetns(t, vipRanges)
+	if _, err := w.dialFrom(t, nil, stranger); !errors.Is(err, unix.EPERM) {
+		t.Fatalf("unknown netns: err %v, want EPERM", err)
+	}
+
+	// Deny the host, and drop pod A from the list: both refused now, pod N still served.
+	svc.Policy = ServicePolicy{Restrict: true, AllowHost: false, AllowedPods: []string{"pod-n"}}
+	apply(t, w.dp, svc)
+	w.setPods(t, Pod{SandboxID: "pod-a", ContainerCgroups: []uint64{w.ctrA.ID(t)}})
+	for name, dial := range map[string]func() error{
+		"host":  func() error { _, err := w.dialFrom(t, nil, w.ns); return err },
+		"pod A": func() error { _, err := w.dialFrom(t, w.ctrA, w.ns); return err },
+	} {
+		if err := dial(); !errors.Is(err, unix.EPERM) {
+			t.Errorf("%s after the allow-list shrank: err %v, want EPERM", name, err)
+		}
+	}
+	if res, err := w.dialFrom(t, nil, w.podNS); err != nil || res.Backend != "A" {
+		t.Fatalf("pod N after the change: reply %q err %v; want A", res.Backend, err)
+	}
+	// A UDP sendmsg is refused the same way.
+	udp := udpService("default/dns", dnsVIP, be(dnsA, 1))
+	udp.Policy = ServicePolicy{Restrict: true}
+	apply(t, w.dp, svc, udp)
+	err := w.ns.Do(func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		return unix.Sendto(fd, []byte("x"), 0, testenv.Sockaddr(unix.AF_INET, dnsVIP))
+	})
+	if !errors.Is(err, unix.EPERM) {
+		t.Fatalf("sendmsg to a restricted UDP service from the denied host: %v, want EPERM", err)
+	}
+	st, err := w.dp.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Denied < 5 {
+		t.Fatalf("datapath counted %d denials, want >= 5", st.Denied)
+	}
+}
+
+func TestPrivilegedSkipLBAndHostnsOnly(t *testing.T) {
+	w := newPodWorld(t)
+	apply(t, w.dp, tcpService("default/web", webVIP, be(beA, 1)))
+	w.setPods(t,
+		Pod{SandboxID: "mesh", ContainerCgroups: []uint64{w.ctrA.ID(t)}, SkipLB: true},
+		Pod{SandboxID: "plain", ContainerCgroups: []uint64{w.ctrB.ID(t)}},
+		Pod{SandboxID: "pod-n", NetnsCookie: w.podNS.Cookie(t)},
+	)
+	// The skipped pod's connect goes to the VIP itself, which the blackhole refuses.
+	if _, err := w.dialFrom(t, w.ctrA, w.ns); !testenv.IsUnreachable(err) {
+		t.Fatalf("skip-LB pod: err %v, want the VIP left alone (unreachable)", err)
+	}
+	if res, err := w.dialFrom(t, w.ctrB, w.ns); err != nil || res.Backend != "A" {
+		t.Fatalf("other pod: reply %q err %v; want A", res.Backend, err)
+	}
+	// Unmarking the pod brings it back under socket-LB at once.
+	w.setPods(t, Pod{SandboxID: "mesh", ContainerCgroups: []uint64{w.ctrA.ID(t)}})
+	if res, err := w.dialFrom(t, w.ctrA, w.ns); err != nil || res.Backend != "A" {
+		t.Fatalf("pod after skip-LB was lifted: reply %q err %v; want A", res.Backend, err)
+	}
+
+	if err := w.dp.SetHostnsOnly(true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.dialFrom(t, nil, w.podNS); !testenv.IsUnreachable(err) {
+		t.Fatalf("pod netns with hostns_only: err %v, want the VIP left alone", err)
+	}
+	if res, err := w.dialFrom(t, nil, w.ns); err != nil || res.Backend != "A" {
+		t.Fatalf("host netns with hostns_only: reply %q err %v; want A", res.Backend, err)
+	}
+	if err := w.dp.SetHostnsOnly(false); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := w.dialFrom(t, nil, w.podNS); err != nil || res.Backend != "A" {
+		t.Fatalf("pod netns after hostns_only was lifted: reply %q err %v; want A", res.Backend, err)
+	}
+}
+
+func TestPrivilegedPodAffinity(t *testing.T) {
+	w := newPodWorld(t)
+	testenv.StartTCPBackend(t, w.ns, "C", beC)
+	svc := tcpService("default/web", webVIP, be(beA, 1), be(beB, 1), be(beC, 1))
+	svc.Policy.AffinityPod = true
+	apply(t, w.dp, svc)
+	w.setPods(t,
+		Pod{SandboxID: "pod-a", ContainerCgroups: []uint64{w.ctrA.ID(t)}},
+		Pod{SandboxID: "pod-b", ContainerCgroups: []uint64{w.ctrB.ID(t)}},
+	)
+	stuck := func(cg *testenv.Cgroup) string {
+		t.Helper()
+		first := ""
+		for i := range 30 {
+			res, err := w.dialFrom(t, cg, w.ns)
+			if err != nil {
+				t.Fatalf("connect %d: %v", i, err)
+			}
+			if first == "" {
+				first = res.Backend
+			} else if res.Backend != first {
+				t.Fatalf("pod with affinity went to %s after %s", res.Backend, first)
+			}
+		}
+		return first
+	}
+	chosenA := stuck(w.ctrA)
+	stuck(w.ctrB)
+	// Without a pod (the host here), connects still spread over the backends.
+	seen := map[string]bool{}
+	for range 60 {
+		res, err := w.dialFrom(t, nil, w.ns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen[res.Backend] = true
+	}
+	if len(seen) < 2 {
+		t.Fatalf("host connects all went to %v: affinity must apply to pods only", seen)
+	}
+
+	// Remove pod A's backend: it moves once, then sticks to its new choice.
+	addrOf := map[string]netip.AddrPort{"A": beA, "B": beB, "C": beC}
+	var rest []Backend
+	for id, a := range addrOf {
+		if id != chosenA {
+			rest = append(rest, be(a, 1))
+		}
+	}
+	svc.Backends = rest
+	apply(t, w.dp, svc)
+	if again := stuck(w.ctrA); again == chosenA {
+		t.Fatalf("pod A still reaches removed backend %s", chosenA)
+	}
+	stuck(w.ctrB)
+
+	// Removing the pod removes its entries.
+	if err := w.dp.RemovePod("pod-a"); err != nil {
+		t.Fatal(err)
+	}
+	entries, err := w.dp.PodMapEntries()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if entries["affinity"] != 1 || entries["container_cgroups"] != 1 || entries["pods"] != 1 {
+		t.Fatalf("after removing pod A the maps hold %v; want pod B's entries only", entries)
+	}
+}
+
+func TestPrivilegedPodSyncAndAdoption(t *testing.T) {
+	w := newPodWorld(t)
+	svc := tcpService("default/web", webVIP, be(beA, 1))
+	svc.Policy = ServicePolicy{Restrict: true, AllowedPods: []string{"pod-a"}}
+	apply(t, w.dp, svc)
+	w.setPods(t,
+		Pod{SandboxID: "pod-a", ContainerCgroups: []uint64{w.ctrA.ID(t)}, AllowedServices: []string{"default/web"}},
+		Pod{SandboxID: "gone", ContainerCgroups: []uint64{w.ctrB.ID(t)}, PodCgroup: 12345, NetnsCookie: w.podNS.Cookie(t), SkipLB: true},
+	)
+	w.dp.Close()
+
+	// A restarted agent adopts the pods, and Synchronize removes the one that is gone.
+	dp, err := Load(Options{CgroupRoot: w.cg.Path, BPFFS: w.bpffs, HostNetns: w.ns.Cookie(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	if n := dp.PodCount(); n != 2 {
+		t.Fatalf("adopted %d pods, want 2", n)
+	}
+	if res, err := w.dialFrom(t, w.ctrA, w.ns); err != nil || res.Backend != "A" {
+		t.Fatalf("pod A right after the restart: reply %q err %v; want A", res.Backend, err)
+	}
+	res, err := dp.SyncPods([]Pod{{SandboxID: "pod-a", ContainerCgroups: []uint64{w.ctrA.ID(t)}, AllowedServices: []string{"default/web"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Removed != 1 || res.Updated != 1 || res.Added != 0 {
+		t.Fatalf("sync = %+v, want 1 removed, 1 updated", res)
+	}
+	entries, err := dp.PodMapEntries()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]int{"container_cgroups": 1, "pod_cgroups": 0, "netns": 0, "pods": 1, "allow": 1, "affinity": 0}
+	for k, v := range want {
+		if entries[k] != v {
+			t.Errorf("%s entries = %d, want %d (all: %v)", k, entries[k], v, entries)
+		}
+	}
+	if _, err := w.dialFrom(t, w.ctrB, w.ns); !errors.Is(err, unix.EPERM) {
+		t.Fatalf("removed pod's cgroup (now just the host, which the service denies): err %v, want EPERM", err)
+	}
+}

@@ -58,16 +58,32 @@ type NRI struct {
 	PluginIndex string `toml:"plugin_index"` // two digits: NRI orders plugins by it
 }
 
+// LB is the [lb] section: how socket-LB treats sockets, across services.
 type LB struct {
 	// Terminate lists the protocols whose sockets to a removed backend are
 	// destroyed. Empty means none.
 	Terminate []Protocol `toml:"terminate"`
+	// HostnsOnly (hostns_only, default false) limits socket-LB to sockets of
+	// the host network namespace, as Cilium's bpf-lb-sock-hostns-only does:
+	// connects and sends from pods go to the service VIP untranslated, for
+	// another load balancer (a CNI, a service mesh) to handle.
+	HostnsOnly bool `toml:"hostns_only"`
+	// Skip ([[lb.skip]]) selects pods whose sockets socket-LB leaves alone,
+	// typically service mesh pods whose sidecar must see the VIP. A pod is
+	// skipped when any selector matches it, or when it carries the
+	// annotation podsock.io/skip-lb: "true" (see SkipsLB). Empty means none.
+	Skip []Selector `toml:"skip,omitempty"`
 }
 
 // Terminates reports whether sockets of protocol p to removed backends are
 // destroyed.
 func (l LB) Terminates(p Protocol) bool { return slices.Contains(l.Terminate, p) }
 
+// Service is one [[service]]. Parse fills in the keys a file omits (protocol
+// "tcp", affinity "none", allow_host = true). A Service built in Go behaves
+// the same when it leaves the newer fields zero: the zero Affinity means
+// AffinityNone, and the zero AllowHost (false) has no effect without Allow.
+// Code that sets Allow must choose AllowHost deliberately.
 type Service struct {
 	Name     string     `toml:"name"`
 	VIP      netip.Addr `toml:"vip"`
@@ -75,6 +91,19 @@ type Service struct {
 	Protocol Protocol   `toml:"protocol"`
 	// Backends may be empty: the service then exists but refuses connects.
 	Backends []Backend `toml:"backends"`
+	// Affinity (affinity, default "none") is "none" or "pod"; see AffinityPod.
+	Affinity Affinity `toml:"affinity,omitempty"`
+	// Allow ([[service.allow]]) is the service's client allow-list. When it
+	// is present, only pods that any selector matches, plus the host netns
+	// if AllowHost, may connect; connect() and sendmsg() from any other
+	// client fail with EPERM. Without it every client may connect. In a file
+	// the list may be left out but not given empty (allow = []).
+	Allow []Selector `toml:"allow,omitempty"`
+	// AllowHost (allow_host, default true) lets sockets of the host network
+	// namespace connect when the service has an allow-list. Without an
+	// allow-list it has no effect, so a file may only set allow_host = false
+	// together with [[service.allow]].
+	AllowHost bool `toml:"allow_host"`
 }
 
 // Key identifies the service in the datapath, e.g. "10.96.0.20:80/tcp" or

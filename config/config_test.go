@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -184,6 +185,73 @@ func TestParseErrors(t *testing.T) {
 			`  { addr = "10.88.0.6:80",`, `    weight = 0 },`, `]`), 9, "weight 0 out of range"},
 		{"crlf", strings.ReplaceAll(doc(`[agent]`, `bpffs = "/x"`, `[[service]]`, svcName, `vip = "x"`, svcPort), "\n", "\r\n"), 5, `vip "x" is not an IP address`},
 		{"dotted keys in service", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends.x = 1`), 5, "backends must be an array, not table"},
+
+		// [lb] hostns_only and [[lb.skip]].
+		{"hostns_only wrong type", doc(`[lb]`, `hostns_only = "true"`), 2, "lb.hostns_only must be a boolean, not string"},
+		{"skip not array", doc(`[lb]`, `skip = {namespace = "a"}`), 2, "lb.skip must be an array of tables ([[lb.skip]]), not table"},
+		{"skip single table", doc(`[lb.skip]`, `namespace = "a"`), 1, "lb.skip must be an array of tables ([[lb.skip]]), not table"},
+		{"skip element not table", doc(`[lb]`, `skip = [`, `  {namespace = "a"},`, `  "istio-system",`, `]`), 4,
+			`lb.skip #2 must be a table {namespace = "...", labels = {...}}, not string`},
+		{"skip unknown key", doc(`[[lb.skip]]`, `namespace = "a"`, `[[lb.skip]]`, `namespaces = ["b"]`), 4, `lb.skip #2: unknown key "namespaces"`},
+		{"skip unknown key, no empty-selector echo", doc(`[[lb.skip]]`, `label = {app = "x"}`), 2, `lb.skip #1: unknown key "label"`},
+		{"skip namespace wrong type", doc(`[[lb.skip]]`, `namespace = ["a"]`), 2, "lb.skip #1: namespace must be a string, not array"},
+		{"skip namespace empty", doc(`[[lb.skip]]`, `namespace = ""`, `labels = {app = "x"}`), 2,
+			"lb.skip #1: namespace is empty; leave it out to match every namespace"},
+		{"skip selects everything", doc(`[lb]`, `terminate = []`, ``, `[[lb.skip]]`, `# nothing`), 4,
+			"lb.skip #1 selects every pod; give a namespace, labels or both"},
+		{"skip selects everything, empty labels", doc(`[lb]`, `skip = [{labels = {}}]`), 2, "lb.skip #1 selects every pod"},
+		{"skip selects everything, inline", doc(`[lb]`, `skip = [`, `  {namespace = "a"},`, `  {},`, `]`), 4, "lb.skip #2 selects every pod"},
+		{"skip namespace upper case", doc(`[[lb.skip]]`, `namespace = "Istio"`), 2, `lb.skip #1: namespace "Istio" is not a Kubernetes namespace name`},
+		{"skip namespace too long", doc(`[[lb.skip]]`, `namespace = "`+strings.Repeat("n", 64)+`"`), 2, "is not a Kubernetes namespace name (at most 63"},
+		{"skip namespace with dot", doc(`[[lb.skip]]`, `namespace = "a.b"`), 2, `namespace "a.b" is not a Kubernetes namespace name`},
+		{"skip labels not table", doc(`[[lb.skip]]`, `labels = ["app=x"]`), 2,
+			`lb.skip #1: labels must be a table of strings, as in labels = {app = "web"}, not array`},
+		{"skip label value wrong type", doc(`[[lb.skip]]`, `namespace = "a"`, `[lb.skip.labels]`, `app = "x"`, `replicas = 3`), 5,
+			`lb.skip #1: label "replicas" must be a string, not integer`},
+		{"skip label dotted key", doc(`[[lb.skip]]`, `labels = {app.kubernetes = "x"}`), 2,
+			`lb.skip #1: label "app" must be a string, not table (quote a key with dots or '/'`},
+		{"skip label key bad", doc(`[[lb.skip]]`, `labels = {"-app" = "x"}`), 2,
+			`lb.skip #1: label key "-app": must be 1 to 63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit, optionally after a DNS subdomain prefix and '/'`},
+		{"skip label key bad prefix", doc(`[[lb.skip]]`, `[lb.skip.labels]`, `"Example.com/app" = "x"`), 3,
+			`lb.skip #1: label key "Example.com/app": prefix "Example.com" must be a DNS subdomain`},
+		{"skip label key empty prefix", doc(`[[lb.skip]]`, `labels = {"/app" = "x"}`), 2, `label key "/app": prefix "" must be a DNS subdomain`},
+		{"skip label key two slashes", doc(`[[lb.skip]]`, `labels = {"a.io/b/c" = "x"}`), 2, `label key "a.io/b/c": name "b/c" after the prefix must be 1 to 63`},
+		{"skip label key empty name", doc(`[[lb.skip]]`, `labels = {"a.io/" = "x"}`), 2, `label key "a.io/": name "" after the prefix`},
+		{"skip label key too long", doc(`[[lb.skip]]`, `labels = {`+strings.Repeat("k", 64)+` = "x"}`), 2, `label key "kkkk`},
+		{"skip label value bad", doc(`[[lb.skip]]`, `namespace = "a"`, `labels = {app = "web app"}`), 3,
+			`lb.skip #1: label "app": value "web app" must be empty or 1 to 63 letters`},
+		{"skip label value too long", doc(`[[lb.skip]]`, `labels = {app = "`+strings.Repeat("v", 64)+`"}`), 2, `label "app": value "vvvv`},
+		{"skip second selector bad", doc(`[[lb.skip]]`, `namespace = "a"`, `[[lb.skip]]`, `namespace = "b"`, `[[lb.skip]]`, `namespace = "c_"`), 6,
+			`lb.skip #3: namespace "c_"`},
+
+		// affinity, allow_host and [[service.allow]].
+		{"affinity unknown", doc(`[[service]]`, svcName, svcVIP, svcPort, `affinity = "client-ip"`), 5,
+			`service "default/web": affinity "client-ip" is not "none" or "pod"`},
+		{"affinity empty", doc(`[[service]]`, svcName, svcVIP, svcPort, `affinity = ""`), 5, `affinity "" is not "none" or "pod"`},
+		{"affinity upper case", doc(`[[service]]`, svcName, svcVIP, svcPort, `affinity = "Pod"`), 5, `affinity "Pod" is not "none" or "pod"`},
+		{"affinity wrong type", doc(`[[service]]`, svcName, svcVIP, svcPort, `affinity = true`), 5, `service "default/web": affinity must be a string, not boolean`},
+		{"allow_host wrong type", doc(`[[service]]`, svcName, svcVIP, svcPort, `allow_host = 1`), 5, `service "default/web": allow_host must be a boolean, not integer`},
+		{"allow_host false without allow", doc(`[[service]]`, svcName, svcVIP, svcPort, `allow_host = false`), 5,
+			`service "default/web": allow_host = false needs a client allow-list ([[service.allow]]); without one every client may connect`},
+		{"allow empty", doc(`[[service]]`, svcName, svcVIP, svcPort, `allow = []`), 5, `service "default/web": allow is empty; leave it out to let every client connect`},
+		{"allow not array", doc(`[[service]]`, svcName, svcVIP, svcPort, `allow = "default"`), 5,
+			`service "default/web": allow must be an array of tables ([[service.allow]]), not string`},
+		{"allow element not table", doc(`[[service]]`, svcName, svcVIP, svcPort, `allow = [{namespace = "a"}, 2]`), 5,
+			`service "default/web": allow #2 must be a table`},
+		{"allow unknown key", doc(`[[service]]`, svcName, svcVIP, svcPort, `[[service.allow]]`, `namespace = "a"`, `pods = ["x"]`), 7,
+			`service "default/web": allow #1: unknown key "pods"`},
+		{"allow selects everything", doc(`[[service]]`, svcName, svcVIP, svcPort, `[[service.allow]]`, `namespace = "a"`, `[[service.allow]]`), 7,
+			`service "default/web": allow #2 selects every pod`},
+		{"allow bad namespace", doc(`[[service]]`, svcName, svcVIP, svcPort, `allow = [`, `  {namespace = "default"},`, `  {namespace = "-x"},`, `]`), 7,
+			`service "default/web": allow #2: namespace "-x" is not a Kubernetes namespace name`},
+		{"allow bad label key", doc(`[[service]]`, svcName, svcVIP, svcPort, `[[service.allow]]`, `[service.allow.labels]`, `role = "client"`, `"bad key" = "x"`), 8,
+			`service "default/web": allow #1: label key "bad key"`},
+		{"allow in second service", doc(`[[service]]`, `name = "a"`, svcVIP, svcPort, `[[service.allow]]`, `namespace = "x"`,
+			`[[service]]`, `name = "b"`, svcVIP, `port = 81`, `[[service.allow]]`, `namespace = "y"`, `labels = {k = "v"}`, `[[service.allow]]`, `labels = {k = 1}`), 15,
+			`service "b": allow #2: label "k" must be a string, not integer`},
+		{"allow_host false before a bad allow", doc(`[[service]]`, svcName, svcVIP, svcPort, `allow_host = false`, `allow = 1`), 6, "allow must be an array of tables"},
+		{"allow in inline service", doc(`service = [`, `  {name = "a", vip = "10.96.0.20", port = 80, allow = [{namespace = "ok"}]},`,
+			`  {name = "b", vip = "10.96.0.20", port = 81, allow = [{labels = {"x/" = "y"}}]},`, `]`), 3, `service "b": allow #1: label key "x/"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -223,6 +291,14 @@ plugin_index = "05"
 
 [lb]
 terminate = ["udp"]
+hostns_only = true
+
+[[lb.skip]]
+namespace = "istio-system"
+labels = { app = "istio-ingress" }
+
+[[lb.skip]]
+labels = { "sidecar.istio.io/inject" = "true", "example.com/empty" = "" }
 
 [[service]]
 name = "default/web"
@@ -230,6 +306,15 @@ vip = "10.96.0.20"
 port = 80
 protocol = "tcp"
 backends = ["10.88.0.5:8080", "10.88.0.6:8080"]
+affinity = "pod"
+allow_host = false
+
+[[service.allow]]
+namespace = "default"
+labels = { role = "client" }
+
+[[service.allow]]
+namespace = "monitoring"
 
 [[service]]
 name = "default/web-udp"        # same VIP and port, other protocol
@@ -247,6 +332,8 @@ name = "kube-system/dns"
 vip = "fd00::a"
 port = 53
 backends = ["[fd00::5]:5353", {addr = "[fd00::6]:5353", weight = 1000}]
+affinity = "none"
+allow = [{labels = {"k8s-app" = "kube-dns"}}]
 
 [[service]]
 name = "default/mapped"
@@ -278,6 +365,27 @@ func TestParseExample(t *testing.T) {
 	}
 	if !slices.Equal(c.LB.Terminate, []Protocol{ProtocolUDP}) || c.LB.Terminates(ProtocolTCP) || !c.LB.Terminates(ProtocolUDP) {
 		t.Errorf("LB = %+v", c.LB)
+	}
+	wantSkip := []Selector{
+		{Namespace: "istio-system", Labels: map[string]string{"app": "istio-ingress"}},
+		{Labels: map[string]string{"sidecar.istio.io/inject": "true", "example.com/empty": ""}},
+	}
+	if !c.LB.HostnsOnly || !sameSelectors(c.LB.Skip, wantSkip) {
+		t.Errorf("LB = %+v, want hostns_only and skip %+v", c.LB, wantSkip)
+	}
+	web, dns := c.Services[0], c.Services[2]
+	wantAllow := []Selector{{Namespace: "default", Labels: map[string]string{"role": "client"}}, {Namespace: "monitoring"}}
+	if web.Affinity != AffinityPod || web.AllowHost || !sameSelectors(web.Allow, wantAllow) || !web.RestrictsClients() || web.AllowsHost() {
+		t.Errorf("web = %+v, want affinity pod, allow %+v, no host", web, wantAllow)
+	}
+	if dns.Affinity != AffinityNone || !dns.AllowHost || !dns.AllowsHost() ||
+		!sameSelectors(dns.Allow, []Selector{{Labels: map[string]string{"k8s-app": "kube-dns"}}}) {
+		t.Errorf("dns = %+v, want affinity none, allow k8s-app=kube-dns and the host", dns)
+	}
+	for _, s := range c.Services[3:] {
+		if s.Affinity != AffinityNone || !s.AllowHost || s.Allow != nil || s.RestrictsClients() {
+			t.Errorf("service %q = %+v, want the defaults", s.Name, s)
+		}
 	}
 
 	ap := netip.MustParseAddrPort
@@ -320,18 +428,25 @@ func TestParseExample(t *testing.T) {
 	}
 }
 
-// sameConfig compares everything but Path, treating nil and empty slices alike.
+// sameConfig compares everything but Path, treating nil and empty slices and
+// maps alike.
 func sameConfig(a, b *Config) bool {
-	if a.Agent != b.Agent || a.NRI != b.NRI || !slices.Equal(a.LB.Terminate, b.LB.Terminate) || len(a.Services) != len(b.Services) {
+	if a.Agent != b.Agent || a.NRI != b.NRI || !slices.Equal(a.LB.Terminate, b.LB.Terminate) ||
+		a.LB.HostnsOnly != b.LB.HostnsOnly || !sameSelectors(a.LB.Skip, b.LB.Skip) || len(a.Services) != len(b.Services) {
 		return false
 	}
 	for i, s := range a.Services {
 		t := b.Services[i]
-		if s.Name != t.Name || s.VIP != t.VIP || s.Port != t.Port || s.Protocol != t.Protocol || !slices.Equal(s.Backends, t.Backends) {
+		if s.Name != t.Name || s.VIP != t.VIP || s.Port != t.Port || s.Protocol != t.Protocol || !slices.Equal(s.Backends, t.Backends) ||
+			s.Affinity != t.Affinity || s.AllowHost != t.AllowHost || !sameSelectors(s.Allow, t.Allow) {
 			return false
 		}
 	}
 	return true
+}
+
+func sameSelectors(a, b []Selector) bool {
+	return slices.EqualFunc(a, b, func(x, y Selector) bool { return x.Namespace == y.Namespace && maps.Equal(x.Labels, y.Labels) })
 }
 
 // reencode writes c back as TOML, which must parse to the same config: the
@@ -367,7 +482,7 @@ func TestParseDefaults(t *testing.T) {
 			t.Fatalf("Parse(%q): %v", in, err)
 		}
 		d := Default()
-		if c.Agent != d.Agent || c.NRI != d.NRI || !slices.Equal(c.LB.Terminate, d.LB.Terminate) || len(c.Services) != 0 {
+		if c.Agent != d.Agent || c.NRI != d.NRI || !slices.Equal(c.LB.Terminate, d.LB.Terminate) || c.LB.HostnsOnly || c.LB.Skip != nil || len(c.Services) != 0 {
 			t.Errorf("Parse(%q) = %+v, want defaults %+v", in, c, d)
 		}
 	}
@@ -394,8 +509,12 @@ func TestParseDefaults(t *testing.T) {
 	if c.LB.Terminate == nil || len(c.LB.Terminate) != 0 || c.LB.Terminates(ProtocolTCP) {
 		t.Errorf("terminate = [] gave %#v", c.LB.Terminate)
 	}
-	if s := c.Services[0]; s.Protocol != ProtocolTCP || len(s.Backends) != 0 {
+	if s := c.Services[0]; s.Protocol != ProtocolTCP || len(s.Backends) != 0 || s.Affinity != AffinityNone || !s.AllowHost || s.Allow != nil ||
+		s.RestrictsClients() || !s.AllowsHost() || !s.AllowsPod("any", nil) {
 		t.Errorf("service defaults: %+v", s)
+	}
+	if d.LB.HostnsOnly || d.LB.Skip != nil || d.LB.SkipsLB("kube-system", map[string]string{"app": "x"}, nil) {
+		t.Errorf("Default().LB = %+v, want no hostns_only and no skip", d.LB)
 	}
 }
 
@@ -430,6 +549,18 @@ func TestValidateInCode(t *testing.T) {
 	if err := valid().Validate(); err != nil {
 		t.Fatal(err)
 	}
+	// The zero values of the newer fields are valid and mean the defaults;
+	// AllowHost = false without Allow is accepted here (only a file cannot say it).
+	if s := valid().Services[0]; s.Affinity != "" || s.AllowHost || s.RestrictsClients() || !s.AllowsHost() || !s.AllowsPod("x", nil) {
+		t.Fatalf("zero Service fields do not mean the defaults: %+v", s)
+	}
+	withAllow := valid()
+	withAllow.LB = LB{HostnsOnly: true, Skip: []Selector{{Namespace: "istio-system"}}}
+	withAllow.Services[0].Affinity = AffinityPod
+	withAllow.Services[0].Allow = []Selector{{Namespace: "default", Labels: map[string]string{"example.com/role": ""}}}
+	if err := withAllow.Validate(); err != nil {
+		t.Fatal(err)
+	}
 	tests := []struct {
 		name   string
 		change func(c *Config)
@@ -460,6 +591,15 @@ func TestValidateInCode(t *testing.T) {
 			c.Services = append(c.Services, s)
 		}, `<config>: service "b": 10.96.0.1:80/tcp already used by service "a"`},
 		{"first in order", func(c *Config) { c.Agent.LogLevel = ""; c.NRI.PluginIndex = "" }, "<config>: agent.log_level"},
+		{"affinity unknown", func(c *Config) { c.Services[0].Affinity = "sticky" }, `<config>: service "a": affinity "sticky" is not "none" or "pod"`},
+		{"skip selects everything", func(c *Config) { c.LB.Skip = []Selector{{Namespace: "a"}, {Labels: map[string]string{}}} },
+			"<config>: lb.skip #2 selects every pod"},
+		{"skip bad label value", func(c *Config) { c.LB.Skip = []Selector{{Labels: map[string]string{"app": "a/b"}}} },
+			`<config>: lb.skip #1: label "app": value "a/b" must be empty or`},
+		{"allow bad namespace", func(c *Config) { c.Services[0].Allow = []Selector{{Namespace: "Default"}} },
+			`<config>: service "a": allow #1: namespace "Default" is not a Kubernetes namespace name`},
+		{"allow selects everything", func(c *Config) { c.Services[0].Allow = []Selector{{}}; c.Services[0].AllowHost = true },
+			`<config>: service "a": allow #1 selects every pod`},
 		{"path prefix", func(c *Config) { c.Path = "/x.toml"; c.Agent.BPFFS = "" }, "/x.toml: agent.bpffs must not be empty"},
 	}
 	for _, tt := range tests {
@@ -620,6 +760,13 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte(doc(`[lb]`, `terminate = ["tcp", "tcp"]`, `[nri]`, `plugin_index = 10`)))
 	f.Add([]byte(doc(`[agent]`, `cgroup_root = """`, `[[service]]`, `"""`, `x = 'y'`, `[[service]]`)))
 	f.Add([]byte("[agent\nbpffs = \"/x\r\n"))
+	f.Add([]byte(doc(`[lb]`, `hostns_only = true`, `[[lb.skip]]`, `namespace = "istio-system"`, `labels = { app = "istio-ingress" }`,
+		`[[lb.skip]]`, `[lb.skip.labels]`, `"sidecar.istio.io/inject" = "true"`)))
+	f.Add([]byte(doc(`[lb]`, `skip = [{namespace = "a"}, {labels = {"a/b/c" = "-"}}, {}]`)))
+	f.Add([]byte(doc(`[[service]]`, svcName, svcVIP, svcPort, `affinity = "pod"`, `allow_host = false`,
+		`[[service.allow]]`, `namespace = "default"`, `labels = { role = "client" }`, `[[service.allow]]`, `labels.tier = "web"`)))
+	f.Add([]byte(doc(`service = [{name = "a", vip = "10.0.0.1", port = 1, affinity = "", allow_host = false, allow = []}]`)))
+	f.Add([]byte(doc(`[[service]]`, svcName, svcVIP, svcPort, `allow = [{namespace = ""}, {labels = {app.x = "y"}}, 3]`)))
 
 	f.Fuzz(func(t *testing.T, data []byte) {
 		indexLines(data) // must cope with anything, not only valid TOML

@@ -106,11 +106,7 @@ func (d *decoder) nri(at keyPath, v any) {
 		v, kat := t[k], at.key(k)
 		switch k {
 		case "enabled":
-			if b, ok := v.(bool); ok {
-				n.Enabled = b
-			} else {
-				d.fail(kat, "nri.enabled must be a boolean, not %s", typeName(v))
-			}
+			d.boolean(kat, "nri.enabled", v, &n.Enabled)
 		case "socket":
 			d.str(kat, "nri.socket", v, &n.Socket)
 		case "plugin_name":
@@ -153,22 +149,35 @@ func (d *decoder) lb(at keyPath, v any) {
 				ps = append(ps, Protocol(s))
 			}
 			d.c.LB.Terminate = ps
+		case "hostns_only":
+			d.boolean(kat, "lb.hostns_only", v, &d.c.LB.HostnsOnly)
+		case "skip":
+			d.c.LB.Skip = d.selectors(kat, "lb.skip", "lb.skip", v)
 		default:
 			d.unknown(kat, "lb", k)
 		}
 	}
 }
 
-func (d *decoder) services(at keyPath, v any) {
-	var elems []any
+// arrayElems returns the elements of an array, be it an array of tables
+// ([[service]]) or an inline array (service = [{...}]).
+func arrayElems(v any) ([]any, bool) {
 	switch v := v.(type) {
-	case []map[string]any: // [[service]]
-		for _, t := range v {
-			elems = append(elems, t)
+	case []map[string]any:
+		es := make([]any, len(v))
+		for i, t := range v {
+			es[i] = t
 		}
-	case []any: // service = [{...}]
-		elems = v
-	default:
+		return es, true
+	case []any:
+		return v, true
+	}
+	return nil, false
+}
+
+func (d *decoder) services(at keyPath, v any) {
+	elems, ok := arrayElems(v)
+	if !ok {
 		d.fail(at, "service must be an array of tables ([[service]]), not %s", typeName(v))
 		return
 	}
@@ -185,7 +194,7 @@ func (d *decoder) services(at keyPath, v any) {
 }
 
 func (d *decoder) service(at keyPath, i int, t map[string]any) Service {
-	s := Service{Protocol: ProtocolTCP}
+	s := Service{Protocol: ProtocolTCP, Affinity: AffinityNone, AllowHost: true}
 	name, _ := t["name"].(string)
 	label := serviceLabel(i, name)
 	for _, k := range sortedKeys(t) {
@@ -222,6 +231,23 @@ func (d *decoder) service(at keyPath, i int, t map[string]any) Service {
 			s.Protocol = Protocol(p)
 		case "backends":
 			s.Backends = d.backends(kat, label, v)
+		case "affinity":
+			var a string
+			if d.str(kat, label+": affinity", v, &a) && !Affinity(a).valid() {
+				d.fail(kat, "%s", affinityMsg(label, Affinity(a)))
+			}
+			s.Affinity = Affinity(a)
+		case "allow":
+			s.Allow = d.selectors(kat, label+": allow", "service.allow", v)
+			if s.Allow != nil && len(s.Allow) == 0 {
+				// Read literally, an empty allow-list would refuse everyone.
+				d.fail(kat, "%s: allow is empty; leave it out to let every client connect", label)
+			}
+		case "allow_host":
+			_, hasAllow := t["allow"]
+			if d.boolean(kat, label+": allow_host", v, &s.AllowHost) && !s.AllowHost && !hasAllow {
+				d.fail(kat, "%s: allow_host = false needs a client allow-list ([[service.allow]]); without one every client may connect", label)
+			}
 		default:
 			d.fail(kat, "%s: unknown key %q", label, k)
 		}
@@ -229,16 +255,80 @@ func (d *decoder) service(at keyPath, i int, t map[string]any) Service {
 	return s
 }
 
-func (d *decoder) backends(at keyPath, label string, v any) []Backend {
-	var elems []any
-	switch v := v.(type) {
-	case []any:
-		elems = v
-	case []map[string]any: // [[service.backends]]
-		for _, t := range v {
-			elems = append(elems, t)
+// selectors decodes a list of pod selectors: lb.skip or a service's allow.
+// what names it in messages, header is how it is written as an array of
+// tables.
+func (d *decoder) selectors(at keyPath, what, header string, v any) []Selector {
+	elems, ok := arrayElems(v)
+	if !ok {
+		d.fail(at, "%s must be an array of tables ([[%s]]), not %s", what, header, typeName(v))
+		return nil
+	}
+	sels := make([]Selector, 0, len(elems))
+	for i, e := range elems {
+		sels = append(sels, d.selector(at.index(i), fmt.Sprintf("%s #%d", what, i+1), e))
+	}
+	return sels
+}
+
+func (d *decoder) selector(at keyPath, what string, e any) Selector {
+	var sel Selector
+	t, ok := e.(map[string]any)
+	if !ok {
+		d.fail(at, "%s must be a table {namespace = \"...\", labels = {...}}, not %s", what, typeName(e))
+		return sel
+	}
+	before := len(d.problems)
+	for _, k := range sortedKeys(t) {
+		v, kat := t[k], at.key(k)
+		switch k {
+		case "namespace":
+			if d.str(kat, what+": namespace", v, &sel.Namespace) && sel.Namespace == "" {
+				d.fail(kat, "%s: namespace is empty; leave it out to match every namespace", what)
+			}
+		case "labels":
+			sel.Labels = d.labels(kat, what, v)
+		default:
+			d.fail(kat, "%s: unknown key %q", what, k)
 		}
-	default:
+	}
+	if len(d.problems) > before {
+		// Validate would only add that the half-decoded selector is empty.
+		d.bad[at.String()] = true
+	}
+	return sel
+}
+
+func (d *decoder) labels(at keyPath, what string, v any) map[string]string {
+	t, ok := v.(map[string]any)
+	if !ok {
+		d.fail(at, "%s: labels must be a table of strings, as in labels = {app = \"web\"}, not %s", what, typeName(v))
+		return nil
+	}
+	labels := make(map[string]string, len(t))
+	for _, k := range sortedKeys(t) {
+		switch v := t[k].(type) {
+		case string:
+			labels[k] = v
+		case map[string]any:
+			// labels = {app.kubernetes.io/name = "x"} is a syntax error, but
+			// labels = {app.tier = "x"} is a nested table.
+			d.fail(at.key(k), "%s: label %q must be a string, not table (quote a key with dots or '/', as in \"app.kubernetes.io/name\" = \"web\")", what, k)
+		default:
+			d.fail(at.key(k), "%s: label %q must be a string, not %s", what, k, typeName(v))
+		}
+	}
+	return labels
+}
+
+// boolean decodes a boolean into dst and reports whether it could.
+func (d *decoder) boolean(at keyPath, what string, v any, dst *bool) bool {
+	return scalar(d, at, what, "boolean", v, dst)
+}
+
+func (d *decoder) backends(at keyPath, label string, v any) []Backend {
+	elems, ok := arrayElems(v) // also [[service.backends]]
+	if !ok {
 		d.fail(at, "%s: backends must be an array, not %s", label, typeName(v))
 		return nil
 	}
@@ -306,13 +396,21 @@ func (d *decoder) backend(at keyPath, label string, j int, e any) Backend {
 	}
 }
 
-func (d *decoder) str(at keyPath, what string, v any, dst *string) {
-	s, ok := v.(string)
+// str decodes a string into dst and reports whether it could.
+func (d *decoder) str(at keyPath, what string, v any, dst *string) bool {
+	return scalar(d, at, what, "string", v, dst)
+}
+
+// scalar decodes a value of TOML type kind into dst and reports whether it
+// could.
+func scalar[T string | bool](d *decoder, at keyPath, what, kind string, v any, dst *T) bool {
+	x, ok := v.(T)
 	if !ok {
-		d.fail(at, "%s must be a string, not %s", what, typeName(v))
-		return
+		d.fail(at, "%s must be a %s, not %s", what, kind, typeName(v))
+		return false
 	}
-	*dst = s
+	*dst = x
+	return true
 }
 
 // parseAddrPort parses "ip:port" or "[ipv6]:port". It does the splitting

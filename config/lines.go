@@ -42,8 +42,8 @@ func (ix lineIndex) lineOf(at keyPath) string {
 	return ""
 }
 
-// maxDepth bounds the paths indexed. podsock's own keys are at most five
-// levels deep (service, index, backends, index, addr); deeper keys are
+// maxDepth bounds the paths indexed. podsock's own keys are at most six
+// levels deep (service, index, allow, index, labels, key); deeper keys are
 // unknown anyway and are reported at an indexed ancestor. Without a bound a
 // key like a.a.a...a would cost time and memory quadratic in its length.
 const maxDepth = 16

@@ -46,7 +46,8 @@ func (c *Config) check(pos lineIndex) []problem {
 		ps.add(nri.key("plugin_index"), "nri.plugin_index %q must be exactly two digits, like \"10\"", x)
 	}
 
-	terminate := root.key("lb").key("terminate")
+	lb := root.key("lb")
+	terminate := lb.key("terminate")
 	seen := map[Protocol]bool{}
 	for i, p := range c.LB.Terminate {
 		switch {
@@ -56,6 +57,9 @@ func (c *Config) check(pos lineIndex) []problem {
 			ps.add(terminate.index(i), "lb.terminate lists %q twice", p)
 		}
 		seen[p] = true
+	}
+	for i, sel := range c.LB.Skip {
+		ps.checkSelector(lb.key("skip").index(i), fmt.Sprintf("lb.skip #%d", i+1), sel)
 	}
 
 	c.checkServices(&ps, pos)
@@ -129,6 +133,15 @@ func (c *Config) checkServices(ps *problems, pos lineIndex) {
 			if b.Weight < 1 || b.Weight > MaxWeight {
 				ps.add(bat.key("weight"), "%s: weight %d out of range (1..%d)", what, b.Weight, MaxWeight)
 			}
+		}
+
+		// The zero Affinity is AffinityNone for Services built in code; a
+		// file cannot say affinity = "" (the decoder rejects it).
+		if s.Affinity != "" && !s.Affinity.valid() {
+			ps.add(at.key("affinity"), "%s", affinityMsg(label, s.Affinity))
+		}
+		for j, sel := range s.Allow {
+			ps.checkSelector(at.key("allow").index(j), fmt.Sprintf("%s: allow #%d", label, j+1), sel)
 		}
 	}
 }

@@ -1,0 +1,176 @@
+package config
+
+import (
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+)
+
+// Selector picks pods by namespace and labels, like a Kubernetes label
+// selector restricted to equality. It is written in TOML as
+//
+//	namespace = "istio-system"
+//	labels = { app = "istio-ingress", "app.kubernetes.io/part-of" = "istio" }
+//
+// A selector in a file must give a namespace, labels or both: one with
+// neither would select every pod and is rejected.
+type Selector struct {
+	// Namespace is the pod's namespace; "" (the key left out) means any
+	// namespace. In a file it must be a valid Kubernetes namespace name.
+	Namespace string `toml:"namespace,omitempty"`
+	// Labels must all be on the pod with exactly these values (a value ""
+	// requires the label to be present and empty); labels the selector does
+	// not name are ignored. Empty means any labels.
+	Labels map[string]string `toml:"labels,omitempty"`
+}
+
+// Matches reports whether a pod in namespace with labels is selected. The zero
+// Selector matches every pod; Validate rejects it in a configuration.
+func (s Selector) Matches(namespace string, labels map[string]string) bool {
+	if s.Namespace != "" && s.Namespace != namespace {
+		return false
+	}
+	for k, want := range s.Labels {
+		if got, ok := labels[k]; !ok || got != want {
+			return false
+		}
+	}
+	return true
+}
+
+func anyMatches(sels []Selector, namespace string, labels map[string]string) bool {
+	return slices.ContainsFunc(sels, func(s Selector) bool { return s.Matches(namespace, labels) })
+}
+
+// SkipLBAnnotation, set to "true" on a pod, makes socket-LB leave that pod's
+// sockets alone, as a match in [[lb.skip]] does.
+const SkipLBAnnotation = "podsock.io/skip-lb"
+
+// SkipsLB reports whether socket-LB leaves the sockets of this pod alone: its
+// connects and sends to a service VIP go to the VIP untranslated, for a
+// service mesh sidecar to handle. That is so when the pod's SkipLBAnnotation
+// is exactly "true" or when any Skip selector matches the pod. Only the exact
+// string "true" counts: "True", "1", "yes", "false" and any other value are
+// not a skip, and are not an error either (annotations are not podsock's
+// config to reject).
+//
+// SkipsLB does not look at HostnsOnly, which leaves every pod alone anyway.
+func (l LB) SkipsLB(namespace string, labels, annotations map[string]string) bool {
+	return annotations[SkipLBAnnotation] == "true" || anyMatches(l.Skip, namespace, labels)
+}
+
+// Affinity chooses how a service's backend is picked for a new socket.
+type Affinity string
+
+const (
+	// AffinityNone picks a backend for every socket on its own, by weight.
+	// It is the default; the zero Affinity "" means the same in Go code.
+	AffinityNone Affinity = "none"
+	// AffinityPod sends every socket of one pod to the same backend for as
+	// long as that backend stays in the service; when it is removed, the
+	// pod's next socket picks a new one, which then sticks in turn. Sockets
+	// of the host netns count as one client.
+	AffinityPod Affinity = "pod"
+)
+
+func (a Affinity) valid() bool { return a == AffinityNone || a == AffinityPod }
+
+func affinityMsg(label string, a Affinity) string {
+	return fmt.Sprintf("%s: affinity %q is not %q or %q", label, a, AffinityNone, AffinityPod)
+}
+
+// RestrictsClients reports whether the service has a client allow-list
+// ([[service.allow]]). Without one every client, pod or host, may connect,
+// whatever AllowHost says: so a Service built in Go with the zero AllowHost
+// and no Allow is open, like one decoded from a file without these keys.
+func (s Service) RestrictsClients() bool { return len(s.Allow) > 0 }
+
+// AllowsPod reports whether a pod with this namespace and labels may connect
+// to the service: always when the service does not restrict clients, else
+// when any Allow selector matches the pod. Other pods get EPERM.
+func (s Service) AllowsPod(namespace string, labels map[string]string) bool {
+	return !s.RestrictsClients() || anyMatches(s.Allow, namespace, labels)
+}
+
+// AllowsHost reports whether sockets of the host netns may connect to the
+// service: always when the service does not restrict clients, else when
+// AllowHost is set.
+func (s Service) AllowsHost() bool { return !s.RestrictsClients() || s.AllowHost }
+
+// checkSelector adds what is wrong with sel, found at at and called what in
+// messages ("lb.skip #1", `service "web": allow #2`).
+func (ps *problems) checkSelector(at keyPath, what string, sel Selector) {
+	if sel.Namespace == "" && len(sel.Labels) == 0 {
+		ps.add(at, "%s selects every pod; give a namespace, labels or both", what)
+	}
+	if n := sel.Namespace; n != "" && !isDNSLabel(n) {
+		ps.add(at.key("namespace"), "%s: namespace %q is not a Kubernetes namespace name (at most 63 lower-case letters, digits and '-', starting and ending with a letter or digit)", what, n)
+	}
+	labels := at.key("labels")
+	for _, k := range slices.Sorted(maps.Keys(sel.Labels)) {
+		if msg := checkLabelKey(k); msg != "" {
+			ps.add(labels.key(k), "%s: label key %q: %s", what, k, msg)
+		} else if v := sel.Labels[k]; v != "" && !isLabelName(v) {
+			ps.add(labels.key(k), "%s: label %q: value %q must be empty or %s", what, k, v, labelNameRule)
+		}
+	}
+}
+
+const labelNameRule = "1 to 63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
+
+// checkLabelKey returns what is wrong with a Kubernetes label key, or "": an
+// optional DNS subdomain prefix and '/', then a name.
+func checkLabelKey(k string) string {
+	prefix, name, hasPrefix := strings.Cut(k, "/")
+	if !hasPrefix {
+		if !isLabelName(k) {
+			return "must be " + labelNameRule + ", optionally after a DNS subdomain prefix and '/'"
+		}
+		return ""
+	}
+	if len(prefix) > 253 || !isDNSSubdomain(prefix) {
+		return fmt.Sprintf("prefix %q must be a DNS subdomain (at most 253 lower-case letters, digits, '-' and '.', as in example.com)", prefix)
+	}
+	if !isLabelName(name) {
+		return fmt.Sprintf("name %q after the prefix must be %s", name, labelNameRule)
+	}
+	return ""
+}
+
+// isLabelName reports whether s is a non-empty Kubernetes label name or value.
+func isLabelName(s string) bool {
+	if s == "" || len(s) > 63 || !isAlnum(s[0]) || !isAlnum(s[len(s)-1]) {
+		return false
+	}
+	return !strings.ContainsFunc(s, func(r rune) bool {
+		return r > 0x7f || !isAlnum(byte(r)) && r != '-' && r != '_' && r != '.'
+	})
+}
+
+// isDNSLabel reports whether s is an RFC 1123 label of at most 63 bytes, as
+// Kubernetes namespace names are.
+func isDNSLabel(s string) bool { return len(s) <= 63 && isLowerAlnumDash(s) }
+
+// isDNSSubdomain reports whether s is dot-separated RFC 1123 labels; like
+// Kubernetes, it bounds only the total length, which the caller checks.
+func isDNSSubdomain(s string) bool {
+	for l := range strings.SplitSeq(s, ".") {
+		if !isLowerAlnumDash(l) {
+			return false
+		}
+	}
+	return true
+}
+
+// isLowerAlnumDash reports whether s is non-empty lower-case letters, digits
+// and '-', starting and ending with a letter or digit.
+func isLowerAlnumDash(s string) bool {
+	if s == "" || !isLowerAlnum(s[0]) || !isLowerAlnum(s[len(s)-1]) {
+		return false
+	}
+	return !strings.ContainsFunc(s, func(r rune) bool { return r > 0x7f || !isLowerAlnum(byte(r)) && r != '-' })
+}
+
+func isLowerAlnum(c byte) bool { return c >= 'a' && c <= 'z' || isDigit(c) }
+func isAlnum(c byte) bool      { return isLowerAlnum(c) || c >= 'A' && c <= 'Z' }

@@ -1,0 +1,526 @@
+package runtimehooks
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/podsock/podsock/internal/cgroupfs"
+	"github.com/podsock/podsock/test/testenv"
+)
+
+// Privileged tests: root, a cgroup v2 mount and network namespaces they create and remove
+// themselves. No traffic is sent, so the netns need no blackhole routes.
+
+// Keep every other goroutine off the main thread. A goroutine that exits locked ends its
+// thread, except on the main thread, which Go wedges instead; the restore-failure tests
+// below would then leave the main thread (and so /proc/self/ns/net) in a test netns.
+func init() { runtime.LockOSThread() }
+
+func cgroupMount(t *testing.T) string {
+	t.Helper()
+	mnt, err := cgroupfs.Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mnt
+}
+
+// testCgroup is a fresh cgroup and its canonical path (relative to the cgroup2 mount).
+func testCgroup(t *testing.T, mnt string) (dir, canonical string) {
+	t.Helper()
+	cg := testenv.NewCgroup(t)
+	return cg.Path, "/" + strings.TrimPrefix(strings.TrimPrefix(cg.Path, mnt), "/")
+}
+
+// mkdirCgroup creates a child cgroup, removed at cleanup (registered after the parent's,
+// so it runs first).
+func mkdirCgroup(t *testing.T, dir string) {
+	t.Helper()
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatalf("create cgroup: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := os.Remove(dir); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("remove cgroup %s: %v", dir, err)
+		}
+	})
+}
+
+func inode(t *testing.T, path string) uint64 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
+}
+
+// socketCookie measures the netns cookie independently of this package: a socket created
+// inside the netns through testenv's own setns helper.
+func socketCookie(t *testing.T, ns *testenv.Netns) uint64 {
+	t.Helper()
+	var cookie uint64
+	err := ns.Do(func() error {
+		s, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(s)
+		cookie, err = unix.GetsockoptUint64(s, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("SO_NETNS_COOKIE in %s: %v", ns.Path, err)
+	}
+	return cookie
+}
+
+// fdsOnNetns counts this process's fds open on the netns with that inode. (readlink
+// would show the bind-mount path for an fd opened through /run/netns, so stat instead.)
+func fdsOnNetns(t *testing.T, ino uint64) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range ents {
+		var st unix.Stat_t
+		var fs unix.Statfs_t
+		p := filepath.Join("/proc/self/fd", e.Name())
+		if unix.Stat(p, &st) == nil && unix.Statfs(p, &fs) == nil && fs.Type == unix.NSFS_MAGIC && st.Ino == ino {
+			n++
+		}
+	}
+	return n
+}
+
+// threadNetns is the netns inode of the calling thread.
+func threadNetns(t *testing.T) uint64 {
+	t.Helper()
+	return inode(t, "/proc/thread-self/ns/net")
+}
+
+func fdCount(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+func TestCgroupIDPrivileged(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	mnt := cgroupMount(t)
+	dir, canon := testCgroup(t, mnt)
+
+	id, err := CgroupID(mnt, canon)
+	if err != nil {
+		t.Fatalf("CgroupID: %v", err)
+	}
+	if want := inode(t, dir); id != want {
+		t.Errorf("CgroupID = %d, directory inode %d", id, want)
+	}
+	// The kernel's own answer: a cgroup file handle is the 64-bit cgroup ID, the value
+	// bpf_get_current_cgroup_id returns.
+	h, _, err := unix.NameToHandleAt(unix.AT_FDCWD, dir, 0)
+	if err != nil {
+		t.Fatalf("name_to_handle_at: %v", err)
+	}
+	if b := h.Bytes(); len(b) != 8 || binary.NativeEndian.Uint64(b) != id {
+		t.Errorf("cgroup file handle %x, CgroupID %d", b, id)
+	}
+
+	// A process in the cgroup sees the canonical path in its "0::" line.
+	cgfd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(cgfd)
+	cmd := exec.Command("sleep", "30")
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: cgfd}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start a process in the cgroup: %v", err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), "\n0::"+canon+"\n") && !strings.HasPrefix(string(b), "0::"+canon+"\n") {
+		t.Errorf("/proc/PID/cgroup has no 0::%s line:\n%s", canon, b)
+	}
+
+	if _, err := CgroupID(mnt, canon+"/missing"); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("CgroupID of a missing cgroup: err = %v, want fs.ErrNotExist", err)
+	}
+}
+
+func TestOpenNetnsCookiePrivileged(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	ns := testenv.NewNetns(t, nil)
+	want := socketCookie(t, ns)
+
+	n, err := OpenNetns(ns.Path)
+	if err != nil {
+		t.Fatalf("OpenNetns: %v", err)
+	}
+	defer n.Close()
+	if n.Cookie() != want {
+		t.Errorf("Cookie() = %d, SO_NETNS_COOKIE inside the netns = %d", n.Cookie(), want)
+	}
+	if n.Path() != ns.Path {
+		t.Errorf("Path() = %q", n.Path())
+	}
+	host, err := OpenNetns("/proc/thread-self/ns/net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer host.Close()
+	if host.Cookie() == want {
+		t.Error("the test netns and the host netns have the same cookie")
+	}
+
+	// A kernel without NS_GET_ID: the socket fallback gives the same cookie.
+	orig := nsGetID
+	nsGetID = func(int) (uint64, error) { return 0, unix.ENOTTY }
+	defer func() { nsGetID = orig }()
+	got, err := NetnsCookie(n.Fd())
+	if err != nil {
+		t.Fatalf("NetnsCookie fallback: %v", err)
+	}
+	if got != want {
+		t.Errorf("fallback cookie = %d, want %d", got, want)
+	}
+	nsGetID = func(int) (uint64, error) { return 0, unix.EPERM }
+	if _, err := NetnsCookie(n.Fd()); !errors.Is(err, unix.EPERM) {
+		t.Errorf("NS_GET_ID failing otherwise: err = %v, want EPERM and no fallback", err)
+	}
+	nsGetID = orig
+
+	if err := n.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+
+	// Only network namespaces are accepted.
+	for _, p := range []string{"/proc/self/ns/pid", "/proc/self/status"} {
+		if n, err := OpenNetns(p); err == nil {
+			n.Close()
+			t.Errorf("OpenNetns(%s) succeeded", p)
+		}
+	}
+}
+
+func TestInNetnsPrivileged(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	host := threadNetns(t)
+	ns := testenv.NewNetns(t, nil)
+	target := inode(t, ns.Path)
+	fd, err := unix.Open(ns.Path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+
+	t.Run("restores the thread", func(t *testing.T) {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		before := inode(t, "/proc/thread-self/ns/net")
+		var inside uint64
+		restored, err := runInNetns(fd, func() error {
+			inside = inode(t, "/proc/thread-self/ns/net")
+			return nil
+		})
+		if err != nil || !restored {
+			t.Fatalf("runInNetns: restored=%v err=%v", restored, err)
+		}
+		if inside != target {
+			t.Errorf("inside: netns inode %d, want %d", inside, target)
+		}
+		if after := inode(t, "/proc/thread-self/ns/net"); after != before {
+			t.Errorf("after: netns inode %d, before %d", after, before)
+		}
+	})
+
+	t.Run("returns f's error and re-raises its panic", func(t *testing.T) {
+		sentinel := errors.New("sentinel")
+		if err := InNetns(fd, func() error { return sentinel }); !errors.Is(err, sentinel) {
+			t.Errorf("err = %v, want sentinel", err)
+		}
+		defer func() {
+			if r := recover(); r != "boom" {
+				t.Errorf("recovered %v, want boom", r)
+			}
+		}()
+		InNetns(fd, func() error { panic("boom") })
+	})
+
+	// setns back fails, or claims success without moving the thread: InNetns must notice
+	// and report it. The thread is really left in the test netns here, so this also runs
+	// the "never unlock" path: the goroutine ends locked and the runtime drops the thread.
+	fakes := map[string]func(int, int) error{
+		"restore fails":         func(int, int) error { return unix.EPERM },
+		"restore silently lies": func(int, int) error { return nil },
+	}
+	for name, fake := range fakes {
+		t.Run(name, func(t *testing.T) {
+			orig := setns
+			defer func() { setns = orig }()
+			calls := 0
+			setns = func(fd, typ int) error {
+				calls++
+				if calls == 1 {
+					return orig(fd, typ)
+				}
+				return fake(fd, typ)
+			}
+			err := InNetns(fd, func() error { return nil })
+			if err == nil || !strings.Contains(err.Error(), "restore netns") {
+				t.Errorf("err = %v, want a restore error", err)
+			}
+		})
+	}
+
+	// Whatever happened above, the threads the scheduler hands out are in the host netns.
+	// (Not /proc/self/ns/net: that is the main thread's, and when a locked goroutine on the
+	// main thread exits, Go wedges that thread instead of ending it, netns and all.)
+	if got := inode(t, "/proc/self/ns/net"); got != host {
+		t.Errorf("main thread left in netns %d, host is %d", got, host)
+	}
+	for range 20 {
+		func() {
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			if got := threadNetns(t); got != host {
+				t.Fatalf("a scheduler thread is in netns %d, host is %d", got, host)
+			}
+		}()
+		runtime.Gosched()
+	}
+}
+
+func TestTrackerLifecyclePrivileged(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	mnt := cgroupMount(t)
+	podDir, podCg := testCgroup(t, mnt)
+	mkdirCgroup(t, filepath.Join(podDir, "ctr1"))
+	ns := testenv.NewNetns(t, nil)
+	cookie := socketCookie(t, ns)
+	nsIno := inode(t, ns.Path)
+
+	tr := NewTracker(mnt)
+	defer tr.Close()
+	sandbox := Sandbox{
+		ID: "sb1", UID: "u1", Namespace: "default", Name: "web",
+		CgroupParent: podCg, NetnsPath: ns.Path, IPs: []string{"10.88.0.5"},
+	}
+	p, err := tr.RunPodSandbox(sandbox)
+	if err != nil {
+		t.Fatalf("RunPodSandbox: %v", err)
+	}
+	if p.CgroupPath != podCg || p.CgroupID != inode(t, podDir) {
+		t.Errorf("pod cgroup %q id %d, want %q id %d", p.CgroupPath, p.CgroupID, podCg, inode(t, podDir))
+	}
+	if p.HostNetwork || p.NetnsCookie != cookie {
+		t.Errorf("netns cookie %d (host network %v), want %d", p.NetnsCookie, p.HostNetwork, cookie)
+	}
+	if n := fdsOnNetns(t, nsIno); n != 1 {
+		t.Errorf("%d fds held on the pod netns, want 1", n)
+	}
+
+	p, err = tr.ContainerCreated(ContainerInfo{ID: "ctr1", SandboxID: "sb1", Name: "app", CgroupsPath: podCg + "/ctr1"})
+	if err != nil {
+		t.Fatalf("ContainerCreated: %v", err)
+	}
+	if len(p.Containers) != 1 || p.Containers[0].CgroupID != inode(t, filepath.Join(podDir, "ctr1")) {
+		t.Errorf("containers = %+v", p.Containers)
+	}
+	if pods := tr.Pods(); len(pods) != 1 || pods[0].NetnsCookie != cookie || len(pods[0].Containers) != 1 {
+		t.Errorf("Pods() = %+v", pods)
+	}
+
+	err = tr.WithNetns("sb1", func(fd int) error {
+		return InNetns(fd, func() error {
+			if got := inode(t, "/proc/thread-self/ns/net"); got != nsIno {
+				return fmt.Errorf("in netns inode %d, want %d", got, nsIno)
+			}
+			return nil
+		})
+	})
+	if err != nil {
+		t.Errorf("WithNetns: %v", err)
+	}
+
+	if _, ok := tr.RemovePodSandbox("sb1"); !ok {
+		t.Fatal("RemovePodSandbox: unknown")
+	}
+	if n := fdsOnNetns(t, nsIno); n != 0 {
+		t.Errorf("%d fds still held on the removed pod's netns", n)
+	}
+
+	// No fd leaks over many pod lifetimes. One cycle first, so that anything opened once
+	// (the runtime's, the first setns's) is in the baseline.
+	cycle := func(i int) {
+		s := sandbox
+		s.ID = fmt.Sprintf("sb-%d", i)
+		if _, err := tr.RunPodSandbox(s); err != nil {
+			t.Fatalf("cycle %d: RunPodSandbox: %v", i, err)
+		}
+		if _, err := tr.ContainerCreated(ContainerInfo{ID: fmt.Sprintf("c-%d", i), SandboxID: s.ID, CgroupsPath: podCg + "/ctr1"}); err != nil {
+			t.Fatalf("cycle %d: ContainerCreated: %v", i, err)
+		}
+		if _, ok := tr.RemovePodSandbox(s.ID); !ok {
+			t.Fatalf("cycle %d: RemovePodSandbox: unknown", i)
+		}
+	}
+	cycle(-1)
+	base := fdCount(t)
+	for i := range 200 {
+		cycle(i)
+	}
+	if got := fdCount(t); got != base {
+		t.Errorf("%d fds open after 200 pod lifetimes, %d before", got, base)
+	}
+}
+
+func TestTrackerLatePodCgroupPrivileged(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	mnt := cgroupMount(t)
+	parentDir, parentCg := testCgroup(t, mnt)
+	tr := NewTracker(mnt)
+	defer tr.Close()
+
+	// CRI-O without an infra container: no pod cgroup until the first container.
+	p, err := tr.RunPodSandbox(Sandbox{ID: "sb", Namespace: "ns", Name: "late", CgroupParent: parentCg + "/pod"})
+	if err != nil {
+		t.Fatalf("RunPodSandbox before the pod cgroup exists: %v", err)
+	}
+	if p.CgroupID != 0 {
+		t.Errorf("CgroupID = %d before the cgroup exists", p.CgroupID)
+	}
+	mkdirCgroup(t, filepath.Join(parentDir, "pod"))
+	mkdirCgroup(t, filepath.Join(parentDir, "pod", "crio-c1"))
+	p, err = tr.ContainerCreated(ContainerInfo{ID: "c1", SandboxID: "sb", CgroupsPath: parentCg + "/pod/crio-c1"})
+	if err != nil {
+		t.Fatalf("ContainerCreated: %v", err)
+	}
+	if want := inode(t, filepath.Join(parentDir, "pod")); p.CgroupID != want {
+		t.Errorf("pod CgroupID = %d after its first container, want %d", p.CgroupID, want)
+	}
+}
+
+func TestTrackerSynchronizePrivileged(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	mnt := cgroupMount(t)
+	_, podCg := testCgroup(t, mnt)
+	nsA, nsB, nsC := testenv.NewNetns(t, nil), testenv.NewNetns(t, nil), testenv.NewNetns(t, nil)
+	inoB := inode(t, nsB.Path)
+	sandbox := func(id string, ns *testenv.Netns) Sandbox {
+		return Sandbox{ID: id, Namespace: "ns", Name: id, CgroupParent: podCg, NetnsPath: ns.Path}
+	}
+
+	tr := NewTracker(mnt)
+	defer tr.Close()
+	for _, s := range []Sandbox{sandbox("a", nsA), sandbox("b", nsB)} {
+		if _, err := tr.RunPodSandbox(s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	heldFd := func(id string) int {
+		fd := -1
+		if err := tr.WithNetns(id, func(f int) error { fd = f; return nil }); err != nil {
+			t.Fatalf("WithNetns(%s): %v", id, err)
+		}
+		return fd
+	}
+	fdA := heldFd("a")
+
+	pods, removed, err := tr.Synchronize([]Sandbox{sandbox("a", nsA), sandbox("c", nsC)}, nil)
+	if err != nil {
+		t.Fatalf("Synchronize: %v", err)
+	}
+	if len(removed) != 1 || removed[0].SandboxID != "b" {
+		t.Errorf("removed = %+v, want b", removed)
+	}
+	if len(pods) != 2 || pods[0].SandboxID != "a" || pods[1].SandboxID != "c" {
+		t.Fatalf("pods = %+v, want a, c", pods)
+	}
+	if got := heldFd("a"); got != fdA {
+		t.Errorf("a's netns fd went from %d to %d: a known pod was reopened", fdA, got)
+	}
+	if pods[1].NetnsCookie != socketCookie(t, nsC) {
+		t.Errorf("c's cookie %d, want %d", pods[1].NetnsCookie, socketCookie(t, nsC))
+	}
+	if n := fdsOnNetns(t, inoB); n != 0 {
+		t.Errorf("%d fds still held on removed pod b's netns", n)
+	}
+	if n := fdsOnNetns(t, inode(t, nsA.Path)); n != 1 {
+		t.Errorf("%d fds held on a's netns, want 1", n)
+	}
+}
+
+// A pod removed while WithNetns runs keeps its fd until f returns, and removal does not
+// wait for f.
+func TestWithNetnsOutlivesRemovalPrivileged(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	ns := testenv.NewNetns(t, nil)
+	ino := inode(t, ns.Path)
+	tr := NewTracker(t.TempDir())
+	defer tr.Close()
+	if _, err := tr.RunPodSandbox(Sandbox{ID: "sb", NetnsPath: ns.Path}); err != nil {
+		// Only the cgroup is missing here; the netns must have opened.
+		if p, _ := tr.Pod("sb"); p.NetnsCookie == 0 {
+			t.Fatal(err)
+		}
+	}
+
+	entered, release, done := make(chan int), make(chan struct{}), make(chan error)
+	go func() {
+		done <- tr.WithNetns("sb", func(fd int) error {
+			entered <- fd
+			<-release
+			var st unix.Stat_t
+			if err := unix.Fstat(fd, &st); err != nil {
+				return fmt.Errorf("fd closed under WithNetns: %w", err)
+			}
+			if st.Ino != ino {
+				return fmt.Errorf("fd now refers to inode %d, want netns %d", st.Ino, ino)
+			}
+			return nil
+		})
+	}()
+	<-entered
+	removedAt := time.Now()
+	if _, ok := tr.RemovePodSandbox("sb"); !ok {
+		t.Fatal("RemovePodSandbox: unknown")
+	}
+	if d := time.Since(removedAt); d > 100*time.Millisecond {
+		t.Errorf("RemovePodSandbox waited %v for WithNetns", d)
+	}
+	if n := fdsOnNetns(t, ino); n != 1 {
+		t.Errorf("%d fds on the netns while WithNetns runs, want 1", n)
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Error(err)
+	}
+	if n := fdsOnNetns(t, ino); n != 0 {
+		t.Errorf("%d fds on the netns after WithNetns returned, want 0", n)
+	}
+}

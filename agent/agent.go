@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"os/signal"
 	"sync"
@@ -16,6 +17,9 @@ import (
 
 	"github.com/podsock/podsock/config"
 	"github.com/podsock/podsock/datapath"
+	"github.com/podsock/podsock/internal/cgroupfs"
+	"github.com/podsock/podsock/plugin"
+	"github.com/podsock/podsock/runtimehooks"
 )
 
 // Agent holds the running state. Everything mutable is guarded by mu; the datapath has
@@ -23,15 +27,36 @@ import (
 type Agent struct {
 	log *logrus.Logger
 	dp  *datapath.Datapath
+	ctl *control
 
-	// settings is the [agent] section the process started with; it cannot change live.
+	// settings is the [agent] and [nri] sections the process started with; they cannot
+	// change live.
 	settings config.Agent
+	nri      config.NRI
+
+	// tracker holds the runtime's pod facts (and their netns handles); plugin is the NRI
+	// connection, nil when NRI is disabled.
+	tracker *runtimehooks.Tracker
+	plugin  *plugin.Plugin
+	podq    *podQueue
+	events  eventCounts
+	// opMu serialises everything that writes pod policy into the datapath: runtime
+	// events and config applies.
+	opMu sync.Mutex
+
+	srv *http.Server
 
 	mu              sync.Mutex
 	cfg             *config.Config
 	cgroupRoot      string
 	generation      uint64
 	lastReloadError string
+}
+
+func newAgent(log *logrus.Logger) *Agent {
+	a := &Agent{log: log, podq: newPodQueue()}
+	go a.podq.run()
+	return a
 }
 
 // Run is `podsock run`: it returns when ctx is done or SIGTERM/SIGINT arrives, leaving the
@@ -47,41 +72,86 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 	if err != nil {
 		return err
 	}
-	if err := setLogLevel(log, cfg.Agent.LogLevel); err != nil {
+	a := newAgent(log)
+	defer a.podq.close()
+	reloadPending, err := a.start(cfg, sigs)
+	if errors.Is(err, errStopped) {
+		return nil
+	}
+	if err != nil {
 		return err
+	}
+	defer a.stop()
+	if reloadPending {
+		a.reload(cfgPath)
+	}
+	var pluginDone <-chan error
+	if cfg.NRI.Enabled {
+		a.plugin = plugin.New(plugin.Options{
+			Socket: cfg.NRI.Socket, Name: cfg.NRI.PluginName, Index: cfg.NRI.PluginIndex, Log: log,
+		}, a)
+		pluginDone = a.runPlugin(ctx)
+	}
+
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-pluginDone:
+			return err
+		case sig := <-sigs:
+			if sig != syscall.SIGHUP {
+				log.Infof("received %s", sig)
+				return nil
+			}
+			a.reload(cfgPath)
+		}
+	}
+}
+
+// start runs the preflight checks, takes the state dir, loads (or adopts) the datapath and
+// applies cfg. A stop signal that arrives during a long load is honoured before the config
+// is applied (stop is then already done); a reload asked for then is reported back.
+func (a *Agent) start(cfg *config.Config, sigs <-chan os.Signal) (reloadPending bool, err error) {
+	log := a.log
+	if err := setLogLevel(log, cfg.Agent.LogLevel); err != nil {
+		return false, err
 	}
 	if err := checkPrivileges(); err != nil {
-		return err
+		return false, err
 	}
 	if err := checkBTF(); err != nil {
-		return err
+		return false, err
 	}
 	cgroupRoot, err := resolveCgroupRoot(cfg.Agent.CgroupRoot)
 	if err != nil {
-		return err
+		return false, err
 	}
 	if err := ensureBPFFS(cfg.Agent.BPFFS); err != nil {
-		return err
+		return false, err
 	}
 	if err := os.MkdirAll(cfg.Agent.StateDir, 0o700); err != nil {
-		return fmt.Errorf("create state dir: %w", err)
+		return false, fmt.Errorf("create state dir: %w", err)
+	}
+	cgroup2, err := cgroupfs.Mount()
+	if err != nil {
+		return false, err
 	}
 	ctl, err := listenControl(cfg.Agent.StateDir)
 	if err != nil {
-		return err
+		return false, err
 	}
-
 	dp, err := datapath.Load(datapath.Options{CgroupRoot: cgroupRoot, BPFFS: cfg.Agent.BPFFS, Log: log})
 	if err != nil {
 		ctl.Close()
-		return err
+		return false, err
 	}
-	a := &Agent{log: log, dp: dp, cgroupRoot: cgroupRoot, settings: cfg.Agent}
-	// A stop asked for during a long load is honoured before the config is applied; a
-	// reload asked for then is done right after.
-	reloadPending := false
+	a.opMu.Lock()
+	a.dp, a.ctl, a.cgroupRoot, a.settings, a.nri = dp, ctl, cgroupRoot, cfg.Agent, cfg.NRI
+	a.tracker = runtimehooks.NewTracker(cgroup2)
+	a.opMu.Unlock()
 drain:
-	for {
+	for sigs != nil {
 		select {
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP {
@@ -89,8 +159,8 @@ drain:
 				continue
 			}
 			log.Infof("received %s during start-up", sig)
-			ctl.Close()
-			return dp.Close()
+			a.stop()
+			return false, errStopped
 		default:
 			break drain
 		}
@@ -109,40 +179,52 @@ drain:
 		a.lastReloadError = err.Error()
 		a.mu.Unlock()
 	}
-	if reloadPending {
-		a.reload(cfgPath)
-	}
-	if cfg.NRI.Enabled {
-		log.Warn("nri.enabled is set, but this build has no NRI adapter yet; balancing every process under cgroup_root")
-	}
+	a.srv = a.serveControl(ctl.ln)
+	return reloadPending, nil
+}
 
-	srv := a.serveControl(ctl.ln)
-	defer func() {
+// errStopped means a stop signal arrived during start-up; it is not a failure.
+var errStopped = errors.New("stopped during start-up")
+
+// stop shuts the control socket, releases the datapath handles and the held netns handles.
+// The pinned datapath keeps serving.
+func (a *Agent) stop() {
+	if a.srv != nil {
 		// Let answers in flight finish before the datapath handles they read go away.
 		shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		if err := srv.Shutdown(shutdownCtx); err != nil {
-			log.WithError(err).Warn("control socket shutdown")
-		}
-		ctl.Close()
-		if err := dp.Close(); err != nil {
-			log.WithError(err).Warn("release datapath handles")
-		}
-		log.Info("stopped; the pinned datapath keeps serving")
-	}()
-
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case sig := <-sigs:
-			if sig != syscall.SIGHUP {
-				log.Infof("received %s", sig)
-				return nil
-			}
-			a.reload(cfgPath)
+		if err := a.srv.Shutdown(shutdownCtx); err != nil {
+			a.log.WithError(err).Warn("control socket shutdown")
 		}
 	}
+	a.opMu.Lock()
+	defer a.opMu.Unlock()
+	if a.ctl != nil {
+		a.ctl.Close()
+	}
+	if a.tracker != nil {
+		if err := a.tracker.Close(); err != nil {
+			a.log.WithError(err).Warn("release netns handles")
+		}
+	}
+	if a.dp != nil {
+		if err := a.dp.Close(); err != nil {
+			a.log.WithError(err).Warn("release datapath handles")
+		}
+		a.dp = nil
+		a.log.Info("stopped; the pinned datapath keeps serving")
+	}
+}
+
+// runPlugin serves NRI until ctx ends; the channel reports a plugin that gave up.
+func (a *Agent) runPlugin(ctx context.Context) <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		if err := a.plugin.Run(ctx); err != nil {
+			done <- err
+		}
+	}()
+	return done
 }
 
 func setLogLevel(log *logrus.Logger, level string) error {
@@ -170,6 +252,10 @@ func (a *Agent) reload(path string) {
 	cfg.Agent.CgroupRoot = keepRestartOnly(a.log, "agent.cgroup_root", old.CgroupRoot, cfg.Agent.CgroupRoot)
 	cfg.Agent.BPFFS = keepRestartOnly(a.log, "agent.bpffs", old.BPFFS, cfg.Agent.BPFFS)
 	cfg.Agent.StateDir = keepRestartOnly(a.log, "agent.state_dir", old.StateDir, cfg.Agent.StateDir)
+	if cfg.NRI != a.nri {
+		a.log.Warn("nri settings changed; that takes a restart, keeping the running ones")
+		cfg.NRI = a.nri
+	}
 	if err := setLogLevel(a.log, cfg.Agent.LogLevel); err != nil {
 		a.log.WithError(err).Error("reload: log level")
 	}
@@ -190,7 +276,10 @@ func keepRestartOnly(log *logrus.Logger, key, running, next string) string {
 
 // apply pushes the config's services into the datapath and makes it the running config.
 func (a *Agent) apply(cfg *config.Config) error {
-	res, err := a.dp.Apply(toDatapath(cfg.Services))
+	a.opMu.Lock()
+	defer a.opMu.Unlock()
+	pods := a.tracker.Pods()
+	res, err := a.dp.Apply(toDatapath(cfg.Services, servicePolicies(cfg, pods)))
 	a.log.WithFields(logrus.Fields{
 		"added": res.Added, "updated": res.Updated, "removed": res.Removed, "unchanged": res.Unchanged,
 	}).Info("services applied")
@@ -198,6 +287,12 @@ func (a *Agent) apply(cfg *config.Config) error {
 		a.log.WithField("service", svc).Infof("backends removed: %v", gone)
 	}
 	if err != nil {
+		return err
+	}
+	if err := a.dp.SetHostnsOnly(cfg.LB.HostnsOnly); err != nil {
+		return err
+	}
+	if _, err := a.dp.SyncPods(a.datapathPods(pods, cfg)); err != nil {
 		return err
 	}
 	a.mu.Lock()
@@ -217,10 +312,10 @@ func (a *Agent) Generation() uint64 {
 	return a.generation
 }
 
-func toDatapath(svcs []config.Service) []datapath.Service {
+func toDatapath(svcs []config.Service, policies map[string]datapath.ServicePolicy) []datapath.Service {
 	out := make([]datapath.Service, 0, len(svcs))
 	for _, s := range svcs {
-		d := datapath.Service{Name: s.Name, VIP: s.VIP, Port: s.Port, Proto: datapath.ProtoTCP}
+		d := datapath.Service{Name: s.Name, VIP: s.VIP, Port: s.Port, Proto: datapath.ProtoTCP, Policy: policies[s.Name]}
 		if s.Protocol == config.ProtocolUDP {
 			d.Proto = datapath.ProtoUDP
 		}

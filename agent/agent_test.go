@@ -82,12 +82,13 @@ func TestToDatapath(t *testing.T) {
 		Backends: []config.Backend{{Addr: netip.MustParseAddrPort("10.88.0.5:53"), Weight: 2}},
 	}, {
 		Name: "default/web", VIP: netip.MustParseAddr("fd00::20"), Port: 80, Protocol: config.ProtocolTCP,
-	}})
+	}}, map[string]datapath.ServicePolicy{"default/web": {AffinityPod: true}})
 	want := []datapath.Service{{
 		Name: "kube-system/dns", VIP: netip.MustParseAddr("10.96.0.10"), Port: 53, Proto: datapath.ProtoUDP,
 		Backends: []datapath.Backend{{Addr: netip.MustParseAddrPort("10.88.0.5:53"), Weight: 2}},
 	}, {
 		Name: "default/web", VIP: netip.MustParseAddr("fd00::20"), Port: 80, Proto: datapath.ProtoTCP,
+		Policy: datapath.ServicePolicy{AffinityPod: true},
 	}}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("got %+v\nwant %+v", got, want)

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/podsock/podsock/datapath"
+	"github.com/podsock/podsock/plugin"
 )
 
 // SocketName is the control socket's file name inside state_dir.
@@ -42,8 +43,42 @@ type DatapathStatus struct {
 }
 
 type NRIStatus struct {
-	Enabled   bool `json:"enabled"`
-	Connected bool `json:"connected"`
+	Enabled    bool   `json:"enabled"`
+	Connected  bool   `json:"connected"`
+	Socket     string `json:"socket,omitempty"`
+	Reconnects uint64 `json:"reconnects"`
+	// Events counts runtime events by kind: failed ones left pod facts incomplete (the pod
+	// still started), late ones outlasted the handler budget.
+	Events map[string]EventCount `json:"events"`
+	// HandlerLatency is how long the runtime waited on podsock, per event kind, over the
+	// recent events ("all_pod_events" covers every pod and container event).
+	HandlerLatency map[string]plugin.LatencySummary `json:"handler_latency"`
+}
+
+// PodView is one element of `podsock pods --json`.
+type PodView struct {
+	Namespace   string          `json:"namespace"`
+	Name        string          `json:"name"`
+	UID         string          `json:"uid"`
+	SandboxID   string          `json:"sandbox_id"`
+	CgroupPath  string          `json:"cgroup_path"`
+	CgroupID    uint64          `json:"cgroup_id"`
+	Containers  []ContainerView `json:"containers"`
+	NetnsPath   string          `json:"netns_path"`
+	NetnsCookie uint64          `json:"netns_cookie"`
+	HostNetwork bool            `json:"host_network"`
+	IPs         []string        `json:"ips"`
+	// SkipLB and AllowedServices are the pod's policy under the running config.
+	SkipLB          bool     `json:"skip_lb"`
+	AllowedServices []string `json:"allowed_services"`
+}
+
+// ContainerView is one workload container of a pod.
+type ContainerView struct {
+	ID         string `json:"id"`
+	Name       string `json:"name"`
+	CgroupPath string `json:"cgroup_path"`
+	CgroupID   uint64 `json:"cgroup_id"`
 }
 
 // ServiceView is one element of `podsock services --json`.
@@ -131,6 +166,9 @@ func (a *Agent) serveControl(ln net.Listener) *http.Server {
 		}
 		writeJSON(w, serviceViews(svcs))
 	})
+	mux.HandleFunc("GET /v1/pods", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, a.podViews())
+	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -173,7 +211,47 @@ func (a *Agent) status() Status {
 		st.ConfigPath = cfg.Path
 		st.NRI.Enabled = cfg.NRI.Enabled
 	}
+	if a.tracker != nil {
+		st.Pods = len(a.tracker.Pods())
+	}
+	st.NRI.Events = a.events.snapshot()
+	if a.plugin != nil {
+		st.NRI.Connected = a.plugin.Connected()
+		st.NRI.Reconnects = a.plugin.Reconnects()
+		st.NRI.HandlerLatency = a.plugin.Latency()
+		if !plugin.PreRegistered() && cfg != nil {
+			st.NRI.Socket = cfg.NRI.Socket
+		}
+	}
 	return st
+}
+
+func (a *Agent) podViews() []PodView {
+	cfg := a.currentConfig()
+	pods := a.tracker.Pods()
+	dps := a.datapathPods(pods, cfg)
+	out := make([]PodView, 0, len(pods))
+	for i, p := range pods {
+		v := PodView{
+			Namespace: p.Namespace, Name: p.Name, UID: p.UID, SandboxID: p.SandboxID,
+			CgroupPath: p.CgroupPath, CgroupID: p.CgroupID,
+			Containers: []ContainerView{},
+			NetnsPath:  p.NetnsPath, NetnsCookie: p.NetnsCookie, HostNetwork: p.HostNetwork,
+			IPs:    []string{},
+			SkipLB: dps[i].SkipLB, AllowedServices: dps[i].AllowedServices,
+		}
+		if v.AllowedServices == nil {
+			v.AllowedServices = []string{}
+		}
+		for _, c := range p.Containers {
+			v.Containers = append(v.Containers, ContainerView{ID: c.ID, Name: c.Name, CgroupPath: c.CgroupPath, CgroupID: c.CgroupID})
+		}
+		for _, ip := range p.IPs {
+			v.IPs = append(v.IPs, ip.String())
+		}
+		out = append(out, v)
+	}
+	return out
 }
 
 func serviceViews(svcs []datapath.Service) []ServiceView {
@@ -232,6 +310,12 @@ func (c *Client) get(path string, v any) error {
 func (c *Client) Status() (Status, error) {
 	var st Status
 	return st, c.get("/v1/status", &st)
+}
+
+// Pods asks the agent for the pods it knows from the runtime.
+func (c *Client) Pods() ([]PodView, error) {
+	var out []PodView
+	return out, c.get("/v1/pods", &out)
 }
 
 // Services asks the agent for the services as the datapath has them.

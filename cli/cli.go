@@ -21,6 +21,7 @@ import (
 	"github.com/podsock/podsock/agent"
 	"github.com/podsock/podsock/config"
 	"github.com/podsock/podsock/datapath"
+	"github.com/podsock/podsock/plugin"
 )
 
 // Version is set at build time (-ldflags "-X github.com/podsock/podsock/cli.Version=…").
@@ -32,6 +33,7 @@ commands:
   run       --config FILE             run the agent (load or adopt the datapath, serve)
   status    --config FILE [--json]    datapath, NRI and config state; exit 0 when serving
   services  --config FILE [--json]    services and backends as the datapath has them
+  pods      --config FILE [--json]    pods known from the runtime: cgroups, netns, IPs, policy
   cleanup   --config FILE             detach and unpin everything podsock created
   version   [--json]                  version and the kernel features found
 
@@ -47,6 +49,11 @@ const (
 
 // Main runs one command and returns the process exit code.
 func Main(args []string, stdout, stderr io.Writer) int {
+	// The runtime starts a pre-registered plugin with no arguments and a connection in
+	// NRI_PLUGIN_SOCKET.
+	if len(args) == 0 && plugin.PreRegistered() {
+		return runPreRegistered(stderr)
+	}
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
 		return exitUsage
@@ -61,6 +68,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		run = status
 	case "services":
 		run = services
+	case "pods":
+		run = pods
 	case "cleanup":
 		run = cleanup
 	case "version":
@@ -78,7 +87,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	if cmd != "version" {
 		fs.StringVar(&c.configPath, "config", config.DefaultPath, "config file")
 	}
-	if cmd == "status" || cmd == "services" || cmd == "version" {
+	if cmd == "status" || cmd == "services" || cmd == "pods" || cmd == "version" {
 		fs.BoolVar(&c.json, "json", false, "print JSON")
 	}
 	if err := fs.Parse(rest); err != nil {
@@ -151,10 +160,23 @@ func (c *command) printJSON(v any) error {
 }
 
 func runAgent(c *command) error {
+	return agent.Run(context.Background(), c.configPath, agentLogger(c.stderr))
+}
+
+func agentLogger(w io.Writer) *logrus.Logger {
 	log := logrus.New()
-	log.SetOutput(c.stderr)
+	log.SetOutput(w)
 	log.SetFormatter(&logrus.TextFormatter{FullTimestamp: true})
-	return agent.Run(context.Background(), c.configPath, log)
+	return log
+}
+
+// runPreRegistered is `podsock run` for a binary the runtime launched as an NRI plugin.
+func runPreRegistered(stderr io.Writer) int {
+	if err := agent.RunPreRegistered(context.Background(), agentLogger(stderr)); err != nil {
+		fmt.Fprintf(stderr, "podsock: %s\n", oneLine(err.Error()))
+		return exitFail
+	}
+	return exitOK
 }
 
 func status(c *command) error {
@@ -183,6 +205,10 @@ func status(c *command) error {
 		k := st.Datapath.Counters
 		fmt.Fprintf(w, "counters\t%d connects, %d sendmsgs, %d reversed, %d refused (no backend), %d without socket storage\n",
 			k.Connects, k.Sendmsgs, k.Reversed, k.NoBackend, k.NoStorage)
+		fmt.Fprintf(w, "policy\t%d denied (allow-lists), %d left alone (skip-LB, hostns_only)\n", k.Denied, k.Skipped)
+		if l, ok := st.NRI.HandlerLatency["all_pod_events"]; ok {
+			fmt.Fprintf(w, "nri handlers\t%d events, p50 %s, p99 %s, max %s\n", l.Count, l.P50, l.P99, l.Max)
+		}
 		if err := w.Flush(); err != nil {
 			return err
 		}
@@ -237,6 +263,41 @@ func services(c *command) error {
 			backends = "(none: connects are refused)"
 		}
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", s.Name, joinHostPort(s.VIP, s.Port), s.Protocol, backends)
+	}
+	return w.Flush()
+}
+
+func pods(c *command) error {
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	ps, err := cl.Pods()
+	if err != nil {
+		return err
+	}
+	if c.json {
+		return c.printJSON(ps)
+	}
+	w := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "POD\tIPS\tCGROUP (ID)\tNETNS COOKIE\tCONTAINERS\tPOLICY")
+	for _, p := range ps {
+		ips := strings.Join(p.IPs, ",")
+		if p.HostNetwork {
+			ips = "host network"
+		}
+		var policy []string
+		if p.SkipLB {
+			policy = append(policy, "skip-lb")
+		}
+		if len(p.AllowedServices) > 0 {
+			policy = append(policy, "allowed: "+strings.Join(p.AllowedServices, ","))
+		}
+		if len(policy) == 0 {
+			policy = []string{"-"}
+		}
+		fmt.Fprintf(w, "%s/%s\t%s\t%s (%d)\t%d\t%d\t%s\n", p.Namespace, p.Name, ips, p.CgroupPath, p.CgroupID,
+			p.NetnsCookie, len(p.Containers), strings.Join(policy, "; "))
 	}
 	return w.Flush()
 }

@@ -1,0 +1,296 @@
+package agent
+
+import (
+	"errors"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/podsock/podsock/config"
+	"github.com/podsock/podsock/datapath"
+	"github.com/podsock/podsock/runtimehooks"
+)
+
+// handlerBudget is how long an NRI event waits for its pod's datapath entries before it
+// returns to the runtime anyway. Normally the work takes microseconds; the budget only
+// matters while a large reload holds the datapath, and then the entries land right after.
+const handlerBudget = 250 * time.Millisecond
+
+// podQueue runs pod work in arrival order on one goroutine, so that events of one pod
+// never overtake each other even when a handler stopped waiting for its own.
+type podQueue struct {
+	mu     sync.Mutex
+	ops    []podOp
+	wake   chan struct{}
+	closed bool
+}
+
+type podOp struct {
+	fn   func()
+	done chan struct{}
+}
+
+func newPodQueue() *podQueue { return &podQueue{wake: make(chan struct{}, 1)} }
+
+// run executes queued work until close.
+func (q *podQueue) run() {
+	for {
+		q.mu.Lock()
+		for len(q.ops) == 0 && !q.closed {
+			q.mu.Unlock()
+			<-q.wake
+			q.mu.Lock()
+		}
+		if len(q.ops) == 0 {
+			q.mu.Unlock()
+			return
+		}
+		op := q.ops[0]
+		q.ops = q.ops[1:]
+		q.mu.Unlock()
+		op.fn()
+		close(op.done)
+	}
+}
+
+// do queues fn and waits for it at most budget. It never blocks longer, whatever fn does.
+func (q *podQueue) do(budget time.Duration, fn func()) bool {
+	op := podOp{fn: fn, done: make(chan struct{})}
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return false
+	}
+	q.ops = append(q.ops, op)
+	q.mu.Unlock()
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+	t := time.NewTimer(budget)
+	defer t.Stop()
+	select {
+	case <-op.done:
+		return true
+	case <-t.C:
+		return false
+	}
+}
+
+func (q *podQueue) close() {
+	q.mu.Lock()
+	q.closed = true
+	q.mu.Unlock()
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+}
+
+// event runs one runtime event's work through the queue, counting it, and counting it as
+// late when the runtime could not be kept waiting for it.
+func (a *Agent) event(kind string, fn func() error) {
+	a.events.add(kind)
+	ok := a.podq.do(handlerBudget, func() {
+		a.opMu.Lock()
+		defer a.opMu.Unlock()
+		if a.dp == nil {
+			return
+		}
+		if err := fn(); err != nil {
+			a.events.fail(kind)
+			a.log.WithField("event", kind).WithError(err).Warn("pod facts incomplete")
+		}
+	})
+	if !ok {
+		a.events.late(kind)
+		a.log.WithField("event", kind).Warnf("event work took over %s; the runtime was not kept waiting", handlerBudget)
+	}
+}
+
+// The plugin.Handler methods.
+
+func (a *Agent) Synchronize(sbs []runtimehooks.Sandbox, ctrs []runtimehooks.ContainerInfo) {
+	a.event("Synchronize", func() error {
+		pods, removed, err := a.tracker.Synchronize(sbs, ctrs)
+		res, serr := a.dp.SyncPods(a.datapathPods(pods, a.currentConfig()))
+		a.log.WithFields(map[string]any{
+			"pods": len(pods), "forgotten": len(removed),
+			"added": res.Added, "updated": res.Updated, "removed": res.Removed,
+		}).Info("synchronized with the runtime")
+		return errors.Join(err, serr)
+	})
+}
+
+func (a *Agent) RunPodSandbox(s runtimehooks.Sandbox) {
+	a.event("RunPodSandbox", func() error {
+		pod, err := a.tracker.RunPodSandbox(s)
+		return errors.Join(err, a.setPod(pod))
+	})
+}
+
+func (a *Agent) StopPodSandbox(string) {
+	// The netns stays held until RemovePodSandbox: sockets may outlive the stop.
+	a.events.add("StopPodSandbox")
+}
+
+func (a *Agent) RemovePodSandbox(id string) {
+	a.event("RemovePodSandbox", func() error {
+		a.tracker.RemovePodSandbox(id)
+		return a.dp.RemovePod(id)
+	})
+}
+
+func (a *Agent) ContainerCreated(c runtimehooks.ContainerInfo) {
+	a.event("ContainerCreated", func() error {
+		pod, err := a.tracker.ContainerCreated(c)
+		if pod.SandboxID == "" {
+			return err
+		}
+		return errors.Join(err, a.setPod(pod))
+	})
+}
+
+func (a *Agent) StopContainer(runtimehooks.ContainerInfo) { a.events.add("StopContainer") }
+
+func (a *Agent) RemoveContainer(c runtimehooks.ContainerInfo) {
+	a.event("RemoveContainer", func() error {
+		pod, ok := a.tracker.ContainerRemoved(c.ID)
+		if !ok {
+			return nil
+		}
+		return a.setPod(pod)
+	})
+}
+
+// setPod pushes one pod's facts and policy into the datapath. Called with opMu held.
+func (a *Agent) setPod(p runtimehooks.Pod) error {
+	if p.SandboxID == "" {
+		return nil
+	}
+	all := a.tracker.Pods()
+	return a.dp.SetPod(datapathPod(p, a.currentConfig(), sharedPodCgroups(all)))
+}
+
+func (a *Agent) currentConfig() *config.Config {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.cfg == nil {
+		return config.Default()
+	}
+	return a.cfg
+}
+
+func (a *Agent) datapathPods(pods []runtimehooks.Pod, cfg *config.Config) []datapath.Pod {
+	shared := sharedPodCgroups(pods)
+	out := make([]datapath.Pod, 0, len(pods))
+	for _, p := range pods {
+		out = append(out, datapathPod(p, cfg, shared))
+	}
+	return out
+}
+
+// sharedPodCgroups finds pod cgroups that more than one pod reports (a runtime without a
+// per-pod cgroup parent): such a cgroup says nothing about which pod a process is in.
+func sharedPodCgroups(pods []runtimehooks.Pod) map[uint64]bool {
+	seen := map[uint64]int{}
+	for _, p := range pods {
+		if p.CgroupID != 0 {
+			seen[p.CgroupID]++
+		}
+	}
+	shared := map[uint64]bool{}
+	for id, n := range seen {
+		if n > 1 {
+			shared[id] = true
+		}
+	}
+	return shared
+}
+
+// datapathPod is what the datapath needs of a pod under cfg.
+func datapathPod(p runtimehooks.Pod, cfg *config.Config, shared map[uint64]bool) datapath.Pod {
+	d := datapath.Pod{
+		SandboxID:   p.SandboxID,
+		NetnsCookie: p.NetnsCookie,
+		SkipLB:      cfg.LB.SkipsLB(p.Namespace, p.Labels, p.Annotations),
+	}
+	// The cgroup2 root is every process's ancestor, never one pod's.
+	if p.CgroupID != 0 && p.CgroupPath != "/" && !shared[p.CgroupID] {
+		d.PodCgroup = p.CgroupID
+	}
+	if p.HostNetwork {
+		d.NetnsCookie = 0
+	}
+	for _, c := range p.Containers {
+		if c.CgroupID != 0 {
+			d.ContainerCgroups = append(d.ContainerCgroups, c.CgroupID)
+		}
+	}
+	for _, s := range cfg.Services {
+		if s.RestrictsClients() && s.AllowsPod(p.Namespace, p.Labels) {
+			d.AllowedServices = append(d.AllowedServices, s.Name)
+		}
+	}
+	return d
+}
+
+// servicePolicies computes each service's datapath policy against the pods known now.
+func servicePolicies(cfg *config.Config, pods []runtimehooks.Pod) map[string]datapath.ServicePolicy {
+	out := map[string]datapath.ServicePolicy{}
+	for _, s := range cfg.Services {
+		p := datapath.ServicePolicy{AffinityPod: s.Affinity == config.AffinityPod}
+		if s.RestrictsClients() {
+			p.Restrict = true
+			p.AllowHost = s.AllowsHost()
+			for _, pod := range pods {
+				if s.AllowsPod(pod.Namespace, pod.Labels) {
+					p.AllowedPods = append(p.AllowedPods, pod.SandboxID)
+				}
+			}
+			slices.Sort(p.AllowedPods)
+		}
+		out[s.Name] = p
+	}
+	return out
+}
+
+// eventCounts counts runtime events by kind, with failures and late completions.
+type eventCounts struct {
+	mu     sync.Mutex
+	counts map[string]*EventCount
+}
+
+// EventCount is how often one kind of runtime event arrived, how often its pod facts were
+// incomplete, and how often its work outlasted the handler budget.
+type EventCount struct {
+	Total  uint64 `json:"total"`
+	Failed uint64 `json:"failed"`
+	Late   uint64 `json:"late"`
+}
+
+func (e *eventCounts) get(kind string) *EventCount {
+	if e.counts == nil {
+		e.counts = map[string]*EventCount{}
+	}
+	c := e.counts[kind]
+	if c == nil {
+		c = &EventCount{}
+		e.counts[kind] = c
+	}
+	return c
+}
+
+func (e *eventCounts) add(kind string)  { e.mu.Lock(); e.get(kind).Total++; e.mu.Unlock() }
+func (e *eventCounts) fail(kind string) { e.mu.Lock(); e.get(kind).Failed++; e.mu.Unlock() }
+func (e *eventCounts) late(kind string) { e.mu.Lock(); e.get(kind).Late++; e.mu.Unlock() }
+
+func (e *eventCounts) snapshot() map[string]EventCount {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	out := map[string]EventCount{}
+	for k, v := range e.counts {
+		out[k] = *v
+	}
+	return out
+}

@@ -1,0 +1,90 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/podsock/podsock/config"
+	"github.com/podsock/podsock/plugin"
+)
+
+// PreRegisteredConfigName names the configuration the runtime hands over in errors and
+// logs: it comes from /etc/nri/conf.d/NN-podsock.conf, which the runtime reads for us.
+const PreRegisteredConfigName = "nri-config"
+
+// RunPreRegistered is the agent when the runtime launched this binary as a pre-registered
+// NRI plugin (/opt/nri/plugins/NN-podsock): the configuration arrives in NRI's Configure,
+// and the agent starts from it before it answers. It returns when the runtime closes the
+// connection (the runtime starts a new instance) or on SIGTERM/SIGINT. SIGHUP cannot
+// reload: the runtime owns the configuration, so a change takes a plugin restart.
+func RunPreRegistered(ctx context.Context, log *logrus.Logger) error {
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
+
+	a := newAgent(log)
+	defer a.podq.close()
+	started := make(chan error, 1)
+	configured := false
+	a.plugin = plugin.New(plugin.Options{Log: log, Configure: func(text string) error {
+		if configured {
+			log.Warn("the runtime configured the plugin again; keeping the running configuration")
+			return nil
+		}
+		cfg, err := config.Parse(PreRegisteredConfigName, []byte(text))
+		if err != nil {
+			log.Error(err)
+			started <- err
+			return err
+		}
+		// The runtime already connected us; the [nri] socket is not used.
+		cfg.NRI.Enabled = true
+		if _, err := a.start(cfg, nil); err != nil {
+			log.Error(err)
+			started <- err
+			return err
+		}
+		configured = true
+		started <- nil
+		return nil
+	}}, a)
+	pctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	pluginDone := a.runPlugin(pctx)
+
+	select {
+	case err := <-started:
+		if err != nil {
+			return err
+		}
+	case err := <-pluginDone:
+		return errors.Join(errors.New("the runtime never configured the plugin"), err)
+	case sig := <-sigs:
+		log.Infof("received %s before the runtime configured the plugin", sig)
+		return nil
+	case <-ctx.Done():
+		return nil
+	}
+	defer a.stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-pluginDone:
+			log.WithError(err).Info("the runtime closed the plugin connection; exiting")
+			return nil
+		case sig := <-sigs:
+			if sig == syscall.SIGHUP {
+				log.Warn("SIGHUP ignored: a pre-registered plugin gets its config from the runtime; restart the plugin to change it")
+				continue
+			}
+			log.Infof("received %s", sig)
+			return nil
+		}
+	}
+}

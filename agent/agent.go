@@ -46,8 +46,15 @@ type Agent struct {
 
 	srv *http.Server
 
-	mu              sync.Mutex
-	cfg             *config.Config
+	// podsSynced is set by the runtime's first Synchronize: from then on the tracker, not
+	// what a previous agent left in the maps, says which pods exist. Guarded by opMu.
+	podsSynced bool
+
+	mu  sync.Mutex
+	cfg *config.Config
+	// policyCfg is the config pod policy is computed from: the last one pushed to the
+	// datapath, even if only partly.
+	policyCfg       *config.Config
 	cgroupRoot      string
 	generation      uint64
 	lastReloadError string
@@ -74,6 +81,11 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 	}
 	a := newAgent(log)
 	defer a.podq.close()
+	if cfg.NRI.Enabled {
+		a.plugin = plugin.New(plugin.Options{
+			Socket: cfg.NRI.Socket, Name: cfg.NRI.PluginName, Index: cfg.NRI.PluginIndex, Log: log,
+		}, a)
+	}
 	reloadPending, err := a.start(cfg, sigs)
 	if errors.Is(err, errStopped) {
 		return nil
@@ -86,11 +98,20 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 		a.reload(cfgPath)
 	}
 	var pluginDone <-chan error
-	if cfg.NRI.Enabled {
-		a.plugin = plugin.New(plugin.Options{
-			Socket: cfg.NRI.Socket, Name: cfg.NRI.PluginName, Index: cfg.NRI.PluginIndex, Log: log,
-		}, a)
-		pluginDone = a.runPlugin(ctx)
+	if a.plugin != nil {
+		pctx, cancel := context.WithCancel(ctx)
+		// Unregister before the datapath handles go: stop runs after this.
+		defer cancel()
+		pluginDone = a.runPlugin(pctx)
+	} else {
+		// Without a runtime there are no pods: whatever a previous agent installed goes.
+		a.opMu.Lock()
+		a.podsSynced = true
+		_, err := a.dp.SyncPods(nil)
+		a.opMu.Unlock()
+		if err != nil {
+			log.WithError(err).Warn("drop pods left by an earlier agent")
+		}
 	}
 
 	for {
@@ -194,7 +215,9 @@ func (a *Agent) stop() {
 		shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		if err := a.srv.Shutdown(shutdownCtx); err != nil {
+			// A request still running may use the datapath: leave the handles to the exit.
 			a.log.WithError(err).Warn("control socket shutdown")
+			return
 		}
 	}
 	a.opMu.Lock()
@@ -279,20 +302,35 @@ func (a *Agent) apply(cfg *config.Config) error {
 	a.opMu.Lock()
 	defer a.opMu.Unlock()
 	pods := a.tracker.Pods()
-	res, err := a.dp.Apply(toDatapath(cfg.Services, servicePolicies(cfg, pods)))
+	policies := servicePolicies(cfg, pods)
+	if !a.podsSynced {
+		// Until the runtime's first Synchronize the tracker knows no pods, but the datapath
+		// may hold those a previous agent installed: keep admitting them.
+		for name, p := range policies {
+			if p.Restrict {
+				p.AllowedPods = append(p.AllowedPods, a.dp.AllowedSandboxes(name)...)
+				policies[name] = p
+			}
+		}
+	}
+	res, err := a.dp.Apply(toDatapath(cfg.Services, policies))
 	a.log.WithFields(logrus.Fields{
 		"added": res.Added, "updated": res.Updated, "removed": res.Removed, "unchanged": res.Unchanged,
 	}).Info("services applied")
 	for svc, gone := range res.RemovedBackends {
 		a.log.WithField("service", svc).Infof("backends removed: %v", gone)
 	}
+	// Even a partly applied config is what the datapath now serves, so pod policy follows
+	// it rather than the previous one.
+	a.mu.Lock()
+	a.policyCfg = cfg
+	a.mu.Unlock()
+	err = errors.Join(err, a.dp.SetHostnsOnly(cfg.LB.HostnsOnly))
+	if a.podsSynced {
+		_, serr := a.dp.SyncPods(a.datapathPods(pods, cfg))
+		err = errors.Join(err, serr)
+	}
 	if err != nil {
-		return err
-	}
-	if err := a.dp.SetHostnsOnly(cfg.LB.HostnsOnly); err != nil {
-		return err
-	}
-	if _, err := a.dp.SyncPods(a.datapathPods(pods, cfg)); err != nil {
 		return err
 	}
 	a.mu.Lock()

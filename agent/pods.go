@@ -2,7 +2,9 @@ package agent
 
 import (
 	"errors"
+	"path"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -77,6 +79,12 @@ func (q *podQueue) do(budget time.Duration, fn func()) bool {
 	}
 }
 
+func (q *podQueue) isClosed() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.closed
+}
+
 func (q *podQueue) close() {
 	q.mu.Lock()
 	q.closed = true
@@ -102,7 +110,7 @@ func (a *Agent) event(kind string, fn func() error) {
 			a.log.WithField("event", kind).WithError(err).Warn("pod facts incomplete")
 		}
 	})
-	if !ok {
+	if !ok && !a.podq.isClosed() {
 		a.events.late(kind)
 		a.log.WithField("event", kind).Warnf("event work took over %s; the runtime was not kept waiting", handlerBudget)
 	}
@@ -113,6 +121,9 @@ func (a *Agent) event(kind string, fn func() error) {
 func (a *Agent) Synchronize(sbs []runtimehooks.Sandbox, ctrs []runtimehooks.ContainerInfo) {
 	a.event("Synchronize", func() error {
 		pods, removed, err := a.tracker.Synchronize(sbs, ctrs)
+		a.podsSynced = true
+		// Exact from now on: pods gone while no agent listened lose their entries, allow
+		// entries included.
 		res, serr := a.dp.SyncPods(a.datapathPods(pods, a.currentConfig()))
 		a.log.WithFields(map[string]any{
 			"pods": len(pods), "forgotten": len(removed),
@@ -169,16 +180,27 @@ func (a *Agent) setPod(p runtimehooks.Pod) error {
 		return nil
 	}
 	all := a.tracker.Pods()
-	return a.dp.SetPod(datapathPod(p, a.currentConfig(), sharedPodCgroups(all)))
+	cfg, shared := a.currentConfig(), sharedPodCgroups(all)
+	err := a.dp.SetPod(datapathPod(p, cfg, shared))
+	if shared[p.CgroupID] {
+		// The pods that claimed this cgroup alone so far must give it up too.
+		for _, other := range all {
+			if other.CgroupID == p.CgroupID && other.SandboxID != p.SandboxID {
+				err = errors.Join(err, a.dp.SetPod(datapathPod(other, cfg, shared)))
+			}
+		}
+	}
+	return err
 }
 
+// currentConfig is the config pod policy follows: the one last pushed to the datapath.
 func (a *Agent) currentConfig() *config.Config {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.cfg == nil {
+	if a.policyCfg == nil {
 		return config.Default()
 	}
-	return a.cfg
+	return a.policyCfg
 }
 
 func (a *Agent) datapathPods(pods []runtimehooks.Pod, cfg *config.Config) []datapath.Pod {
@@ -215,8 +237,7 @@ func datapathPod(p runtimehooks.Pod, cfg *config.Config, shared map[uint64]bool)
 		NetnsCookie: p.NetnsCookie,
 		SkipLB:      cfg.LB.SkipsLB(p.Namespace, p.Labels, p.Annotations),
 	}
-	// The cgroup2 root is every process's ancestor, never one pod's.
-	if p.CgroupID != 0 && p.CgroupPath != "/" && !shared[p.CgroupID] {
+	if p.CgroupID != 0 && !shared[p.CgroupID] && ownsCgroup(p) {
 		d.PodCgroup = p.CgroupID
 	}
 	if p.HostNetwork {
@@ -233,6 +254,23 @@ func datapathPod(p runtimehooks.Pod, cfg *config.Config, shared map[uint64]bool)
 		}
 	}
 	return d
+}
+
+// ownsCgroup reports whether the pod cgroup's path names the pod (its UID, as kubelet and
+// CRI-O write it, with '_' for '-' in systemd slices, or its sandbox ID). A runtime that
+// has no per-pod cgroup reports a shared parent (containerd's "/k8s.io", "/system.slice"),
+// and claiming that would make every host process under it look like this pod.
+func ownsCgroup(p runtimehooks.Pod) bool {
+	last := path.Base(p.CgroupPath)
+	if p.CgroupPath == "" || last == "/" {
+		return false
+	}
+	for _, id := range []string{p.UID, strings.ReplaceAll(p.UID, "-", "_"), p.SandboxID} {
+		if len(id) >= 8 && strings.Contains(last, id) {
+			return true
+		}
+	}
+	return false
 }
 
 // servicePolicies computes each service's datapath policy against the pods known now.

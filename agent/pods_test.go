@@ -37,11 +37,17 @@ backends = ["10.88.0.5:8080"]
 		t.Fatal(err)
 	}
 	api := runtimehooks.Pod{
-		SandboxID: "sb-api", Namespace: "default", Labels: map[string]string{"role": "api"},
-		CgroupPath: "/kubepods/pod1", CgroupID: 11, NetnsCookie: 7,
+		SandboxID: "sb-api", UID: "0d6f3c2a-1111-4b2e-9a39-000000000001", Namespace: "default", Labels: map[string]string{"role": "api"},
+		CgroupPath: "/kubepods/pod0d6f3c2a-1111-4b2e-9a39-000000000001", CgroupID: 11, NetnsCookie: 7,
 		Containers: []runtimehooks.Container{{ID: "c1", CgroupID: 12}, {ID: "c2"}},
 	}
-	mesh := runtimehooks.Pod{SandboxID: "sb-mesh", Namespace: "istio-system", CgroupPath: "/kubepods/pod2", CgroupID: 21, NetnsCookie: 8}
+	// A systemd slice writes the UID with '_' for '-'.
+	mesh := runtimehooks.Pod{
+		SandboxID: "sb-mesh", UID: "7a1e0000-2222-4b2e-9a39-000000000002", Namespace: "istio-system", CgroupID: 21, NetnsCookie: 8,
+		CgroupPath: "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod7a1e0000_2222_4b2e_9a39_000000000002.slice",
+	}
+	// One pod alone under containerd's shared parent must not claim it either.
+	lone := runtimehooks.Pod{SandboxID: "sb-lone", UID: "0d6f3c2a-3333-4b2e-9a39-000000000003", Namespace: "default", CgroupPath: "/k8s.io", CgroupID: 41, NetnsCookie: 11}
 	annotated := runtimehooks.Pod{
 		SandboxID: "sb-ann", Namespace: "default", Annotations: map[string]string{config.SkipLBAnnotation: "true"},
 		HostNetwork: true, NetnsCookie: 99, CgroupPath: "/", CgroupID: 1,
@@ -50,7 +56,7 @@ backends = ["10.88.0.5:8080"]
 	twinA := runtimehooks.Pod{SandboxID: "sb-ta", Namespace: "default", CgroupPath: "/k8s.io", CgroupID: 31, NetnsCookie: 9}
 	twinB := runtimehooks.Pod{SandboxID: "sb-tb", Namespace: "default", CgroupPath: "/k8s.io", CgroupID: 31, NetnsCookie: 10}
 
-	got := (&Agent{}).datapathPods([]runtimehooks.Pod{api, mesh, annotated, twinA, twinB}, cfg)
+	got := (&Agent{}).datapathPods([]runtimehooks.Pod{api, mesh, annotated, twinA, twinB, lone}, cfg)
 	want := []datapath.Pod{
 		{SandboxID: "sb-api", ContainerCgroups: []uint64{12}, PodCgroup: 11, NetnsCookie: 7, AllowedServices: []string{"default/db"}},
 		{SandboxID: "sb-mesh", PodCgroup: 21, NetnsCookie: 8, SkipLB: true},
@@ -58,6 +64,7 @@ backends = ["10.88.0.5:8080"]
 		{SandboxID: "sb-ann", SkipLB: true},
 		{SandboxID: "sb-ta", NetnsCookie: 9},
 		{SandboxID: "sb-tb", NetnsCookie: 10},
+		{SandboxID: "sb-lone", NetnsCookie: 11},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("datapath pods:\n got %+v\nwant %+v", got, want)

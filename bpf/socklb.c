@@ -396,12 +396,16 @@ static __always_inline struct backend *pick_for_client(struct svc_key *key, stru
 						       const struct client *c, __u32 hash,
 						       struct backend *scratch)
 {
+	struct svc_value *now;
 	struct pod_svc_key ak;
 	struct backend *be;
+	__u32 rev;
 	long err;
 
 	if (!((*svcp)->flags & SVC_F_AFFINITY_POD) || !c->pod_id)
 		return pick_backend(key, svcp, hash);
+	if ((*svcp)->slot_count == 0)
+		return NULL;
 	ak.svc_id = (*svcp)->id;
 	ak.pod_id = c->pod_id;
 	be = bpf_map_lookup_elem(&podsock_aff_v1, &ak);
@@ -411,15 +415,25 @@ static __always_inline struct backend *pick_for_client(struct svc_key *key, stru
 	if (!be)
 		return NULL;
 	*scratch = *be;
+	rev = (*svcp)->rev;
 	err = bpf_map_update_elem(&podsock_aff_v1, &ak, scratch, BPF_NOEXIST);
 	if (err == -EEXIST) {
 		// Another socket of the pod won the race: follow its choice.
 		be = bpf_map_lookup_elem(&podsock_aff_v1, &ak);
 		if (be)
 			return be;
-	} else if (err) {
-		count(STAT_AFFINITY_FULL);
+		return scratch;
 	}
+	if (err) {
+		count(STAT_AFFINITY_FULL);
+		return scratch;
+	}
+	// Userspace switches a service to its new revision before it drops the affinity
+	// entries of removed backends. An entry written from an older revision may have missed
+	// that sweep and could pin the pod to a removed backend for good: take it back.
+	now = bpf_map_lookup_elem(&podsock_svc_v1, key);
+	if (!now || now->rev != rev)
+		bpf_map_delete_elem(&podsock_aff_v1, &ak);
 	return scratch;
 }
 
@@ -448,14 +462,15 @@ static __always_inline int sock_connect(struct bpf_sock_addr *ctx, int v6)
 		return SYS_PROCEED;
 	svc = lookup_service(ctx, v6, &key);
 	verdict = svc ? policy(ctx, svc, &client) : VERDICT_SKIP;
-	if (verdict == VERDICT_DENY)
-		return deny();
-	if (verdict == VERDICT_SKIP) {
-		if (svc)
-			count(STAT_SKIPPED);
-		// A balanced socket re-connected elsewhere must not keep claiming its old backend.
+	if (verdict != VERDICT_BALANCE) {
+		// A balanced socket re-connected elsewhere (or refused now) must not keep claiming
+		// its old backend.
 		if (bpf_sk_storage_get(&podsock_sock_v1, sk, 0, 0))
 			bpf_sk_storage_delete(&podsock_sock_v1, sk);
+		if (verdict == VERDICT_DENY)
+			return deny();
+		if (svc)
+			count(STAT_SKIPPED);
 		return SYS_PROCEED;
 	}
 

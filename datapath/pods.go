@@ -109,6 +109,13 @@ func (dp *Datapath) setPod(p Pod) (added bool, err error) {
 			}
 		}
 	}
+	// Entries the pod no longer has (or that a reused ID inherited) go before the identity
+	// entries are (re)written.
+	for _, svc := range dp.services {
+		if svc.allowed[cur.id] && !allowed[svc.id] {
+			dp.deleteAllow(svc, cur.id)
+		}
+	}
 	if flags&podFlagSkipLB != 0 {
 		dp.skipPods[cur.id] = true
 		errs = append(errs, dp.writeCfg())
@@ -140,11 +147,6 @@ func (dp *Datapath) setPod(p Pod) (added bool, err error) {
 	}
 	cur.ctrCgroups, cur.podCgroup, cur.netns, cur.flags = ctr, p.PodCgroup, p.NetnsCookie, flags
 
-	for _, svc := range dp.services {
-		if svc.allowed[cur.id] && !allowed[svc.id] {
-			dp.deleteAllow(svc, cur.id)
-		}
-	}
 	if flags&podFlagSkipLB == 0 && dp.skipPods[cur.id] {
 		delete(dp.skipPods, cur.id)
 		errs = append(errs, dp.writeCfg())
@@ -181,12 +183,11 @@ func (dp *Datapath) removePod(cur *installedPod) error {
 		if svc.allowed[cur.id] {
 			dp.deleteAllow(svc, cur.id)
 		}
-		if svc.flags&svcFlagAffinityPod != 0 {
-			k := socklbPodSvcKey{SvcId: svc.id, PodId: cur.id}
-			if err := dp.objs.PodsockAffV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-				dp.log.WithError(err).Warnf("delete affinity of pod %s", cur.sandboxID)
-			}
-		}
+	}
+	// Every affinity entry of the pod, whatever its service's flags are now: the ID will be
+	// reused, and must not inherit a choice.
+	if err := dp.dropPodAffinity(cur.id); err != nil {
+		return fmt.Errorf("pod %s: %w", cur.sandboxID, err)
 	}
 	var err error
 	if dp.skipPods[cur.id] {
@@ -407,6 +408,47 @@ func (dp *Datapath) dropAffinity(svcID uint32, gone []netip.AddrPort) {
 			dp.log.WithError(err).Warnf("delete affinity entry %+v", k)
 		}
 	}
+}
+
+func (dp *Datapath) dropPodAffinity(podID uint32) error {
+	var k socklbPodSvcKey
+	var be socklbBackend
+	var drop []socklbPodSvcKey
+	it := dp.objs.PodsockAffV1.Iterate()
+	for it.Next(&k, &be) {
+		if k.PodId == podID {
+			drop = append(drop, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read affinity entries: %w", err)
+	}
+	for _, k := range drop {
+		if err := dp.objs.PodsockAffV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete affinity entry %+v: %w", k, err)
+		}
+	}
+	return nil
+}
+
+// AllowedSandboxes lists the pods the datapath currently admits to a restricted service,
+// by sandbox ID. Before the runtime's first Synchronize, it is the only record of them.
+func (dp *Datapath) AllowedSandboxes(service string) []string {
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+	var out []string
+	for _, svc := range dp.services {
+		if svc.name != service {
+			continue
+		}
+		for id := range svc.allowed {
+			if p := dp.podIDs[id]; p != nil {
+				out = append(out, p.sandboxID)
+			}
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // readPods rebuilds the pod mirror from pinned maps left by a previous agent. Identity,

@@ -59,6 +59,9 @@ type Runtime struct {
 	bridge     string
 	cgroupRoot string
 	runc       string
+	// libcni caches results in /var/lib/cni whatever containerd is told; remove the
+	// (empty) directories at Stop only if this runtime created them.
+	cniCacheExisted bool
 
 	mu      sync.Mutex
 	cmd     *exec.Cmd
@@ -99,6 +102,7 @@ const (
 	stopTimeout     = 10 * time.Second
 	readyTimeout    = 30 * time.Second
 	cniBinDir       = "/usr/lib/cni"
+	cniCacheDir     = "/var/lib/cni"
 )
 
 var requiredTools = []string{"containerd", "containerd-shim-runc-v2", "ctr", "crictl"}
@@ -215,6 +219,9 @@ func Start(t testenv.TB, opts Options) *Runtime {
 		runc:       runc,
 		pods:       map[string]*Pod{},
 	}
+	if _, err := os.Stat(cniCacheDir); err == nil {
+		r.cniCacheExisted = true
+	}
 	if err := os.Mkdir(r.dir, 0o700); err != nil {
 		t.Fatalf("start runtime: %v", err)
 	}
@@ -316,7 +323,10 @@ func pickSubnet(vips netip.Prefix) (netip.Prefix, error) {
 
 func (r *Runtime) writeConfigs() error {
 	q := strconv.Quote
-	config := fmt.Sprintf(`version = 3
+	// Version 4 is what containerd 2.4 writes; an older version works but is migrated
+	// with a warning at every start. Only the files in imports are loaded (the default
+	// /etc/containerd/conf.d shows in "config dump" but is not read when imports is set).
+	config := fmt.Sprintf(`version = 4
 root = %s
 state = %s
 temp = %s
@@ -330,9 +340,9 @@ disabled_plugins = [
   'io.containerd.internal.v1.tracing',
 ]
 
-[grpc]
+[plugins.'io.containerd.server.v1.grpc']
   address = %s
-[ttrpc]
+[plugins.'io.containerd.server.v1.ttrpc']
   address = %s
 
 [plugins.'io.containerd.internal.v1.opt']
@@ -355,6 +365,8 @@ disabled_plugins = [
       runtime_type = 'io.containerd.runc.v2'
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
         BinaryName = %s
+        # runc's own state, by default in /run/containerd/runc.
+        Root = %s
         SystemdCgroup = false
   [plugins.'io.containerd.cri.v1.runtime'.cni]
     bin_dirs = [%s]
@@ -377,7 +389,7 @@ disabled_plugins = [
 		q(r.path("containerd.sock")), q(r.path("containerd.sock.ttrpc")),
 		q(r.path("opt")), q(r.path("s")),
 		q(ImageName),
-		q(r.runc),
+		q(r.runc), q(r.path("runc")),
 		q(cniBinDir), q(r.path("net.d")),
 		q(r.opts.NRISocket), q(r.opts.NRIPluginDir), q(r.opts.NRIPluginConfDir),
 		q(r.opts.NRITimeout.String()),
@@ -826,11 +838,16 @@ func (r *Runtime) Stop(t testenv.TB) {
 			errs = append(errs, fmt.Errorf("delete bridge %s: %w: %s", r.bridge, err, out))
 		}
 	}
-	results, _ := filepath.Glob("/var/lib/cni/results/" + r.bridge + "-*")
+	results, _ := filepath.Glob(filepath.Join(cniCacheDir, "results", r.bridge+"-*"))
 	for _, f := range results {
 		if err := os.Remove(f); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if !r.cniCacheExisted {
+		// Fails harmlessly when another runtime has results there.
+		os.Remove(filepath.Join(cniCacheDir, "results"))
+		os.Remove(cniCacheDir)
 	}
 	errs = append(errs, r.removeCgroups()...)
 	if err := os.RemoveAll(r.dir); err != nil {
@@ -1003,7 +1020,7 @@ func (r *Runtime) Leftovers() []string {
 			left = append(left, filepath.Join(mnt.path, r.cgroupRoot))
 		}
 	}
-	results, _ := filepath.Glob("/var/lib/cni/results/" + r.bridge + "-*")
+	results, _ := filepath.Glob(filepath.Join(cniCacheDir, "results", r.bridge+"-*"))
 	left = append(left, results...)
 	r.mu.Lock()
 	if r.cmd != nil {

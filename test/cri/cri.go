@@ -318,7 +318,7 @@ func pickSubnet(vips netip.Prefix) (netip.Prefix, error) {
 			return cand, nil
 		}
 	}
-	return netip.Prefix{}, errors.New("no free pod subnet in 10.244.64.0/18")
+	return netip.Prefix{}, errors.New("no free pod /24 in 10.244.64.0-10.244.191.255")
 }
 
 func (r *Runtime) writeConfigs() error {

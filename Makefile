@@ -12,6 +12,7 @@ all: build
 
 deps:
 	@scripts/install-deps.sh
+	@scripts/install-runtime.sh
 
 build:
 	go build -o bin/podsock ./cmd/podsock

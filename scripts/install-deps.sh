@@ -2,6 +2,10 @@
 # Installs the pinned build and test toolchain from Debian. Idempotent: a package already at
 # its pinned version is left alone, so `make test` stays fast on a warm machine.
 #
+# With arguments, only those packages (each must be in PINNED): scripts/install-runtime.sh
+# uses that for the container runtime's packages, so there is one pin table and one install
+# path.
+#
 # Debian replaces point releases in place (security updates), so a pinned version can
 # disappear from the archive. Then the current candidate is installed with a warning;
 # `make generate-check` still proves that the committed BPF objects match what it builds.
@@ -14,10 +18,20 @@ declare -A PINNED=(
   [bpftool]="7.1.0+6.1.192-2"
   [iproute2]="6.1.0-3"
   [iptables]="1.8.9-2"
+  # The real-runtime e2e tests (scripts/install-runtime.sh): runc for containerd's shim,
+  # the bridge/host-local/loopback CNI plugins in /usr/lib/cni.
+  [runc]="1.1.5+ds1-1+deb12u1"
+  [containernetworking-plugins]="1.1.1+ds1-3+b5"
 )
 
+selected=("$@")
+[[ ${#selected[@]} -gt 0 ]] || selected=("${!PINNED[@]}")
 missing=()
-for pkg in "${!PINNED[@]}"; do
+for pkg in "${selected[@]}"; do
+  if [[ -z "${PINNED[$pkg]:-}" ]]; then
+    echo "install-deps: $pkg has no pinned version in $0" >&2
+    exit 1
+  fi
   have=$(dpkg-query -W -f='${Version}' "$pkg" 2>/dev/null || true)
   [[ "$have" == "${PINNED[$pkg]}" ]] || missing+=("$pkg")
 done

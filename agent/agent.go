@@ -46,6 +46,10 @@ type Agent struct {
 
 	srv *http.Server
 
+	// syncLearned are the pods known only from a Synchronize, which the runtime may never
+	// report the removal of (see sweepVanishedPods). Guarded by opMu.
+	syncLearned map[string]bool
+	sweepStop   chan struct{}
 	// podsSynced is set by the runtime's first Synchronize: from then on the tracker, not
 	// what a previous agent left in the maps, says which pods exist. Guarded by opMu.
 	podsSynced bool
@@ -61,8 +65,9 @@ type Agent struct {
 }
 
 func newAgent(log *logrus.Logger) *Agent {
-	a := &Agent{log: log, podq: newPodQueue()}
+	a := &Agent{log: log, podq: newPodQueue(), syncLearned: map[string]bool{}, sweepStop: make(chan struct{})}
 	go a.podq.run()
+	go a.sweepVanishedPods(a.sweepStop)
 	return a
 }
 
@@ -210,6 +215,7 @@ var errStopped = errors.New("stopped during start-up")
 // stop shuts the control socket, releases the datapath handles and the held netns handles.
 // The pinned datapath keeps serving.
 func (a *Agent) stop() {
+	close(a.sweepStop)
 	if a.srv != nil {
 		// Let answers in flight finish before the datapath handles they read go away.
 		shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -2,6 +2,9 @@ package agent
 
 import (
 	"errors"
+	"fmt"
+	"io/fs"
+	"maps"
 	"path"
 	"slices"
 	"strings"
@@ -97,8 +100,9 @@ func (q *podQueue) close() {
 
 // event runs one runtime event's work through the queue, counting it, and counting it as
 // late when the runtime could not be kept waiting for it.
-func (a *Agent) event(kind string, fn func() error) {
+func (a *Agent) event(kind, id string, fn func() error) {
 	a.events.add(kind)
+	a.log.WithField("event", kind).Debugf("runtime event for %s", id)
 	ok := a.podq.do(handlerBudget, func() {
 		a.opMu.Lock()
 		defer a.opMu.Unlock()
@@ -119,9 +123,13 @@ func (a *Agent) event(kind string, fn func() error) {
 // The plugin.Handler methods.
 
 func (a *Agent) Synchronize(sbs []runtimehooks.Sandbox, ctrs []runtimehooks.ContainerInfo) {
-	a.event("Synchronize", func() error {
+	a.event("Synchronize", fmt.Sprintf("%d pods, %d containers", len(sbs), len(ctrs)), func() error {
 		pods, removed, err := a.tracker.Synchronize(sbs, ctrs)
 		a.podsSynced = true
+		a.syncLearned = map[string]bool{}
+		for _, p := range pods {
+			a.syncLearned[p.SandboxID] = true
+		}
 		// Exact from now on: pods gone while no agent listened lose their entries, allow
 		// entries included.
 		res, serr := a.dp.SyncPods(a.datapathPods(pods, a.currentConfig()))
@@ -134,7 +142,8 @@ func (a *Agent) Synchronize(sbs []runtimehooks.Sandbox, ctrs []runtimehooks.Cont
 }
 
 func (a *Agent) RunPodSandbox(s runtimehooks.Sandbox) {
-	a.event("RunPodSandbox", func() error {
+	a.event("RunPodSandbox", s.ID, func() error {
+		delete(a.syncLearned, s.ID)
 		pod, err := a.tracker.RunPodSandbox(s)
 		return errors.Join(err, a.setPod(pod))
 	})
@@ -146,15 +155,68 @@ func (a *Agent) StopPodSandbox(string) {
 }
 
 func (a *Agent) RemovePodSandbox(id string) {
-	a.event("RemovePodSandbox", func() error {
+	a.event("RemovePodSandbox", id, func() error {
+		delete(a.syncLearned, id)
 		a.tracker.RemovePodSandbox(id)
 		return a.dp.RemovePod(id)
 	})
 }
 
+// sweepInterval is how often pods that may never get a RemovePodSandbox are checked.
+const sweepInterval = 500 * time.Millisecond
+
+// sweepVanishedPods forgets pods the runtime stopped without telling us. containerd keeps
+// which pods its plugins know in memory: after it restarts it sends neither StopPodSandbox
+// nor RemovePodSandbox for pods that existed before, although containers still get theirs.
+// Such pods are known only from a Synchronize. Once one stops (its netns path no longer
+// names the namespace we hold, or its sandbox process is gone), nothing runs in it, and
+// keeping it would only leak its entries and its netns until the next resync.
+func (a *Agent) sweepVanishedPods(stop <-chan struct{}) {
+	t := time.NewTicker(sweepInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		}
+		a.opMu.Lock()
+		ids := slices.Collect(maps.Keys(a.syncLearned))
+		tracker := a.tracker
+		a.opMu.Unlock()
+		for _, id := range ids {
+			if tracker == nil || !tracker.SandboxGone(id) {
+				continue
+			}
+			a.event("SandboxVanished", id, func() error {
+				if !a.syncLearned[id] {
+					return nil // a RemovePodSandbox came first
+				}
+				delete(a.syncLearned, id)
+				a.log.WithField("sandbox", id).Info("pod stopped without a runtime event (the runtime restarted since the pod started); forgetting it")
+				a.tracker.RemovePodSandbox(id)
+				return a.dp.RemovePod(id)
+			})
+		}
+	}
+}
+
 func (a *Agent) ContainerCreated(c runtimehooks.ContainerInfo) {
-	a.event("ContainerCreated", func() error {
+	a.container("PostCreateContainer", c, true)
+}
+
+func (a *Agent) ContainerStarted(c runtimehooks.ContainerInfo) {
+	a.container("StartContainer", c, false)
+}
+
+func (a *Agent) container(kind string, c runtimehooks.ContainerInfo, early bool) {
+	a.event(kind, c.ID, func() error {
 		pod, err := a.tracker.ContainerCreated(c)
+		if early && errors.Is(err, fs.ErrNotExist) {
+			// Some runtimes create the container's cgroup only when it starts;
+			// StartContainer reads it again.
+			err = nil
+		}
 		if pod.SandboxID == "" {
 			return err
 		}
@@ -165,7 +227,7 @@ func (a *Agent) ContainerCreated(c runtimehooks.ContainerInfo) {
 func (a *Agent) StopContainer(runtimehooks.ContainerInfo) { a.events.add("StopContainer") }
 
 func (a *Agent) RemoveContainer(c runtimehooks.ContainerInfo) {
-	a.event("RemoveContainer", func() error {
+	a.event("RemoveContainer", c.ID, func() error {
 		pod, ok := a.tracker.ContainerRemoved(c.ID)
 		if !ok {
 			return nil

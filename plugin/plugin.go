@@ -29,9 +29,10 @@ type Handler interface {
 	RunPodSandbox(runtimehooks.Sandbox)
 	StopPodSandbox(sandboxID string)
 	RemovePodSandbox(sandboxID string)
-	// ContainerCreated is called at PostCreateContainer and again at StartContainer: the
-	// container's cgroup exists from PostCreate on.
+	// ContainerCreated is called at PostCreateContainer, ContainerStarted at
+	// StartContainer; the container's cgroup may exist only from the start on.
 	ContainerCreated(runtimehooks.ContainerInfo)
+	ContainerStarted(runtimehooks.ContainerInfo)
 	StopContainer(runtimehooks.ContainerInfo)
 	RemoveContainer(runtimehooks.ContainerInfo)
 }
@@ -210,7 +211,7 @@ func (a *adapter) PostCreateContainer(_ context.Context, _ *api.PodSandbox, c *a
 
 func (a *adapter) StartContainer(_ context.Context, _ *api.PodSandbox, c *api.Container) error {
 	defer a.p.latency.since("StartContainer", time.Now())
-	a.p.h.ContainerCreated(container(c))
+	a.p.h.ContainerStarted(container(c))
 	return nil
 }
 

@@ -11,6 +11,8 @@ import (
 	"slices"
 	"strings"
 	"sync"
+
+	"golang.org/x/sys/unix"
 )
 
 // Sandbox is a pod sandbox as the runtime reports it.
@@ -47,6 +49,9 @@ type Pod struct {
 	HostNetwork                     bool
 	IPs                             []netip.Addr
 	Containers                      []Container // sorted by ID
+	// Pid is the sandbox process as the runtime last reported it; 0 when it reported none
+	// (a stopped sandbox, or a runtime without one).
+	Pid uint32
 }
 
 // Container is a workload container of a pod.
@@ -125,7 +130,7 @@ func (t *Tracker) upsertPod(s Sandbox) (*podState, error) {
 	}
 	var errs []error
 	p := &ps.pod
-	p.SandboxID, p.UID, p.Namespace, p.Name = s.ID, s.UID, s.Namespace, s.Name
+	p.SandboxID, p.UID, p.Namespace, p.Name, p.Pid = s.ID, s.UID, s.Namespace, s.Name, s.Pid
 	p.Labels, p.Annotations = maps.Clone(s.Labels), maps.Clone(s.Annotations)
 
 	p.IPs = p.IPs[:0:0]
@@ -507,4 +512,34 @@ func (ps *podState) export() Pod {
 	}
 	slices.SortFunc(p.Containers, func(a, b Container) int { return strings.Compare(a.ID, b.ID) })
 	return p
+}
+
+// SandboxGone reports whether a pod shows no sign of running any more: its netns path no
+// longer names the namespace the tracker holds (the runtime tore the network down), or,
+// for a pod without a held netns, its sandbox process is gone or was never reported. False
+// for unknown pods.
+func (t *Tracker) SandboxGone(sandboxID string) bool {
+	t.mu.Lock()
+	ps, ok := t.pods[sandboxID]
+	if !ok {
+		t.mu.Unlock()
+		return false
+	}
+	pid := ps.pod.Pid
+	if ps.netns == nil {
+		t.mu.Unlock()
+		return pid == 0 || unix.Kill(int(pid), 0) == unix.ESRCH
+	}
+	path, fd := ps.pod.NetnsPath, ps.netns.ns.Fd()
+	var held unix.Stat_t
+	err := unix.Fstat(fd, &held)
+	t.mu.Unlock()
+	if err != nil {
+		return false
+	}
+	var now unix.Stat_t
+	if err := unix.Stat(path, &now); err != nil {
+		return errors.Is(err, unix.ENOENT)
+	}
+	return now.Dev != held.Dev || now.Ino != held.Ino
 }

@@ -128,31 +128,44 @@ type agentProc struct {
 
 func (w *world) startAgent() *agentProc {
 	w.t.Helper()
+	return startAgent(w.t, w.cfgPath)
+}
+
+// startAgent runs `podsock run --config cfgPath` until the test ends, and waits until its
+// datapath is attached.
+func startAgent(t *testing.T, cfgPath string) *agentProc {
+	t.Helper()
 	var log bytes.Buffer
 	mu := &sync.Mutex{}
-	cmd := exec.Command(podsockBin, "run", "--config", w.cfgPath)
+	cmd := exec.Command(podsockBin, "run", "--config", cfgPath)
 	cmd.Stdout = &lockedWriter{w: &log, mu: mu}
 	cmd.Stderr = cmd.Stdout
 	if err := cmd.Start(); err != nil {
-		w.t.Fatal(err)
+		t.Fatal(err)
 	}
 	a := &agentProc{cmd: cmd, log: &log, mu: mu}
-	w.t.Cleanup(func() {
+	t.Cleanup(func() {
 		if cmd.ProcessState == nil {
 			cmd.Process.Signal(syscall.SIGTERM)
 			cmd.Wait()
 		}
-		if w.t.Failed() {
-			w.t.Logf("agent log:\n%s", a.logText())
+		if t.Failed() {
+			t.Logf("agent log:\n%s", a.logText())
 		}
 	})
 	if !testenv.WaitFor(10*time.Second, func() bool {
-		st, err := w.status()
+		st, err := agentStatus(cfgPath)
 		return err == nil && st.Datapath.Attached
 	}) {
-		w.t.Fatalf("agent did not come up:\n%s", a.logText())
+		t.Fatalf("agent did not come up:\n%s", a.logText())
 	}
 	return a
+}
+
+// kill ends the agent with SIGKILL and waits for it.
+func (a *agentProc) kill() {
+	a.cmd.Process.Signal(syscall.SIGKILL)
+	a.cmd.Wait()
 }
 
 func (a *agentProc) logText() string {
@@ -172,9 +185,11 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	return l.w.Write(p)
 }
 
-func (w *world) status() (agent.Status, error) {
+func (w *world) status() (agent.Status, error) { return agentStatus(w.cfgPath) }
+
+func agentStatus(cfgPath string) (agent.Status, error) {
 	var st agent.Status
-	out, err := exec.Command(podsockBin, "status", "--json", "--config", w.cfgPath).Output()
+	out, err := exec.Command(podsockBin, "status", "--json", "--config", cfgPath).Output()
 	if err != nil {
 		return st, fmt.Errorf("status: %w: %s", err, out)
 	}

@@ -1,0 +1,521 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/podsock/podsock/agent"
+	"github.com/podsock/podsock/internal/cgroupfs"
+	"github.com/podsock/podsock/test/cri"
+	"github.com/podsock/podsock/test/testenv"
+)
+
+// nriWorld is a private containerd with NRI and a podsock agent configuration pointed at
+// it: the LB programs attach to the runtime's own pod cgroup parent, never higher.
+type nriWorld struct {
+	t        *testing.T
+	rt       *cri.Runtime
+	cgroup2  string
+	bpffs    string
+	stateDir string
+	cfgPath  string
+}
+
+func newNRIWorld(t *testing.T, opts cri.Options) *nriWorld {
+	testenv.RequirePrivileged(t)
+	cri.Require(t)
+	w := &nriWorld{t: t}
+	var err error
+	if w.cgroup2, err = cgroupfs.Mount(); err != nil {
+		t.Fatal(err)
+	}
+	w.rt = cri.Start(t, opts)
+	w.bpffs = testenv.BPFFS(t)
+	dir := t.TempDir()
+	w.stateDir = filepath.Join(dir, "state")
+	w.cfgPath = filepath.Join(dir, "podsock.toml")
+	// The pod cgroup parent must exist before the agent attaches to it; runc would create
+	// it with the first pod, and the harness removes it at the end either way.
+	if err := os.MkdirAll(w.cgroupRoot(), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		out, err := exec.Command(podsockBin, "cleanup", "--config", w.cfgPath).CombinedOutput()
+		if err != nil && !strings.Contains(string(out), "no such file") {
+			t.Logf("cleanup: %v: %s", err, out)
+		}
+	})
+	return w
+}
+
+func (w *nriWorld) cgroupRoot() string { return filepath.Join(w.cgroup2, w.rt.CgroupRoot()) }
+
+func (w *nriWorld) writeConfig(extra string) {
+	w.t.Helper()
+	cfg := fmt.Sprintf(`[agent]
+cgroup_root = %q
+bpffs = %q
+state_dir = %q
+log_level = "debug"
+
+[nri]
+enabled = true
+socket = %q
+
+%s`, w.cgroupRoot(), w.bpffs, w.stateDir, w.rt.NRISocket(), extra)
+	if err := os.WriteFile(w.cfgPath, []byte(cfg), 0o644); err != nil {
+		w.t.Fatal(err)
+	}
+}
+
+func (w *nriWorld) startAgent() *agentProc {
+	w.t.Helper()
+	a := startAgent(w.t, w.cfgPath)
+	w.waitConnected()
+	return a
+}
+
+func (w *nriWorld) waitConnected() agent.Status {
+	w.t.Helper()
+	var st agent.Status
+	var err error
+	if !testenv.WaitFor(15*time.Second, func() bool {
+		st, err = agentStatus(w.cfgPath)
+		return err == nil && st.NRI.Connected
+	}) {
+		w.t.Fatalf("agent not connected to NRI: %+v %v", st.NRI, err)
+	}
+	return st
+}
+
+func (w *nriWorld) pods() []agent.PodView {
+	w.t.Helper()
+	out, err := exec.Command(podsockBin, "pods", "--json", "--config", w.cfgPath).Output()
+	if err != nil {
+		w.t.Fatalf("podsock pods: %v: %s", err, out)
+	}
+	var pods []agent.PodView
+	if err := json.Unmarshal(out, &pods); err != nil {
+		w.t.Fatalf("pods --json: %v: %s", err, out)
+	}
+	return pods
+}
+
+// waitPods waits up to 1 s (SPEC: pod events show within 1 s) until podsock knows exactly
+// the given sandboxes, each with the given number of containers.
+func (w *nriWorld) waitPods(want map[string]int) []agent.PodView {
+	w.t.Helper()
+	var pods []agent.PodView
+	ok := testenv.WaitFor(time.Second, func() bool {
+		pods = w.pods()
+		if len(pods) != len(want) {
+			return false
+		}
+		for _, p := range pods {
+			n, known := want[p.SandboxID]
+			if !known || len(p.Containers) != n {
+				return false
+			}
+		}
+		return true
+	})
+	if !ok {
+		w.t.Fatalf("podsock pods = %s, want sandboxes %v", podSummary(pods), want)
+	}
+	return pods
+}
+
+func podSummary(pods []agent.PodView) string {
+	var parts []string
+	for _, p := range pods {
+		parts = append(parts, fmt.Sprintf("%s/%s(%s, %d containers, netns %q cookie %d, cgroup %s)", p.Namespace, p.Name,
+			p.SandboxID[:min(12, len(p.SandboxID))], len(p.Containers), p.NetnsPath, p.NetnsCookie, p.CgroupPath))
+	}
+	return "[" + strings.Join(parts, " ") + "]"
+}
+
+// dialVIP runs the workload's client in c against addr and returns one line per connect.
+func (w *nriWorld) dial(c *cri.Container, proto string, addr netip.AddrPort, count int) ([]string, error) {
+	w.t.Helper()
+	out, err := w.rt.Exec(w.t, c, 20*time.Second, "/workload", "dial", proto, addr.String(), fmt.Sprint(count))
+	return strings.Split(strings.TrimSpace(out), "\n"), err
+}
+
+const e2eVIP = "10.96.0.20"
+
+var e2eWeb = netip.MustParseAddrPort(e2eVIP + ":80")
+
+func webServiceFor(pods ...*cri.Pod) string {
+	var bs []string
+	for _, p := range pods {
+		bs = append(bs, fmt.Sprintf("%q", netip.AddrPortFrom(p.IP, 8080)))
+	}
+	return fmt.Sprintf(`[[service]]
+name = "default/web"
+vip = %q
+port = 80
+backends = [%s]
+`, e2eVIP, strings.Join(bs, ", "))
+}
+
+// through dials vip count times from c over TCP, asserts every connect got a reply with the
+// VIP as its peer, and counts the replies per backend.
+func (w *nriWorld) through(c *cri.Container, vip netip.AddrPort, count int) map[string]int {
+	t := w.t
+	t.Helper()
+	lines, err := w.dial(c, "tcp", vip, count)
+	if err != nil {
+		t.Fatalf("dial through %s: %v\n%s", vip, err, strings.Join(lines, "\n"))
+	}
+	got := map[string]int{}
+	for _, l := range lines {
+		var name, peer string
+		if _, err := fmt.Sscanf(l, "reply=%s peer=%s", &name, &peer); err != nil || peer != vip.String() {
+			t.Fatalf("client line %q: want reply=<backend> peer=%s", l, vip)
+		}
+		got[name]++
+	}
+	return got
+}
+
+func servePod(t *testing.T, rt *cri.Runtime, name, reply string) (*cri.Pod, *cri.Container) {
+	t.Helper()
+	p := rt.RunPod(t, cri.PodSpec{Name: name, Labels: map[string]string{"app": "web"}})
+	c := rt.StartContainer(t, p, "server", "serve", "tcp", "8080", reply)
+	rt.WaitLog(t, c, "listening", 5*time.Second)
+	return p, c
+}
+
+func clientPod(t *testing.T, rt *cri.Runtime, spec cri.PodSpec) (*cri.Pod, *cri.Container) {
+	t.Helper()
+	p := rt.RunPod(t, spec)
+	return p, rt.StartContainer(t, p, "client", "pause")
+}
+
+// requireBlackholed fails unless the client cannot reach the VIP: before podsock runs, or
+// for a pod podsock must leave alone.
+func requireBlackholed(t *testing.T, w *nriWorld, c *cri.Container, why string) {
+	t.Helper()
+	lines, err := w.dial(c, "tcp", e2eWeb, 1)
+	if err == nil || !strings.Contains(lines[0], "ENETUNREACH") && !strings.Contains(lines[0], "EINVAL") {
+		t.Fatalf("%s: dial %s gave %q (%v); want the blackhole's ENETUNREACH/EINVAL", why, e2eWeb, lines, err)
+	}
+}
+
+// nsGetID is the kernel's netns cookie of the nsfs file at path, by NS_GET_ID.
+func nsGetID(t *testing.T, path string) uint64 {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	const nsGetID = 0x8008b70d // _IOR(0xb7, 13, __u64)
+	var id uint64
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), nsGetID, uintptr(unsafe.Pointer(&id))); errno != 0 {
+		t.Fatalf("NS_GET_ID on %s: %v", path, errno)
+	}
+	return id
+}
+
+func inode(t *testing.T, path string) uint64 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
+}
+
+// TestPrivilegedNRIPodToVIP: podsock started after the pods exist learns them through
+// Synchronize, with the exact cgroup IDs and netns cookies; a client pod reaches both
+// backend pods through the VIP; and no connect fails while podsock is down.
+func TestPrivilegedNRIPodToVIP(t *testing.T) {
+	w := newNRIWorld(t, cri.Options{})
+	a, sa := servePod(t, w.rt, "backend-a", "a")
+	b, sb := servePod(t, w.rt, "backend-b", "b")
+	client, cc := clientPod(t, w.rt, cri.PodSpec{Name: "client", Namespace: "shop"})
+	requireBlackholed(t, w, cc, "before podsock runs")
+
+	w.writeConfig(webServiceFor(a, b))
+	agentProc := w.startAgent()
+	pods := w.waitPods(map[string]int{a.ID: 1, b.ID: 1, client.ID: 1})
+
+	byID := map[string]*cri.Pod{a.ID: a, b.ID: b, client.ID: client}
+	ctrs := map[string]*cri.Container{a.ID: sa, b.ID: sb, client.ID: cc}
+	for _, p := range pods {
+		want := byID[p.SandboxID]
+		if p.Namespace != want.Namespace || p.Name != want.Name || p.UID != want.UID {
+			t.Errorf("pod %s: identity %s/%s uid %s, want %s/%s uid %s", p.SandboxID, p.Namespace, p.Name, p.UID, want.Namespace, want.Name, want.UID)
+		}
+		if p.CgroupPath != want.CgroupParent || p.CgroupID != inode(t, filepath.Join(w.cgroup2, want.CgroupParent)) {
+			t.Errorf("pod %s: cgroup %s (%d), want %s with its inode", want.Name, p.CgroupPath, p.CgroupID, want.CgroupParent)
+		}
+		c := ctrs[p.SandboxID]
+		got := p.Containers[0]
+		if got.ID != c.ID || got.CgroupPath != c.CgroupPath || got.CgroupID != inode(t, filepath.Join(w.cgroup2, c.CgroupPath)) {
+			t.Errorf("pod %s container: %+v, want id %s cgroup %s (the 0:: line of its process) with its inode", want.Name, got, c.ID, c.CgroupPath)
+		}
+		if p.NetnsPath != want.NetnsPath || p.NetnsCookie == 0 || p.NetnsCookie != nsGetID(t, want.NetnsPath) {
+			t.Errorf("pod %s: netns %s cookie %d, want %s with its NS_GET_ID", want.Name, p.NetnsPath, p.NetnsCookie, want.NetnsPath)
+		}
+		if !slices.Equal(p.IPs, []string{want.IP.String()}) {
+			t.Errorf("pod %s: ips %v, want [%s]", want.Name, p.IPs, want.IP)
+		}
+	}
+	// The cookie the agent reports is the one sockets inside the pod carry.
+	f, err := os.Open(client.NetnsPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sockCookie uint64
+	err = testenv.DoInNetns(int(f.Fd()), func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		sockCookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+		return err
+	})
+	f.Close()
+	if err != nil || sockCookie != nsGetID(t, client.NetnsPath) {
+		t.Fatalf("SO_NETNS_COOKIE in the client pod = %d (%v), NS_GET_ID = %d", sockCookie, err, nsGetID(t, client.NetnsPath))
+	}
+
+	got := w.through(cc, e2eWeb, 40)
+	if got["a"] == 0 || got["b"] == 0 || got["a"]+got["b"] != 40 {
+		t.Fatalf("40 connects through the VIP reached %v; want both backends", got)
+	}
+
+	// podsock down: the pinned datapath keeps serving the pods.
+	agentProc.kill()
+	if got := w.through(cc, e2eWeb, 40); got["a"]+got["b"] != 40 {
+		t.Fatalf("with podsock down: %v", got)
+	}
+	w.startAgent()
+	w.waitPods(map[string]int{a.ID: 1, b.ID: 1, client.ID: 1})
+	if got := w.through(cc, e2eWeb, 40); got["a"] == 0 || got["b"] == 0 {
+		t.Fatalf("after the restart: %v", got)
+	}
+	st, err := agentStatus(w.cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Pods != 3 || st.Datapath.AdoptedLinks != 8 {
+		t.Fatalf("status after restart: %d pods, %d adopted links; want 3 and 8", st.Pods, st.Datapath.AdoptedLinks)
+	}
+	t.Logf("NRI handler latency: %+v", st.NRI.HandlerLatency["all_pod_events"])
+}
+
+// TestPrivilegedNRIPolicy: skip-LB (annotation and selector) and a client allow-list act on
+// exactly the pods they select, for pods podsock learns of live from RunPodSandbox.
+func TestPrivilegedNRIPolicy(t *testing.T) {
+	w := newNRIWorld(t, cri.Options{})
+	a, _ := servePod(t, w.rt, "backend-a", "a")
+	db := netip.MustParseAddrPort("10.96.0.30:80")
+	w.writeConfig(webServiceFor(a) + fmt.Sprintf(`
+[[service]]
+name = "shop/db"
+vip = %q
+port = 80
+backends = ["%s"]
+[[service.allow]]
+namespace = "shop"
+labels = { role = "api" }
+
+[lb]
+[[lb.skip]]
+namespace = "mesh-system"
+`, db.Addr(), netip.AddrPortFrom(a.IP, 8080)))
+	w.startAgent()
+
+	api, apiC := clientPod(t, w.rt, cri.PodSpec{Name: "api", Namespace: "shop", Labels: map[string]string{"role": "api"}})
+	other, otherC := clientPod(t, w.rt, cri.PodSpec{Name: "frontend", Namespace: "shop", Labels: map[string]string{"role": "frontend"}})
+	annotated, annC := clientPod(t, w.rt, cri.PodSpec{Name: "meshed", Namespace: "shop", Labels: map[string]string{"role": "api"},
+		Annotations: map[string]string{"podsock.io/skip-lb": "true"}})
+	meshNS, meshC := clientPod(t, w.rt, cri.PodSpec{Name: "gateway", Namespace: "mesh-system"})
+	pods := w.waitPods(map[string]int{a.ID: 1, api.ID: 1, other.ID: 1, annotated.ID: 1, meshNS.ID: 1})
+	for _, p := range pods {
+		wantSkip := p.SandboxID == annotated.ID || p.SandboxID == meshNS.ID
+		if p.SkipLB != wantSkip {
+			t.Errorf("pod %s/%s skip_lb = %v, want %v", p.Namespace, p.Name, p.SkipLB, wantSkip)
+		}
+	}
+
+	// The allowed pod reaches both services.
+	w.through(apiC, e2eWeb, 3)
+	w.through(apiC, db, 3)
+	// Another pod of the same namespace reaches the open service, and gets EPERM from db.
+	w.through(otherC, e2eWeb, 3)
+	lines, err := w.dial(otherC, "tcp", db, 1)
+	if err == nil || !strings.Contains(lines[0], "EPERM") {
+		t.Fatalf("pod not on db's allow-list: %q (%v), want EPERM", lines, err)
+	}
+	// Skipped pods are left alone: their connects go to the VIP itself, into the blackhole.
+	requireBlackholed(t, w, annC, "pod annotated podsock.io/skip-lb")
+	requireBlackholed(t, w, meshC, "pod selected by [[lb.skip]]")
+
+	st, err := agentStatus(w.cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Datapath.Counters.Denied == 0 || st.Datapath.Counters.Skipped < 2 {
+		t.Fatalf("counters %+v: want the denial and the skips counted", st.Datapath.Counters)
+	}
+}
+
+// TestPrivilegedNRIContainerdRestart: podsock reconnects to a restarted containerd and its
+// resync is exact, including pods created and removed around the restart.
+func TestPrivilegedNRIContainerdRestart(t *testing.T) {
+	w := newNRIWorld(t, cri.Options{})
+	a, _ := servePod(t, w.rt, "backend-a", "a")
+	w.writeConfig(webServiceFor(a))
+	w.startAgent()
+	gone, _ := clientPod(t, w.rt, cri.PodSpec{Name: "short-lived"})
+	w.waitPods(map[string]int{a.ID: 1, gone.ID: 1})
+
+	w.rt.Restart(t)
+	w.rt.RemovePod(t, gone)
+	st := w.waitConnected()
+	if st.NRI.Reconnects < 1 {
+		t.Fatalf("status after the containerd restart: %+v; want a reconnect", st.NRI)
+	}
+	client, cc := clientPod(t, w.rt, cri.PodSpec{Name: "client"})
+	w.waitPods(map[string]int{a.ID: 1, client.ID: 1})
+	if got := w.through(cc, e2eWeb, 5); got["a"] != 5 {
+		t.Fatalf("client after the containerd restart: %v", got)
+	}
+}
+
+// TestPrivilegedNRIKilledWhilePodsChange: with podsock dead, pods still start and stop
+// (the runtime drops the plugin instead of failing them), and the resync when podsock
+// returns is exact: new pods in, removed pods and their map entries out.
+func TestPrivilegedNRIKilledWhilePodsChange(t *testing.T) {
+	w := newNRIWorld(t, cri.Options{NRITimeout: 2 * time.Second})
+	a, _ := servePod(t, w.rt, "backend-a", "a")
+	w.writeConfig(webServiceFor(a))
+	agentProc := w.startAgent()
+	old, _ := clientPod(t, w.rt, cri.PodSpec{Name: "old"})
+	w.waitPods(map[string]int{a.ID: 1, old.ID: 1})
+	before := pinnedEntries(t, w.bpffs)
+
+	agentProc.kill()
+	start := time.Now()
+	fresh, fc := clientPod(t, w.rt, cri.PodSpec{Name: "fresh"})
+	w.rt.RemovePod(t, old)
+	t.Logf("pod run + container start + pod removal with podsock dead: %v", time.Since(start).Round(time.Millisecond))
+
+	w.startAgent()
+	w.waitPods(map[string]int{a.ID: 1, fresh.ID: 1})
+	after := pinnedEntries(t, w.bpffs)
+	// Same number of pods and containers as before: one pod swapped for another.
+	for _, m := range []string{"podsock_ctrcg_v1", "podsock_podcg_v1", "podsock_netns_v1", "podsock_pod_v1"} {
+		if after[m] != before[m] {
+			t.Errorf("map %s holds %d entries after the resync, %d before", m, after[m], before[m])
+		}
+	}
+	if got := w.through(fc, e2eWeb, 3); got["a"] != 3 {
+		t.Fatalf("pod created while podsock was dead: %v", got)
+	}
+}
+
+// TestPrivilegedNRIPodChurn: 200 pod create/remove cycles leave the agent's open fds and
+// the pod maps where they started.
+func TestPrivilegedNRIPodChurn(t *testing.T) {
+	w := newNRIWorld(t, cri.Options{})
+	a, _ := servePod(t, w.rt, "backend-a", "a")
+	w.writeConfig(webServiceFor(a))
+	agentProc := w.startAgent()
+	w.waitPods(map[string]int{a.ID: 1})
+	// One cycle first, so that lazily opened descriptors count in the baseline.
+	w.rt.RemovePod(t, w.rt.RunPod(t, cri.PodSpec{Name: "warm-up"}))
+	w.waitPods(map[string]int{a.ID: 1})
+	fds := func() int {
+		ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", agentProc.cmd.Process.Pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ents)
+	}
+	baseFDs, baseMaps := fds(), pinnedEntries(t, w.bpffs)
+
+	cycles := 200
+	if testing.Short() {
+		cycles = 20
+	}
+	start := time.Now()
+	for i := range cycles {
+		p := w.rt.RunPod(t, cri.PodSpec{Name: fmt.Sprintf("churn-%d", i)})
+		if i%20 == 0 {
+			c := w.rt.StartContainer(t, p, "c", "pause")
+			_ = c
+		}
+		w.rt.RemovePod(t, p)
+	}
+	t.Logf("%d pod cycles in %v", cycles, time.Since(start).Round(time.Millisecond))
+	w.waitPods(map[string]int{a.ID: 1})
+	if n := fds(); n != baseFDs {
+		t.Errorf("agent holds %d fds after %d pod cycles, %d before", n, cycles, baseFDs)
+	}
+	if m := pinnedEntries(t, w.bpffs); !mapsEqual(m, baseMaps) {
+		t.Errorf("pod maps after %d cycles: %v, before: %v", cycles, m, baseMaps)
+	}
+	st, err := agentStatus(w.cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev := st.NRI.Events
+	if ev["RunPodSandbox"].Total < uint64(cycles) || ev["RemovePodSandbox"].Total < uint64(cycles) {
+		t.Fatalf("events seen: %+v; want >= %d pod runs and removals", ev, cycles)
+	}
+	t.Logf("NRI handler latency over the churn: %+v", st.NRI.HandlerLatency["all_pod_events"])
+}
+
+func mapsEqual(a, b map[string]int) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if b[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+// pinnedEntries counts the entries of podsock's pod maps, read straight from the pins.
+func pinnedEntries(t *testing.T, bpffs string) map[string]int {
+	t.Helper()
+	out := map[string]int{}
+	for _, name := range []string{"podsock_ctrcg_v1", "podsock_podcg_v1", "podsock_netns_v1", "podsock_pod_v1", "podsock_allow_v1", "podsock_aff_v1"} {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(bpffs, "podsock", name), &ebpf.LoadPinOptions{ReadOnly: true})
+		if err != nil {
+			t.Fatalf("open pinned %s: %v", name, err)
+		}
+		n := 0
+		var k, v []byte
+		it := m.Iterate()
+		for it.Next(&k, &v) {
+			n++
+		}
+		if err := it.Err(); err != nil {
+			t.Fatalf("iterate %s: %v", name, err)
+		}
+		m.Close()
+		out[name] = n
+	}
+	return out
+}

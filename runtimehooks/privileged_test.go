@@ -58,35 +58,6 @@ func mkdirCgroup(t *testing.T, dir string) {
 	})
 }
 
-func inode(t *testing.T, path string) uint64 {
-	t.Helper()
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		t.Fatal(err)
-	}
-	return st.Ino
-}
-
-// socketCookie measures the netns cookie independently of this package: a socket created
-// inside the netns through testenv's own setns helper.
-func socketCookie(t *testing.T, ns *testenv.Netns) uint64 {
-	t.Helper()
-	var cookie uint64
-	err := ns.Do(func() error {
-		s, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(s)
-		cookie, err = unix.GetsockoptUint64(s, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
-		return err
-	})
-	if err != nil {
-		t.Fatalf("SO_NETNS_COOKIE in %s: %v", ns.Path, err)
-	}
-	return cookie
-}
-
 // fdsOnNetns counts this process's fds open on the netns with that inode. (readlink
 // would show the bind-mount path for an fd opened through /run/netns, so stat instead.)
 func fdsOnNetns(t *testing.T, ino uint64) int {
@@ -110,7 +81,7 @@ func fdsOnNetns(t *testing.T, ino uint64) int {
 // threadNetns is the netns inode of the calling thread.
 func threadNetns(t *testing.T) uint64 {
 	t.Helper()
-	return inode(t, "/proc/thread-self/ns/net")
+	return testenv.Inode(t, "/proc/thread-self/ns/net")
 }
 
 func fdCount(t *testing.T) int {
@@ -131,7 +102,7 @@ func TestCgroupIDPrivileged(t *testing.T) {
 	if err != nil {
 		t.Fatalf("CgroupID: %v", err)
 	}
-	if want := inode(t, dir); id != want {
+	if want := testenv.Inode(t, dir); id != want {
 		t.Errorf("CgroupID = %d, directory inode %d", id, want)
 	}
 	// The kernel's own answer: a cgroup file handle is the 64-bit cgroup ID, the value
@@ -172,7 +143,7 @@ func TestCgroupIDPrivileged(t *testing.T) {
 func TestOpenNetnsCookiePrivileged(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	ns := testenv.NewNetns(t, nil)
-	want := socketCookie(t, ns)
+	want := ns.Cookie(t)
 
 	n, err := OpenNetns(ns.Path)
 	if err != nil {
@@ -231,7 +202,7 @@ func TestInNetnsPrivileged(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	host := threadNetns(t)
 	ns := testenv.NewNetns(t, nil)
-	target := inode(t, ns.Path)
+	target := testenv.Inode(t, ns.Path)
 	fd, err := unix.Open(ns.Path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -241,10 +212,10 @@ func TestInNetnsPrivileged(t *testing.T) {
 	t.Run("restores the thread", func(t *testing.T) {
 		runtime.LockOSThread()
 		defer runtime.UnlockOSThread()
-		before := inode(t, "/proc/thread-self/ns/net")
+		before := testenv.Inode(t, "/proc/thread-self/ns/net")
 		var inside uint64
 		restored, err := runInNetns(fd, func() error {
-			inside = inode(t, "/proc/thread-self/ns/net")
+			inside = testenv.Inode(t, "/proc/thread-self/ns/net")
 			return nil
 		})
 		if err != nil || !restored {
@@ -253,7 +224,7 @@ func TestInNetnsPrivileged(t *testing.T) {
 		if inside != target {
 			t.Errorf("inside: netns inode %d, want %d", inside, target)
 		}
-		if after := inode(t, "/proc/thread-self/ns/net"); after != before {
+		if after := testenv.Inode(t, "/proc/thread-self/ns/net"); after != before {
 			t.Errorf("after: netns inode %d, before %d", after, before)
 		}
 	})
@@ -300,7 +271,7 @@ func TestInNetnsPrivileged(t *testing.T) {
 	// Whatever happened above, the threads the scheduler hands out are in the host netns.
 	// (Not /proc/self/ns/net: that is the main thread's, and when a locked goroutine on the
 	// main thread exits, Go wedges that thread instead of ending it, netns and all.)
-	if got := inode(t, "/proc/self/ns/net"); got != host {
+	if got := testenv.Inode(t, "/proc/self/ns/net"); got != host {
 		t.Errorf("main thread left in netns %d, host is %d", got, host)
 	}
 	for range 20 {
@@ -321,8 +292,8 @@ func TestTrackerLifecyclePrivileged(t *testing.T) {
 	podDir, podCg := testCgroup(t, mnt)
 	mkdirCgroup(t, filepath.Join(podDir, "ctr1"))
 	ns := testenv.NewNetns(t, nil)
-	cookie := socketCookie(t, ns)
-	nsIno := inode(t, ns.Path)
+	cookie := ns.Cookie(t)
+	nsIno := testenv.Inode(t, ns.Path)
 
 	tr := NewTracker(mnt)
 	defer tr.Close()
@@ -334,8 +305,8 @@ func TestTrackerLifecyclePrivileged(t *testing.T) {
 	if err != nil {
 		t.Fatalf("RunPodSandbox: %v", err)
 	}
-	if p.CgroupPath != podCg || p.CgroupID != inode(t, podDir) {
-		t.Errorf("pod cgroup %q id %d, want %q id %d", p.CgroupPath, p.CgroupID, podCg, inode(t, podDir))
+	if p.CgroupPath != podCg || p.CgroupID != testenv.Inode(t, podDir) {
+		t.Errorf("pod cgroup %q id %d, want %q id %d", p.CgroupPath, p.CgroupID, podCg, testenv.Inode(t, podDir))
 	}
 	if p.HostNetwork || p.NetnsCookie != cookie {
 		t.Errorf("netns cookie %d (host network %v), want %d", p.NetnsCookie, p.HostNetwork, cookie)
@@ -348,7 +319,7 @@ func TestTrackerLifecyclePrivileged(t *testing.T) {
 	if err != nil {
 		t.Fatalf("ContainerCreated: %v", err)
 	}
-	if len(p.Containers) != 1 || p.Containers[0].CgroupID != inode(t, filepath.Join(podDir, "ctr1")) {
+	if len(p.Containers) != 1 || p.Containers[0].CgroupID != testenv.Inode(t, filepath.Join(podDir, "ctr1")) {
 		t.Errorf("containers = %+v", p.Containers)
 	}
 	if pods := tr.Pods(); len(pods) != 1 || pods[0].NetnsCookie != cookie || len(pods[0].Containers) != 1 {
@@ -357,7 +328,7 @@ func TestTrackerLifecyclePrivileged(t *testing.T) {
 
 	err = tr.WithNetns("sb1", func(fd int) error {
 		return InNetns(fd, func() error {
-			if got := inode(t, "/proc/thread-self/ns/net"); got != nsIno {
+			if got := testenv.Inode(t, "/proc/thread-self/ns/net"); got != nsIno {
 				return fmt.Errorf("in netns inode %d, want %d", got, nsIno)
 			}
 			return nil
@@ -420,7 +391,7 @@ func TestTrackerLatePodCgroupPrivileged(t *testing.T) {
 	if err != nil {
 		t.Fatalf("ContainerCreated: %v", err)
 	}
-	if want := inode(t, filepath.Join(parentDir, "pod")); p.CgroupID != want {
+	if want := testenv.Inode(t, filepath.Join(parentDir, "pod")); p.CgroupID != want {
 		t.Errorf("pod CgroupID = %d after its first container, want %d", p.CgroupID, want)
 	}
 }
@@ -430,7 +401,7 @@ func TestTrackerSynchronizePrivileged(t *testing.T) {
 	mnt := cgroupMount(t)
 	_, podCg := testCgroup(t, mnt)
 	nsA, nsB, nsC := testenv.NewNetns(t, nil), testenv.NewNetns(t, nil), testenv.NewNetns(t, nil)
-	inoB := inode(t, nsB.Path)
+	inoB := testenv.Inode(t, nsB.Path)
 	sandbox := func(id string, ns *testenv.Netns) Sandbox {
 		return Sandbox{ID: id, Namespace: "ns", Name: id, CgroupParent: podCg, NetnsPath: ns.Path}
 	}
@@ -464,13 +435,13 @@ func TestTrackerSynchronizePrivileged(t *testing.T) {
 	if got := heldFd("a"); got != fdA {
 		t.Errorf("a's netns fd went from %d to %d: a known pod was reopened", fdA, got)
 	}
-	if pods[1].NetnsCookie != socketCookie(t, nsC) {
-		t.Errorf("c's cookie %d, want %d", pods[1].NetnsCookie, socketCookie(t, nsC))
+	if pods[1].NetnsCookie != nsC.Cookie(t) {
+		t.Errorf("c's cookie %d, want %d", pods[1].NetnsCookie, nsC.Cookie(t))
 	}
 	if n := fdsOnNetns(t, inoB); n != 0 {
 		t.Errorf("%d fds still held on removed pod b's netns", n)
 	}
-	if n := fdsOnNetns(t, inode(t, nsA.Path)); n != 1 {
+	if n := fdsOnNetns(t, testenv.Inode(t, nsA.Path)); n != 1 {
 		t.Errorf("%d fds held on a's netns, want 1", n)
 	}
 }
@@ -480,7 +451,7 @@ func TestTrackerSynchronizePrivileged(t *testing.T) {
 func TestWithNetnsOutlivesRemovalPrivileged(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	ns := testenv.NewNetns(t, nil)
-	ino := inode(t, ns.Path)
+	ino := testenv.Inode(t, ns.Path)
 	tr := NewTracker(t.TempDir())
 	defer tr.Close()
 	if _, err := tr.RunPodSandbox(Sandbox{ID: "sb", NetnsPath: ns.Path}); err != nil {

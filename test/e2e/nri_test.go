@@ -230,15 +230,6 @@ func nsGetID(t *testing.T, path string) uint64 {
 	return id
 }
 
-func inode(t *testing.T, path string) uint64 {
-	t.Helper()
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		t.Fatal(err)
-	}
-	return st.Ino
-}
-
 // TestPrivilegedNRIPodToVIP: podsock started after the pods exist learns them through
 // Synchronize, with the exact cgroup IDs and netns cookies; a client pod reaches both
 // backend pods through the VIP; and no connect fails while podsock is down.
@@ -260,12 +251,12 @@ func TestPrivilegedNRIPodToVIP(t *testing.T) {
 		if p.Namespace != want.Namespace || p.Name != want.Name || p.UID != want.UID {
 			t.Errorf("pod %s: identity %s/%s uid %s, want %s/%s uid %s", p.SandboxID, p.Namespace, p.Name, p.UID, want.Namespace, want.Name, want.UID)
 		}
-		if p.CgroupPath != want.CgroupParent || p.CgroupID != inode(t, filepath.Join(w.cgroup2, want.CgroupParent)) {
+		if p.CgroupPath != want.CgroupParent || p.CgroupID != testenv.Inode(t, filepath.Join(w.cgroup2, want.CgroupParent)) {
 			t.Errorf("pod %s: cgroup %s (%d), want %s with its inode", want.Name, p.CgroupPath, p.CgroupID, want.CgroupParent)
 		}
 		c := ctrs[p.SandboxID]
 		got := p.Containers[0]
-		if got.ID != c.ID || got.CgroupPath != c.CgroupPath || got.CgroupID != inode(t, filepath.Join(w.cgroup2, c.CgroupPath)) {
+		if got.ID != c.ID || got.CgroupPath != c.CgroupPath || got.CgroupID != testenv.Inode(t, filepath.Join(w.cgroup2, c.CgroupPath)) {
 			t.Errorf("pod %s container: %+v, want id %s cgroup %s (the 0:: line of its process) with its inode", want.Name, got, c.ID, c.CgroupPath)
 		}
 		if p.NetnsPath != want.NetnsPath || p.NetnsCookie == 0 || p.NetnsCookie != nsGetID(t, want.NetnsPath) {
@@ -276,23 +267,9 @@ func TestPrivilegedNRIPodToVIP(t *testing.T) {
 		}
 	}
 	// The cookie the agent reports is the one sockets inside the pod carry.
-	f, err := os.Open(client.NetnsPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sockCookie uint64
-	err = testenv.DoInNetns(int(f.Fd()), func() error {
-		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		sockCookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
-		return err
-	})
-	f.Close()
-	if err != nil || sockCookie != nsGetID(t, client.NetnsPath) {
-		t.Fatalf("SO_NETNS_COOKIE in the client pod = %d (%v), NS_GET_ID = %d", sockCookie, err, nsGetID(t, client.NetnsPath))
+	clientNS := &testenv.Netns{Name: client.Name, Path: client.NetnsPath}
+	if c, id := clientNS.Cookie(t), nsGetID(t, client.NetnsPath); c != id {
+		t.Fatalf("SO_NETNS_COOKIE in the client pod = %d, NS_GET_ID = %d", c, id)
 	}
 
 	got := w.through(cc, e2eWeb, 40)

@@ -294,3 +294,13 @@ func (ns *Netns) Cookie(t TB) uint64 {
 	}
 	return cookie
 }
+
+// Inode is the inode number of path: a cgroup's ID, or a namespace's identity.
+func Inode(t TB, path string) uint64 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
+}

@@ -47,6 +47,9 @@ type Options struct {
 	NRIPluginConfDir string        // plugin_config_path; "" = an empty private dir
 	NRITimeout       time.Duration // plugin_request_timeout; default 2s
 	VIPRange         netip.Prefix  // blackholed inside every pod netns; default 10.96.0.0/16
+	// BeforeStart runs once the runtime's paths are chosen and just before containerd
+	// starts, e.g. to install a pre-registered plugin that needs CgroupRoot.
+	BeforeStart func(*Runtime) error
 }
 
 // Runtime is one private containerd and everything it set up.
@@ -254,6 +257,11 @@ func Start(t testenv.TB, opts Options) *Runtime {
 	}
 	if err != nil {
 		t.Fatalf("start runtime: %v", err)
+	}
+	if r.opts.BeforeStart != nil {
+		if err := r.opts.BeforeStart(r); err != nil {
+			t.Fatalf("start runtime: %v", err)
+		}
 	}
 	if err := r.startContainerd(); err != nil {
 		r.fatalf(t, "start runtime: %v", err)

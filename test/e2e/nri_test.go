@@ -496,3 +496,80 @@ func pinnedEntries(t *testing.T, bpffs string) map[string]int {
 	}
 	return out
 }
+
+// TestPrivilegedNRIPreRegistered: containerd itself launches podsock from its plugin dir
+// and hands over the config from its conf dir; podsock serves pods as in external mode.
+func TestPrivilegedNRIPreRegistered(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	cri.Require(t)
+	cgroup2, err := cgroupfs.Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	pluginDir, confDir := filepath.Join(dir, "plugins"), filepath.Join(dir, "conf.d")
+	bpffs := testenv.BPFFS(t)
+	cfgPath := filepath.Join(dir, "podsock.toml")
+	var cgroupRoot string
+	rt := cri.Start(t, cri.Options{NRIPluginDir: pluginDir, NRIPluginConfDir: confDir, BeforeStart: func(r *cri.Runtime) error {
+		cgroupRoot = filepath.Join(cgroup2, r.CgroupRoot())
+		if err := os.MkdirAll(cgroupRoot, 0o755); err != nil {
+			return err
+		}
+		cfg := fmt.Sprintf("[agent]\ncgroup_root = %q\nbpffs = %q\nstate_dir = %q\nlog_level = \"debug\"\n",
+			cgroupRoot, bpffs, filepath.Join(dir, "state"))
+		for _, p := range []string{cfgPath, filepath.Join(confDir, "10-podsock.conf")} {
+			if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+				return err
+			}
+			if err := os.WriteFile(p, []byte(cfg), 0o644); err != nil {
+				return err
+			}
+		}
+		bin, err := os.ReadFile(podsockBin)
+		if err != nil {
+			return err
+		}
+		if err := os.MkdirAll(pluginDir, 0o755); err != nil {
+			return err
+		}
+		return os.WriteFile(filepath.Join(pluginDir, "10-podsock"), bin, 0o755)
+	}})
+	var st agent.Status
+	if !testenv.WaitFor(15*time.Second, func() bool {
+		st, err = agentStatus(cfgPath)
+		return err == nil && st.NRI.Connected
+	}) {
+		t.Fatalf("the runtime-launched podsock never answered as connected: %+v %v", st, err)
+	}
+	pid := st.PID
+	t.Cleanup(func() {
+		// The plugin ends with its runtime connection; make sure of it, by PID.
+		rt.Stop(t)
+		if !testenv.WaitFor(10*time.Second, func() bool { return unix.Kill(pid, 0) != nil }) {
+			unix.Kill(pid, unix.SIGKILL)
+			t.Errorf("pre-registered podsock (pid %d) outlived its runtime", pid)
+		}
+		if out, err := exec.Command(podsockBin, "cleanup", "--config", cfgPath).CombinedOutput(); err != nil {
+			t.Logf("cleanup: %v: %s", err, out)
+		}
+	})
+	if st.ConfigPath != agent.PreRegisteredConfigName || st.Datapath.CgroupRoot != cgroupRoot {
+		t.Fatalf("status: config %q cgroup root %q; want the runtime-handed config and %s", st.ConfigPath, st.Datapath.CgroupRoot, cgroupRoot)
+	}
+
+	a, _ := servePod(t, rt, "backend-a", "a")
+	_, cc := clientPod(t, rt, cri.PodSpec{Name: "client"})
+	w := &nriWorld{t: t, rt: rt, cgroup2: cgroup2, bpffs: bpffs, cfgPath: cfgPath}
+	pods := w.waitPods(map[string]int{a.ID: 1, cc.Pod.ID: 1})
+	for _, p := range pods {
+		if p.NetnsCookie != nsGetID(t, p.NetnsPath) {
+			t.Errorf("pod %s: cookie %d, NS_GET_ID %d", p.Name, p.NetnsCookie, nsGetID(t, p.NetnsPath))
+		}
+	}
+	// A pod-to-pod connect works with podsock in the path (no service configured).
+	lines, err := w.dial(cc, "tcp", netip.AddrPortFrom(a.IP, 8080), 1)
+	if err != nil || !strings.HasPrefix(lines[0], "reply=a ") {
+		t.Fatalf("client to backend with podsock pre-registered: %q %v", lines, err)
+	}
+}

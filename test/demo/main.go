@@ -1,40 +1,38 @@
-// Command demo shows podsock's main job end to end on this machine, standalone (no
-// container runtime): two HTTP backends and a client in a network namespace and a cgroup
-// the demo creates, the real `podsock run` balancing a service VIP between them, a reload
-// that removes a backend, and a cleanup that leaves nothing behind. Run it as root:
+// Command demo shows podsock's main job end to end on this machine: a private containerd
+// with NRI, podsock registered as its NRI plugin, two backend pods and a client pod. The
+// client reaches the service VIP, both backends answer, podsock reports the pods with their
+// exact cgroups and netns cookies, and everything is torn down again. Run it as root:
 // `make demo`.
 package main
 
 import (
-	"context"
 	"flag"
 	"fmt"
-	"io"
-	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/podsock/podsock/internal/cgroupfs"
+	"github.com/podsock/podsock/test/cri"
 	"github.com/podsock/podsock/test/testenv"
 )
 
 var podsockBin = flag.String("podsock", "bin/podsock", "podsock binary")
 
 const (
-	vipRange = "10.96.0.0/12"
+	vipRange = "10.96.0.0/16"
 	vip      = "10.96.0.20"
 )
 
 type demo struct {
 	testenv.Standalone
-	ns      *testenv.Netns
+	rt      *cri.Runtime
 	cfgPath string
-	cfg     string
 }
 
 func main() {
@@ -45,101 +43,122 @@ func main() {
 	}
 	d := &demo{}
 	d.Main("demo", d.run)
-	fmt.Println("\n==> demo done: netns, cgroup, pins and processes removed")
+	fmt.Println("\n==> demo done: containerd, pods, bridge, cgroups, netns, pins and processes removed")
 }
 
 func step(format string, a ...any) { fmt.Printf("\n==> "+format+"\n", a...) }
 
 func (d *demo) run() {
-	step("network namespace with two backends; VIP range %s blackholed so nothing can leave", vipRange)
-	d.ns = testenv.NewNetns(d, []string{vipRange}, "10.88.0.5/32", "10.88.0.6/32")
-	d.startBackend("backend-a", "10.88.0.5:8080")
-	d.startBackend("backend-b", "10.88.0.6:8080")
-	out, _ := exec.Command("ip", "-n", d.ns.Name, "route", "show", "type", "blackhole").CombinedOutput()
-	fmt.Printf("    netns %s, blackhole routes: %s", d.ns.Name, out)
+	start := time.Now()
+	step("private containerd v2 with NRI on; pods get no default route and a blackhole for %s", vipRange)
+	d.rt = cri.Start(d, cri.Options{VIPRange: netip.MustParsePrefix(vipRange)})
+	d.Cleanup(func() {
+		d.rt.Stop(d)
+		if left := d.rt.Leftovers(); len(left) > 0 {
+			d.Errorf("left behind: %v", left)
+		}
+	})
+	fmt.Printf("    state %s, NRI socket %s, pod subnet %s, pod cgroups under %s (%v)\n",
+		d.rt.StateDir(), d.rt.NRISocket(), d.rt.Subnet(), d.rt.CgroupRoot(), time.Since(start).Round(time.Millisecond))
 
-	cg := testenv.NewCgroup(d)
+	step("two backend pods and a client pod (crictl runp / create / start)")
+	a, sa := d.pod("backend-a", "web", "serve", "tcp", "8080", "backend-a")
+	b, sb := d.pod("backend-b", "web", "serve", "tcp", "8080", "backend-b")
+	_, client := d.pod("client", "client", "pause")
+	d.rt.WaitLog(d, sa, "listening", 5*time.Second)
+	d.rt.WaitLog(d, sb, "listening", 5*time.Second)
+	for _, p := range []*cri.Pod{a, b} {
+		fmt.Printf("    %s at %s\n", p.Name, p.IP)
+	}
+
+	step("without podsock, the client cannot reach %s:80 (the blackhole answers)", vip)
+	d.dial(client, 1)
+
+	cgroup2, err := cgroupfs.Mount()
+	if err != nil {
+		d.Fatal(err)
+	}
+	cgroupRoot := filepath.Join(cgroup2, d.rt.CgroupRoot())
+	if err := os.MkdirAll(cgroupRoot, 0o755); err != nil {
+		d.Fatal(err)
+	}
 	bpffs := testenv.BPFFS(d)
 	dir, err := os.MkdirTemp("", "podsock-demo-")
 	if err != nil {
 		d.Fatal(err)
 	}
 	d.Cleanup(func() { os.RemoveAll(dir) })
-	cg.EnterSelf(d)
-	fmt.Printf("    this demo's client runs in cgroup %s\n", cg.Path)
-
-	step("without podsock, http://%s/ does not answer", vip)
-	d.get(1)
-
 	d.cfgPath = filepath.Join(dir, "podsock.toml")
-	d.cfg = fmt.Sprintf(`[agent]
-cgroup_root = %q   # the demo's cgroup, not the machine's root
+	cfg := fmt.Sprintf(`[agent]
+cgroup_root = %q   # the runtime's pod cgroup parent, not the machine's root
 bpffs = %q
 state_dir = %q
 
 [nri]
-enabled = false     # standalone: balance every process under cgroup_root
+enabled = true
+socket = %q
 
 [[service]]
 name = "default/web"
 vip = "%s"
 port = 80
 protocol = "tcp"
-backends = ["10.88.0.5:8080", "10.88.0.6:8080"]
-`, cg.Path, bpffs, filepath.Join(dir, "state"), vip)
-	d.writeConfig()
-	step("podsock run --config %s", d.cfgPath)
-	fmt.Print(indent(d.cfg))
+backends = ["%s", "%s"]
+`, cgroupRoot, bpffs, filepath.Join(dir, "state"), d.rt.NRISocket(), vip,
+		netip.AddrPortFrom(a.IP, 8080), netip.AddrPortFrom(b.IP, 8080))
+	if err := os.WriteFile(d.cfgPath, []byte(cfg), 0o644); err != nil {
+		d.Fatal(err)
+	}
+	step("podsock run --config %s (an external NRI plugin)", d.cfgPath)
+	fmt.Print(indent(cfg))
 	agent := d.startAgent()
 
-	step("six requests to http://%s/", vip)
-	d.get(6)
-	step("podsock status")
-	d.podsock("status")
+	step("ten connects from the client pod to %s:80", vip)
+	d.dial(client, 10)
+
+	step("podsock pods")
+	d.podsock("pods")
 	step("podsock services")
 	d.podsock("services")
+	step("podsock status")
+	d.podsock("status")
 
-	step("remove backend-b from the config and send SIGHUP")
-	d.cfg = strings.Replace(d.cfg, `, "10.88.0.6:8080"`, "", 1)
-	d.writeConfig()
-	agent.Process.Signal(syscall.SIGHUP)
-	time.Sleep(300 * time.Millisecond)
-	d.podsock("services")
-	d.get(4)
-
-	step("stop the agent (SIGTERM): the pinned datapath keeps serving")
+	step("stop podsock (SIGTERM) and clean up: the pods keep running, podsock leaves nothing")
 	agent.Process.Signal(syscall.SIGTERM)
 	agent.Wait()
-	d.get(2)
-
-	step("podsock cleanup: nothing attached or pinned is left")
 	d.podsock("cleanup")
-	d.get(1)
+	d.dial(client, 1)
+}
+
+func (d *demo) pod(name, role string, args ...string) (*cri.Pod, *cri.Container) {
+	p := d.rt.RunPod(d, cri.PodSpec{Name: name, Labels: map[string]string{"app": role}})
+	return p, d.rt.StartContainer(d, p, name, args...)
+}
+
+// dial runs the workload's client inside the client pod and tallies who answered.
+func (d *demo) dial(c *cri.Container, n int) {
+	out, err := d.rt.Exec(d, c, 20*time.Second, "/workload", "dial", "tcp", vip+":80", fmt.Sprint(n))
+	fmt.Print(indent(out))
+	if err != nil {
+		fmt.Println("    (the client failed at once: nothing left the pod)")
+		return
+	}
+	seen := map[string]int{}
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		if f := strings.Fields(l); len(f) > 0 {
+			seen[strings.TrimPrefix(f[0], "reply=")]++
+		}
+	}
+	var names []string
+	for k, v := range seen {
+		names = append(names, fmt.Sprintf("%s x%d", k, v))
+	}
+	sort.Strings(names)
+	fmt.Printf("    answered by: %s\n", strings.Join(names, ", "))
 }
 
 func indent(s string) string {
 	return "    " + strings.ReplaceAll(strings.TrimRight(s, "\n"), "\n", "\n    ") + "\n"
-}
-
-func (d *demo) writeConfig() {
-	if err := os.WriteFile(d.cfgPath, []byte(d.cfg), 0o644); err != nil {
-		d.Fatal(err)
-	}
-}
-
-func (d *demo) startBackend(name, addr string) {
-	var ln net.Listener
-	if err := d.ns.Do(func() (err error) {
-		ln, err = net.Listen("tcp", addr)
-		return err
-	}); err != nil {
-		d.Fatal(err)
-	}
-	srv := &http.Server{ReadHeaderTimeout: time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		fmt.Fprintf(w, "hello from %s (%s), you are %s\n", name, addr, r.RemoteAddr)
-	})}
-	go srv.Serve(ln)
-	d.Cleanup(func() { srv.Close() })
 }
 
 func (d *demo) startAgent() *exec.Cmd {
@@ -160,11 +179,12 @@ func (d *demo) startAgent() *exec.Cmd {
 		exec.Command(*podsockBin, "cleanup", "--config", d.cfgPath).Run()
 		log.Close()
 	})
-	if !testenv.WaitFor(10*time.Second, func() bool {
-		return exec.Command(*podsockBin, "status", "--config", d.cfgPath).Run() == nil
+	if !testenv.WaitFor(15*time.Second, func() bool {
+		out, err := exec.Command(*podsockBin, "pods", "--config", d.cfgPath).Output()
+		return err == nil && strings.Count(string(out), "\n") >= 4 // header + 3 pods
 	}) {
 		b, _ := os.ReadFile(log.Name())
-		d.Fatalf("agent did not start:\n%s", b)
+		d.Fatalf("agent did not start or learn the pods:\n%s", b)
 	}
 	return cmd
 }
@@ -174,33 +194,5 @@ func (d *demo) podsock(args ...string) {
 	fmt.Print(indent(string(out)))
 	if err != nil {
 		d.Fatalf("podsock %s: %v", args[0], err)
-	}
-}
-
-// get sends n HTTP requests to the VIP from a socket created in the demo netns.
-func (d *demo) get(n int) {
-	client := &http.Client{
-		Timeout: 2 * time.Second,
-		Transport: &http.Transport{
-			DisableKeepAlives: true,
-			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-				var c net.Conn
-				err := d.ns.Do(func() (err error) {
-					c, err = (&net.Dialer{Timeout: time.Second}).DialContext(ctx, network, addr)
-					return err
-				})
-				return c, err
-			},
-		},
-	}
-	for range n {
-		resp, err := client.Get("http://" + netip.AddrPortFrom(netip.MustParseAddr(vip), 80).String() + "/")
-		if err != nil {
-			fmt.Printf("    GET http://%s/ -> %v\n", vip, err)
-			continue
-		}
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		fmt.Printf("    GET http://%s/ -> %s", vip, body)
 	}
 }

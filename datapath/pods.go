@@ -184,10 +184,18 @@ func (dp *Datapath) removePod(cur *installedPod) error {
 			dp.deleteAllow(svc, cur.id)
 		}
 	}
-	// Every affinity entry of the pod, whatever its service's flags are now: the ID will be
-	// reused, and must not inherit a choice.
-	if err := dp.dropPodAffinity(cur.id); err != nil {
-		return fmt.Errorf("pod %s: %w", cur.sandboxID, err)
+	// One delete per service with pod affinity, not a walk of the affinity map: walking a
+	// hash map visits every bucket (a million here), which would cost the runtime over a
+	// millisecond per pod removal. Services that lose the flag drop all their entries then.
+	for _, svc := range dp.services {
+		if svc.flags&svcFlagAffinityPod == 0 {
+			continue
+		}
+		k := socklbPodSvcKey{SvcId: svc.id, PodId: cur.id}
+		if err := dp.objs.PodsockAffV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			// Keep the ID reserved: a reuse must not inherit this pod's choice.
+			return fmt.Errorf("pod %s: delete affinity entry for service %s: %w", cur.sandboxID, svc.name, err)
+		}
 	}
 	var err error
 	if dp.skipPods[cur.id] {
@@ -408,27 +416,6 @@ func (dp *Datapath) dropAffinity(svcID uint32, gone []netip.AddrPort) {
 			dp.log.WithError(err).Warnf("delete affinity entry %+v", k)
 		}
 	}
-}
-
-func (dp *Datapath) dropPodAffinity(podID uint32) error {
-	var k socklbPodSvcKey
-	var be socklbBackend
-	var drop []socklbPodSvcKey
-	it := dp.objs.PodsockAffV1.Iterate()
-	for it.Next(&k, &be) {
-		if k.PodId == podID {
-			drop = append(drop, k)
-		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("read affinity entries: %w", err)
-	}
-	for _, k := range drop {
-		if err := dp.objs.PodsockAffV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete affinity entry %+v: %w", k, err)
-		}
-	}
-	return nil
 }
 
 // AllowedSandboxes lists the pods the datapath currently admits to a restricted service,

@@ -35,6 +35,8 @@ var (
 	manyCount  = flag.Int("many", 100000, "services in the 'many services' datapath")
 	iptCount   = flag.Int("iptables", 10000, "rules/services in the kube-proxy comparison")
 	podsockBin = flag.String("podsock", "bin/podsock", "podsock binary for the agent apply benchmark")
+	podRounds  = flag.Int("podstart", 20, "pod start rounds, each starting one pod with podsock attached and one without")
+	only       = flag.String("only", "", `run one section only: "socklb" or "podstart"`)
 )
 
 var (
@@ -72,6 +74,40 @@ func main() {
 }
 
 func (e *env) run() {
+	switch *only {
+	case "":
+		e.socketLB()
+		e.printPodStart()
+	case "socklb":
+		e.socketLB()
+	case "podstart":
+		e.printPodStart()
+	default:
+		e.Fatalf("-only %q: want socklb or podstart", *only)
+	}
+}
+
+func (e *env) printPodStart() {
+	fmt.Printf("\npod start (crictl runp + create + start), %d rounds alternating a containerd with podsock as its NRI plugin and one without...\n", *podRounds)
+	r := e.podStart(*podRounds)
+	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "case\tpodsock\tbaseline\tratio\ttarget\t")
+	fmt.Fprintf(w, "pod start: with podsock vs without\t%v\t%v\t%.3fx\t<= 1.05x\t\n",
+		median(r.with).Round(time.Millisecond/10), median(r.without).Round(time.Millisecond/10), medianRatio(r.ratios))
+	w.Flush()
+	fmt.Println("\nNRI handler latency (how long containerd waited on podsock), per event:")
+	w = tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "event\tcount\tp50\tp99\tmax\t")
+	kinds := slices.Sorted(maps.Keys(r.latency))
+	for _, k := range kinds {
+		l := r.latency[k]
+		fmt.Fprintf(w, "%s\t%d\t%v\t%v\t%v\t\n", k, l.Count, l.P50, l.P99, l.Max)
+	}
+	w.Flush()
+	fmt.Println("(target: p99 < 1ms for all_pod_events)")
+}
+
+func (e *env) socketLB() {
 	ns := testenv.NewNetns(e, []string{vipRange}, "10.88.0.5/32")
 	startAcceptor(e, ns, backendTCP)
 	startUDPEcho(e, ns, backendUDP)

@@ -86,6 +86,9 @@ type Pod struct {
 	IP                       netip.Addr
 	CgroupParent             string // as given to the runtime: absolute within the cgroup2 mount
 	SandboxPid               int
+	// RunDuration is how long `crictl runp` took: what the runtime (and its NRI plugins)
+	// spent creating the sandbox.
+	RunDuration time.Duration
 
 	configPath string
 	removed    bool
@@ -98,6 +101,8 @@ type Container struct {
 	Pod        *Pod
 	Pid        int
 	CgroupPath string // the "0::" line of /proc/PID/cgroup
+	// StartDuration is how long `crictl create` and `crictl start` took together.
+	StartDuration time.Duration
 }
 
 const (
@@ -580,7 +585,9 @@ func (r *Runtime) RunPod(t testenv.TB, spec PodSpec) *Pod {
 	if err := writeJSON(p.configPath, cfg); err != nil {
 		t.Fatalf("run pod %s: %v", spec.Name, err)
 	}
+	begin := time.Now()
 	out, err := r.Crictl("runp", p.configPath)
+	p.RunDuration = time.Since(begin)
 	if err != nil {
 		r.fatalf(t, "run pod %s: %v", spec.Name, err)
 	}
@@ -692,6 +699,7 @@ func (r *Runtime) StartContainer(t testenv.TB, p *Pod, name string, args ...stri
 	if err := writeJSON(cfgPath, cfg); err != nil {
 		t.Fatalf("container %s: %v", name, err)
 	}
+	begin := time.Now()
 	out, err := r.Crictl("create", p.ID, cfgPath, p.configPath)
 	if err != nil {
 		r.fatalf(t, "create container %s in %s: %v", name, p.Name, err)
@@ -700,6 +708,7 @@ func (r *Runtime) StartContainer(t testenv.TB, p *Pod, name string, args ...stri
 	if _, err := r.Crictl("start", c.ID); err != nil {
 		r.fatalf(t, "start container %s in %s: %v", name, p.Name, err)
 	}
+	c.StartDuration = time.Since(begin)
 	var info struct {
 		Info struct {
 			Pid int `json:"pid"`

@@ -1,0 +1,136 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/podsock/podsock/agent"
+	"github.com/podsock/podsock/internal/cgroupfs"
+	"github.com/podsock/podsock/plugin"
+	"github.com/podsock/podsock/test/cri"
+	"github.com/podsock/podsock/test/testenv"
+)
+
+// podStartResult is the pod start comparison: the same pod started on a containerd with
+// podsock registered as its NRI plugin and on an identical containerd without it.
+type podStartResult struct {
+	with, without []time.Duration // runp + create + start, one per round
+	ratios        []float64       // per round, with/without
+	latency       map[string]plugin.LatencySummary
+}
+
+// podStart runs rounds of "start a pod and its container" on two private containerds, one
+// with podsock attached over NRI and one without, alternating which goes first, and
+// removes the pods as it goes.
+func (e *env) podStart(rounds int) podStartResult {
+	withRT := cri.Start(e, cri.Options{})
+	withoutRT := cri.Start(e, cri.Options{})
+	cfgPath := e.podsockFor(withRT)
+
+	start := func(rt *cri.Runtime, i int) time.Duration {
+		p := rt.RunPod(e, cri.PodSpec{Name: fmt.Sprintf("bench-%d", i), Labels: map[string]string{"app": "bench"}})
+		c := rt.StartContainer(e, p, "main", "pause")
+		rt.RemovePod(e, p)
+		return p.RunDuration + c.StartDuration
+	}
+	// A warm-up pod on each: the first pod pays for image unpacking and cold caches.
+	start(withRT, -1)
+	start(withoutRT, -1)
+	var res podStartResult
+	for i := range rounds {
+		var w, wo time.Duration
+		if i%2 == 0 {
+			w, wo = start(withRT, i), start(withoutRT, i)
+		} else {
+			wo, w = start(withoutRT, i), start(withRT, i)
+		}
+		res.with = append(res.with, w)
+		res.without = append(res.without, wo)
+		res.ratios = append(res.ratios, float64(w)/float64(wo))
+	}
+	out, err := exec.Command(*podsockBin, "status", "--json", "--config", cfgPath).Output()
+	if err != nil {
+		e.Fatalf("podsock status: %v", err)
+	}
+	var st agent.Status
+	if err := json.Unmarshal(out, &st); err != nil {
+		e.Fatal(err)
+	}
+	res.latency = st.NRI.HandlerLatency
+	return res
+}
+
+// podsockFor starts the real agent as an external NRI plugin of rt, attached to rt's pod
+// cgroup parent with one service, and returns its config path.
+func (e *env) podsockFor(rt *cri.Runtime) string {
+	cgroup2, err := cgroupfs.Mount()
+	if err != nil {
+		e.Fatal(err)
+	}
+	root := filepath.Join(cgroup2, rt.CgroupRoot())
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		e.Fatal(err)
+	}
+	dir, err := os.MkdirTemp("", "podsock-bench-nri-")
+	if err != nil {
+		e.Fatal(err)
+	}
+	e.Cleanup(func() { os.RemoveAll(dir) })
+	cfgPath := filepath.Join(dir, "podsock.toml")
+	cfg := fmt.Sprintf(`[agent]
+cgroup_root = %q
+bpffs = %q
+state_dir = %q
+log_level = "warn"
+[nri]
+socket = %q
+[[service]]
+name = "bench/web"
+vip = "10.96.0.20"
+port = 80
+backends = ["10.88.0.5:8080"]
+[[service]]
+name = "bench/db"
+vip = "10.96.0.30"
+port = 5432
+backends = ["10.88.0.6:5432"]
+[[service.allow]]
+labels = { app = "bench" }
+`, root, testenv.BPFFS(e), filepath.Join(dir, "state"), rt.NRISocket())
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+		e.Fatal(err)
+	}
+	cmd := exec.Command(*podsockBin, "run", "--config", cfgPath)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		e.Fatal(err)
+	}
+	e.Cleanup(func() {
+		cmd.Process.Signal(os.Interrupt)
+		cmd.Wait()
+		exec.Command(*podsockBin, "cleanup", "--config", cfgPath).Run()
+	})
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		out, err := exec.Command(*podsockBin, "status", "--json", "--config", cfgPath).Output()
+		var st agent.Status
+		if err == nil && json.Unmarshal(out, &st) == nil && st.NRI.Connected {
+			return cfgPath
+		}
+		if time.Now().After(deadline) {
+			e.Fatalf("podsock did not connect to the bench runtime's NRI")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func medianRatio(r []float64) float64 {
+	s := slices.Clone(r)
+	slices.Sort(s)
+	return s[len(s)/2]
+}

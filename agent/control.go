@@ -23,15 +23,17 @@ const SocketName = "podsock.sock"
 
 // Status is what `podsock status --json` prints.
 type Status struct {
-	Datapath         DatapathStatus `json:"datapath"`
-	NRI              NRIStatus      `json:"nri"`
-	Services         int            `json:"services"`
-	Backends         int            `json:"backends"`
-	Pods             int            `json:"pods"`
-	ConfigGeneration uint64         `json:"config_generation"`
-	ConfigPath       string         `json:"config_path"`
-	LastReloadError  string         `json:"last_reload_error"`
-	PID              int            `json:"pid"`
+	Datapath DatapathStatus `json:"datapath"`
+	NRI      NRIStatus      `json:"nri"`
+	Services int            `json:"services"`
+	Backends int            `json:"backends"`
+	Pods     int            `json:"pods"`
+	// Netns counts the pod network namespaces the agent holds open.
+	Netns            int    `json:"netns"`
+	ConfigGeneration uint64 `json:"config_generation"`
+	ConfigPath       string `json:"config_path"`
+	LastReloadError  string `json:"last_reload_error"`
+	PID              int    `json:"pid"`
 }
 
 type DatapathStatus struct {
@@ -212,7 +214,13 @@ func (a *Agent) status() Status {
 		st.NRI.Enabled = cfg.NRI.Enabled
 	}
 	if a.tracker != nil {
-		st.Pods = len(a.tracker.Pods())
+		pods := a.tracker.Pods()
+		st.Pods = len(pods)
+		for _, p := range pods {
+			if p.NetnsCookie != 0 {
+				st.Netns++
+			}
+		}
 	}
 	st.NRI.Events = a.events.snapshot()
 	if a.plugin != nil {

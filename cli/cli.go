@@ -201,7 +201,7 @@ func status(c *command) error {
 		fmt.Fprintf(w, "datapath\t%s, pinned in %s, cgroup root %s\n", attachedWord(st.Datapath.Attached), st.Datapath.PinDir, st.Datapath.CgroupRoot)
 		fmt.Fprintf(w, "nri\t%s\n", nriWord(st.NRI))
 		fmt.Fprintf(w, "services\t%d (%d backends)\n", st.Services, st.Backends)
-		fmt.Fprintf(w, "pods\t%d\n", st.Pods)
+		fmt.Fprintf(w, "pods\t%d (%d netns held)\n", st.Pods, st.Netns)
 		k := st.Datapath.Counters
 		fmt.Fprintf(w, "counters\t%d connects, %d sendmsgs, %d reversed, %d refused (no backend), %d without socket storage\n",
 			k.Connects, k.Sendmsgs, k.Reversed, k.NoBackend, k.NoStorage)

@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -82,10 +83,12 @@ func (p *Plugin) Reconnects() uint64 {
 // Latency reports how long the runtime waited on each kind of event.
 func (p *Plugin) Latency() map[string]LatencySummary { return p.latency.summary() }
 
-// Backoff bounds for reconnecting to a runtime that went away.
+// Backoff bounds for reconnecting to a runtime that went away, and how long a
+// registration may take before it is abandoned and tried again.
 const (
-	minBackoff = 100 * time.Millisecond
-	maxBackoff = 5 * time.Second
+	registerTimeout = 15 * time.Second
+	minBackoff      = 100 * time.Millisecond
+	maxBackoff      = 5 * time.Second
 )
 
 // Run registers with the runtime and serves events until ctx ends. In external mode a
@@ -128,16 +131,40 @@ func (p *Plugin) serveOnce(ctx context.Context) error {
 		stub.WithOnClose(func() { once.Do(func() { close(closed) }) }),
 		stub.WithLogger(nriLogger{p.opts.Log}),
 	}
+	// The connection is ours to close: a runtime that dies between accepting the
+	// registration and configuring us would otherwise leave Start waiting forever.
+	var conn net.Conn
+	var connMu sync.Mutex
 	if !PreRegistered() {
 		opts = append(opts, stub.WithSocketPath(p.opts.Socket),
-			stub.WithPluginName(p.opts.Name), stub.WithPluginIdx(p.opts.Index))
+			stub.WithPluginName(p.opts.Name), stub.WithPluginIdx(p.opts.Index),
+			stub.WithDialer(func(path string) (net.Conn, error) {
+				c, err := net.Dial("unix", path)
+				connMu.Lock()
+				conn = c
+				connMu.Unlock()
+				return c, err
+			}))
 	}
 	s, err := stub.New(&adapter{p: p}, opts...)
 	if err != nil {
 		return fmt.Errorf("create NRI stub: %w", err)
 	}
-	if err := s.Start(ctx); err != nil {
-		return fmt.Errorf("register with %s: %w", p.opts.Socket, err)
+	started := make(chan error, 1)
+	go func() { started <- s.Start(ctx) }()
+	select {
+	case err := <-started:
+		if err != nil {
+			return fmt.Errorf("register with %s: %w", p.opts.Socket, err)
+		}
+	case <-time.After(registerTimeout):
+		connMu.Lock()
+		if conn != nil {
+			conn.Close()
+		}
+		connMu.Unlock()
+		// Start may stay blocked inside the stub; that goroutine is abandoned with it.
+		return fmt.Errorf("register with %s: not configured within %s", p.opts.Socket, registerTimeout)
 	}
 	p.connected.Store(true)
 	p.registrations.Add(1)

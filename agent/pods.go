@@ -127,8 +127,9 @@ func (a *Agent) event(kind, id string, fn func() error) {
 	}
 	// The usual case: nothing pending and no config being applied. Running right here
 	// spares the runtime two goroutine hand-offs, which on a busy node cost more than the
-	// work itself.
-	if a.podq.idle() && a.opMu.TryLock() {
+	// work itself. A pod event's work is a few syscalls and map writes; a Synchronize,
+	// whose size is the node's, always goes through the queue and its budget.
+	if kind != "Synchronize" && a.podq.idle() && a.opMu.TryLock() {
 		work()
 		a.opMu.Unlock()
 		return
@@ -173,9 +174,13 @@ func (a *Agent) RunPodSandbox(s runtimehooks.Sandbox) {
 	})
 }
 
-func (a *Agent) StopPodSandbox(string) {
-	// The netns stays held until RemovePodSandbox: sockets may outlive the stop.
-	a.events.add("StopPodSandbox")
+func (a *Agent) StopPodSandbox(id string) {
+	// The netns stays held until RemovePodSandbox: sockets may outlive the stop. A pod the
+	// runtime reports stopping is one it tracks, so the sweeper need not watch it.
+	a.event("StopPodSandbox", id, func() error {
+		delete(a.syncLearned, id)
+		return nil
+	})
 }
 
 func (a *Agent) RemovePodSandbox(id string) {
@@ -236,7 +241,7 @@ func (a *Agent) ContainerStarted(c runtimehooks.ContainerInfo) {
 func (a *Agent) container(kind string, c runtimehooks.ContainerInfo, early bool) {
 	a.event(kind, c.ID, func() error {
 		pod, err := a.tracker.ContainerCreated(c)
-		if early && errors.Is(err, fs.ErrNotExist) {
+		if early && onlyNotExist(err) {
 			// Some runtimes create the container's cgroup only when it starts;
 			// StartContainer reads it again.
 			err = nil
@@ -258,6 +263,26 @@ func (a *Agent) RemoveContainer(c runtimehooks.ContainerInfo) {
 		}
 		return a.setPod(pod)
 	})
+}
+
+// onlyNotExist reports whether every problem err carries is a missing file or directory.
+func onlyNotExist(err error) bool {
+	for err != nil {
+		if j, ok := err.(interface{ Unwrap() []error }); ok {
+			for _, part := range j.Unwrap() {
+				if !onlyNotExist(part) {
+					return false
+				}
+			}
+			return true
+		}
+		next := errors.Unwrap(err)
+		if next == nil {
+			return errors.Is(err, fs.ErrNotExist)
+		}
+		err = next
+	}
+	return false
 }
 
 // setPod pushes one pod's facts and policy into the datapath. Called with opMu held.

@@ -1,6 +1,9 @@
 package agent
 
 import (
+	"errors"
+	"fmt"
+	"io/fs"
 	"reflect"
 	"sync/atomic"
 	"testing"
@@ -103,5 +106,28 @@ func TestPodQueueKeepsOrderAndBoundsWaiting(t *testing.T) {
 	}
 	if !ran.Load() || !reflect.DeepEqual(order, []int{1, 2, 3}) {
 		t.Fatalf("ops ran in order %v, want [1 2 3]", order)
+	}
+}
+
+func TestOnlyNotExist(t *testing.T) {
+	missing := fmt.Errorf("container c1 of pod a/b: %w", errors.Join(
+		fmt.Errorf("cgroup /x does not exist: %w", fs.ErrNotExist),
+		fmt.Errorf("pod cgroup /y: %w", fs.ErrNotExist)))
+	mixed := fmt.Errorf("container c1 of pod a/b: %w", errors.Join(
+		fmt.Errorf("cgroup /x does not exist: %w", fs.ErrNotExist),
+		errors.New("bad slice name")))
+	for _, c := range []struct {
+		err  error
+		want bool
+	}{
+		{nil, false},
+		{missing, true},
+		{mixed, false},
+		{errors.New("bad slice name"), false},
+		{fmt.Errorf("x: %w", fs.ErrNotExist), true},
+	} {
+		if got := onlyNotExist(c.err); got != c.want {
+			t.Errorf("onlyNotExist(%v) = %v, want %v", c.err, got, c.want)
+		}
 	}
 }

@@ -458,10 +458,11 @@ func (dp *Datapath) readServices() error {
 	return nil
 }
 
-// Services reads the services back from the maps, as the BPF programs see them.
+// Services reads the services back from the maps, as the BPF programs see them. It takes
+// no lock: the maps are safe to read while Apply writes them (a service caught mid-update
+// shows its old or new revision, or an error to retry), and a walk over 100k services
+// must not hold up runtime events waiting to install pods.
 func (dp *Datapath) Services() ([]Service, error) {
-	dp.mu.Lock()
-	defer dp.mu.Unlock()
 	var out []Service
 	var k socklbSvcKey
 	var v socklbSvcValue

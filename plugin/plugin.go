@@ -152,18 +152,31 @@ func (p *Plugin) serveOnce(ctx context.Context) error {
 	}
 	started := make(chan error, 1)
 	go func() { started <- s.Start(ctx) }()
+	var timeout <-chan time.Time
+	if !PreRegistered() {
+		// A runtime that launched us owns the timeouts of its own connection.
+		timeout = time.After(registerTimeout)
+	}
 	select {
 	case err := <-started:
 		if err != nil {
 			return fmt.Errorf("register with %s: %w", p.opts.Socket, err)
 		}
-	case <-time.After(registerTimeout):
+	case <-timeout:
 		connMu.Lock()
 		if conn != nil {
 			conn.Close()
 		}
 		connMu.Unlock()
-		// Start may stay blocked inside the stub; that goroutine is abandoned with it.
+		// The stub's Start holds its lock while it waits for Configure, so the goroutine
+		// that runs it stays blocked (with the stub's own) if Configure never comes: a
+		// small leak per abandoned registration, which this stub gives no way to avoid.
+		// Should Configure arrive after all, that stub is stopped, not left registered.
+		go func() {
+			if err := <-started; err == nil {
+				s.Stop()
+			}
+		}()
 		return fmt.Errorf("register with %s: not configured within %s", p.opts.Socket, registerTimeout)
 	}
 	p.connected.Store(true)

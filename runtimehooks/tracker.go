@@ -1,14 +1,17 @@
 package runtimehooks
 
 import (
+	"bytes"
 	"cmp"
 	"errors"
 	"fmt"
 	"io/fs"
 	"maps"
 	"net/netip"
+	"os"
 	"path"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -81,8 +84,11 @@ type Tracker struct {
 }
 
 type podState struct {
-	pod        Pod // Containers unused here; built from containers on the way out
-	netns      *heldNetns
+	pod   Pod // Containers unused here; built from containers on the way out
+	netns *heldNetns
+	// pidStart is the sandbox process's start time (/proc/PID/stat), so a reused PID is
+	// not taken for the sandbox; 0 when unknown.
+	pidStart   uint64
 	containers map[string]Container
 }
 
@@ -130,6 +136,12 @@ func (t *Tracker) upsertPod(s Sandbox) (*podState, error) {
 	}
 	var errs []error
 	p := &ps.pod
+	if s.Pid != p.Pid || ps.pidStart == 0 {
+		ps.pidStart = 0
+		if s.Pid != 0 {
+			ps.pidStart, _ = procStartTime(s.Pid) // unknown (another pid namespace) stays 0
+		}
+	}
 	p.SandboxID, p.UID, p.Namespace, p.Name, p.Pid = s.ID, s.UID, s.Namespace, s.Name, s.Pid
 	p.Labels, p.Annotations = maps.Clone(s.Labels), maps.Clone(s.Annotations)
 
@@ -233,8 +245,9 @@ func parseIP(s string) (netip.Addr, error) {
 }
 
 // ContainerCreated records a container (PostCreateContainer and StartContainer both call
-// it; the second call refreshes the first). Its cgroup exists by PostCreate, so a missing
-// one is an error, but the container is recorded all the same. It also retries the pod
+// it; the second call refreshes the first). A missing cgroup is an error (wrapping
+// fs.ErrNotExist: containerd may create it only at start), but the container is recorded
+// all the same. It also retries the pod
 // cgroup ID while that is still unknown. An unknown sandbox is an error and records nothing.
 func (t *Tracker) ContainerCreated(c ContainerInfo) (Pod, error) {
 	if c.ID == "" {
@@ -516,8 +529,9 @@ func (ps *podState) export() Pod {
 
 // SandboxGone reports whether a pod shows no sign of running any more: its netns path no
 // longer names the namespace the tracker holds (the runtime tore the network down), or,
-// for a pod without a held netns, its sandbox process is gone or was never reported. False
-// for unknown pods.
+// for a pod without a held netns, the sandbox process the runtime reported has exited (a
+// process with the same PID but another start time is not it). A pod whose sandbox
+// process is unknown is never reported gone. False for unknown pods.
 func (t *Tracker) SandboxGone(sandboxID string) bool {
 	t.mu.Lock()
 	ps, ok := t.pods[sandboxID]
@@ -525,10 +539,14 @@ func (t *Tracker) SandboxGone(sandboxID string) bool {
 		t.mu.Unlock()
 		return false
 	}
-	pid := ps.pod.Pid
+	pid, start := ps.pod.Pid, ps.pidStart
 	if ps.netns == nil {
 		t.mu.Unlock()
-		return pid == 0 || unix.Kill(int(pid), 0) == unix.ESRCH
+		if pid == 0 || start == 0 {
+			return false
+		}
+		now, err := procStartTime(pid)
+		return errors.Is(err, fs.ErrNotExist) || err == nil && now != start
 	}
 	path, fd := ps.pod.NetnsPath, ps.netns.ns.Fd()
 	var held unix.Stat_t
@@ -542,4 +560,24 @@ func (t *Tracker) SandboxGone(sandboxID string) bool {
 		return errors.Is(err, unix.ENOENT)
 	}
 	return now.Dev != held.Dev || now.Ino != held.Ino
+}
+
+// procStartTime is field 22 of /proc/PID/stat: when the process started, in clock ticks
+// since boot.
+func procStartTime(pid uint32) (uint64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) may hold spaces and parentheses: count from its end.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	}
+	fields := strings.Fields(string(b[i+1:]))
+	const startTime = 22 - 3 // fields after the name start at field 3
+	if len(fields) <= startTime {
+		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(fields)+2)
+	}
+	return strconv.ParseUint(fields[startTime], 10, 64)
 }

@@ -2,7 +2,9 @@ package runtimehooks
 
 import (
 	"errors"
+	"io/fs"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -240,5 +242,40 @@ func TestTrackerClosed(t *testing.T) {
 	}
 	if _, err := tr.RunPodSandbox(hostPod("s2", "ns", "b")); err == nil {
 		t.Error("RunPodSandbox after Close succeeded")
+	}
+}
+
+func TestProcStartTime(t *testing.T) {
+	self, err := procStartTime(uint32(os.Getpid()))
+	if err != nil || self == 0 {
+		t.Fatalf("own start time: %d %v", self, err)
+	}
+	again, _ := procStartTime(uint32(os.Getpid()))
+	if again != self {
+		t.Fatalf("start time changed: %d then %d", self, again)
+	}
+	if _, err := procStartTime(1 << 30); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("a pid that does not exist: %v, want not-exist", err)
+	}
+}
+
+func TestSandboxGoneWithoutNetns(t *testing.T) {
+	tr := NewTracker(t.TempDir())
+	defer tr.Close()
+	for _, s := range []Sandbox{
+		{ID: "running", Namespace: "ns", Name: "running", Pid: uint32(os.Getpid())},
+		{ID: "unknown-pid", Namespace: "ns", Name: "unknown-pid"},
+		{ID: "exited", Namespace: "ns", Name: "exited", Pid: uint32(os.Getpid())},
+	} {
+		tr.RunPodSandbox(s)
+	}
+	// Pretend the "exited" sandbox's process was a different one that started earlier.
+	tr.mu.Lock()
+	tr.pods["exited"].pidStart--
+	tr.mu.Unlock()
+	for id, want := range map[string]bool{"running": false, "unknown-pid": false, "exited": true, "not-a-pod": false} {
+		if got := tr.SandboxGone(id); got != want {
+			t.Errorf("SandboxGone(%s) = %v, want %v", id, got, want)
+		}
 	}
 }

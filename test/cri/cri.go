@@ -408,14 +408,16 @@ disabled_plugins = [
 		q(r.opts.NRITimeout.String()),
 	)
 	// Only the pod subnet is routed: no default route (isDefaultGateway), no masquerade,
-	// so nothing a pod sends can leave through the host.
+	// so nothing a pod sends can leave through the host. No gateway address either: pods
+	// talk to each other over the bridge, and a gateway would make the plugin switch on
+	// the host's ip_forward, which nothing would switch off again.
 	cni := map[string]any{
 		"cniVersion": "1.0.0",
 		"name":       r.bridge,
 		"plugins": []any{map[string]any{
 			"type":             "bridge",
 			"bridge":           r.bridge,
-			"isGateway":        true,
+			"isGateway":        false,
 			"isDefaultGateway": false,
 			"ipMasq":           false,
 			"hairpinMode":      true,

@@ -72,7 +72,9 @@ func (d *demo) run() {
 	}
 
 	step("without podsock, the client cannot reach %s:80 (the blackhole answers)", vip)
-	d.dial(client, 1)
+	if d.dial(client, 1) != nil {
+		d.Fatalf("the VIP answered before podsock ran: the demo would prove nothing")
+	}
 
 	cgroup2, err := cgroupfs.Mount()
 	if err != nil {
@@ -114,7 +116,10 @@ backends = ["%s", "%s"]
 	agent := d.startAgent()
 
 	step("ten connects from the client pod to %s:80", vip)
-	d.dial(client, 10)
+	seen := d.dial(client, 10)
+	if seen["backend-a"] == 0 || seen["backend-b"] == 0 {
+		d.Fatalf("both backends should have answered through the VIP; got %v", seen)
+	}
 
 	step("podsock pods")
 	d.podsock("pods")
@@ -127,7 +132,9 @@ backends = ["%s", "%s"]
 	agent.Process.Signal(syscall.SIGTERM)
 	agent.Wait()
 	d.podsock("cleanup")
-	d.dial(client, 1)
+	if d.dial(client, 1) != nil {
+		d.Errorf("the VIP still answers after podsock cleanup")
+	}
 }
 
 func (d *demo) pod(name, role string, args ...string) (*cri.Pod, *cri.Container) {
@@ -135,13 +142,14 @@ func (d *demo) pod(name, role string, args ...string) (*cri.Pod, *cri.Container)
 	return p, d.rt.StartContainer(d, p, name, args...)
 }
 
-// dial runs the workload's client inside the client pod and tallies who answered.
-func (d *demo) dial(c *cri.Container, n int) {
+// dial runs the workload's client inside the client pod and tallies who answered; nil
+// when the connects failed.
+func (d *demo) dial(c *cri.Container, n int) map[string]int {
 	out, err := d.rt.Exec(d, c, 20*time.Second, "/workload", "dial", "tcp", vip+":80", fmt.Sprint(n))
 	fmt.Print(indent(out))
 	if err != nil {
 		fmt.Println("    (the client failed at once: nothing left the pod)")
-		return
+		return nil
 	}
 	seen := map[string]int{}
 	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
@@ -155,6 +163,7 @@ func (d *demo) dial(c *cri.Container, n int) {
 	}
 	sort.Strings(names)
 	fmt.Printf("    answered by: %s\n", strings.Join(names, ", "))
+	return seen
 }
 
 func indent(s string) string {

@@ -18,6 +18,7 @@ import (
 type Standalone struct {
 	mu       sync.Mutex
 	cleanups []func()
+	failed   bool
 }
 
 func (s *Standalone) Helper() {}
@@ -32,8 +33,12 @@ func (s *Standalone) Fatal(args ...any) { panic(fmt.Sprint(args...)) }
 
 func (s *Standalone) Fatalf(format string, a ...any) { panic(fmt.Sprintf(format, a...)) }
 
+// Errorf reports a problem and makes Main exit non-zero, but lets the run go on.
 func (s *Standalone) Errorf(format string, a ...any) {
 	fmt.Fprintf(os.Stderr, "error: "+format+"\n", a...)
+	s.mu.Lock()
+	s.failed = true
+	s.mu.Unlock()
 }
 
 // RunCleanups undoes everything registered so far, newest first.
@@ -61,6 +66,13 @@ func (s *Standalone) Main(name string, fn func()) {
 		s.RunCleanups()
 		if r != nil {
 			fmt.Fprintf(os.Stderr, "%s: %v\n", name, r)
+			os.Exit(1)
+		}
+		s.mu.Lock()
+		failed := s.failed
+		s.mu.Unlock()
+		if failed {
+			fmt.Fprintf(os.Stderr, "%s: failed (errors above)\n", name)
 			os.Exit(1)
 		}
 	}()

@@ -95,7 +95,7 @@ func (e *env) printPodStart() {
 	fmt.Fprintf(w, "pod start: with podsock vs without\t%v\t%v\t%.3fx\t<= 1.05x\t\n",
 		median(r.with).Round(time.Millisecond/10), median(r.without).Round(time.Millisecond/10), medianRatio(r.ratios))
 	w.Flush()
-	fmt.Println("\nNRI handler latency (how long containerd waited on podsock), per event:")
+	fmt.Println("\nNRI handler latency (time inside podsock's handlers), per event:")
 	w = tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "event\tcount\tp50\tp99\tmax\t")
 	kinds := slices.Sorted(maps.Keys(r.latency))

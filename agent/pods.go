@@ -290,16 +290,16 @@ func (a *Agent) setPod(p runtimehooks.Pod) error {
 	if p.SandboxID == "" {
 		return nil
 	}
-	all := a.tracker.Pods()
-	cfg, shared := a.currentConfig(), sharedPodCgroups(all)
+	cfg := a.currentConfig()
+	others := a.tracker.SharingCgroup(p.CgroupID, p.SandboxID)
+	shared := map[uint64]bool{}
+	if len(others) > 0 {
+		shared[p.CgroupID] = true
+	}
 	err := a.dp.SetPod(datapathPod(p, cfg, shared))
-	if shared[p.CgroupID] {
-		// The pods that claimed this cgroup alone so far must give it up too.
-		for _, other := range all {
-			if other.CgroupID == p.CgroupID && other.SandboxID != p.SandboxID {
-				err = errors.Join(err, a.dp.SetPod(datapathPod(other, cfg, shared)))
-			}
-		}
+	// The pods that claimed this cgroup alone so far must give it up too.
+	for _, other := range others {
+		err = errors.Join(err, a.dp.SetPod(datapathPod(other, cfg, shared)))
 	}
 	return err
 }
@@ -359,12 +359,34 @@ func datapathPod(p runtimehooks.Pod, cfg *config.Config, shared map[uint64]bool)
 			d.ContainerCgroups = append(d.ContainerCgroups, c.CgroupID)
 		}
 	}
-	for _, s := range cfg.Services {
-		if s.RestrictsClients() && s.AllowsPod(p.Namespace, p.Labels) {
+	for _, s := range restrictedServices(cfg) {
+		if s.AllowsPod(p.Namespace, p.Labels) {
 			d.AllowedServices = append(d.AllowedServices, s.Name)
 		}
 	}
 	return d
+}
+
+// restricted remembers the services with an allow-list of the config pod policy last
+// used, so that a pod event looks at those only, not at every service on the node.
+var restricted struct {
+	sync.Mutex
+	cfg  *config.Config
+	svcs []config.Service
+}
+
+func restrictedServices(cfg *config.Config) []config.Service {
+	restricted.Lock()
+	defer restricted.Unlock()
+	if restricted.cfg != cfg {
+		restricted.cfg, restricted.svcs = cfg, nil
+		for _, s := range cfg.Services {
+			if s.RestrictsClients() {
+				restricted.svcs = append(restricted.svcs, s)
+			}
+		}
+	}
+	return restricted.svcs
 }
 
 // ownsCgroup reports whether the pod cgroup's path names the pod (its UID, as kubelet and

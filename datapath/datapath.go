@@ -83,6 +83,9 @@ type Datapath struct {
 	services map[socklbSvcKey]*installed
 	usedIDs  map[uint32]bool
 	nextID   uint32
+	// byName and affinitySvcs index services for pod events; rebuilt by every Apply.
+	byName       map[string]*installed
+	affinitySvcs []*installed
 
 	pods       map[string]*installedPod // by sandbox ID
 	podIDs     map[uint32]*installedPod

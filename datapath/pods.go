@@ -44,6 +44,8 @@ type installedPod struct {
 	ctrCgroups []uint64
 	podCgroup  uint64
 	netns      uint64
+	// allowedIn are the restricted services with an allow entry for this pod, by ID.
+	allowedIn map[uint32]*installed
 }
 
 // PodSyncResult says what SyncPods changed.
@@ -75,7 +77,7 @@ func (dp *Datapath) setPod(p Pod) (added bool, err error) {
 		if err != nil {
 			return false, fmt.Errorf("pod %s: %w", p.SandboxID, err)
 		}
-		cur = &installedPod{id: id, sandboxID: p.SandboxID}
+		cur = &installedPod{id: id, sandboxID: p.SandboxID, allowedIn: map[uint32]*installed{}}
 		added = true
 	}
 	var flags uint32
@@ -100,19 +102,17 @@ func (dp *Datapath) setPod(p Pod) (added bool, err error) {
 	var errs []error
 	allowed := map[uint32]bool{}
 	for _, name := range p.AllowedServices {
-		for _, svc := range dp.services {
-			if svc.name == name && svc.flags&svcFlagRestrict != 0 {
-				allowed[svc.id] = true
-				if !svc.allowed[cur.id] {
-					errs = append(errs, dp.writeAllow(svc, cur.id))
-				}
+		if svc := dp.byName[name]; svc != nil && svc.flags&svcFlagRestrict != 0 {
+			allowed[svc.id] = true
+			if !svc.allowed[cur.id] {
+				errs = append(errs, dp.writeAllow(svc, cur.id))
 			}
 		}
 	}
 	// Entries the pod no longer has (or that a reused ID inherited) go before the identity
 	// entries are (re)written.
-	for _, svc := range dp.services {
-		if svc.allowed[cur.id] && !allowed[svc.id] {
+	for id, svc := range cur.allowedIn {
+		if !allowed[id] {
 			dp.deleteAllow(svc, cur.id)
 		}
 	}
@@ -179,18 +179,13 @@ func (dp *Datapath) removePod(cur *installedPod) error {
 	if cur.netns != 0 {
 		dp.deleteIdentity(dp.objs.PodsockNetnsV1, cur.netns, cur.id)
 	}
-	for _, svc := range dp.services {
-		if svc.allowed[cur.id] {
-			dp.deleteAllow(svc, cur.id)
-		}
+	for _, svc := range cur.allowedIn {
+		dp.deleteAllow(svc, cur.id)
 	}
 	// One delete per service with pod affinity, not a walk of the affinity map: walking a
 	// hash map visits every bucket (a million here), which would cost the runtime over a
 	// millisecond per pod removal. Services that lose the flag drop all their entries then.
-	for _, svc := range dp.services {
-		if svc.flags&svcFlagAffinityPod == 0 {
-			continue
-		}
+	for _, svc := range dp.affinitySvcs {
 		k := socklbPodSvcKey{SvcId: svc.id, PodId: cur.id}
 		if err := dp.objs.PodsockAffV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			// Keep the ID reserved: a reuse must not inherit this pod's choice.
@@ -348,6 +343,9 @@ func (dp *Datapath) writeAllow(svc *installed, podID uint32) error {
 		return fmt.Errorf("allow pod %d for service %s: %w", podID, svc.name, err)
 	}
 	svc.allowed[podID] = true
+	if p := dp.podIDs[podID]; p != nil {
+		p.allowedIn[svc.id] = svc
+	}
 	return nil
 }
 
@@ -358,6 +356,9 @@ func (dp *Datapath) deleteAllow(svc *installed, podID uint32) {
 		return
 	}
 	delete(svc.allowed, podID)
+	if p := dp.podIDs[podID]; p != nil {
+		delete(p.allowedIn, svc.id)
+	}
 }
 
 // writeAllowed adds the allow entries of want that svc lacks.
@@ -424,10 +425,7 @@ func (dp *Datapath) AllowedSandboxes(service string) []string {
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
 	var out []string
-	for _, svc := range dp.services {
-		if svc.name != service {
-			continue
-		}
+	if svc := dp.byName[service]; svc != nil {
 		for id := range svc.allowed {
 			if p := dp.podIDs[id]; p != nil {
 				out = append(out, p.sandboxID)
@@ -452,7 +450,7 @@ func (dp *Datapath) readPods() error {
 			}
 			b = append(b, byte(c))
 		}
-		p := &installedPod{id: id, sandboxID: string(b), flags: meta.Flags}
+		p := &installedPod{id: id, sandboxID: string(b), flags: meta.Flags, allowedIn: map[uint32]*installed{}}
 		dp.pods[p.sandboxID] = p
 		dp.podIDs[id] = p
 		if p.flags&podFlagSkipLB != 0 {
@@ -510,6 +508,9 @@ func (dp *Datapath) readPods() error {
 				return false
 			}
 			svc.allowed[k.PodId] = true
+			if p := dp.podIDs[k.PodId]; p != nil {
+				p.allowedIn[svc.id] = svc
+			}
 			return true
 		}},
 		{dp.objs.PodsockAffV1, func(svc *installed, _ socklbPodSvcKey) bool { return svc.flags&svcFlagAffinityPod != 0 }},

@@ -133,6 +133,7 @@ func nameString(v socklbSvcName) string {
 func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
+	defer dp.reindex()
 
 	res := ApplyResult{RemovedBackends: map[string][]netip.AddrPort{}}
 	desired := make(map[socklbSvcKey]wanted, len(services))
@@ -198,6 +199,19 @@ func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
 		}
 	}
 	return res, errors.Join(errs...)
+}
+
+// reindex rebuilds the lookups pod events use, so that a pod event costs what the pod
+// touches, not the number of services.
+func (dp *Datapath) reindex() {
+	dp.byName = make(map[string]*installed, len(dp.services))
+	dp.affinitySvcs = dp.affinitySvcs[:0]
+	for _, s := range dp.services {
+		dp.byName[s.name] = s
+		if s.flags&svcFlagAffinityPod != 0 {
+			dp.affinitySvcs = append(dp.affinitySvcs, s)
+		}
+	}
 }
 
 // wanted is a service as Apply is asked for it, with its selection table expanded and its
@@ -452,6 +466,7 @@ func (dp *Datapath) readServices() error {
 	for id := range dp.usedIDs {
 		dp.nextID = max(dp.nextID, id+1)
 	}
+	dp.reindex()
 	if len(dp.services) > 0 {
 		dp.log.Infof("adopted %d services from pinned maps (%d stale slots dropped)", len(dp.services), len(stale))
 	}

@@ -527,6 +527,23 @@ func (ps *podState) export() Pod {
 	return p
 }
 
+// SharingCgroup returns the pods other than sandboxID whose pod cgroup has this ID. It
+// copies only those, so a runtime event on a large node does not copy every pod.
+func (t *Tracker) SharingCgroup(cgroupID uint64, sandboxID string) []Pod {
+	if cgroupID == 0 {
+		return nil
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var out []Pod
+	for id, ps := range t.pods {
+		if id != sandboxID && ps.pod.CgroupID == cgroupID {
+			out = append(out, ps.export())
+		}
+	}
+	return out
+}
+
 // SandboxGone reports whether a pod shows no sign of running any more: its netns path no
 // longer names the namespace the tracker holds (the runtime tore the network down), or,
 // for a pod without a held netns, the sandbox process the runtime reported has exited (a

@@ -30,13 +30,14 @@ import (
 )
 
 var (
-	rounds     = flag.Int("rounds", 30, "rounds; each alternates the cases operation by operation")
-	perRound   = flag.Int("ops", 500, "operations per case per round")
-	manyCount  = flag.Int("many", 100000, "services in the 'many services' datapath")
-	iptCount   = flag.Int("iptables", 10000, "rules/services in the kube-proxy comparison")
-	podsockBin = flag.String("podsock", "bin/podsock", "podsock binary for the agent apply benchmark")
-	podRounds  = flag.Int("podstart", 20, "pod start rounds, each starting one pod with podsock attached and one without")
-	only       = flag.String("only", "", `run one section only: "socklb" or "podstart"`)
+	rounds      = flag.Int("rounds", 30, "rounds; each alternates the cases operation by operation")
+	perRound    = flag.Int("ops", 500, "operations per case per round")
+	manyCount   = flag.Int("many", 100000, "services in the 'many services' datapath")
+	iptCount    = flag.Int("iptables", 10000, "rules/services in the kube-proxy comparison")
+	podsockBin  = flag.String("podsock", "bin/podsock", "podsock binary for the agent apply benchmark")
+	podRounds   = flag.Int("podstart", 20, "pod start rounds, each starting one pod with podsock attached and one without")
+	only        = flag.String("only", "", `run one section only: "socklb" or "podstart"`)
+	podServices = flag.Int("podstart-services", 10000, "services (one in ten with an allow-list) podsock serves during the pod start bench")
 )
 
 var (
@@ -88,7 +89,7 @@ func (e *env) run() {
 }
 
 func (e *env) printPodStart() {
-	fmt.Printf("\npod start (crictl runp + create + start), %d rounds alternating a containerd with podsock as its NRI plugin and one without...\n", *podRounds)
+	fmt.Printf("\npod start (crictl runp + create + start), %d rounds alternating a containerd with podsock as its NRI plugin (serving %d services) and one without...\n", *podRounds, *podServices+2)
 	r := e.podStart(*podRounds)
 	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "case\tpodsock\tbaseline\tratio\ttarget\t")

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/podsock/podsock/agent"
@@ -102,6 +103,17 @@ backends = ["10.88.0.6:5432"]
 [[service.allow]]
 labels = { app = "bench" }
 `, root, testenv.BPFFS(e), filepath.Join(dir, "state"), rt.NRISocket())
+	// A node's worth of other services, one in ten with an allow-list: a pod event must cost
+	// what the pod touches, not the number of services.
+	var extra strings.Builder
+	for i := range *podServices {
+		v := vip(1000 + i)
+		fmt.Fprintf(&extra, "[[service]]\nname = \"bench/svc-%d\"\nvip = \"%s\"\nport = 80\nbackends = [\"10.88.0.5:8080\"]\n", i, v.Addr())
+		if i%10 == 0 {
+			fmt.Fprintf(&extra, "[[service.allow]]\nnamespace = \"ns-%d\"\n", i)
+		}
+	}
+	cfg += extra.String()
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		e.Fatal(err)
 	}

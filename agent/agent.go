@@ -56,9 +56,9 @@ type Agent struct {
 
 	mu  sync.Mutex
 	cfg *config.Config
-	// policyCfg is the config pod policy is computed from: the last one pushed to the
-	// datapath, even if only partly.
-	policyCfg       *config.Config
+	// policy is the pod policy of the config last pushed to the datapath, even if only
+	// partly.
+	policy          *podPolicy
 	cgroupRoot      string
 	generation      uint64
 	lastReloadError string
@@ -328,12 +328,13 @@ func (a *Agent) apply(cfg *config.Config) error {
 	}
 	// Even a partly applied config is what the datapath now serves, so pod policy follows
 	// it rather than the previous one.
+	pol := newPodPolicy(cfg)
 	a.mu.Lock()
-	a.policyCfg = cfg
+	a.policy = pol
 	a.mu.Unlock()
 	err = errors.Join(err, a.dp.SetHostnsOnly(cfg.LB.HostnsOnly))
 	if a.podsSynced {
-		_, serr := a.dp.SyncPods(a.datapathPods(pods, cfg))
+		_, serr := a.dp.SyncPods(datapathPods(pods, pol))
 		err = errors.Join(err, serr)
 	}
 	if err != nil {

@@ -235,9 +235,9 @@ func (a *Agent) status() Status {
 }
 
 func (a *Agent) podViews() []PodView {
-	cfg := a.currentConfig()
+	pol := a.currentPolicy()
 	pods := a.tracker.Pods()
-	dps := a.datapathPods(pods, cfg)
+	dps := datapathPods(pods, pol)
 	out := make([]PodView, 0, len(pods))
 	for i, p := range pods {
 		v := PodView{

@@ -157,7 +157,7 @@ func (a *Agent) Synchronize(sbs []runtimehooks.Sandbox, ctrs []runtimehooks.Cont
 		}
 		// Exact from now on: pods gone while no agent listened lose their entries, allow
 		// entries included.
-		res, serr := a.dp.SyncPods(a.datapathPods(pods, a.currentConfig()))
+		res, serr := a.dp.SyncPods(datapathPods(pods, a.currentPolicy()))
 		a.log.WithFields(map[string]any{
 			"pods": len(pods), "forgotten": len(removed),
 			"added": res.Added, "updated": res.Updated, "removed": res.Removed,
@@ -290,35 +290,52 @@ func (a *Agent) setPod(p runtimehooks.Pod) error {
 	if p.SandboxID == "" {
 		return nil
 	}
-	cfg := a.currentConfig()
+	pol := a.currentPolicy()
 	others := a.tracker.SharingCgroup(p.CgroupID, p.SandboxID)
 	shared := map[uint64]bool{}
 	if len(others) > 0 {
 		shared[p.CgroupID] = true
 	}
-	err := a.dp.SetPod(datapathPod(p, cfg, shared))
+	err := a.dp.SetPod(datapathPod(p, pol, shared))
 	// The pods that claimed this cgroup alone so far must give it up too.
 	for _, other := range others {
-		err = errors.Join(err, a.dp.SetPod(datapathPod(other, cfg, shared)))
+		err = errors.Join(err, a.dp.SetPod(datapathPod(other, pol, shared)))
 	}
 	return err
 }
 
-// currentConfig is the config pod policy follows: the one last pushed to the datapath.
-func (a *Agent) currentConfig() *config.Config {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.policyCfg == nil {
-		return config.Default()
-	}
-	return a.policyCfg
+// podPolicy is what pod policy needs of a config, worked out once per applied config: a
+// pod event then looks at the services with an allow-list only, not at every service.
+type podPolicy struct {
+	lb         config.LB
+	restricted []config.Service
 }
 
-func (a *Agent) datapathPods(pods []runtimehooks.Pod, cfg *config.Config) []datapath.Pod {
+func newPodPolicy(cfg *config.Config) *podPolicy {
+	pol := &podPolicy{lb: cfg.LB}
+	for _, s := range cfg.Services {
+		if s.RestrictsClients() {
+			pol.restricted = append(pol.restricted, s)
+		}
+	}
+	return pol
+}
+
+// currentPolicy is the pod policy of the config last pushed to the datapath.
+func (a *Agent) currentPolicy() *podPolicy {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.policy == nil {
+		return newPodPolicy(config.Default())
+	}
+	return a.policy
+}
+
+func datapathPods(pods []runtimehooks.Pod, pol *podPolicy) []datapath.Pod {
 	shared := sharedPodCgroups(pods)
 	out := make([]datapath.Pod, 0, len(pods))
 	for _, p := range pods {
-		out = append(out, datapathPod(p, cfg, shared))
+		out = append(out, datapathPod(p, pol, shared))
 	}
 	return out
 }
@@ -341,12 +358,12 @@ func sharedPodCgroups(pods []runtimehooks.Pod) map[uint64]bool {
 	return shared
 }
 
-// datapathPod is what the datapath needs of a pod under cfg.
-func datapathPod(p runtimehooks.Pod, cfg *config.Config, shared map[uint64]bool) datapath.Pod {
+// datapathPod is what the datapath needs of a pod under pol.
+func datapathPod(p runtimehooks.Pod, pol *podPolicy, shared map[uint64]bool) datapath.Pod {
 	d := datapath.Pod{
 		SandboxID:   p.SandboxID,
 		NetnsCookie: p.NetnsCookie,
-		SkipLB:      cfg.LB.SkipsLB(p.Namespace, p.Labels, p.Annotations),
+		SkipLB:      pol.lb.SkipsLB(p.Namespace, p.Labels, p.Annotations),
 	}
 	if p.CgroupID != 0 && !shared[p.CgroupID] && ownsCgroup(p) {
 		d.PodCgroup = p.CgroupID
@@ -359,34 +376,12 @@ func datapathPod(p runtimehooks.Pod, cfg *config.Config, shared map[uint64]bool)
 			d.ContainerCgroups = append(d.ContainerCgroups, c.CgroupID)
 		}
 	}
-	for _, s := range restrictedServices(cfg) {
+	for _, s := range pol.restricted {
 		if s.AllowsPod(p.Namespace, p.Labels) {
 			d.AllowedServices = append(d.AllowedServices, s.Name)
 		}
 	}
 	return d
-}
-
-// restricted remembers the services with an allow-list of the config pod policy last
-// used, so that a pod event looks at those only, not at every service on the node.
-var restricted struct {
-	sync.Mutex
-	cfg  *config.Config
-	svcs []config.Service
-}
-
-func restrictedServices(cfg *config.Config) []config.Service {
-	restricted.Lock()
-	defer restricted.Unlock()
-	if restricted.cfg != cfg {
-		restricted.cfg, restricted.svcs = cfg, nil
-		for _, s := range cfg.Services {
-			if s.RestrictsClients() {
-				restricted.svcs = append(restricted.svcs, s)
-			}
-		}
-	}
-	return restricted.svcs
 }
 
 // ownsCgroup reports whether the pod cgroup's path names the pod (its UID, as kubelet and

@@ -59,7 +59,7 @@ backends = ["10.88.0.5:8080"]
 	twinA := runtimehooks.Pod{SandboxID: "sb-ta", Namespace: "default", CgroupPath: "/k8s.io", CgroupID: 31, NetnsCookie: 9}
 	twinB := runtimehooks.Pod{SandboxID: "sb-tb", Namespace: "default", CgroupPath: "/k8s.io", CgroupID: 31, NetnsCookie: 10}
 
-	got := (&Agent{}).datapathPods([]runtimehooks.Pod{api, mesh, annotated, twinA, twinB, lone}, cfg)
+	got := datapathPods([]runtimehooks.Pod{api, mesh, annotated, twinA, twinB, lone}, newPodPolicy(cfg))
 	want := []datapath.Pod{
 		{SandboxID: "sb-api", ContainerCgroups: []uint64{12}, PodCgroup: 11, NetnsCookie: 7, AllowedServices: []string{"default/db"}},
 		{SandboxID: "sb-mesh", PodCgroup: 21, NetnsCookie: 8, SkipLB: true},

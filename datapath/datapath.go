@@ -93,6 +93,8 @@ type Datapath struct {
 	skipPods   map[uint32]bool
 	hostnsOnly bool
 	hostNetns  uint64
+	// cfgWritten is what the settings map holds, as last written; nil when unknown.
+	cfgWritten *socklbDatapathCfg
 }
 
 // Load loads the programs, reusing the pinned maps when they are compatible, and attaches

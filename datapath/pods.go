@@ -288,6 +288,9 @@ func (dp *Datapath) SetHostnsOnly(on bool) error {
 	return dp.writeCfg()
 }
 
+// writeCfg brings the settings map in line with hostns_only and the skip-LB pods. It
+// writes only when that changes what the map says: every event of a skip-LB pod, and every
+// apply, calls it.
 func (dp *Datapath) writeCfg() error {
 	var flags uint32
 	if dp.hostnsOnly {
@@ -297,9 +300,14 @@ func (dp *Datapath) writeCfg() error {
 		flags |= cfgAnySkip
 	}
 	v := socklbDatapathCfg{HostNetnsCookie: dp.hostNetns, Flags: flags}
+	if dp.cfgWritten != nil && *dp.cfgWritten == v {
+		return nil
+	}
 	if err := dp.objs.PodsockCfgV1.Update(uint32(0), &v, ebpf.UpdateAny); err != nil {
+		dp.cfgWritten = nil
 		return fmt.Errorf("write datapath settings: %w", err)
 	}
+	dp.cfgWritten = &v
 	return nil
 }
 

@@ -82,31 +82,37 @@ func newWorld(t *testing.T) *world {
 	if _, err := testenv.DialTCP(w.ns, 0, webVIP, false); !testenv.IsUnreachable(err) {
 		t.Fatalf("VIP %s did not fail locally before podsock runs (%v): the test would prove nothing", webVIP, err)
 	}
-	t.Cleanup(func() {
-		// Whatever the test did, leave nothing attached or pinned.
-		out, err := exec.Command(podsockBin, "cleanup", "--config", w.cfgPath).CombinedOutput()
-		if err != nil && !strings.Contains(string(out), "no such file") {
-			t.Logf("cleanup: %v: %s", err, out)
-		}
-	})
+	t.Cleanup(func() { podsockCleanup(t, w.cfgPath) })
 	return w
 }
 
-func (w *world) writeConfig(services string) {
-	w.t.Helper()
+// podsockCleanup runs `podsock cleanup`: whatever a test did, nothing stays attached or
+// pinned.
+func podsockCleanup(t *testing.T, cfgPath string) {
+	out, err := exec.Command(podsockBin, "cleanup", "--config", cfgPath).CombinedOutput()
+	if err != nil && !strings.Contains(string(out), "no such file") {
+		t.Logf("cleanup: %v: %s", err, out)
+	}
+}
+
+// writeAgentConfig writes a config with a test's [agent] section, followed by rest.
+func writeAgentConfig(t *testing.T, path, cgroupRoot, bpffs, stateDir, rest string) {
+	t.Helper()
 	cfg := fmt.Sprintf(`[agent]
 cgroup_root = %q
 bpffs = %q
 state_dir = %q
 log_level = "debug"
 
-[nri]
-enabled = false
-
-%s`, w.cg.Path, w.bpffs, w.stateDir, services)
-	if err := os.WriteFile(w.cfgPath, []byte(cfg), 0o644); err != nil {
-		w.t.Fatal(err)
+%s`, cgroupRoot, bpffs, stateDir, rest)
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
 	}
+}
+
+func (w *world) writeConfig(services string) {
+	w.t.Helper()
+	writeAgentConfig(w.t, w.cfgPath, w.cg.Path, w.bpffs, w.stateDir, "[nri]\nenabled = false\n\n"+services)
 }
 
 func webService(backends ...string) string {

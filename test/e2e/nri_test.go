@@ -51,12 +51,7 @@ func newNRIWorld(t *testing.T, opts cri.Options) *nriWorld {
 	if err := os.MkdirAll(w.cgroupRoot(), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		out, err := exec.Command(podsockBin, "cleanup", "--config", w.cfgPath).CombinedOutput()
-		if err != nil && !strings.Contains(string(out), "no such file") {
-			t.Logf("cleanup: %v: %s", err, out)
-		}
-	})
+	t.Cleanup(func() { podsockCleanup(t, w.cfgPath) })
 	return w
 }
 
@@ -64,20 +59,8 @@ func (w *nriWorld) cgroupRoot() string { return filepath.Join(w.cgroup2, w.rt.Cg
 
 func (w *nriWorld) writeConfig(extra string) {
 	w.t.Helper()
-	cfg := fmt.Sprintf(`[agent]
-cgroup_root = %q
-bpffs = %q
-state_dir = %q
-log_level = "debug"
-
-[nri]
-enabled = true
-socket = %q
-
-%s`, w.cgroupRoot(), w.bpffs, w.stateDir, w.rt.NRISocket(), extra)
-	if err := os.WriteFile(w.cfgPath, []byte(cfg), 0o644); err != nil {
-		w.t.Fatal(err)
-	}
+	writeAgentConfig(w.t, w.cfgPath, w.cgroupRoot(), w.bpffs, w.stateDir,
+		fmt.Sprintf("[nri]\nenabled = true\nsocket = %q\n\n%s", w.rt.NRISocket(), extra))
 }
 
 func (w *nriWorld) startAgent() *agentProc {
@@ -611,15 +594,17 @@ func TestPrivilegedNRIPreRegistered(t *testing.T) {
 		if err := os.MkdirAll(cgroupRoot, 0o755); err != nil {
 			return err
 		}
-		cfg := fmt.Sprintf("[agent]\ncgroup_root = %q\nbpffs = %q\nstate_dir = %q\nlog_level = \"debug\"\n",
-			cgroupRoot, bpffs, filepath.Join(dir, "state"))
-		for _, p := range []string{cfgPath, filepath.Join(confDir, "10-podsock.conf")} {
-			if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-				return err
-			}
-			if err := os.WriteFile(p, []byte(cfg), 0o644); err != nil {
-				return err
-			}
+		// The runtime hands this file's text over in Configure; the CLI reads the same.
+		writeAgentConfig(t, cfgPath, cgroupRoot, bpffs, filepath.Join(dir, "state"), "")
+		cfg, err := os.ReadFile(cfgPath)
+		if err != nil {
+			return err
+		}
+		if err := os.MkdirAll(confDir, 0o755); err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(confDir, "10-podsock.conf"), cfg, 0o644); err != nil {
+			return err
 		}
 		bin, err := os.ReadFile(podsockBin)
 		if err != nil {
@@ -645,9 +630,7 @@ func TestPrivilegedNRIPreRegistered(t *testing.T) {
 			unix.Kill(pid, unix.SIGKILL)
 			t.Errorf("pre-registered podsock (pid %d) outlived its runtime", pid)
 		}
-		if out, err := exec.Command(podsockBin, "cleanup", "--config", cfgPath).CombinedOutput(); err != nil {
-			t.Logf("cleanup: %v: %s", err, out)
-		}
+		podsockCleanup(t, cfgPath)
 	})
 	if st.ConfigPath != agent.PreRegisteredConfigName || st.Datapath.CgroupRoot != cgroupRoot {
 		t.Fatalf("status: config %q cgroup root %q; want the runtime-handed config and %s", st.ConfigPath, st.Datapath.CgroupRoot, cgroupRoot)

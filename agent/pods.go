@@ -111,9 +111,13 @@ func (q *podQueue) close() {
 	}
 }
 
-// event runs one runtime event's work through the queue, counting it, and counting it as
-// late when the runtime could not be kept waiting for it.
-func (a *Agent) event(kind, id string, fn func() error) {
+// event runs one pod event's work, a few syscalls and map writes, counting it, and
+// counting it as late when the runtime could not be kept waiting for it.
+func (a *Agent) event(kind, id string, fn func() error) { a.dispatch(kind, id, true, fn) }
+
+// dispatch runs work for the runtime: inline when allowed and nothing is pending,
+// otherwise through the queue and its budget.
+func (a *Agent) dispatch(kind, id string, inline bool, fn func() error) {
 	a.events.add(kind)
 	a.log.WithField("event", kind).Debugf("runtime event for %s", id)
 	work := func() {
@@ -127,9 +131,8 @@ func (a *Agent) event(kind, id string, fn func() error) {
 	}
 	// The usual case: nothing pending and no config being applied. Running right here
 	// spares the runtime two goroutine hand-offs, which on a busy node cost more than the
-	// work itself. A pod event's work is a few syscalls and map writes; a Synchronize,
-	// whose size is the node's, always goes through the queue and its budget.
-	if kind != "Synchronize" && a.podq.idle() && a.opMu.TryLock() {
+	// work itself.
+	if inline && a.podq.idle() && a.opMu.TryLock() {
 		work()
 		a.opMu.Unlock()
 		return
@@ -148,7 +151,8 @@ func (a *Agent) event(kind, id string, fn func() error) {
 // The plugin.Handler methods.
 
 func (a *Agent) Synchronize(sbs []runtimehooks.Sandbox, ctrs []runtimehooks.ContainerInfo) {
-	a.event("Synchronize", fmt.Sprintf("%d pods, %d containers", len(sbs), len(ctrs)), func() error {
+	// Its size is the node's: always through the queue and its budget.
+	a.dispatch("Synchronize", fmt.Sprintf("%d pods, %d containers", len(sbs), len(ctrs)), false, func() error {
 		pods, removed, err := a.tracker.Synchronize(sbs, ctrs)
 		a.podsSynced = true
 		a.syncLearned = map[string]bool{}
@@ -184,11 +188,15 @@ func (a *Agent) StopPodSandbox(id string) {
 }
 
 func (a *Agent) RemovePodSandbox(id string) {
-	a.event("RemovePodSandbox", id, func() error {
-		delete(a.syncLearned, id)
-		a.tracker.RemovePodSandbox(id)
-		return a.dp.RemovePod(id)
-	})
+	a.event("RemovePodSandbox", id, func() error { return a.forgetPod(id) })
+}
+
+// forgetPod drops a pod's facts, its netns handle and its datapath entries. Called with
+// opMu held.
+func (a *Agent) forgetPod(id string) error {
+	delete(a.syncLearned, id)
+	a.tracker.RemovePodSandbox(id)
+	return a.dp.RemovePod(id)
 }
 
 // sweepInterval is how often pods that may never get a RemovePodSandbox are checked.
@@ -221,10 +229,8 @@ func (a *Agent) sweepVanishedPods(stop <-chan struct{}) {
 				if !a.syncLearned[id] {
 					return nil // a RemovePodSandbox came first
 				}
-				delete(a.syncLearned, id)
 				a.log.WithField("sandbox", id).Info("pod stopped without a runtime event (the runtime restarted since the pod started); forgetting it")
-				a.tracker.RemovePodSandbox(id)
-				return a.dp.RemovePod(id)
+				return a.forgetPod(id)
 			})
 		}
 	}

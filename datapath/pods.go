@@ -89,9 +89,7 @@ func (dp *Datapath) setPod(p Pod) (added bool, err error) {
 	}
 	meta.Flags = flags
 	if err := dp.objs.PodsockPodV1.Update(&cur.id, &meta, ebpf.UpdateAny); err != nil {
-		if added {
-			delete(dp.podIDs, cur.id)
-		}
+		// A new pod's ID is not taken until it is recorded below.
 		return false, fmt.Errorf("pod %s: write pod record: %w", p.SandboxID, err)
 	}
 	if added {

@@ -1,7 +1,6 @@
 package plugin
 
 import (
-	"os"
 	"slices"
 	"sync"
 	"time"
@@ -88,6 +87,3 @@ func percentile(s []time.Duration, p int) time.Duration {
 	i := (len(s)*p + 99) / 100
 	return s[max(i-1, 0)]
 }
-
-// stubEnv is os.Getenv; a variable so tests can pretend the runtime launched us.
-var stubEnv = os.Getenv

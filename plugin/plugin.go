@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -118,6 +119,9 @@ func (p *Plugin) Run(ctx context.Context) error {
 		backoff = min(2*backoff, maxBackoff)
 	}
 }
+
+// stubEnv is os.Getenv; a variable so tests can pretend the runtime launched us.
+var stubEnv = os.Getenv
 
 // PreRegistered reports whether the runtime launched this process as a plugin.
 func PreRegistered() bool {

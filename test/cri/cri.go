@@ -720,23 +720,10 @@ func (r *Runtime) StartContainer(t testenv.TB, p *Pod, name string, args ...stri
 		r.fatalf(t, "container %s: %v", name, err)
 	}
 	c.Pid = info.Info.Pid
-	if c.CgroupPath, err = cgroupV2Path(c.Pid); err != nil {
+	if c.CgroupPath, err = testenv.CgroupOf(c.Pid); err != nil {
 		r.fatalf(t, "container %s: %v", name, err)
 	}
 	return c
-}
-
-func cgroupV2Path(pid int) (string, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
-	if err != nil {
-		return "", fmt.Errorf("cgroup of pid %d: %w", pid, err)
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, "0::"); ok {
-			return rest, nil
-		}
-	}
-	return "", fmt.Errorf("pid %d has no cgroup v2 entry", pid)
 }
 
 // Logs returns what the container wrote so far (stdout and stderr).

@@ -109,17 +109,21 @@ func (c *Cgroup) AddProcess(pid int) error {
 	return os.WriteFile(filepath.Join(c.Path, "cgroup.procs"), []byte(fmt.Sprint(pid)), 0)
 }
 
-func selfCgroup() (string, error) {
-	b, err := os.ReadFile("/proc/self/cgroup")
+func selfCgroup() (string, error) { return CgroupOf(os.Getpid()) }
+
+// CgroupOf is the cgroup v2 path of a process, as the "0::" line of /proc/PID/cgroup has
+// it: absolute within the cgroup2 mount.
+func CgroupOf(pid int) (string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("cgroup of pid %d: %w", pid, err)
 	}
 	for _, line := range strings.Split(string(b), "\n") {
 		if rest, ok := strings.CutPrefix(line, "0::"); ok {
 			return rest, nil
 		}
 	}
-	return "", errors.New("no cgroup v2 entry in /proc/self/cgroup")
+	return "", fmt.Errorf("pid %d has no cgroup v2 entry", pid)
 }
 
 // BPFFS mounts a private bpffs for the test's pins and unmounts it at cleanup.

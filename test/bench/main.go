@@ -499,22 +499,21 @@ func (e *env) agentApply(n int) (applied, reloaded time.Duration, rss, hwm int64
 		cmd.Wait()
 		exec.Command(*podsockBin, "cleanup", "--config", cfgPath).Run()
 	})
-	waitGeneration := func(gen string) {
+	waitGeneration := func(gen uint64) {
 		ok := testenv.WaitFor(60*time.Second, func() bool {
-			out, err := exec.Command(*podsockBin, "status", "--json", "--config", cfgPath).Output()
-			return err == nil && strings.Contains(string(out), fmt.Sprintf(`"services": %d,`, n)) &&
-				strings.Contains(string(out), `"config_generation": `+gen)
+			st, err := podsockStatus(cfgPath)
+			return err == nil && st.Services == n && st.ConfigGeneration == gen
 		})
 		if !ok {
-			e.Fatalf("agent did not reach config generation %s", gen)
+			e.Fatalf("agent did not reach config generation %d", gen)
 		}
 	}
-	waitGeneration("1")
+	waitGeneration(1)
 	applied = time.Since(start)
 	write(8081)
 	start = time.Now()
 	cmd.Process.Signal(unix.SIGHUP)
-	waitGeneration("2")
+	waitGeneration(2)
 	reloaded = time.Since(start)
 	rss, hwm = procMem(cmd.Process.Pid)
 	return applied, reloaded, rss, hwm

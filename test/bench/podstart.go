@@ -54,12 +54,8 @@ func (e *env) podStart(rounds int) podStartResult {
 		res.without = append(res.without, wo)
 		res.ratios = append(res.ratios, float64(w)/float64(wo))
 	}
-	out, err := exec.Command(*podsockBin, "status", "--json", "--config", cfgPath).Output()
+	st, err := podsockStatus(cfgPath)
 	if err != nil {
-		e.Fatalf("podsock status: %v", err)
-	}
-	var st agent.Status
-	if err := json.Unmarshal(out, &st); err != nil {
 		e.Fatal(err)
 	}
 	res.latency = st.NRI.HandlerLatency
@@ -127,18 +123,23 @@ labels = { app = "bench" }
 		cmd.Wait()
 		exec.Command(*podsockBin, "cleanup", "--config", cfgPath).Run()
 	})
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		out, err := exec.Command(*podsockBin, "status", "--json", "--config", cfgPath).Output()
-		var st agent.Status
-		if err == nil && json.Unmarshal(out, &st) == nil && st.NRI.Connected {
-			return cfgPath
-		}
-		if time.Now().After(deadline) {
-			e.Fatalf("podsock did not connect to the bench runtime's NRI")
-		}
-		time.Sleep(50 * time.Millisecond)
+	if !testenv.WaitFor(15*time.Second, func() bool {
+		st, err := podsockStatus(cfgPath)
+		return err == nil && st.NRI.Connected
+	}) {
+		e.Fatalf("podsock did not connect to the bench runtime's NRI")
 	}
+	return cfgPath
+}
+
+// podsockStatus is `podsock status --json` of the agent with this config.
+func podsockStatus(cfgPath string) (agent.Status, error) {
+	var st agent.Status
+	out, err := exec.Command(*podsockBin, "status", "--json", "--config", cfgPath).Output()
+	if err != nil {
+		return st, fmt.Errorf("podsock status: %w", err)
+	}
+	return st, json.Unmarshal(out, &st)
 }
 
 func medianRatio(r []float64) float64 {

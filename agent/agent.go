@@ -323,8 +323,8 @@ func (a *Agent) apply(cfg *config.Config) error {
 	a.log.WithFields(logrus.Fields{
 		"added": res.Added, "updated": res.Updated, "removed": res.Removed, "unchanged": res.Unchanged,
 	}).Info("services applied")
-	for svc, gone := range res.RemovedBackends {
-		a.log.WithField("service", svc).Infof("backends removed: %v", gone)
+	for _, gone := range res.RemovedBackends {
+		a.log.WithField("service", gone.Service).Infof("backend removed: %s", gone)
 	}
 	// Even a partly applied config is what the datapath now serves, so pod policy follows
 	// it rather than the previous one.

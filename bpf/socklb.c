@@ -11,6 +11,7 @@
 #include "bpf_helpers.h"
 #include "bpf_endian.h"
 #include "socklb.h"
+#include "addr.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -69,7 +70,7 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} podsock_stat_v2 SEC(".maps");
+} podsock_stat_v3 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -138,33 +139,25 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podsock_aff_v1 SEC(".maps");
 
+// Connected sockets per {backend, netns}. Counts go up at a balanced connect() and down
+// when the socket is released or re-connected; an entry at zero stays until userspace
+// drops it (its netns is gone, or its backend was terminated), so a count is never lost
+// to a delete racing an increment.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, PODSOCK_MAX_BACKEND_NETNS);
+	__type(key, struct backend_netns_key);
+	__type(value, __s64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podsock_bnetns_v1 SEC(".maps");
+
 static __always_inline void count(__u32 stat)
 {
-	__u64 *v = bpf_map_lookup_elem(&podsock_stat_v2, &stat);
+	__u64 *v = bpf_map_lookup_elem(&podsock_stat_v3, &stat);
 
 	if (v)
 		*v += 1;
-}
-
-static __always_inline void addr_from_v4(__u32 *addr, __u32 ip4)
-{
-	addr[0] = 0;
-	addr[1] = 0;
-	addr[2] = bpf_htonl(0x0000ffff);
-	addr[3] = ip4;
-}
-
-static __always_inline int addr_equal(const __u32 *a, const __u32 *b)
-{
-	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
-}
-
-static __always_inline void addr_copy(__u32 *dst, const __u32 *src)
-{
-	dst[0] = src[0];
-	dst[1] = src[1];
-	dst[2] = src[2];
-	dst[3] = src[3];
 }
 
 // The kernel only accepts 32-bit loads of user_ip6, so read it word by word.
@@ -266,11 +259,14 @@ static __always_inline struct lb_entry *find_entry(struct sock_state *state,
 {
 	__u32 i;
 
-	for (i = first; i < LB_ENTRIES; i++) {
+	// Counting from 0 keeps the entry's offset a constant per iteration for the verifier.
+	for (i = 0; i < LB_ENTRIES; i++) {
 		struct lb_entry *e = &state->entries[i];
 
 		if (i >= state->count)
 			break;
+		if (i < first)
+			continue;
 		if (e->svc_id == svc->id && e->svc_rev == svc->rev && e->vip_port == key->port &&
 		    addr_equal(e->vip, key->addr))
 			return e;
@@ -289,15 +285,72 @@ static __always_inline struct lb_entry *find_backend(struct sock_state *state,
 {
 	__u32 i;
 
-	for (i = first; i < LB_ENTRIES; i++) {
+	for (i = 0; i < LB_ENTRIES; i++) {
 		struct lb_entry *e = &state->entries[i];
 
 		if (i >= state->count)
 			break;
+		if (i < first)
+			continue;
 		if (entry_has_backend(e, be))
 			return e;
 	}
 	return NULL;
+}
+
+static __always_inline void tracking_key(struct backend_netns_key *k, const struct sock_state *state,
+					 __u64 netns)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	addr_copy(k->backend.addr, state->entries[0].backend);
+	k->backend.port = state->entries[0].backend_port;
+	k->backend.proto = state->proto;
+	k->netns_cookie = netns;
+}
+
+// track counts a newly connected socket under its backend and netns.
+static __always_inline void track(struct sock_state *state, __u64 netns)
+{
+	struct backend_netns_key k;
+	__s64 one = 1, *n;
+	long err;
+
+	tracking_key(&k, state, netns);
+	n = bpf_map_lookup_elem(&podsock_bnetns_v1, &k);
+	if (!n) {
+		err = bpf_map_update_elem(&podsock_bnetns_v1, &k, &one, BPF_NOEXIST);
+		if (!err) {
+			state->flags |= SOCK_F_TRACKED;
+			return;
+		}
+		// Another socket created the entry first: add to it.
+		if (err == -EEXIST)
+			n = bpf_map_lookup_elem(&podsock_bnetns_v1, &k);
+	}
+	if (n) {
+		__sync_fetch_and_add(n, 1);
+		state->flags |= SOCK_F_TRACKED;
+		return;
+	}
+	state->flags |= SOCK_F_UNTRACKED;
+	count(STAT_UNTRACKED);
+}
+
+// untrack undoes track when the socket goes or connects elsewhere.
+static __always_inline void untrack(struct sock_state *state, __u64 netns)
+{
+	struct backend_netns_key k;
+	__s64 *n;
+
+	if (state->flags & SOCK_F_TRACKED) {
+		tracking_key(&k, state, netns);
+		n = bpf_map_lookup_elem(&podsock_bnetns_v1, &k);
+		if (n)
+			__sync_fetch_and_add(n, -1);
+	}
+	if (state->flags & SOCK_F_UNTRACKED)
+		count(STAT_UNTRACKED_RELEASED);
+	state->flags &= ~(SOCK_F_TRACKED | SOCK_F_UNTRACKED);
 }
 
 // Who is calling: a known pod, the host, or neither (a netns the runtime never told us of).
@@ -465,8 +518,11 @@ static __always_inline int sock_connect(struct bpf_sock_addr *ctx, int v6)
 	if (verdict != VERDICT_BALANCE) {
 		// A balanced socket re-connected elsewhere (or refused now) must not keep claiming
 		// its old backend.
-		if (bpf_sk_storage_get(&podsock_sock_v1, sk, 0, 0))
+		state = bpf_sk_storage_get(&podsock_sock_v1, sk, 0, 0);
+		if (state) {
+			untrack(state, bpf_get_netns_cookie(ctx));
 			bpf_sk_storage_delete(&podsock_sock_v1, sk);
+		}
 		if (verdict == VERDICT_DENY)
 			return deny();
 		if (svc)
@@ -495,11 +551,15 @@ static __always_inline int sock_connect(struct bpf_sock_addr *ctx, int v6)
 		return refuse(STAT_NO_BACKEND);
 
 	if (state) {
+		__u64 netns = bpf_get_netns_cookie(ctx);
+
+		untrack(state, netns);
 		__builtin_memset(state, 0, sizeof(*state));
 		fill_entry(&state->entries[0], &key, svc, be);
-		state->connected = 1;
+		state->flags = SOCK_F_CONNECTED;
 		state->proto = key.proto;
 		state->count = 1;
+		track(state, netns);
 	} else {
 		count(STAT_NO_STORAGE);
 	}
@@ -547,7 +607,7 @@ static __always_inline int sock_sendmsg(struct bpf_sock_addr *ctx, int v6)
 
 	// Entry 0 belongs to the connected peer, if any; datagrams to other services rotate
 	// through the remaining entries so replies from each backend can still be reversed.
-	first = state->connected ? 1 : 0;
+	first = (state->flags & SOCK_F_CONNECTED) ? 1 : 0;
 	e = find_entry(state, &key, svc, first);
 	if (e) {
 		write_user_addr(ctx, v6, e->backend, e->backend_port);
@@ -595,7 +655,7 @@ static __always_inline int sock_reverse(struct bpf_sock_addr *ctx, int v6, int c
 	state = bpf_sk_storage_get(&podsock_sock_v1, sk, 0, 0);
 	if (!state)
 		return SYS_PROCEED;
-	if (connected_only && !state->connected)
+	if (connected_only && !(state->flags & SOCK_F_CONNECTED))
 		return SYS_PROCEED;
 
 	read_user_addr(ctx, v6, peer.addr);
@@ -658,4 +718,16 @@ SEC("cgroup/getpeername6")
 int podsock_getpeername6(struct bpf_sock_addr *ctx)
 {
 	return sock_reverse(ctx, 1, 1);
+}
+
+// A released socket no longer counts towards its backend: termination skips netns whose
+// sockets are all gone.
+SEC("cgroup/sock_release")
+int podsock_sock_release(struct bpf_sock *ctx)
+{
+	struct sock_state *state = bpf_sk_storage_get(&podsock_sock_v1, ctx, 0, 0);
+
+	if (state)
+		untrack(state, bpf_get_netns_cookie(ctx));
+	return SYS_PROCEED;
 }

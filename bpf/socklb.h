@@ -64,15 +64,39 @@ struct lb_entry {
 	__u32 svc_rev;
 };
 
+// Socket flags. CONNECTED is 1 so that state pinned by an older agent, which stored a
+// plain boolean here, still reads right.
+#define SOCK_F_CONNECTED 1 // entries[0] is the connected peer (TCP, connected UDP)
+#define SOCK_F_TRACKED 2   // counted in podsock_bnetns_v1 under entries[0]'s backend
+#define SOCK_F_UNTRACKED 4 // connected, but the count could not be taken (map full)
+
 // The socket's whole LB state. entries[0] is the peer of a connected socket; an unconnected
 // UDP socket keeps up to LB_ENTRIES recent translations so each reply can be reversed.
 struct sock_state {
 	struct lb_entry entries[LB_ENTRIES];
-	__u8 connected;
+	__u8 flags;
 	__u8 proto;
 	__u8 next;
 	__u8 count;
 };
+
+// A backend as connected sockets reach it.
+struct backend_key {
+	__u32 addr[4];
+	__u16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+// How many connected sockets of one netns are balanced to one backend: on a backend's
+// removal podsock enters only the netns this map names, instead of every netns on the node.
+struct backend_netns_key {
+	struct backend_key backend;
+	__u32 pad;
+	__u64 netns_cookie;
+};
+
+#define PODSOCK_MAX_BACKEND_NETNS 262144
 
 // Pod flags.
 #define POD_F_SKIP_LB 1 // socket-LB leaves this pod's sockets alone (service meshes)
@@ -106,6 +130,9 @@ struct datapath_cfg {
 	__u32 pad;
 };
 
+// STAT_UNTRACKED counts connected sockets whose backend/netns count could not be taken,
+// STAT_UNTRACKED_RELEASED the release of such sockets: while more were taken than
+// released, termination walks every netns, since the count map no longer names them all.
 enum stat_index {
 	STAT_CONNECT,
 	STAT_SENDMSG,
@@ -115,6 +142,8 @@ enum stat_index {
 	STAT_DENIED,
 	STAT_SKIPPED,
 	STAT_AFFINITY_FULL,
+	STAT_UNTRACKED,
+	STAT_UNTRACKED_RELEASED,
 	STAT_MAX,
 };
 

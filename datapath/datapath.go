@@ -62,6 +62,7 @@ var attachPoints = []attachPoint{
 	{"recvmsg6", ebpf.AttachCGroupUDP6Recvmsg, func(p *socklbPrograms) *ebpf.Program { return p.PodsockRecvmsg6 }},
 	{"getpeername4", ebpf.AttachCgroupInet4GetPeername, func(p *socklbPrograms) *ebpf.Program { return p.PodsockGetpeername4 }},
 	{"getpeername6", ebpf.AttachCgroupInet6GetPeername, func(p *socklbPrograms) *ebpf.Program { return p.PodsockGetpeername6 }},
+	{"sock_release", ebpf.AttachCgroupInetSockRelease, func(p *socklbPrograms) *ebpf.Program { return p.PodsockSockRelease }},
 }
 
 // Datapath holds the loaded programs, the pinned maps and links, and a mirror of what the
@@ -76,6 +77,10 @@ type Datapath struct {
 
 	objs  socklbObjects
 	links map[string]link.Link
+	// iter lists and destroys sockets; nil (with iterErr saying why) on kernels without
+	// iter/tcp, iter/udp or bpf_sock_destroy.
+	iter    *sockIter
+	iterErr error
 	// AdoptedLinks counts links that a previous agent pinned and this one took over.
 	adoptedLinks int
 
@@ -180,6 +185,13 @@ func Load(opts Options) (*Datapath, error) {
 	}
 	if err := dp.attach(); err != nil {
 		return nil, errors.Join(err, dp.closeAll())
+	}
+	if dp.iter, dp.iterErr = loadIterators(dp.objs.PodsockSockV1); dp.iterErr != nil {
+		var verr *ebpf.VerifierError
+		if errors.As(dp.iterErr, &verr) {
+			opts.Log.Warnf("verifier rejected the socket iterators:\n%+v", verr)
+		}
+		opts.Log.WithError(dp.iterErr).Warn("socket listing and termination are unavailable")
 	}
 	return dp, nil
 }
@@ -318,6 +330,12 @@ func (dp *Datapath) closeAll() error {
 		}
 		delete(dp.links, name)
 	}
+	if dp.iter != nil {
+		if err := dp.iter.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close socket iterators: %w", err))
+		}
+		dp.iter = nil
+	}
 	if err := dp.objs.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("close BPF objects: %w", err))
 	}
@@ -361,6 +379,11 @@ type Stats struct {
 	Skipped uint64 `json:"skipped"`
 	// AffinityFull counts pod-affinity choices that could not be recorded.
 	AffinityFull uint64 `json:"affinity_full"`
+	// Untracked counts connected sockets missing from the backend/netns counts (the map
+	// was full), and UntrackedReleased those of them since closed. While some are open,
+	// termination walks every netns.
+	Untracked         uint64 `json:"untracked"`
+	UntrackedReleased uint64 `json:"untracked_released"`
 }
 
 // Order matches enum stat_index in bpf/socklb.h.
@@ -373,6 +396,8 @@ const (
 	statDenied
 	statSkipped
 	statAffinityFull
+	statUntracked
+	statUntrackedReleased
 	statMax
 )
 
@@ -383,7 +408,7 @@ func (dp *Datapath) Stats() (Stats, error) {
 	var sums [statMax]uint64
 	for i := range sums {
 		var perCPU []uint64
-		if err := dp.objs.PodsockStatV2.Lookup(uint32(i), &perCPU); err != nil {
+		if err := dp.objs.PodsockStatV3.Lookup(uint32(i), &perCPU); err != nil {
 			return Stats{}, fmt.Errorf("read stat %d: %w", i, err)
 		}
 		for _, v := range perCPU {
@@ -400,6 +425,9 @@ func (dp *Datapath) Stats() (Stats, error) {
 		Denied:       sums[statDenied],
 		Skipped:      sums[statSkipped],
 		AffinityFull: sums[statAffinityFull],
+
+		Untracked:         sums[statUntracked],
+		UntrackedReleased: sums[statUntrackedReleased],
 	}, nil
 }
 

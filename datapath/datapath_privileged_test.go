@@ -319,7 +319,7 @@ func TestPrivilegedRemovedBackendGetsNoNewConnects(t *testing.T) {
 		t.Fatal("backend B got no connections before its removal")
 	}
 	res := apply(t, dp, tcpService("default/web", webVIP, be(beA, 1)))
-	if res.Updated != 1 || !slices.Equal(res.RemovedBackends[webVIP.String()+"/tcp"], []netip.AddrPort{beB}) {
+	if res.Updated != 1 || !slices.Equal(res.RemovedBackends, []RemovedBackend{{Service: "default/web", VIP: webVIP, Proto: ProtoTCP, Backend: beB}}) {
 		t.Fatalf("apply result %+v, want one update that removed %s", res, beB)
 	}
 	before := b.Hits()

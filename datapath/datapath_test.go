@@ -35,7 +35,17 @@ func TestGoStructsMatchBTF(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for cName, goVal := range map[string]any{
+	iterSpec, err := loadSockiter()
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkStructs(t, iterSpec.Types, map[string]any{
+		"sock_record": sockiterSockRecord{},
+		"list_filter": sockiterListFilter{},
+		"doomed_key":  sockiterDoomedKey{},
+		"sock_state":  socklbSockState{},
+	})
+	checkStructs(t, spec.Types, map[string]any{
 		"svc_key":      socklbSvcKey{},
 		"svc_value":    socklbSvcValue{},
 		"slot_key":     socklbSlotKey{},
@@ -47,9 +57,17 @@ func TestGoStructsMatchBTF(t *testing.T) {
 		"pod_meta":     socklbPodMeta{},
 		"pod_svc_key":  socklbPodSvcKey{},
 		"datapath_cfg": socklbDatapathCfg{},
-	} {
+
+		"backend_key":       socklbBackendKey{},
+		"backend_netns_key": socklbBackendNetnsKey{},
+	})
+}
+
+func checkStructs(t *testing.T, types *btf.Spec, structs map[string]any) {
+	t.Helper()
+	for cName, goVal := range structs {
 		var st *btf.Struct
-		if err := spec.Types.TypeByName(cName, &st); err != nil {
+		if err := types.TypeByName(cName, &st); err != nil {
 			t.Fatalf("struct %s: %v", cName, err)
 		}
 		gt := reflect.TypeOf(goVal)
@@ -90,7 +108,7 @@ func TestStatIndexMatchesHeader(t *testing.T) {
 			names = append(names, f)
 		}
 	}
-	want := []string{"STAT_CONNECT", "STAT_SENDMSG", "STAT_REVERSE", "STAT_NO_BACKEND", "STAT_NO_STORAGE", "STAT_DENIED", "STAT_SKIPPED", "STAT_AFFINITY_FULL", "STAT_MAX"}
+	want := []string{"STAT_CONNECT", "STAT_SENDMSG", "STAT_REVERSE", "STAT_NO_BACKEND", "STAT_NO_STORAGE", "STAT_DENIED", "STAT_SKIPPED", "STAT_AFFINITY_FULL", "STAT_UNTRACKED", "STAT_UNTRACKED_RELEASED", "STAT_MAX"}
 	if !slices.Equal(names, want) {
 		t.Fatalf("enum stat_index = %v, Go indexes assume %v", names, want)
 	}

@@ -92,13 +92,22 @@ type installed struct {
 // ApplyResult says what Apply changed.
 type ApplyResult struct {
 	Added, Updated, Removed, Unchanged int
-	// RemovedBackends are backends that served a service before and no longer do, per
-	// service key ("vip:port/proto"); sockets still attached to them are stale.
-	RemovedBackends map[string][]netip.AddrPort
+	// RemovedBackends are backends that served a service before and no longer do (all of
+	// a removed service's); sockets still attached to them are stale (see Terminate).
+	RemovedBackends []RemovedBackend
 }
 
 func svcKey(vip netip.Addr, port uint16, proto uint8) socklbSvcKey {
 	return socklbSvcKey{Addr: addrWords(vip), Port: htons(port), Proto: proto}
+}
+
+func removedBackends(k socklbSvcKey, name string, gone []netip.AddrPort) []RemovedBackend {
+	out := make([]RemovedBackend, 0, len(gone))
+	vip := netip.AddrPortFrom(wordsAddr(k.Addr), ntohs(k.Port))
+	for _, b := range gone {
+		out = append(out, RemovedBackend{Service: name, VIP: vip, Proto: k.Proto, Backend: b})
+	}
+	return out
 }
 
 func keyString(k socklbSvcKey) string {
@@ -135,7 +144,7 @@ func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
 	defer dp.mu.Unlock()
 	defer dp.reindex()
 
-	res := ApplyResult{RemovedBackends: map[string][]netip.AddrPort{}}
+	var res ApplyResult
 	desired := make(map[socklbSvcKey]wanted, len(services))
 	for _, s := range services {
 		k := svcKey(s.VIP, s.Port, s.Proto)
@@ -165,7 +174,7 @@ func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
 			continue
 		}
 		res.Removed++
-		res.RemovedBackends[keyString(k)] = uniqueAddrs(cur.slots)
+		res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, cur.name, uniqueAddrs(cur.slots))...)
 	}
 	// A stable order keeps ID assignment reproducible.
 	keys := make([]socklbSvcKey, 0, len(desired))
@@ -193,9 +202,7 @@ func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
 				continue
 			}
 			res.Updated++
-			if len(gone) > 0 {
-				res.RemovedBackends[keyString(k)] = gone
-			}
+			res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, s.name, gone)...)
 		}
 	}
 	return res, errors.Join(errs...)

@@ -20,6 +20,21 @@ type socklbBackend struct {
 	Pad  uint16
 }
 
+type socklbBackendKey struct {
+	_     structs.HostLayout
+	Addr  [4]uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type socklbBackendNetnsKey struct {
+	_           structs.HostLayout
+	Backend     socklbBackendKey
+	Pad         uint32
+	NetnsCookie uint64
+}
+
 type socklbDatapathCfg struct {
 	_               structs.HostLayout
 	HostNetnsCookie uint64
@@ -64,12 +79,12 @@ type socklbSlotKey struct {
 }
 
 type socklbSockState struct {
-	_         structs.HostLayout
-	Entries   [4]socklbLbEntry
-	Connected uint8
-	Proto     uint8
-	Next      uint8
-	Count     uint8
+	_       structs.HostLayout
+	Entries [4]socklbLbEntry
+	Flags   uint8
+	Proto   uint8
+	Next    uint8
+	Count   uint8
 }
 
 type socklbSvcKey struct {
@@ -99,6 +114,7 @@ type socklbSvcValue struct {
 const (
 	socklbMapPodsockAffV1         = "podsock_aff_v1"
 	socklbMapPodsockAllowV1       = "podsock_allow_v1"
+	socklbMapPodsockBnetnsV1      = "podsock_bnetns_v1"
 	socklbMapPodsockCfgV1         = "podsock_cfg_v1"
 	socklbMapPodsockCtrcgV1       = "podsock_ctrcg_v1"
 	socklbMapPodsockNameV1        = "podsock_name_v1"
@@ -107,7 +123,7 @@ const (
 	socklbMapPodsockPodcgV1       = "podsock_podcg_v1"
 	socklbMapPodsockSlotV1        = "podsock_slot_v1"
 	socklbMapPodsockSockV1        = "podsock_sock_v1"
-	socklbMapPodsockStatV2        = "podsock_stat_v2"
+	socklbMapPodsockStatV3        = "podsock_stat_v3"
 	socklbMapPodsockSvcV1         = "podsock_svc_v1"
 	socklbProgPodsockConnect4     = "podsock_connect4"
 	socklbProgPodsockConnect6     = "podsock_connect6"
@@ -117,6 +133,7 @@ const (
 	socklbProgPodsockRecvmsg6     = "podsock_recvmsg6"
 	socklbProgPodsockSendmsg4     = "podsock_sendmsg4"
 	socklbProgPodsockSendmsg6     = "podsock_sendmsg6"
+	socklbProgPodsockSockRelease  = "podsock_sock_release"
 )
 
 // loadSocklb returns the embedded CollectionSpec for socklb.
@@ -169,24 +186,26 @@ type socklbProgramSpecs struct {
 	PodsockRecvmsg6     *ebpf.ProgramSpec `ebpf:"podsock_recvmsg6"`
 	PodsockSendmsg4     *ebpf.ProgramSpec `ebpf:"podsock_sendmsg4"`
 	PodsockSendmsg6     *ebpf.ProgramSpec `ebpf:"podsock_sendmsg6"`
+	PodsockSockRelease  *ebpf.ProgramSpec `ebpf:"podsock_sock_release"`
 }
 
 // socklbMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socklbMapSpecs struct {
-	PodsockAffV1   *ebpf.MapSpec `ebpf:"podsock_aff_v1"`
-	PodsockAllowV1 *ebpf.MapSpec `ebpf:"podsock_allow_v1"`
-	PodsockCfgV1   *ebpf.MapSpec `ebpf:"podsock_cfg_v1"`
-	PodsockCtrcgV1 *ebpf.MapSpec `ebpf:"podsock_ctrcg_v1"`
-	PodsockNameV1  *ebpf.MapSpec `ebpf:"podsock_name_v1"`
-	PodsockNetnsV1 *ebpf.MapSpec `ebpf:"podsock_netns_v1"`
-	PodsockPodV1   *ebpf.MapSpec `ebpf:"podsock_pod_v1"`
-	PodsockPodcgV1 *ebpf.MapSpec `ebpf:"podsock_podcg_v1"`
-	PodsockSlotV1  *ebpf.MapSpec `ebpf:"podsock_slot_v1"`
-	PodsockSockV1  *ebpf.MapSpec `ebpf:"podsock_sock_v1"`
-	PodsockStatV2  *ebpf.MapSpec `ebpf:"podsock_stat_v2"`
-	PodsockSvcV1   *ebpf.MapSpec `ebpf:"podsock_svc_v1"`
+	PodsockAffV1    *ebpf.MapSpec `ebpf:"podsock_aff_v1"`
+	PodsockAllowV1  *ebpf.MapSpec `ebpf:"podsock_allow_v1"`
+	PodsockBnetnsV1 *ebpf.MapSpec `ebpf:"podsock_bnetns_v1"`
+	PodsockCfgV1    *ebpf.MapSpec `ebpf:"podsock_cfg_v1"`
+	PodsockCtrcgV1  *ebpf.MapSpec `ebpf:"podsock_ctrcg_v1"`
+	PodsockNameV1   *ebpf.MapSpec `ebpf:"podsock_name_v1"`
+	PodsockNetnsV1  *ebpf.MapSpec `ebpf:"podsock_netns_v1"`
+	PodsockPodV1    *ebpf.MapSpec `ebpf:"podsock_pod_v1"`
+	PodsockPodcgV1  *ebpf.MapSpec `ebpf:"podsock_podcg_v1"`
+	PodsockSlotV1   *ebpf.MapSpec `ebpf:"podsock_slot_v1"`
+	PodsockSockV1   *ebpf.MapSpec `ebpf:"podsock_sock_v1"`
+	PodsockStatV3   *ebpf.MapSpec `ebpf:"podsock_stat_v3"`
+	PodsockSvcV1    *ebpf.MapSpec `ebpf:"podsock_svc_v1"`
 }
 
 // socklbVariableSpecs contains global variables before they are loaded into the kernel.
@@ -215,24 +234,26 @@ func (o *socklbObjects) Close() error {
 //
 // It can be passed to loadSocklbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socklbMaps struct {
-	PodsockAffV1   *ebpf.Map `ebpf:"podsock_aff_v1"`
-	PodsockAllowV1 *ebpf.Map `ebpf:"podsock_allow_v1"`
-	PodsockCfgV1   *ebpf.Map `ebpf:"podsock_cfg_v1"`
-	PodsockCtrcgV1 *ebpf.Map `ebpf:"podsock_ctrcg_v1"`
-	PodsockNameV1  *ebpf.Map `ebpf:"podsock_name_v1"`
-	PodsockNetnsV1 *ebpf.Map `ebpf:"podsock_netns_v1"`
-	PodsockPodV1   *ebpf.Map `ebpf:"podsock_pod_v1"`
-	PodsockPodcgV1 *ebpf.Map `ebpf:"podsock_podcg_v1"`
-	PodsockSlotV1  *ebpf.Map `ebpf:"podsock_slot_v1"`
-	PodsockSockV1  *ebpf.Map `ebpf:"podsock_sock_v1"`
-	PodsockStatV2  *ebpf.Map `ebpf:"podsock_stat_v2"`
-	PodsockSvcV1   *ebpf.Map `ebpf:"podsock_svc_v1"`
+	PodsockAffV1    *ebpf.Map `ebpf:"podsock_aff_v1"`
+	PodsockAllowV1  *ebpf.Map `ebpf:"podsock_allow_v1"`
+	PodsockBnetnsV1 *ebpf.Map `ebpf:"podsock_bnetns_v1"`
+	PodsockCfgV1    *ebpf.Map `ebpf:"podsock_cfg_v1"`
+	PodsockCtrcgV1  *ebpf.Map `ebpf:"podsock_ctrcg_v1"`
+	PodsockNameV1   *ebpf.Map `ebpf:"podsock_name_v1"`
+	PodsockNetnsV1  *ebpf.Map `ebpf:"podsock_netns_v1"`
+	PodsockPodV1    *ebpf.Map `ebpf:"podsock_pod_v1"`
+	PodsockPodcgV1  *ebpf.Map `ebpf:"podsock_podcg_v1"`
+	PodsockSlotV1   *ebpf.Map `ebpf:"podsock_slot_v1"`
+	PodsockSockV1   *ebpf.Map `ebpf:"podsock_sock_v1"`
+	PodsockStatV3   *ebpf.Map `ebpf:"podsock_stat_v3"`
+	PodsockSvcV1    *ebpf.Map `ebpf:"podsock_svc_v1"`
 }
 
 func (m *socklbMaps) Close() error {
 	return _SocklbClose(
 		m.PodsockAffV1,
 		m.PodsockAllowV1,
+		m.PodsockBnetnsV1,
 		m.PodsockCfgV1,
 		m.PodsockCtrcgV1,
 		m.PodsockNameV1,
@@ -241,7 +262,7 @@ func (m *socklbMaps) Close() error {
 		m.PodsockPodcgV1,
 		m.PodsockSlotV1,
 		m.PodsockSockV1,
-		m.PodsockStatV2,
+		m.PodsockStatV3,
 		m.PodsockSvcV1,
 	)
 }
@@ -264,6 +285,7 @@ type socklbPrograms struct {
 	PodsockRecvmsg6     *ebpf.Program `ebpf:"podsock_recvmsg6"`
 	PodsockSendmsg4     *ebpf.Program `ebpf:"podsock_sendmsg4"`
 	PodsockSendmsg6     *ebpf.Program `ebpf:"podsock_sendmsg6"`
+	PodsockSockRelease  *ebpf.Program `ebpf:"podsock_sock_release"`
 }
 
 func (p *socklbPrograms) Close() error {
@@ -276,6 +298,7 @@ func (p *socklbPrograms) Close() error {
 		p.PodsockRecvmsg6,
 		p.PodsockSendmsg4,
 		p.PodsockSendmsg6,
+		p.PodsockSockRelease,
 	)
 }
 

@@ -46,10 +46,17 @@ func RequirePrivileged(t testing.TB) {
 	if reason == "" {
 		return
 	}
+	SkipOrFail(t, reason)
+}
+
+// SkipOrFail skips a test whose kernel feature or privilege is missing, and fails it
+// instead when CI=true: in CI every test must run.
+func SkipOrFail(t testing.TB, reason string) {
+	t.Helper()
 	if os.Getenv("CI") == "true" {
-		t.Fatalf("privileged test cannot run in CI: %s", reason)
+		t.Fatalf("test cannot run in CI: %s", reason)
 	}
-	t.Skipf("skipping privileged test: %s", reason)
+	t.Skipf("skipping: %s", reason)
 }
 
 func fileExists(p string) bool {

@@ -1,0 +1,277 @@
+//go:build ignore
+
+// Socket iterators: list the TCP/UDP sockets of one netns, with the LB state socket-LB
+// left in their SK_STORAGE, and destroy the connected ones still attached to a removed
+// backend. iter/tcp and iter/udp see only the netns of the thread that opens them, so the
+// agent opens them inside each netns it needs; which netns those are comes from
+// podsock_bnetns_v1 (see socklb.c).
+//
+// Kept apart from socklb.c: a kernel without bpf_sock_destroy (< 6.5) still gets
+// socket-LB, only without listing and termination.
+
+#include "vmlinux.h"
+#include "bpf_helpers.h"
+#include "bpf_endian.h"
+#include "socklb.h"
+#include "addr.h"
+
+char __license[] SEC("license") = "Dual BSD/GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define TCP_ESTABLISHED 1
+
+extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
+
+// Shared with socklb: the loader hands in socklb's map, so both see one storage.
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct sock_state);
+} podsock_sock_v1 SEC(".maps");
+
+// Record flags.
+#define REC_F_BALANCED 1  // socket-LB translated for this socket; lb holds its latest entry
+#define REC_F_LB_CONNECTED 2 // lb is the connected peer's translation
+#define REC_F_DESTROYED 4 // bpf_sock_destroy ran; destroy_err is its result
+
+// One socket, as the iterator writes it to the reader.
+struct sock_record {
+	__u64 netns_cookie;
+	__u64 sock_cookie;
+	__u32 local[4]; // IPv6 or v4-mapped, network byte order
+	__u32 remote[4];
+	__u16 local_port; // network byte order
+	__u16 remote_port;
+	__u8 proto;
+	__u8 state; // the kernel's TCP state numbering (UDP: 1 connected, 7 not)
+	__u8 family;
+	__u8 flags;
+	__u32 uid;
+	__s32 destroy_err;
+	__u32 lb_count; // translations the socket holds (unconnected UDP may hold several)
+	struct lb_entry lb;
+};
+
+// Records are built in this scratch slot rather than on the small BPF stack.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sock_record);
+} podsock_record_scratch SEC(".maps");
+
+static __always_inline struct sock_record *scratch_record(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&podsock_record_scratch, &zero);
+}
+
+// List filters, applied here so that non-matching sockets are never copied out.
+#define FILTER_BACKEND 1 // only sockets whose remote or any translation is filter.backend
+
+struct list_filter {
+	struct backend_key backend;
+	__u32 flags;
+};
+
+// The reader runs one listing at a time and sets the filter before it opens the
+// iterator.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct list_filter);
+} podsock_list_filter SEC(".maps");
+
+// The {service, backend} pairs being terminated: a connected socket is destroyed when the
+// translation of its peer is one of them. The service is named by its VIP key, not its ID,
+// which a later service may reuse.
+struct doomed_key {
+	__u32 vip[4];
+	__u32 backend[4];
+	__u16 vip_port;
+	__u16 backend_port;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+#define PODSOCK_MAX_DOOMED 65536
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, PODSOCK_MAX_DOOMED);
+	__type(key, struct doomed_key);
+	__type(value, __u8);
+} podsock_doomed SEC(".maps");
+
+static __always_inline void fill_record(struct sock_record *r, struct sock_common *skc, __u8 proto,
+					__u32 uid)
+{
+	__builtin_memset(r, 0, sizeof(*r));
+	r->netns_cookie = skc->skc_net.net->net_cookie;
+	r->sock_cookie = bpf_get_socket_cookie(skc);
+	r->family = (__u8)skc->skc_family;
+	r->state = skc->skc_state;
+	r->proto = proto;
+	r->uid = uid;
+	r->local_port = bpf_htons(skc->skc_num);
+	r->remote_port = skc->skc_dport;
+	if (r->family == AF_INET6) {
+		r->local[0] = skc->skc_v6_rcv_saddr.in6_u.u6_addr32[0];
+		r->local[1] = skc->skc_v6_rcv_saddr.in6_u.u6_addr32[1];
+		r->local[2] = skc->skc_v6_rcv_saddr.in6_u.u6_addr32[2];
+		r->local[3] = skc->skc_v6_rcv_saddr.in6_u.u6_addr32[3];
+		r->remote[0] = skc->skc_v6_daddr.in6_u.u6_addr32[0];
+		r->remote[1] = skc->skc_v6_daddr.in6_u.u6_addr32[1];
+		r->remote[2] = skc->skc_v6_daddr.in6_u.u6_addr32[2];
+		r->remote[3] = skc->skc_v6_daddr.in6_u.u6_addr32[3];
+	} else {
+		addr_from_v4(r->local, skc->skc_rcv_saddr);
+		addr_from_v4(r->remote, skc->skc_daddr);
+	}
+}
+
+static __always_inline void fill_lb(struct sock_record *r, const struct sock_state *state)
+{
+	if (!state || state->count == 0)
+		return;
+	r->flags |= REC_F_BALANCED;
+	if (state->flags & SOCK_F_CONNECTED)
+		r->flags |= REC_F_LB_CONNECTED;
+	r->lb_count = state->count;
+	r->lb = state->entries[0];
+}
+
+static __always_inline int lb_has_backend(const struct sock_state *state,
+					  const struct backend_key *be)
+{
+	__u32 i;
+
+	for (i = 0; i < LB_ENTRIES; i++) {
+		const struct lb_entry *e = &state->entries[i];
+
+		if (i >= state->count)
+			break;
+		if (e->backend_port == be->port && addr_equal(e->backend, be->addr))
+			return 1;
+	}
+	return 0;
+}
+
+static __always_inline int list_one(struct seq_file *seq, struct sock_common *skc,
+				    struct sock *sk, __u8 proto, __u32 uid)
+{
+	struct sock_record *r = scratch_record();
+	struct sock_state *state = NULL;
+	struct list_filter *f;
+	__u32 zero = 0;
+
+	if (!r)
+		return 0;
+	if (sk)
+		state = bpf_sk_storage_get(&podsock_sock_v1, sk, 0, 0);
+	fill_record(r, skc, proto, uid);
+	f = bpf_map_lookup_elem(&podsock_list_filter, &zero);
+	if (f && (f->flags & FILTER_BACKEND)) {
+		int hit = r->remote_port == f->backend.port && addr_equal(r->remote, f->backend.addr);
+
+		if (!hit && state)
+			hit = lb_has_backend(state, &f->backend);
+		if (!hit)
+			return 0;
+	}
+	fill_lb(r, state);
+	bpf_seq_write(seq, r, sizeof(*r));
+	return 0;
+}
+
+// destroy_one destroys a socket whose connected peer is a doomed backend. Unconnected
+// UDP sockets are never touched: destroying one would silently change its local port.
+static __always_inline int destroy_one(struct seq_file *seq, struct sock_common *skc,
+				       struct sock *sk, __u8 proto, __u32 uid)
+{
+	struct sock_record *r = scratch_record();
+	struct sock_state *state;
+	struct doomed_key k = {};
+	struct lb_entry *e;
+
+	if (!sk || !r)
+		return 0;
+	state = bpf_sk_storage_get(&podsock_sock_v1, sk, 0, 0);
+	if (!state || !(state->flags & SOCK_F_CONNECTED) || state->proto != proto)
+		return 0;
+	e = &state->entries[0];
+	__builtin_memcpy(k.vip, e->vip, sizeof(k.vip));
+	__builtin_memcpy(k.backend, e->backend, sizeof(k.backend));
+	k.vip_port = e->vip_port;
+	k.backend_port = e->backend_port;
+	k.proto = proto;
+	if (!bpf_map_lookup_elem(&podsock_doomed, &k))
+		return 0;
+	fill_record(r, skc, proto, uid);
+	// The kernel's peer must be that backend too: a socket the application re-connected
+	// behind socket-LB's back is not ours to end.
+	if (r->remote_port != e->backend_port || !addr_equal(r->remote, e->backend))
+		return 0;
+	if (proto == IPPROTO_UDP && r->state != TCP_ESTABLISHED)
+		return 0;
+	fill_lb(r, state);
+	r->destroy_err = bpf_sock_destroy(skc);
+	r->flags |= REC_F_DESTROYED;
+	bpf_seq_write(seq, r, sizeof(*r));
+	return 0;
+}
+
+static __always_inline struct sock *tcp_full_sock(struct sock_common *skc)
+{
+	// Time-wait and request sockets carry no storage and cannot be destroyed.
+	return (struct sock *)bpf_skc_to_tcp_sock(skc);
+}
+
+SEC("iter/tcp")
+int podsock_list_tcp(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+
+	if (!skc)
+		return 0;
+	return list_one(ctx->meta->seq, skc, tcp_full_sock(skc), IPPROTO_TCP, ctx->uid);
+}
+
+SEC("iter/udp")
+int podsock_list_udp(struct bpf_iter__udp *ctx)
+{
+	struct udp_sock *udp = ctx->udp_sk;
+
+	if (!udp)
+		return 0;
+	return list_one(ctx->meta->seq, &udp->inet.sk.__sk_common, (struct sock *)udp, IPPROTO_UDP,
+			ctx->uid);
+}
+
+SEC("iter/tcp")
+int podsock_destroy_tcp(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+
+	if (!skc)
+		return 0;
+	return destroy_one(ctx->meta->seq, skc, tcp_full_sock(skc), IPPROTO_TCP, ctx->uid);
+}
+
+SEC("iter/udp")
+int podsock_destroy_udp(struct bpf_iter__udp *ctx)
+{
+	struct udp_sock *udp = ctx->udp_sk;
+
+	if (!udp)
+		return 0;
+	return destroy_one(ctx->meta->seq, (struct sock_common *)udp, (struct sock *)udp, IPPROTO_UDP,
+			   ctx->uid);
+}

@@ -1,0 +1,594 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+)
+
+// NetnsSet is how the socket iterators reach network namespaces. iter/tcp and iter/udp see
+// only the netns of the thread that opens them, so each walk happens inside the netns it
+// covers. The agent implements this with the handles it holds for the host and each pod;
+// tests, with the namespaces they create.
+type NetnsSet interface {
+	// Cookies lists the netns that Enter can reach, the host's included.
+	Cookies() []uint64
+	// Enter runs f on an OS thread inside the netns with that cookie, and moves the thread
+	// back (or retires it) afterwards. It wraps ErrUnknownNetns when it holds no handle.
+	Enter(cookie uint64, f func() error) error
+}
+
+// ErrUnknownNetns means a NetnsSet holds no handle on a netns.
+var ErrUnknownNetns = errors.New("no handle on that netns")
+
+// ErrNoIterators means this kernel cannot run the socket iterators (iter/tcp, iter/udp and
+// bpf_sock_destroy need Linux 6.5): socket-LB works, listing and termination do not.
+var ErrNoIterators = errors.New("socket iterators unavailable")
+
+// Socket is one TCP or UDP socket as an iterator saw it.
+type Socket struct {
+	Proto  uint8
+	State  uint8 // the kernel's TCP state numbering; UDP is 1 when connected, 7 when not
+	Family uint8
+	Local  netip.AddrPort
+	// Remote is the peer the kernel socket is connected to (the backend, for a balanced
+	// socket); invalid when the socket is not connected.
+	Remote      netip.AddrPort
+	NetnsCookie uint64
+	Cookie      uint64
+	UID         uint32
+
+	// Balanced says socket-LB translated for this socket; LB is then its connected peer's
+	// translation (LBConnected) or, for unconnected UDP, its first one of Translations.
+	Balanced     bool
+	LBConnected  bool
+	Translations int
+	// Service is the name of the service LB belongs to; "" when that service is gone.
+	Service string
+	VIP     netip.AddrPort
+	Backend netip.AddrPort
+}
+
+// StateName names a socket state the way ss does.
+func StateName(proto, state uint8) string {
+	if proto == ProtoUDP {
+		if state == tcpEstablished {
+			return "ESTAB"
+		}
+		return "UNCONN"
+	}
+	names := [...]string{"", "ESTAB", "SYN-SENT", "SYN-RECV", "FIN-WAIT-1", "FIN-WAIT-2", "TIME-WAIT",
+		"UNCONN", "CLOSE-WAIT", "LAST-ACK", "LISTEN", "CLOSING", "NEW-SYN-RECV"}
+	if int(state) < len(names) && state != 0 {
+		return names[state]
+	}
+	return fmt.Sprintf("state-%d", state)
+}
+
+const tcpEstablished = 1
+
+// SocketFilter narrows a walk. The zero value matches every socket of every netns.
+type SocketFilter struct {
+	// Netns limits the walk to these netns; nil means every netns of the NetnsSet.
+	Netns []uint64
+	// Proto is ProtoTCP or ProtoUDP; 0 means both.
+	Proto uint8
+	// Backend keeps sockets whose remote, or any socket-LB translation, is this address.
+	// Checked in BPF, so other sockets are never copied out.
+	Backend netip.AddrPort
+}
+
+// WalkStats says what a walk cost.
+type WalkStats struct {
+	NetnsEntered int
+	// NetnsSkipped are netns that could not be entered (a pod that went away meanwhile).
+	NetnsSkipped int
+	Sockets      int
+}
+
+// Record flags, as in bpf/sockiter.c.
+const (
+	recBalanced    = 1
+	recLBConnected = 2
+	recDestroyed   = 4
+)
+
+const filterBackend = 1
+
+// recordSize is the size of one record the iterators write.
+const recordSize = int(unsafe.Sizeof(sockiterSockRecord{}))
+
+// readChunk bounds what a walk holds in memory at once, whatever the number of sockets.
+const readChunk = 64 << 10
+
+// sockIter holds the iterator programs and their links. Iterator links are per process:
+// nothing about them is pinned.
+type sockIter struct {
+	objs sockiterObjects
+	// One walk of each kind at a time: a listing's filter and a termination's doomed set
+	// are single global maps.
+	listMu, destroyMu sync.Mutex
+	listTCP, listUDP  *link.Iter
+	destTCP, destUDP  *link.Iter
+}
+
+// loadIterators loads the iterator programs against the datapath's socket storage.
+func loadIterators(storage *ebpf.Map) (*sockIter, error) {
+	spec, err := loadSockiter()
+	if err != nil {
+		return nil, fmt.Errorf("load iterator spec: %w", err)
+	}
+	it := &sockIter{}
+	err = spec.LoadAndAssign(&it.objs, &ebpf.CollectionOptions{
+		MapReplacements: map[string]*ebpf.Map{"podsock_sock_v1": storage},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("load socket iterators: %w", err)
+	}
+	for _, a := range []struct {
+		name string
+		prog *ebpf.Program
+		dst  **link.Iter
+	}{
+		{"list_tcp", it.objs.PodsockListTcp, &it.listTCP},
+		{"list_udp", it.objs.PodsockListUdp, &it.listUDP},
+		{"destroy_tcp", it.objs.PodsockDestroyTcp, &it.destTCP},
+		{"destroy_udp", it.objs.PodsockDestroyUdp, &it.destUDP},
+	} {
+		l, err := link.AttachIter(link.IterOptions{Program: a.prog})
+		if err != nil {
+			return nil, errors.Join(fmt.Errorf("attach %s iterator: %w", a.name, err), it.Close())
+		}
+		*a.dst = l
+	}
+	return it, nil
+}
+
+func (it *sockIter) Close() error {
+	var errs []error
+	for _, l := range []*link.Iter{it.listTCP, it.listUDP, it.destTCP, it.destUDP} {
+		if l != nil {
+			errs = append(errs, l.Close())
+		}
+	}
+	errs = append(errs, it.objs.Close())
+	return errors.Join(errs...)
+}
+
+// iterators returns the loaded iterators, or why there are none.
+func (dp *Datapath) iterators() (*sockIter, error) {
+	if dp.iter == nil {
+		return nil, fmt.Errorf("%w: %w", ErrNoIterators, dp.iterErr)
+	}
+	return dp.iter, nil
+}
+
+// open opens an iterator inside one netns. The iterator keeps that netns for its whole
+// walk, so reading (and the BPF program, which runs during reads) happens after the
+// thread is back.
+func open(ns NetnsSet, cookie uint64, l *link.Iter) (io.ReadCloser, error) {
+	var rc io.ReadCloser
+	err := ns.Enter(cookie, func() error {
+		var err error
+		rc, err = l.Open()
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open iterator in netns %d: %w", cookie, err)
+	}
+	return rc, nil
+}
+
+// readRecords streams an iterator's records to fn in bounded chunks. A read may end in
+// the middle of a record; the rest comes with the next read.
+func readRecords(rc io.Reader, fn func(*sockiterSockRecord) error) error {
+	buf := make([]byte, readChunk)
+	filled := 0
+	eagain := 0
+	for {
+		n, err := rc.Read(buf[filled:])
+		filled += n
+		whole := filled - filled%recordSize
+		for off := 0; off < whole; off += recordSize {
+			var rec sockiterSockRecord
+			copy(unsafe.Slice((*byte)(unsafe.Pointer(&rec)), recordSize), buf[off:off+recordSize])
+			if ferr := fn(&rec); ferr != nil {
+				return ferr
+			}
+		}
+		filled = copy(buf, buf[whole:filled])
+		switch {
+		case err == nil:
+			eagain = 0
+		case errors.Is(err, io.EOF):
+			if filled != 0 {
+				return fmt.Errorf("iterator ended inside a record (%d stray bytes)", filled)
+			}
+			return nil
+		case errors.Is(err, unix.EAGAIN) && eagain < 100:
+			// The TCP/UDP iterators give up a batch they could not allocate with EAGAIN;
+			// the next read resumes where they stopped.
+			eagain++
+			time.Sleep(time.Millisecond)
+		default:
+			return fmt.Errorf("read iterator: %w", err)
+		}
+	}
+}
+
+// Sockets walks the sockets of the netns in ns that match the filter and calls fn for
+// each, one netns after the other. fn runs on an ordinary goroutine, never inside a netns.
+// A netns that can no longer be entered is skipped and counted; an error from fn stops
+// the walk and is returned.
+func (dp *Datapath) Sockets(ns NetnsSet, f SocketFilter, fn func(Socket) error) (WalkStats, error) {
+	var st WalkStats
+	it, err := dp.iterators()
+	if err != nil {
+		return st, err
+	}
+	it.listMu.Lock()
+	defer it.listMu.Unlock()
+	var filter sockiterListFilter
+	if f.Backend.IsValid() {
+		filter.Flags = filterBackend
+		filter.Backend.Addr = addrWords(f.Backend.Addr())
+		filter.Backend.Port = htons(f.Backend.Port())
+	}
+	if err := it.objs.PodsockListFilter.Update(uint32(0), &filter, ebpf.UpdateAny); err != nil {
+		return st, fmt.Errorf("set iterator filter: %w", err)
+	}
+	var links []*link.Iter
+	if f.Proto == 0 || f.Proto == ProtoTCP {
+		links = append(links, it.listTCP)
+	}
+	if f.Proto == 0 || f.Proto == ProtoUDP {
+		links = append(links, it.listUDP)
+	}
+	cookies := f.Netns
+	if cookies == nil {
+		cookies = ns.Cookies()
+	}
+	names := serviceNames{m: dp.objs.PodsockNameV1, cache: map[uint32]string{}}
+	for _, cookie := range cookies {
+		entered := false
+		for _, l := range links {
+			rc, err := open(ns, cookie, l)
+			if err != nil {
+				dp.log.WithError(err).Debug("skip netns")
+				break
+			}
+			entered = true
+			err = readRecords(rc, func(r *sockiterSockRecord) error {
+				st.Sockets++
+				return fn(names.socket(r))
+			})
+			rc.Close()
+			if err != nil {
+				return st, err
+			}
+		}
+		if entered {
+			st.NetnsEntered++
+		} else {
+			st.NetnsSkipped++
+		}
+	}
+	return st, nil
+}
+
+// serviceNames resolves service IDs through the name map, once per walk.
+type serviceNames struct {
+	m     *ebpf.Map
+	cache map[uint32]string
+}
+
+func (n *serviceNames) name(id uint32) string {
+	if s, ok := n.cache[id]; ok {
+		return s
+	}
+	var v socklbSvcName
+	s := ""
+	if err := n.m.Lookup(&id, &v); err == nil {
+		s = nameString(v)
+	}
+	n.cache[id] = s
+	return s
+}
+
+func (n *serviceNames) socket(r *sockiterSockRecord) Socket {
+	s := Socket{
+		Proto:       r.Proto,
+		State:       r.State,
+		Family:      r.Family,
+		Local:       netip.AddrPortFrom(wordsAddr(r.Local), ntohs(r.LocalPort)),
+		NetnsCookie: r.NetnsCookie,
+		Cookie:      r.SockCookie,
+		UID:         r.Uid,
+	}
+	// Every connected socket has a peer port; listening and unconnected ones have none.
+	if r.RemotePort != 0 {
+		s.Remote = netip.AddrPortFrom(wordsAddr(r.Remote), ntohs(r.RemotePort))
+	}
+	if r.Flags&recBalanced != 0 {
+		s.Balanced = true
+		s.LBConnected = r.Flags&recLBConnected != 0
+		s.Translations = int(r.LbCount)
+		s.VIP = netip.AddrPortFrom(wordsAddr(r.Lb.Vip), ntohs(r.Lb.VipPort))
+		s.Backend = netip.AddrPortFrom(wordsAddr(r.Lb.Backend), ntohs(r.Lb.BackendPort))
+		s.Service = n.name(r.Lb.SvcId)
+	}
+	return s
+}
+
+// RemovedBackend is a backend that a service (named by its VIP key) no longer has.
+type RemovedBackend struct {
+	Service string
+	VIP     netip.AddrPort
+	Proto   uint8
+	Backend netip.AddrPort
+}
+
+func (b RemovedBackend) String() string {
+	return fmt.Sprintf("%s (%s/%s) -> %s", b.Service, b.VIP, ProtoName(b.Proto), b.Backend)
+}
+
+// TerminateResult says what one termination pass did.
+type TerminateResult struct {
+	Backends  int // removed {service, backend} pairs handled
+	Destroyed int // sockets bpf_sock_destroy ended
+	Failed    int // sockets it refused to end
+	// NetnsEntered is how many netns were walked; only those the backend counts name,
+	// unless FullWalk.
+	NetnsEntered int
+	// NetnsUnreachable counts netns that hold sockets to a removed backend but that the
+	// NetnsSet cannot enter (a netns podsock was never told about).
+	NetnsUnreachable int
+	// FullWalk is set when some connected socket escaped the backend counts, so every
+	// netns had to be walked.
+	FullWalk bool
+	Duration time.Duration
+}
+
+// Terminate destroys the connected sockets (TCP, connected UDP; only the protocols in
+// protos) whose socket-LB peer is one of the removed backends. Unconnected UDP sockets and
+// sockets socket-LB did not balance are never touched. It enters only the netns that the
+// datapath counts sockets to those backends in, so its cost follows the affected sockets,
+// not the number of netns on the node.
+func (dp *Datapath) Terminate(ns NetnsSet, gone []RemovedBackend, protos ...uint8) (TerminateResult, error) {
+	start := time.Now()
+	var res TerminateResult
+	gone = slices.DeleteFunc(slices.Clone(gone), func(b RemovedBackend) bool {
+		return !slices.Contains(protos, b.Proto)
+	})
+	if len(gone) == 0 {
+		return res, nil
+	}
+	it, err := dp.iterators()
+	if err != nil {
+		return res, err
+	}
+	it.destroyMu.Lock()
+	defer it.destroyMu.Unlock()
+
+	var errs []error
+	for batch := range slices.Chunk(gone, maxDoomed) {
+		r, err := dp.terminateBatch(it, ns, batch)
+		res.Backends += r.Backends
+		res.Destroyed += r.Destroyed
+		res.Failed += r.Failed
+		res.NetnsEntered += r.NetnsEntered
+		res.NetnsUnreachable += r.NetnsUnreachable
+		res.FullWalk = res.FullWalk || r.FullWalk
+		errs = append(errs, err)
+	}
+	res.Duration = time.Since(start)
+	return res, errors.Join(errs...)
+}
+
+// maxDoomed is PODSOCK_MAX_DOOMED in bpf/sockiter.c.
+const maxDoomed = 65536
+
+func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBackend) (TerminateResult, error) {
+	res := TerminateResult{Backends: len(gone)}
+	doomed := make([]sockiterDoomedKey, 0, len(gone))
+	backends := map[socklbBackendKey]bool{}
+	for _, b := range gone {
+		doomed = append(doomed, sockiterDoomedKey{
+			Vip: addrWords(b.VIP.Addr()), VipPort: htons(b.VIP.Port()),
+			Backend: addrWords(b.Backend.Addr()), BackendPort: htons(b.Backend.Port()),
+			Proto: b.Proto,
+		})
+		backends[socklbBackendKey{Addr: addrWords(b.Backend.Addr()), Port: htons(b.Backend.Port()), Proto: b.Proto}] = true
+	}
+	ones := make([]uint8, len(doomed))
+	for i := range ones {
+		ones[i] = 1
+	}
+	if _, err := it.objs.PodsockDoomed.BatchUpdate(doomed, ones, nil); err != nil {
+		return res, fmt.Errorf("write doomed backends: %w", err)
+	}
+	defer func() {
+		if _, err := it.objs.PodsockDoomed.BatchDelete(doomed, nil); err != nil {
+			dp.log.WithError(err).Warn("clear doomed backends")
+		}
+	}()
+
+	targets, err := dp.netnsHolding(backends, ns)
+	if err != nil {
+		return res, err
+	}
+	full, err := dp.untrackedOpen()
+	if err != nil {
+		return res, err
+	}
+	if full {
+		res.FullWalk = true
+		for _, c := range ns.Cookies() {
+			targets[c] |= protoBitTCP | protoBitUDP
+		}
+	}
+	cookies := make([]uint64, 0, len(targets))
+	for c := range targets {
+		cookies = append(cookies, c)
+	}
+	slices.Sort(cookies)
+	var errs []error
+	for _, cookie := range cookies {
+		protos := targets[cookie]
+		entered := false
+		for _, p := range []struct {
+			bit uint8
+			l   *link.Iter
+		}{{protoBitTCP, it.destTCP}, {protoBitUDP, it.destUDP}} {
+			if protos&p.bit == 0 {
+				continue
+			}
+			rc, err := open(ns, cookie, p.l)
+			if errors.Is(err, ErrUnknownNetns) {
+				res.NetnsUnreachable++
+				break
+			}
+			if err != nil {
+				errs = append(errs, err)
+				break
+			}
+			entered = true
+			err = readRecords(rc, func(r *sockiterSockRecord) error {
+				if r.Flags&recDestroyed == 0 {
+					return nil
+				}
+				if r.DestroyErr != 0 {
+					res.Failed++
+				} else {
+					res.Destroyed++
+				}
+				return nil
+			})
+			rc.Close()
+			if err != nil {
+				errs = append(errs, fmt.Errorf("netns %d: %w", cookie, err))
+			}
+		}
+		if entered {
+			res.NetnsEntered++
+		}
+	}
+	dp.dropBackendCounts(backends)
+	return res, errors.Join(errs...)
+}
+
+const (
+	protoBitTCP uint8 = 1
+	protoBitUDP uint8 = 2
+)
+
+func protoBit(p uint8) uint8 {
+	if p == ProtoTCP {
+		return protoBitTCP
+	}
+	return protoBitUDP
+}
+
+// netnsHolding reads the backend counts: which netns hold connected sockets to any of
+// these backends, and over which protocols. On the way it drops entries at zero whose
+// netns the NetnsSet no longer knows: netns cookies are never reused, and a netns without
+// a handle cannot be walked anyway.
+func (dp *Datapath) netnsHolding(backends map[socklbBackendKey]bool, ns NetnsSet) (map[uint64]uint8, error) {
+	known := map[uint64]bool{}
+	for _, c := range ns.Cookies() {
+		known[c] = true
+	}
+	out := map[uint64]uint8{}
+	var stale []socklbBackendNetnsKey
+	var k socklbBackendNetnsKey
+	var n int64
+	iter := dp.objs.PodsockBnetnsV1.Iterate()
+	for iter.Next(&k, &n) {
+		if n <= 0 {
+			if !known[k.NetnsCookie] {
+				stale = append(stale, k)
+			}
+			continue
+		}
+		if backends[k.Backend] {
+			out[k.NetnsCookie] |= protoBit(k.Backend.Proto)
+		}
+	}
+	if err := iter.Err(); err != nil {
+		return nil, fmt.Errorf("read backend counts: %w", err)
+	}
+	dp.deleteBackendCounts(stale)
+	return out, nil
+}
+
+// PruneBackendCounts drops count entries at zero of netns that the NetnsSet no longer
+// knows (pods that are gone), so the count map does not fill up with pod churn.
+func (dp *Datapath) PruneBackendCounts(ns NetnsSet) error {
+	_, err := dp.netnsHolding(nil, ns)
+	return err
+}
+
+// dropBackendCounts forgets the counts of terminated backends. Sockets still counted there
+// (destroyed, but not yet closed by their application) find no entry when they are
+// released, which is harmless.
+func (dp *Datapath) dropBackendCounts(backends map[socklbBackendKey]bool) {
+	var drop []socklbBackendNetnsKey
+	var k socklbBackendNetnsKey
+	var n int64
+	iter := dp.objs.PodsockBnetnsV1.Iterate()
+	for iter.Next(&k, &n) {
+		if backends[k.Backend] {
+			drop = append(drop, k)
+		}
+	}
+	if err := iter.Err(); err != nil {
+		dp.log.WithError(err).Warn("read backend counts")
+	}
+	dp.deleteBackendCounts(drop)
+}
+
+func (dp *Datapath) deleteBackendCounts(keys []socklbBackendNetnsKey) {
+	for _, k := range keys {
+		if err := dp.objs.PodsockBnetnsV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			dp.log.WithError(err).Warn("delete backend count")
+		}
+	}
+}
+
+// untrackedOpen reports whether connected sockets exist that the backend counts missed.
+func (dp *Datapath) untrackedOpen() (bool, error) {
+	st, err := dp.Stats()
+	if err != nil {
+		return false, err
+	}
+	return st.Untracked > st.UntrackedReleased, nil
+}
+
+// BackendNetns lists, per backend ("ip:port/proto"), the netns cookies holding connected
+// sockets balanced to it and how many: what termination would enter.
+func (dp *Datapath) BackendNetns() (map[string]map[uint64]int64, error) {
+	out := map[string]map[uint64]int64{}
+	var k socklbBackendNetnsKey
+	var n int64
+	iter := dp.objs.PodsockBnetnsV1.Iterate()
+	for iter.Next(&k, &n) {
+		if n <= 0 {
+			continue
+		}
+		name := fmt.Sprintf("%s/%s", netip.AddrPortFrom(wordsAddr(k.Backend.Addr), ntohs(k.Backend.Port)), ProtoName(k.Backend.Proto))
+		if out[name] == nil {
+			out[name] = map[uint64]int64{}
+		}
+		out[name][k.NetnsCookie] = n
+	}
+	return out, iter.Err()
+}

@@ -1,0 +1,313 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sync"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/podsock/podsock/test/testenv"
+)
+
+// testNetns is a NetnsSet over netns the test created; it records which it entered.
+type testNetns struct {
+	mu      sync.Mutex
+	byCk    map[uint64]*testenv.Netns
+	order   []uint64
+	entered []uint64
+}
+
+func newTestNetns(t *testing.T, nss ...*testenv.Netns) *testNetns {
+	s := &testNetns{byCk: map[uint64]*testenv.Netns{}}
+	for _, ns := range nss {
+		c := ns.Cookie(t)
+		s.byCk[c] = ns
+		s.order = append(s.order, c)
+	}
+	return s
+}
+
+func (s *testNetns) Cookies() []uint64 { return slices.Clone(s.order) }
+
+func (s *testNetns) Enter(cookie uint64, f func() error) error {
+	ns, ok := s.byCk[cookie]
+	if !ok {
+		return fmt.Errorf("netns %d: %w", cookie, ErrUnknownNetns)
+	}
+	s.mu.Lock()
+	if !slices.Contains(s.entered, cookie) {
+		s.entered = append(s.entered, cookie)
+	}
+	s.mu.Unlock()
+	return ns.Do(f)
+}
+
+func (s *testNetns) takeEntered() []uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e := s.entered
+	s.entered = nil
+	slices.Sort(e)
+	return e
+}
+
+// clientNetns is a netns with its own copies of the backends on lo, so that clients in
+// several netns reach "the same" backend addresses.
+func clientNetns(t *testing.T) *testenv.Netns {
+	ns := testenv.NewNetns(t, vipRanges, "10.88.0.5/32", "10.88.0.6/32", "10.88.0.7/32")
+	testenv.StartTCPBackend(t, ns, "A", beA)
+	testenv.StartTCPBackend(t, ns, "B", beB)
+	testenv.StartTCPBackend(t, ns, "C", beC)
+	testenv.StartUDPBackend(t, ns, "dnsA", dnsA)
+	testenv.StartUDPBackend(t, ns, "dnsB", dnsB)
+	return ns
+}
+
+// heldTCP connects through the VIP and keeps the socket.
+func heldTCP(t *testing.T, ns *testenv.Netns, vip netip.AddrPort, want string) int {
+	t.Helper()
+	r, err := testenv.DialTCP(ns, 0, vip, true)
+	if err != nil || r.Backend != want || r.Peer != vip {
+		t.Fatalf("dial %s from %s: backend %q peer %s err %v, want %s and the VIP", vip, ns.Name, r.Backend, r.Peer, err, want)
+	}
+	t.Cleanup(func() { unix.Close(r.FD) })
+	return r.FD
+}
+
+// udpClient makes a UDP socket that has exchanged one datagram with vip, connected or not.
+func udpClient(t *testing.T, ns *testenv.Netns, vip netip.AddrPort, connected bool, want string) int {
+	t.Helper()
+	fd, err := testenv.Socket(ns, unix.AF_INET, unix.SOCK_DGRAM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	to := vip
+	if connected {
+		if err := unix.Connect(fd, testenv.Sockaddr(unix.AF_INET, vip)); err != nil {
+			t.Fatalf("connect UDP %s: %v", vip, err)
+		}
+		to = netip.AddrPort{}
+	}
+	r, err := testenv.UDPExchange(fd, unix.AF_INET, to)
+	if err != nil || r.Backend != want {
+		t.Fatalf("UDP %s from %s (connected %v): %+v %v, want %s", vip, ns.Name, connected, r, err, want)
+	}
+	return fd
+}
+
+func localPort(t *testing.T, fd int) uint16 {
+	t.Helper()
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return testenv.AddrPort(sa).Port()
+}
+
+// aborted says the socket's next read fails with ECONNABORTED, as bpf_sock_destroy leaves it.
+func aborted(fd int) error {
+	buf := make([]byte, 64)
+	_, err := unix.Read(fd, buf)
+	if errors.Is(err, unix.ECONNABORTED) {
+		return nil
+	}
+	return fmt.Errorf("read gave %w, want ECONNABORTED", err)
+}
+
+// alive says the socket has no pending error and nothing to read: untouched.
+func alive(fd int) error {
+	soErr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+	if err != nil {
+		return err
+	}
+	if soErr != 0 {
+		return fmt.Errorf("SO_ERROR = %w", unix.Errno(soErr))
+	}
+	buf := make([]byte, 64)
+	_, _, err = unix.Recvfrom(fd, buf, unix.MSG_DONTWAIT)
+	if !errors.Is(err, unix.EAGAIN) {
+		return fmt.Errorf("non-blocking read gave %w, want EAGAIN", err)
+	}
+	return nil
+}
+
+func listAll(t *testing.T, dp *Datapath, ns NetnsSet, f SocketFilter) []Socket {
+	t.Helper()
+	var out []Socket
+	if _, err := dp.Sockets(ns, f, func(s Socket) error { out = append(out, s); return nil }); err != nil {
+		t.Fatalf("list sockets: %v", err)
+	}
+	return out
+}
+
+func byCookie(socks []Socket, cookie uint64) (Socket, bool) {
+	for _, s := range socks {
+		if s.Cookie == cookie {
+			return s, true
+		}
+	}
+	return Socket{}, false
+}
+
+func sockCookie(t *testing.T, fd int) uint64 {
+	t.Helper()
+	c, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_COOKIE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+var (
+	apiVIP  = netip.MustParseAddrPort("10.96.0.21:80")
+	dns2VIP = netip.MustParseAddrPort("10.96.0.54:53")
+)
+
+func TestPrivilegedSocketsListAndTerminate(t *testing.T) {
+	f := newFixture(t)
+	dp := f.load()
+	if _, err := dp.iterators(); err != nil {
+		testenv.SkipOrFail(t, err.Error())
+	}
+	n1, n2, n3, n4 := clientNetns(t), clientNetns(t), clientNetns(t), clientNetns(t)
+	set := newTestNetns(t, n1, n2, n3, n4)
+	c1, c2 := n1.Cookie(t), n2.Cookie(t)
+
+	apply(t, dp,
+		tcpService("default/web", webVIP, be(beA, 1)),
+		tcpService("default/api", apiVIP, be(beB, 1)),
+		udpService("kube-system/dns", dnsVIP, be(dnsA, 1)),
+		udpService("kube-system/dns2", dns2VIP, be(dnsB, 1)))
+
+	// Clients of web (backend A, about to go): two in n1, one in n2; a connected UDP
+	// client of dns (dnsA) in n2. Clients that must survive: api (B) in n1 and n3, an
+	// unconnected UDP socket that talked to dns in n2, a connected UDP client of dns2, and
+	// a socket in n1 that dialled A directly, without a VIP.
+	web1a, web1b := heldTCP(t, n1, webVIP, "A"), heldTCP(t, n1, webVIP, "A")
+	web2 := heldTCP(t, n2, webVIP, "A")
+	dnsConn := udpClient(t, n2, dnsVIP, true, "dnsA")
+	dnsUnconn := udpClient(t, n2, dnsVIP, false, "dnsA")
+	dns2Conn := udpClient(t, n3, dns2VIP, true, "dnsB")
+	api1, api3 := heldTCP(t, n1, apiVIP, "B"), heldTCP(t, n3, apiVIP, "B")
+	direct, err := testenv.DialTCP(n1, 0, beA, true)
+	if err != nil || direct.Backend != "A" {
+		t.Fatalf("direct dial of %s: %+v %v", beA, direct, err)
+	}
+	t.Cleanup(func() { unix.Close(direct.FD) })
+	unconnPort := localPort(t, dnsUnconn)
+
+	t.Run("list", func(t *testing.T) {
+		all := listAll(t, dp, set, SocketFilter{})
+		for _, c := range []struct {
+			fd       int
+			netns    *testenv.Netns
+			proto    uint8
+			service  string
+			vip      netip.AddrPort
+			backend  netip.AddrPort
+			lbPeer   bool
+			balanced bool
+		}{
+			{web1a, n1, ProtoTCP, "default/web", webVIP, beA, true, true},
+			{web2, n2, ProtoTCP, "default/web", webVIP, beA, true, true},
+			{api3, n3, ProtoTCP, "default/api", apiVIP, beB, true, true},
+			{dnsConn, n2, ProtoUDP, "kube-system/dns", dnsVIP, dnsA, true, true},
+			{dnsUnconn, n2, ProtoUDP, "kube-system/dns", dnsVIP, dnsA, false, true},
+			{direct.FD, n1, ProtoTCP, "", netip.AddrPort{}, netip.AddrPort{}, false, false},
+		} {
+			s, ok := byCookie(all, sockCookie(t, c.fd))
+			if !ok {
+				t.Errorf("socket fd %d of %s not listed", c.fd, c.netns.Name)
+				continue
+			}
+			if s.NetnsCookie != c.netns.Cookie(t) || s.Proto != c.proto || s.Service != c.service ||
+				s.VIP != c.vip || s.Backend != c.backend || s.LBConnected != c.lbPeer || s.Balanced != c.balanced {
+				t.Errorf("socket fd %d of %s listed as %+v", c.fd, c.netns.Name, s)
+			}
+			if c.lbPeer && (s.Remote != c.backend || StateName(s.Proto, s.State) != "ESTAB") {
+				t.Errorf("connected socket fd %d: remote %s state %s, want %s ESTAB", c.fd, s.Remote, StateName(s.Proto, s.State), c.backend)
+			}
+			if !c.lbPeer && c.balanced && s.Remote.IsValid() {
+				t.Errorf("unconnected UDP socket listed with remote %s", s.Remote)
+			}
+		}
+		// Filters: only UDP; only what reaches backend A (balanced or not), in n1.
+		for _, s := range listAll(t, dp, set, SocketFilter{Proto: ProtoUDP}) {
+			if s.Proto != ProtoUDP {
+				t.Fatalf("proto filter let through %+v", s)
+			}
+		}
+		var got []uint64
+		for _, s := range listAll(t, dp, set, SocketFilter{Netns: []uint64{c1}, Backend: beA}) {
+			got = append(got, s.Cookie)
+		}
+		want := []uint64{sockCookie(t, web1a), sockCookie(t, web1b), sockCookie(t, direct.FD)}
+		slices.Sort(got)
+		slices.Sort(want)
+		if !slices.Equal(got, want) {
+			t.Errorf("backend filter in n1 gave cookies %v, want %v", got, want)
+		}
+		set.takeEntered()
+	})
+
+	t.Run("terminate", func(t *testing.T) {
+		res := apply(t, dp,
+			tcpService("default/web", webVIP, be(beC, 1)),
+			tcpService("default/api", apiVIP, be(beB, 1)),
+			udpService("kube-system/dns", dnsVIP, be(dnsB, 1)),
+			udpService("kube-system/dns2", dns2VIP, be(dnsB, 1)))
+		tr, err := dp.Terminate(set, res.RemovedBackends, ProtoTCP, ProtoUDP)
+		if err != nil {
+			t.Fatalf("terminate: %v", err)
+		}
+		if tr.Destroyed != 4 || tr.Failed != 0 || tr.FullWalk {
+			t.Errorf("terminate destroyed %d, failed %d, full walk %v; want 4, 0, false", tr.Destroyed, tr.Failed, tr.FullWalk)
+		}
+		wantEntered := []uint64{c1, c2}
+		slices.Sort(wantEntered)
+		if got := set.takeEntered(); !slices.Equal(got, wantEntered) || tr.NetnsEntered != 2 {
+			t.Errorf("entered netns %v (%d counted), want only n1 and n2 %v", got, tr.NetnsEntered, wantEntered)
+		}
+		for name, fd := range map[string]int{"web n1 #1": web1a, "web n1 #2": web1b, "web n2": web2, "connected dns": dnsConn} {
+			if err := aborted(fd); err != nil {
+				t.Errorf("%s: %v", name, err)
+			}
+		}
+		for name, fd := range map[string]int{"api n1": api1, "api n3": api3, "direct to A": direct.FD, "connected dns2": dns2Conn} {
+			if err := alive(fd); err != nil {
+				t.Errorf("%s was touched: %v", name, err)
+			}
+		}
+		if err := alive(dnsUnconn); err != nil {
+			t.Errorf("unconnected UDP was touched: %v", err)
+		}
+		if p := localPort(t, dnsUnconn); p != unconnPort {
+			t.Errorf("unconnected UDP local port changed from %d to %d", unconnPort, p)
+		}
+		if r, err := testenv.UDPExchange(dnsUnconn, unix.AF_INET, dnsVIP); err != nil || r.Backend != "dnsB" || r.From != dnsVIP {
+			t.Errorf("unconnected UDP after the change: %+v %v, want dnsB from the VIP", r, err)
+		}
+	})
+
+	t.Run("protocols", func(t *testing.T) {
+		// terminate = ["udp"] leaves TCP clients of a removed backend alone.
+		api := heldTCP(t, n3, apiVIP, "B")
+		res := apply(t, dp,
+			tcpService("default/web", webVIP, be(beC, 1)),
+			tcpService("default/api", apiVIP, be(beC, 1)),
+			udpService("kube-system/dns", dnsVIP, be(dnsB, 1)),
+			udpService("kube-system/dns2", dns2VIP, be(dnsB, 1)))
+		tr, err := dp.Terminate(set, res.RemovedBackends, ProtoUDP)
+		if err != nil || tr.Destroyed != 0 || tr.NetnsEntered != 0 {
+			t.Fatalf("UDP-only terminate of a TCP backend: %+v %v", tr, err)
+		}
+		if err := alive(api); err != nil {
+			t.Errorf("TCP client touched with terminate = [udp]: %v", err)
+		}
+	})
+}

@@ -46,6 +46,11 @@ type Agent struct {
 
 	srv *http.Server
 
+	// netns reaches the host's and every pod's netns for the socket iterators; term
+	// destroys the sockets of removed backends.
+	netns nodeNetns
+	term  *terminator
+
 	// syncLearned are the pods known only from a Synchronize, which the runtime may never
 	// report the removal of (see sweepVanishedPods). Guarded by opMu.
 	syncLearned map[string]bool
@@ -172,9 +177,16 @@ func (a *Agent) start(cfg *config.Config, sigs <-chan os.Signal) (reloadPending 
 		ctl.Close()
 		return false, err
 	}
+	host, err := runtimehooks.OpenNetns(hostNetnsPath)
+	if err != nil {
+		ctl.Close()
+		return false, errors.Join(fmt.Errorf("hold the host netns: %w", err), dp.Close())
+	}
 	a.opMu.Lock()
 	a.dp, a.ctl, a.cgroupRoot, a.settings, a.nri = dp, ctl, cgroupRoot, cfg.Agent, cfg.NRI
 	a.tracker = runtimehooks.NewTracker(cgroup2)
+	a.netns = nodeNetns{host: host, tracker: a.tracker}
+	a.term = newTerminator(dp, a.netns, log)
 	a.opMu.Unlock()
 drain:
 	for sigs != nil {
@@ -226,10 +238,17 @@ func (a *Agent) stop() {
 			return
 		}
 	}
+	if a.term != nil {
+		// A pass in progress finishes before the handles it uses go.
+		a.term.close()
+	}
 	a.opMu.Lock()
 	defer a.opMu.Unlock()
 	if a.ctl != nil {
 		a.ctl.Close()
+	}
+	if a.netns.host != nil {
+		_ = a.netns.host.Close()
 	}
 	if a.tracker != nil {
 		if err := a.tracker.Close(); err != nil {
@@ -326,6 +345,7 @@ func (a *Agent) apply(cfg *config.Config) error {
 	for _, gone := range res.RemovedBackends {
 		a.log.WithField("service", gone.Service).Infof("backend removed: %s", gone)
 	}
+	a.term.remove(res.RemovedBackends, terminatedProtos(cfg))
 	// Even a partly applied config is what the datapath now serves, so pod policy follows
 	// it rather than the previous one.
 	pol := newPodPolicy(cfg)
@@ -355,6 +375,18 @@ func (a *Agent) Generation() uint64 {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.generation
+}
+
+// terminatedProtos are the protocols of [lb] terminate, as the datapath numbers them.
+func terminatedProtos(cfg *config.Config) []uint8 {
+	var out []uint8
+	if cfg.LB.Terminates(config.ProtocolTCP) {
+		out = append(out, datapath.ProtoTCP)
+	}
+	if cfg.LB.Terminates(config.ProtocolUDP) {
+		out = append(out, datapath.ProtoUDP)
+	}
+	return out
 }
 
 func toDatapath(svcs []config.Service, policies map[string]datapath.ServicePolicy) []datapath.Service {

@@ -1,12 +1,14 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -29,11 +31,13 @@ type Status struct {
 	Backends int            `json:"backends"`
 	Pods     int            `json:"pods"`
 	// Netns counts the pod network namespaces the agent holds open.
-	Netns            int    `json:"netns"`
-	ConfigGeneration uint64 `json:"config_generation"`
-	ConfigPath       string `json:"config_path"`
-	LastReloadError  string `json:"last_reload_error"`
-	PID              int    `json:"pid"`
+	Netns int `json:"netns"`
+	// Termination is what became of sockets still attached to removed backends.
+	Termination      TerminationStatus `json:"termination"`
+	ConfigGeneration uint64            `json:"config_generation"`
+	ConfigPath       string            `json:"config_path"`
+	LastReloadError  string            `json:"last_reload_error"`
+	PID              int               `json:"pid"`
 }
 
 type DatapathStatus struct {
@@ -171,6 +175,7 @@ func (a *Agent) serveControl(ln net.Listener) *http.Server {
 	mux.HandleFunc("GET /v1/pods", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, a.podViews())
 	})
+	mux.HandleFunc("GET /v1/sockets", a.serveSockets)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -222,6 +227,7 @@ func (a *Agent) status() Status {
 			}
 		}
 	}
+	st.Termination = a.term.status()
 	st.NRI.Events = a.events.snapshot()
 	if a.plugin != nil {
 		st.NRI.Connected = a.plugin.Connected()
@@ -295,6 +301,11 @@ func NewClient(stateDir string) *Client {
 }
 
 func (c *Client) get(path string, v any) error {
+	return c.stream(path, func(dec *json.Decoder) error { return dec.Decode(v) })
+}
+
+// stream sends a GET and hands the answer's body to read.
+func (c *Client) stream(path string, read func(*json.Decoder) error) error {
 	resp, err := c.http.Get("http://podsock" + path)
 	if err != nil {
 		switch {
@@ -309,9 +320,9 @@ func (c *Client) get(path string, v any) error {
 	if resp.StatusCode != http.StatusOK {
 		var msg [512]byte
 		n, _ := resp.Body.Read(msg[:])
-		return fmt.Errorf("agent: %s: %s", resp.Status, msg[:n])
+		return fmt.Errorf("agent: %s: %s", resp.Status, bytes.TrimSpace(msg[:n]))
 	}
-	return json.NewDecoder(resp.Body).Decode(v)
+	return read(json.NewDecoder(resp.Body))
 }
 
 // Status asks the agent for its status.
@@ -324,6 +335,38 @@ func (c *Client) Status() (Status, error) {
 func (c *Client) Pods() ([]PodView, error) {
 	var out []PodView
 	return out, c.get("/v1/pods", &out)
+}
+
+// Sockets asks the agent for the sockets matching q and hands them to fn as they arrive.
+func (c *Client) Sockets(q SocketQuery, fn func(SocketView) error) error {
+	v := url.Values{}
+	for k, s := range map[string]string{"pod": q.Pod, "backend": q.Backend, "proto": q.Proto} {
+		if s != "" {
+			v.Set(k, s)
+		}
+	}
+	path := "/v1/sockets"
+	if len(v) > 0 {
+		path += "?" + v.Encode()
+	}
+	return c.stream(path, func(dec *json.Decoder) error {
+		if _, err := dec.Token(); err != nil {
+			return fmt.Errorf("read sockets: %w", err)
+		}
+		for dec.More() {
+			var s SocketView
+			if err := dec.Decode(&s); err != nil {
+				return fmt.Errorf("read sockets (the agent may have cut the list short): %w", err)
+			}
+			if err := fn(s); err != nil {
+				return err
+			}
+		}
+		if _, err := dec.Token(); err != nil {
+			return fmt.Errorf("read sockets (the agent cut the list short): %w", err)
+		}
+		return nil
+	})
 }
 
 // Services asks the agent for the services as the datapath has them.

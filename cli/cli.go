@@ -9,6 +9,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime/debug"
@@ -34,6 +35,9 @@ commands:
   status    --config FILE [--json]    datapath, NRI and config state; exit 0 when serving
   services  --config FILE [--json]    services and backends as the datapath has them
   pods      --config FILE [--json]    pods known from the runtime: cgroups, netns, IPs, policy
+  sockets   --config FILE [--json] [--pod NS/NAME] [--backend IP:PORT] [--proto tcp|udp]
+                                      every TCP/UDP socket of the host and pod netns, with
+                                      its pod and, when podsock balanced it, service and backend
   cleanup   --config FILE             detach and unpin everything podsock created
   version   [--json]                  version and the kernel features found
 
@@ -70,6 +74,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		run = services
 	case "pods":
 		run = pods
+	case "sockets":
+		run = sockets
 	case "cleanup":
 		run = cleanup
 	case "version":
@@ -87,8 +93,13 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	if cmd != "version" {
 		fs.StringVar(&c.configPath, "config", config.DefaultPath, "config file")
 	}
-	if cmd == "status" || cmd == "services" || cmd == "pods" || cmd == "version" {
+	if cmd == "status" || cmd == "services" || cmd == "pods" || cmd == "sockets" || cmd == "version" {
 		fs.BoolVar(&c.json, "json", false, "print JSON")
+	}
+	if cmd == "sockets" {
+		fs.StringVar(&c.sockets.Pod, "pod", "", "only this pod's netns (NAMESPACE/NAME)")
+		fs.StringVar(&c.sockets.Backend, "backend", "", "only sockets whose backend or remote is IP:PORT")
+		fs.StringVar(&c.sockets.Proto, "proto", "", "tcp or udp")
 	}
 	if err := fs.Parse(rest); err != nil {
 		fmt.Fprintf(stderr, "podsock %s: %v (try `podsock help`)\n", cmd, err)
@@ -103,6 +114,10 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		if !errors.As(err, &u) {
 			fmt.Fprintf(stderr, "podsock %s: %s\n", cmd, oneLine(err.Error()))
 		}
+		var bad badArgument
+		if errors.As(err, &bad) {
+			return exitUsage
+		}
 		return exitFail
 	}
 	return exitOK
@@ -113,8 +128,14 @@ type command struct {
 	flags          *flag.FlagSet
 	configPath     string
 	json           bool
+	sockets        agent.SocketQuery
 	stdout, stderr io.Writer
 }
+
+// badArgument is a flag value the command cannot use.
+type badArgument struct{ error }
+
+func badArg(format string, a ...any) error { return badArgument{fmt.Errorf(format, a...)} }
 
 // unhealthy is a failure already reported on stdout (status of a broken datapath).
 type unhealthy struct{}
@@ -206,6 +227,7 @@ func status(c *command) error {
 		fmt.Fprintf(w, "counters\t%d connects, %d sendmsgs, %d reversed, %d refused (no backend), %d without socket storage\n",
 			k.Connects, k.Sendmsgs, k.Reversed, k.NoBackend, k.NoStorage)
 		fmt.Fprintf(w, "policy\t%d denied (allow-lists), %d left alone (skip-LB, hostns_only)\n", k.Denied, k.Skipped)
+		fmt.Fprintf(w, "termination\t%s\n", terminationLine(st.Termination))
 		if l, ok := st.NRI.HandlerLatency["all_pod_events"]; ok {
 			fmt.Fprintf(w, "nri handlers\t%d events, p50 %s, p99 %s, max %s\n", l.Count, l.P50, l.P99, l.Max)
 		}
@@ -217,6 +239,25 @@ func status(c *command) error {
 		return unhealthy{}
 	}
 	return nil
+}
+
+func terminationLine(t agent.TerminationStatus) string {
+	if !t.Available {
+		return "unavailable: " + t.Error
+	}
+	protos := strings.Join(t.Protocols, ",")
+	if protos == "" {
+		protos = "off"
+	}
+	line := fmt.Sprintf("%s; %d sockets destroyed (%d refused) for %d removed backends, %d netns entered over %d passes",
+		protos, t.Destroyed, t.Failed, t.Backends, t.NetnsEntered, t.Passes)
+	if t.Passes > 0 {
+		line += fmt.Sprintf(", last %.1f ms", t.LastPassMillis)
+	}
+	if t.LastError != "" {
+		line += "; last error: " + t.LastError
+	}
+	return line
 }
 
 func attachedWord(b bool) string {
@@ -300,6 +341,66 @@ func pods(c *command) error {
 			p.NetnsCookie, len(p.Containers), strings.Join(policy, "; "))
 	}
 	return w.Flush()
+}
+
+func sockets(c *command) error {
+	q := c.sockets
+	// Bad arguments are caught here, before the agent is asked anything.
+	if q.Proto != "" && q.Proto != "tcp" && q.Proto != "udp" {
+		return badArg("--proto %q: want tcp or udp", q.Proto)
+	}
+	if q.Backend != "" {
+		if _, err := netip.ParseAddrPort(q.Backend); err != nil {
+			return badArg("--backend %q: want IP:PORT ([v6]:PORT for IPv6)", q.Backend)
+		}
+	}
+	if q.Pod != "" && strings.Count(q.Pod, "/") != 1 {
+		return badArg("--pod %q: want NAMESPACE/NAME", q.Pod)
+	}
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	if c.json {
+		// Streamed through, so a node with many sockets never sits in memory here either.
+		sep := "["
+		err := cl.Sockets(q, func(s agent.SocketView) error {
+			b, err := json.Marshal(s)
+			if err != nil {
+				return err
+			}
+			_, err = fmt.Fprintf(c.stdout, "%s\n%s", sep, b)
+			sep = ","
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		if sep == "[" {
+			_, err = fmt.Fprintln(c.stdout, "[]")
+		} else {
+			_, err = fmt.Fprintln(c.stdout, "\n]")
+		}
+		return err
+	}
+	w := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "PROTO\tSTATE\tLOCAL\tREMOTE\tPOD\tSERVICE\tBACKEND\tNETNS\tCOOKIE")
+	err = cl.Sockets(q, func(s agent.SocketView) error {
+		_, err := fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\n", s.Proto, s.State, s.Local, dash(s.Remote),
+			dash(s.Pod), dash(s.Service), dash(s.Backend), s.NetnsCookie, s.SocketCookie)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	return w.Flush()
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 func joinHostPort(ip string, port uint16) string {

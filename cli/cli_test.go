@@ -27,6 +27,10 @@ func TestBadArgumentsAreOneLine(t *testing.T) {
 		{[]string{"services", "extra"}, `unexpected argument "extra"`},
 		{[]string{"run", "--config"}, "flag needs an argument: -config"},
 		{[]string{"version", "--config", "x"}, "flag provided but not defined: -config"},
+		{[]string{"sockets", "--proto", "sctp"}, `--proto "sctp": want tcp or udp`},
+		{[]string{"sockets", "--backend", "10.0.0.1"}, `--backend "10.0.0.1": want IP:PORT`},
+		{[]string{"sockets", "--pod", "web"}, `--pod "web": want NAMESPACE/NAME`},
+		{[]string{"pods", "--pod", "a/b"}, "flag provided but not defined: -pod"},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {

@@ -172,6 +172,13 @@ func (dp *Datapath) iterators() (*sockIter, error) {
 	return dp.iter, nil
 }
 
+// IteratorsErr says why sockets cannot be listed or terminated on this node; nil when
+// they can.
+func (dp *Datapath) IteratorsErr() error {
+	_, err := dp.iterators()
+	return err
+}
+
 // open opens an iterator inside one netns. The iterator keeps that netns for its whole
 // walk, so reading (and the BPF program, which runs during reads) happens after the
 // thread is back.

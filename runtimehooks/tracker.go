@@ -476,14 +476,43 @@ func (t *Tracker) WithNetns(sandboxID string, f func(fd int) error) error {
 		t.mu.Unlock()
 		return fmt.Errorf("netns of sandbox %q: %w", sandboxID, ErrUnknownSandbox)
 	}
-	h := ps.netns
-	if h == nil {
+	if ps.netns == nil {
 		t.mu.Unlock()
 		return fmt.Errorf("netns of sandbox %q: %w", sandboxID, ErrNoNetns)
 	}
+	return t.useNetns(ps.netns, f)
+}
+
+// WithNetnsCookie is WithNetns for the pod whose netns has this cookie.
+func (t *Tracker) WithNetnsCookie(cookie uint64, f func(fd int) error) error {
+	t.mu.Lock()
+	for _, ps := range t.pods {
+		if ps.netns != nil && ps.netns.ns.Cookie() == cookie {
+			return t.useNetns(ps.netns, f)
+		}
+	}
+	t.mu.Unlock()
+	return fmt.Errorf("netns cookie %d: %w", cookie, ErrNoNetns)
+}
+
+// NetnsCookies lists the cookies of the netns the tracker holds, one per namespace.
+func (t *Tracker) NetnsCookies() []uint64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := make([]uint64, 0, len(t.pods))
+	for _, ps := range t.pods {
+		if ps.netns != nil && !slices.Contains(out, ps.netns.ns.Cookie()) {
+			out = append(out, ps.netns.ns.Cookie())
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// useNetns is called with t.mu held and releases it before f runs.
+func (t *Tracker) useNetns(h *heldNetns, f func(fd int) error) error {
 	h.users++
 	t.mu.Unlock()
-
 	defer func() {
 		t.mu.Lock()
 		defer t.mu.Unlock()

@@ -317,8 +317,8 @@ func TestPrivilegedAgentKill9KeepsServingAndRestartAdopts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.Datapath.AdoptedLinks != 8 {
-		t.Fatalf("restarted agent adopted %d links, want 8", st.Datapath.AdoptedLinks)
+	if st.Datapath.AdoptedLinks != 9 {
+		t.Fatalf("restarted agent adopted %d links, want 9", st.Datapath.AdoptedLinks)
 	}
 	out, err := exec.Command("bpftool", "cgroup", "show", w.cg.Path).CombinedOutput()
 	if err != nil {

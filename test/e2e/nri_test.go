@@ -307,8 +307,8 @@ func TestPrivilegedNRIPodToVIP(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.Pods != 3 || st.Netns != 3 || st.Datapath.AdoptedLinks != 8 {
-		t.Fatalf("status after restart: %d pods, %d netns, %d adopted links; want 3, 3 and 8", st.Pods, st.Netns, st.Datapath.AdoptedLinks)
+	if st.Pods != 3 || st.Netns != 3 || st.Datapath.AdoptedLinks != 9 {
+		t.Fatalf("status after restart: %d pods, %d netns, %d adopted links; want 3, 3 and 9", st.Pods, st.Netns, st.Datapath.AdoptedLinks)
 	}
 	t.Logf("NRI handler latency: %+v", st.NRI.HandlerLatency["all_pod_events"])
 }

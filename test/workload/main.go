@@ -6,7 +6,7 @@
 //	workload pause
 //	workload serve tcp|udp PORT NAME
 //	workload dial tcp|udp ADDR [COUNT]
-//	workload hold tcp ADDR
+//	workload hold tcp|udp ADDR
 package main
 
 import (
@@ -61,7 +61,7 @@ type command struct {
 
 func parseArgs(args []string) (command, error) {
 	if len(args) == 0 {
-		return command{}, errors.New("usage: workload pause | serve tcp|udp PORT NAME | dial tcp|udp ADDR [COUNT] | hold tcp ADDR")
+		return command{}, errors.New("usage: workload pause | serve tcp|udp PORT NAME | dial tcp|udp ADDR [COUNT] | hold tcp|udp ADDR")
 	}
 	c := command{name: args[0], count: 1}
 	rest := args[1:]
@@ -100,13 +100,9 @@ func parseArgs(args []string) (command, error) {
 			return c, errors.New("dial: want tcp|udp ADDR [COUNT]")
 		}
 		if c.name == "hold" && len(rest) != 2 {
-			return c, errors.New("hold: want tcp ADDR")
+			return c, errors.New("hold: want tcp|udp ADDR")
 		}
-		allowed := []string{"tcp", "udp"}
-		if c.name == "hold" {
-			allowed = allowed[:1]
-		}
-		if err := wantProto(allowed...); err != nil {
+		if err := wantProto("tcp", "udp"); err != nil {
 			return c, err
 		}
 		if _, _, err := net.SplitHostPort(rest[1]); err != nil {
@@ -227,8 +223,10 @@ func dialOnce(proto, addr string) (name, peer string, err error) {
 	return name, peer, nil
 }
 
+// hold connects (a connected UDP socket for udp), reads one reply and then blocks reading
+// until the socket fails: that moment is what the socket-destroy tests wait for.
 func hold(c command, out io.Writer) int {
-	conn, err := net.DialTimeout("tcp", c.addr, timeout)
+	conn, err := net.DialTimeout(c.proto, c.addr, timeout)
 	if err != nil {
 		return fail(out, err)
 	}
@@ -237,21 +235,29 @@ func hold(c command, out io.Writer) int {
 	if err != nil {
 		return fail(out, err)
 	}
-	if err := conn.SetReadDeadline(time.Now().Add(timeout)); err != nil {
+	if err := conn.SetDeadline(time.Now().Add(timeout)); err != nil {
 		return fail(out, err)
 	}
-	br := bufio.NewReader(conn)
-	line, err := br.ReadString('\n')
+	var rest io.Reader = conn
+	var line string
+	if c.proto == "udp" {
+		if _, err := conn.Write([]byte("ping")); err != nil {
+			return fail(out, err)
+		}
+		line, err = readLine(conn, "udp")
+	} else {
+		br := bufio.NewReader(conn)
+		rest = br
+		line, err = br.ReadString('\n')
+	}
 	if err != nil {
 		return fail(out, err)
 	}
 	fmt.Fprintf(out, "connected peer=%s reply=%s\n", peer, strings.TrimSuffix(line, "\n"))
-	// Blocks until the socket is destroyed or the peer goes away: that moment is what the
-	// socket-destroy tests wait for.
-	if err := conn.SetReadDeadline(time.Time{}); err != nil {
+	if err := conn.SetDeadline(time.Time{}); err != nil {
 		return fail(out, err)
 	}
-	_, err = io.Copy(io.Discard, br)
+	_, err = io.Copy(io.Discard, rest)
 	if err == nil {
 		err = io.EOF
 	}

@@ -18,6 +18,7 @@ func TestParseArgs(t *testing.T) {
 		"dial tcp 10.0.0.1:80":    {name: "dial", proto: "tcp", addr: "10.0.0.1:80", count: 1},
 		"dial udp [fd00::1]:53 5": {name: "dial", proto: "udp", addr: "[fd00::1]:53", count: 5},
 		"hold tcp 10.96.0.20:80":  {name: "hold", proto: "tcp", addr: "10.96.0.20:80", count: 1},
+		"hold udp 10.96.0.53:53":  {name: "hold", proto: "udp", addr: "10.96.0.53:53", count: 1},
 	}
 	for in, want := range good {
 		got, err := parseArgs(strings.Fields(in))
@@ -28,7 +29,7 @@ func TestParseArgs(t *testing.T) {
 	for _, in := range []string{
 		"", "nope", "pause x", "serve tcp 8080", "serve sctp 8080 a", "serve tcp 0 a",
 		"serve tcp 70000 a", "dial tcp", "dial tcp 10.0.0.1", "dial tcp 10.0.0.1:80 0",
-		"dial tcp 10.0.0.1:80 x", "hold udp 10.0.0.1:80", "hold tcp 10.0.0.1:80 2",
+		"dial tcp 10.0.0.1:80 x", "hold sctp 10.0.0.1:80", "hold tcp 10.0.0.1:80 2",
 	} {
 		if _, err := parseArgs(strings.Fields(in)); err == nil {
 			t.Errorf("parseArgs(%q) accepted", in)

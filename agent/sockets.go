@@ -1,0 +1,331 @@
+package agent
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/podsock/podsock/datapath"
+	"github.com/podsock/podsock/runtimehooks"
+)
+
+// nodeNetns is every netns the agent holds a handle to: the host's, and each pod's from
+// RunPodSandbox to RemovePodSandbox. It is the datapath's way into them.
+type nodeNetns struct {
+	host    *runtimehooks.Netns
+	tracker *runtimehooks.Tracker
+}
+
+// hostNetnsPath names the agent's own netns: the host's, for a node agent. The main thread
+// never leaves it (cmd/podsock locks it), so /proc/self is safe here.
+const hostNetnsPath = "/proc/self/ns/net"
+
+func (n nodeNetns) Cookies() []uint64 {
+	out := []uint64{n.host.Cookie()}
+	for _, c := range n.tracker.NetnsCookies() {
+		if c != n.host.Cookie() {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+func (n nodeNetns) Enter(cookie uint64, f func() error) error {
+	if cookie == n.host.Cookie() {
+		return runtimehooks.InNetns(n.host.Fd(), f)
+	}
+	err := n.tracker.WithNetnsCookie(cookie, func(fd int) error { return runtimehooks.InNetns(fd, f) })
+	if errors.Is(err, runtimehooks.ErrNoNetns) {
+		return fmt.Errorf("%w: %w", datapath.ErrUnknownNetns, err)
+	}
+	return err
+}
+
+// terminationBatchWindow is how long a termination waits for more removals to join it:
+// a burst of config changes (or a future endpoint watch) costs one pass.
+const terminationBatchWindow = 10 * time.Millisecond
+
+// pruneInterval is how often the backend counts of netns that are gone are dropped.
+const pruneInterval = 5 * time.Minute
+
+// TerminationStatus is what `status` shows about socket termination.
+type TerminationStatus struct {
+	Available bool   `json:"available"`
+	Error     string `json:"error,omitempty"`
+	// Protocols are the ones [lb] terminate covers now.
+	Protocols []string `json:"protocols"`
+	Passes    uint64   `json:"passes"`
+	// Backends counts removed {service, backend} pairs handled; Destroyed and Failed the
+	// sockets bpf_sock_destroy ended or refused to end.
+	Backends     uint64 `json:"backends"`
+	Destroyed    uint64 `json:"destroyed"`
+	Failed       uint64 `json:"failed"`
+	NetnsEntered uint64 `json:"netns_entered"`
+	// NetnsUnreachable counts netns holding such sockets that the agent has no handle on.
+	NetnsUnreachable uint64  `json:"netns_unreachable"`
+	FullWalks        uint64  `json:"full_walks"`
+	LastPassMillis   float64 `json:"last_pass_ms"`
+	LastError        string  `json:"last_error,omitempty"`
+}
+
+// terminator destroys the sockets of removed backends off the config path, batching
+// removals that arrive close together.
+type terminator struct {
+	dp  *datapath.Datapath
+	ns  datapath.NetnsSet
+	log logrus.FieldLogger
+
+	mu      sync.Mutex
+	pending []datapath.RemovedBackend
+	stats   TerminationStatus
+	wake    chan struct{}
+	stop    chan struct{}
+	done    chan struct{}
+}
+
+func newTerminator(dp *datapath.Datapath, ns datapath.NetnsSet, log logrus.FieldLogger) *terminator {
+	t := &terminator{dp: dp, ns: ns, log: log, wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+	if err := dp.IteratorsErr(); err != nil {
+		t.stats.Error = err.Error()
+	} else {
+		t.stats.Available = true
+	}
+	go t.run()
+	return t
+}
+
+// remove queues removed backends of the protocols [lb] terminate covers. It never blocks.
+func (t *terminator) remove(gone []datapath.RemovedBackend, protos []uint8) {
+	t.mu.Lock()
+	t.stats.Protocols = t.stats.Protocols[:0]
+	for _, p := range protos {
+		t.stats.Protocols = append(t.stats.Protocols, datapath.ProtoName(p))
+	}
+	for _, b := range gone {
+		if slices.Contains(protos, b.Proto) {
+			t.pending = append(t.pending, b)
+		}
+	}
+	queued := len(t.pending) > 0
+	t.mu.Unlock()
+	if queued {
+		select {
+		case t.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+func (t *terminator) run() {
+	defer close(t.done)
+	prune := time.NewTicker(pruneInterval)
+	defer prune.Stop()
+	for {
+		select {
+		case <-t.stop:
+			return
+		case <-prune.C:
+			if err := t.dp.PruneBackendCounts(t.ns); err != nil && !errors.Is(err, datapath.ErrNoIterators) {
+				t.log.WithError(err).Warn("prune backend counts")
+			}
+		case <-t.wake:
+			select {
+			case <-time.After(terminationBatchWindow):
+			case <-t.stop:
+				return
+			}
+			t.pass()
+		}
+	}
+}
+
+func (t *terminator) pass() {
+	t.mu.Lock()
+	gone := t.pending
+	t.pending = nil
+	t.mu.Unlock()
+	if len(gone) == 0 {
+		return
+	}
+	res, err := t.dp.Terminate(t.ns, gone, datapath.ProtoTCP, datapath.ProtoUDP)
+	log := t.log.WithFields(logrus.Fields{
+		"backends": res.Backends, "destroyed": res.Destroyed, "failed": res.Failed,
+		"netns_entered": res.NetnsEntered, "full_walk": res.FullWalk,
+		"duration_ms": float64(res.Duration.Microseconds()) / 1000,
+	})
+	switch {
+	case err != nil:
+		log.WithError(err).Error("terminate sockets of removed backends")
+	case res.Destroyed > 0 || res.Failed > 0:
+		log.Info("terminated sockets of removed backends")
+	default:
+		log.Debug("no sockets to terminate")
+	}
+	if res.NetnsUnreachable > 0 {
+		t.log.Warnf("%d netns hold sockets of removed backends but podsock has no handle on them; they were left alone", res.NetnsUnreachable)
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.stats.Passes++
+	t.stats.Backends += uint64(res.Backends)
+	t.stats.Destroyed += uint64(res.Destroyed)
+	t.stats.Failed += uint64(res.Failed)
+	t.stats.NetnsEntered += uint64(res.NetnsEntered)
+	t.stats.NetnsUnreachable += uint64(res.NetnsUnreachable)
+	if res.FullWalk {
+		t.stats.FullWalks++
+	}
+	t.stats.LastPassMillis = float64(res.Duration.Microseconds()) / 1000
+	t.stats.LastError = ""
+	if err != nil {
+		t.stats.LastError = err.Error()
+	}
+}
+
+func (t *terminator) status() TerminationStatus {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	st := t.stats
+	st.Protocols = append([]string{}, t.stats.Protocols...)
+	return st
+}
+
+// close stops the terminator after any pass in progress.
+func (t *terminator) close() {
+	close(t.stop)
+	<-t.done
+}
+
+// SocketView is one element of `podsock sockets --json`.
+type SocketView struct {
+	Proto        string `json:"proto"`
+	State        string `json:"state"`
+	Local        string `json:"local"`
+	Remote       string `json:"remote"`
+	NetnsCookie  uint64 `json:"netns_cookie"`
+	SocketCookie uint64 `json:"socket_cookie"`
+	Pod          string `json:"pod"`
+	Service      string `json:"service"`
+	Backend      string `json:"backend"`
+	// VIP is the service address the application asked for (and sees); "" when podsock
+	// did not balance the socket.
+	VIP string `json:"vip"`
+	UID uint32 `json:"uid"`
+}
+
+// SocketQuery is what `podsock sockets` can filter on.
+type SocketQuery struct {
+	Pod     string // "namespace/name"
+	Backend string // "ip:port"
+	Proto   string // "tcp" or "udp"
+}
+
+// socketFilter checks a query and turns it into the datapath's filter; its errors are
+// the user's (HTTP 400), and name the bad value.
+func (a *Agent) socketFilter(q SocketQuery) (datapath.SocketFilter, error) {
+	var f datapath.SocketFilter
+	switch q.Proto {
+	case "":
+	case "tcp":
+		f.Proto = datapath.ProtoTCP
+	case "udp":
+		f.Proto = datapath.ProtoUDP
+	default:
+		return f, fmt.Errorf("--proto %q: want tcp or udp", q.Proto)
+	}
+	if q.Backend != "" {
+		ap, err := netip.ParseAddrPort(q.Backend)
+		if err != nil {
+			return f, fmt.Errorf("--backend %q: want IP:PORT ([v6]:PORT for IPv6)", q.Backend)
+		}
+		f.Backend = ap
+	}
+	if q.Pod != "" {
+		var found bool
+		for _, p := range a.tracker.Pods() {
+			if p.Namespace+"/"+p.Name != q.Pod {
+				continue
+			}
+			found = true
+			cookie := p.NetnsCookie
+			if p.HostNetwork {
+				cookie = a.netns.host.Cookie()
+			} else if cookie == 0 {
+				return f, fmt.Errorf("--pod %q: podsock holds no netns of that pod", q.Pod)
+			}
+			if !slices.Contains(f.Netns, cookie) {
+				f.Netns = append(f.Netns, cookie)
+			}
+		}
+		if !found {
+			return f, fmt.Errorf("--pod %q: no such pod (want NAMESPACE/NAME, as `podsock pods` shows)", q.Pod)
+		}
+	}
+	return f, nil
+}
+
+// serveSockets streams the sockets as a JSON array, one element at a time, so the agent
+// never holds the whole list however many sockets the node has.
+func (a *Agent) serveSockets(w http.ResponseWriter, r *http.Request) {
+	q := SocketQuery{Pod: r.URL.Query().Get("pod"), Backend: r.URL.Query().Get("backend"), Proto: r.URL.Query().Get("proto")}
+	f, err := a.socketFilter(q)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	if err := a.dp.IteratorsErr(); err != nil {
+		http.Error(w, err.Error(), http.StatusNotImplemented)
+		return
+	}
+	podOf := map[uint64]string{}
+	for _, p := range a.tracker.Pods() {
+		if p.NetnsCookie != 0 && !p.HostNetwork {
+			podOf[p.NetnsCookie] = p.Namespace + "/" + p.Name
+		}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	first := true
+	_, err = a.dp.Sockets(a.netns, f, func(s datapath.Socket) error {
+		sep := ","
+		if first {
+			sep, first = "[", false
+		}
+		if _, err := w.Write([]byte(sep)); err != nil {
+			return err
+		}
+		return enc.Encode(socketView(s, podOf[s.NetnsCookie]))
+	})
+	if err != nil {
+		a.log.WithError(err).Warn("list sockets")
+		// The status line is gone already: a cut connection is how the client learns.
+		panic(http.ErrAbortHandler)
+	}
+	if first {
+		_, _ = w.Write([]byte("["))
+	}
+	_, _ = w.Write([]byte("]\n"))
+}
+
+func socketView(s datapath.Socket, pod string) SocketView {
+	v := SocketView{
+		Proto: datapath.ProtoName(s.Proto), State: datapath.StateName(s.Proto, s.State),
+		Local: s.Local.String(), NetnsCookie: s.NetnsCookie, SocketCookie: s.Cookie, Pod: pod, UID: s.UID,
+	}
+	if s.Remote.IsValid() {
+		v.Remote = s.Remote.String()
+	}
+	if s.Balanced {
+		v.Service = s.Service
+		v.Backend = s.Backend.String()
+		v.VIP = s.VIP.String()
+	}
+	return v
+}

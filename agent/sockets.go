@@ -154,7 +154,7 @@ func (t *terminator) pass() {
 	if len(gone) == 0 {
 		return
 	}
-	res, err := t.dp.Terminate(t.ns, gone, datapath.ProtoTCP, datapath.ProtoUDP)
+	res, err := t.dp.Terminate(t.ns, gone, datapath.TerminateOptions{Protocols: []uint8{datapath.ProtoTCP, datapath.ProtoUDP}})
 	log := t.log.WithFields(logrus.Fields{
 		"backends": res.Backends, "destroyed": res.Destroyed, "failed": res.Failed,
 		"netns_entered": res.NetnsEntered, "full_walk": res.FullWalk,

@@ -365,16 +365,25 @@ type TerminateResult struct {
 	Duration time.Duration
 }
 
-// Terminate destroys the connected sockets (TCP, connected UDP; only the protocols in
-// protos) whose socket-LB peer is one of the removed backends. Unconnected UDP sockets and
+// TerminateOptions shape a termination pass.
+type TerminateOptions struct {
+	// Protocols are the ones whose sockets are destroyed ([lb] terminate).
+	Protocols []uint8
+	// WalkAllNetns walks every netns of the NetnsSet instead of only those the backend
+	// counts name: what Cilium does on every removal. Benchmarks use it as the baseline.
+	WalkAllNetns bool
+}
+
+// Terminate destroys the connected sockets (TCP, connected UDP; only the protocols asked
+// for) whose socket-LB peer is one of the removed backends. Unconnected UDP sockets and
 // sockets socket-LB did not balance are never touched. It enters only the netns that the
 // datapath counts sockets to those backends in, so its cost follows the affected sockets,
 // not the number of netns on the node.
-func (dp *Datapath) Terminate(ns NetnsSet, gone []RemovedBackend, protos ...uint8) (TerminateResult, error) {
+func (dp *Datapath) Terminate(ns NetnsSet, gone []RemovedBackend, opts TerminateOptions) (TerminateResult, error) {
 	start := time.Now()
 	var res TerminateResult
 	gone = slices.DeleteFunc(slices.Clone(gone), func(b RemovedBackend) bool {
-		return !slices.Contains(protos, b.Proto)
+		return !slices.Contains(opts.Protocols, b.Proto)
 	})
 	if len(gone) == 0 {
 		return res, nil
@@ -388,7 +397,7 @@ func (dp *Datapath) Terminate(ns NetnsSet, gone []RemovedBackend, protos ...uint
 
 	var errs []error
 	for batch := range slices.Chunk(gone, maxDoomed) {
-		r, err := dp.terminateBatch(it, ns, batch)
+		r, err := dp.terminateBatch(it, ns, batch, opts.WalkAllNetns)
 		res.Backends += r.Backends
 		res.Destroyed += r.Destroyed
 		res.Failed += r.Failed
@@ -404,11 +413,13 @@ func (dp *Datapath) Terminate(ns NetnsSet, gone []RemovedBackend, protos ...uint
 // maxDoomed is PODSOCK_MAX_DOOMED in bpf/sockiter.c.
 const maxDoomed = 65536
 
-func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBackend) (TerminateResult, error) {
+func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBackend, walkAll bool) (TerminateResult, error) {
 	res := TerminateResult{Backends: len(gone)}
 	doomed := make([]sockiterDoomedKey, 0, len(gone))
 	backends := map[socklbBackendKey]bool{}
+	var protos uint8
 	for _, b := range gone {
+		protos |= protoBit(b.Proto)
 		doomed = append(doomed, sockiterDoomedKey{
 			Vip: addrWords(b.VIP.Addr()), VipPort: htons(b.VIP.Port()),
 			Backend: addrWords(b.Backend.Addr()), BackendPort: htons(b.Backend.Port()),
@@ -437,10 +448,10 @@ func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBack
 	if err != nil {
 		return res, err
 	}
-	if full {
+	if full || walkAll {
 		res.FullWalk = true
 		for _, c := range ns.Cookies() {
-			targets[c] |= protoBitTCP | protoBitUDP
+			targets[c] |= protos
 		}
 	}
 	cookies := make([]uint64, 0, len(targets))

@@ -261,7 +261,7 @@ func TestPrivilegedSocketsListAndTerminate(t *testing.T) {
 			tcpService("default/api", apiVIP, be(beB, 1)),
 			udpService("kube-system/dns", dnsVIP, be(dnsB, 1)),
 			udpService("kube-system/dns2", dns2VIP, be(dnsB, 1)))
-		tr, err := dp.Terminate(set, res.RemovedBackends, ProtoTCP, ProtoUDP)
+		tr, err := dp.Terminate(set, res.RemovedBackends, TerminateOptions{Protocols: []uint8{ProtoTCP, ProtoUDP}})
 		if err != nil {
 			t.Fatalf("terminate: %v", err)
 		}
@@ -302,7 +302,7 @@ func TestPrivilegedSocketsListAndTerminate(t *testing.T) {
 			tcpService("default/api", apiVIP, be(beC, 1)),
 			udpService("kube-system/dns", dnsVIP, be(dnsB, 1)),
 			udpService("kube-system/dns2", dns2VIP, be(dnsB, 1)))
-		tr, err := dp.Terminate(set, res.RemovedBackends, ProtoUDP)
+		tr, err := dp.Terminate(set, res.RemovedBackends, TerminateOptions{Protocols: []uint8{ProtoUDP}})
 		if err != nil || tr.Destroyed != 0 || tr.NetnsEntered != 0 {
 			t.Fatalf("UDP-only terminate of a TCP backend: %+v %v", tr, err)
 		}

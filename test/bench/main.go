@@ -36,7 +36,7 @@ var (
 	iptCount    = flag.Int("iptables", 10000, "rules/services in the kube-proxy comparison")
 	podsockBin  = flag.String("podsock", "bin/podsock", "podsock binary for the agent apply benchmark")
 	podRounds   = flag.Int("podstart", 20, "pod start rounds, each starting one pod with podsock attached and one without")
-	only        = flag.String("only", "", `run one section only: "socklb" or "podstart"`)
+	only        = flag.String("only", "", `run one section only: "socklb", "podstart" or "sockets"`)
 	podServices = flag.Int("podstart-services", 10000, "services (one in ten with an allow-list) podsock serves during the pod start bench")
 )
 
@@ -79,12 +79,15 @@ func (e *env) run() {
 	case "":
 		e.socketLB()
 		e.printPodStart()
+		e.printSockets()
 	case "socklb":
 		e.socketLB()
 	case "podstart":
 		e.printPodStart()
+	case "sockets":
+		e.printSockets()
 	default:
-		e.Fatalf("-only %q: want socklb or podstart", *only)
+		e.Fatalf("-only %q: want socklb, podstart or sockets", *only)
 	}
 }
 

@@ -324,8 +324,8 @@ func TestPrivilegedAgentKill9KeepsServingAndRestartAdopts(t *testing.T) {
 	if err != nil {
 		t.Fatalf("bpftool: %v: %s", err, out)
 	}
-	if n := strings.Count(string(out), "podsock_"); n != 8 {
-		t.Fatalf("%d podsock programs attached to the cgroup after restart, want 8:\n%s", n, out)
+	if n := strings.Count(string(out), "podsock_"); n != 9 {
+		t.Fatalf("%d podsock programs attached to the cgroup after restart, want 9:\n%s", n, out)
 	}
 }
 

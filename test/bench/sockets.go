@@ -1,0 +1,463 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/podsock/podsock/agent"
+	"github.com/podsock/podsock/datapath"
+	"github.com/podsock/podsock/internal/cgroupfs"
+	"github.com/podsock/podsock/test/cri"
+	"github.com/podsock/podsock/test/testenv"
+)
+
+var (
+	sockNetns   = flag.Int("sockets-netns", 100, "network namespaces in the socket termination and listing benches")
+	sockPerNS   = flag.Int("sockets-per-netns", 1000, "client sockets per netns")
+	sockRounds  = flag.Int("sockets-rounds", 10, "rounds of the one-netns termination comparison")
+	sockRoundsA = flag.Int("sockets-rounds-all", 3, "rounds of the all-netns termination comparison (each rebuilds every socket)")
+	e2eRounds   = flag.Int("sockets-e2e", 20, "config change -> ECONNABORTED rounds")
+)
+
+// Two backends present in every netns of the bench: X is the one that goes away.
+var (
+	backendX = netip.MustParseAddrPort("10.88.0.5:8080")
+	backendY = netip.MustParseAddrPort("10.88.0.6:8080")
+	vipX     = netip.MustParseAddrPort("10.96.0.20:80")
+	vipY     = netip.MustParseAddrPort("10.96.0.21:80")
+)
+
+func (e *env) printSockets() {
+	raiseFileLimit(e)
+	fmt.Printf("\nsocket termination: %d netns x %d client sockets each, one datapath; targeted (podsock) vs baselines, alternating...\n", *sockNetns, *sockPerNS)
+	t := e.terminationBench()
+	fmt.Printf("\nsocket listing and end-to-end termination: the agent on a containerd with %d pods x %d client sockets...\n", *sockNetns, *sockPerNS)
+	a := e.agentSocketsBench()
+
+	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "case\tpodsock\tbaseline\tratio\ttarget\t")
+	fmt.Fprintf(w, "destroy %d sockets of one backend in 1 of %d netns: targeted vs every netns (Cilium's way)\t%v\t%v\t%.1fx faster\t>= 10x faster\t\n",
+		*sockPerNS, *sockNetns+1, median(t.oneTargeted).Round(time.Microsecond), median(t.oneWalkAll).Round(time.Microsecond), medianRatio(t.oneRatios))
+	fmt.Fprintf(w, "destroy %d sockets of one backend in all %d netns: podsock vs ss -K per netns\t%v\t%v\t%.1fx faster\t(info)\t\n",
+		*sockPerNS**sockNetns, *sockNetns, median(t.allPodsock).Round(time.Millisecond), median(t.allSS).Round(time.Millisecond), medianRatio(t.allRatios))
+	w.Flush()
+	fmt.Printf("netns entered per pass: targeted %d, Cilium's way %d\n", t.oneEntered, t.walkEntered)
+	fmt.Printf("\nconfig change -> client read fails with ECONNABORTED (agent, SIGHUP, %d rounds): median %v, max %v (target < 100ms)\n",
+		len(a.e2e), median(a.e2e).Round(time.Millisecond/10), slices.Max(a.e2e).Round(time.Millisecond/10))
+	fmt.Printf("listing all sockets through the agent (%d records: %d client sockets, their server ends and the listeners): median %v over %d runs\n",
+		a.listed, *sockNetns**sockPerNS, median(a.list).Round(time.Millisecond), len(a.list))
+	fmt.Printf("agent memory: RSS %d MiB before listing, peak %d MiB before, peak %d MiB after\n",
+		a.rssBefore>>20, a.hwmBefore>>20, a.hwmAfter>>20)
+}
+
+// raiseFileLimit makes room for every client socket and its server end in this process.
+func raiseFileLimit(e *env) {
+	need := uint64(3**sockNetns**sockPerNS + 10000)
+	lim := unix.Rlimit{Cur: need, Max: need}
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		e.Fatalf("raise the open file limit to %d: %v", need, err)
+	}
+}
+
+type terminationResult struct {
+	oneTargeted, oneWalkAll []time.Duration
+	oneRatios               []float64
+	allPodsock, allSS       []time.Duration
+	allRatios               []float64
+	oneEntered, walkEntered int
+}
+
+// benchNetns is the NetnsSet of the bench: the host's netns and the ones it created.
+type benchNetns struct {
+	host    *os.File
+	cookies []uint64 // host first
+	byCk    map[uint64]*testenv.Netns
+}
+
+func (b *benchNetns) Cookies() []uint64 { return b.cookies }
+
+func (b *benchNetns) Enter(cookie uint64, f func() error) error {
+	if ns, ok := b.byCk[cookie]; ok {
+		return ns.Do(f)
+	}
+	if cookie == b.cookies[0] {
+		return testenv.DoInNetns(int(b.host.Fd()), f)
+	}
+	return fmt.Errorf("netns %d: %w", cookie, datapath.ErrUnknownNetns)
+}
+
+// terminationBench compares what one termination pass costs: podsock's, which enters only
+// the netns holding sockets of the removed backend, against walking every netns (what
+// Cilium does on every backend deletion), and against running `ss -K` in each netns.
+func (e *env) terminationBench() terminationResult {
+	cg := testenv.NewCgroup(e)
+	home, err := testenv.HomeCgroup()
+	if err != nil {
+		e.Fatal(err)
+	}
+	dp := e.datapath(cg)
+	host, err := os.Open("/proc/1/ns/net")
+	if err != nil {
+		e.Fatal(err)
+	}
+	e.Cleanup(func() { host.Close() })
+	hostCookie, err := ownCookie()
+	if err != nil {
+		e.Fatal(err)
+	}
+	set := &benchNetns{host: host, cookies: []uint64{hostCookie}, byCk: map[uint64]*testenv.Netns{}}
+	nss := make([]*testenv.Netns, *sockNetns)
+	for i := range nss {
+		nss[i] = testenv.NewNetns(e, []string{vipRange}, "10.88.0.5/32", "10.88.0.6/32")
+		holdingAcceptor(e, nss[i], backendX)
+		holdingAcceptor(e, nss[i], backendY)
+		c := nss[i].Cookie(e)
+		set.cookies = append(set.cookies, c)
+		set.byCk[c] = nss[i]
+	}
+	svcs := func(xBackends ...netip.AddrPort) []datapath.RemovedBackend {
+		s := []datapath.Service{
+			{Name: "bench/x", VIP: vipX.Addr(), Port: vipX.Port(), Proto: datapath.ProtoTCP},
+			{Name: "bench/y", VIP: vipY.Addr(), Port: vipY.Port(), Proto: datapath.ProtoTCP,
+				Backends: []datapath.Backend{{Addr: backendY, Weight: 1}}},
+		}
+		for _, b := range xBackends {
+			s[0].Backends = append(s[0].Backends, datapath.Backend{Addr: b, Weight: 1})
+		}
+		res, err := dp.Apply(s)
+		if err != nil {
+			e.Fatal(err)
+		}
+		return res.RemovedBackends
+	}
+	svcs(backendX)
+	enter(cg)
+	defer enter(home)
+
+	// Every netns holds its share of sockets to Y, which stays.
+	var background [][]int
+	for _, ns := range nss {
+		background = append(background, connectMany(e, ns, vipY, *sockPerNS))
+	}
+	terminate := func(walkAll bool, want int) (time.Duration, datapath.TerminateResult) {
+		gone := svcs()
+		res, err := dp.Terminate(set, gone, datapath.TerminateOptions{Protocols: []uint8{datapath.ProtoTCP}, WalkAllNetns: walkAll})
+		if err != nil {
+			e.Fatal(err)
+		}
+		if res.Destroyed != want || res.Failed != 0 {
+			e.Fatalf("termination destroyed %d (failed %d), want %d", res.Destroyed, res.Failed, want)
+		}
+		return res.Duration, res
+	}
+
+	var r terminationResult
+	for round := range *sockRounds + 1 { // round 0 warms up
+		var took [2]time.Duration
+		for _, walkAll := range []bool{round%2 == 0, round%2 != 0} {
+			svcs(backendX)
+			fds := connectMany(e, nss[0], vipX, *sockPerNS)
+			d, res := terminate(walkAll, *sockPerNS)
+			requireAborted(e, fds)
+			closeAll(fds)
+			if walkAll {
+				took[1], r.walkEntered = d, res.NetnsEntered
+			} else {
+				took[0], r.oneEntered = d, res.NetnsEntered
+			}
+		}
+		if round == 0 {
+			continue
+		}
+		r.oneTargeted = append(r.oneTargeted, took[0])
+		r.oneWalkAll = append(r.oneWalkAll, took[1])
+		r.oneRatios = append(r.oneRatios, float64(took[1])/float64(took[0]))
+	}
+	for _, fds := range background {
+		closeAll(fds)
+	}
+
+	// Every netns holds sockets of the removed backend.
+	for round := range *sockRoundsA {
+		var took [2]time.Duration
+		for _, useSS := range []bool{round%2 == 0, round%2 != 0} {
+			svcs(backendX)
+			var all []int
+			for _, ns := range nss {
+				all = append(all, connectMany(e, ns, vipX, *sockPerNS)...)
+			}
+			if useSS {
+				gone := svcs()
+				if len(gone) != 1 {
+					e.Fatalf("removed %v", gone)
+				}
+				start := time.Now()
+				for _, ns := range nss {
+					out, err := exec.Command("ip", "netns", "exec", ns.Name, "ss", "-K", "-t", "-n",
+						"dst", backendX.Addr().String(), "dport", "=", fmt.Sprint(backendX.Port())).CombinedOutput()
+					if err != nil {
+						e.Fatalf("ss -K in %s: %v: %s", ns.Name, err, out)
+					}
+				}
+				took[1] = time.Since(start)
+			} else {
+				took[0], _ = terminate(false, len(all))
+			}
+			requireAborted(e, all)
+			closeAll(all)
+		}
+		r.allPodsock = append(r.allPodsock, took[0])
+		r.allSS = append(r.allSS, took[1])
+		r.allRatios = append(r.allRatios, float64(took[1])/float64(took[0]))
+	}
+	return r
+}
+
+func ownCookie() (uint64, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, err
+	}
+	defer unix.Close(fd)
+	return unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+}
+
+// connectMany opens n TCP connections from inside ns to addr and keeps them.
+func connectMany(e *env, ns *testenv.Netns, addr netip.AddrPort, n int) []int {
+	fds := makeSockets(ns, false, n)
+	sa := testenv.Sockaddr(unix.AF_INET, addr)
+	for _, fd := range fds {
+		if err := testenv.Connect(fd, sa); err != nil {
+			closeAll(fds)
+			e.Fatalf("connect %s in %s: %v", addr, ns.Name, err)
+		}
+	}
+	return fds
+}
+
+// requireAborted checks that every socket carries the error bpf_sock_destroy (or ss -K)
+// leaves: the client would read ECONNABORTED.
+func requireAborted(e *env, fds []int) {
+	for _, fd := range fds {
+		soErr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+		if err != nil || unix.Errno(soErr) != unix.ECONNABORTED {
+			e.Fatalf("socket not aborted: SO_ERROR %v (%v)", unix.Errno(soErr), err)
+		}
+	}
+}
+
+// holdingAcceptor accepts connections and keeps them open, so client sockets stay
+// established for as long as the bench holds them.
+func holdingAcceptor(e *env, ns *testenv.Netns, addr netip.AddrPort) {
+	var lfd int
+	if err := ns.Do(func() (err error) {
+		lfd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		unix.SetsockoptInt(lfd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
+		if err := unix.Bind(lfd, testenv.Sockaddr(unix.AF_INET, addr)); err != nil {
+			return err
+		}
+		return unix.Listen(lfd, 4096)
+	}); err != nil {
+		e.Fatal(err)
+	}
+	var mu sync.Mutex
+	var held []int
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			fd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
+			if errors.Is(err, unix.EINTR) || errors.Is(err, unix.ECONNABORTED) {
+				continue
+			}
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, fd)
+			mu.Unlock()
+		}
+	}()
+	e.Cleanup(func() {
+		unix.Shutdown(lfd, unix.SHUT_RDWR)
+		<-done
+		unix.Close(lfd)
+		mu.Lock()
+		closeAll(held)
+		mu.Unlock()
+	})
+}
+
+type agentSocketsResult struct {
+	e2e                            []time.Duration
+	list                           []time.Duration
+	listed                         int
+	rssBefore, hwmBefore, hwmAfter int64
+}
+
+// agentSocketsBench runs the real agent as the NRI plugin of a private containerd with
+// many pods, each holding client sockets, and measures what users see: how long from a
+// config change until a client of the removed backend gets ECONNABORTED, and what listing
+// every socket costs the agent.
+func (e *env) agentSocketsBench() agentSocketsResult {
+	rt := cri.Start(e, cri.Options{})
+	cgroup2, err := cgroupfs.Mount()
+	if err != nil {
+		e.Fatal(err)
+	}
+	root := filepath.Join(cgroup2, rt.CgroupRoot())
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		e.Fatal(err)
+	}
+	dir, err := os.MkdirTemp("", "podsock-bench-sockets-")
+	if err != nil {
+		e.Fatal(err)
+	}
+	e.Cleanup(func() { os.RemoveAll(dir) })
+	cfgPath := filepath.Join(dir, "podsock.toml")
+	stateDir := filepath.Join(dir, "state")
+	bpffs := testenv.BPFFS(e)
+	write := func(webBackend netip.AddrPort) {
+		cfg := fmt.Sprintf(`[agent]
+cgroup_root = %q
+bpffs = %q
+state_dir = %q
+log_level = "warn"
+[nri]
+socket = %q
+[[service]]
+name = "bench/web"
+vip = %q
+port = %d
+backends = [%q]
+[[service]]
+name = "bench/api"
+vip = %q
+port = %d
+backends = [%q]
+`, root, bpffs, stateDir, rt.NRISocket(), vipX.Addr(), vipX.Port(), webBackend, vipY.Addr(), vipY.Port(), backendY)
+		if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+			e.Fatal(err)
+		}
+	}
+	write(backendX)
+	cmd := exec.Command(*podsockBin, "run", "--config", cfgPath)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		e.Fatal(err)
+	}
+	e.Cleanup(func() {
+		cmd.Process.Signal(os.Interrupt)
+		cmd.Wait()
+		exec.Command(*podsockBin, "cleanup", "--config", cfgPath).Run()
+	})
+	var gen uint64
+	waitGeneration := func(want uint64) {
+		if !testenv.WaitFor(15*time.Second, func() bool {
+			st, err := podsockStatus(cfgPath)
+			gen = st.ConfigGeneration
+			return err == nil && st.NRI.Connected && st.ConfigGeneration == want
+		}) {
+			e.Fatalf("agent did not reach config generation %d (at %d)", want, gen)
+		}
+	}
+	waitGeneration(1)
+
+	// The bench's sockets live in the pods' netns and its process in a cgroup below the
+	// runtime's pod parent, where podsock's programs run.
+	home, err := testenv.HomeCgroup()
+	if err != nil {
+		e.Fatal(err)
+	}
+	clients := &testenv.Cgroup{Path: root}
+	clients = clients.NewChild(e, "podsock-bench-clients")
+	var nss []*testenv.Netns
+	for i := range *sockNetns {
+		p := rt.RunPod(e, cri.PodSpec{Name: fmt.Sprintf("sockets-%d", i)})
+		ns := &testenv.Netns{Name: p.Name, Path: p.NetnsPath}
+		for _, a := range []string{"10.88.0.5/32", "10.88.0.6/32"} {
+			if out, err := exec.Command("nsenter", "--net="+p.NetnsPath, "ip", "addr", "add", a, "dev", "lo").CombinedOutput(); err != nil {
+				e.Fatalf("add %s in pod %s: %v: %s", a, p.Name, err, out)
+			}
+		}
+		holdingAcceptor(e, ns, backendX)
+		holdingAcceptor(e, ns, backendY)
+		nss = append(nss, ns)
+	}
+	enter(clients)
+	defer enter(home)
+	for _, ns := range nss {
+		fds := connectMany(e, ns, vipY, *sockPerNS)
+		e.Cleanup(func() { closeAll(fds) })
+	}
+
+	var r agentSocketsResult
+	// Config change -> ECONNABORTED, with every other socket in place.
+	for round := range *e2eRounds {
+		write(backendX)
+		cmd.Process.Signal(syscall.SIGHUP)
+		waitGeneration(uint64(2 + 2*round))
+		fd := connectMany(e, nss[round%len(nss)], vipX, 1)[0]
+		readErr := make(chan error, 1)
+		go func() {
+			var buf [16]byte
+			_, err := unix.Read(fd, buf[:])
+			readErr <- err
+		}()
+		write(backendY)
+		start := time.Now()
+		cmd.Process.Signal(syscall.SIGHUP)
+		select {
+		case err := <-readErr:
+			took := time.Since(start)
+			if !errors.Is(err, unix.ECONNABORTED) {
+				e.Fatalf("client read gave %v, want ECONNABORTED", err)
+			}
+			r.e2e = append(r.e2e, took)
+		case <-time.After(5 * time.Second):
+			e.Fatalf("client of the removed backend not aborted 5 s after the config change")
+		}
+		unix.Close(fd)
+		waitGeneration(uint64(3 + 2*round))
+	}
+
+	r.rssBefore, r.hwmBefore = procMem(cmd.Process.Pid)
+	cl := agent.NewClient(stateDir)
+	for range 3 {
+		n := 0
+		start := time.Now()
+		if err := cl.Sockets(agent.SocketQuery{}, func(agent.SocketView) error { n++; return nil }); err != nil {
+			e.Fatal(err)
+		}
+		r.list = append(r.list, time.Since(start))
+		if n < *sockNetns**sockPerNS {
+			e.Fatalf("listing returned %d sockets, want at least %d", n, *sockNetns**sockPerNS)
+		}
+		r.listed = n
+	}
+	_, r.hwmAfter = procMem(cmd.Process.Pid)
+	st, err := podsockStatus(cfgPath)
+	if err != nil {
+		e.Fatal(err)
+	}
+	if !strings.Contains(fmt.Sprint(st.Termination.Protocols), "tcp") || st.Termination.Destroyed != uint64(*e2eRounds) {
+		e.Fatalf("agent termination status %+v, want %d sockets destroyed", st.Termination, *e2eRounds)
+	}
+	return r
+}

@@ -36,7 +36,6 @@ struct {
 // Record flags.
 #define REC_F_BALANCED 1  // socket-LB translated for this socket; lb holds its latest entry
 #define REC_F_LB_CONNECTED 2 // lb is the connected peer's translation
-#define REC_F_DESTROYED 4 // bpf_sock_destroy ran; destroy_err is its result
 
 // One socket, as the iterator writes it to the reader.
 struct sock_record {
@@ -51,7 +50,6 @@ struct sock_record {
 	__u8 family;
 	__u8 flags;
 	__u32 uid;
-	__s32 destroy_err;
 	__u32 lb_count; // translations the socket holds (unconnected UDP may hold several)
 	struct lb_entry lb;
 };
@@ -109,6 +107,30 @@ struct {
 	__type(key, struct doomed_key);
 	__type(value, __u8);
 } podsock_doomed SEC(".maps");
+
+// What destroy runs did, counted here rather than written to the reader: when the reader's
+// buffer fills, the kernel shows the socket again, but a destroyed socket is unhashed by
+// then and skipped, so its record would be lost.
+enum destroy_count {
+	DESTROYED,
+	DESTROY_FAILED,
+	DESTROY_COUNT_MAX,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, DESTROY_COUNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} podsock_destroy_count SEC(".maps");
+
+static __always_inline void count_destroy(__u32 what)
+{
+	__u64 *v = bpf_map_lookup_elem(&podsock_destroy_count, &what);
+
+	if (v)
+		*v += 1;
+}
 
 static __always_inline void fill_record(struct sock_record *r, struct sock_common *skc, __u8 proto,
 					__u32 uid)
@@ -193,8 +215,7 @@ static __always_inline int list_one(struct seq_file *seq, struct sock_common *sk
 
 // destroy_one destroys a socket whose connected peer is a doomed backend. Unconnected
 // UDP sockets are never touched: destroying one would silently change its local port.
-static __always_inline int destroy_one(struct seq_file *seq, struct sock_common *skc,
-				       struct sock *sk, __u8 proto, __u32 uid)
+static __always_inline int destroy_one(struct sock_common *skc, struct sock *sk, __u8 proto)
 {
 	struct sock_record *r = scratch_record();
 	struct sock_state *state;
@@ -214,17 +235,14 @@ static __always_inline int destroy_one(struct seq_file *seq, struct sock_common 
 	k.proto = proto;
 	if (!bpf_map_lookup_elem(&podsock_doomed, &k))
 		return 0;
-	fill_record(r, skc, proto, uid);
+	fill_record(r, skc, proto, 0);
 	// The kernel's peer must be that backend too: a socket the application re-connected
 	// behind socket-LB's back is not ours to end.
 	if (r->remote_port != e->backend_port || !addr_equal(r->remote, e->backend))
 		return 0;
 	if (proto == IPPROTO_UDP && r->state != TCP_ESTABLISHED)
 		return 0;
-	fill_lb(r, state);
-	r->destroy_err = bpf_sock_destroy(skc);
-	r->flags |= REC_F_DESTROYED;
-	bpf_seq_write(seq, r, sizeof(*r));
+	count_destroy(bpf_sock_destroy(skc) ? DESTROY_FAILED : DESTROYED);
 	return 0;
 }
 
@@ -262,7 +280,7 @@ int podsock_destroy_tcp(struct bpf_iter__tcp *ctx)
 
 	if (!skc)
 		return 0;
-	return destroy_one(ctx->meta->seq, skc, tcp_full_sock(skc), IPPROTO_TCP, ctx->uid);
+	return destroy_one(skc, tcp_full_sock(skc), IPPROTO_TCP);
 }
 
 SEC("iter/udp")
@@ -272,6 +290,5 @@ int podsock_destroy_udp(struct bpf_iter__udp *ctx)
 
 	if (!udp)
 		return 0;
-	return destroy_one(ctx->meta->seq, (struct sock_common *)udp, (struct sock *)udp, IPPROTO_UDP,
-			   ctx->uid);
+	return destroy_one((struct sock_common *)udp, (struct sock *)udp, IPPROTO_UDP);
 }

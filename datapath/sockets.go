@@ -99,7 +99,13 @@ type WalkStats struct {
 const (
 	recBalanced    = 1
 	recLBConnected = 2
-	recDestroyed   = 4
+)
+
+// Indexes of podsock_destroy_count, as enum destroy_count in bpf/sockiter.c.
+const (
+	countDestroyed = iota
+	countDestroyFailed
+	destroyCountMax
 )
 
 const filterBackend = 1
@@ -480,18 +486,9 @@ func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBack
 				break
 			}
 			entered = true
-			err = readRecords(rc, func(r *sockiterSockRecord) error {
-				if r.Flags&recDestroyed == 0 {
-					return nil
-				}
-				if r.DestroyErr != 0 {
-					res.Failed++
-				} else {
-					res.Destroyed++
-				}
-				return nil
-			})
-			rc.Close()
+			destroyed, failed, err := it.drainDestroy(rc)
+			res.Destroyed += destroyed
+			res.Failed += failed
 			if err != nil {
 				errs = append(errs, fmt.Errorf("netns %d: %w", cookie, err))
 			}
@@ -502,6 +499,33 @@ func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBack
 	}
 	dp.dropBackendCounts(backends)
 	return res, errors.Join(errs...)
+}
+
+// drainDestroy runs an opened destroy iterator to its end and says what it destroyed.
+// The programs write nothing to the reader: they count in podsock_destroy_count, which
+// this zeroes first (destroy runs are serialised by destroyMu).
+func (it *sockIter) drainDestroy(rc io.ReadCloser) (destroyed, failed int, err error) {
+	defer rc.Close()
+	zero := make([]uint64, ebpf.MustPossibleCPU())
+	for i := range uint32(destroyCountMax) {
+		if err := it.objs.PodsockDestroyCount.Update(i, zero, ebpf.UpdateAny); err != nil {
+			return 0, 0, fmt.Errorf("reset destroy counts: %w", err)
+		}
+	}
+	if err := readRecords(rc, func(*sockiterSockRecord) error { return nil }); err != nil {
+		return 0, 0, err
+	}
+	var sums [destroyCountMax]int
+	for i := range sums {
+		var perCPU []uint64
+		if err := it.objs.PodsockDestroyCount.Lookup(uint32(i), &perCPU); err != nil {
+			return 0, 0, fmt.Errorf("read destroy counts: %w", err)
+		}
+		for _, v := range perCPU {
+			sums[i] += int(v)
+		}
+	}
+	return sums[countDestroyed], sums[countDestroyFailed], nil
 }
 
 const (

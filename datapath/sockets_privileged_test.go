@@ -311,3 +311,57 @@ func TestPrivilegedSocketsListAndTerminate(t *testing.T) {
 		}
 	})
 }
+
+// More sockets than one read of the iterator holds: listing returns each exactly once, and
+// termination counts every socket it destroyed (the kernel shows a socket again after a
+// full buffer, and skips it then if it is already destroyed).
+func TestPrivilegedSocketsManyPerNetns(t *testing.T) {
+	f := newFixture(t)
+	dp := f.load()
+	if _, err := dp.iterators(); err != nil {
+		testenv.SkipOrFail(t, err.Error())
+	}
+	ns := clientNetns(t)
+	set := newTestNetns(t, ns)
+	apply(t, dp, tcpService("default/web", webVIP, be(beA, 1)))
+	const n = 1500
+	want := map[uint64]bool{}
+	var fds []int
+	t.Cleanup(func() {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+	})
+	for range n {
+		fd, err := testenv.Socket(ns, unix.AF_INET, unix.SOCK_STREAM)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fds = append(fds, fd)
+		if err := testenv.Connect(fd, testenv.Sockaddr(unix.AF_INET, webVIP)); err != nil {
+			t.Fatal(err)
+		}
+		want[sockCookie(t, fd)] = true
+	}
+	seen := map[uint64]int{}
+	for _, s := range listAll(t, dp, set, SocketFilter{Backend: beA}) {
+		if s.Balanced {
+			seen[s.Cookie]++
+		}
+	}
+	for c := range want {
+		if seen[c] != 1 {
+			t.Fatalf("socket %d listed %d times, want once (%d balanced sockets listed)", c, seen[c], len(seen))
+		}
+	}
+	res := apply(t, dp, tcpService("default/web", webVIP, be(beB, 1)))
+	tr, err := dp.Terminate(set, res.RemovedBackends, TerminateOptions{Protocols: []uint8{ProtoTCP}})
+	if err != nil || tr.Destroyed != n || tr.Failed != 0 {
+		t.Fatalf("terminate: %+v %v, want %d destroyed", tr, err, n)
+	}
+	for _, fd := range fds {
+		if e, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR); unix.Errno(e) != unix.ECONNABORTED {
+			t.Fatalf("a client was not aborted: SO_ERROR %v", unix.Errno(e))
+		}
+	}
+}

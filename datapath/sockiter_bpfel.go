@@ -48,7 +48,6 @@ type sockiterSockRecord struct {
 	Family      uint8
 	Flags       uint8
 	Uid         uint32
-	DestroyErr  int32
 	LbCount     uint32
 	Lb          struct {
 		_           structs.HostLayout
@@ -59,6 +58,7 @@ type sockiterSockRecord struct {
 		SvcId       uint32
 		SvcRev      uint32
 	}
+	_ [4]byte
 }
 
 type sockiterSockState struct {
@@ -82,6 +82,7 @@ type sockiterSockState struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	sockiterMapPodsockDestroyCount  = "podsock_destroy_count"
 	sockiterMapPodsockDoomed        = "podsock_doomed"
 	sockiterMapPodsockListFilter    = "podsock_list_filter"
 	sockiterMapPodsockRecordScratch = "podsock_record_scratch"
@@ -144,6 +145,7 @@ type sockiterProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockiterMapSpecs struct {
+	PodsockDestroyCount  *ebpf.MapSpec `ebpf:"podsock_destroy_count"`
 	PodsockDoomed        *ebpf.MapSpec `ebpf:"podsock_doomed"`
 	PodsockListFilter    *ebpf.MapSpec `ebpf:"podsock_list_filter"`
 	PodsockRecordScratch *ebpf.MapSpec `ebpf:"podsock_record_scratch"`
@@ -176,6 +178,7 @@ func (o *sockiterObjects) Close() error {
 //
 // It can be passed to loadSockiterObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockiterMaps struct {
+	PodsockDestroyCount  *ebpf.Map `ebpf:"podsock_destroy_count"`
 	PodsockDoomed        *ebpf.Map `ebpf:"podsock_doomed"`
 	PodsockListFilter    *ebpf.Map `ebpf:"podsock_list_filter"`
 	PodsockRecordScratch *ebpf.Map `ebpf:"podsock_record_scratch"`
@@ -184,6 +187,7 @@ type sockiterMaps struct {
 
 func (m *sockiterMaps) Close() error {
 	return _SockiterClose(
+		m.PodsockDestroyCount,
 		m.PodsockDoomed,
 		m.PodsockListFilter,
 		m.PodsockRecordScratch,

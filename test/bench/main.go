@@ -66,6 +66,9 @@ func services(n int, proto uint8, be netip.AddrPort) []datapath.Service {
 
 func main() {
 	flag.Parse()
+	if *holderNetns != "" {
+		os.Exit(runHolder(*holderNetns))
+	}
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "bench: must run as root")
 		os.Exit(1)

@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -30,6 +29,7 @@ var (
 	sockRounds  = flag.Int("sockets-rounds", 10, "rounds of the one-netns termination comparison")
 	sockRoundsA = flag.Int("sockets-rounds-all", 3, "rounds of the all-netns termination comparison (each rebuilds every socket)")
 	e2eRounds   = flag.Int("sockets-e2e", 20, "config change -> ECONNABORTED rounds")
+	holderNetns = flag.String("holder", "", "internal: run as a socket holder in the netns at this path")
 )
 
 // Two backends present in every netns of the bench: X is the one that goes away.
@@ -41,7 +41,6 @@ var (
 )
 
 func (e *env) printSockets() {
-	raiseFileLimit(e)
 	fmt.Printf("\nsocket termination: %d netns x %d client sockets each, one datapath; targeted (podsock) vs baselines, alternating...\n", *sockNetns, *sockPerNS)
 	t := e.terminationBench()
 	fmt.Printf("\nsocket listing and end-to-end termination: the agent on a containerd with %d pods x %d client sockets...\n", *sockNetns, *sockPerNS)
@@ -61,15 +60,6 @@ func (e *env) printSockets() {
 		a.listed, *sockNetns**sockPerNS, median(a.list).Round(time.Millisecond), len(a.list))
 	fmt.Printf("agent memory: RSS %d MiB before listing, peak %d MiB before, peak %d MiB after\n",
 		a.rssBefore>>20, a.hwmBefore>>20, a.hwmAfter>>20)
-}
-
-// raiseFileLimit makes room for every client socket and its server end in this process.
-func raiseFileLimit(e *env) {
-	need := uint64(3**sockNetns**sockPerNS + 10000)
-	lim := unix.Rlimit{Cur: need, Max: need}
-	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
-		e.Fatalf("raise the open file limit to %d: %v", need, err)
-	}
 }
 
 type terminationResult struct {
@@ -109,7 +99,7 @@ func (e *env) terminationBench() terminationResult {
 		e.Fatal(err)
 	}
 	dp := e.datapath(cg)
-	host, err := os.Open("/proc/1/ns/net")
+	host, err := os.Open("/proc/self/ns/net")
 	if err != nil {
 		e.Fatal(err)
 	}
@@ -122,8 +112,6 @@ func (e *env) terminationBench() terminationResult {
 	nss := make([]*testenv.Netns, *sockNetns)
 	for i := range nss {
 		nss[i] = testenv.NewNetns(e, []string{vipRange}, "10.88.0.5/32", "10.88.0.6/32")
-		holdingAcceptor(e, nss[i], backendX)
-		holdingAcceptor(e, nss[i], backendY)
 		c := nss[i].Cookie(e)
 		set.cookies = append(set.cookies, c)
 		set.byCk[c] = nss[i]
@@ -144,14 +132,16 @@ func (e *env) terminationBench() terminationResult {
 		return res.RemovedBackends
 	}
 	svcs(backendX)
+	// Holders inherit the cgroup: the programs attached to cg see their sockets.
 	enter(cg)
-	defer enter(home)
+	var holders []*holder
+	for _, ns := range nss {
+		holders = append(holders, startHolder(e, ns.Path))
+	}
+	enter(home)
 
 	// Every netns holds its share of sockets to Y, which stays.
-	var background [][]int
-	for _, ns := range nss {
-		background = append(background, connectMany(e, ns, vipY, *sockPerNS))
-	}
+	all(holders, fmt.Sprintf("connect bg %s %d", vipY, *sockPerNS))
 	terminate := func(walkAll bool, want int) (time.Duration, datapath.TerminateResult) {
 		gone := svcs()
 		res, err := dp.Terminate(set, gone, datapath.TerminateOptions{Protocols: []uint8{datapath.ProtoTCP}, WalkAllNetns: walkAll})
@@ -169,10 +159,10 @@ func (e *env) terminationBench() terminationResult {
 		var took [2]time.Duration
 		for _, walkAll := range []bool{round%2 == 0, round%2 != 0} {
 			svcs(backendX)
-			fds := connectMany(e, nss[0], vipX, *sockPerNS)
+			all(holders[:1], fmt.Sprintf("connect x %s %d", vipX, *sockPerNS))
 			d, res := terminate(walkAll, *sockPerNS)
-			requireAborted(e, fds)
-			closeAll(fds)
+			all(holders[:1], "check x")
+			all(holders[:1], "close x")
 			if walkAll {
 				took[1], r.walkEntered = d, res.NetnsEntered
 			} else {
@@ -186,22 +176,16 @@ func (e *env) terminationBench() terminationResult {
 		r.oneWalkAll = append(r.oneWalkAll, took[1])
 		r.oneRatios = append(r.oneRatios, float64(took[1])/float64(took[0]))
 	}
-	for _, fds := range background {
-		closeAll(fds)
-	}
+	all(holders, "close bg")
 
 	// Every netns holds sockets of the removed backend.
 	for round := range *sockRoundsA {
 		var took [2]time.Duration
 		for _, useSS := range []bool{round%2 == 0, round%2 != 0} {
 			svcs(backendX)
-			var all []int
-			for _, ns := range nss {
-				all = append(all, connectMany(e, ns, vipX, *sockPerNS)...)
-			}
+			all(holders, fmt.Sprintf("connect x %s %d", vipX, *sockPerNS))
 			if useSS {
-				gone := svcs()
-				if len(gone) != 1 {
+				if gone := svcs(); len(gone) != 1 {
 					e.Fatalf("removed %v", gone)
 				}
 				start := time.Now()
@@ -214,16 +198,26 @@ func (e *env) terminationBench() terminationResult {
 				}
 				took[1] = time.Since(start)
 			} else {
-				took[0], _ = terminate(false, len(all))
+				took[0], _ = terminate(false, len(nss)**sockPerNS)
 			}
-			requireAborted(e, all)
-			closeAll(all)
+			all(holders, "check x")
+			all(holders, "close x")
 		}
 		r.allPodsock = append(r.allPodsock, took[0])
 		r.allSS = append(r.allSS, took[1])
 		r.allRatios = append(r.allRatios, float64(took[1])/float64(took[0]))
 	}
 	return r
+}
+
+// connectOne connects one TCP socket from inside ns to addr.
+func connectOne(e *env, ns *testenv.Netns, addr netip.AddrPort) int {
+	fd := makeSockets(ns, false, 1)[0]
+	if err := testenv.Connect(fd, testenv.Sockaddr(unix.AF_INET, addr)); err != nil {
+		unix.Close(fd)
+		e.Fatalf("connect %s in %s: %v", addr, ns.Name, err)
+	}
+	return fd
 }
 
 func ownCookie() (uint64, error) {
@@ -233,75 +227,6 @@ func ownCookie() (uint64, error) {
 	}
 	defer unix.Close(fd)
 	return unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
-}
-
-// connectMany opens n TCP connections from inside ns to addr and keeps them.
-func connectMany(e *env, ns *testenv.Netns, addr netip.AddrPort, n int) []int {
-	fds := makeSockets(ns, false, n)
-	sa := testenv.Sockaddr(unix.AF_INET, addr)
-	for _, fd := range fds {
-		if err := testenv.Connect(fd, sa); err != nil {
-			closeAll(fds)
-			e.Fatalf("connect %s in %s: %v", addr, ns.Name, err)
-		}
-	}
-	return fds
-}
-
-// requireAborted checks that every socket carries the error bpf_sock_destroy (or ss -K)
-// leaves: the client would read ECONNABORTED.
-func requireAborted(e *env, fds []int) {
-	for _, fd := range fds {
-		soErr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
-		if err != nil || unix.Errno(soErr) != unix.ECONNABORTED {
-			e.Fatalf("socket not aborted: SO_ERROR %v (%v)", unix.Errno(soErr), err)
-		}
-	}
-}
-
-// holdingAcceptor accepts connections and keeps them open, so client sockets stay
-// established for as long as the bench holds them.
-func holdingAcceptor(e *env, ns *testenv.Netns, addr netip.AddrPort) {
-	var lfd int
-	if err := ns.Do(func() (err error) {
-		lfd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return err
-		}
-		unix.SetsockoptInt(lfd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
-		if err := unix.Bind(lfd, testenv.Sockaddr(unix.AF_INET, addr)); err != nil {
-			return err
-		}
-		return unix.Listen(lfd, 4096)
-	}); err != nil {
-		e.Fatal(err)
-	}
-	var mu sync.Mutex
-	var held []int
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			fd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
-			if errors.Is(err, unix.EINTR) || errors.Is(err, unix.ECONNABORTED) {
-				continue
-			}
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			held = append(held, fd)
-			mu.Unlock()
-		}
-	}()
-	e.Cleanup(func() {
-		unix.Shutdown(lfd, unix.SHUT_RDWR)
-		<-done
-		unix.Close(lfd)
-		mu.Lock()
-		closeAll(held)
-		mu.Unlock()
-	})
 }
 
 type agentSocketsResult struct {
@@ -390,22 +315,20 @@ backends = [%q]
 	var nss []*testenv.Netns
 	for i := range *sockNetns {
 		p := rt.RunPod(e, cri.PodSpec{Name: fmt.Sprintf("sockets-%d", i)})
-		ns := &testenv.Netns{Name: p.Name, Path: p.NetnsPath}
 		for _, a := range []string{"10.88.0.5/32", "10.88.0.6/32"} {
 			if out, err := exec.Command("nsenter", "--net="+p.NetnsPath, "ip", "addr", "add", a, "dev", "lo").CombinedOutput(); err != nil {
 				e.Fatalf("add %s in pod %s: %v: %s", a, p.Name, err, out)
 			}
 		}
-		holdingAcceptor(e, ns, backendX)
-		holdingAcceptor(e, ns, backendY)
-		nss = append(nss, ns)
+		nss = append(nss, &testenv.Netns{Name: p.Name, Path: p.NetnsPath})
 	}
 	enter(clients)
-	defer enter(home)
+	var holders []*holder
 	for _, ns := range nss {
-		fds := connectMany(e, ns, vipY, *sockPerNS)
-		e.Cleanup(func() { closeAll(fds) })
+		holders = append(holders, startHolder(e, ns.Path))
 	}
+	defer enter(home)
+	all(holders, fmt.Sprintf("connect bg %s %d", vipY, *sockPerNS))
 
 	var r agentSocketsResult
 	// Config change -> ECONNABORTED, with every other socket in place.
@@ -413,7 +336,7 @@ backends = [%q]
 		write(backendX)
 		cmd.Process.Signal(syscall.SIGHUP)
 		waitGeneration(uint64(2 + 2*round))
-		fd := connectMany(e, nss[round%len(nss)], vipX, 1)[0]
+		fd := connectOne(e, nss[round%len(nss)], vipX)
 		readErr := make(chan error, 1)
 		go func() {
 			var buf [16]byte

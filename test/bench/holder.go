@@ -45,7 +45,7 @@ func runHolder(nsPath string) int {
 	if err := unix.Setns(nsfd, unix.CLONE_NEWNET); err != nil {
 		return fail(fmt.Errorf("setns %s: %w", nsPath, err))
 	}
-	h := &heldSockets{groups: map[string][]int{}, servers: map[uint16]int{}}
+	h := &heldSockets{groups: map[string][]int{}, locals: map[string][]netip.AddrPort{}, servers: map[netip.AddrPort]int{}}
 	for _, b := range []netip.AddrPort{backendX, backendY} {
 		if err := h.listen(b); err != nil {
 			return fail(err)
@@ -86,10 +86,12 @@ func (h *heldSockets) do(f []string) string {
 
 type heldSockets struct {
 	groups map[string][]int // client sockets by group
+	// locals are the local addresses of each group's clients, read at connect: a destroyed
+	// socket no longer reports its port.
+	locals map[string][]netip.AddrPort
 	mu     sync.Mutex
-	// servers are the accepted ends, by the client's port (unique in this netns, as every
-	// client connects from here to the one backend address).
-	servers map[uint16]int
+	// servers are the accepted ends, by the client's address.
+	servers map[netip.AddrPort]int
 }
 
 func (h *heldSockets) listen(addr netip.AddrPort) error {
@@ -114,7 +116,7 @@ func (h *heldSockets) listen(addr netip.AddrPort) error {
 				return
 			}
 			h.mu.Lock()
-			h.servers[testenv.AddrPort(sa).Port()] = fd
+			h.servers[testenv.AddrPort(sa)] = fd
 			h.mu.Unlock()
 		}
 	}()
@@ -132,6 +134,11 @@ func (h *heldSockets) connect(group string, addr netip.AddrPort, n int) error {
 		if err := testenv.Connect(fd, sa); err != nil {
 			return fmt.Errorf("connect %s: %w", addr, err)
 		}
+		local, err := unix.Getsockname(fd)
+		if err != nil {
+			return err
+		}
+		h.locals[group] = append(h.locals[group], testenv.AddrPort(local))
 	}
 	return nil
 }
@@ -150,30 +157,29 @@ func (h *heldSockets) checkAborted(group string) error {
 }
 
 func (h *heldSockets) closeGroup(group string) error {
-	var ports []uint16
-	for _, fd := range h.groups[group] {
-		if sa, err := unix.Getsockname(fd); err == nil {
-			ports = append(ports, testenv.AddrPort(sa).Port())
-		}
-	}
+	clients := h.locals[group]
 	closeAll(h.groups[group])
 	delete(h.groups, group)
+	delete(h.locals, group)
 	// A server end may still sit in the accept queue: wait for it, briefly.
 	if !testenv.WaitFor(5*time.Second, func() bool {
 		h.mu.Lock()
 		defer h.mu.Unlock()
-		for len(ports) > 0 {
-			fd, ok := h.servers[ports[0]]
+		for len(clients) > 0 {
+			fd, ok := h.servers[clients[0]]
 			if !ok {
 				return false
 			}
 			unix.Close(fd)
-			delete(h.servers, ports[0])
-			ports = ports[1:]
+			delete(h.servers, clients[0])
+			clients = clients[1:]
 		}
 		return true
 	}) {
-		return fmt.Errorf("%d server ends never accepted", len(ports))
+		h.mu.Lock()
+		held := len(h.servers)
+		h.mu.Unlock()
+		return fmt.Errorf("%d server ends never accepted (first of %s; %d other server ends held)", len(clients), clients[0], held)
 	}
 	return nil
 }

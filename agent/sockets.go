@@ -109,7 +109,8 @@ func (t *terminator) remove(gone []datapath.RemovedBackend, protos []uint8) {
 		t.stats.Protocols = append(t.stats.Protocols, datapath.ProtoName(p))
 	}
 	for _, b := range gone {
-		if slices.Contains(protos, b.Proto) {
+		// Without iterators there is nothing to do; status says why.
+		if t.stats.Available && slices.Contains(protos, b.Proto) {
 			t.pending = append(t.pending, b)
 		}
 	}

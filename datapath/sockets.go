@@ -391,6 +391,7 @@ func (dp *Datapath) Terminate(ns NetnsSet, gone []RemovedBackend, opts Terminate
 	gone = slices.DeleteFunc(slices.Clone(gone), func(b RemovedBackend) bool {
 		return !slices.Contains(opts.Protocols, b.Proto)
 	})
+	gone = dp.stillRemoved(gone)
 	if len(gone) == 0 {
 		return res, nil
 	}
@@ -414,6 +415,17 @@ func (dp *Datapath) Terminate(ns NetnsSet, gone []RemovedBackend, opts Terminate
 	}
 	res.Duration = time.Since(start)
 	return res, errors.Join(errs...)
+}
+
+// stillRemoved drops the backends their service has again: a removal undone before its
+// pass must not end the sockets connected since.
+func (dp *Datapath) stillRemoved(gone []RemovedBackend) []RemovedBackend {
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+	return slices.DeleteFunc(gone, func(b RemovedBackend) bool {
+		svc := dp.services[svcKey(b.VIP.Addr(), b.VIP.Port(), b.Proto)]
+		return svc != nil && slices.Contains(svc.slots, b.Backend)
+	})
 }
 
 // maxDoomed is PODSOCK_MAX_DOOMED in bpf/sockiter.c.
@@ -497,7 +509,9 @@ func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBack
 			res.NetnsEntered++
 		}
 	}
-	dp.dropBackendCounts(backends)
+	// The counts of the removed backends stay: a destroyed socket counts until its
+	// application closes it, and the backend may already be back, with new sockets
+	// counted under the same keys.
 	return res, errors.Join(errs...)
 }
 
@@ -577,25 +591,6 @@ func (dp *Datapath) netnsHolding(backends map[socklbBackendKey]bool, ns NetnsSet
 func (dp *Datapath) PruneBackendCounts(ns NetnsSet) error {
 	_, err := dp.netnsHolding(nil, ns)
 	return err
-}
-
-// dropBackendCounts forgets the counts of terminated backends. Sockets still counted there
-// (destroyed, but not yet closed by their application) find no entry when they are
-// released, which is harmless.
-func (dp *Datapath) dropBackendCounts(backends map[socklbBackendKey]bool) {
-	var drop []socklbBackendNetnsKey
-	var k socklbBackendNetnsKey
-	var n int64
-	iter := dp.objs.PodsockBnetnsV1.Iterate()
-	for iter.Next(&k, &n) {
-		if backends[k.Backend] {
-			drop = append(drop, k)
-		}
-	}
-	if err := iter.Err(); err != nil {
-		dp.log.WithError(err).Warn("read backend counts")
-	}
-	dp.deleteBackendCounts(drop)
 }
 
 func (dp *Datapath) deleteBackendCounts(keys []socklbBackendNetnsKey) {

@@ -74,8 +74,24 @@ func heldTCP(t *testing.T, ns *testenv.Netns, vip netip.AddrPort, want string) i
 	if err != nil || r.Backend != want || r.Peer != vip {
 		t.Fatalf("dial %s from %s: backend %q peer %s err %v, want %s and the VIP", vip, ns.Name, r.Backend, r.Peer, err, want)
 	}
-	t.Cleanup(func() { unix.Close(r.FD) })
+	keepOpen(t, r.FD)
 	return r.FD
+}
+
+// openFDs are the test's client sockets still open; the cleanup closes those, and
+// closeClient the ones a test closes itself, so no fd number is closed twice.
+var openFDs = map[int]bool{}
+
+func keepOpen(t *testing.T, fd int) {
+	openFDs[fd] = true
+	t.Cleanup(func() { closeClient(fd) })
+}
+
+func closeClient(fd int) {
+	if openFDs[fd] {
+		delete(openFDs, fd)
+		unix.Close(fd)
+	}
 }
 
 // udpClient makes a UDP socket that has exchanged one datagram with vip, connected or not.
@@ -85,7 +101,7 @@ func udpClient(t *testing.T, ns *testenv.Netns, vip netip.AddrPort, connected bo
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { unix.Close(fd) })
+	keepOpen(t, fd)
 	to := vip
 	if connected {
 		if err := unix.Connect(fd, testenv.Sockaddr(unix.AF_INET, vip)); err != nil {
@@ -198,7 +214,7 @@ func TestPrivilegedSocketsListAndTerminate(t *testing.T) {
 	if err != nil || direct.Backend != "A" {
 		t.Fatalf("direct dial of %s: %+v %v", beA, direct, err)
 	}
-	t.Cleanup(func() { unix.Close(direct.FD) })
+	keepOpen(t, direct.FD)
 	unconnPort := localPort(t, dnsUnconn)
 
 	t.Run("list", func(t *testing.T) {
@@ -277,6 +293,8 @@ func TestPrivilegedSocketsListAndTerminate(t *testing.T) {
 			if err := aborted(fd); err != nil {
 				t.Errorf("%s: %v", name, err)
 			}
+			// As an application would on ECONNABORTED: that releases the socket's count.
+			closeClient(fd)
 		}
 		for name, fd := range map[string]int{"api n1": api1, "api n3": api3, "direct to A": direct.FD, "connected dns2": dns2Conn} {
 			if err := alive(fd); err != nil {
@@ -292,6 +310,40 @@ func TestPrivilegedSocketsListAndTerminate(t *testing.T) {
 		if r, err := testenv.UDPExchange(dnsUnconn, unix.AF_INET, dnsVIP); err != nil || r.Backend != "dnsB" || r.From != dnsVIP {
 			t.Errorf("unconnected UDP after the change: %+v %v, want dnsB from the VIP", r, err)
 		}
+	})
+
+	t.Run("re-added", func(t *testing.T) {
+		// A removal undone before its pass ends nothing; a backend back after a pass is
+		// counted afresh, so its next removal finds its new clients.
+		web := func(b netip.AddrPort) []RemovedBackend {
+			return apply(t, dp,
+				tcpService("default/web", webVIP, be(b, 1)),
+				tcpService("default/api", apiVIP, be(beB, 1)),
+				udpService("kube-system/dns", dnsVIP, be(dnsB, 1)),
+				udpService("kube-system/dns2", dns2VIP, be(dnsB, 1))).RemovedBackends
+		}
+		goneC := web(beA) // C leaves, A is back
+		fdA := heldTCP(t, n2, webVIP, "A")
+		stale := web(beC) // A leaves again...
+		web(beA)          // ...and comes back before the pass
+		tr, err := dp.Terminate(set, stale, TerminateOptions{Protocols: []uint8{ProtoTCP}})
+		if err != nil || tr.Destroyed != 0 || tr.Backends != 0 {
+			t.Fatalf("pass for a removal already undone: %+v %v, want nothing done", tr, err)
+		}
+		if err := alive(fdA); err != nil {
+			t.Fatalf("client of a backend that came back was touched: %v", err)
+		}
+		if _, err := dp.Terminate(set, goneC, TerminateOptions{Protocols: []uint8{ProtoTCP}}); err != nil {
+			t.Fatal(err)
+		}
+		tr, err = dp.Terminate(set, web(beC), TerminateOptions{Protocols: []uint8{ProtoTCP}})
+		if err != nil || tr.Destroyed != 1 || tr.NetnsEntered != 1 {
+			t.Fatalf("second removal of A: %+v %v, want its one new client destroyed in n2", tr, err)
+		}
+		if err := aborted(fdA); err != nil {
+			t.Fatalf("new client of A: %v", err)
+		}
+		set.takeEntered()
 	})
 
 	t.Run("protocols", func(t *testing.T) {

@@ -43,9 +43,6 @@ var (
 func (e *env) printSockets() {
 	fmt.Printf("\nsocket termination: %d netns x %d client sockets each, one datapath; targeted (podsock) vs baselines, alternating...\n", *sockNetns, *sockPerNS)
 	t := e.terminationBench()
-	fmt.Printf("\nsocket listing and end-to-end termination: the agent on a containerd with %d pods x %d client sockets...\n", *sockNetns, *sockPerNS)
-	a := e.agentSocketsBench()
-
 	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "case\tpodsock\tbaseline\tratio\ttarget\t")
 	fmt.Fprintf(w, "destroy %d sockets of one backend in 1 of %d netns: targeted vs every netns (Cilium's way)\t%v\t%v\t%.1fx faster\t>= 10x faster\t\n",
@@ -54,6 +51,9 @@ func (e *env) printSockets() {
 		*sockPerNS**sockNetns, *sockNetns, median(t.allPodsock).Round(time.Millisecond), median(t.allSS).Round(time.Millisecond), medianRatio(t.allRatios))
 	w.Flush()
 	fmt.Printf("netns entered per pass: targeted %d, Cilium's way %d\n", t.oneEntered, t.walkEntered)
+
+	fmt.Printf("\nsocket listing and end-to-end termination: the agent on a containerd with %d pods x %d client sockets...\n", *sockNetns, *sockPerNS)
+	a := e.agentSocketsBench()
 	fmt.Printf("\nconfig change -> client read fails with ECONNABORTED (agent, SIGHUP, %d rounds): median %v, max %v (target < 100ms)\n",
 		len(a.e2e), median(a.e2e).Round(time.Millisecond/10), slices.Max(a.e2e).Round(time.Millisecond/10))
 	fmt.Printf("listing all sockets through the agent (%d records: %d client sockets, their server ends and the listeners): median %v over %d runs\n",
@@ -263,7 +263,7 @@ func (e *env) agentSocketsBench() agentSocketsResult {
 cgroup_root = %q
 bpffs = %q
 state_dir = %q
-log_level = "warn"
+log_level = "info"
 [nri]
 socket = %q
 [[service]]
@@ -282,10 +282,21 @@ backends = [%q]
 		}
 	}
 	write(backendX)
+	logPath := filepath.Join(dir, "agent.log")
+	agentLog, err := os.Create(logPath)
+	if err != nil {
+		e.Fatal(err)
+	}
+	e.Cleanup(func() { agentLog.Close() })
 	cmd := exec.Command(*podsockBin, "run", "--config", cfgPath)
-	cmd.Stderr = os.Stderr
+	cmd.Stdout, cmd.Stderr = agentLog, agentLog
 	if err := cmd.Start(); err != nil {
 		e.Fatal(err)
+	}
+	failf := func(format string, a ...any) {
+		b, _ := os.ReadFile(logPath)
+		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+		e.Fatalf(format+"\nagent log (tail):\n%s", append(a, strings.Join(lines[max(0, len(lines)-30):], "\n"))...)
 	}
 	e.Cleanup(func() {
 		cmd.Process.Signal(os.Interrupt)
@@ -299,7 +310,7 @@ backends = [%q]
 			gen = st.ConfigGeneration
 			return err == nil && st.NRI.Connected && st.ConfigGeneration == want
 		}) {
-			e.Fatalf("agent did not reach config generation %d (at %d)", want, gen)
+			failf("agent did not reach config generation %d (at %d)", want, gen)
 		}
 	}
 	waitGeneration(1)
@@ -350,11 +361,11 @@ backends = [%q]
 		case err := <-readErr:
 			took := time.Since(start)
 			if !errors.Is(err, unix.ECONNABORTED) {
-				e.Fatalf("client read gave %v, want ECONNABORTED", err)
+				failf("client read gave %v, want ECONNABORTED", err)
 			}
 			r.e2e = append(r.e2e, took)
 		case <-time.After(5 * time.Second):
-			e.Fatalf("client of the removed backend not aborted 5 s after the config change")
+			failf("round %d: client of the removed backend not aborted 5 s after the config change", round)
 		}
 		unix.Close(fd)
 		waitGeneration(uint64(3 + 2*round))

@@ -1,8 +1,9 @@
 // Command demo shows podsock's main job end to end on this machine: a private containerd
 // with NRI, podsock registered as its NRI plugin, two backend pods and a client pod. The
 // client reaches the service VIP, both backends answer, podsock reports the pods with their
-// exact cgroups and netns cookies, and everything is torn down again. Run it as root:
-// `make demo`.
+// exact cgroups and netns cookies and the client's sockets with their backend; a backend
+// leaving the service aborts the connection the client held to it; and everything is torn
+// down again. Run it as root: `make demo`.
 package main
 
 import (
@@ -64,7 +65,7 @@ func (d *demo) run() {
 	step("two backend pods and a client pod (crictl runp / create / start)")
 	a, sa := d.pod("backend-a", "web", "serve", "tcp", "8080", "backend-a")
 	b, sb := d.pod("backend-b", "web", "serve", "tcp", "8080", "backend-b")
-	_, client := d.pod("client", "client", "pause")
+	clientPod, client := d.pod("client", "client", "pause")
 	d.rt.WaitLog(d, sa, "listening", 5*time.Second)
 	d.rt.WaitLog(d, sb, "listening", 5*time.Second)
 	for _, p := range []*cri.Pod{a, b} {
@@ -91,7 +92,12 @@ func (d *demo) run() {
 	}
 	d.Cleanup(func() { os.RemoveAll(dir) })
 	d.cfgPath = filepath.Join(dir, "podsock.toml")
-	cfg := fmt.Sprintf(`[agent]
+	writeConfig := func(backends ...*cri.Pod) string {
+		var bs []string
+		for _, p := range backends {
+			bs = append(bs, fmt.Sprintf("%q", netip.AddrPortFrom(p.IP, 8080)))
+		}
+		cfg := fmt.Sprintf(`[agent]
 cgroup_root = %q   # the runtime's pod cgroup parent, not the machine's root
 bpffs = %q
 state_dir = %q
@@ -100,17 +106,22 @@ state_dir = %q
 enabled = true
 socket = %q
 
+[lb]
+terminate = ["tcp", "udp"]   # destroy sockets still attached to a removed backend
+
 [[service]]
 name = "default/web"
 vip = "%s"
 port = 80
 protocol = "tcp"
-backends = ["%s", "%s"]
-`, cgroupRoot, bpffs, filepath.Join(dir, "state"), d.rt.NRISocket(), vip,
-		netip.AddrPortFrom(a.IP, 8080), netip.AddrPortFrom(b.IP, 8080))
-	if err := os.WriteFile(d.cfgPath, []byte(cfg), 0o644); err != nil {
-		d.Fatal(err)
+backends = [%s]
+`, cgroupRoot, bpffs, filepath.Join(dir, "state"), d.rt.NRISocket(), vip, strings.Join(bs, ", "))
+		if err := os.WriteFile(d.cfgPath, []byte(cfg), 0o644); err != nil {
+			d.Fatal(err)
+		}
+		return cfg
 	}
+	cfg := writeConfig(a, b)
 	step("podsock run --config %s (an external NRI plugin)", d.cfgPath)
 	fmt.Print(indent(cfg))
 	agent := d.startAgent()
@@ -119,6 +130,36 @@ backends = ["%s", "%s"]
 	seen := d.dial(client, 10)
 	if seen["backend-a"] == 0 || seen["backend-b"] == 0 {
 		d.Fatalf("both backends should have answered through the VIP; got %v", seen)
+	}
+
+	step("the client holds a connection through %s:80", vip)
+	hold := d.rt.StartContainer(d, clientPod, "hold", "hold", "tcp", vip+":80")
+	d.rt.WaitLog(d, hold, "connected peer="+vip+":80", 5*time.Second)
+	line, _ := d.rt.Logs(hold)
+	fmt.Print(indent(lastLine(line)))
+	held, stays := a, b
+	if strings.Contains(line, "reply=backend-b") {
+		held, stays = b, a
+	}
+	step("podsock sockets --pod default/client (what the datapath knows of each socket)")
+	d.podsock("sockets", "--pod", "default/client")
+
+	step("%s leaves the service (config reload, SIGHUP): its client is aborted", held.Name)
+	writeConfig(stays)
+	begin := time.Now()
+	agent.Process.Signal(syscall.SIGHUP)
+	if !testenv.WaitFor(time.Second, func() bool {
+		out, _ := d.rt.Logs(hold)
+		return strings.Contains(out, "read-error=ECONNABORTED")
+	}) {
+		out, _ := d.rt.Logs(hold)
+		d.Fatalf("the client held to %s was not aborted within 1 s:\n%s", held.Name, out)
+	}
+	out, _ := d.rt.Logs(hold)
+	fmt.Print(indent(lastLine(out)))
+	fmt.Printf("    aborted %v after the reload (container log polling included)\n", time.Since(begin).Round(time.Millisecond))
+	if seen := d.dial(client, 4); seen[stays.Name] != 4 {
+		d.Fatalf("after the reload only %s should answer; got %v", stays.Name, seen)
 	}
 
 	step("podsock pods")
@@ -164,6 +205,12 @@ func (d *demo) dial(c *cri.Container, n int) map[string]int {
 	sort.Strings(names)
 	fmt.Printf("    answered by: %s\n", strings.Join(names, ", "))
 	return seen
+}
+
+// lastLine is the last line a container printed.
+func lastLine(log string) string {
+	lines := strings.Split(strings.TrimSpace(log), "\n")
+	return lines[len(lines)-1] + "\n"
 }
 
 func indent(s string) string {

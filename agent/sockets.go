@@ -52,7 +52,7 @@ func (n nodeNetns) Enter(cookie uint64, f func() error) error {
 // a burst of config changes (or a future endpoint watch) costs one pass.
 const terminationBatchWindow = 10 * time.Millisecond
 
-// pruneInterval is how often the backend counts of netns that are gone are dropped.
+// pruneInterval is how often the pair counts of netns that are gone are dropped.
 const pruneInterval = 5 * time.Minute
 
 // TerminationStatus is what `status` shows about socket termination.
@@ -133,8 +133,8 @@ func (t *terminator) run() {
 		case <-t.stop:
 			return
 		case <-prune.C:
-			if err := t.dp.PruneBackendCounts(t.ns); err != nil && !errors.Is(err, datapath.ErrNoIterators) {
-				t.log.WithError(err).Warn("prune backend counts")
+			if err := t.dp.PrunePairCounts(t.ns); err != nil && !errors.Is(err, datapath.ErrNoIterators) {
+				t.log.WithError(err).Warn("prune pair counts")
 			}
 		case <-t.wake:
 			select {

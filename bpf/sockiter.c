@@ -4,7 +4,7 @@
 // left in their SK_STORAGE, and destroy the connected ones still attached to a removed
 // backend. iter/tcp and iter/udp see only the netns of the thread that opens them, so the
 // agent opens them inside each netns it needs; which netns those are comes from
-// podsock_bnetns_v1 (see socklb.c).
+// podsock_pairnetns_v1 (see socklb.c).
 //
 // Kept apart from socklb.c: a kernel without bpf_sock_destroy (< 6.5) still gets
 // socket-LB, only without listing and termination.
@@ -73,7 +73,9 @@ static __always_inline struct sock_record *scratch_record(void)
 #define FILTER_BACKEND 1 // only sockets whose remote or any translation is filter.backend
 
 struct list_filter {
-	struct backend_key backend;
+	__u32 backend[4];
+	__u16 backend_port;
+	__u16 pad;
 	__u32 flags;
 };
 
@@ -87,24 +89,14 @@ struct {
 } podsock_list_filter SEC(".maps");
 
 // The {service, backend} pairs being terminated: a connected socket is destroyed when the
-// translation of its peer is one of them. The service is named by its VIP key, not its ID,
-// which a later service may reuse.
-struct doomed_key {
-	__u32 vip[4];
-	__u32 backend[4];
-	__u16 vip_port;
-	__u16 backend_port;
-	__u8 proto;
-	__u8 pad[3];
-};
-
+// translation of its peer is one of them.
 #define PODSOCK_MAX_DOOMED 65536
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, PODSOCK_MAX_DOOMED);
-	__type(key, struct doomed_key);
+	__type(key, struct svc_backend_key);
 	__type(value, __u8);
 } podsock_doomed SEC(".maps");
 
@@ -171,7 +163,7 @@ static __always_inline void fill_lb(struct sock_record *r, const struct sock_sta
 }
 
 static __always_inline int lb_has_backend(const struct sock_state *state,
-					  const struct backend_key *be)
+					  const struct list_filter *f)
 {
 	__u32 i;
 
@@ -180,7 +172,7 @@ static __always_inline int lb_has_backend(const struct sock_state *state,
 
 		if (i >= state->count)
 			break;
-		if (e->backend_port == be->port && addr_equal(e->backend, be->addr))
+		if (e->backend_port == f->backend_port && addr_equal(e->backend, f->backend))
 			return 1;
 	}
 	return 0;
@@ -201,10 +193,10 @@ static __always_inline int list_one(struct seq_file *seq, struct sock_common *sk
 	fill_record(r, skc, proto, uid);
 	f = bpf_map_lookup_elem(&podsock_list_filter, &zero);
 	if (f && (f->flags & FILTER_BACKEND)) {
-		int hit = r->remote_port == f->backend.port && addr_equal(r->remote, f->backend.addr);
+		int hit = r->remote_port == f->backend_port && addr_equal(r->remote, f->backend);
 
 		if (!hit && state)
-			hit = lb_has_backend(state, &f->backend);
+			hit = lb_has_backend(state, f);
 		if (!hit)
 			return 0;
 	}
@@ -219,7 +211,7 @@ static __always_inline int destroy_one(struct sock_common *skc, struct sock *sk,
 {
 	struct sock_record *r = scratch_record();
 	struct sock_state *state;
-	struct doomed_key k = {};
+	struct svc_backend_key k = {};
 	struct lb_entry *e;
 
 	if (!sk || !r)

@@ -139,18 +139,18 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podsock_aff_v1 SEC(".maps");
 
-// Connected sockets per {backend, netns}. Counts go up at a balanced connect() and down
+// Connected sockets per {service, backend, netns}. Counts go up at a balanced connect() and down
 // when the socket is released or re-connected; an entry at zero stays until userspace
 // drops it (its netns is gone, or its backend was terminated), so a count is never lost
 // to a delete racing an increment.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, PODSOCK_MAX_BACKEND_NETNS);
-	__type(key, struct backend_netns_key);
+	__uint(max_entries, PODSOCK_MAX_PAIR_NETNS);
+	__type(key, struct svc_backend_netns_key);
 	__type(value, __s64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} podsock_bnetns_v1 SEC(".maps");
+} podsock_pairnetns_v1 SEC(".maps");
 
 static __always_inline void count(__u32 stat)
 {
@@ -298,34 +298,38 @@ static __always_inline struct lb_entry *find_backend(struct sock_state *state,
 	return NULL;
 }
 
-static __always_inline void tracking_key(struct backend_netns_key *k, const struct sock_state *state,
-					 __u64 netns)
+static __always_inline void tracking_key(struct svc_backend_netns_key *k,
+					 const struct sock_state *state, __u64 netns)
 {
+	const struct lb_entry *e = &state->entries[0];
+
 	__builtin_memset(k, 0, sizeof(*k));
-	addr_copy(k->backend.addr, state->entries[0].backend);
-	k->backend.port = state->entries[0].backend_port;
-	k->backend.proto = state->proto;
+	addr_copy(k->pair.vip, e->vip);
+	addr_copy(k->pair.backend, e->backend);
+	k->pair.vip_port = e->vip_port;
+	k->pair.backend_port = e->backend_port;
+	k->pair.proto = state->proto;
 	k->netns_cookie = netns;
 }
 
-// track counts a newly connected socket under its backend and netns.
+// track counts a newly connected socket under its {service, backend} pair and netns.
 static __always_inline void track(struct sock_state *state, __u64 netns)
 {
-	struct backend_netns_key k;
+	struct svc_backend_netns_key k;
 	__s64 one = 1, *n;
 	long err;
 
 	tracking_key(&k, state, netns);
-	n = bpf_map_lookup_elem(&podsock_bnetns_v1, &k);
+	n = bpf_map_lookup_elem(&podsock_pairnetns_v1, &k);
 	if (!n) {
-		err = bpf_map_update_elem(&podsock_bnetns_v1, &k, &one, BPF_NOEXIST);
+		err = bpf_map_update_elem(&podsock_pairnetns_v1, &k, &one, BPF_NOEXIST);
 		if (!err) {
 			state->flags |= SOCK_F_TRACKED;
 			return;
 		}
 		// Another socket created the entry first: add to it.
 		if (err == -EEXIST)
-			n = bpf_map_lookup_elem(&podsock_bnetns_v1, &k);
+			n = bpf_map_lookup_elem(&podsock_pairnetns_v1, &k);
 	}
 	if (n) {
 		__sync_fetch_and_add(n, 1);
@@ -339,12 +343,12 @@ static __always_inline void track(struct sock_state *state, __u64 netns)
 // untrack undoes track when the socket goes or connects elsewhere.
 static __always_inline void untrack(struct sock_state *state, __u64 netns)
 {
-	struct backend_netns_key k;
+	struct svc_backend_netns_key k;
 	__s64 *n;
 
 	if (state->flags & SOCK_F_TRACKED) {
 		tracking_key(&k, state, netns);
-		n = bpf_map_lookup_elem(&podsock_bnetns_v1, &k);
+		n = bpf_map_lookup_elem(&podsock_pairnetns_v1, &k);
 		if (n)
 			__sync_fetch_and_add(n, -1);
 	}

@@ -67,7 +67,7 @@ struct lb_entry {
 // Socket flags. CONNECTED is 1 so that state pinned by an older agent, which stored a
 // plain boolean here, still reads right.
 #define SOCK_F_CONNECTED 1 // entries[0] is the connected peer (TCP, connected UDP)
-#define SOCK_F_TRACKED 2   // counted in podsock_bnetns_v1 under entries[0]'s backend
+#define SOCK_F_TRACKED 2   // counted in podsock_pairnetns_v1 under entries[0]'s pair
 #define SOCK_F_UNTRACKED 4 // connected, but the count could not be taken (map full)
 
 // The socket's whole LB state. entries[0] is the peer of a connected socket; an unconnected
@@ -80,23 +80,26 @@ struct sock_state {
 	__u8 count;
 };
 
-// A backend as connected sockets reach it.
-struct backend_key {
-	__u32 addr[4];
-	__u16 port;
+// A {service, backend} pair as connected sockets use it: the service is named by its VIP
+// key, not by its ID, which a later service may reuse.
+struct svc_backend_key {
+	__u32 vip[4];
+	__u32 backend[4];
+	__u16 vip_port;
+	__u16 backend_port;
 	__u8 proto;
-	__u8 pad;
+	__u8 pad[3];
 };
 
-// How many connected sockets of one netns are balanced to one backend: on a backend's
-// removal podsock enters only the netns this map names, instead of every netns on the node.
-struct backend_netns_key {
-	struct backend_key backend;
-	__u32 pad;
+// How many connected sockets of one netns a service balanced to one backend: when the
+// backend leaves the service, podsock enters only the netns this map names, instead of
+// every netns on the node.
+struct svc_backend_netns_key {
+	struct svc_backend_key pair;
 	__u64 netns_cookie;
 };
 
-#define PODSOCK_MAX_BACKEND_NETNS 262144
+#define PODSOCK_MAX_PAIR_NETNS 262144
 
 // Pod flags.
 #define POD_F_SKIP_LB 1 // socket-LB leaves this pod's sockets alone (service meshes)
@@ -130,7 +133,7 @@ struct datapath_cfg {
 	__u32 pad;
 };
 
-// STAT_UNTRACKED counts connected sockets whose backend/netns count could not be taken,
+// STAT_UNTRACKED counts connected sockets whose pair/netns count could not be taken,
 // STAT_UNTRACKED_RELEASED the release of such sockets: while more were taken than
 // released, termination walks every netns, since the count map no longer names them all.
 enum stat_index {

@@ -379,9 +379,9 @@ type Stats struct {
 	Skipped uint64 `json:"skipped"`
 	// AffinityFull counts pod-affinity choices that could not be recorded.
 	AffinityFull uint64 `json:"affinity_full"`
-	// Untracked counts connected sockets missing from the backend/netns counts (the map
-	// was full), and UntrackedReleased those of them since closed. While some are open,
-	// termination walks every netns.
+	// Untracked counts connected sockets missing from the {service, backend}/netns counts
+	// (the map was full), and UntrackedReleased those of them since closed. While some are
+	// open, termination walks every netns.
 	Untracked         uint64 `json:"untracked"`
 	UntrackedReleased uint64 `json:"untracked_released"`
 }

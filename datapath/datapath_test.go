@@ -40,10 +40,10 @@ func TestGoStructsMatchBTF(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkStructs(t, iterSpec.Types, map[string]any{
-		"sock_record": sockiterSockRecord{},
-		"list_filter": sockiterListFilter{},
-		"doomed_key":  sockiterDoomedKey{},
-		"sock_state":  socklbSockState{},
+		"sock_record":     sockiterSockRecord{},
+		"list_filter":     sockiterListFilter{},
+		"svc_backend_key": sockiterSvcBackendKey{},
+		"sock_state":      socklbSockState{},
 	})
 	checkStructs(t, spec.Types, map[string]any{
 		"svc_key":      socklbSvcKey{},
@@ -58,8 +58,8 @@ func TestGoStructsMatchBTF(t *testing.T) {
 		"pod_svc_key":  socklbPodSvcKey{},
 		"datapath_cfg": socklbDatapathCfg{},
 
-		"backend_key":       socklbBackendKey{},
-		"backend_netns_key": socklbBackendNetnsKey{},
+		"svc_backend_key":       socklbSvcBackendKey{},
+		"svc_backend_netns_key": socklbSvcBackendNetnsKey{},
 	})
 }
 

@@ -253,8 +253,8 @@ func (dp *Datapath) Sockets(ns NetnsSet, f SocketFilter, fn func(Socket) error) 
 	var filter sockiterListFilter
 	if f.Backend.IsValid() {
 		filter.Flags = filterBackend
-		filter.Backend.Addr = addrWords(f.Backend.Addr())
-		filter.Backend.Port = htons(f.Backend.Port())
+		filter.Backend = addrWords(f.Backend.Addr())
+		filter.BackendPort = htons(f.Backend.Port())
 	}
 	if err := it.objs.PodsockListFilter.Update(uint32(0), &filter, ebpf.UpdateAny); err != nil {
 		return st, fmt.Errorf("set iterator filter: %w", err)
@@ -359,14 +359,14 @@ type TerminateResult struct {
 	Backends  int // removed {service, backend} pairs handled
 	Destroyed int // sockets bpf_sock_destroy ended
 	Failed    int // sockets it refused to end
-	// NetnsEntered is how many netns were walked; only those the backend counts name,
+	// NetnsEntered is how many netns were walked; only those the pair counts name,
 	// unless FullWalk.
 	NetnsEntered int
 	// NetnsUnreachable counts netns that hold sockets to a removed backend but that the
 	// NetnsSet cannot enter (a netns podsock was never told about).
 	NetnsUnreachable int
-	// FullWalk is set when some connected socket escaped the backend counts, so every
-	// netns had to be walked.
+	// FullWalk is set when every netns was walked: asked for, or because some connected
+	// socket escaped the pair counts.
 	FullWalk bool
 	Duration time.Duration
 }
@@ -381,10 +381,10 @@ type TerminateOptions struct {
 }
 
 // Terminate destroys the connected sockets (TCP, connected UDP; only the protocols asked
-// for) whose socket-LB peer is one of the removed backends. Unconnected UDP sockets and
-// sockets socket-LB did not balance are never touched. It enters only the netns that the
-// datapath counts sockets to those backends in, so its cost follows the affected sockets,
-// not the number of netns on the node.
+// for) whose socket-LB peer is one of the removed {service, backend} pairs. Unconnected
+// UDP sockets and sockets socket-LB did not balance are never touched. It enters only the
+// netns where the datapath counts sockets of those pairs, so its cost follows the affected
+// sockets, not the number of netns on the node.
 func (dp *Datapath) Terminate(ns NetnsSet, gone []RemovedBackend, opts TerminateOptions) (TerminateResult, error) {
 	start := time.Now()
 	var res TerminateResult
@@ -433,17 +433,18 @@ const maxDoomed = 65536
 
 func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBackend, walkAll bool) (TerminateResult, error) {
 	res := TerminateResult{Backends: len(gone)}
-	doomed := make([]sockiterDoomedKey, 0, len(gone))
-	backends := map[socklbBackendKey]bool{}
+	doomed := make([]sockiterSvcBackendKey, 0, len(gone))
+	pairs := map[socklbSvcBackendKey]bool{}
 	var protos uint8
 	for _, b := range gone {
 		protos |= protoBit(b.Proto)
-		doomed = append(doomed, sockiterDoomedKey{
+		k := socklbSvcBackendKey{
 			Vip: addrWords(b.VIP.Addr()), VipPort: htons(b.VIP.Port()),
 			Backend: addrWords(b.Backend.Addr()), BackendPort: htons(b.Backend.Port()),
 			Proto: b.Proto,
-		})
-		backends[socklbBackendKey{Addr: addrWords(b.Backend.Addr()), Port: htons(b.Backend.Port()), Proto: b.Proto}] = true
+		}
+		pairs[k] = true
+		doomed = append(doomed, sockiterSvcBackendKey(k))
 	}
 	ones := make([]uint8, len(doomed))
 	for i := range ones {
@@ -458,7 +459,7 @@ func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBack
 		}
 	}()
 
-	targets, err := dp.netnsHolding(backends, ns)
+	targets, err := dp.netnsHolding(pairs, ns)
 	if err != nil {
 		return res, err
 	}
@@ -554,20 +555,20 @@ func protoBit(p uint8) uint8 {
 	return protoBitUDP
 }
 
-// netnsHolding reads the backend counts: which netns hold connected sockets to any of
-// these backends, and over which protocols. On the way it drops entries at zero whose
-// netns the NetnsSet no longer knows: netns cookies are never reused, and a netns without
-// a handle cannot be walked anyway.
-func (dp *Datapath) netnsHolding(backends map[socklbBackendKey]bool, ns NetnsSet) (map[uint64]uint8, error) {
+// netnsHolding reads the pair counts: which netns hold connected sockets that one of these
+// {service, backend} pairs balanced, and over which protocols. On the way it drops entries
+// at zero whose netns the NetnsSet no longer knows: netns cookies are never reused, and a
+// netns without a handle cannot be walked anyway.
+func (dp *Datapath) netnsHolding(pairs map[socklbSvcBackendKey]bool, ns NetnsSet) (map[uint64]uint8, error) {
 	known := map[uint64]bool{}
 	for _, c := range ns.Cookies() {
 		known[c] = true
 	}
 	out := map[uint64]uint8{}
-	var stale []socklbBackendNetnsKey
-	var k socklbBackendNetnsKey
+	var stale []socklbSvcBackendNetnsKey
+	var k socklbSvcBackendNetnsKey
 	var n int64
-	iter := dp.objs.PodsockBnetnsV1.Iterate()
+	iter := dp.objs.PodsockPairnetnsV1.Iterate()
 	for iter.Next(&k, &n) {
 		if n <= 0 {
 			if !known[k.NetnsCookie] {
@@ -575,57 +576,37 @@ func (dp *Datapath) netnsHolding(backends map[socklbBackendKey]bool, ns NetnsSet
 			}
 			continue
 		}
-		if backends[k.Backend] {
-			out[k.NetnsCookie] |= protoBit(k.Backend.Proto)
+		if pairs[k.Pair] {
+			out[k.NetnsCookie] |= protoBit(k.Pair.Proto)
 		}
 	}
 	if err := iter.Err(); err != nil {
-		return nil, fmt.Errorf("read backend counts: %w", err)
+		return nil, fmt.Errorf("read pair counts: %w", err)
 	}
-	dp.deleteBackendCounts(stale)
+	dp.deletePairCounts(stale)
 	return out, nil
 }
 
-// PruneBackendCounts drops count entries at zero of netns that the NetnsSet no longer
+// PrunePairCounts drops count entries at zero of netns that the NetnsSet no longer
 // knows (pods that are gone), so the count map does not fill up with pod churn.
-func (dp *Datapath) PruneBackendCounts(ns NetnsSet) error {
+func (dp *Datapath) PrunePairCounts(ns NetnsSet) error {
 	_, err := dp.netnsHolding(nil, ns)
 	return err
 }
 
-func (dp *Datapath) deleteBackendCounts(keys []socklbBackendNetnsKey) {
+func (dp *Datapath) deletePairCounts(keys []socklbSvcBackendNetnsKey) {
 	for _, k := range keys {
-		if err := dp.objs.PodsockBnetnsV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			dp.log.WithError(err).Warn("delete backend count")
+		if err := dp.objs.PodsockPairnetnsV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			dp.log.WithError(err).Warn("delete pair count")
 		}
 	}
 }
 
-// untrackedOpen reports whether connected sockets exist that the backend counts missed.
+// untrackedOpen reports whether connected sockets exist that the pair counts missed.
 func (dp *Datapath) untrackedOpen() (bool, error) {
 	st, err := dp.Stats()
 	if err != nil {
 		return false, err
 	}
 	return st.Untracked > st.UntrackedReleased, nil
-}
-
-// BackendNetns lists, per backend ("ip:port/proto"), the netns cookies holding connected
-// sockets balanced to it and how many: what termination would enter.
-func (dp *Datapath) BackendNetns() (map[string]map[uint64]int64, error) {
-	out := map[string]map[uint64]int64{}
-	var k socklbBackendNetnsKey
-	var n int64
-	iter := dp.objs.PodsockBnetnsV1.Iterate()
-	for iter.Next(&k, &n) {
-		if n <= 0 {
-			continue
-		}
-		name := fmt.Sprintf("%s/%s", netip.AddrPortFrom(wordsAddr(k.Backend.Addr), ntohs(k.Backend.Port)), ProtoName(k.Backend.Proto))
-		if out[name] == nil {
-			out[name] = map[uint64]int64{}
-		}
-		out[name][k.NetnsCookie] = n
-	}
-	return out, iter.Err()
 }

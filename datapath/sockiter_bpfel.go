@@ -13,26 +13,12 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type sockiterDoomedKey struct {
-	_           structs.HostLayout
-	Vip         [4]uint32
-	Backend     [4]uint32
-	VipPort     uint16
-	BackendPort uint16
-	Proto       uint8
-	Pad         [3]uint8
-}
-
 type sockiterListFilter struct {
-	_       structs.HostLayout
-	Backend struct {
-		_     structs.HostLayout
-		Addr  [4]uint32
-		Port  uint16
-		Proto uint8
-		Pad   uint8
-	}
-	Flags uint32
+	_           structs.HostLayout
+	Backend     [4]uint32
+	BackendPort uint16
+	Pad         uint16
+	Flags       uint32
 }
 
 type sockiterSockRecord struct {
@@ -76,6 +62,16 @@ type sockiterSockState struct {
 	Proto uint8
 	Next  uint8
 	Count uint8
+}
+
+type sockiterSvcBackendKey struct {
+	_           structs.HostLayout
+	Vip         [4]uint32
+	Backend     [4]uint32
+	VipPort     uint16
+	BackendPort uint16
+	Proto       uint8
+	Pad         [3]uint8
 }
 
 // Names of all BPF objects in the ELF.

@@ -20,21 +20,6 @@ type socklbBackend struct {
 	Pad  uint16
 }
 
-type socklbBackendKey struct {
-	_     structs.HostLayout
-	Addr  [4]uint32
-	Port  uint16
-	Proto uint8
-	Pad   uint8
-}
-
-type socklbBackendNetnsKey struct {
-	_           structs.HostLayout
-	Backend     socklbBackendKey
-	Pad         uint32
-	NetnsCookie uint64
-}
-
 type socklbDatapathCfg struct {
 	_               structs.HostLayout
 	HostNetnsCookie uint64
@@ -87,6 +72,22 @@ type socklbSockState struct {
 	Count   uint8
 }
 
+type socklbSvcBackendKey struct {
+	_           structs.HostLayout
+	Vip         [4]uint32
+	Backend     [4]uint32
+	VipPort     uint16
+	BackendPort uint16
+	Proto       uint8
+	Pad         [3]uint8
+}
+
+type socklbSvcBackendNetnsKey struct {
+	_           structs.HostLayout
+	Pair        socklbSvcBackendKey
+	NetnsCookie uint64
+}
+
 type socklbSvcKey struct {
 	_     structs.HostLayout
 	Addr  [4]uint32
@@ -114,11 +115,11 @@ type socklbSvcValue struct {
 const (
 	socklbMapPodsockAffV1         = "podsock_aff_v1"
 	socklbMapPodsockAllowV1       = "podsock_allow_v1"
-	socklbMapPodsockBnetnsV1      = "podsock_bnetns_v1"
 	socklbMapPodsockCfgV1         = "podsock_cfg_v1"
 	socklbMapPodsockCtrcgV1       = "podsock_ctrcg_v1"
 	socklbMapPodsockNameV1        = "podsock_name_v1"
 	socklbMapPodsockNetnsV1       = "podsock_netns_v1"
+	socklbMapPodsockPairnetnsV1   = "podsock_pairnetns_v1"
 	socklbMapPodsockPodV1         = "podsock_pod_v1"
 	socklbMapPodsockPodcgV1       = "podsock_podcg_v1"
 	socklbMapPodsockSlotV1        = "podsock_slot_v1"
@@ -193,19 +194,19 @@ type socklbProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socklbMapSpecs struct {
-	PodsockAffV1    *ebpf.MapSpec `ebpf:"podsock_aff_v1"`
-	PodsockAllowV1  *ebpf.MapSpec `ebpf:"podsock_allow_v1"`
-	PodsockBnetnsV1 *ebpf.MapSpec `ebpf:"podsock_bnetns_v1"`
-	PodsockCfgV1    *ebpf.MapSpec `ebpf:"podsock_cfg_v1"`
-	PodsockCtrcgV1  *ebpf.MapSpec `ebpf:"podsock_ctrcg_v1"`
-	PodsockNameV1   *ebpf.MapSpec `ebpf:"podsock_name_v1"`
-	PodsockNetnsV1  *ebpf.MapSpec `ebpf:"podsock_netns_v1"`
-	PodsockPodV1    *ebpf.MapSpec `ebpf:"podsock_pod_v1"`
-	PodsockPodcgV1  *ebpf.MapSpec `ebpf:"podsock_podcg_v1"`
-	PodsockSlotV1   *ebpf.MapSpec `ebpf:"podsock_slot_v1"`
-	PodsockSockV1   *ebpf.MapSpec `ebpf:"podsock_sock_v1"`
-	PodsockStatV3   *ebpf.MapSpec `ebpf:"podsock_stat_v3"`
-	PodsockSvcV1    *ebpf.MapSpec `ebpf:"podsock_svc_v1"`
+	PodsockAffV1       *ebpf.MapSpec `ebpf:"podsock_aff_v1"`
+	PodsockAllowV1     *ebpf.MapSpec `ebpf:"podsock_allow_v1"`
+	PodsockCfgV1       *ebpf.MapSpec `ebpf:"podsock_cfg_v1"`
+	PodsockCtrcgV1     *ebpf.MapSpec `ebpf:"podsock_ctrcg_v1"`
+	PodsockNameV1      *ebpf.MapSpec `ebpf:"podsock_name_v1"`
+	PodsockNetnsV1     *ebpf.MapSpec `ebpf:"podsock_netns_v1"`
+	PodsockPairnetnsV1 *ebpf.MapSpec `ebpf:"podsock_pairnetns_v1"`
+	PodsockPodV1       *ebpf.MapSpec `ebpf:"podsock_pod_v1"`
+	PodsockPodcgV1     *ebpf.MapSpec `ebpf:"podsock_podcg_v1"`
+	PodsockSlotV1      *ebpf.MapSpec `ebpf:"podsock_slot_v1"`
+	PodsockSockV1      *ebpf.MapSpec `ebpf:"podsock_sock_v1"`
+	PodsockStatV3      *ebpf.MapSpec `ebpf:"podsock_stat_v3"`
+	PodsockSvcV1       *ebpf.MapSpec `ebpf:"podsock_svc_v1"`
 }
 
 // socklbVariableSpecs contains global variables before they are loaded into the kernel.
@@ -234,30 +235,30 @@ func (o *socklbObjects) Close() error {
 //
 // It can be passed to loadSocklbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socklbMaps struct {
-	PodsockAffV1    *ebpf.Map `ebpf:"podsock_aff_v1"`
-	PodsockAllowV1  *ebpf.Map `ebpf:"podsock_allow_v1"`
-	PodsockBnetnsV1 *ebpf.Map `ebpf:"podsock_bnetns_v1"`
-	PodsockCfgV1    *ebpf.Map `ebpf:"podsock_cfg_v1"`
-	PodsockCtrcgV1  *ebpf.Map `ebpf:"podsock_ctrcg_v1"`
-	PodsockNameV1   *ebpf.Map `ebpf:"podsock_name_v1"`
-	PodsockNetnsV1  *ebpf.Map `ebpf:"podsock_netns_v1"`
-	PodsockPodV1    *ebpf.Map `ebpf:"podsock_pod_v1"`
-	PodsockPodcgV1  *ebpf.Map `ebpf:"podsock_podcg_v1"`
-	PodsockSlotV1   *ebpf.Map `ebpf:"podsock_slot_v1"`
-	PodsockSockV1   *ebpf.Map `ebpf:"podsock_sock_v1"`
-	PodsockStatV3   *ebpf.Map `ebpf:"podsock_stat_v3"`
-	PodsockSvcV1    *ebpf.Map `ebpf:"podsock_svc_v1"`
+	PodsockAffV1       *ebpf.Map `ebpf:"podsock_aff_v1"`
+	PodsockAllowV1     *ebpf.Map `ebpf:"podsock_allow_v1"`
+	PodsockCfgV1       *ebpf.Map `ebpf:"podsock_cfg_v1"`
+	PodsockCtrcgV1     *ebpf.Map `ebpf:"podsock_ctrcg_v1"`
+	PodsockNameV1      *ebpf.Map `ebpf:"podsock_name_v1"`
+	PodsockNetnsV1     *ebpf.Map `ebpf:"podsock_netns_v1"`
+	PodsockPairnetnsV1 *ebpf.Map `ebpf:"podsock_pairnetns_v1"`
+	PodsockPodV1       *ebpf.Map `ebpf:"podsock_pod_v1"`
+	PodsockPodcgV1     *ebpf.Map `ebpf:"podsock_podcg_v1"`
+	PodsockSlotV1      *ebpf.Map `ebpf:"podsock_slot_v1"`
+	PodsockSockV1      *ebpf.Map `ebpf:"podsock_sock_v1"`
+	PodsockStatV3      *ebpf.Map `ebpf:"podsock_stat_v3"`
+	PodsockSvcV1       *ebpf.Map `ebpf:"podsock_svc_v1"`
 }
 
 func (m *socklbMaps) Close() error {
 	return _SocklbClose(
 		m.PodsockAffV1,
 		m.PodsockAllowV1,
-		m.PodsockBnetnsV1,
 		m.PodsockCfgV1,
 		m.PodsockCtrcgV1,
 		m.PodsockNameV1,
 		m.PodsockNetnsV1,
+		m.PodsockPairnetnsV1,
 		m.PodsockPodV1,
 		m.PodsockPodcgV1,
 		m.PodsockSlotV1,

@@ -50,7 +50,7 @@ func (n nodeNetns) Enter(cookie uint64, f func() error) error {
 
 // terminationBatchWindow is how long a termination waits for more removals to join it:
 // a burst of config changes (or a future endpoint watch) costs one pass.
-const terminationBatchWindow = 10 * time.Millisecond
+const terminationBatchWindow = 2 * time.Millisecond
 
 // pruneInterval is how often the pair counts of netns that are gone are dropped.
 const pruneInterval = 5 * time.Minute

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"runtime"
 	"slices"
 	"sync"
 	"time"
@@ -271,32 +272,121 @@ func (dp *Datapath) Sockets(ns NetnsSet, f SocketFilter, fn func(Socket) error) 
 		cookies = ns.Cookies()
 	}
 	names := serviceNames{m: dp.objs.PodsockNameV1, cache: map[uint32]string{}}
-	for _, cookie := range cookies {
-		entered := false
-		for _, l := range links {
-			rc, err := open(ns, cookie, l)
-			if err != nil {
-				dp.log.WithError(err).Debug("skip netns")
-				break
+	// Workers walk netns in parallel; records reach fn from this goroutine only.
+	out := make(chan recordBatch, walkWorkers)
+	stop := make(chan struct{})
+	jobs := make(chan uint64)
+	var wg sync.WaitGroup
+	for range min(walkWorkers, len(cookies)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for cookie := range jobs {
+				if !listNetns(ns, cookie, links, out, stop, dp) {
+					return
+				}
 			}
-			entered = true
-			err = readRecords(rc, func(r *sockiterSockRecord) error {
-				st.Sockets++
-				return fn(names.socket(r))
-			})
-			rc.Close()
-			if err != nil {
-				return st, err
+		}()
+	}
+	go func() {
+		defer close(out)
+		defer wg.Wait()
+		defer close(jobs)
+		for _, c := range cookies {
+			select {
+			case jobs <- c:
+			case <-stop:
+				return
 			}
 		}
-		if entered {
+	}()
+	var fnErr error
+	for b := range out {
+		if fnErr != nil {
+			continue // draining after fn failed
+		}
+		switch {
+		case b.err != nil:
+			fnErr = b.err
+			close(stop)
+			continue
+		case b.done && b.entered:
 			st.NetnsEntered++
-		} else {
+		case b.done:
 			st.NetnsSkipped++
 		}
+		for i := range b.records {
+			st.Sockets++
+			if fnErr = fn(names.socket(&b.records[i])); fnErr != nil {
+				close(stop)
+				break
+			}
+		}
 	}
-	return st, nil
+	return st, fnErr
 }
+
+// walkWorkers is how many netns are walked at once. Every walk of iter/tcp and iter/udp
+// traverses the node's whole socket hash tables, whatever the netns, so the walks are
+// kernel work worth spreading over CPUs.
+var walkWorkers = min(runtime.GOMAXPROCS(0), 4)
+
+// recordBatch carries records of one netns from a walker; done marks the netns' end.
+type recordBatch struct {
+	records []sockiterSockRecord
+	done    bool
+	entered bool
+	err     error
+}
+
+const recordsPerBatch = 512
+
+// listNetns walks one netns with the given iterators and sends its records in batches. It
+// reports false when the reader stopped.
+func listNetns(ns NetnsSet, cookie uint64, links []*link.Iter, out chan<- recordBatch, stop <-chan struct{}, dp *Datapath) bool {
+	send := func(b recordBatch) bool {
+		select {
+		case out <- b:
+			return true
+		case <-stop:
+			return false
+		}
+	}
+	entered := false
+	for _, l := range links {
+		rc, err := open(ns, cookie, l)
+		if err != nil {
+			// A pod that went away meanwhile: counted as skipped.
+			dp.log.WithError(err).Debug("skip netns")
+			break
+		}
+		entered = true
+		batch := recordBatch{records: make([]sockiterSockRecord, 0, recordsPerBatch)}
+		err = readRecords(rc, func(r *sockiterSockRecord) error {
+			batch.records = append(batch.records, *r)
+			if len(batch.records) == recordsPerBatch {
+				if !send(batch) {
+					return errStopped
+				}
+				batch.records = make([]sockiterSockRecord, 0, recordsPerBatch)
+			}
+			return nil
+		})
+		rc.Close()
+		if errors.Is(err, errStopped) {
+			return false
+		}
+		if len(batch.records) > 0 && !send(batch) {
+			return false
+		}
+		if err != nil {
+			return send(recordBatch{err: fmt.Errorf("list sockets of netns %d: %w", cookie, err)})
+		}
+	}
+	return send(recordBatch{done: true, entered: entered})
+}
+
+var errStopped = errors.New("reader stopped")
 
 // serviceNames resolves service IDs through the name map, once per walk.
 type serviceNames struct {
@@ -478,58 +568,88 @@ func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBack
 		cookies = append(cookies, c)
 	}
 	slices.Sort(cookies)
-	var errs []error
-	for _, cookie := range cookies {
-		protos := targets[cookie]
-		entered := false
-		for _, p := range []struct {
-			bit uint8
-			l   *link.Iter
-		}{{protoBitTCP, it.destTCP}, {protoBitUDP, it.destUDP}} {
-			if protos&p.bit == 0 {
-				continue
-			}
-			rc, err := open(ns, cookie, p.l)
-			if errors.Is(err, ErrUnknownNetns) {
-				res.NetnsUnreachable++
-				break
-			}
-			if err != nil {
-				errs = append(errs, err)
-				break
-			}
-			entered = true
-			destroyed, failed, err := it.drainDestroy(rc)
-			res.Destroyed += destroyed
-			res.Failed += failed
-			if err != nil {
-				errs = append(errs, fmt.Errorf("netns %d: %w", cookie, err))
-			}
-		}
-		if entered {
-			res.NetnsEntered++
-		}
+	if err := it.resetDestroyCounts(); err != nil {
+		return res, err
 	}
+	var (
+		mu   sync.Mutex
+		errs []error
+		wg   sync.WaitGroup
+	)
+	jobs := make(chan uint64)
+	for range min(walkWorkers, len(cookies)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for cookie := range jobs {
+				entered, unreachable, err := it.destroyIn(ns, cookie, targets[cookie])
+				mu.Lock()
+				if entered {
+					res.NetnsEntered++
+				}
+				if unreachable {
+					res.NetnsUnreachable++
+				}
+				errs = append(errs, err)
+				mu.Unlock()
+			}
+		}()
+	}
+	for _, c := range cookies {
+		jobs <- c
+	}
+	close(jobs)
+	wg.Wait()
+	destroyed, failed, err := it.destroyCounts()
+	res.Destroyed, res.Failed = destroyed, failed
+	errs = append(errs, err)
 	// The counts of the removed backends stay: a destroyed socket counts until its
 	// application closes it, and the backend may already be back, with new sockets
 	// counted under the same keys.
 	return res, errors.Join(errs...)
 }
 
-// drainDestroy runs an opened destroy iterator to its end and says what it destroyed.
-// The programs write nothing to the reader: they count in podsock_destroy_count, which
-// this zeroes first (destroy runs are serialised by destroyMu).
-func (it *sockIter) drainDestroy(rc io.ReadCloser) (destroyed, failed int, err error) {
-	defer rc.Close()
+// destroyIn runs the destroy iterators of the given protocols in one netns.
+func (it *sockIter) destroyIn(ns NetnsSet, cookie uint64, protos uint8) (entered, unreachable bool, err error) {
+	for _, p := range []struct {
+		bit uint8
+		l   *link.Iter
+	}{{protoBitTCP, it.destTCP}, {protoBitUDP, it.destUDP}} {
+		if protos&p.bit == 0 {
+			continue
+		}
+		rc, err := open(ns, cookie, p.l)
+		if errors.Is(err, ErrUnknownNetns) {
+			return entered, true, nil
+		}
+		if err != nil {
+			return entered, false, err
+		}
+		entered = true
+		// The programs write nothing: running them to the end is the work.
+		err = readRecords(rc, func(*sockiterSockRecord) error { return nil })
+		rc.Close()
+		if err != nil {
+			return entered, false, fmt.Errorf("netns %d: %w", cookie, err)
+		}
+	}
+	return entered, false, nil
+}
+
+// The destroy programs count what they did in podsock_destroy_count rather than in their
+// output; a pass zeroes the counts first and sums them at the end (passes are serialised
+// by destroyMu).
+func (it *sockIter) resetDestroyCounts() error {
 	zero := make([]uint64, ebpf.MustPossibleCPU())
 	for i := range uint32(destroyCountMax) {
 		if err := it.objs.PodsockDestroyCount.Update(i, zero, ebpf.UpdateAny); err != nil {
-			return 0, 0, fmt.Errorf("reset destroy counts: %w", err)
+			return fmt.Errorf("reset destroy counts: %w", err)
 		}
 	}
-	if err := readRecords(rc, func(*sockiterSockRecord) error { return nil }); err != nil {
-		return 0, 0, err
-	}
+	return nil
+}
+
+func (it *sockIter) destroyCounts() (destroyed, failed int, err error) {
 	var sums [destroyCountMax]int
 	for i := range sums {
 		var perCPU []uint64

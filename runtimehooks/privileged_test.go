@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -336,6 +337,22 @@ func TestTrackerLifecyclePrivileged(t *testing.T) {
 	})
 	if err != nil {
 		t.Errorf("WithNetns: %v", err)
+	}
+	// The socket iterators reach a pod's netns by its cookie.
+	if got := tr.NetnsCookies(); !slices.Equal(got, []uint64{cookie}) {
+		t.Errorf("NetnsCookies() = %v, want [%d]", got, cookie)
+	}
+	err = tr.WithNetnsCookie(cookie, func(fd int) error {
+		if got := testenv.Inode(t, fmt.Sprintf("/proc/self/fd/%d", fd)); got != nsIno {
+			return fmt.Errorf("fd for cookie %d is netns inode %d, want %d", cookie, got, nsIno)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Errorf("WithNetnsCookie: %v", err)
+	}
+	if err := tr.WithNetnsCookie(cookie+1, func(int) error { return nil }); !errors.Is(err, ErrNoNetns) {
+		t.Errorf("WithNetnsCookie of an unknown cookie: %v, want ErrNoNetns", err)
 	}
 
 	if _, ok := tr.RemovePodSandbox("sb1"); !ok {

@@ -34,7 +34,7 @@ struct {
 } podsock_sock_v1 SEC(".maps");
 
 // Record flags.
-#define REC_F_BALANCED 1  // socket-LB translated for this socket; lb holds its latest entry
+#define REC_F_BALANCED 1  // socket-LB translated for this socket; lb is its first entry
 #define REC_F_LB_CONNECTED 2 // lb is the connected peer's translation
 
 // One socket, as the iterator writes it to the reader.
@@ -53,21 +53,6 @@ struct sock_record {
 	__u32 lb_count; // translations the socket holds (unconnected UDP may hold several)
 	struct lb_entry lb;
 };
-
-// Records are built in this scratch slot rather than on the small BPF stack.
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct sock_record);
-} podsock_record_scratch SEC(".maps");
-
-static __always_inline struct sock_record *scratch_record(void)
-{
-	__u32 zero = 0;
-
-	return bpf_map_lookup_elem(&podsock_record_scratch, &zero);
-}
 
 // List filters, applied here so that non-matching sockets are never copied out.
 #define FILTER_BACKEND 1 // only sockets whose remote or any translation is filter.backend
@@ -89,7 +74,13 @@ struct {
 } podsock_list_filter SEC(".maps");
 
 // The {service, backend} pairs being terminated: a connected socket is destroyed when the
-// translation of its peer is one of them.
+// translation of its peer is one of them, made by that service (its ID) under a revision
+// older than the first one without the backend.
+struct doomed_value {
+	__u32 svc_id;
+	__u32 first_rev_without;
+};
+
 #define PODSOCK_MAX_DOOMED 65536
 
 struct {
@@ -97,7 +88,7 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, PODSOCK_MAX_DOOMED);
 	__type(key, struct svc_backend_key);
-	__type(value, __u8);
+	__type(value, struct doomed_value);
 } podsock_doomed SEC(".maps");
 
 // What destroy runs did, counted here rather than written to the reader: when the reader's
@@ -110,18 +101,19 @@ enum destroy_count {
 };
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, DESTROY_COUNT_MAX);
 	__type(key, __u32);
 	__type(value, __u64);
 } podsock_destroy_count SEC(".maps");
 
+// Walkers run in parallel and iterator programs can be preempted: add atomically.
 static __always_inline void count_destroy(__u32 what)
 {
 	__u64 *v = bpf_map_lookup_elem(&podsock_destroy_count, &what);
 
 	if (v)
-		*v += 1;
+		__sync_fetch_and_add(v, 1);
 }
 
 static __always_inline void fill_record(struct sock_record *r, struct sock_common *skc, __u8 proto,
@@ -151,7 +143,8 @@ static __always_inline void fill_record(struct sock_record *r, struct sock_commo
 	}
 }
 
-static __always_inline void fill_lb(struct sock_record *r, const struct sock_state *state)
+// Not inlined, which also puts struct sock_record in the object's BTF for the Go loader.
+static __noinline void fill_lb(struct sock_record *r, const struct sock_state *state)
 {
 	if (!state || state->count == 0)
 		return;
@@ -181,13 +174,13 @@ static __always_inline int lb_has_backend(const struct sock_state *state,
 static __always_inline int list_one(struct seq_file *seq, struct sock_common *skc,
 				    struct sock *sk, __u8 proto, __u32 uid)
 {
-	struct sock_record *r = scratch_record();
+	// On the stack: iterator programs can be preempted, so a per-CPU slot could be
+	// overwritten by another walker on the same CPU.
+	struct sock_record rec, *r = &rec;
 	struct sock_state *state = NULL;
 	struct list_filter *f;
 	__u32 zero = 0;
 
-	if (!r)
-		return 0;
 	if (sk)
 		state = bpf_sk_storage_get(&podsock_sock_v1, sk, 0, 0);
 	fill_record(r, skc, proto, uid);
@@ -209,12 +202,13 @@ static __always_inline int list_one(struct seq_file *seq, struct sock_common *sk
 // UDP sockets are never touched: destroying one would silently change its local port.
 static __always_inline int destroy_one(struct sock_common *skc, struct sock *sk, __u8 proto)
 {
-	struct sock_record *r = scratch_record();
+	struct sock_record rec, *r = &rec;
 	struct sock_state *state;
 	struct svc_backend_key k = {};
+	struct doomed_value *d;
 	struct lb_entry *e;
 
-	if (!sk || !r)
+	if (!sk)
 		return 0;
 	state = bpf_sk_storage_get(&podsock_sock_v1, sk, 0, 0);
 	if (!state || !(state->flags & SOCK_F_CONNECTED) || state->proto != proto)
@@ -225,7 +219,10 @@ static __always_inline int destroy_one(struct sock_common *skc, struct sock *sk,
 	k.vip_port = e->vip_port;
 	k.backend_port = e->backend_port;
 	k.proto = proto;
-	if (!bpf_map_lookup_elem(&podsock_doomed, &k))
+	d = bpf_map_lookup_elem(&podsock_doomed, &k);
+	// Only choices the service made before the revision that dropped the backend: a
+	// backend added back since serves its new sockets undisturbed. Revisions wrap.
+	if (!d || e->svc_id != d->svc_id || (__s32)(e->svc_rev - d->first_rev_without) >= 0)
 		return 0;
 	fill_record(r, skc, proto, 0);
 	// The kernel's peer must be that backend too: a socket the application re-connected

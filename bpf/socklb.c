@@ -139,10 +139,11 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podsock_aff_v1 SEC(".maps");
 
-// Connected sockets per {service, backend, netns}. Counts go up at a balanced connect() and down
-// when the socket is released or re-connected; an entry at zero stays until userspace
-// drops it (its netns is gone, or its backend was terminated), so a count is never lost
-// to a delete racing an increment.
+// Connected sockets per {service, backend, netns}. Counts go up at a balanced connect()
+// and down when the socket is released or re-connected. An entry at zero stays until
+// userspace drops it, and only once nothing can count there any more (its netns is gone,
+// or its pair has been out of every service for a whole prune interval), so a delete does
+// not race an increment.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -156,8 +157,9 @@ static __always_inline void count(__u32 stat)
 {
 	__u64 *v = bpf_map_lookup_elem(&podsock_stat_v3, &stat);
 
+	// Atomic even per CPU: a preempted program can share its CPU with another.
 	if (v)
-		*v += 1;
+		__sync_fetch_and_add(v, 1);
 }
 
 // The kernel only accepts 32-bit loads of user_ip6, so read it word by word.

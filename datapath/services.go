@@ -101,11 +101,13 @@ func svcKey(vip netip.Addr, port uint16, proto uint8) socklbSvcKey {
 	return socklbSvcKey{Addr: addrWords(vip), Port: htons(port), Proto: proto}
 }
 
-func removedBackends(k socklbSvcKey, name string, gone []netip.AddrPort) []RemovedBackend {
+// removedBackends describes backends the service with this key and ID no longer has as
+// of revision rev.
+func removedBackends(k socklbSvcKey, name string, id, rev uint32, gone []netip.AddrPort) []RemovedBackend {
 	out := make([]RemovedBackend, 0, len(gone))
 	vip := netip.AddrPortFrom(wordsAddr(k.Addr), ntohs(k.Port))
 	for _, b := range gone {
-		out = append(out, RemovedBackend{Service: name, VIP: vip, Proto: k.Proto, Backend: b})
+		out = append(out, RemovedBackend{Service: name, VIP: vip, Proto: k.Proto, Backend: b, ServiceID: id, Revision: rev})
 	}
 	return out
 }
@@ -174,7 +176,8 @@ func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
 			continue
 		}
 		res.Removed++
-		res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, cur.name, uniqueAddrs(cur.slots))...)
+		// No revision of this service comes after cur.rev: every choice it made is older.
+		res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, cur.name, cur.id, cur.rev+1, uniqueAddrs(cur.slots))...)
 	}
 	// A stable order keeps ID assignment reproducible.
 	keys := make([]socklbSvcKey, 0, len(desired))
@@ -202,7 +205,7 @@ func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
 				continue
 			}
 			res.Updated++
-			res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, s.name, gone)...)
+			res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, s.name, cur.id, cur.rev, gone)...)
 		}
 	}
 	return res, errors.Join(errs...)

@@ -438,6 +438,10 @@ type RemovedBackend struct {
 	VIP     netip.AddrPort
 	Proto   uint8
 	Backend netip.AddrPort
+	// ServiceID and Revision say which choices the removal ends: those the service made
+	// before Revision, the first of its revisions without the backend. A socket balanced
+	// to the backend after it came back is not affected.
+	ServiceID, Revision uint32
 }
 
 func (b RemovedBackend) String() string {
@@ -524,7 +528,9 @@ const maxDoomed = 65536
 func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBackend, walkAll bool) (TerminateResult, error) {
 	res := TerminateResult{Backends: len(gone)}
 	doomed := make([]sockiterSvcBackendKey, 0, len(gone))
+	revs := make([]sockiterDoomedValue, 0, len(gone))
 	pairs := map[socklbSvcBackendKey]bool{}
+	at := map[socklbSvcBackendKey]int{}
 	var protos uint8
 	for _, b := range gone {
 		protos |= protoBit(b.Proto)
@@ -533,14 +539,19 @@ func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBack
 			Backend: addrWords(b.Backend.Addr()), BackendPort: htons(b.Backend.Port()),
 			Proto: b.Proto,
 		}
+		v := sockiterDoomedValue{SvcId: b.ServiceID, FirstRevWithout: b.Revision}
+		if i, seen := at[k]; seen {
+			// Removed, back, and removed again within one batch: the latest removal
+			// covers the sockets of the time in between too.
+			revs[i] = v
+			continue
+		}
+		at[k] = len(doomed)
 		pairs[k] = true
 		doomed = append(doomed, sockiterSvcBackendKey(k))
+		revs = append(revs, v)
 	}
-	ones := make([]uint8, len(doomed))
-	for i := range ones {
-		ones[i] = 1
-	}
-	if _, err := it.objs.PodsockDoomed.BatchUpdate(doomed, ones, nil); err != nil {
+	if _, err := it.objs.PodsockDoomed.BatchUpdate(doomed, revs, nil); err != nil {
 		return res, fmt.Errorf("write doomed backends: %w", err)
 	}
 	defer func() {
@@ -640,9 +651,8 @@ func (it *sockIter) destroyIn(ns NetnsSet, cookie uint64, protos uint8) (entered
 // output; a pass zeroes the counts first and sums them at the end (passes are serialised
 // by destroyMu).
 func (it *sockIter) resetDestroyCounts() error {
-	zero := make([]uint64, ebpf.MustPossibleCPU())
 	for i := range uint32(destroyCountMax) {
-		if err := it.objs.PodsockDestroyCount.Update(i, zero, ebpf.UpdateAny); err != nil {
+		if err := it.objs.PodsockDestroyCount.Update(i, uint64(0), ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("reset destroy counts: %w", err)
 		}
 	}
@@ -650,17 +660,13 @@ func (it *sockIter) resetDestroyCounts() error {
 }
 
 func (it *sockIter) destroyCounts() (destroyed, failed int, err error) {
-	var sums [destroyCountMax]int
-	for i := range sums {
-		var perCPU []uint64
-		if err := it.objs.PodsockDestroyCount.Lookup(uint32(i), &perCPU); err != nil {
+	var n [destroyCountMax]uint64
+	for i := range n {
+		if err := it.objs.PodsockDestroyCount.Lookup(uint32(i), &n[i]); err != nil {
 			return 0, 0, fmt.Errorf("read destroy counts: %w", err)
 		}
-		for _, v := range perCPU {
-			sums[i] += int(v)
-		}
 	}
-	return sums[countDestroyed], sums[countDestroyFailed], nil
+	return int(n[countDestroyed]), int(n[countDestroyFailed]), nil
 }
 
 const (

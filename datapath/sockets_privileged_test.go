@@ -336,12 +336,28 @@ func TestPrivilegedSocketsListAndTerminate(t *testing.T) {
 		if _, err := dp.Terminate(set, goneC, TerminateOptions{Protocols: []uint8{ProtoTCP}}); err != nil {
 			t.Fatal(err)
 		}
-		tr, err = dp.Terminate(set, web(beC), TerminateOptions{Protocols: []uint8{ProtoTCP}})
+		// A leaves, comes back (fdA2 connects), and leaves again; the pass for the first
+		// removal, running late, ends only what was chosen before it.
+		first := web(beC)
+		web(beA)
+		fdA2 := heldTCP(t, n2, webVIP, "A")
+		second := web(beC)
+		tr, err = dp.Terminate(set, first, TerminateOptions{Protocols: []uint8{ProtoTCP}})
 		if err != nil || tr.Destroyed != 1 || tr.NetnsEntered != 1 {
-			t.Fatalf("second removal of A: %+v %v, want its one new client destroyed in n2", tr, err)
+			t.Fatalf("late pass for A's first removal: %+v %v, want only the older client destroyed", tr, err)
 		}
 		if err := aborted(fdA); err != nil {
-			t.Fatalf("new client of A: %v", err)
+			t.Fatalf("client of A from before its first removal: %v", err)
+		}
+		if err := alive(fdA2); err != nil {
+			t.Fatalf("client of A from after it came back, ended by the older removal: %v", err)
+		}
+		tr, err = dp.Terminate(set, second, TerminateOptions{Protocols: []uint8{ProtoTCP}})
+		if err != nil || tr.Destroyed != 1 {
+			t.Fatalf("pass for A's second removal: %+v %v, want its newer client destroyed", tr, err)
+		}
+		if err := aborted(fdA2); err != nil {
+			t.Fatalf("client of A from after it came back: %v", err)
 		}
 		set.takeEntered()
 	})

@@ -13,6 +13,12 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type sockiterDoomedValue struct {
+	_               structs.HostLayout
+	SvcId           uint32
+	FirstRevWithout uint32
+}
+
 type sockiterListFilter struct {
 	_           structs.HostLayout
 	Backend     [4]uint32
@@ -78,15 +84,14 @@ type sockiterSvcBackendKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	sockiterMapPodsockDestroyCount  = "podsock_destroy_count"
-	sockiterMapPodsockDoomed        = "podsock_doomed"
-	sockiterMapPodsockListFilter    = "podsock_list_filter"
-	sockiterMapPodsockRecordScratch = "podsock_record_scratch"
-	sockiterMapPodsockSockV1        = "podsock_sock_v1"
-	sockiterProgPodsockDestroyTcp   = "podsock_destroy_tcp"
-	sockiterProgPodsockDestroyUdp   = "podsock_destroy_udp"
-	sockiterProgPodsockListTcp      = "podsock_list_tcp"
-	sockiterProgPodsockListUdp      = "podsock_list_udp"
+	sockiterMapPodsockDestroyCount = "podsock_destroy_count"
+	sockiterMapPodsockDoomed       = "podsock_doomed"
+	sockiterMapPodsockListFilter   = "podsock_list_filter"
+	sockiterMapPodsockSockV1       = "podsock_sock_v1"
+	sockiterProgPodsockDestroyTcp  = "podsock_destroy_tcp"
+	sockiterProgPodsockDestroyUdp  = "podsock_destroy_udp"
+	sockiterProgPodsockListTcp     = "podsock_list_tcp"
+	sockiterProgPodsockListUdp     = "podsock_list_udp"
 )
 
 // loadSockiter returns the embedded CollectionSpec for sockiter.
@@ -141,11 +146,10 @@ type sockiterProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockiterMapSpecs struct {
-	PodsockDestroyCount  *ebpf.MapSpec `ebpf:"podsock_destroy_count"`
-	PodsockDoomed        *ebpf.MapSpec `ebpf:"podsock_doomed"`
-	PodsockListFilter    *ebpf.MapSpec `ebpf:"podsock_list_filter"`
-	PodsockRecordScratch *ebpf.MapSpec `ebpf:"podsock_record_scratch"`
-	PodsockSockV1        *ebpf.MapSpec `ebpf:"podsock_sock_v1"`
+	PodsockDestroyCount *ebpf.MapSpec `ebpf:"podsock_destroy_count"`
+	PodsockDoomed       *ebpf.MapSpec `ebpf:"podsock_doomed"`
+	PodsockListFilter   *ebpf.MapSpec `ebpf:"podsock_list_filter"`
+	PodsockSockV1       *ebpf.MapSpec `ebpf:"podsock_sock_v1"`
 }
 
 // sockiterVariableSpecs contains global variables before they are loaded into the kernel.
@@ -174,11 +178,10 @@ func (o *sockiterObjects) Close() error {
 //
 // It can be passed to loadSockiterObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockiterMaps struct {
-	PodsockDestroyCount  *ebpf.Map `ebpf:"podsock_destroy_count"`
-	PodsockDoomed        *ebpf.Map `ebpf:"podsock_doomed"`
-	PodsockListFilter    *ebpf.Map `ebpf:"podsock_list_filter"`
-	PodsockRecordScratch *ebpf.Map `ebpf:"podsock_record_scratch"`
-	PodsockSockV1        *ebpf.Map `ebpf:"podsock_sock_v1"`
+	PodsockDestroyCount *ebpf.Map `ebpf:"podsock_destroy_count"`
+	PodsockDoomed       *ebpf.Map `ebpf:"podsock_doomed"`
+	PodsockListFilter   *ebpf.Map `ebpf:"podsock_list_filter"`
+	PodsockSockV1       *ebpf.Map `ebpf:"podsock_sock_v1"`
 }
 
 func (m *sockiterMaps) Close() error {
@@ -186,7 +189,6 @@ func (m *sockiterMaps) Close() error {
 		m.PodsockDestroyCount,
 		m.PodsockDoomed,
 		m.PodsockListFilter,
-		m.PodsockRecordScratch,
 		m.PodsockSockV1,
 	)
 }

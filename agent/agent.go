@@ -119,6 +119,7 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 		a.podsSynced = true
 		_, err := a.dp.SyncPods(nil)
 		a.opMu.Unlock()
+		a.term.setPodsKnown()
 		if err != nil {
 			log.WithError(err).Warn("drop pods left by an earlier agent")
 		}

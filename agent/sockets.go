@@ -84,10 +84,14 @@ type terminator struct {
 
 	mu      sync.Mutex
 	pending []datapath.RemovedBackend
-	stats   TerminationStatus
-	wake    chan struct{}
-	stop    chan struct{}
-	done    chan struct{}
+	// podsKnown is set once the runtime has said which pods exist: until then the pod
+	// netns are not held yet, and a pass would find them unreachable and leave their
+	// sockets for good, so removals wait.
+	podsKnown bool
+	stats     TerminationStatus
+	wake      chan struct{}
+	stop      chan struct{}
+	done      chan struct{}
 }
 
 func newTerminator(dp *datapath.Datapath, ns datapath.NetnsSet, log logrus.FieldLogger) *terminator {
@@ -99,6 +103,21 @@ func newTerminator(dp *datapath.Datapath, ns datapath.NetnsSet, log logrus.Field
 	}
 	go t.run()
 	return t
+}
+
+// setPodsKnown lets passes run: the runtime's pods (and their netns) are known.
+func (t *terminator) setPodsKnown() {
+	t.mu.Lock()
+	t.podsKnown = true
+	t.mu.Unlock()
+	t.poke()
+}
+
+func (t *terminator) poke() {
+	select {
+	case t.wake <- struct{}{}:
+	default:
+	}
 }
 
 // remove queues removed backends of the protocols [lb] terminate covers. It never blocks.
@@ -117,10 +136,7 @@ func (t *terminator) remove(gone []datapath.RemovedBackend, protos []uint8) {
 	queued := len(t.pending) > 0
 	t.mu.Unlock()
 	if queued {
-		select {
-		case t.wake <- struct{}{}:
-		default:
-		}
+		t.poke()
 	}
 }
 
@@ -133,7 +149,7 @@ func (t *terminator) run() {
 		case <-t.stop:
 			return
 		case <-prune.C:
-			if err := t.dp.PrunePairCounts(t.ns); err != nil && !errors.Is(err, datapath.ErrNoIterators) {
+			if err := t.dp.PrunePairCounts(t.ns); err != nil {
 				t.log.WithError(err).Warn("prune pair counts")
 			}
 		case <-t.wake:
@@ -149,6 +165,10 @@ func (t *terminator) run() {
 
 func (t *terminator) pass() {
 	t.mu.Lock()
+	if !t.podsKnown {
+		t.mu.Unlock()
+		return
+	}
 	gone := t.pending
 	t.pending = nil
 	t.mu.Unlock()
@@ -293,8 +313,13 @@ func (a *Agent) serveSockets(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "application/json")
 	enc := json.NewEncoder(w)
+	rc := http.NewResponseController(w)
 	first := true
-	_, err = a.dp.Sockets(a.netns, f, func(s datapath.Socket) error {
+	st, err := a.dp.Sockets(a.netns, f, func(s datapath.Socket) error {
+		// A client that stops reading must not hold the listing (and its lock) forever.
+		if err := rc.SetWriteDeadline(time.Now().Add(listWriteTimeout)); err != nil {
+			return err
+		}
 		sep := ","
 		if first {
 			sep, first = "[", false
@@ -304,8 +329,15 @@ func (a *Agent) serveSockets(w http.ResponseWriter, r *http.Request) {
 		}
 		return enc.Encode(socketView(s, podOf[s.NetnsCookie]))
 	})
+	if st.NetnsSkipped > 0 {
+		a.log.Infof("list sockets: %d netns went away during the walk and were skipped", st.NetnsSkipped)
+	}
 	if err != nil {
 		a.log.WithError(err).Warn("list sockets")
+		if first {
+			http.Error(w, "list sockets: "+err.Error(), http.StatusInternalServerError)
+			return
+		}
 		// The status line is gone already: a cut connection is how the client learns.
 		panic(http.ErrAbortHandler)
 	}
@@ -314,6 +346,9 @@ func (a *Agent) serveSockets(w http.ResponseWriter, r *http.Request) {
 	}
 	_, _ = w.Write([]byte("]\n"))
 }
+
+// listWriteTimeout bounds how long one element of a listing may wait on the client.
+const listWriteTimeout = 30 * time.Second
 
 func socketView(s datapath.Socket, pod string) SocketView {
 	v := SocketView{

@@ -240,9 +240,10 @@ func readRecords(rc io.Reader, fn func(*sockiterSockRecord) error) error {
 }
 
 // Sockets walks the sockets of the netns in ns that match the filter and calls fn for
-// each, one netns after the other. fn runs on an ordinary goroutine, never inside a netns.
-// A netns that can no longer be entered is skipped and counted; an error from fn stops
-// the walk and is returned.
+// each. Several netns are walked at once, so their sockets may come interleaved; fn is
+// called from one goroutine at a time, never inside a netns. A netns that can no longer be
+// entered is skipped and counted; an error from fn, or from reading an iterator, stops the
+// walk and is returned.
 func (dp *Datapath) Sockets(ns NetnsSet, f SocketFilter, fn func(Socket) error) (WalkStats, error) {
 	var st WalkStats
 	it, err := dp.iterators()
@@ -352,15 +353,17 @@ func listNetns(ns NetnsSet, cookie uint64, links []*link.Iter, out chan<- record
 			return false
 		}
 	}
-	entered := false
+	entered := true
 	for _, l := range links {
 		rc, err := open(ns, cookie, l)
 		if err != nil {
-			// A pod that went away meanwhile: counted as skipped.
-			dp.log.WithError(err).Debug("skip netns")
+			// A pod that went away meanwhile is counted as skipped, even halfway through.
+			entered = false
+			if !errors.Is(err, ErrUnknownNetns) {
+				dp.log.WithError(err).Warn("skip netns")
+			}
 			break
 		}
-		entered = true
 		batch := recordBatch{records: make([]sockiterSockRecord, 0, recordsPerBatch)}
 		err = readRecords(rc, func(r *sockiterSockRecord) error {
 			batch.records = append(batch.records, *r)

@@ -81,6 +81,10 @@ type Datapath struct {
 	// iter/tcp, iter/udp or bpf_sock_destroy.
 	iter    *sockIter
 	iterErr error
+	// unservedAtZero are count entries at zero, of pairs no service had, seen by the last
+	// PrunePairCounts: the next one deletes those still so.
+	pruneMu        sync.Mutex
+	unservedAtZero map[socklbSvcBackendNetnsKey]bool
 	// AdoptedLinks counts links that a previous agent pinned and this one took over.
 	adoptedLinks int
 

@@ -695,32 +695,100 @@ func (dp *Datapath) netnsHolding(pairs map[socklbSvcBackendKey]bool, ns NetnsSet
 	}
 	out := map[uint64]uint8{}
 	var stale []socklbSvcBackendNetnsKey
-	var k socklbSvcBackendNetnsKey
-	var n int64
-	iter := dp.objs.PodsockPairnetnsV1.Iterate()
-	for iter.Next(&k, &n) {
-		if n <= 0 {
-			if !known[k.NetnsCookie] {
-				stale = append(stale, k)
-			}
-			continue
-		}
-		if pairs[k.Pair] {
+	err := dp.readPairCounts(func(k socklbSvcBackendNetnsKey, n int64) {
+		switch {
+		case n <= 0 && !known[k.NetnsCookie]:
+			stale = append(stale, k)
+		case n > 0 && pairs[k.Pair]:
 			out[k.NetnsCookie] |= protoBit(k.Pair.Proto)
 		}
-	}
-	if err := iter.Err(); err != nil {
-		return nil, fmt.Errorf("read pair counts: %w", err)
+	})
+	if err != nil {
+		return nil, err
 	}
 	dp.deletePairCounts(stale)
 	return out, nil
 }
 
-// PrunePairCounts drops count entries at zero of netns that the NetnsSet no longer
-// knows (pods that are gone), so the count map does not fill up with pod churn.
+// readPairCounts hands every entry of the count map to fn, a batch at a time where the
+// kernel can (one syscall per 4,096 entries instead of two per entry).
+func (dp *Datapath) readPairCounts(fn func(socklbSvcBackendNetnsKey, int64)) error {
+	m := dp.objs.PodsockPairnetnsV1
+	keys := make([]socklbSvcBackendNetnsKey, 4096)
+	vals := make([]int64, len(keys))
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := m.BatchLookup(&cursor, keys, vals, nil)
+		for i := range n {
+			fn(keys[i], vals[i])
+		}
+		switch {
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			return nil
+		case errors.Is(err, ebpf.ErrNotSupported) && n == 0:
+			var k socklbSvcBackendNetnsKey
+			var v int64
+			iter := m.Iterate()
+			for iter.Next(&k, &v) {
+				fn(k, v)
+			}
+			if err := iter.Err(); err != nil {
+				return fmt.Errorf("read pair counts: %w", err)
+			}
+			return nil
+		case err != nil:
+			return fmt.Errorf("read pair counts: %w", err)
+		}
+	}
+}
+
+// PrunePairCounts keeps the count map from filling up. It drops entries at zero of netns
+// that the NetnsSet no longer knows (pods that are gone), and entries at zero of pairs no
+// service has had since the previous prune: by then no connect() that picked the pair
+// before its removal can still be counting, so deleting races no increment.
 func (dp *Datapath) PrunePairCounts(ns NetnsSet) error {
-	_, err := dp.netnsHolding(nil, ns)
-	return err
+	dp.pruneMu.Lock()
+	defer dp.pruneMu.Unlock()
+	served := dp.servedPairs()
+	known := map[uint64]bool{}
+	for _, c := range ns.Cookies() {
+		known[c] = true
+	}
+	var drop []socklbSvcBackendNetnsKey
+	marked := map[socklbSvcBackendNetnsKey]bool{}
+	err := dp.readPairCounts(func(k socklbSvcBackendNetnsKey, n int64) {
+		switch {
+		case n > 0:
+		case !known[k.NetnsCookie]:
+			drop = append(drop, k)
+		case served[k.Pair]:
+		case dp.unservedAtZero[k]:
+			drop = append(drop, k)
+		default:
+			marked[k] = true
+		}
+	})
+	if err != nil {
+		return err
+	}
+	dp.deletePairCounts(drop)
+	dp.unservedAtZero = marked
+	return nil
+}
+
+// servedPairs are the {service, backend} pairs the datapath serves now.
+func (dp *Datapath) servedPairs() map[socklbSvcBackendKey]bool {
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+	out := map[socklbSvcBackendKey]bool{}
+	for k, svc := range dp.services {
+		for _, b := range uniqueAddrs(svc.slots) {
+			out[socklbSvcBackendKey{
+				Vip: k.Addr, VipPort: k.Port, Backend: addrWords(b.Addr()), BackendPort: htons(b.Port()), Proto: k.Proto,
+			}] = true
+		}
+	}
+	return out
 }
 
 func (dp *Datapath) deletePairCounts(keys []socklbSvcBackendNetnsKey) {

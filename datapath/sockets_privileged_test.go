@@ -433,3 +433,55 @@ func TestPrivilegedSocketsManyPerNetns(t *testing.T) {
 		}
 	}
 }
+
+// The pair counts go back to zero when sockets close, and entries at zero are dropped
+// once nothing can count there: a netns that is gone at once, a pair no service has after
+// a full prune interval.
+func TestPrivilegedPairCountsArePruned(t *testing.T) {
+	f := newFixture(t)
+	dp := f.load()
+	ns := clientNetns(t)
+	set := newTestNetns(t, ns)
+	counts := func() map[netip.AddrPort]int64 {
+		out := map[netip.AddrPort]int64{}
+		err := dp.readPairCounts(func(k socklbSvcBackendNetnsKey, n int64) {
+			out[netip.AddrPortFrom(wordsAddr(k.Pair.Backend), ntohs(k.Pair.BackendPort))] = n
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	prune := func(s NetnsSet) {
+		if err := dp.PrunePairCounts(s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	apply(t, dp, tcpService("default/web", webVIP, be(beA, 1)))
+	fd := heldTCP(t, ns, webVIP, "A")
+	if got := counts(); got[beA] != 1 {
+		t.Fatalf("counts with one client of A: %v", got)
+	}
+	closeClient(fd)
+	if got := counts(); got[beA] != 0 || len(got) != 1 {
+		t.Fatalf("counts after the client closed: %v, want A at 0", got)
+	}
+	prune(set)
+	if got := counts(); len(got) != 1 {
+		t.Fatalf("a served pair at zero was pruned: %v", got)
+	}
+	apply(t, dp, tcpService("default/web", webVIP, be(beB, 1)))
+	prune(set)
+	if got := counts(); len(got) != 1 {
+		t.Fatalf("a pair removed just now was pruned at once: %v", got)
+	}
+	prune(set)
+	if got := counts(); len(got) != 0 {
+		t.Fatalf("a pair out of service for a prune interval was kept: %v", got)
+	}
+	closeClient(heldTCP(t, ns, webVIP, "B"))
+	prune(newTestNetns(t))
+	if got := counts(); len(got) != 0 {
+		t.Fatalf("an entry of a netns that is gone was kept: %v", got)
+	}
+}

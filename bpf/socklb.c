@@ -141,9 +141,9 @@ struct {
 
 // Connected sockets per {service, backend, netns}. Counts go up at a balanced connect()
 // and down when the socket is released or re-connected. An entry at zero stays until
-// userspace drops it, and only once nothing can count there any more (its netns is gone,
-// or its pair has been out of every service for a whole prune interval), so a delete does
-// not race an increment.
+// userspace drops it: when its netns is gone (or is one podsock cannot enter anyway), or
+// when its pair has been out of every service for a whole prune interval, so that a delete
+// does not race the increment of a socket podsock could terminate.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);

@@ -172,6 +172,7 @@ func Load(opts Options) (*Datapath, error) {
 		return nil, fmt.Errorf("load socket-LB programs: %w", err)
 	}
 	loaded = true
+	dp.removeObsoletePins()
 	if err := dp.readServices(); err != nil {
 		return nil, errors.Join(err, dp.closeAll())
 	}
@@ -198,6 +199,17 @@ func Load(opts Options) (*Datapath, error) {
 		opts.Log.WithError(dp.iterErr).Warn("socket listing and termination are unavailable")
 	}
 	return dp, nil
+}
+
+// obsoletePins are maps earlier versions pinned that this one replaced.
+var obsoletePins = []string{"podsock_stat_v1", "podsock_stat_v2"}
+
+func (dp *Datapath) removeObsoletePins() {
+	for _, name := range obsoletePins {
+		if err := os.Remove(filepath.Join(dp.pinDir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			dp.log.WithError(err).Warnf("remove obsolete pin %s", name)
+		}
+	}
 }
 
 // attach puts one link per hook on the cgroup root. Links already there are taken over

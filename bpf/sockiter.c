@@ -33,6 +33,15 @@ struct {
 	__type(value, struct sock_state);
 } podsock_sock_v1 SEC(".maps");
 
+// Shared with socklb too: the {service, backend, netns} counts.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, PODSOCK_MAX_PAIR_NETNS);
+	__type(key, struct svc_backend_netns_key);
+	__type(value, __s64);
+} podsock_pairnetns_v1 SEC(".maps");
+
 // Record flags.
 #define REC_F_BALANCED 1  // socket-LB translated for this socket; lb is its first entry
 #define REC_F_LB_CONNECTED 2 // lb is the connected peer's translation
@@ -97,6 +106,7 @@ struct {
 enum destroy_count {
 	DESTROYED,
 	DESTROY_FAILED,
+	BACKFILLED, // sockets podsock_backfill_counts counted
 	DESTROY_COUNT_MAX,
 };
 
@@ -280,4 +290,45 @@ int podsock_destroy_udp(struct bpf_iter__udp *ctx)
 	if (!udp)
 		return 0;
 	return destroy_one((struct sock_common *)udp, (struct sock *)udp, IPPROTO_UDP);
+}
+
+// Connected sockets balanced before their counts existed (by an agent older than the
+// counts, or before the count map was recreated) would be invisible to targeted
+// termination. The agent runs this once at load over every socket's LB state, in every
+// netns at once, and counts them. A socket connecting at that very moment may be counted
+// twice; the surplus only makes later passes enter its netns needlessly.
+SEC("iter/bpf_sk_storage_map")
+int podsock_backfill_counts(struct bpf_iter__bpf_sk_storage_map *ctx)
+{
+	struct sock_state *state = ctx->value;
+	struct svc_backend_netns_key k = {};
+	struct sock *sk = ctx->sk;
+	struct lb_entry *e;
+	__s64 one = 1, *n;
+
+	if (!sk || !state)
+		return 0;
+	if (!(state->flags & SOCK_F_CONNECTED) || (state->flags & (SOCK_F_TRACKED | SOCK_F_UNTRACKED)))
+		return 0;
+	e = &state->entries[0];
+	__builtin_memcpy(k.pair.vip, e->vip, sizeof(k.pair.vip));
+	__builtin_memcpy(k.pair.backend, e->backend, sizeof(k.pair.backend));
+	k.pair.vip_port = e->vip_port;
+	k.pair.backend_port = e->backend_port;
+	k.pair.proto = state->proto;
+	k.netns_cookie = sk->__sk_common.skc_net.net->net_cookie;
+	n = bpf_map_lookup_elem(&podsock_pairnetns_v1, &k);
+	if (!n && bpf_map_update_elem(&podsock_pairnetns_v1, &k, &one, BPF_NOEXIST) == 0) {
+		state->flags |= SOCK_F_TRACKED;
+		count_destroy(BACKFILLED);
+		return 0;
+	}
+	if (!n)
+		n = bpf_map_lookup_elem(&podsock_pairnetns_v1, &k);
+	if (n) {
+		__sync_fetch_and_add(n, 1);
+		state->flags |= SOCK_F_TRACKED;
+		count_destroy(BACKFILLED);
+	}
+	return 0;
 }

@@ -191,12 +191,16 @@ func Load(opts Options) (*Datapath, error) {
 	if err := dp.attach(); err != nil {
 		return nil, errors.Join(err, dp.closeAll())
 	}
-	if dp.iter, dp.iterErr = loadIterators(dp.objs.PodsockSockV1); dp.iterErr != nil {
+	if dp.iter, dp.iterErr = loadIterators(dp.objs.PodsockSockV1, dp.objs.PodsockPairnetnsV1); dp.iterErr != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(dp.iterErr, &verr) {
 			opts.Log.Warnf("verifier rejected the socket iterators:\n%+v", verr)
 		}
 		opts.Log.WithError(dp.iterErr).Warn("socket listing and termination are unavailable")
+	} else if n, err := dp.iter.backfillCounts(); err != nil {
+		opts.Log.WithError(err).Warn("count sockets balanced before their counts existed; termination may miss them")
+	} else if n > 0 {
+		opts.Log.Infof("counted %d connected sockets balanced before their counts existed", n)
 	}
 	return dp, nil
 }

@@ -102,10 +102,17 @@ const (
 	recLBConnected = 2
 )
 
+// Socket flags, as in bpf/socklb.h.
+const (
+	sockFlagConnected = 1
+	sockFlagTracked   = 2
+)
+
 // Indexes of podsock_destroy_count, as enum destroy_count in bpf/sockiter.c.
 const (
 	countDestroyed = iota
 	countDestroyFailed
+	countBackfilled
 	destroyCountMax
 )
 
@@ -120,7 +127,8 @@ const readChunk = 64 << 10
 // sockIter holds the iterator programs and their links. Iterator links are per process:
 // nothing about them is pinned.
 type sockIter struct {
-	objs sockiterObjects
+	objs    sockiterObjects
+	storage *ebpf.Map
 	// One walk of each kind at a time: a listing's filter and a termination's doomed set
 	// are single global maps.
 	listMu, destroyMu sync.Mutex
@@ -128,15 +136,16 @@ type sockIter struct {
 	destTCP, destUDP  *link.Iter
 }
 
-// loadIterators loads the iterator programs against the datapath's socket storage.
-func loadIterators(storage *ebpf.Map) (*sockIter, error) {
+// loadIterators loads the iterator programs against the datapath's socket storage and
+// pair counts.
+func loadIterators(storage, pairCounts *ebpf.Map) (*sockIter, error) {
 	spec, err := loadSockiter()
 	if err != nil {
 		return nil, fmt.Errorf("load iterator spec: %w", err)
 	}
-	it := &sockIter{}
+	it := &sockIter{storage: storage}
 	err = spec.LoadAndAssign(&it.objs, &ebpf.CollectionOptions{
-		MapReplacements: map[string]*ebpf.Map{"podsock_sock_v1": storage},
+		MapReplacements: map[string]*ebpf.Map{"podsock_sock_v1": storage, "podsock_pairnetns_v1": pairCounts},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("load socket iterators: %w", err)
@@ -177,6 +186,36 @@ func (dp *Datapath) iterators() (*sockIter, error) {
 		return nil, fmt.Errorf("%w: %w", ErrNoIterators, dp.iterErr)
 	}
 	return dp.iter, nil
+}
+
+// backfillCounts counts the connected sockets that socket-LB balanced before their pair
+// counts existed (an agent older than the counts), once, over every socket's LB state in
+// every netns at once. It returns how many it counted.
+func (it *sockIter) backfillCounts() (int, error) {
+	it.destroyMu.Lock()
+	defer it.destroyMu.Unlock()
+	l, err := link.AttachIter(link.IterOptions{Program: it.objs.PodsockBackfillCounts, Map: it.storage})
+	if err != nil {
+		return 0, fmt.Errorf("attach backfill iterator: %w", err)
+	}
+	defer func() { _ = l.Close() }()
+	if err := it.resetDestroyCounts(); err != nil {
+		return 0, err
+	}
+	rc, err := l.Open()
+	if err != nil {
+		return 0, fmt.Errorf("open backfill iterator: %w", err)
+	}
+	err = readRecords(rc, func(*sockiterSockRecord) error { return nil })
+	rc.Close()
+	if err != nil {
+		return 0, fmt.Errorf("backfill counts: %w", err)
+	}
+	var n uint64
+	if err := it.objs.PodsockDestroyCount.Lookup(uint32(countBackfilled), &n); err != nil {
+		return 0, fmt.Errorf("read backfill count: %w", err)
+	}
+	return int(n), nil
 }
 
 // IteratorsErr says why sockets cannot be listed or terminated on this node; nil when

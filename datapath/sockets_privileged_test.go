@@ -485,3 +485,49 @@ func TestPrivilegedPairCountsArePruned(t *testing.T) {
 		t.Fatalf("an entry of a netns that is gone was kept: %v", got)
 	}
 }
+
+// A socket balanced by an agent older than the pair counts (connected, not counted) is
+// counted when a datapath loads, so targeted termination still finds it.
+func TestPrivilegedLoadCountsSocketsBalancedBeforeCounts(t *testing.T) {
+	f := newFixture(t)
+	dp := f.load()
+	if _, err := dp.iterators(); err != nil {
+		testenv.SkipOrFail(t, err.Error())
+	}
+	ns := clientNetns(t)
+	set := newTestNetns(t, ns)
+	apply(t, dp, tcpService("default/web", webVIP, be(beA, 1)))
+	fd := heldTCP(t, ns, webVIP, "A")
+	// What an older agent left: the socket's state says connected, and nothing counts it.
+	var st socklbSockState
+	if err := dp.objs.PodsockSockV1.Lookup(int32(fd), &st); err != nil {
+		t.Fatalf("socket storage: %v", err)
+	}
+	st.Flags = sockFlagConnected
+	if err := dp.objs.PodsockSockV1.Update(int32(fd), &st, 0); err != nil {
+		t.Fatal(err)
+	}
+	var keys []socklbSvcBackendNetnsKey
+	if err := dp.readPairCounts(func(k socklbSvcBackendNetnsKey, _ int64) { keys = append(keys, k) }); err != nil {
+		t.Fatal(err)
+	}
+	dp.deletePairCounts(keys)
+	dp.Close()
+
+	dp, err := Load(Options{CgroupRoot: f.cg.Path, BPFFS: f.bpffs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	if err := dp.objs.PodsockSockV1.Lookup(int32(fd), &st); err != nil || st.Flags != sockFlagConnected|sockFlagTracked {
+		t.Fatalf("socket flags after load: %#x (%v), want connected and counted", st.Flags, err)
+	}
+	res := apply(t, dp, tcpService("default/web", webVIP, be(beB, 1)))
+	tr, err := dp.Terminate(set, res.RemovedBackends, TerminateOptions{Protocols: []uint8{ProtoTCP}})
+	if err != nil || tr.Destroyed != 1 || tr.NetnsEntered != 1 || tr.FullWalk {
+		t.Fatalf("terminate: %+v %v, want the old socket found through its count", tr, err)
+	}
+	if err := aborted(fd); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -80,18 +80,26 @@ type sockiterSvcBackendKey struct {
 	Pad         [3]uint8
 }
 
+type sockiterSvcBackendNetnsKey struct {
+	_           structs.HostLayout
+	Pair        sockiterSvcBackendKey
+	NetnsCookie uint64
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	sockiterMapPodsockDestroyCount = "podsock_destroy_count"
-	sockiterMapPodsockDoomed       = "podsock_doomed"
-	sockiterMapPodsockListFilter   = "podsock_list_filter"
-	sockiterMapPodsockSockV1       = "podsock_sock_v1"
-	sockiterProgPodsockDestroyTcp  = "podsock_destroy_tcp"
-	sockiterProgPodsockDestroyUdp  = "podsock_destroy_udp"
-	sockiterProgPodsockListTcp     = "podsock_list_tcp"
-	sockiterProgPodsockListUdp     = "podsock_list_udp"
+	sockiterMapPodsockDestroyCount    = "podsock_destroy_count"
+	sockiterMapPodsockDoomed          = "podsock_doomed"
+	sockiterMapPodsockListFilter      = "podsock_list_filter"
+	sockiterMapPodsockPairnetnsV1     = "podsock_pairnetns_v1"
+	sockiterMapPodsockSockV1          = "podsock_sock_v1"
+	sockiterProgPodsockBackfillCounts = "podsock_backfill_counts"
+	sockiterProgPodsockDestroyTcp     = "podsock_destroy_tcp"
+	sockiterProgPodsockDestroyUdp     = "podsock_destroy_udp"
+	sockiterProgPodsockListTcp        = "podsock_list_tcp"
+	sockiterProgPodsockListUdp        = "podsock_list_udp"
 )
 
 // loadSockiter returns the embedded CollectionSpec for sockiter.
@@ -136,10 +144,11 @@ type sockiterSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockiterProgramSpecs struct {
-	PodsockDestroyTcp *ebpf.ProgramSpec `ebpf:"podsock_destroy_tcp"`
-	PodsockDestroyUdp *ebpf.ProgramSpec `ebpf:"podsock_destroy_udp"`
-	PodsockListTcp    *ebpf.ProgramSpec `ebpf:"podsock_list_tcp"`
-	PodsockListUdp    *ebpf.ProgramSpec `ebpf:"podsock_list_udp"`
+	PodsockBackfillCounts *ebpf.ProgramSpec `ebpf:"podsock_backfill_counts"`
+	PodsockDestroyTcp     *ebpf.ProgramSpec `ebpf:"podsock_destroy_tcp"`
+	PodsockDestroyUdp     *ebpf.ProgramSpec `ebpf:"podsock_destroy_udp"`
+	PodsockListTcp        *ebpf.ProgramSpec `ebpf:"podsock_list_tcp"`
+	PodsockListUdp        *ebpf.ProgramSpec `ebpf:"podsock_list_udp"`
 }
 
 // sockiterMapSpecs contains maps before they are loaded into the kernel.
@@ -149,6 +158,7 @@ type sockiterMapSpecs struct {
 	PodsockDestroyCount *ebpf.MapSpec `ebpf:"podsock_destroy_count"`
 	PodsockDoomed       *ebpf.MapSpec `ebpf:"podsock_doomed"`
 	PodsockListFilter   *ebpf.MapSpec `ebpf:"podsock_list_filter"`
+	PodsockPairnetnsV1  *ebpf.MapSpec `ebpf:"podsock_pairnetns_v1"`
 	PodsockSockV1       *ebpf.MapSpec `ebpf:"podsock_sock_v1"`
 }
 
@@ -181,6 +191,7 @@ type sockiterMaps struct {
 	PodsockDestroyCount *ebpf.Map `ebpf:"podsock_destroy_count"`
 	PodsockDoomed       *ebpf.Map `ebpf:"podsock_doomed"`
 	PodsockListFilter   *ebpf.Map `ebpf:"podsock_list_filter"`
+	PodsockPairnetnsV1  *ebpf.Map `ebpf:"podsock_pairnetns_v1"`
 	PodsockSockV1       *ebpf.Map `ebpf:"podsock_sock_v1"`
 }
 
@@ -189,6 +200,7 @@ func (m *sockiterMaps) Close() error {
 		m.PodsockDestroyCount,
 		m.PodsockDoomed,
 		m.PodsockListFilter,
+		m.PodsockPairnetnsV1,
 		m.PodsockSockV1,
 	)
 }
@@ -203,14 +215,16 @@ type sockiterVariables struct {
 //
 // It can be passed to loadSockiterObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockiterPrograms struct {
-	PodsockDestroyTcp *ebpf.Program `ebpf:"podsock_destroy_tcp"`
-	PodsockDestroyUdp *ebpf.Program `ebpf:"podsock_destroy_udp"`
-	PodsockListTcp    *ebpf.Program `ebpf:"podsock_list_tcp"`
-	PodsockListUdp    *ebpf.Program `ebpf:"podsock_list_udp"`
+	PodsockBackfillCounts *ebpf.Program `ebpf:"podsock_backfill_counts"`
+	PodsockDestroyTcp     *ebpf.Program `ebpf:"podsock_destroy_tcp"`
+	PodsockDestroyUdp     *ebpf.Program `ebpf:"podsock_destroy_udp"`
+	PodsockListTcp        *ebpf.Program `ebpf:"podsock_list_tcp"`
+	PodsockListUdp        *ebpf.Program `ebpf:"podsock_list_udp"`
 }
 
 func (p *sockiterPrograms) Close() error {
 	return _SockiterClose(
+		p.PodsockBackfillCounts,
 		p.PodsockDestroyTcp,
 		p.PodsockDestroyUdp,
 		p.PodsockListTcp,

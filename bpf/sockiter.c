@@ -14,6 +14,7 @@
 #include "bpf_endian.h"
 #include "socklb.h"
 #include "addr.h"
+#include "counts.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -116,15 +117,6 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } podsock_destroy_count SEC(".maps");
-
-// Walkers run in parallel and iterator programs can be preempted: add atomically.
-static __always_inline void count_destroy(__u32 what)
-{
-	__u64 *v = bpf_map_lookup_elem(&podsock_destroy_count, &what);
-
-	if (v)
-		__sync_fetch_and_add(v, 1);
-}
 
 static __always_inline void fill_record(struct sock_record *r, struct sock_common *skc, __u8 proto,
 					__u32 uid)
@@ -241,7 +233,7 @@ static __always_inline int destroy_one(struct sock_common *skc, struct sock *sk,
 		return 0;
 	if (proto == IPPROTO_UDP && r->state != TCP_ESTABLISHED)
 		return 0;
-	count_destroy(bpf_sock_destroy(skc) ? DESTROY_FAILED : DESTROYED);
+	counter_add(&podsock_destroy_count, bpf_sock_destroy(skc) ? DESTROY_FAILED : DESTROYED);
 	return 0;
 }
 
@@ -301,34 +293,17 @@ SEC("iter/bpf_sk_storage_map")
 int podsock_backfill_counts(struct bpf_iter__bpf_sk_storage_map *ctx)
 {
 	struct sock_state *state = ctx->value;
-	struct svc_backend_netns_key k = {};
+	struct svc_backend_netns_key k;
 	struct sock *sk = ctx->sk;
-	struct lb_entry *e;
-	__s64 one = 1, *n;
 
 	if (!sk || !state)
 		return 0;
 	if (!(state->flags & SOCK_F_CONNECTED) || (state->flags & (SOCK_F_TRACKED | SOCK_F_UNTRACKED)))
 		return 0;
-	e = &state->entries[0];
-	__builtin_memcpy(k.pair.vip, e->vip, sizeof(k.pair.vip));
-	__builtin_memcpy(k.pair.backend, e->backend, sizeof(k.pair.backend));
-	k.pair.vip_port = e->vip_port;
-	k.pair.backend_port = e->backend_port;
-	k.pair.proto = state->proto;
-	k.netns_cookie = sk->__sk_common.skc_net.net->net_cookie;
-	n = bpf_map_lookup_elem(&podsock_pairnetns_v1, &k);
-	if (!n && bpf_map_update_elem(&podsock_pairnetns_v1, &k, &one, BPF_NOEXIST) == 0) {
+	pair_netns_key(&k, state, sk->__sk_common.skc_net.net->net_cookie);
+	if (pair_count_add(&podsock_pairnetns_v1, &k)) {
 		state->flags |= SOCK_F_TRACKED;
-		count_destroy(BACKFILLED);
-		return 0;
-	}
-	if (!n)
-		n = bpf_map_lookup_elem(&podsock_pairnetns_v1, &k);
-	if (n) {
-		__sync_fetch_and_add(n, 1);
-		state->flags |= SOCK_F_TRACKED;
-		count_destroy(BACKFILLED);
+		counter_add(&podsock_destroy_count, BACKFILLED);
 	}
 	return 0;
 }

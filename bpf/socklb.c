@@ -12,6 +12,7 @@
 #include "bpf_endian.h"
 #include "socklb.h"
 #include "addr.h"
+#include "counts.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -20,7 +21,6 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 #define EPERM 1
-#define EEXIST 17
 #define ECONNREFUSED 111
 #define EHOSTUNREACH 113
 
@@ -155,11 +155,7 @@ struct {
 
 static __always_inline void count(__u32 stat)
 {
-	__u64 *v = bpf_map_lookup_elem(&podsock_stat_v3, &stat);
-
-	// Atomic even per CPU: a preempted program can share its CPU with another.
-	if (v)
-		__sync_fetch_and_add(v, 1);
+	counter_add(&podsock_stat_v3, stat);
 }
 
 // The kernel only accepts 32-bit loads of user_ip6, so read it word by word.
@@ -300,41 +296,13 @@ static __always_inline struct lb_entry *find_backend(struct sock_state *state,
 	return NULL;
 }
 
-static __always_inline void tracking_key(struct svc_backend_netns_key *k,
-					 const struct sock_state *state, __u64 netns)
-{
-	const struct lb_entry *e = &state->entries[0];
-
-	__builtin_memset(k, 0, sizeof(*k));
-	addr_copy(k->pair.vip, e->vip);
-	addr_copy(k->pair.backend, e->backend);
-	k->pair.vip_port = e->vip_port;
-	k->pair.backend_port = e->backend_port;
-	k->pair.proto = state->proto;
-	k->netns_cookie = netns;
-}
-
 // track counts a newly connected socket under its {service, backend} pair and netns.
 static __always_inline void track(struct sock_state *state, __u64 netns)
 {
 	struct svc_backend_netns_key k;
-	__s64 one = 1, *n;
-	long err;
 
-	tracking_key(&k, state, netns);
-	n = bpf_map_lookup_elem(&podsock_pairnetns_v1, &k);
-	if (!n) {
-		err = bpf_map_update_elem(&podsock_pairnetns_v1, &k, &one, BPF_NOEXIST);
-		if (!err) {
-			state->flags |= SOCK_F_TRACKED;
-			return;
-		}
-		// Another socket created the entry first: add to it.
-		if (err == -EEXIST)
-			n = bpf_map_lookup_elem(&podsock_pairnetns_v1, &k);
-	}
-	if (n) {
-		__sync_fetch_and_add(n, 1);
+	pair_netns_key(&k, state, netns);
+	if (pair_count_add(&podsock_pairnetns_v1, &k)) {
 		state->flags |= SOCK_F_TRACKED;
 		return;
 	}
@@ -349,7 +317,7 @@ static __always_inline void untrack(struct sock_state *state, __u64 netns)
 	__s64 *n;
 
 	if (state->flags & SOCK_F_TRACKED) {
-		tracking_key(&k, state, netns);
+		pair_netns_key(&k, state, netns);
 		n = bpf_map_lookup_elem(&podsock_pairnetns_v1, &k);
 		if (n)
 			__sync_fetch_and_add(n, -1);

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -248,46 +249,67 @@ type SocketQuery struct {
 	Proto   string // "tcp" or "udp"
 }
 
-// socketFilter checks a query and turns it into the datapath's filter; its errors are
-// the user's (HTTP 400), and name the bad value.
-func (a *Agent) socketFilter(q SocketQuery) (datapath.SocketFilter, error) {
-	var f datapath.SocketFilter
+// ParsedSocketQuery is a SocketQuery whose values have been checked.
+type ParsedSocketQuery struct {
+	Proto   uint8          // 0: both
+	Backend netip.AddrPort // invalid: any
+	Pod     string         // "": every netns
+}
+
+// Parse checks the query's values, as the CLI does before it asks the agent and the agent
+// does for any client. Its errors name the bad value and fit on one line.
+func (q SocketQuery) Parse() (ParsedSocketQuery, error) {
+	var p ParsedSocketQuery
 	switch q.Proto {
 	case "":
 	case "tcp":
-		f.Proto = datapath.ProtoTCP
+		p.Proto = datapath.ProtoTCP
 	case "udp":
-		f.Proto = datapath.ProtoUDP
+		p.Proto = datapath.ProtoUDP
 	default:
-		return f, fmt.Errorf("--proto %q: want tcp or udp", q.Proto)
+		return p, fmt.Errorf("--proto %q: want tcp or udp", q.Proto)
 	}
 	if q.Backend != "" {
 		ap, err := netip.ParseAddrPort(q.Backend)
 		if err != nil {
-			return f, fmt.Errorf("--backend %q: want IP:PORT ([v6]:PORT for IPv6)", q.Backend)
+			return p, fmt.Errorf("--backend %q: want IP:PORT ([v6]:PORT for IPv6)", q.Backend)
 		}
-		f.Backend = ap
+		p.Backend = ap
 	}
-	if q.Pod != "" {
-		var found bool
-		for _, p := range a.tracker.Pods() {
-			if p.Namespace+"/"+p.Name != q.Pod {
-				continue
-			}
-			found = true
-			cookie := p.NetnsCookie
-			if p.HostNetwork {
-				cookie = a.netns.host.Cookie()
-			} else if cookie == 0 {
-				return f, fmt.Errorf("--pod %q: podsock holds no netns of that pod", q.Pod)
-			}
-			if !slices.Contains(f.Netns, cookie) {
-				f.Netns = append(f.Netns, cookie)
-			}
+	if q.Pod != "" && strings.Count(q.Pod, "/") != 1 {
+		return p, fmt.Errorf("--pod %q: want NAMESPACE/NAME", q.Pod)
+	}
+	p.Pod = q.Pod
+	return p, nil
+}
+
+// socketFilter turns a query into the datapath's filter, given the pods the runtime
+// reported; its errors are the user's (HTTP 400), and name the bad value.
+func (a *Agent) socketFilter(q SocketQuery, pods []runtimehooks.Pod) (datapath.SocketFilter, error) {
+	p, err := q.Parse()
+	if err != nil {
+		return datapath.SocketFilter{}, err
+	}
+	f := datapath.SocketFilter{Proto: p.Proto, Backend: p.Backend}
+	if p.Pod == "" {
+		return f, nil
+	}
+	for _, pod := range pods {
+		if pod.Namespace+"/"+pod.Name != p.Pod {
+			continue
 		}
-		if !found {
-			return f, fmt.Errorf("--pod %q: no such pod (want NAMESPACE/NAME, as `podsock pods` shows)", q.Pod)
+		cookie := pod.NetnsCookie
+		if pod.HostNetwork {
+			cookie = a.netns.host.Cookie()
+		} else if cookie == 0 {
+			return f, fmt.Errorf("--pod %q: podsock holds no netns of that pod", p.Pod)
 		}
+		if !slices.Contains(f.Netns, cookie) {
+			f.Netns = append(f.Netns, cookie)
+		}
+	}
+	if f.Netns == nil {
+		return f, fmt.Errorf("--pod %q: no such pod (want NAMESPACE/NAME, as `podsock pods` shows)", p.Pod)
 	}
 	return f, nil
 }
@@ -296,7 +318,8 @@ func (a *Agent) socketFilter(q SocketQuery) (datapath.SocketFilter, error) {
 // never holds the whole list however many sockets the node has.
 func (a *Agent) serveSockets(w http.ResponseWriter, r *http.Request) {
 	q := SocketQuery{Pod: r.URL.Query().Get("pod"), Backend: r.URL.Query().Get("backend"), Proto: r.URL.Query().Get("proto")}
-	f, err := a.socketFilter(q)
+	pods := a.tracker.Pods()
+	f, err := a.socketFilter(q, pods)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
@@ -306,7 +329,7 @@ func (a *Agent) serveSockets(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	podOf := map[uint64]string{}
-	for _, p := range a.tracker.Pods() {
+	for _, p := range pods {
 		if p.NetnsCookie != 0 && !p.HostNetwork {
 			podOf[p.NetnsCookie] = p.Namespace + "/" + p.Name
 		}

@@ -9,7 +9,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime/debug"
@@ -134,8 +133,6 @@ type command struct {
 
 // badArgument is a flag value the command cannot use.
 type badArgument struct{ error }
-
-func badArg(format string, a ...any) error { return badArgument{fmt.Errorf(format, a...)} }
 
 // unhealthy is a failure already reported on stdout (status of a broken datapath).
 type unhealthy struct{}
@@ -346,16 +343,8 @@ func pods(c *command) error {
 func sockets(c *command) error {
 	q := c.sockets
 	// Bad arguments are caught here, before the agent is asked anything.
-	if q.Proto != "" && q.Proto != "tcp" && q.Proto != "udp" {
-		return badArg("--proto %q: want tcp or udp", q.Proto)
-	}
-	if q.Backend != "" {
-		if _, err := netip.ParseAddrPort(q.Backend); err != nil {
-			return badArg("--backend %q: want IP:PORT ([v6]:PORT for IPv6)", q.Backend)
-		}
-	}
-	if q.Pod != "" && strings.Count(q.Pod, "/") != 1 {
-		return badArg("--pod %q: want NAMESPACE/NAME", q.Pod)
+	if _, err := q.Parse(); err != nil {
+		return badArgument{err}
 	}
 	cl, err := c.client()
 	if err != nil {

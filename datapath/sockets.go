@@ -728,10 +728,7 @@ func protoBit(p uint8) uint8 {
 // at zero whose netns the NetnsSet no longer knows: netns cookies are never reused, and a
 // netns without a handle cannot be walked anyway.
 func (dp *Datapath) netnsHolding(pairs map[socklbSvcBackendKey]bool, ns NetnsSet) (map[uint64]uint8, error) {
-	known := map[uint64]bool{}
-	for _, c := range ns.Cookies() {
-		known[c] = true
-	}
+	known := knownNetns(ns)
 	out := map[uint64]uint8{}
 	var stale []socklbSvcBackendNetnsKey
 	err := dp.readPairCounts(func(k socklbSvcBackendNetnsKey, n int64) {
@@ -747,6 +744,14 @@ func (dp *Datapath) netnsHolding(pairs map[socklbSvcBackendKey]bool, ns NetnsSet
 	}
 	dp.deletePairCounts(stale)
 	return out, nil
+}
+
+func knownNetns(ns NetnsSet) map[uint64]bool {
+	known := map[uint64]bool{}
+	for _, c := range ns.Cookies() {
+		known[c] = true
+	}
+	return known
 }
 
 // readPairCounts hands every entry of the count map to fn, a batch at a time where the
@@ -789,10 +794,7 @@ func (dp *Datapath) PrunePairCounts(ns NetnsSet) error {
 	dp.pruneMu.Lock()
 	defer dp.pruneMu.Unlock()
 	served := dp.servedPairs()
-	known := map[uint64]bool{}
-	for _, c := range ns.Cookies() {
-		known[c] = true
-	}
+	known := knownNetns(ns)
 	var drop []socklbSvcBackendNetnsKey
 	marked := map[socklbSvcBackendNetnsKey]bool{}
 	err := dp.readPairCounts(func(k socklbSvcBackendNetnsKey, n int64) {

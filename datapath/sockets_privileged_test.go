@@ -152,6 +152,16 @@ func alive(fd int) error {
 	return nil
 }
 
+// loadWithIterators is newFixture and load, for tests that need the socket iterators.
+func loadWithIterators(t *testing.T) (*fixture, *Datapath) {
+	f := newFixture(t)
+	dp := f.load()
+	if _, err := dp.iterators(); err != nil {
+		testenv.SkipOrFail(t, err.Error())
+	}
+	return f, dp
+}
+
 func listAll(t *testing.T, dp *Datapath, ns NetnsSet, f SocketFilter) []Socket {
 	t.Helper()
 	var out []Socket
@@ -185,11 +195,7 @@ var (
 )
 
 func TestPrivilegedSocketsListAndTerminate(t *testing.T) {
-	f := newFixture(t)
-	dp := f.load()
-	if _, err := dp.iterators(); err != nil {
-		testenv.SkipOrFail(t, err.Error())
-	}
+	_, dp := loadWithIterators(t)
 	n1, n2, n3, n4 := clientNetns(t), clientNetns(t), clientNetns(t), clientNetns(t)
 	set := newTestNetns(t, n1, n2, n3, n4)
 	c1, c2 := n1.Cookie(t), n2.Cookie(t)
@@ -384,11 +390,7 @@ func TestPrivilegedSocketsListAndTerminate(t *testing.T) {
 // termination counts every socket it destroyed (the kernel shows a socket again after a
 // full buffer, and skips it then if it is already destroyed).
 func TestPrivilegedSocketsManyPerNetns(t *testing.T) {
-	f := newFixture(t)
-	dp := f.load()
-	if _, err := dp.iterators(); err != nil {
-		testenv.SkipOrFail(t, err.Error())
-	}
+	_, dp := loadWithIterators(t)
 	ns := clientNetns(t)
 	set := newTestNetns(t, ns)
 	apply(t, dp, tcpService("default/web", webVIP, be(beA, 1)))
@@ -489,11 +491,7 @@ func TestPrivilegedPairCountsArePruned(t *testing.T) {
 // A socket balanced by an agent older than the pair counts (connected, not counted) is
 // counted when a datapath loads, so targeted termination still finds it.
 func TestPrivilegedLoadCountsSocketsBalancedBeforeCounts(t *testing.T) {
-	f := newFixture(t)
-	dp := f.load()
-	if _, err := dp.iterators(); err != nil {
-		testenv.SkipOrFail(t, err.Error())
-	}
+	f, dp := loadWithIterators(t)
 	ns := clientNetns(t)
 	set := newTestNetns(t, ns)
 	apply(t, dp, tcpService("default/web", webVIP, be(beA, 1)))

@@ -95,31 +95,15 @@ type heldSockets struct {
 }
 
 func (h *heldSockets) listen(addr netip.AddrPort) error {
-	lfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	lfd, err := listenTCP(addr)
 	if err != nil {
 		return err
 	}
-	unix.SetsockoptInt(lfd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
-	if err := unix.Bind(lfd, testenv.Sockaddr(unix.AF_INET, addr)); err != nil {
-		return fmt.Errorf("bind %s: %w", addr, err)
-	}
-	if err := unix.Listen(lfd, 4096); err != nil {
-		return err
-	}
-	go func() {
-		for {
-			fd, sa, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
-			if errors.Is(err, unix.EINTR) || errors.Is(err, unix.ECONNABORTED) {
-				continue
-			}
-			if err != nil {
-				return
-			}
-			h.mu.Lock()
-			h.servers[testenv.AddrPort(sa)] = fd
-			h.mu.Unlock()
-		}
-	}()
+	go acceptEach(lfd, func(fd int, peer unix.Sockaddr) {
+		h.mu.Lock()
+		h.servers[testenv.AddrPort(peer)] = fd
+		h.mu.Unlock()
+	})
 	return nil
 }
 

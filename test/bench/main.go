@@ -10,6 +10,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"maps"
 	"math/rand/v2"
 	"net"
@@ -26,6 +27,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/podsock/podsock/datapath"
+	"github.com/podsock/podsock/internal/cgroupfs"
+	"github.com/podsock/podsock/test/cri"
 	"github.com/podsock/podsock/test/testenv"
 )
 
@@ -416,37 +419,53 @@ func udpRoundTrip(fd int, addr netip.AddrPort) time.Duration {
 func startAcceptor(e *env, ns *testenv.Netns, addr netip.AddrPort) {
 	var lfd int
 	if err := ns.Do(func() (err error) {
-		lfd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return err
-		}
-		unix.SetsockoptInt(lfd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
-		if err := unix.Bind(lfd, testenv.Sockaddr(unix.AF_INET, addr)); err != nil {
-			return err
-		}
-		return unix.Listen(lfd, 4096)
+		lfd, err = listenTCP(addr)
+		return err
 	}); err != nil {
 		e.Fatal(err)
 	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		for {
-			fd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
-			if errors.Is(err, unix.EINTR) || errors.Is(err, unix.ECONNABORTED) {
-				continue
-			}
-			if err != nil {
-				return
-			}
-			unix.Close(fd)
-		}
+		acceptEach(lfd, func(fd int, _ unix.Sockaddr) { unix.Close(fd) })
 	}()
 	e.Cleanup(func() {
 		unix.Shutdown(lfd, unix.SHUT_RDWR)
 		<-done
 		unix.Close(lfd)
 	})
+}
+
+// listenTCP listens on addr in the calling thread's netns.
+func listenTCP(addr netip.AddrPort) (int, error) {
+	lfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	unix.SetsockoptInt(lfd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
+	if err := unix.Bind(lfd, testenv.Sockaddr(unix.AF_INET, addr)); err != nil {
+		unix.Close(lfd)
+		return -1, fmt.Errorf("bind %s: %w", addr, err)
+	}
+	if err := unix.Listen(lfd, 4096); err != nil {
+		unix.Close(lfd)
+		return -1, err
+	}
+	return lfd, nil
+}
+
+// acceptEach hands every accepted connection to fn until the listener fails.
+func acceptEach(lfd int, fn func(fd int, peer unix.Sockaddr)) {
+	for {
+		fd, sa, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
+		if errors.Is(err, unix.EINTR) || errors.Is(err, unix.ECONNABORTED) {
+			continue
+		}
+		if err != nil {
+			return
+		}
+		fn(fd, sa)
+	}
 }
 
 func startUDPEcho(e *env, ns *testenv.Netns, addr netip.AddrPort) {
@@ -475,11 +494,7 @@ func startUDPEcho(e *env, ns *testenv.Netns, addr netip.AddrPort) {
 func (e *env) agentApply(n int) (applied, reloaded time.Duration, rss, hwm int64) {
 	cg := testenv.NewCgroup(e)
 	bpffs := testenv.BPFFS(e)
-	dir, err := os.MkdirTemp("", "podsock-bench-")
-	if err != nil {
-		e.Fatal(err)
-	}
-	e.Cleanup(func() { os.RemoveAll(dir) })
+	dir := e.tempDir("podsock-bench-")
 	cfgPath := filepath.Join(dir, "podsock.toml")
 	write := func(port int) {
 		var b strings.Builder
@@ -494,17 +509,8 @@ func (e *env) agentApply(n int) (applied, reloaded time.Duration, rss, hwm int64
 		}
 	}
 	write(8080)
-	cmd := exec.Command(*podsockBin, "run", "--config", cfgPath)
-	cmd.Stderr = os.Stderr
 	start := time.Now()
-	if err := cmd.Start(); err != nil {
-		e.Fatal(err)
-	}
-	e.Cleanup(func() {
-		cmd.Process.Signal(unix.SIGTERM)
-		cmd.Wait()
-		exec.Command(*podsockBin, "cleanup", "--config", cfgPath).Run()
-	})
+	cmd := e.runAgent(cfgPath, os.Stderr)
 	waitGeneration := func(gen uint64) {
 		ok := testenv.WaitFor(60*time.Second, func() bool {
 			st, err := podsockStatus(cfgPath)
@@ -540,4 +546,44 @@ func procMem(pid int) (rss, hwm int64) {
 		}
 	}
 	return rss, hwm
+}
+
+// tempDir makes a directory that is removed at exit.
+func (e *env) tempDir(prefix string) string {
+	dir, err := os.MkdirTemp("", prefix)
+	if err != nil {
+		e.Fatal(err)
+	}
+	e.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+// runAgent starts `podsock run --config cfgPath`, its output to out; at exit it stops
+// the agent and runs `podsock cleanup`.
+func (e *env) runAgent(cfgPath string, out io.Writer) *exec.Cmd {
+	cmd := exec.Command(*podsockBin, "run", "--config", cfgPath)
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		e.Fatal(err)
+	}
+	e.Cleanup(func() {
+		cmd.Process.Signal(unix.SIGTERM)
+		cmd.Wait()
+		exec.Command(*podsockBin, "cleanup", "--config", cfgPath).Run()
+	})
+	return cmd
+}
+
+// runtimeCgroupRoot is rt's pod cgroup parent, created if missing: the agent attaches
+// there, never higher.
+func (e *env) runtimeCgroupRoot(rt *cri.Runtime) string {
+	cgroup2, err := cgroupfs.Mount()
+	if err != nil {
+		e.Fatal(err)
+	}
+	root := filepath.Join(cgroup2, rt.CgroupRoot())
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		e.Fatal(err)
+	}
+	return root
 }

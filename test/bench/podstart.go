@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/podsock/podsock/agent"
-	"github.com/podsock/podsock/internal/cgroupfs"
 	"github.com/podsock/podsock/plugin"
 	"github.com/podsock/podsock/test/cri"
 	"github.com/podsock/podsock/test/testenv"
@@ -65,19 +64,8 @@ func (e *env) podStart(rounds int) podStartResult {
 // podsockFor starts the real agent as an external NRI plugin of rt, attached to rt's pod
 // cgroup parent with one service, and returns its config path.
 func (e *env) podsockFor(rt *cri.Runtime) string {
-	cgroup2, err := cgroupfs.Mount()
-	if err != nil {
-		e.Fatal(err)
-	}
-	root := filepath.Join(cgroup2, rt.CgroupRoot())
-	if err := os.MkdirAll(root, 0o755); err != nil {
-		e.Fatal(err)
-	}
-	dir, err := os.MkdirTemp("", "podsock-bench-nri-")
-	if err != nil {
-		e.Fatal(err)
-	}
-	e.Cleanup(func() { os.RemoveAll(dir) })
+	root := e.runtimeCgroupRoot(rt)
+	dir := e.tempDir("podsock-bench-nri-")
 	cfgPath := filepath.Join(dir, "podsock.toml")
 	cfg := fmt.Sprintf(`[agent]
 cgroup_root = %q
@@ -113,16 +101,7 @@ labels = { app = "bench" }
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		e.Fatal(err)
 	}
-	cmd := exec.Command(*podsockBin, "run", "--config", cfgPath)
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		e.Fatal(err)
-	}
-	e.Cleanup(func() {
-		cmd.Process.Signal(os.Interrupt)
-		cmd.Wait()
-		exec.Command(*podsockBin, "cleanup", "--config", cfgPath).Run()
-	})
+	e.runAgent(cfgPath, os.Stderr)
 	if !testenv.WaitFor(15*time.Second, func() bool {
 		st, err := podsockStatus(cfgPath)
 		return err == nil && st.NRI.Connected

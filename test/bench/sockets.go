@@ -18,7 +18,7 @@ import (
 
 	"github.com/podsock/podsock/agent"
 	"github.com/podsock/podsock/datapath"
-	"github.com/podsock/podsock/internal/cgroupfs"
+	"github.com/podsock/podsock/runtimehooks"
 	"github.com/podsock/podsock/test/cri"
 	"github.com/podsock/podsock/test/testenv"
 )
@@ -107,7 +107,7 @@ func (e *env) terminationBench() terminationResult {
 		e.Fatal(err)
 	}
 	e.Cleanup(func() { host.Close() })
-	hostCookie, err := ownCookie()
+	hostCookie, err := runtimehooks.NetnsCookie(int(host.Fd()))
 	if err != nil {
 		e.Fatal(err)
 	}
@@ -223,15 +223,6 @@ func connectOne(e *env, ns *testenv.Netns, addr netip.AddrPort) int {
 	return fd
 }
 
-func ownCookie() (uint64, error) {
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return 0, err
-	}
-	defer unix.Close(fd)
-	return unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
-}
-
 type agentSocketsResult struct {
 	e2e                            []time.Duration
 	list                           []time.Duration
@@ -245,19 +236,8 @@ type agentSocketsResult struct {
 // every socket costs the agent.
 func (e *env) agentSocketsBench() agentSocketsResult {
 	rt := cri.Start(e, cri.Options{})
-	cgroup2, err := cgroupfs.Mount()
-	if err != nil {
-		e.Fatal(err)
-	}
-	root := filepath.Join(cgroup2, rt.CgroupRoot())
-	if err := os.MkdirAll(root, 0o755); err != nil {
-		e.Fatal(err)
-	}
-	dir, err := os.MkdirTemp("", "podsock-bench-sockets-")
-	if err != nil {
-		e.Fatal(err)
-	}
-	e.Cleanup(func() { os.RemoveAll(dir) })
+	root := e.runtimeCgroupRoot(rt)
+	dir := e.tempDir("podsock-bench-sockets-")
 	cfgPath := filepath.Join(dir, "podsock.toml")
 	stateDir := filepath.Join(dir, "state")
 	bpffs := testenv.BPFFS(e)
@@ -291,21 +271,12 @@ backends = [%q]
 		e.Fatal(err)
 	}
 	e.Cleanup(func() { agentLog.Close() })
-	cmd := exec.Command(*podsockBin, "run", "--config", cfgPath)
-	cmd.Stdout, cmd.Stderr = agentLog, agentLog
-	if err := cmd.Start(); err != nil {
-		e.Fatal(err)
-	}
+	cmd := e.runAgent(cfgPath, agentLog)
 	failf := func(format string, a ...any) {
 		b, _ := os.ReadFile(logPath)
 		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
 		e.Fatalf(format+"\nagent log (tail):\n%s", append(a, strings.Join(lines[max(0, len(lines)-30):], "\n"))...)
 	}
-	e.Cleanup(func() {
-		cmd.Process.Signal(os.Interrupt)
-		cmd.Wait()
-		exec.Command(*podsockBin, "cleanup", "--config", cfgPath).Run()
-	})
 	var gen uint64
 	waitGeneration := func(want uint64) {
 		if !testenv.WaitFor(15*time.Second, func() bool {

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
-	"sync"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -13,46 +12,8 @@ import (
 	"github.com/podsock/podsock/test/testenv"
 )
 
-// testNetns is a NetnsSet over netns the test created; it records which it entered.
-type testNetns struct {
-	mu      sync.Mutex
-	byCk    map[uint64]*testenv.Netns
-	order   []uint64
-	entered []uint64
-}
-
-func newTestNetns(t *testing.T, nss ...*testenv.Netns) *testNetns {
-	s := &testNetns{byCk: map[uint64]*testenv.Netns{}}
-	for _, ns := range nss {
-		c := ns.Cookie(t)
-		s.byCk[c] = ns
-		s.order = append(s.order, c)
-	}
-	return s
-}
-
-func (s *testNetns) Cookies() []uint64 { return slices.Clone(s.order) }
-
-func (s *testNetns) Enter(cookie uint64, f func() error) error {
-	ns, ok := s.byCk[cookie]
-	if !ok {
-		return fmt.Errorf("netns %d: %w", cookie, ErrUnknownNetns)
-	}
-	s.mu.Lock()
-	if !slices.Contains(s.entered, cookie) {
-		s.entered = append(s.entered, cookie)
-	}
-	s.mu.Unlock()
-	return ns.Do(f)
-}
-
-func (s *testNetns) takeEntered() []uint64 {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	e := s.entered
-	s.entered = nil
-	slices.Sort(e)
-	return e
+func newTestNetns(t *testing.T, nss ...*testenv.Netns) *testenv.NetnsSet {
+	return testenv.NewNetnsSet(t, ErrUnknownNetns, nss...)
 }
 
 // clientNetns is a netns with its own copies of the backends on lo, so that clients in
@@ -274,7 +235,7 @@ func TestPrivilegedSocketsListAndTerminate(t *testing.T) {
 		if !slices.Equal(got, want) {
 			t.Errorf("backend filter in n1 gave cookies %v, want %v", got, want)
 		}
-		set.takeEntered()
+		set.TakeEntered()
 	})
 
 	t.Run("terminate", func(t *testing.T) {
@@ -292,7 +253,7 @@ func TestPrivilegedSocketsListAndTerminate(t *testing.T) {
 		}
 		wantEntered := []uint64{c1, c2}
 		slices.Sort(wantEntered)
-		if got := set.takeEntered(); !slices.Equal(got, wantEntered) || tr.NetnsEntered != 2 {
+		if got := set.TakeEntered(); !slices.Equal(got, wantEntered) || tr.NetnsEntered != 2 {
 			t.Errorf("entered netns %v (%d counted), want only n1 and n2 %v", got, tr.NetnsEntered, wantEntered)
 		}
 		for name, fd := range map[string]int{"web n1 #1": web1a, "web n1 #2": web1b, "web n2": web2, "connected dns": dnsConn} {
@@ -365,7 +326,7 @@ func TestPrivilegedSocketsListAndTerminate(t *testing.T) {
 		if err := aborted(fdA2); err != nil {
 			t.Fatalf("client of A from after it came back: %v", err)
 		}
-		set.takeEntered()
+		set.TakeEntered()
 	})
 
 	t.Run("protocols", func(t *testing.T) {

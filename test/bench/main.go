@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"text/tabwriter"
@@ -66,6 +67,10 @@ func services(n int, proto uint8, be netip.AddrPort) []datapath.Service {
 	}
 	return out
 }
+
+// The main thread runs only the main goroutine, so it never enters a netns a helper
+// goroutine works in: /proc/self/ns/net stays the host's (the termination bench walks it).
+func init() { runtime.LockOSThread() }
 
 func main() {
 	flag.Parse()

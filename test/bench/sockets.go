@@ -18,7 +18,6 @@ import (
 
 	"github.com/podsock/podsock/agent"
 	"github.com/podsock/podsock/datapath"
-	"github.com/podsock/podsock/runtimehooks"
 	"github.com/podsock/podsock/test/cri"
 	"github.com/podsock/podsock/test/testenv"
 )
@@ -73,25 +72,6 @@ type terminationResult struct {
 	oneEntered, walkEntered int
 }
 
-// benchNetns is the NetnsSet of the bench: the host's netns and the ones it created.
-type benchNetns struct {
-	host    *os.File
-	cookies []uint64 // host first
-	byCk    map[uint64]*testenv.Netns
-}
-
-func (b *benchNetns) Cookies() []uint64 { return b.cookies }
-
-func (b *benchNetns) Enter(cookie uint64, f func() error) error {
-	if ns, ok := b.byCk[cookie]; ok {
-		return ns.Do(f)
-	}
-	if cookie == b.cookies[0] {
-		return testenv.DoInNetns(int(b.host.Fd()), f)
-	}
-	return fmt.Errorf("netns %d: %w", cookie, datapath.ErrUnknownNetns)
-}
-
 // terminationBench compares what one termination pass costs: podsock's, which enters only
 // the netns holding sockets of the removed backend, against walking every netns (what
 // Cilium does on every backend deletion), and against running `ss -K` in each netns.
@@ -102,23 +82,13 @@ func (e *env) terminationBench() terminationResult {
 		e.Fatal(err)
 	}
 	dp := e.datapath(cg)
-	host, err := os.Open("/proc/self/ns/net")
-	if err != nil {
-		e.Fatal(err)
+	// Cilium's way walks the host's netns too; main's init keeps the main thread in it.
+	nss := []*testenv.Netns{{Name: "host", Path: "/proc/self/ns/net"}}
+	for range *sockNetns {
+		nss = append(nss, testenv.NewNetns(e, []string{vipRange}, "10.88.0.5/32", "10.88.0.6/32"))
 	}
-	e.Cleanup(func() { host.Close() })
-	hostCookie, err := runtimehooks.NetnsCookie(int(host.Fd()))
-	if err != nil {
-		e.Fatal(err)
-	}
-	set := &benchNetns{host: host, cookies: []uint64{hostCookie}, byCk: map[uint64]*testenv.Netns{}}
-	nss := make([]*testenv.Netns, *sockNetns)
-	for i := range nss {
-		nss[i] = testenv.NewNetns(e, []string{vipRange}, "10.88.0.5/32", "10.88.0.6/32")
-		c := nss[i].Cookie(e)
-		set.cookies = append(set.cookies, c)
-		set.byCk[c] = nss[i]
-	}
+	set := testenv.NewNetnsSet(e, datapath.ErrUnknownNetns, nss...)
+	nss = nss[1:]
 	svcs := func(xBackends ...netip.AddrPort) []datapath.RemovedBackend {
 		s := []datapath.Service{
 			{Name: "bench/x", VIP: vipX.Addr(), Port: vipX.Port(), Proto: datapath.ProtoTCP},

@@ -4,7 +4,7 @@ SHELL := /bin/bash
 export PATH := /usr/local/go/bin:$(CURDIR)/bin:$(PATH)
 
 GOLANGCI_LINT_VERSION := v2.15.0
-GENERATED := datapath/socklb_bpfel.go datapath/socklb_bpfel.o
+GENERATED := datapath/socklb_bpfel.go datapath/socklb_bpfel.o datapath/sockiter_bpfel.go datapath/sockiter_bpfel.o
 
 .PHONY: all deps build generate generate-check lint test test-privileged fuzz bench demo clean
 

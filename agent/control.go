@@ -46,6 +46,12 @@ type DatapathStatus struct {
 	CgroupRoot   string         `json:"cgroup_root"`
 	AdoptedLinks int            `json:"adopted_links"`
 	Counters     datapath.Stats `json:"counters"`
+	// Features are the optional BPF programs, each loaded on its own: a program the kernel
+	// refused (detail: its reason) costs only what that program does.
+	Features []datapath.Feature `json:"features"`
+	// BackfillPending says that sockets an older agent balanced are not counted yet:
+	// termination walks every netns until they are.
+	BackfillPending bool `json:"backfill_pending"`
 }
 
 type NRIStatus struct {
@@ -207,6 +213,9 @@ func (a *Agent) status() Status {
 			CgroupRoot:   a.cgroupRoot,
 			AdoptedLinks: a.dp.AdoptedLinks(),
 			Counters:     counters,
+
+			Features:        a.dp.IteratorFeatures(),
+			BackfillPending: a.dp.BackfillPending(),
 		},
 		Services:         nSvc,
 		Backends:         nBackends,

@@ -97,11 +97,11 @@ type terminator struct {
 
 func newTerminator(dp *datapath.Datapath, ns datapath.NetnsSet, log logrus.FieldLogger) *terminator {
 	t := &terminator{dp: dp, ns: ns, log: log, wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
-	if err := dp.IteratorsErr(); err != nil {
+	if err := dp.TerminateErr(0); err != nil {
 		t.stats.Error = err.Error()
-	} else {
-		t.stats.Available = true
 	}
+	// Available when at least one protocol can be terminated; Error names what cannot.
+	t.stats.Available = dp.TerminateErr(datapath.ProtoTCP) == nil || dp.TerminateErr(datapath.ProtoUDP) == nil
 	go t.run()
 	return t
 }
@@ -129,8 +129,8 @@ func (t *terminator) remove(gone []datapath.RemovedBackend, protos []uint8) {
 		t.stats.Protocols = append(t.stats.Protocols, datapath.ProtoName(p))
 	}
 	for _, b := range gone {
-		// Without iterators there is nothing to do; status says why.
-		if t.stats.Available && slices.Contains(protos, b.Proto) {
+		// Without the protocol's iterator there is nothing to do; status says why.
+		if t.dp.TerminateErr(b.Proto) == nil && slices.Contains(protos, b.Proto) {
 			t.pending = append(t.pending, b)
 		}
 	}
@@ -173,6 +173,7 @@ func (t *terminator) pass() {
 	gone := t.pending
 	t.pending = nil
 	t.mu.Unlock()
+	t.backfill()
 	if len(gone) == 0 {
 		return
 	}
@@ -209,6 +210,21 @@ func (t *terminator) pass() {
 	if err != nil {
 		t.stats.LastError = err.Error()
 	}
+}
+
+// backfill counts, once the pods' netns are held, the sockets an older agent balanced
+// without counting them, if the datapath could not at load. Until then passes walk every
+// netns.
+func (t *terminator) backfill() {
+	if !t.dp.BackfillPending() {
+		return
+	}
+	n, err := t.dp.Backfill(t.ns)
+	if err != nil {
+		t.log.WithError(err).Warn("count sockets balanced before their counts existed; passes walk every netns until it succeeds")
+		return
+	}
+	t.log.Infof("counted %d connected sockets balanced before their counts existed", n)
 }
 
 func (t *terminator) status() TerminationStatus {
@@ -324,7 +340,7 @@ func (a *Agent) serveSockets(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	if err := a.dp.IteratorsErr(); err != nil {
+	if err := a.dp.ListErr(f.Proto); err != nil {
 		http.Error(w, err.Error(), http.StatusNotImplemented)
 		return
 	}

@@ -46,6 +46,7 @@ struct {
 // Record flags.
 #define REC_F_BALANCED 1  // socket-LB translated for this socket; lb is its first entry
 #define REC_F_LB_CONNECTED 2 // lb is the connected peer's translation
+#define REC_F_RELEASED 4 // the application closed it; the kernel has not freed it yet
 
 // One socket, as the iterator writes it to the reader.
 struct sock_record {
@@ -153,6 +154,8 @@ static __noinline void fill_lb(struct sock_record *r, const struct sock_state *s
 	r->flags |= REC_F_BALANCED;
 	if (state->flags & SOCK_F_CONNECTED)
 		r->flags |= REC_F_LB_CONNECTED;
+	if (state->flags & SOCK_F_RELEASED)
+		r->flags |= REC_F_RELEASED;
 	r->lb_count = state->count;
 	r->lb = state->entries[0];
 }
@@ -213,7 +216,9 @@ static __always_inline int destroy_one(struct sock_common *skc, struct sock *sk,
 	if (!sk)
 		return 0;
 	state = bpf_sk_storage_get(&podsock_sock_v1, sk, 0, 0);
-	if (!state || !(state->flags & SOCK_F_CONNECTED) || state->proto != proto)
+	// A socket its application closed has nobody left to tell.
+	if (!state || !(state->flags & SOCK_F_CONNECTED) || (state->flags & SOCK_F_RELEASED) ||
+	    state->proto != proto)
 		return 0;
 	e = &state->entries[0];
 	__builtin_memcpy(k.vip, e->vip, sizeof(k.vip));
@@ -286,24 +291,61 @@ int podsock_destroy_udp(struct bpf_iter__udp *ctx)
 
 // Connected sockets balanced before their counts existed (by an agent older than the
 // counts, or before the count map was recreated) would be invisible to targeted
-// termination. The agent runs this once at load over every socket's LB state, in every
-// netns at once, and counts them. A socket connecting at that very moment may be counted
-// twice; the surplus only makes later passes enter its netns needlessly.
-SEC("iter/bpf_sk_storage_map")
-int podsock_backfill_counts(struct bpf_iter__bpf_sk_storage_map *ctx)
+// termination. The loader runs a backfill once, when it finds socket state but no count
+// map, and counts them. Sockets their application already closed (still lingering in
+// FIN_WAIT or LAST_ACK) are not counted: nothing would ever uncount them. A socket
+// connecting at that very moment may be counted twice; the surplus only makes later passes
+// enter its netns needlessly.
+static __always_inline void backfill_one(struct sock *sk, struct sock_state *state)
 {
-	struct sock_state *state = ctx->value;
 	struct svc_backend_netns_key k;
-	struct sock *sk = ctx->sk;
 
-	if (!sk || !state)
-		return 0;
-	if (!(state->flags & SOCK_F_CONNECTED) || (state->flags & (SOCK_F_TRACKED | SOCK_F_UNTRACKED)))
-		return 0;
+	if (!(state->flags & SOCK_F_CONNECTED) ||
+	    (state->flags & (SOCK_F_TRACKED | SOCK_F_UNTRACKED | SOCK_F_RELEASED)))
+		return;
 	pair_netns_key(&k, state, sk->__sk_common.skc_net.net->net_cookie);
 	if (pair_count_add(&podsock_pairnetns_v1, &k)) {
 		state->flags |= SOCK_F_TRACKED;
 		counter_add(&podsock_destroy_count, BACKFILLED);
 	}
+}
+
+// The fast way: every socket's LB state, in every netns at once. Some kernels refuse
+// map-element iterators (EPERM before verification); the loader then uses the two below.
+SEC("iter/bpf_sk_storage_map")
+int podsock_backfill_counts(struct bpf_iter__bpf_sk_storage_map *ctx)
+{
+	struct sock_state *state = ctx->value;
+	struct sock *sk = ctx->sk;
+
+	if (sk && state)
+		backfill_one(sk, state);
 	return 0;
+}
+
+// The same, one netns at a time, for kernels without the map-element iterator.
+static __always_inline int backfill_sk(struct sock *sk)
+{
+	struct sock_state *state;
+
+	if (!sk)
+		return 0;
+	state = bpf_sk_storage_get(&podsock_sock_v1, sk, 0, 0);
+	if (state)
+		backfill_one(sk, state);
+	return 0;
+}
+
+SEC("iter/tcp")
+int podsock_backfill_tcp(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+
+	return skc ? backfill_sk(tcp_full_sock(skc)) : 0;
+}
+
+SEC("iter/udp")
+int podsock_backfill_udp(struct bpf_iter__udp *ctx)
+{
+	return backfill_sk((struct sock *)ctx->udp_sk);
 }

@@ -701,7 +701,9 @@ int podsock_sock_release(struct bpf_sock *ctx)
 {
 	struct sock_state *state = bpf_sk_storage_get(&podsock_sock_v1, ctx, 0, 0);
 
-	if (state)
+	if (state) {
 		untrack(state, bpf_get_netns_cookie(ctx));
+		state->flags |= SOCK_F_RELEASED;
+	}
 	return SYS_PROCEED;
 }

@@ -69,6 +69,9 @@ struct lb_entry {
 #define SOCK_F_CONNECTED 1 // entries[0] is the connected peer (TCP, connected UDP)
 #define SOCK_F_TRACKED 2   // counted in podsock_pairnetns_v1 under entries[0]'s pair
 #define SOCK_F_UNTRACKED 4 // connected, but the count could not be taken (map full)
+// The application closed the socket; the kernel may keep it (FIN_WAIT, LAST_ACK) and its
+// storage for a while, but it no longer counts and must not be counted again.
+#define SOCK_F_RELEASED 8
 
 // The socket's whole LB state. entries[0] is the peer of a connected socket; an unconnected
 // UDP socket keeps up to LB_ENTRIES recent translations so each reply can be reversed.

@@ -225,6 +225,11 @@ func status(c *command) error {
 			k.Connects, k.Sendmsgs, k.Reversed, k.NoBackend, k.NoStorage)
 		fmt.Fprintf(w, "policy\t%d denied (allow-lists), %d left alone (skip-LB, hostns_only)\n", k.Denied, k.Skipped)
 		fmt.Fprintf(w, "termination\t%s\n", terminationLine(st.Termination))
+		for _, f := range st.Datapath.Features {
+			if !f.Present {
+				fmt.Fprintf(w, "refused by kernel\t%s: %s\n", f.Name, f.Detail)
+			}
+		}
 		if l, ok := st.NRI.HandlerLatency["all_pod_events"]; ok {
 			fmt.Fprintf(w, "nri handlers\t%d events, p50 %s, p99 %s, max %s\n", l.Count, l.P50, l.P99, l.Max)
 		}
@@ -441,7 +446,7 @@ type versionInfo struct {
 }
 
 func version(c *command) error {
-	v := versionInfo{Version: buildVersion(), Kernel: kernelRelease(), Features: datapath.ProbeFeatures()}
+	v := versionInfo{Version: buildVersion(), Kernel: kernelRelease(), Features: append(datapath.ProbeFeatures(), datapath.ProbeIterators()...)}
 	if c.json {
 		return c.printJSON(v)
 	}
@@ -454,7 +459,10 @@ func version(c *command) error {
 				state = "NO (required)"
 			}
 		}
-		fmt.Fprintf(c.stdout, "  %-18s %s\n", f.Name, state)
+		if !f.Present && f.Detail != "" {
+			state += ": " + f.Detail
+		}
+		fmt.Fprintf(c.stdout, "  %-20s %s\n", f.Name, state)
 	}
 	return nil
 }

@@ -81,6 +81,10 @@ type Datapath struct {
 	// iter/tcp, iter/udp or bpf_sock_destroy.
 	iter    *sockIter
 	iterErr error
+	// backfillPending is set when socket state was adopted without pair counts, and the
+	// kernel refused the one-pass backfill: Backfill must walk every netns first.
+	backfillMu      sync.Mutex
+	backfillPending bool
 	// unservedAtZero are count entries at zero, of pairs no service had, seen by the last
 	// PrunePairCounts: the next one deletes those still so.
 	pruneMu        sync.Mutex
@@ -158,6 +162,9 @@ func Load(opts Options) (*Datapath, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load BPF spec: %w", err)
 	}
+	// Socket state without pair counts (an agent older than the counts, or a count map
+	// removed by hand) holds connected sockets no count names.
+	needBackfill := pinned(pinDir, "podsock_sock_v1") && !pinned(pinDir, "podsock_pairnetns_v1")
 	err = spec.LoadAndAssign(&dp.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}})
 	if err != nil {
 		var verr *ebpf.VerifierError
@@ -191,18 +198,30 @@ func Load(opts Options) (*Datapath, error) {
 	if err := dp.attach(); err != nil {
 		return nil, errors.Join(err, dp.closeAll())
 	}
-	if dp.iter, dp.iterErr = loadIterators(dp.objs.PodsockSockV1, dp.objs.PodsockPairnetnsV1); dp.iterErr != nil {
-		var verr *ebpf.VerifierError
-		if errors.As(dp.iterErr, &verr) {
-			opts.Log.Warnf("verifier rejected the socket iterators:\n%+v", verr)
-		}
+	if dp.iter, dp.iterErr = loadIterators(dp.objs.PodsockSockV1, dp.objs.PodsockPairnetnsV1, opts.Log); dp.iterErr != nil {
 		opts.Log.WithError(dp.iterErr).Warn("socket listing and termination are unavailable")
-	} else if n, err := dp.iter.backfillCounts(); err != nil {
-		opts.Log.WithError(err).Warn("count sockets balanced before their counts existed; termination may miss them")
-	} else if n > 0 {
-		opts.Log.Infof("counted %d connected sockets balanced before their counts existed", n)
+	} else if needBackfill {
+		dp.backfill()
 	}
 	return dp, nil
+}
+
+// backfill counts the sockets balanced before the pair counts existed, in one pass when
+// the kernel allows the map-element iterator; otherwise Backfill must walk each netns, and
+// until it has, termination walks every netns.
+func (dp *Datapath) backfill() {
+	n, err := dp.iter.backfillCounts()
+	if err != nil {
+		dp.log.WithError(err).Info("count sockets balanced before their counts existed: one netns at a time, once the pods are known")
+		dp.backfillPending = true
+		return
+	}
+	dp.log.Infof("counted %d connected sockets balanced before their counts existed", n)
+}
+
+func pinned(dir, name string) bool {
+	_, err := os.Stat(filepath.Join(dir, name))
+	return err == nil
 }
 
 // obsoletePins are maps earlier versions pinned that this one replaced.

@@ -2,11 +2,13 @@ package datapath
 
 import (
 	"fmt"
+	"io"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/features"
+	"github.com/sirupsen/logrus"
 )
 
 // Feature is one kernel capability podsock relies on, and whether this kernel has it.
@@ -48,4 +50,41 @@ func ProbeFeatures() []Feature {
 		probe("iter_tcp_udp", false, hasType("bpf_iter__tcp", "bpf_iter__udp")),
 		probe("bpf_sock_destroy", false, hasType("bpf_sock_destroy")),
 	}
+}
+
+// ProbeIterators loads each socket iterator program, as Load would, against throw-away
+// maps, and reports which ones the kernel accepts and why it refuses the others. Nothing
+// is attached or pinned.
+func ProbeIterators() []Feature {
+	fail := func(err error) []Feature {
+		var out []Feature
+		for _, p := range iterPrograms {
+			out = append(out, Feature{Name: p.feature, Detail: err.Error()})
+		}
+		return out
+	}
+	spec, err := loadSocklb()
+	if err != nil {
+		return fail(err)
+	}
+	var maps struct {
+		Storage *ebpf.Map `ebpf:"podsock_sock_v1"`
+		Pairs   *ebpf.Map `ebpf:"podsock_pairnetns_v1"`
+	}
+	for _, m := range spec.Maps {
+		m.Pinning = ebpf.PinNone
+	}
+	if err := spec.LoadAndAssign(&maps, nil); err != nil {
+		return fail(fmt.Errorf("create probe maps: %w", err))
+	}
+	defer maps.Storage.Close()
+	defer maps.Pairs.Close()
+	log := logrus.New()
+	log.SetOutput(io.Discard)
+	it, err := loadIterators(maps.Storage, maps.Pairs, log)
+	if err != nil {
+		return fail(err)
+	}
+	defer it.Close()
+	return it.features()
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 )
 
@@ -100,12 +101,14 @@ type WalkStats struct {
 const (
 	recBalanced    = 1
 	recLBConnected = 2
+	recReleased    = 4
 )
 
 // Socket flags, as in bpf/socklb.h.
 const (
 	sockFlagConnected = 1
 	sockFlagTracked   = 2
+	sockFlagReleased  = 8
 )
 
 // Indexes of podsock_destroy_count, as enum destroy_count in bpf/sockiter.c.
@@ -124,60 +127,149 @@ const recordSize = int(unsafe.Sizeof(sockiterSockRecord{}))
 // readChunk bounds what a walk holds in memory at once, whatever the number of sockets.
 const readChunk = 64 << 10
 
-// sockIter holds the iterator programs and their links. Iterator links are per process:
-// nothing about them is pinned.
+// iterProgram is one iterator program of bpf/sockiter.c. Each is loaded on its own: a
+// kernel that refuses one (some refuse every map-element iterator, before verification)
+// loses only what that program does.
+type iterProgram struct {
+	name string // as in bpf/sockiter.c
+	// feature is how `version` and `status` name it.
+	feature string
+	// mapIter programs are attached to the socket storage when they run, not at load.
+	mapIter bool
+}
+
+const (
+	progListTCP     = "podsock_list_tcp"
+	progListUDP     = "podsock_list_udp"
+	progDestroyTCP  = "podsock_destroy_tcp"
+	progDestroyUDP  = "podsock_destroy_udp"
+	progBackfillMap = "podsock_backfill_counts"
+	progBackfillTCP = "podsock_backfill_tcp"
+	progBackfillUDP = "podsock_backfill_udp"
+)
+
+var iterPrograms = []iterProgram{
+	{name: progListTCP, feature: "iter_list_tcp"},
+	{name: progListUDP, feature: "iter_list_udp"},
+	{name: progDestroyTCP, feature: "iter_destroy_tcp"},
+	{name: progDestroyUDP, feature: "iter_destroy_udp"},
+	{name: progBackfillMap, feature: "iter_sk_storage_map", mapIter: true},
+	{name: progBackfillTCP, feature: "iter_backfill_tcp"},
+	{name: progBackfillUDP, feature: "iter_backfill_udp"},
+}
+
+// sockIter holds the iterator programs that loaded, their links, and why the others did
+// not. Iterator links are per process: nothing about them is pinned.
 type sockIter struct {
-	objs    sockiterObjects
+	maps    sockiterMaps
 	storage *ebpf.Map
+	progs   map[string]*ebpf.Program
+	links   map[string]*link.Iter
+	refused map[string]error
 	// One walk of each kind at a time: a listing's filter and a termination's doomed set
 	// are single global maps.
 	listMu, destroyMu sync.Mutex
-	listTCP, listUDP  *link.Iter
-	destTCP, destUDP  *link.Iter
 }
 
-// loadIterators loads the iterator programs against the datapath's socket storage and
-// pair counts.
-func loadIterators(storage, pairCounts *ebpf.Map) (*sockIter, error) {
+// loadIterators loads each iterator program against the datapath's socket storage and
+// pair counts. Programs the kernel refuses are recorded with its reason; only an error
+// that leaves no program usable (the shared maps) is returned.
+func loadIterators(storage, pairCounts *ebpf.Map, log logrus.FieldLogger) (*sockIter, error) {
 	spec, err := loadSockiter()
 	if err != nil {
 		return nil, fmt.Errorf("load iterator spec: %w", err)
 	}
-	it := &sockIter{storage: storage}
-	err = spec.LoadAndAssign(&it.objs, &ebpf.CollectionOptions{
-		MapReplacements: map[string]*ebpf.Map{"podsock_sock_v1": storage, "podsock_pairnetns_v1": pairCounts},
-	})
-	if err != nil {
-		return nil, fmt.Errorf("load socket iterators: %w", err)
+	it := &sockIter{storage: storage, progs: map[string]*ebpf.Program{}, links: map[string]*link.Iter{}, refused: map[string]error{}}
+	shared := map[string]*ebpf.Map{"podsock_sock_v1": storage, "podsock_pairnetns_v1": pairCounts}
+	if err := spec.LoadAndAssign(&it.maps, &ebpf.CollectionOptions{MapReplacements: shared}); err != nil {
+		return nil, fmt.Errorf("create iterator maps: %w", err)
 	}
-	for _, a := range []struct {
-		name string
-		prog *ebpf.Program
-		dst  **link.Iter
-	}{
-		{"list_tcp", it.objs.PodsockListTcp, &it.listTCP},
-		{"list_udp", it.objs.PodsockListUdp, &it.listUDP},
-		{"destroy_tcp", it.objs.PodsockDestroyTcp, &it.destTCP},
-		{"destroy_udp", it.objs.PodsockDestroyUdp, &it.destUDP},
-	} {
-		l, err := link.AttachIter(link.IterOptions{Program: a.prog})
-		if err != nil {
-			return nil, errors.Join(fmt.Errorf("attach %s iterator: %w", a.name, err), it.Close())
+	all := map[string]*ebpf.Map{
+		"podsock_sock_v1": storage, "podsock_pairnetns_v1": pairCounts,
+		"podsock_list_filter": it.maps.PodsockListFilter, "podsock_doomed": it.maps.PodsockDoomed,
+		"podsock_destroy_count": it.maps.PodsockDestroyCount,
+	}
+	for _, p := range iterPrograms {
+		prog, err := loadOneProgram(spec, p.name, all)
+		if err == nil && !p.mapIter {
+			var l *link.Iter
+			if l, err = link.AttachIter(link.IterOptions{Program: prog}); err == nil {
+				it.links[p.name] = l
+			} else {
+				prog.Close()
+				err = fmt.Errorf("attach: %w", err)
+			}
 		}
-		*a.dst = l
+		if err != nil {
+			var verr *ebpf.VerifierError
+			if errors.As(err, &verr) && len(verr.Log) > 1 {
+				log.Warnf("verifier rejected %s:\n%+v", p.name, verr)
+			}
+			it.refused[p.name] = err
+			log.WithError(err).Warnf("kernel refused iterator program %s (%s)", p.name, p.feature)
+			continue
+		}
+		it.progs[p.name] = prog
 	}
 	return it, nil
 }
 
-func (it *sockIter) Close() error {
-	var errs []error
-	for _, l := range []*link.Iter{it.listTCP, it.listUDP, it.destTCP, it.destUDP} {
-		if l != nil {
-			errs = append(errs, l.Close())
+// loadOneProgram loads one program of spec, with every map it uses taken from maps.
+func loadOneProgram(spec *ebpf.CollectionSpec, name string, maps map[string]*ebpf.Map) (*ebpf.Program, error) {
+	ps, ok := spec.Programs[name]
+	if !ok {
+		return nil, fmt.Errorf("program %s is not in the object", name)
+	}
+	one := spec.Copy()
+	one.Programs = map[string]*ebpf.ProgramSpec{name: ps}
+	repl := map[string]*ebpf.Map{}
+	for m := range one.Maps {
+		if mm, ok := maps[m]; ok {
+			repl[m] = mm
+		} else {
+			delete(one.Maps, m)
 		}
 	}
-	errs = append(errs, it.objs.Close())
+	coll, err := ebpf.NewCollectionWithOptions(one, ebpf.CollectionOptions{MapReplacements: repl})
+	if err != nil {
+		return nil, err
+	}
+	prog := coll.DetachProgram(name)
+	coll.Close()
+	return prog, nil
+}
+
+func (it *sockIter) Close() error {
+	var errs []error
+	for _, l := range it.links {
+		errs = append(errs, l.Close())
+	}
+	for _, p := range it.progs {
+		errs = append(errs, p.Close())
+	}
+	errs = append(errs, it.maps.Close())
 	return errors.Join(errs...)
+}
+
+// link returns the attached iterator of a program, or why there is none.
+func (it *sockIter) link(name string) (*link.Iter, error) {
+	if l, ok := it.links[name]; ok {
+		return l, nil
+	}
+	return nil, fmt.Errorf("%w: %s: %w", ErrNoIterators, name, it.refused[name])
+}
+
+// features says, program by program, what the kernel accepted.
+func (it *sockIter) features() []Feature {
+	var out []Feature
+	for _, p := range iterPrograms {
+		f := Feature{Name: p.feature, Present: it.refused[p.name] == nil}
+		if err := it.refused[p.name]; err != nil {
+			f.Detail = err.Error()
+		}
+		out = append(out, f)
+	}
+	return out
 }
 
 // iterators returns the loaded iterators, or why there are none.
@@ -188,13 +280,69 @@ func (dp *Datapath) iterators() (*sockIter, error) {
 	return dp.iter, nil
 }
 
+// iterLinks returns the attached iterators of a pair of per-protocol programs (proto 0:
+// both), or why one of them is missing.
+func (dp *Datapath) iterLinks(proto uint8, tcp, udp string) ([]*link.Iter, error) {
+	it, err := dp.iterators()
+	if err != nil {
+		return nil, err
+	}
+	var out []*link.Iter
+	for _, p := range []struct {
+		proto uint8
+		name  string
+	}{{ProtoTCP, tcp}, {ProtoUDP, udp}} {
+		if proto != 0 && proto != p.proto {
+			continue
+		}
+		l, err := it.link(p.name)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, l)
+	}
+	return out, nil
+}
+
+// ListErr says why sockets of proto (0: both) cannot be listed on this node; nil when
+// they can.
+func (dp *Datapath) ListErr(proto uint8) error {
+	_, err := dp.iterLinks(proto, progListTCP, progListUDP)
+	return err
+}
+
+// TerminateErr says why sockets of proto (0: both) cannot be terminated on this node;
+// nil when they can.
+func (dp *Datapath) TerminateErr(proto uint8) error {
+	_, err := dp.iterLinks(proto, progDestroyTCP, progDestroyUDP)
+	return err
+}
+
+// IteratorFeatures says which iterator programs this datapath loaded, and the kernel's
+// reason for each it refused.
+func (dp *Datapath) IteratorFeatures() []Feature {
+	it, err := dp.iterators()
+	if err != nil {
+		var out []Feature
+		for _, p := range iterPrograms {
+			out = append(out, Feature{Name: p.feature, Detail: err.Error()})
+		}
+		return out
+	}
+	return it.features()
+}
+
 // backfillCounts counts the connected sockets that socket-LB balanced before their pair
-// counts existed (an agent older than the counts), once, over every socket's LB state in
-// every netns at once. It returns how many it counted.
+// counts existed, over every socket's LB state in every netns at once. It returns how
+// many it counted, or ErrNoIterators when the kernel refused the map-element iterator.
 func (it *sockIter) backfillCounts() (int, error) {
+	prog, ok := it.progs[progBackfillMap]
+	if !ok {
+		return 0, fmt.Errorf("%w: %s: %w", ErrNoIterators, progBackfillMap, it.refused[progBackfillMap])
+	}
 	it.destroyMu.Lock()
 	defer it.destroyMu.Unlock()
-	l, err := link.AttachIter(link.IterOptions{Program: it.objs.PodsockBackfillCounts, Map: it.storage})
+	l, err := link.AttachIter(link.IterOptions{Program: prog, Map: it.storage})
 	if err != nil {
 		return 0, fmt.Errorf("attach backfill iterator: %w", err)
 	}
@@ -211,18 +359,66 @@ func (it *sockIter) backfillCounts() (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("backfill counts: %w", err)
 	}
+	return it.backfilled()
+}
+
+func (it *sockIter) backfilled() (int, error) {
 	var n uint64
-	if err := it.objs.PodsockDestroyCount.Lookup(uint32(countBackfilled), &n); err != nil {
+	if err := it.maps.PodsockDestroyCount.Lookup(uint32(countBackfilled), &n); err != nil {
 		return 0, fmt.Errorf("read backfill count: %w", err)
 	}
 	return int(n), nil
 }
 
-// IteratorsErr says why sockets cannot be listed or terminated on this node; nil when
-// they can.
-func (dp *Datapath) IteratorsErr() error {
-	_, err := dp.iterators()
-	return err
+// BackfillPending says that sockets balanced before the pair counts existed may still be
+// uncounted: termination walks every netns until Backfill has run.
+func (dp *Datapath) BackfillPending() bool {
+	dp.backfillMu.Lock()
+	defer dp.backfillMu.Unlock()
+	return dp.backfillPending
+}
+
+// Backfill counts, one netns of ns at a time, the sockets balanced before the pair counts
+// existed, when the kernel refused the one-pass map iterator at load. It does nothing
+// when no backfill is pending, and returns how many sockets it counted.
+func (dp *Datapath) Backfill(ns NetnsSet) (int, error) {
+	dp.backfillMu.Lock()
+	defer dp.backfillMu.Unlock()
+	if !dp.backfillPending {
+		return 0, nil
+	}
+	links, err := dp.iterLinks(0, progBackfillTCP, progBackfillUDP)
+	if err != nil {
+		return 0, err
+	}
+	it := dp.iter
+	it.destroyMu.Lock()
+	defer it.destroyMu.Unlock()
+	if err := it.resetDestroyCounts(); err != nil {
+		return 0, err
+	}
+	var errs []error
+	for _, cookie := range ns.Cookies() {
+		for _, l := range links {
+			rc, err := open(ns, cookie, l)
+			if errors.Is(err, ErrUnknownNetns) {
+				break
+			}
+			if err == nil {
+				err = readRecords(rc, func(*sockiterSockRecord) error { return nil })
+				rc.Close()
+			}
+			if err != nil {
+				errs = append(errs, fmt.Errorf("backfill netns %d: %w", cookie, err))
+			}
+		}
+	}
+	n, err := it.backfilled()
+	if err := errors.Join(append(errs, err)...); err != nil {
+		return n, err
+	}
+	dp.backfillPending = false
+	return n, nil
 }
 
 // open opens an iterator inside one netns. The iterator keeps that netns for its whole
@@ -285,10 +481,11 @@ func readRecords(rc io.Reader, fn func(*sockiterSockRecord) error) error {
 // walk and is returned.
 func (dp *Datapath) Sockets(ns NetnsSet, f SocketFilter, fn func(Socket) error) (WalkStats, error) {
 	var st WalkStats
-	it, err := dp.iterators()
+	links, err := dp.iterLinks(f.Proto, progListTCP, progListUDP)
 	if err != nil {
 		return st, err
 	}
+	it := dp.iter
 	it.listMu.Lock()
 	defer it.listMu.Unlock()
 	var filter sockiterListFilter
@@ -297,15 +494,8 @@ func (dp *Datapath) Sockets(ns NetnsSet, f SocketFilter, fn func(Socket) error) 
 		filter.Backend = addrWords(f.Backend.Addr())
 		filter.BackendPort = htons(f.Backend.Port())
 	}
-	if err := it.objs.PodsockListFilter.Update(uint32(0), &filter, ebpf.UpdateAny); err != nil {
+	if err := it.maps.PodsockListFilter.Update(uint32(0), &filter, ebpf.UpdateAny); err != nil {
 		return st, fmt.Errorf("set iterator filter: %w", err)
-	}
-	var links []*link.Iter
-	if f.Proto == 0 || f.Proto == ProtoTCP {
-		links = append(links, it.listTCP)
-	}
-	if f.Proto == 0 || f.Proto == ProtoUDP {
-		links = append(links, it.listUDP)
 	}
 	cookies := f.Netns
 	if cookies == nil {
@@ -524,17 +714,22 @@ type TerminateOptions struct {
 func (dp *Datapath) Terminate(ns NetnsSet, gone []RemovedBackend, opts TerminateOptions) (TerminateResult, error) {
 	start := time.Now()
 	var res TerminateResult
+	var unable []error
 	gone = slices.DeleteFunc(slices.Clone(gone), func(b RemovedBackend) bool {
-		return !slices.Contains(opts.Protocols, b.Proto)
+		if !slices.Contains(opts.Protocols, b.Proto) {
+			return true
+		}
+		if err := dp.TerminateErr(b.Proto); err != nil {
+			unable = append(unable, fmt.Errorf("%s: %w", b, err))
+			return true
+		}
+		return false
 	})
 	gone = dp.stillRemoved(gone)
 	if len(gone) == 0 {
-		return res, nil
+		return res, errors.Join(unable...)
 	}
-	it, err := dp.iterators()
-	if err != nil {
-		return res, err
-	}
+	it := dp.iter
 	it.destroyMu.Lock()
 	defer it.destroyMu.Unlock()
 
@@ -550,7 +745,7 @@ func (dp *Datapath) Terminate(ns NetnsSet, gone []RemovedBackend, opts Terminate
 		errs = append(errs, err)
 	}
 	res.Duration = time.Since(start)
-	return res, errors.Join(errs...)
+	return res, errors.Join(append(errs, unable...)...)
 }
 
 // stillRemoved drops the backends their service has again: a removal undone before its
@@ -593,11 +788,11 @@ func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBack
 		doomed = append(doomed, sockiterSvcBackendKey(k))
 		revs = append(revs, v)
 	}
-	if _, err := it.objs.PodsockDoomed.BatchUpdate(doomed, revs, nil); err != nil {
+	if _, err := it.maps.PodsockDoomed.BatchUpdate(doomed, revs, nil); err != nil {
 		return res, fmt.Errorf("write doomed backends: %w", err)
 	}
 	defer func() {
-		if _, err := it.objs.PodsockDoomed.BatchDelete(doomed, nil); err != nil {
+		if _, err := it.maps.PodsockDoomed.BatchDelete(doomed, nil); err != nil {
 			dp.log.WithError(err).Warn("clear doomed backends")
 		}
 	}()
@@ -610,6 +805,7 @@ func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBack
 	if err != nil {
 		return res, err
 	}
+	full = full || dp.BackfillPending()
 	if full || walkAll {
 		res.FullWalk = true
 		for _, c := range ns.Cookies() {
@@ -667,8 +863,8 @@ func (it *sockIter) destroyIn(ns NetnsSet, cookie uint64, protos uint8) (entered
 	for _, p := range []struct {
 		bit uint8
 		l   *link.Iter
-	}{{protoBitTCP, it.destTCP}, {protoBitUDP, it.destUDP}} {
-		if protos&p.bit == 0 {
+	}{{protoBitTCP, it.links[progDestroyTCP]}, {protoBitUDP, it.links[progDestroyUDP]}} {
+		if protos&p.bit == 0 || p.l == nil {
 			continue
 		}
 		rc, err := open(ns, cookie, p.l)
@@ -694,7 +890,7 @@ func (it *sockIter) destroyIn(ns NetnsSet, cookie uint64, protos uint8) (entered
 // by destroyMu).
 func (it *sockIter) resetDestroyCounts() error {
 	for i := range uint32(destroyCountMax) {
-		if err := it.objs.PodsockDestroyCount.Update(i, uint64(0), ebpf.UpdateAny); err != nil {
+		if err := it.maps.PodsockDestroyCount.Update(i, uint64(0), ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("reset destroy counts: %w", err)
 		}
 	}
@@ -704,7 +900,7 @@ func (it *sockIter) resetDestroyCounts() error {
 func (it *sockIter) destroyCounts() (destroyed, failed int, err error) {
 	var n [destroyCountMax]uint64
 	for i := range n {
-		if err := it.objs.PodsockDestroyCount.Lookup(uint32(i), &n[i]); err != nil {
+		if err := it.maps.PodsockDestroyCount.Lookup(uint32(i), &n[i]); err != nil {
 			return 0, 0, fmt.Errorf("read destroy counts: %w", err)
 		}
 	}

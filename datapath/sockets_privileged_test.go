@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"testing"
 
@@ -450,36 +452,81 @@ func TestPrivilegedPairCountsArePruned(t *testing.T) {
 }
 
 // A socket balanced by an agent older than the pair counts (connected, not counted) is
-// counted when a datapath loads, so targeted termination still finds it.
+// counted when a datapath loads without a count map, so targeted termination still finds
+// it: in one pass where the kernel allows the map-element iterator, else one netns at a
+// time (the fallback runs here whatever the kernel). A socket its application closed, but
+// the kernel keeps, is not counted.
 func TestPrivilegedLoadCountsSocketsBalancedBeforeCounts(t *testing.T) {
 	f, dp := loadWithIterators(t)
 	ns := clientNetns(t)
 	set := newTestNetns(t, ns)
 	apply(t, dp, tcpService("default/web", webVIP, be(beA, 1)))
 	fd := heldTCP(t, ns, webVIP, "A")
+	lingering := heldTCP(t, ns, webVIP, "A")
 	// What an older agent left: the socket's state says connected, and nothing counts it.
-	var st socklbSockState
-	if err := dp.objs.PodsockSockV1.Lookup(int32(fd), &st); err != nil {
-		t.Fatalf("socket storage: %v", err)
+	forget := func(fd int, flags uint8) {
+		t.Helper()
+		var st socklbSockState
+		if err := dp.objs.PodsockSockV1.Lookup(int32(fd), &st); err != nil {
+			t.Fatalf("socket storage: %v", err)
+		}
+		st.Flags = flags
+		if err := dp.objs.PodsockSockV1.Update(int32(fd), &st, 0); err != nil {
+			t.Fatal(err)
+		}
 	}
-	st.Flags = sockFlagConnected
-	if err := dp.objs.PodsockSockV1.Update(int32(fd), &st, 0); err != nil {
-		t.Fatal(err)
-	}
-	var keys []socklbSvcBackendNetnsKey
-	if err := dp.readPairCounts(func(k socklbSvcBackendNetnsKey, _ int64) { keys = append(keys, k) }); err != nil {
-		t.Fatal(err)
-	}
-	dp.deletePairCounts(keys)
+	forget(fd, sockFlagConnected)
+	forget(lingering, sockFlagConnected|sockFlagReleased)
 	dp.Close()
+	if err := os.Remove(filepath.Join(f.bpffs, PinDirName, "podsock_pairnetns_v1")); err != nil {
+		t.Fatal(err)
+	}
 
 	dp, err := Load(Options{CgroupRoot: f.cg.Path, BPFFS: f.bpffs})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer dp.Close()
-	if err := dp.objs.PodsockSockV1.Lookup(int32(fd), &st); err != nil || st.Flags != sockFlagConnected|sockFlagTracked {
-		t.Fatalf("socket flags after load: %#x (%v), want connected and counted", st.Flags, err)
+	flags := func(fd int) uint8 {
+		t.Helper()
+		var st socklbSockState
+		if err := dp.objs.PodsockSockV1.Lookup(int32(fd), &st); err != nil {
+			t.Fatal(err)
+		}
+		return st.Flags
+	}
+	total := func() (n int64) {
+		t.Helper()
+		if err := dp.readPairCounts(func(_ socklbSvcBackendNetnsKey, v int64) { n += v }); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	if dp.BackfillPending() {
+		t.Log("the kernel refused the map-element iterator: counting one netns at a time")
+		if got := flags(fd); got != sockFlagConnected {
+			t.Fatalf("flags %#x before the fallback ran, want connected only", got)
+		}
+	} else if got := flags(fd); got != sockFlagConnected|sockFlagTracked {
+		t.Fatalf("socket flags after load: %#x, want connected and counted", got)
+	}
+	// The fallback, whatever the kernel: forget the count again and walk the netns.
+	forget(fd, sockFlagConnected)
+	var keys []socklbSvcBackendNetnsKey
+	if err := dp.readPairCounts(func(k socklbSvcBackendNetnsKey, _ int64) { keys = append(keys, k) }); err != nil {
+		t.Fatal(err)
+	}
+	dp.deletePairCounts(keys)
+	dp.backfillPending = true
+	n, err := dp.Backfill(set)
+	if err != nil || n != 1 || dp.BackfillPending() {
+		t.Fatalf("backfill: %d %v (pending %v), want the one open socket counted", n, err, dp.BackfillPending())
+	}
+	if got, want := flags(fd), uint8(sockFlagConnected|sockFlagTracked); got != want {
+		t.Fatalf("socket flags after backfill: %#x, want %#x", got, want)
+	}
+	if got := flags(lingering); got&sockFlagTracked != 0 || total() != 1 {
+		t.Fatalf("a released socket was counted (flags %#x, total %d)", got, total())
 	}
 	res := apply(t, dp, tcpService("default/web", webVIP, be(beB, 1)))
 	tr, err := dp.Terminate(set, res.RemovedBackends, TerminateOptions{Protocols: []uint8{ProtoTCP}})

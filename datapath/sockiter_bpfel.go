@@ -96,6 +96,8 @@ const (
 	sockiterMapPodsockPairnetnsV1     = "podsock_pairnetns_v1"
 	sockiterMapPodsockSockV1          = "podsock_sock_v1"
 	sockiterProgPodsockBackfillCounts = "podsock_backfill_counts"
+	sockiterProgPodsockBackfillTcp    = "podsock_backfill_tcp"
+	sockiterProgPodsockBackfillUdp    = "podsock_backfill_udp"
 	sockiterProgPodsockDestroyTcp     = "podsock_destroy_tcp"
 	sockiterProgPodsockDestroyUdp     = "podsock_destroy_udp"
 	sockiterProgPodsockListTcp        = "podsock_list_tcp"
@@ -145,6 +147,8 @@ type sockiterSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockiterProgramSpecs struct {
 	PodsockBackfillCounts *ebpf.ProgramSpec `ebpf:"podsock_backfill_counts"`
+	PodsockBackfillTcp    *ebpf.ProgramSpec `ebpf:"podsock_backfill_tcp"`
+	PodsockBackfillUdp    *ebpf.ProgramSpec `ebpf:"podsock_backfill_udp"`
 	PodsockDestroyTcp     *ebpf.ProgramSpec `ebpf:"podsock_destroy_tcp"`
 	PodsockDestroyUdp     *ebpf.ProgramSpec `ebpf:"podsock_destroy_udp"`
 	PodsockListTcp        *ebpf.ProgramSpec `ebpf:"podsock_list_tcp"`
@@ -216,6 +220,8 @@ type sockiterVariables struct {
 // It can be passed to loadSockiterObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockiterPrograms struct {
 	PodsockBackfillCounts *ebpf.Program `ebpf:"podsock_backfill_counts"`
+	PodsockBackfillTcp    *ebpf.Program `ebpf:"podsock_backfill_tcp"`
+	PodsockBackfillUdp    *ebpf.Program `ebpf:"podsock_backfill_udp"`
 	PodsockDestroyTcp     *ebpf.Program `ebpf:"podsock_destroy_tcp"`
 	PodsockDestroyUdp     *ebpf.Program `ebpf:"podsock_destroy_udp"`
 	PodsockListTcp        *ebpf.Program `ebpf:"podsock_list_tcp"`
@@ -225,6 +231,8 @@ type sockiterPrograms struct {
 func (p *sockiterPrograms) Close() error {
 	return _SockiterClose(
 		p.PodsockBackfillCounts,
+		p.PodsockBackfillTcp,
+		p.PodsockBackfillUdp,
 		p.PodsockDestroyTcp,
 		p.PodsockDestroyUdp,
 		p.PodsockListTcp,

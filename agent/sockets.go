@@ -53,6 +53,20 @@ func (n nodeNetns) Enter(cookie uint64, f func() error) error {
 // a burst of config changes (or a future endpoint watch) costs one pass.
 const terminationBatchWindow = 2 * time.Millisecond
 
+// latePassDelay is when removals get their second pass. A connect() that chose the
+// backend just before the Apply may not be in the kernel's socket tables yet when the
+// first pass walks them; by then it is. First pass, delay and late pass stay within the 1 s
+// that SPEC promises.
+const latePassDelay = 300 * time.Millisecond
+
+// A failed pass is retried after retryBackoff, doubling up to maxRetryBackoff, at most
+// maxPassAttempts times in all.
+const (
+	retryBackoff    = 50 * time.Millisecond
+	maxRetryBackoff = 2 * time.Second
+	maxPassAttempts = 8
+)
+
 // pruneInterval is how often the pair counts of netns that are gone are dropped.
 const pruneInterval = 5 * time.Minute
 
@@ -70,21 +84,50 @@ type TerminationStatus struct {
 	Failed       uint64 `json:"failed"`
 	NetnsEntered uint64 `json:"netns_entered"`
 	// NetnsUnreachable counts netns holding such sockets that the agent has no handle on.
-	NetnsUnreachable uint64  `json:"netns_unreachable"`
-	FullWalks        uint64  `json:"full_walks"`
-	LastPassMillis   float64 `json:"last_pass_ms"`
-	LastError        string  `json:"last_error,omitempty"`
+	NetnsUnreachable uint64 `json:"netns_unreachable"`
+	FullWalks        uint64 `json:"full_walks"`
+	// LatePasses are the second passes, LateDestroyed what only they found.
+	LatePasses    uint64 `json:"late_passes"`
+	LateDestroyed uint64 `json:"late_destroyed"`
+	// Retries counts passes run again after an error; GaveUp, removals dropped after
+	// maxPassAttempts failed passes.
+	Retries        uint64  `json:"retries"`
+	GaveUp         uint64  `json:"gave_up"`
+	LastPassMillis float64 `json:"last_pass_ms"`
+	LastError      string  `json:"last_error,omitempty"`
+}
+
+// socketTerminator is what the terminator needs of the datapath.
+type socketTerminator interface {
+	Terminate(datapath.NetnsSet, []datapath.RemovedBackend, datapath.TerminateOptions) (datapath.TerminateResult, error)
+	TerminateErr(proto uint8) error
+	PrunePairCounts(datapath.NetnsSet) error
+	BackfillPending() bool
+	Backfill(datapath.NetnsSet) (int, error)
+}
+
+// removal is one removed {service, backend} pair on its way through its passes.
+type removal struct {
+	backend datapath.RemovedBackend
+	// late marks the second pass; attempts counts failed passes of the current one.
+	late     bool
+	attempts int
+	due      time.Time
 }
 
 // terminator destroys the sockets of removed backends off the config path, batching
-// removals that arrive close together.
+// removals that arrive close together. Every removal gets a first pass at once and a late
+// pass latePassDelay after it; a pass that fails is retried with backoff.
 type terminator struct {
-	dp  *datapath.Datapath
+	dp  socketTerminator
 	ns  datapath.NetnsSet
 	log logrus.FieldLogger
+	now func() time.Time
 
 	mu      sync.Mutex
 	pending []datapath.RemovedBackend
+	// scheduled are late passes and retries, each due at its time.
+	scheduled []removal
 	// podsKnown is set once the runtime has said which pods exist: until then the pod
 	// netns are not held yet, and a pass would find them unreachable and leave their
 	// sockets for good, so removals wait.
@@ -95,8 +138,8 @@ type terminator struct {
 	done      chan struct{}
 }
 
-func newTerminator(dp *datapath.Datapath, ns datapath.NetnsSet, log logrus.FieldLogger) *terminator {
-	t := &terminator{dp: dp, ns: ns, log: log, wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+func newTerminator(dp socketTerminator, ns datapath.NetnsSet, log logrus.FieldLogger) *terminator {
+	t := &terminator{dp: dp, ns: ns, log: log, now: time.Now, wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
 	if err := dp.TerminateErr(0); err != nil {
 		t.stats.Error = err.Error()
 	}
@@ -145,7 +188,10 @@ func (t *terminator) run() {
 	defer close(t.done)
 	prune := time.NewTicker(pruneInterval)
 	defer prune.Stop()
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
 	for {
+		timer.Reset(t.untilNextDue())
 		select {
 		case <-t.stop:
 			return
@@ -153,6 +199,8 @@ func (t *terminator) run() {
 			if err := t.dp.PrunePairCounts(t.ns); err != nil {
 				t.log.WithError(err).Warn("prune pair counts")
 			}
+		case <-timer.C:
+			t.pass()
 		case <-t.wake:
 			select {
 			case <-time.After(terminationBatchWindow):
@@ -164,23 +212,60 @@ func (t *terminator) run() {
 	}
 }
 
-func (t *terminator) pass() {
+// untilNextDue is how long until the earliest scheduled pass (an hour when none is).
+func (t *terminator) untilNextDue() time.Duration {
 	t.mu.Lock()
+	defer t.mu.Unlock()
+	next := time.Hour
 	if !t.podsKnown {
-		t.mu.Unlock()
+		return next
+	}
+	for _, r := range t.scheduled {
+		next = min(next, max(r.due.Sub(t.now()), 0))
+	}
+	return next
+}
+
+// take returns the removals that are due now: every new one, and the scheduled ones
+// whose time has come (which ride along with a first pass if it runs anyway).
+func (t *terminator) take() []removal {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if !t.podsKnown {
+		return nil
+	}
+	now := t.now()
+	var due []removal
+	for _, b := range t.pending {
+		due = append(due, removal{backend: b})
+	}
+	t.pending = nil
+	t.scheduled = slices.DeleteFunc(t.scheduled, func(r removal) bool {
+		if r.due.After(now) {
+			return false
+		}
+		due = append(due, r)
+		return true
+	})
+	return due
+}
+
+func (t *terminator) pass() {
+	due := t.take()
+	t.backfill()
+	if len(due) == 0 {
 		return
 	}
-	gone := t.pending
-	t.pending = nil
-	t.mu.Unlock()
-	t.backfill()
-	if len(gone) == 0 {
-		return
+	gone := make([]datapath.RemovedBackend, len(due))
+	late := true
+	for i, r := range due {
+		gone[i] = r.backend
+		late = late && r.late
 	}
 	res, err := t.dp.Terminate(t.ns, gone, datapath.TerminateOptions{Protocols: []uint8{datapath.ProtoTCP, datapath.ProtoUDP}})
 	log := t.log.WithFields(logrus.Fields{
 		"backends": res.Backends, "destroyed": res.Destroyed, "failed": res.Failed,
-		"netns_entered": res.NetnsEntered, "full_walk": res.FullWalk,
+		"netns_entered": res.NetnsEntered, "full_walk": res.FullWalk, "late": late,
 		"duration_ms": float64(res.Duration.Microseconds()) / 1000,
 	})
 	switch {
@@ -196,6 +281,7 @@ func (t *terminator) pass() {
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	t.reschedule(due, err)
 	t.stats.Passes++
 	t.stats.Backends += uint64(res.Backends)
 	t.stats.Destroyed += uint64(res.Destroyed)
@@ -205,10 +291,36 @@ func (t *terminator) pass() {
 	if res.FullWalk {
 		t.stats.FullWalks++
 	}
+	if late {
+		t.stats.LatePasses++
+		t.stats.LateDestroyed += uint64(res.Destroyed)
+	}
 	t.stats.LastPassMillis = float64(res.Duration.Microseconds()) / 1000
 	t.stats.LastError = ""
 	if err != nil {
 		t.stats.LastError = err.Error()
+	}
+}
+
+// reschedule decides what comes after a pass: a late pass after a first one that
+// worked, a retry with backoff after one that failed, until the attempts run out.
+func (t *terminator) reschedule(due []removal, err error) {
+	now := t.now()
+	for _, r := range due {
+		switch {
+		case err == nil && r.late:
+			// Done with this removal.
+		case err == nil:
+			t.scheduled = append(t.scheduled, removal{backend: r.backend, late: true, due: now.Add(latePassDelay)})
+		case r.attempts+1 >= maxPassAttempts:
+			t.stats.GaveUp++
+			t.log.WithError(err).Errorf("gave up terminating the sockets of %s after %d failed passes", r.backend, maxPassAttempts)
+		default:
+			r.attempts++
+			r.due = now.Add(min(retryBackoff<<(r.attempts-1), maxRetryBackoff))
+			t.scheduled = append(t.scheduled, r)
+			t.stats.Retries++
+		}
 	}
 }
 

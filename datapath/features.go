@@ -77,14 +77,13 @@ func ProbeIterators() []Feature {
 	if err := spec.LoadAndAssign(&maps, nil); err != nil {
 		return fail(fmt.Errorf("create probe maps: %w", err))
 	}
-	defer maps.Storage.Close()
-	defer maps.Pairs.Close()
+	defer func() { _ = maps.Storage.Close(); _ = maps.Pairs.Close() }()
 	log := logrus.New()
 	log.SetOutput(io.Discard)
 	it, err := loadIterators(maps.Storage, maps.Pairs, log)
 	if err != nil {
 		return fail(err)
 	}
-	defer it.Close()
+	defer func() { _ = it.Close() }()
 	return it.features()
 }

@@ -196,7 +196,7 @@ func loadIterators(storage, pairCounts *ebpf.Map, log logrus.FieldLogger) (*sock
 			if l, err = link.AttachIter(link.IterOptions{Program: prog}); err == nil {
 				it.links[p.name] = l
 			} else {
-				prog.Close()
+				_ = prog.Close()
 				err = fmt.Errorf("attach: %w", err)
 			}
 		}

@@ -1,0 +1,128 @@
+package agent
+
+import (
+	"errors"
+	"io"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/podsock/podsock/datapath"
+	"github.com/podsock/podsock/test/testenv"
+)
+
+// fakeTerminator records the passes it is asked for and fails the first failFirst ones.
+// Only the terminator's scheduling is under test here; the privileged tests run it
+// against the kernel.
+type fakeTerminator struct {
+	mu        sync.Mutex
+	failFirst int
+	passes    []fakePass
+}
+
+type fakePass struct {
+	at   time.Time
+	gone []datapath.RemovedBackend
+	err  error
+}
+
+func (f *fakeTerminator) Terminate(_ datapath.NetnsSet, gone []datapath.RemovedBackend, _ datapath.TerminateOptions) (datapath.TerminateResult, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	p := fakePass{at: time.Now(), gone: gone}
+	if len(f.passes) < f.failFirst {
+		p.err = errors.New("netns 7: read iterator: injected failure")
+	}
+	f.passes = append(f.passes, p)
+	return datapath.TerminateResult{Backends: len(gone)}, p.err
+}
+
+func (f *fakeTerminator) TerminateErr(uint8) error                { return nil }
+func (f *fakeTerminator) PrunePairCounts(datapath.NetnsSet) error { return nil }
+func (f *fakeTerminator) BackfillPending() bool                   { return false }
+func (f *fakeTerminator) Backfill(datapath.NetnsSet) (int, error) { return 0, nil }
+func (f *fakeTerminator) count() int                              { f.mu.Lock(); defer f.mu.Unlock(); return len(f.passes) }
+func (f *fakeTerminator) pass(i int) fakePass                     { f.mu.Lock(); defer f.mu.Unlock(); return f.passes[i] }
+
+func quietLog() logrus.FieldLogger {
+	l := logrus.New()
+	l.SetOutput(io.Discard)
+	return l
+}
+
+var removedWeb = datapath.RemovedBackend{
+	Service: "default/web", VIP: netip.MustParseAddrPort("10.96.0.20:80"), Proto: datapath.ProtoTCP,
+	Backend: netip.MustParseAddrPort("10.88.0.5:8080"), ServiceID: 1, Revision: 2,
+}
+
+// A removal gets a pass at once and a late one before SPEC's 1 s is out; a failed pass is
+// retried, and the late pass follows the retry that worked.
+func TestTerminatorRetriesAndRunsALatePass(t *testing.T) {
+	fake := &fakeTerminator{failFirst: 2}
+	term := newTerminator(fake, nil, quietLog())
+	defer term.close()
+	term.setPodsKnown()
+	start := time.Now()
+	term.remove([]datapath.RemovedBackend{removedWeb}, []uint8{datapath.ProtoTCP})
+	if !testenv.WaitFor(2*time.Second, func() bool { return fake.count() == 4 }) {
+		t.Fatalf("%d passes, want 2 failed, 1 that worked and 1 late", fake.count())
+	}
+	for i := range 4 {
+		if p := fake.pass(i); len(p.gone) != 1 || p.gone[0] != removedWeb {
+			t.Fatalf("pass %d terminated %v, want only %v", i, p.gone, removedWeb)
+		}
+	}
+	worked, late := fake.pass(2), fake.pass(3)
+	if gap := late.at.Sub(worked.at); gap < latePassDelay || gap > latePassDelay+200*time.Millisecond {
+		t.Fatalf("late pass %v after the one that worked, want about %v", gap, latePassDelay)
+	}
+	if total := late.at.Sub(start); total > time.Second {
+		t.Fatalf("late pass %v after the removal, past SPEC's 1 s", total)
+	}
+	time.Sleep(latePassDelay + 100*time.Millisecond)
+	if n := fake.count(); n != 4 {
+		t.Fatalf("%d passes, want no more after the late one", n)
+	}
+	st := term.status()
+	if st.Passes != 4 || st.Retries != 2 || st.LatePasses != 1 || st.GaveUp != 0 || st.LastError != "" {
+		t.Fatalf("status %+v, want 4 passes, 2 retries, 1 late pass and no error", st)
+	}
+}
+
+// A removal whose passes keep failing is given up after maxPassAttempts, and said so.
+func TestTerminatorGivesUpAfterMaxAttempts(t *testing.T) {
+	fake := &fakeTerminator{failFirst: 1000}
+	term := newTerminator(fake, nil, quietLog())
+	defer term.close()
+	term.setPodsKnown()
+	term.remove([]datapath.RemovedBackend{removedWeb}, []uint8{datapath.ProtoTCP})
+	if !testenv.WaitFor(10*time.Second, func() bool { return term.status().GaveUp == 1 }) {
+		t.Fatalf("status %+v after %d passes, want the removal given up", term.status(), fake.count())
+	}
+	time.Sleep(3 * retryBackoff)
+	if n := fake.count(); n != maxPassAttempts {
+		t.Fatalf("%d passes, want exactly %d", n, maxPassAttempts)
+	}
+	if st := term.status(); st.LastError == "" || st.LatePasses != 0 {
+		t.Fatalf("status %+v, want the last error shown and no late pass", st)
+	}
+}
+
+// Removals wait for the runtime's pods, then pass.
+func TestTerminatorWaitsForPods(t *testing.T) {
+	fake := &fakeTerminator{}
+	term := newTerminator(fake, nil, quietLog())
+	defer term.close()
+	term.remove([]datapath.RemovedBackend{removedWeb}, []uint8{datapath.ProtoTCP})
+	time.Sleep(50 * time.Millisecond)
+	if n := fake.count(); n != 0 {
+		t.Fatalf("%d passes before the pods were known", n)
+	}
+	term.setPodsKnown()
+	if !testenv.WaitFor(time.Second, func() bool { return fake.count() == 1 }) {
+		t.Fatal("no pass once the pods were known")
+	}
+}

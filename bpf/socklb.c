@@ -129,15 +129,16 @@ struct {
 } podsock_allow_v1 SEC(".maps");
 
 // The backend each pod sticks to, per service with affinity = "pod". Written here on a
-// pod's first connect; userspace removes entries when the backend or the pod goes.
+// pod's first connect, and again when the choice is stale; userspace carries choices over
+// to a service's new revision and removes entries when the backend or the pod goes.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, PODSOCK_MAX_POD_SERVICE);
 	__type(key, struct pod_svc_key);
-	__type(value, struct backend);
+	__type(value, struct aff_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} podsock_aff_v1 SEC(".maps");
+} podsock_aff_v2 SEC(".maps");
 
 // Connected sockets per {service, backend, netns}. Counts go up at a balanced connect()
 // and down when the socket is released or re-connected. An entry at zero stays until
@@ -417,16 +418,16 @@ static __always_inline int deny(void)
 }
 
 // pick_for_client is pick_backend, except that a pod of a service with pod affinity
-// reuses the backend it was given first, for as long as userspace keeps that entry (it
-// removes it with the backend).
+// reuses the backend it was given first, for as long as that choice is current (see
+// struct aff_value): a choice of a backend the service dropped never is, whether or not
+// userspace has removed it yet.
 static __always_inline struct backend *pick_for_client(struct svc_key *key, struct svc_value **svcp,
 						       const struct client *c, __u32 hash,
 						       struct backend *scratch)
 {
-	struct svc_value *now;
+	struct aff_value *cur, fresh = {};
 	struct pod_svc_key ak;
 	struct backend *be;
-	__u32 rev;
 	long err;
 
 	if (!((*svcp)->flags & SVC_F_AFFINITY_POD) || !c->pod_id)
@@ -435,32 +436,26 @@ static __always_inline struct backend *pick_for_client(struct svc_key *key, stru
 		return NULL;
 	ak.svc_id = (*svcp)->id;
 	ak.pod_id = c->pod_id;
-	be = bpf_map_lookup_elem(&podsock_aff_v1, &ak);
-	if (be)
-		return be;
+	cur = bpf_map_lookup_elem(&podsock_aff_v2, &ak);
+	if (cur && (cur->rev == (*svcp)->rev || cur->rev == (*svcp)->rev + 1))
+		return &cur->be;
 	be = pick_backend(key, svcp, hash);
 	if (!be)
 		return NULL;
+	fresh.be = *be;
+	fresh.rev = (*svcp)->rev;
 	*scratch = *be;
-	rev = (*svcp)->rev;
-	err = bpf_map_update_elem(&podsock_aff_v1, &ak, scratch, BPF_NOEXIST);
+	// A stale choice is replaced; a first one is added only if no other socket of the
+	// pod has just made it, and then that socket's choice is followed.
+	err = bpf_map_update_elem(&podsock_aff_v2, &ak, &fresh, cur ? BPF_ANY : BPF_NOEXIST);
 	if (err == -EEXIST) {
-		// Another socket of the pod won the race: follow its choice.
-		be = bpf_map_lookup_elem(&podsock_aff_v1, &ak);
-		if (be)
-			return be;
+		cur = bpf_map_lookup_elem(&podsock_aff_v2, &ak);
+		if (cur && cur->rev == fresh.rev)
+			return &cur->be;
 		return scratch;
 	}
-	if (err) {
+	if (err)
 		count(STAT_AFFINITY_FULL);
-		return scratch;
-	}
-	// Userspace switches a service to its new revision before it drops the affinity
-	// entries of removed backends. An entry written from an older revision may have missed
-	// that sweep and could pin the pod to a removed backend for good: take it back.
-	now = bpf_map_lookup_elem(&podsock_svc_v1, key);
-	if (!now || now->rev != rev)
-		bpf_map_delete_elem(&podsock_aff_v1, &ak);
 	return scratch;
 }
 
@@ -489,16 +484,17 @@ static __always_inline int sock_connect(struct bpf_sock_addr *ctx, int v6)
 		return SYS_PROCEED;
 	svc = lookup_service(ctx, v6, &key);
 	verdict = svc ? policy(ctx, svc, &client) : VERDICT_SKIP;
+	// A denied connect fails, and the kernel keeps the socket's old peer (a connected UDP
+	// socket stays connected): so does its state.
+	if (verdict == VERDICT_DENY)
+		return deny();
 	if (verdict != VERDICT_BALANCE) {
-		// A balanced socket re-connected elsewhere (or refused now) must not keep claiming
-		// its old backend.
+		// A balanced socket re-connected elsewhere must not keep claiming its old backend.
 		state = bpf_sk_storage_get(&podsock_sock_v1, sk, 0, 0);
 		if (state) {
 			untrack(state, bpf_get_netns_cookie(ctx));
 			bpf_sk_storage_delete(&podsock_sock_v1, sk);
 		}
-		if (verdict == VERDICT_DENY)
-			return deny();
 		if (svc)
 			count(STAT_SKIPPED);
 		return SYS_PROCEED;

@@ -126,6 +126,15 @@ struct pod_svc_key {
 	__u32 pod_id;
 };
 
+// A pod's affinity choice and the revision of the backend set it is good for. Userspace
+// moves the choices whose backend stays to the new revision before it switches the
+// service, so a choice is current at the service's revision or the one after it; any
+// other is stale, and can never send a socket to a backend the service dropped.
+struct aff_value {
+	struct backend be;
+	__u32 rev;
+};
+
 // Node-wide settings.
 #define CFG_HOSTNS_ONLY 1 // balance only sockets of the host netns
 #define CFG_ANY_SKIP 2    // some pod has POD_F_SKIP_LB: clients must be classified

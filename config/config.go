@@ -73,6 +73,10 @@ type LB struct {
 	// skipped when any selector matches it, or when it carries the
 	// annotation podsock.io/skip-lb: "true" (see SkipsLB). Empty means none.
 	Skip []Selector `toml:"skip,omitempty"`
+	// SkipAnnotation (skip_annotation, default true) honours the annotation
+	// podsock.io/skip-lb. Whoever writes a pod spec can set it; an operator
+	// who wants only their own [[lb.skip]] selectors to count sets this false.
+	SkipAnnotation bool `toml:"skip_annotation"`
 }
 
 // Terminates reports whether sockets of protocol p to removed backends are
@@ -131,7 +135,7 @@ func Default() *Config {
 			PluginName:  "podsock",
 			PluginIndex: "10",
 		},
-		LB: LB{Terminate: []Protocol{ProtocolTCP, ProtocolUDP}},
+		LB: LB{Terminate: []Protocol{ProtocolTCP, ProtocolUDP}, SkipAnnotation: true},
 	}
 }
 

@@ -188,6 +188,7 @@ func TestParseErrors(t *testing.T) {
 
 		// [lb] hostns_only and [[lb.skip]].
 		{"hostns_only wrong type", doc(`[lb]`, `hostns_only = "true"`), 2, "lb.hostns_only must be a boolean, not string"},
+		{"skip_annotation wrong type", doc(`[lb]`, ``, `skip_annotation = 0`), 3, "lb.skip_annotation must be a boolean, not integer"},
 		{"skip not array", doc(`[lb]`, `skip = {namespace = "a"}`), 2, "lb.skip must be an array of tables ([[lb.skip]]), not table"},
 		{"skip single table", doc(`[lb.skip]`, `namespace = "a"`), 1, "lb.skip must be an array of tables ([[lb.skip]]), not table"},
 		{"skip element not table", doc(`[lb]`, `skip = [`, `  {namespace = "a"},`, `  "istio-system",`, `]`), 4,
@@ -292,6 +293,7 @@ plugin_index = "05"
 [lb]
 terminate = ["udp"]
 hostns_only = true
+skip_annotation = false
 
 [[lb.skip]]
 namespace = "istio-system"
@@ -370,7 +372,7 @@ func TestParseExample(t *testing.T) {
 		{Namespace: "istio-system", Labels: map[string]string{"app": "istio-ingress"}},
 		{Labels: map[string]string{"sidecar.istio.io/inject": "true", "example.com/empty": ""}},
 	}
-	if !c.LB.HostnsOnly || !sameSelectors(c.LB.Skip, wantSkip) {
+	if !c.LB.HostnsOnly || c.LB.SkipAnnotation || !sameSelectors(c.LB.Skip, wantSkip) {
 		t.Errorf("LB = %+v, want hostns_only and skip %+v", c.LB, wantSkip)
 	}
 	web, dns := c.Services[0], c.Services[2]
@@ -513,7 +515,7 @@ func TestParseDefaults(t *testing.T) {
 		s.RestrictsClients() || !s.AllowsHost() || !s.AllowsPod("any", nil) {
 		t.Errorf("service defaults: %+v", s)
 	}
-	if d.LB.HostnsOnly || d.LB.Skip != nil || d.LB.SkipsLB("kube-system", map[string]string{"app": "x"}, nil) {
+	if d.LB.HostnsOnly || d.LB.Skip != nil || !d.LB.SkipAnnotation || d.LB.SkipsLB("kube-system", map[string]string{"app": "x"}, nil) {
 		t.Errorf("Default().LB = %+v, want no hostns_only and no skip", d.LB)
 	}
 }

@@ -151,6 +151,8 @@ func (d *decoder) lb(at keyPath, v any) {
 			d.c.LB.Terminate = ps
 		case "hostns_only":
 			d.boolean(kat, "lb.hostns_only", v, &d.c.LB.HostnsOnly)
+		case "skip_annotation":
+			d.boolean(kat, "lb.skip_annotation", v, &d.c.LB.SkipAnnotation)
 		case "skip":
 			d.c.LB.Skip = d.selectors(kat, "lb.skip", "lb.skip", v)
 		default:

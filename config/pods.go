@@ -50,14 +50,15 @@ const SkipLBAnnotation = "podsock.io/skip-lb"
 // SkipsLB reports whether socket-LB leaves the sockets of this pod alone: its
 // connects and sends to a service VIP go to the VIP untranslated, for a
 // service mesh sidecar to handle. That is so when the pod's SkipLBAnnotation
-// is exactly "true" or when any Skip selector matches the pod. Only the exact
+// is exactly "true" (unless SkipAnnotation is off) or when any Skip selector
+// matches the pod. Only the exact
 // string "true" counts: "True", "1", "yes", "false" and any other value are
 // not a skip, and are not an error either (annotations are not podsock's
 // config to reject).
 //
 // SkipsLB does not look at HostnsOnly, which leaves every pod alone anyway.
 func (l LB) SkipsLB(namespace string, labels, annotations map[string]string) bool {
-	return annotations[SkipLBAnnotation] == "true" || anyMatches(l.Skip, namespace, labels)
+	return (l.SkipAnnotation && annotations[SkipLBAnnotation] == "true") || anyMatches(l.Skip, namespace, labels)
 }
 
 // Affinity chooses how a service's backend is picked for a new socket.
@@ -70,7 +71,8 @@ const (
 	// AffinityPod sends every socket of one pod to the same backend for as
 	// long as that backend stays in the service; when it is removed, the
 	// pod's next socket picks a new one, which then sticks in turn. Sockets
-	// of the host netns count as one client.
+	// that are not a pod's (the host's among them) have no affinity: each
+	// picks by weight.
 	AffinityPod Affinity = "pod"
 )
 

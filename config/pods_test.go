@@ -39,10 +39,13 @@ func TestSelectorMatches(t *testing.T) {
 }
 
 func TestSkipsLB(t *testing.T) {
-	lb := LB{Skip: []Selector{
+	lb := LB{SkipAnnotation: true, Skip: []Selector{
 		{Namespace: "istio-system"},
 		{Namespace: "default", Labels: lbls{"app": "istio-ingress"}},
 	}}
+	ignoring := lb
+	ignoring.SkipAnnotation = false
+	on := LB{SkipAnnotation: true}
 	for _, tt := range []struct {
 		name  string
 		lb    LB
@@ -55,16 +58,19 @@ func TestSkipsLB(t *testing.T) {
 		{"second selector", lb, "default", lbls{"app": "istio-ingress", "x": "y"}, nil, true},
 		{"no selector matches", lb, "default", lbls{"app": "web"}, nil, false},
 		{"annotation true", lb, "default", nil, lbls{SkipLBAnnotation: "true"}, true},
-		{"annotation without selectors", LB{}, "default", nil, lbls{"podsock.io/skip-lb": "true"}, true},
-		{"annotation false", LB{}, "default", nil, lbls{SkipLBAnnotation: "false"}, false},
-		{"annotation True is not a skip", LB{}, "default", nil, lbls{SkipLBAnnotation: "True"}, false},
-		{"annotation 1 is not a skip", LB{}, "default", nil, lbls{SkipLBAnnotation: "1"}, false},
-		{"annotation with space is not a skip", LB{}, "default", nil, lbls{SkipLBAnnotation: " true"}, false},
+		{"annotation without selectors", on, "default", nil, lbls{"podsock.io/skip-lb": "true"}, true},
+		{"annotation false", on, "default", nil, lbls{SkipLBAnnotation: "false"}, false},
+		{"annotation True is not a skip", on, "default", nil, lbls{SkipLBAnnotation: "True"}, false},
+		{"annotation 1 is not a skip", on, "default", nil, lbls{SkipLBAnnotation: "1"}, false},
+		{"annotation with space is not a skip", on, "default", nil, lbls{SkipLBAnnotation: " true"}, false},
 		{"annotation false does not override a selector", lb, "istio-system", nil, lbls{SkipLBAnnotation: "false"}, true},
-		{"label with the annotation's name is not a skip", LB{}, "default", lbls{SkipLBAnnotation: "true"}, nil, false},
-		{"other annotation", LB{}, "default", nil, lbls{"podsock.io/skip": "true"}, false},
-		{"no skip at all", LB{}, "default", lbls{"app": "web"}, lbls{}, false},
+		{"label with the annotation's name is not a skip", on, "default", lbls{SkipLBAnnotation: "true"}, nil, false},
+		{"other annotation", on, "default", nil, lbls{"podsock.io/skip": "true"}, false},
+		{"no skip at all", on, "default", lbls{"app": "web"}, lbls{}, false},
 		{"hostns_only is separate", LB{HostnsOnly: true}, "default", nil, nil, false},
+		{"annotation ignored with skip_annotation = false", ignoring, "default", nil, lbls{SkipLBAnnotation: "true"}, false},
+		{"selectors still count with skip_annotation = false", ignoring, "istio-system", nil, nil, true},
+		{"default config honours the annotation", Default().LB, "default", nil, lbls{SkipLBAnnotation: "true"}, true},
 	} {
 		if got := tt.lb.SkipsLB(tt.ns, tt.lbls, tt.annot); got != tt.want {
 			t.Errorf("%s: SkipsLB(%q, %v, %v) = %v, want %v", tt.name, tt.ns, tt.lbls, tt.annot, got, tt.want)

@@ -198,6 +198,7 @@ func Load(opts Options) (*Datapath, error) {
 	if err := dp.attach(); err != nil {
 		return nil, errors.Join(err, dp.closeAll())
 	}
+	dp.migrateAffinityV1()
 	if dp.iter, dp.iterErr = loadIterators(dp.objs.PodsockSockV1, dp.objs.PodsockPairnetnsV1, opts.Log); dp.iterErr != nil {
 		opts.Log.WithError(dp.iterErr).Warn("socket listing and termination are unavailable")
 	} else if needBackfill {
@@ -229,9 +230,7 @@ var obsoletePins = []string{"podsock_stat_v1", "podsock_stat_v2"}
 
 func (dp *Datapath) removeObsoletePins() {
 	for _, name := range obsoletePins {
-		if err := os.Remove(filepath.Join(dp.pinDir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
-			dp.log.WithError(err).Warnf("remove obsolete pin %s", name)
-		}
+		dp.removePin(filepath.Join(dp.pinDir, name))
 	}
 }
 

@@ -507,6 +507,43 @@ func TestPrivilegedReattachWhenCgroupRootChanges(t *testing.T) {
 }
 
 // A reply still in flight from a backend the service just dropped must show the VIP too.
+// A connected UDP socket whose re-connect to another service is denied (EPERM) or
+// refused (no backends) stays connected to its backend, and its replies still show the
+// VIP: the kernel keeps the old peer, so the LB state must stay too.
+func TestPrivilegedUDPRefusedReconnectKeepsState(t *testing.T) {
+	f := newFixture(t)
+	testenv.StartUDPBackend(t, f.ns, "A", dnsA)
+	dp := f.load()
+	restricted := udpService("kube-system/private", dns2VIP, be(dnsA, 1))
+	restricted.Policy = ServicePolicy{Restrict: true}
+	apply(t, dp, udpService("kube-system/dns", dnsVIP, be(dnsA, 1)), restricted,
+		udpService("kube-system/empty", emptyVIP))
+	fd, err := testenv.Socket(f.ns, unix.AF_INET, unix.SOCK_DGRAM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Connect(fd, testenv.Sockaddr(unix.AF_INET, dnsVIP)); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		to   netip.AddrPort
+		want unix.Errno
+	}{{dns2VIP, unix.EPERM}, {emptyVIP, unix.ECONNREFUSED}} {
+		if err := unix.Connect(fd, testenv.Sockaddr(unix.AF_INET, c.to)); !errors.Is(err, c.want) {
+			t.Fatalf("re-connect to %s: %v, want %v", c.to, err, c.want)
+		}
+		res, err := testenv.UDPExchange(fd, unix.AF_INET, netip.AddrPort{})
+		if err != nil || res.Backend != "A" || res.From != dnsVIP {
+			t.Fatalf("after the re-connect to %s was refused: %+v %v, want A answering from the VIP %s", c.to, res, err, dnsVIP)
+		}
+		sa, err := unix.Getpeername(fd)
+		if err != nil || testenv.AddrPort(sa) != dnsVIP {
+			t.Fatalf("getpeername after the refused re-connect: %v %v, want the VIP", sa, err)
+		}
+	}
+}
+
 func TestPrivilegedUDPLateReplyAfterServiceChangeShowsVIP(t *testing.T) {
 	f := newFixture(t)
 	testenv.StartDelayedUDPBackend(t, f.ns, "slow-A", dnsA, 300*time.Millisecond)

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 
 	"github.com/cilium/ebpf"
@@ -185,7 +187,7 @@ func (dp *Datapath) removePod(cur *installedPod) error {
 	// millisecond per pod removal. Services that lose the flag drop all their entries then.
 	for _, svc := range dp.affinitySvcs {
 		k := socklbPodSvcKey{SvcId: svc.id, PodId: cur.id}
-		if err := dp.objs.PodsockAffV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		if err := dp.objs.PodsockAffV2.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			// Keep the ID reserved: a reuse must not inherit this pod's choice.
 			return fmt.Errorf("pod %s: delete affinity entry for service %s: %w", cur.sandboxID, svc.name, err)
 		}
@@ -257,7 +259,7 @@ func (dp *Datapath) PodMapEntries() (map[string]int, error) {
 		"netns":             dp.objs.PodsockNetnsV1,
 		"pods":              dp.objs.PodsockPodV1,
 		"allow":             dp.objs.PodsockAllowV1,
-		"affinity":          dp.objs.PodsockAffV1,
+		"affinity":          dp.objs.PodsockAffV2,
 	} {
 		n, err := countEntries(m)
 		if err != nil {
@@ -403,15 +405,87 @@ func (dp *Datapath) podIDsOf(p ServicePolicy) map[uint32]bool {
 	return out
 }
 
+// carryAffinity moves the affinity choices of a service whose backend is still among
+// slots to revision to, before the service switches to it: those pods keep their backend,
+// and every other choice goes stale at the switch. One lookup per pod, not a walk of the
+// map (a walk visits every bucket).
+func (dp *Datapath) carryAffinity(svc *installed, to uint32, slots []netip.AddrPort) {
+	for podID := range dp.podIDs {
+		k := socklbPodSvcKey{SvcId: svc.id, PodId: podID}
+		var v socklbAffValue
+		if err := dp.objs.PodsockAffV2.Lookup(&k, &v); err != nil {
+			continue
+		}
+		if v.Rev != svc.rev || !slices.Contains(slots, backendAddrPort(v.Be)) {
+			continue
+		}
+		v.Rev = to
+		if err := dp.objs.PodsockAffV2.Update(&k, &v, ebpf.UpdateExist); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			// The pod picks again on its next connect: affinity moves once, nothing breaks.
+			dp.log.WithError(err).Warnf("carry affinity of pod %d in service %s over", podID, svc.name)
+		}
+	}
+}
+
+// migrateAffinityV1 carries the affinity choices an older agent pinned (podsock_aff_v1,
+// without revisions) over to the current map, stamped with their service's revision, and
+// removes the old pin. It runs once the new programs are attached: a pod that connects
+// in between chooses afresh, and its new choice is kept.
+func (dp *Datapath) migrateAffinityV1() {
+	pin := filepath.Join(dp.pinDir, "podsock_aff_v1")
+	old, err := ebpf.LoadPinnedMap(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return
+	}
+	if err != nil {
+		dp.log.WithError(err).Warn("open the affinity map of an older agent; its pods choose again")
+		dp.removePin(pin)
+		return
+	}
+	defer old.Close()
+	dp.mu.Lock()
+	byID := map[uint32]*installed{}
+	for _, svc := range dp.services {
+		byID[svc.id] = svc
+	}
+	var k socklbPodSvcKey
+	var be socklbBackend
+	carried := 0
+	it := old.Iterate()
+	for it.Next(&k, &be) {
+		svc := byID[k.SvcId]
+		if svc == nil || svc.flags&svcFlagAffinityPod == 0 || dp.podIDs[k.PodId] == nil ||
+			!slices.Contains(svc.slots, backendAddrPort(be)) {
+			continue
+		}
+		v := socklbAffValue{Be: be, Rev: svc.rev}
+		if err := dp.objs.PodsockAffV2.Update(&k, &v, ebpf.UpdateNoExist); err == nil {
+			carried++
+		}
+	}
+	dp.mu.Unlock()
+	if err := it.Err(); err != nil {
+		dp.log.WithError(err).Warn("read the affinity map of an older agent")
+	}
+	dp.log.Infof("carried %d pod affinity choices over from an older agent", carried)
+	dp.removePin(pin)
+}
+
+func (dp *Datapath) removePin(pin string) {
+	if err := os.Remove(pin); err != nil && !errors.Is(err, os.ErrNotExist) {
+		dp.log.WithError(err).Warnf("remove obsolete pin %s", pin)
+	}
+}
+
 // dropAffinity removes a service's affinity entries that point at one of gone (all of
 // them, for nil).
 func (dp *Datapath) dropAffinity(svcID uint32, gone []netip.AddrPort) {
 	var k socklbPodSvcKey
-	var be socklbBackend
+	var v socklbAffValue
 	var drop []socklbPodSvcKey
-	it := dp.objs.PodsockAffV1.Iterate()
-	for it.Next(&k, &be) {
-		if k.SvcId == svcID && (gone == nil || slices.Contains(gone, backendAddrPort(be))) {
+	it := dp.objs.PodsockAffV2.Iterate()
+	for it.Next(&k, &v) {
+		if k.SvcId == svcID && (gone == nil || slices.Contains(gone, backendAddrPort(v.Be))) {
 			drop = append(drop, k)
 		}
 	}
@@ -419,7 +493,7 @@ func (dp *Datapath) dropAffinity(svcID uint32, gone []netip.AddrPort) {
 		dp.log.WithError(err).Warnf("read affinity entries of service %d", svcID)
 	}
 	for _, k := range drop {
-		if err := dp.objs.PodsockAffV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		if err := dp.objs.PodsockAffV2.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			dp.log.WithError(err).Warnf("delete affinity entry %+v", k)
 		}
 	}
@@ -519,7 +593,7 @@ func (dp *Datapath) readPods() error {
 			}
 			return true
 		}},
-		{dp.objs.PodsockAffV1, func(svc *installed, _ socklbPodSvcKey) bool { return svc.flags&svcFlagAffinityPod != 0 }},
+		{dp.objs.PodsockAffV2, func(svc *installed, _ socklbPodSvcKey) bool { return svc.flags&svcFlagAffinityPod != 0 }},
 	} {
 		var k socklbPodSvcKey
 		var v []byte

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/podsock/podsock/test/testenv"
@@ -243,6 +244,67 @@ func TestPrivilegedPodAffinity(t *testing.T) {
 	}
 	if entries["affinity"] != 1 || entries["container_cgroups"] != 1 || entries["pods"] != 1 {
 		t.Fatalf("after removing pod A the maps hold %v; want pod B's entries only", entries)
+	}
+}
+
+// The window between a service's switch to a new revision and the sweep of its affinity
+// entries, hit on purpose: the pod's choice of the backend just dropped is back in the map
+// as the sweep has not removed it yet, and the pod still never reaches that backend. A
+// choice whose backend stays is carried over to each new revision.
+func TestPrivilegedPodAffinityNeverUsesAStaleChoice(t *testing.T) {
+	w := newPodWorld(t)
+	testenv.StartTCPBackend(t, w.ns, "C", beC)
+	svc := tcpService("default/web", webVIP, be(beA, 1), be(beB, 1))
+	svc.Policy.AffinityPod = true
+	apply(t, w.dp, svc)
+	w.setPods(t, Pod{SandboxID: "pod-a", ContainerCgroups: []uint64{w.ctrA.ID(t)}})
+	key := socklbPodSvcKey{SvcId: w.dp.byName["default/web"].id, PodId: w.dp.pods["pod-a"].id}
+	choice := func() socklbAffValue {
+		t.Helper()
+		var v socklbAffValue
+		if err := w.dp.objs.PodsockAffV2.Lookup(&key, &v); err != nil {
+			t.Fatalf("affinity entry: %v", err)
+		}
+		return v
+	}
+	dial := func() string {
+		t.Helper()
+		res, err := w.dialFrom(t, w.ctrA, w.ns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res.Backend
+	}
+	first := dial()
+	stale := choice()
+	addrOf := map[string]netip.AddrPort{"A": beA, "B": beB, "C": beC}
+	other := map[string]string{"A": "B", "B": "A"}[first]
+
+	svc.Backends = []Backend{be(addrOf[other], 1)}
+	apply(t, w.dp, svc)
+	// The sweep has not run yet: the old choice is still there.
+	if err := w.dp.objs.PodsockAffV2.Update(&key, &stale, ebpf.UpdateAny); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 20 {
+		if got := dial(); got != other {
+			t.Fatalf("connect %d in the window went to %s, want %s (the stale choice of %s must not be used)", i, got, other, first)
+		}
+	}
+	if v := choice(); backendAddrPort(v.Be) != addrOf[other] || v.Rev == stale.Rev {
+		t.Fatalf("affinity entry %+v after the window, want %s at a new revision", v, other)
+	}
+
+	// Adding a backend changes the revision; the pod keeps its backend.
+	svc.Backends = []Backend{be(addrOf[other], 1), be(beC, 1)}
+	apply(t, w.dp, svc)
+	if v := choice(); v.Rev != w.dp.byName["default/web"].rev {
+		t.Fatalf("affinity entry at revision %d, want it carried over to %d", v.Rev, w.dp.byName["default/web"].rev)
+	}
+	for i := range 20 {
+		if got := dial(); got != other {
+			t.Fatalf("connect %d after a backend was added went to %s, want %s still", i, got, other)
+		}
 	}
 }
 

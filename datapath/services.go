@@ -367,6 +367,9 @@ func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) erro
 		if err := dp.writeSlots(cur.id, rev, slots); err != nil {
 			return fmt.Errorf("service %s: %w", name, err)
 		}
+		if cur.flags&svcFlagAffinityPod != 0 && w.flags&svcFlagAffinityPod != 0 {
+			dp.carryAffinity(cur, rev, slots)
+		}
 	}
 	v := socklbSvcValue{Id: cur.id, Rev: rev, SlotCount: uint32(len(slots)), Flags: w.flags}
 	if err := dp.objs.PodsockSvcV1.Update(&k, &v, ebpf.UpdateExist); err != nil {
@@ -386,7 +389,8 @@ func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) erro
 	case oldFlags&svcFlagAffinityPod != 0 && w.flags&svcFlagAffinityPod == 0:
 		dp.dropAffinity(cur.id, nil)
 	case w.flags&svcFlagAffinityPod != 0 && len(gone) > 0:
-		// Pods stuck to a backend that is gone pick again on their next connect.
+		// Their choices went stale at the switch, so no pod uses them any more; this only
+		// frees the entries.
 		dp.dropAffinity(cur.id, gone)
 	}
 	return nil

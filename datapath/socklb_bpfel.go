@@ -13,6 +13,12 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type socklbAffValue struct {
+	_   structs.HostLayout
+	Be  socklbBackend
+	Rev uint32
+}
+
 type socklbBackend struct {
 	_    structs.HostLayout
 	Addr [4]uint32
@@ -113,7 +119,7 @@ type socklbSvcValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	socklbMapPodsockAffV1         = "podsock_aff_v1"
+	socklbMapPodsockAffV2         = "podsock_aff_v2"
 	socklbMapPodsockAllowV1       = "podsock_allow_v1"
 	socklbMapPodsockCfgV1         = "podsock_cfg_v1"
 	socklbMapPodsockCtrcgV1       = "podsock_ctrcg_v1"
@@ -194,7 +200,7 @@ type socklbProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socklbMapSpecs struct {
-	PodsockAffV1       *ebpf.MapSpec `ebpf:"podsock_aff_v1"`
+	PodsockAffV2       *ebpf.MapSpec `ebpf:"podsock_aff_v2"`
 	PodsockAllowV1     *ebpf.MapSpec `ebpf:"podsock_allow_v1"`
 	PodsockCfgV1       *ebpf.MapSpec `ebpf:"podsock_cfg_v1"`
 	PodsockCtrcgV1     *ebpf.MapSpec `ebpf:"podsock_ctrcg_v1"`
@@ -235,7 +241,7 @@ func (o *socklbObjects) Close() error {
 //
 // It can be passed to loadSocklbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socklbMaps struct {
-	PodsockAffV1       *ebpf.Map `ebpf:"podsock_aff_v1"`
+	PodsockAffV2       *ebpf.Map `ebpf:"podsock_aff_v2"`
 	PodsockAllowV1     *ebpf.Map `ebpf:"podsock_allow_v1"`
 	PodsockCfgV1       *ebpf.Map `ebpf:"podsock_cfg_v1"`
 	PodsockCtrcgV1     *ebpf.Map `ebpf:"podsock_ctrcg_v1"`
@@ -252,7 +258,7 @@ type socklbMaps struct {
 
 func (m *socklbMaps) Close() error {
 	return _SocklbClose(
-		m.PodsockAffV1,
+		m.PodsockAffV2,
 		m.PodsockAllowV1,
 		m.PodsockCfgV1,
 		m.PodsockCtrcgV1,

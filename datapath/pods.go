@@ -442,7 +442,7 @@ func (dp *Datapath) migrateAffinityV1() {
 		dp.removePin(pin)
 		return
 	}
-	defer old.Close()
+	defer func() { _ = old.Close() }()
 	dp.mu.Lock()
 	byID := map[uint32]*installed{}
 	for _, svc := range dp.services {

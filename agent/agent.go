@@ -41,8 +41,10 @@ type Agent struct {
 	podq    *podQueue
 	events  eventCounts
 	// opMu serialises everything that writes pod policy into the datapath: runtime
-	// events and config applies.
+	// events and the planning and finish of config applies.
 	opMu sync.Mutex
+	// applyMu makes config applies take turns.
+	applyMu sync.Mutex
 
 	srv *http.Server
 
@@ -324,11 +326,14 @@ func keepRestartOnly(log *logrus.Logger, key, running, next string) string {
 }
 
 // apply pushes the config's services into the datapath and makes it the running config.
+// Runtime events are not held up by it: opMu is taken only to plan and to finish, and the
+// datapath lets pod events in between its chunks. Pods that arrive meanwhile get the new
+// config's policy at once.
 func (a *Agent) apply(cfg *config.Config) error {
+	a.applyMu.Lock()
+	defer a.applyMu.Unlock()
 	a.opMu.Lock()
-	defer a.opMu.Unlock()
-	pods := a.tracker.Pods()
-	policies := servicePolicies(cfg, pods)
+	policies := servicePolicies(cfg, a.tracker.Pods())
 	if !a.podsSynced {
 		// Until the runtime's first Synchronize the tracker knows no pods, but the datapath
 		// may hold those a previous agent installed: keep admitting them.
@@ -339,7 +344,15 @@ func (a *Agent) apply(cfg *config.Config) error {
 			}
 		}
 	}
-	res, err := a.dp.Apply(toDatapath(cfg.Services, policies))
+	// Even a partly applied config is what the datapath serves, so pod policy follows it
+	// rather than the previous one.
+	pol := newPodPolicy(cfg)
+	a.mu.Lock()
+	a.policy = pol
+	a.mu.Unlock()
+	// Pod events wait until the datapath counts them as late, so none falls between the
+	// policies planned here and the apply.
+	res, err := a.dp.ApplyWith(toDatapath(cfg.Services, policies), datapath.ApplyOptions{Started: a.opMu.Unlock})
 	a.log.WithFields(logrus.Fields{
 		"added": res.Added, "updated": res.Updated, "removed": res.Removed, "unchanged": res.Unchanged,
 	}).Info("services applied")
@@ -347,15 +360,12 @@ func (a *Agent) apply(cfg *config.Config) error {
 		a.log.WithField("service", gone.Service).Infof("backend removed: %s", gone)
 	}
 	a.term.remove(res.RemovedBackends, terminatedProtos(cfg))
-	// Even a partly applied config is what the datapath now serves, so pod policy follows
-	// it rather than the previous one.
-	pol := newPodPolicy(cfg)
-	a.mu.Lock()
-	a.policy = pol
-	a.mu.Unlock()
+	a.opMu.Lock()
+	defer a.opMu.Unlock()
 	err = errors.Join(err, a.dp.SetHostnsOnly(cfg.LB.HostnsOnly))
 	if a.podsSynced {
-		_, serr := a.dp.SyncPods(datapathPods(pods, pol))
+		// The pods as they are now, those started during the apply included.
+		_, serr := a.dp.SyncPods(datapathPods(a.tracker.Pods(), pol))
 		err = errors.Join(err, serr)
 	}
 	if err != nil {

@@ -96,9 +96,16 @@ type Datapath struct {
 	services map[socklbSvcKey]*installed
 	usedIDs  map[uint32]bool
 	nextID   uint32
-	// byName and affinitySvcs index services for pod events; rebuilt by every Apply.
+	// byName and affinitySvcs index services for pod events. Apply keeps them current
+	// service by service, since pod events run between its chunks.
 	byName       map[string]*installed
-	affinitySvcs []*installed
+	affinitySvcs map[*installed]bool
+	// applyMu makes Applies take turns; each holds mu only a chunk at a time. latePods are
+	// the pods set while the running Apply had mu released: the services it has yet to
+	// write admit them as they asked.
+	applyMu  sync.Mutex
+	applying bool
+	latePods map[uint32]*installedPod
 
 	pods       map[string]*installedPod // by sandbox ID
 	podIDs     map[uint32]*installedPod

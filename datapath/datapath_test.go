@@ -238,13 +238,13 @@ func TestCapacityCountsOneOverlapAtATime(t *testing.T) {
 		desired[k] = wanted{slots: slots}
 		dp.services[k] = &installed{slots: slots}
 	}
-	if err := dp.checkCapacity(desired); err != nil {
+	if err := dp.checkCapacity(desired, func() {}); err != nil {
 		t.Fatalf("re-applying %d installed slots: %v", n*len(slots), err)
 	}
 	// One more service of the same size no longer fits next to the overlap.
 	extra := netip.MustParseAddr("10.97.0.1")
 	desired[svcKey(extra, 80, ProtoTCP)] = wanted{slots: slots}
-	if err := dp.checkCapacity(desired); err == nil {
+	if err := dp.checkCapacity(desired, func() {}); err == nil {
 		t.Fatal("a config past the slot capacity was accepted")
 	}
 }

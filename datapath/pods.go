@@ -46,6 +46,8 @@ type installedPod struct {
 	ctrCgroups []uint64
 	podCgroup  uint64
 	netns      uint64
+	// wantServices are the restricted services the pod asked to be admitted to.
+	wantServices []string
 	// allowedIn are the restricted services with an allow entry for this pod, by ID.
 	allowedIn map[uint32]*installed
 }
@@ -146,6 +148,10 @@ func (dp *Datapath) setPod(p Pod) (added bool, err error) {
 		dp.deleteIdentity(dp.objs.PodsockNetnsV1, cur.netns, cur.id)
 	}
 	cur.ctrCgroups, cur.podCgroup, cur.netns, cur.flags = ctr, p.PodCgroup, p.NetnsCookie, flags
+	cur.wantServices = slices.Clone(p.AllowedServices)
+	if dp.applying {
+		dp.latePods[cur.id] = cur
+	}
 
 	if flags&podFlagSkipLB == 0 && dp.skipPods[cur.id] {
 		delete(dp.skipPods, cur.id)
@@ -185,7 +191,7 @@ func (dp *Datapath) removePod(cur *installedPod) error {
 	// One delete per service with pod affinity, not a walk of the affinity map: walking a
 	// hash map visits every bucket (a million here), which would cost the runtime over a
 	// millisecond per pod removal. Services that lose the flag drop all their entries then.
-	for _, svc := range dp.affinitySvcs {
+	for svc := range dp.affinitySvcs {
 		k := socklbPodSvcKey{SvcId: svc.id, PodId: cur.id}
 		if err := dp.objs.PodsockAffV2.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			// Keep the ID reserved: a reuse must not inherit this pod's choice.
@@ -203,6 +209,7 @@ func (dp *Datapath) removePod(cur *installedPod) error {
 	}
 	delete(dp.pods, cur.sandboxID)
 	delete(dp.podIDs, cur.id)
+	delete(dp.latePods, cur.id)
 	return err
 }
 

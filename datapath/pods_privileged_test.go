@@ -2,8 +2,10 @@ package datapath
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -350,5 +352,98 @@ func TestPrivilegedPodSyncAndAdoption(t *testing.T) {
 	}
 	if _, err := w.dialFrom(t, w.ctrB, w.ns); !errors.Is(err, unix.EPERM) {
 		t.Fatalf("removed pod's cgroup (now just the host, which the service denies): err %v, want EPERM", err)
+	}
+}
+
+// Pod events during a 100k-service reload: each pod's identity and allow entries land at
+// once, not after the reload, so its first connect already gets its policy: a pod on the
+// allow-list reaches the backend, one not on it gets EPERM, a skip-LB pod is left alone.
+func TestPrivilegedPodEventsDuringLargeApply(t *testing.T) {
+	w := newPodWorld(t)
+	const nServices = 100_000
+	web := tcpService("default/web", webVIP, be(beA, 1))
+	web.Policy = ServicePolicy{Restrict: true}
+	bulk := func(port uint16) []Service {
+		out := make([]Service, 0, nServices+1)
+		for i := range nServices {
+			vip := netip.AddrFrom4([4]byte{10, byte(100 + i>>16), byte(i >> 8), byte(i)})
+			out = append(out, tcpService(fmt.Sprintf("bulk/s%d", i), netip.AddrPortFrom(vip, 80),
+				be(netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 88, 1, byte(i)}), port), 1)))
+		}
+		return append(out, web)
+	}
+	apply(t, w.dp, bulk(8080)...)
+
+	type kind int
+	const (
+		allowed kind = iota
+		denied
+		skipped
+	)
+	var pods []*testenv.Cgroup
+	for i := range 12 {
+		pods = append(pods, w.cg.NewChild(t, fmt.Sprintf("ctr-late-%d", i)))
+	}
+	applied, started := make(chan error, 1), make(chan struct{})
+	next := bulk(8081)
+	start := time.Now()
+	go func() {
+		_, err := w.dp.ApplyWith(next, ApplyOptions{Started: func() { close(started) }})
+		applied <- err
+	}()
+	<-started
+	var slowest time.Duration
+	during := 0
+	for i, cg := range pods {
+		time.Sleep(50 * time.Millisecond)
+		k := kind(i % 3)
+		p := Pod{SandboxID: fmt.Sprintf("late-%d", i), ContainerCgroups: []uint64{cg.ID(t)}, SkipLB: k == skipped}
+		if k == allowed {
+			p.AllowedServices = []string{"default/web"}
+		}
+		t0 := time.Now()
+		if err := w.dp.SetPod(p); err != nil {
+			t.Fatal(err)
+		}
+		slowest = max(slowest, time.Since(t0))
+		select {
+		case err := <-applied:
+			applied <- err
+		default:
+			during++
+		}
+		res, err := w.dialFrom(t, cg, w.ns)
+		switch k {
+		case allowed:
+			if err != nil || res.Backend != "A" || res.Peer != webVIP {
+				t.Fatalf("first connect of allowed pod %s: %+v %v, want A through the VIP", p.SandboxID, res, err)
+			}
+		case denied:
+			if !errors.Is(err, unix.EPERM) {
+				t.Fatalf("first connect of pod %s, not on the allow-list: %v, want EPERM", p.SandboxID, err)
+			}
+		case skipped:
+			if !testenv.IsUnreachable(err) {
+				t.Fatalf("first connect of skip-LB pod %s: %+v %v, want the VIP untranslated (blackholed)", p.SandboxID, res, err)
+			}
+		}
+	}
+	if err := <-applied; err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(start)
+	t.Logf("%d of %d pods set while the %d-service apply ran (%v); slowest pod write %v", during, len(pods), nServices, took.Round(time.Millisecond), slowest)
+	if during < len(pods)/2 {
+		t.Fatalf("only %d pods were set during the apply: the test did not exercise the overlap", during)
+	}
+	if slowest > 50*time.Millisecond {
+		t.Fatalf("a pod write took %v during the apply, want well under the 250 ms handler budget", slowest)
+	}
+	// After the apply, the late pods keep what they asked for.
+	if res, err := w.dialFrom(t, pods[0], w.ns); err != nil || res.Backend != "A" {
+		t.Fatalf("allowed pod after the apply: %+v %v", res, err)
+	}
+	if _, err := w.dialFrom(t, pods[1], w.ns); !errors.Is(err, unix.EPERM) {
+		t.Fatalf("denied pod after the apply: %v, want EPERM", err)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"maps"
 	"math/rand/v2"
 	"net/netip"
+	"runtime"
 	"slices"
 	"strings"
 
@@ -141,12 +142,39 @@ func nameString(v socklbSvcName) string {
 // Apply makes the maps serve exactly the given services, writing only what differs.
 // Each service changes atomically for a concurrent connect(): the new revision's slots are
 // written first, then the service entry is switched to them, then the old slots go.
+//
+// Pod events do not wait behind a large Apply: it releases the datapath every applyChunk
+// services, so a pod's identity and allow entries land within one chunk's time.
 func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
-	dp.mu.Lock()
-	defer dp.mu.Unlock()
-	defer dp.reindex()
+	return dp.ApplyWith(services, ApplyOptions{})
+}
 
+// ApplyOptions shape an Apply.
+type ApplyOptions struct {
+	// Started is called once pods set from then on count as late, before the long work:
+	// the caller may then let pod events through that its policies did not know of.
+	Started func()
+}
+
+// ApplyWith is Apply with options.
+func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResult, error) {
+	dp.applyMu.Lock()
+	defer dp.applyMu.Unlock()
+	// Pods set from here on are late: the plan below cannot know them.
+	dp.mu.Lock()
+	dp.applying, dp.latePods = true, map[uint32]*installedPod{}
+	dp.mu.Unlock()
+	if opts.Started != nil {
+		opts.Started()
+	}
+	defer func() {
+		dp.mu.Lock()
+		dp.applying, dp.latePods = false, nil
+		dp.mu.Unlock()
+	}()
 	var res ApplyResult
+	// Plan without the datapath: expanding the selection tables of a large config takes a
+	// while, and needs nothing of it.
 	desired := make(map[socklbSvcKey]wanted, len(services))
 	for _, s := range services {
 		k := svcKey(s.VIP, s.Port, s.Proto)
@@ -159,9 +187,27 @@ func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
 		if len(s.Backends) > MaxBackendsPerService {
 			return res, fmt.Errorf("service %s: %d backends, at most %d", s.Name, len(s.Backends), MaxBackendsPerService)
 		}
-		desired[k] = wanted{name: s.Name, slots: expandSlots(s.Backends), flags: s.Policy.flags(), allowed: dp.podIDsOf(s.Policy)}
+		desired[k] = wanted{name: s.Name, slots: expandSlots(s.Backends), flags: s.Policy.flags(), policy: s.Policy}
 	}
-	if err := dp.checkCapacity(desired); err != nil {
+	keys := make([]socklbSvcKey, 0, len(desired))
+	for k := range desired {
+		keys = append(keys, k)
+	}
+	// A stable order keeps ID assignment reproducible.
+	slices.SortFunc(keys, compareKeys)
+
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+	steps := 0
+	yield := func() {
+		if steps++; steps%applyChunk == 0 {
+			dp.mu.Unlock()
+			runtime.Gosched()
+			dp.mu.Lock()
+		}
+	}
+	// Only Apply changes services, so the check holds across its yields.
+	if err := dp.checkCapacity(desired, yield); err != nil {
 		return res, err
 	}
 
@@ -171,6 +217,7 @@ func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
 		if _, keep := desired[k]; keep {
 			continue
 		}
+		yield()
 		if err := dp.removeService(k, cur); err != nil {
 			errs = append(errs, err)
 			continue
@@ -179,16 +226,16 @@ func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
 		// No revision of this service comes after cur.rev: every choice it made is older.
 		res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, cur.name, cur.id, cur.rev+1, uniqueAddrs(cur.slots))...)
 	}
-	// A stable order keeps ID assignment reproducible.
-	keys := make([]socklbSvcKey, 0, len(desired))
-	for k := range desired {
-		keys = append(keys, k)
-	}
-	slices.SortFunc(keys, compareKeys)
 	for _, k := range keys {
+		yield()
 		s := desired[k]
 		slots := s.slots
 		cur := dp.services[k]
+		// Pods are resolved now, not when planned: they may have come and gone since.
+		s.allowed = dp.podIDsOf(s.policy)
+		if s.flags&svcFlagRestrict != 0 {
+			dp.admitLatePods(s)
+		}
 		switch {
 		case cur == nil:
 			if err := dp.addService(k, s); err != nil {
@@ -211,17 +258,45 @@ func (dp *Datapath) Apply(services []Service) (ApplyResult, error) {
 	return res, errors.Join(errs...)
 }
 
+// applyChunk is how many services Apply writes before it lets pod events in: a few
+// milliseconds of map writes.
+const applyChunk = 64
+
+// admitLatePods adds to a restricted service's allowed pods those set during this Apply
+// that asked for it: the policy the Apply was planned with did not know them yet.
+func (dp *Datapath) admitLatePods(w wanted) {
+	for id, p := range dp.latePods {
+		if slices.Contains(p.wantServices, w.name) {
+			w.allowed[id] = true
+		}
+	}
+}
+
 // reindex rebuilds the lookups pod events use, so that a pod event costs what the pod
 // touches, not the number of services.
 func (dp *Datapath) reindex() {
 	dp.byName = make(map[string]*installed, len(dp.services))
-	dp.affinitySvcs = dp.affinitySvcs[:0]
+	dp.affinitySvcs = map[*installed]bool{}
 	for _, s := range dp.services {
-		dp.byName[s.name] = s
-		if s.flags&svcFlagAffinityPod != 0 {
-			dp.affinitySvcs = append(dp.affinitySvcs, s)
-		}
+		dp.index(s)
 	}
+}
+
+// index and unindex keep the lookups current for one service.
+func (dp *Datapath) index(s *installed) {
+	dp.byName[s.name] = s
+	if s.flags&svcFlagAffinityPod != 0 {
+		dp.affinitySvcs[s] = true
+	} else {
+		delete(dp.affinitySvcs, s)
+	}
+}
+
+func (dp *Datapath) unindex(s *installed) {
+	if dp.byName[s.name] == s {
+		delete(dp.byName, s.name)
+	}
+	delete(dp.affinitySvcs, s)
 }
 
 // wanted is a service as Apply is asked for it, with its selection table expanded and its
@@ -230,6 +305,7 @@ type wanted struct {
 	name    string
 	slots   []netip.AddrPort
 	flags   uint32
+	policy  ServicePolicy
 	allowed map[uint32]bool
 }
 
@@ -245,7 +321,7 @@ func compareKeys(a, b socklbSvcKey) int {
 	return cmp.Compare(a.Proto, b.Proto)
 }
 
-func (dp *Datapath) checkCapacity(desired map[socklbSvcKey]wanted) error {
+func (dp *Datapath) checkCapacity(desired map[socklbSvcKey]wanted, yield func()) error {
 	if len(desired) > maxServices {
 		return fmt.Errorf("%d services exceed the datapath's limit of %d", len(desired), maxServices)
 	}
@@ -254,6 +330,7 @@ func (dp *Datapath) checkCapacity(desired map[socklbSvcKey]wanted) error {
 	// tables coexist: at most one such overlap at a time.
 	slots, overlap := 0, 0
 	for k, s := range desired {
+		yield()
 		n := len(s.slots)
 		old := 0
 		if cur := dp.services[k]; cur != nil {
@@ -339,6 +416,7 @@ func (dp *Datapath) addService(k socklbSvcKey, w wanted) error {
 	}
 	cur.flags = w.flags
 	dp.services[k] = cur
+	dp.index(cur)
 	return nil
 }
 
@@ -349,7 +427,9 @@ func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) erro
 		if err := dp.objs.PodsockNameV1.Update(&cur.id, &nv, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("service %s: write name: %w", name, err)
 		}
+		dp.unindex(cur)
 		cur.name = name
+		dp.index(cur)
 	}
 	// Newly allowed pods get their entries before the switch, formerly allowed ones lose
 	// theirs after it: a pod allowed both before and after is never refused.
@@ -385,6 +465,7 @@ func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) erro
 	gone := missingFrom(cur.slots, slots)
 	oldFlags := cur.flags
 	cur.rev, cur.slots, cur.flags = rev, slots, w.flags
+	dp.index(cur)
 	switch {
 	case oldFlags&svcFlagAffinityPod != 0 && w.flags&svcFlagAffinityPod == 0:
 		dp.dropAffinity(cur.id, nil)
@@ -408,6 +489,7 @@ func (dp *Datapath) removeService(k socklbSvcKey, cur *installed) error {
 	}
 	dp.deleteName(cur.id)
 	delete(dp.services, k)
+	dp.unindex(cur)
 	return nil
 }
 

@@ -106,6 +106,7 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 		return err
 	}
 	defer a.stop()
+	a.applyInitial(cfg)
 	if reloadPending {
 		a.reload(cfgPath)
 	}
@@ -143,9 +144,9 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 	}
 }
 
-// start runs the preflight checks, takes the state dir, loads (or adopts) the datapath and
-// applies cfg. A stop signal that arrives during a long load is honoured before the config
-// is applied (stop is then already done); a reload asked for then is reported back.
+// start runs the preflight checks, takes the state dir and loads (or adopts) and attaches
+// the datapath; applyInitial then applies cfg. A stop signal that arrives during a long
+// load is honoured (stop is then already done); a reload asked for then is reported back.
 func (a *Agent) start(cfg *config.Config, sigs <-chan os.Signal) (reloadPending bool, err error) {
 	log := a.log
 	if err := setLogLevel(log, cfg.Agent.LogLevel); err != nil {
@@ -211,6 +212,17 @@ drain:
 		"pin_dir":       dp.PinDir(),
 		"adopted_links": dp.AdoptedLinks(),
 	}).Info("datapath attached")
+	// Pod events that arrive before the services are applied already get this config's
+	// policy.
+	a.mu.Lock()
+	a.policy = newPodPolicy(cfg)
+	a.mu.Unlock()
+	return reloadPending, nil
+}
+
+// applyInitial applies the config the agent started with, then serves the control socket.
+func (a *Agent) applyInitial(cfg *config.Config) {
+	log := a.log
 	if err := a.apply(cfg); err != nil {
 		// The datapath keeps whatever it served before; the half-applied config is shown
 		// in status, with its error, until a reload succeeds.
@@ -220,8 +232,7 @@ drain:
 		a.lastReloadError = err.Error()
 		a.mu.Unlock()
 	}
-	a.srv = a.serveControl(ctl.ln)
-	return reloadPending, nil
+	a.srv = a.serveControl(a.ctl.ln)
 }
 
 // errStopped means a stop signal arrived during start-up; it is not a failure.

@@ -18,8 +18,10 @@ import (
 const PreRegisteredConfigName = "nri-config"
 
 // RunPreRegistered is the agent when the runtime launched this binary as a pre-registered
-// NRI plugin (/opt/nri/plugins/NN-podsock): the configuration arrives in NRI's Configure,
-// and the agent starts from it before it answers. It returns when the runtime closes the
+// NRI plugin (/opt/nri/plugins/NN-podsock): the configuration arrives in NRI's Configure.
+// The agent answers once the datapath is attached, and applies the services after: the
+// runtime bounds Configure by its plugin request timeout (2 s by default), and a large
+// config takes longer to apply. It returns when the runtime closes the
 // connection (the runtime starts a new instance) or on SIGTERM/SIGINT. SIGHUP cannot
 // reload: the runtime owns the configuration, so a change takes a plugin restart.
 func RunPreRegistered(ctx context.Context, log *logrus.Logger) error {
@@ -31,6 +33,7 @@ func RunPreRegistered(ctx context.Context, log *logrus.Logger) error {
 	defer a.podq.close()
 	started := make(chan error, 1)
 	configured := false
+	var startedWith *config.Config
 	a.plugin = plugin.New(plugin.Options{Log: log, Configure: func(text string) error {
 		if configured {
 			log.Warn("the runtime configured the plugin again; keeping the running configuration")
@@ -50,6 +53,7 @@ func RunPreRegistered(ctx context.Context, log *logrus.Logger) error {
 			return err
 		}
 		configured = true
+		startedWith = cfg
 		started <- nil
 		return nil
 	}}, a)
@@ -57,11 +61,13 @@ func RunPreRegistered(ctx context.Context, log *logrus.Logger) error {
 	defer cancel()
 	pluginDone := a.runPlugin(pctx)
 
+	var cfg *config.Config
 	select {
 	case err := <-started:
 		if err != nil {
 			return err
 		}
+		cfg = startedWith
 	case err := <-pluginDone:
 		return errors.Join(errors.New("the runtime never configured the plugin"), err)
 	case sig := <-sigs:
@@ -71,6 +77,7 @@ func RunPreRegistered(ctx context.Context, log *logrus.Logger) error {
 		return nil
 	}
 	defer a.stop()
+	a.applyInitial(cfg)
 	for {
 		select {
 		case <-ctx.Done():

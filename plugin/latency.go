@@ -61,7 +61,7 @@ func (l *latencies) summary() map[string]LatencySummary {
 	var worst time.Duration
 	for kind, r := range l.kinds {
 		out[kind] = summarize(r.buf, r.count, r.max)
-		if kind != "Synchronize" { // a resync is not a pod event
+		if kind != "Synchronize" && kind != "Configure" { // neither is a pod event
 			all = append(all, r.buf...)
 			total += r.count
 			worst = max(worst, r.max)

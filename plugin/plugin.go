@@ -206,6 +206,7 @@ var events = []string{
 }
 
 func (a *adapter) Configure(_ context.Context, config, runtime, version string) (stub.EventMask, error) {
+	defer a.p.latency.since("Configure", time.Now())
 	a.p.opts.Log.Infof("NRI configure from %s %s", runtime, version)
 	if a.p.opts.Configure != nil {
 		if err := a.p.opts.Configure(config); err != nil {

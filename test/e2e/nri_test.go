@@ -577,7 +577,31 @@ func pinnedEntries(t *testing.T, bpffs string) map[string]int {
 
 // TestPrivilegedNRIPreRegistered: containerd itself launches podsock from its plugin dir
 // and hands over the config from its conf dir; podsock serves pods as in external mode.
-func TestPrivilegedNRIPreRegistered(t *testing.T) {
+func TestPrivilegedNRIPreRegistered(t *testing.T) { testPreRegistered(t, 0) }
+
+// preRegisteredServices is about as many services as a config NRI can carry: the runtime
+// sends the conf file's text in one ttrpc message, capped at 4 MiB. Applying them takes
+// longer than the runtime's 2 s plugin request timeout, so podsock must answer Configure
+// before it applies them.
+const preRegisteredServices = 40_000
+
+// TestPrivilegedNRIPreRegisteredLargeConfig: with a config too large to apply within the
+// runtime's default timeouts, registration still succeeds, every service is served, and
+// pods are learned.
+func TestPrivilegedNRIPreRegisteredLargeConfig(t *testing.T) {
+	testPreRegistered(t, preRegisteredServices)
+}
+
+func bulkServices(n int) string {
+	var b strings.Builder
+	for i := range n {
+		fmt.Fprintf(&b, "[[service]]\nname = \"bulk/s%d\"\nvip = \"10.%d.%d.%d\"\nport = 80\nbackends = [\"10.88.1.1:8080\"]\n",
+			i, 100+i>>16, (i>>8)&255, i&255)
+	}
+	return b.String()
+}
+
+func testPreRegistered(t *testing.T, services int) {
 	testenv.RequirePrivileged(t)
 	cri.Require(t)
 	cgroup2, err := cgroupfs.Mount()
@@ -595,10 +619,13 @@ func TestPrivilegedNRIPreRegistered(t *testing.T) {
 			return err
 		}
 		// The runtime hands this file's text over in Configure; the CLI reads the same.
-		writeAgentConfig(t, cfgPath, cgroupRoot, bpffs, filepath.Join(dir, "state"), "")
+		writeAgentConfig(t, cfgPath, cgroupRoot, bpffs, filepath.Join(dir, "state"), bulkServices(services))
 		cfg, err := os.ReadFile(cfgPath)
 		if err != nil {
 			return err
+		}
+		if len(cfg) > 4<<20 {
+			return fmt.Errorf("config of %d bytes exceeds NRI's 4 MiB message", len(cfg))
 		}
 		if err := os.MkdirAll(confDir, 0o755); err != nil {
 			return err
@@ -616,11 +643,21 @@ func TestPrivilegedNRIPreRegistered(t *testing.T) {
 		return os.WriteFile(filepath.Join(pluginDir, "10-podsock"), bin, 0o755)
 	}})
 	var st agent.Status
-	if !testenv.WaitFor(15*time.Second, func() bool {
+	if !testenv.WaitFor(30*time.Second, func() bool {
 		st, err = agentStatus(cfgPath)
-		return err == nil && st.NRI.Connected
+		return err == nil && st.NRI.Connected && st.Services == services
 	}) {
-		t.Fatalf("the runtime-launched podsock never answered as connected: %+v %v", st, err)
+		t.Fatalf("the runtime-launched podsock never answered as connected with %d services: %+v %v", services, st, err)
+	}
+	if st.NRI.Reconnects != 0 {
+		t.Fatalf("registration was retried %d times: the runtime gave up on an earlier one", st.NRI.Reconnects)
+	}
+	if services > 0 {
+		conf, ok := st.NRI.HandlerLatency["Configure"]
+		if !ok || conf.Count != 1 || conf.Max >= 2*time.Second {
+			t.Fatalf("Configure: %+v, want one, answered within the runtime's 2 s", conf)
+		}
+		t.Logf("%d services: Configure answered in %s; the services were applied after it", services, conf.Max)
 	}
 	pid := st.PID
 	t.Cleanup(func() {

@@ -67,7 +67,7 @@ const (
 	maxPassAttempts = 8
 )
 
-// pruneInterval is how often the pair counts of netns that are gone are dropped.
+// pruneInterval is how often the socket counts of netns that are gone are dropped.
 const pruneInterval = 5 * time.Minute
 
 // TerminationStatus is what `status` shows about socket termination.
@@ -101,7 +101,7 @@ type TerminationStatus struct {
 type socketTerminator interface {
 	Terminate(datapath.NetnsSet, []datapath.RemovedBackend, datapath.TerminateOptions) (datapath.TerminateResult, error)
 	TerminateErr(proto uint8) error
-	PrunePairCounts(datapath.NetnsSet) error
+	PruneSocketCounts(datapath.NetnsSet) error
 	BackfillPending() bool
 	Backfill(datapath.NetnsSet) (int, error)
 }
@@ -196,8 +196,8 @@ func (t *terminator) run() {
 		case <-t.stop:
 			return
 		case <-prune.C:
-			if err := t.dp.PrunePairCounts(t.ns); err != nil {
-				t.log.WithError(err).Warn("prune pair counts")
+			if err := t.dp.PruneSocketCounts(t.ns); err != nil {
+				t.log.WithError(err).Warn("prune socket counts")
 			}
 		case <-timer.C:
 			t.pass()

@@ -78,30 +78,31 @@ func TestPrivilegedTerminatorRetriesAndLatePass(t *testing.T) {
 		return r.FD
 	}
 	counted := dial(ns1)
-	counts, err := ebpf.LoadPinnedMap(filepath.Join(bpffs, datapath.PinDirName, "podsock_pairnetns_v1"), nil)
+	counts, err := ebpf.LoadPinnedMap(filepath.Join(bpffs, datapath.PinDirName, "podsock_svcnetns_v2"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer counts.Close()
 	before := map[string]bool{}
 	var key []byte
-	var n int64
+	var n [16]int64
 	for it := counts.Iterate(); it.Next(&key, &n); {
 		before[string(key)] = true
 	}
 	unseen := dial(ns2)
 	// unseen's connect() has chosen A, but its count is not taken yet: take it back out
-	// of the pair count map, as if the first passes ran in that instant.
+	// of the count map, as if the first passes ran in that instant.
 	var unseenKey []byte
+	var unseenCounts [16]int64
 	for it := counts.Iterate(); it.Next(&key, &n); {
 		if !before[string(key)] {
-			unseenKey = append([]byte{}, key...)
+			unseenKey, unseenCounts = append([]byte{}, key...), n
 		}
 	}
 	if len(before) != 1 || unseenKey == nil {
-		t.Fatalf("pair counts: %d entries before the second netns dialled, want 1, and one more after", len(before))
+		t.Fatalf("socket counts: %d entries before the second netns dialled, want 1, and one more after", len(before))
 	}
-	if err := counts.Update(unseenKey, int64(0), ebpf.UpdateExist); err != nil {
+	if err := counts.Update(unseenKey, [16]int64{}, ebpf.UpdateExist); err != nil {
 		t.Fatal(err)
 	}
 
@@ -126,7 +127,7 @@ func TestPrivilegedTerminatorRetriesAndLatePass(t *testing.T) {
 		t.Fatalf("the uncounted socket was found before the late pass: %v", err)
 	}
 	// Now the connect() finishes counting.
-	if err := counts.Update(unseenKey, int64(1), ebpf.UpdateExist); err != nil {
+	if err := counts.Update(unseenKey, unseenCounts, ebpf.UpdateExist); err != nil {
 		t.Fatal(err)
 	}
 	if !testenv.WaitFor(time.Second, func() bool { return term.status().LatePasses == 1 }) {

@@ -40,12 +40,12 @@ func (f *fakeTerminator) Terminate(_ datapath.NetnsSet, gone []datapath.RemovedB
 	return datapath.TerminateResult{Backends: len(gone)}, p.err
 }
 
-func (f *fakeTerminator) TerminateErr(uint8) error                { return nil }
-func (f *fakeTerminator) PrunePairCounts(datapath.NetnsSet) error { return nil }
-func (f *fakeTerminator) BackfillPending() bool                   { return false }
-func (f *fakeTerminator) Backfill(datapath.NetnsSet) (int, error) { return 0, nil }
-func (f *fakeTerminator) count() int                              { f.mu.Lock(); defer f.mu.Unlock(); return len(f.passes) }
-func (f *fakeTerminator) pass(i int) fakePass                     { f.mu.Lock(); defer f.mu.Unlock(); return f.passes[i] }
+func (f *fakeTerminator) TerminateErr(uint8) error                  { return nil }
+func (f *fakeTerminator) PruneSocketCounts(datapath.NetnsSet) error { return nil }
+func (f *fakeTerminator) BackfillPending() bool                     { return false }
+func (f *fakeTerminator) Backfill(datapath.NetnsSet) (int, error)   { return 0, nil }
+func (f *fakeTerminator) count() int                                { f.mu.Lock(); defer f.mu.Unlock(); return len(f.passes) }
+func (f *fakeTerminator) pass(i int) fakePass                       { f.mu.Lock(); defer f.mu.Unlock(); return f.passes[i] }
 
 func quietLog() logrus.FieldLogger {
 	l := logrus.New()

@@ -1,6 +1,6 @@
 // Counting shared by the socket-LB programs and the iterators: plain counters, and the
-// connected sockets per {service, backend, netns} that socklb.c keeps at connect() and
-// sockiter.c backfills for sockets balanced before those counts existed.
+// connected sockets per {service, netns} and backend bucket that socklb.c keeps at
+// connect() and sockiter.c backfills for sockets balanced before those counts existed.
 #ifndef PODSOCK_COUNTS_H
 #define PODSOCK_COUNTS_H
 
@@ -18,39 +18,55 @@ static __always_inline void counter_add(void *counters, __u32 idx)
 		__sync_fetch_and_add(v, 1);
 }
 
-// pair_netns_key is the count a connected socket belongs to: its peer's translation.
-static __always_inline void pair_netns_key(struct svc_backend_netns_key *k,
-					   const struct sock_state *state, __u64 netns)
+// svc_netns_key is the count a connected socket belongs to: its peer's service.
+static __always_inline void svc_netns_key(struct svc_netns_key *k, const struct sock_state *state,
+					  __u64 netns)
 {
 	const struct lb_entry *e = &state->entries[0];
 
 	__builtin_memset(k, 0, sizeof(*k));
-	addr_copy(k->pair.vip, e->vip);
-	addr_copy(k->pair.backend, e->backend);
-	k->pair.vip_port = e->vip_port;
-	k->pair.backend_port = e->backend_port;
-	k->pair.proto = state->proto;
+	addr_copy(k->svc.addr, e->vip);
+	k->svc.port = e->vip_port;
+	k->svc.proto = state->proto;
 	k->netns_cookie = netns;
 }
 
-// pair_count_add adds one to k's entry in the count map pairs, creating the entry if
-// need be. It returns whether the count was taken (not when the map is full).
-static __always_inline int pair_count_add(void *pairs, const struct svc_backend_netns_key *k)
+// backend_bucket spreads backends over the buckets of a count. The Go side computes the
+// same (datapath.backendBucket) on the same words, in network byte order.
+static __always_inline __u32 backend_bucket(const struct lb_entry *e)
 {
-	__s64 one = 1, *n = bpf_map_lookup_elem(pairs, k);
+	__u32 h = e->backend[0] ^ e->backend[1] ^ e->backend[2] ^ e->backend[3] ^ e->backend_port;
+
+	return ((h * 0x9e3779b1u) >> 28) & (COUNT_BUCKETS - 1);
+}
+
+static __always_inline __u32 sock_epoch(const struct sock_state *state)
+{
+	return (state->flags & SOCK_F_EPOCH_MASK) >> SOCK_F_EPOCH_SHIFT;
+}
+
+// count_socket adds the connected socket to its count in the map counts and marks it
+// tracked in epoch; it returns whether the count was taken (not when the map is full).
+static __always_inline int count_socket(void *counts, struct sock_state *state, __u64 netns,
+					__u32 epoch)
+{
+	struct svc_netns_counts zero = {}, *n;
+	struct svc_netns_key k;
 	long err;
 
+	svc_netns_key(&k, state, netns);
+	n = bpf_map_lookup_elem(counts, &k);
 	if (!n) {
-		err = bpf_map_update_elem(pairs, k, &one, BPF_NOEXIST);
-		if (!err)
-			return 1;
-		// Another socket created the entry first: add to it.
-		if (err == -EEXIST)
-			n = bpf_map_lookup_elem(pairs, k);
+		err = bpf_map_update_elem(counts, &k, &zero, BPF_NOEXIST);
+		// Another socket may have created the entry first: add to it either way.
+		if (!err || err == -EEXIST)
+			n = bpf_map_lookup_elem(counts, &k);
 	}
 	if (!n)
 		return 0;
-	__sync_fetch_and_add(n, 1);
+	__sync_fetch_and_add(&n->n[backend_bucket(&state->entries[0])], 1);
+	state->flags = (state->flags & ~SOCK_F_EPOCH_MASK) | SOCK_F_TRACKED |
+		       ((epoch << SOCK_F_EPOCH_SHIFT) & SOCK_F_EPOCH_MASK);
 	return 1;
 }
 

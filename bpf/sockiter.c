@@ -4,7 +4,7 @@
 // left in their SK_STORAGE, and destroy the connected ones still attached to a removed
 // backend. iter/tcp and iter/udp see only the netns of the thread that opens them, so the
 // agent opens them inside each netns it needs; which netns those are comes from
-// podsock_pairnetns_v1 (see socklb.c).
+// podsock_svcnetns_v2 (see socklb.c).
 //
 // Kept apart from socklb.c: a kernel without bpf_sock_destroy (< 6.5) still gets
 // socket-LB, only without listing and termination.
@@ -34,14 +34,22 @@ struct {
 	__type(value, struct sock_state);
 } podsock_sock_v1 SEC(".maps");
 
-// Shared with socklb too: the {service, backend, netns} counts.
+// Shared with socklb too: the {service, netns} counts by backend bucket, and the settings
+// that say which count epoch is current.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, PODSOCK_MAX_PAIR_NETNS);
-	__type(key, struct svc_backend_netns_key);
-	__type(value, __s64);
-} podsock_pairnetns_v1 SEC(".maps");
+	__uint(max_entries, PODSOCK_MAX_SVC_NETNS);
+	__type(key, struct svc_netns_key);
+	__type(value, struct svc_netns_counts);
+} podsock_svcnetns_v2 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct datapath_cfg);
+} podsock_cfg_v1 SEC(".maps");
 
 // Record flags.
 #define REC_F_BALANCED 1  // socket-LB translated for this socket; lb is its first entry
@@ -216,9 +224,10 @@ static __always_inline int destroy_one(struct sock_common *skc, struct sock *sk,
 	if (!sk)
 		return 0;
 	state = bpf_sk_storage_get(&podsock_sock_v1, sk, 0, 0);
-	// A socket its application closed has nobody left to tell.
-	if (!state || !(state->flags & SOCK_F_CONNECTED) || (state->flags & SOCK_F_RELEASED) ||
-	    state->proto != proto)
+	// A socket its application closed has nobody left to tell; an in-kernel client
+	// manages its own transport.
+	if (!state || !(state->flags & SOCK_F_CONNECTED) ||
+	    (state->flags & (SOCK_F_RELEASED | SOCK_F_KERNEL)) || state->proto != proto)
 		return 0;
 	e = &state->entries[0];
 	__builtin_memcpy(k.vip, e->vip, sizeof(k.vip));
@@ -298,16 +307,17 @@ int podsock_destroy_udp(struct bpf_iter__udp *ctx)
 // enter its netns needlessly.
 static __always_inline void backfill_one(struct sock *sk, struct sock_state *state)
 {
-	struct svc_backend_netns_key k;
+	__u32 key = 0, epoch;
+	struct datapath_cfg *cfg = bpf_map_lookup_elem(&podsock_cfg_v1, &key);
 
+	epoch = cfg ? cfg->count_epoch : 0;
 	if (!(state->flags & SOCK_F_CONNECTED) ||
-	    (state->flags & (SOCK_F_TRACKED | SOCK_F_UNTRACKED | SOCK_F_RELEASED)))
+	    (state->flags & (SOCK_F_UNTRACKED | SOCK_F_RELEASED | SOCK_F_KERNEL)))
 		return;
-	pair_netns_key(&k, state, sk->__sk_common.skc_net.net->net_cookie);
-	if (pair_count_add(&podsock_pairnetns_v1, &k)) {
-		state->flags |= SOCK_F_TRACKED;
+	if ((state->flags & SOCK_F_TRACKED) && sock_epoch(state) == epoch)
+		return;
+	if (count_socket(&podsock_svcnetns_v2, state, sk->__sk_common.skc_net.net->net_cookie, epoch))
 		counter_add(&podsock_destroy_count, BACKFILLED);
-	}
 }
 
 // The fast way: every socket's LB state, in every netns at once. Some kernels refuse

@@ -10,6 +10,7 @@
 #include "vmlinux.h"
 #include "bpf_helpers.h"
 #include "bpf_endian.h"
+#include "bpf_core_read.h"
 #include "socklb.h"
 #include "addr.h"
 #include "counts.h"
@@ -140,19 +141,19 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podsock_aff_v2 SEC(".maps");
 
-// Connected sockets per {service, backend, netns}. Counts go up at a balanced connect()
-// and down when the socket is released or re-connected. An entry at zero stays until
-// userspace drops it: when its netns is gone (or is one podsock cannot enter anyway), or
-// when its pair has been out of every service for a whole prune interval, so that a delete
-// does not race the increment of a socket podsock could terminate.
+// Connected sockets per {service, netns}, by backend bucket. Counts go up at a balanced
+// connect() and down when the socket is released or re-connected. An entry at zero stays
+// until userspace drops it: when its netns is gone (or is one podsock cannot enter anyway),
+// or when its service has been gone for a whole prune interval, so that a delete does not
+// race the increment of a socket podsock could terminate.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, PODSOCK_MAX_PAIR_NETNS);
-	__type(key, struct svc_backend_netns_key);
-	__type(value, __s64);
+	__uint(max_entries, PODSOCK_MAX_SVC_NETNS);
+	__type(key, struct svc_netns_key);
+	__type(value, struct svc_netns_counts);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} podsock_pairnetns_v1 SEC(".maps");
+} podsock_svcnetns_v2 SEC(".maps");
 
 static __always_inline void count(__u32 stat)
 {
@@ -297,35 +298,53 @@ static __always_inline struct lb_entry *find_backend(struct sock_state *state,
 	return NULL;
 }
 
-// track counts a newly connected socket under its {service, backend} pair and netns.
-static __always_inline void track(struct sock_state *state, __u64 netns)
-{
-	struct svc_backend_netns_key k;
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
 
-	pair_netns_key(&k, state, netns);
-	if (pair_count_add(&podsock_pairnetns_v1, &k)) {
-		state->flags |= SOCK_F_TRACKED;
+// kernel_socket says the socket belongs to the kernel (sock_create_kern: NFS, Ceph).
+static __always_inline int kernel_socket(struct bpf_sock *sk)
+{
+	struct sock *s = bpf_rdonly_cast(sk, bpf_core_type_id_kernel(struct sock));
+
+	return BPF_CORE_READ_BITFIELD(s, sk_kern_sock);
+}
+
+static __always_inline __u32 count_epoch(void)
+{
+	__u32 key = 0;
+	struct datapath_cfg *cfg = bpf_map_lookup_elem(&podsock_cfg_v1, &key);
+
+	return cfg ? cfg->count_epoch : 0;
+}
+
+// track counts a newly connected socket under its service, netns and backend bucket.
+static __always_inline void track(struct bpf_sock *sk, struct sock_state *state, __u64 netns)
+{
+	if (kernel_socket(sk)) {
+		state->flags |= SOCK_F_KERNEL;
 		return;
 	}
+	if (count_socket(&podsock_svcnetns_v2, state, netns, count_epoch()))
+		return;
 	state->flags |= SOCK_F_UNTRACKED;
 	count(STAT_UNTRACKED);
 }
 
-// untrack undoes track when the socket goes or connects elsewhere.
+// untrack undoes track when the socket goes or connects elsewhere. A count taken in an
+// earlier epoch is in a map that is gone.
 static __always_inline void untrack(struct sock_state *state, __u64 netns)
 {
-	struct svc_backend_netns_key k;
-	__s64 *n;
+	struct svc_netns_counts *n;
+	struct svc_netns_key k;
 
-	if (state->flags & SOCK_F_TRACKED) {
-		pair_netns_key(&k, state, netns);
-		n = bpf_map_lookup_elem(&podsock_pairnetns_v1, &k);
+	if ((state->flags & SOCK_F_TRACKED) && sock_epoch(state) == count_epoch()) {
+		svc_netns_key(&k, state, netns);
+		n = bpf_map_lookup_elem(&podsock_svcnetns_v2, &k);
 		if (n)
-			__sync_fetch_and_add(n, -1);
+			__sync_fetch_and_add(&n->n[backend_bucket(&state->entries[0])], -1);
 	}
 	if (state->flags & SOCK_F_UNTRACKED)
 		count(STAT_UNTRACKED_RELEASED);
-	state->flags &= ~(SOCK_F_TRACKED | SOCK_F_UNTRACKED);
+	state->flags &= ~(SOCK_F_TRACKED | SOCK_F_UNTRACKED | SOCK_F_EPOCH_MASK);
 }
 
 // Who is calling: a known pod, the host, or neither (a netns the runtime never told us of).
@@ -529,7 +548,7 @@ static __always_inline int sock_connect(struct bpf_sock_addr *ctx, int v6)
 		state->flags = SOCK_F_CONNECTED;
 		state->proto = key.proto;
 		state->count = 1;
-		track(state, netns);
+		track(sk, state, netns);
 	} else {
 		count(STAT_NO_STORAGE);
 	}

@@ -67,11 +67,20 @@ struct lb_entry {
 // Socket flags. CONNECTED is 1 so that state pinned by an older agent, which stored a
 // plain boolean here, still reads right.
 #define SOCK_F_CONNECTED 1 // entries[0] is the connected peer (TCP, connected UDP)
-#define SOCK_F_TRACKED 2   // counted in podsock_pairnetns_v1 under entries[0]'s pair
+#define SOCK_F_TRACKED 2   // counted in podsock_svcnetns_v2, in the count epoch of the bits below
 #define SOCK_F_UNTRACKED 4 // connected, but the count could not be taken (map full)
 // The application closed the socket; the kernel may keep it (FIN_WAIT, LAST_ACK) and its
 // storage for a while, but it no longer counts and must not be counted again.
 #define SOCK_F_RELEASED 8
+// An in-kernel socket (an NFS or Ceph client): balanced, but never counted, since the
+// kernel does not run cgroup/sock_release for it, and never destroyed, since its owner
+// manages its own transport.
+#define SOCK_F_KERNEL 16
+// Which count map TRACKED refers to. Every count map podsock creates next to adopted
+// socket state starts a new epoch; a socket tracked in an earlier one is counted again by
+// the backfill, and its release no longer touches the new map.
+#define SOCK_F_EPOCH_SHIFT 5
+#define SOCK_F_EPOCH_MASK (3 << SOCK_F_EPOCH_SHIFT)
 
 // The socket's whole LB state. entries[0] is the peer of a connected socket; an unconnected
 // UDP socket keeps up to LB_ENTRIES recent translations so each reply can be reversed.
@@ -94,15 +103,23 @@ struct svc_backend_key {
 	__u8 pad[3];
 };
 
-// How many connected sockets of one netns a service balanced to one backend: when the
-// backend leaves the service, podsock enters only the netns this map names, instead of
-// every netns on the node.
-struct svc_backend_netns_key {
-	struct svc_backend_key pair;
+// How many connected sockets of one netns a service balanced, per bucket of backends (a
+// hash of the backend): when a backend leaves the service, podsock enters only the netns
+// whose count in that backend's bucket is not zero, instead of every netns on the node.
+// One entry per {service, netns}, however many backends the service has and the netns'
+// sockets use.
+#define COUNT_BUCKETS 16
+
+struct svc_netns_key {
+	struct svc_key svc;
 	__u64 netns_cookie;
 };
 
-#define PODSOCK_MAX_PAIR_NETNS 262144
+struct svc_netns_counts {
+	__s64 n[COUNT_BUCKETS];
+};
+
+#define PODSOCK_MAX_SVC_NETNS 131072
 
 // Pod flags.
 #define POD_F_SKIP_LB 1 // socket-LB leaves this pod's sockets alone (service meshes)
@@ -142,7 +159,7 @@ struct aff_value {
 struct datapath_cfg {
 	__u64 host_netns_cookie;
 	__u32 flags;
-	__u32 pad;
+	__u32 count_epoch; // see SOCK_F_EPOCH_MASK
 };
 
 // STAT_UNTRACKED counts connected sockets whose pair/netns count could not be taken,

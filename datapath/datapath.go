@@ -81,14 +81,14 @@ type Datapath struct {
 	// iter/tcp, iter/udp or bpf_sock_destroy.
 	iter    *sockIter
 	iterErr error
-	// backfillPending is set when socket state was adopted without pair counts, and the
+	// backfillPending is set when socket state was adopted without socket counts, and the
 	// kernel refused the one-pass backfill: Backfill must walk every netns first.
 	backfillMu      sync.Mutex
 	backfillPending bool
-	// unservedAtZero are count entries at zero, of pairs no service had, seen by the last
-	// PrunePairCounts: the next one deletes those still so.
+	// unservedAtZero are count entries at zero, of services gone, seen by the last
+	// PruneSocketCounts: the next one deletes those still so.
 	pruneMu        sync.Mutex
-	unservedAtZero map[socklbSvcBackendNetnsKey]bool
+	unservedAtZero map[socklbSvcNetnsKey]bool
 	// AdoptedLinks counts links that a previous agent pinned and this one took over.
 	adoptedLinks int
 
@@ -113,6 +113,8 @@ type Datapath struct {
 	skipPods   map[uint32]bool
 	hostnsOnly bool
 	hostNetns  uint64
+	// countEpoch is the settings' count_epoch (see SOCK_F_EPOCH_MASK in bpf/socklb.h).
+	countEpoch uint32
 	// cfgWritten is what the settings map holds, as last written; nil when unknown.
 	cfgWritten *socklbDatapathCfg
 }
@@ -169,9 +171,10 @@ func Load(opts Options) (*Datapath, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load BPF spec: %w", err)
 	}
-	// Socket state without pair counts (an agent older than the counts, or a count map
-	// removed by hand) holds connected sockets no count names.
-	needBackfill := pinned(pinDir, "podsock_sock_v1") && !pinned(pinDir, "podsock_pairnetns_v1")
+	// Socket state without this count map (an agent with another count layout, or a map
+	// removed by hand) holds connected sockets it does not count: a new count epoch starts,
+	// and the backfill counts them.
+	needBackfill := pinned(pinDir, "podsock_sock_v1") && !pinned(pinDir, "podsock_svcnetns_v2")
 	err = spec.LoadAndAssign(&dp.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}})
 	if err != nil {
 		var verr *ebpf.VerifierError
@@ -198,6 +201,11 @@ func Load(opts Options) (*Datapath, error) {
 	var cfg socklbDatapathCfg
 	if err := dp.objs.PodsockCfgV1.Lookup(uint32(0), &cfg); err == nil {
 		dp.hostnsOnly = cfg.Flags&cfgHostnsOnly != 0
+		dp.countEpoch = cfg.CountEpoch
+	}
+	if needBackfill {
+		// Before the new programs attach: every count they take is in the new epoch.
+		dp.countEpoch = (dp.countEpoch + 1) % countEpochs
 	}
 	if err := dp.writeCfg(); err != nil {
 		return nil, errors.Join(err, dp.closeAll())
@@ -206,7 +214,7 @@ func Load(opts Options) (*Datapath, error) {
 		return nil, errors.Join(err, dp.closeAll())
 	}
 	dp.migrateAffinityV1()
-	if dp.iter, dp.iterErr = loadIterators(dp.objs.PodsockSockV1, dp.objs.PodsockPairnetnsV1, opts.Log); dp.iterErr != nil {
+	if dp.iter, dp.iterErr = loadIterators(dp.objs.PodsockSockV1, dp.objs.PodsockSvcnetnsV2, dp.objs.PodsockCfgV1, opts.Log); dp.iterErr != nil {
 		opts.Log.WithError(dp.iterErr).Warn("socket listing and termination are unavailable")
 	} else if needBackfill {
 		dp.backfill()
@@ -214,7 +222,7 @@ func Load(opts Options) (*Datapath, error) {
 	return dp, nil
 }
 
-// backfill counts the sockets balanced before the pair counts existed, in one pass when
+// backfill counts the sockets balanced before the socket counts existed, in one pass when
 // the kernel allows the map-element iterator; otherwise Backfill must walk each netns, and
 // until it has, termination walks every netns.
 func (dp *Datapath) backfill() {
@@ -232,8 +240,11 @@ func pinned(dir, name string) bool {
 	return err == nil
 }
 
+// countEpochs is how many count epochs the socket flags tell apart (SOCK_F_EPOCH_MASK).
+const countEpochs = 4
+
 // obsoletePins are maps earlier versions pinned that this one replaced.
-var obsoletePins = []string{"podsock_stat_v1", "podsock_stat_v2"}
+var obsoletePins = []string{"podsock_stat_v1", "podsock_stat_v2", "podsock_pairnetns_v1"}
 
 func (dp *Datapath) removeObsoletePins() {
 	for _, name := range obsoletePins {
@@ -424,7 +435,7 @@ type Stats struct {
 	Skipped uint64 `json:"skipped"`
 	// AffinityFull counts pod-affinity choices that could not be recorded.
 	AffinityFull uint64 `json:"affinity_full"`
-	// Untracked counts connected sockets missing from the {service, backend}/netns counts
+	// Untracked counts connected sockets missing from the socket counts
 	// (the map was full), and UntrackedReleased those of them since closed. While some are
 	// open, termination walks every netns.
 	Untracked         uint64 `json:"untracked"`

@@ -58,8 +58,9 @@ func TestGoStructsMatchBTF(t *testing.T) {
 		"pod_svc_key":  socklbPodSvcKey{},
 		"datapath_cfg": socklbDatapathCfg{},
 
-		"svc_backend_key":       socklbSvcBackendKey{},
-		"svc_backend_netns_key": socklbSvcBackendNetnsKey{},
+		"aff_value":        socklbAffValue{},
+		"svc_netns_key":    socklbSvcNetnsKey{},
+		"svc_netns_counts": socklbSvcNetnsCounts{},
 	})
 }
 

@@ -306,7 +306,7 @@ func (dp *Datapath) writeCfg() error {
 	if len(dp.skipPods) > 0 {
 		flags |= cfgAnySkip
 	}
-	v := socklbDatapathCfg{HostNetnsCookie: dp.hostNetns, Flags: flags}
+	v := socklbDatapathCfg{HostNetnsCookie: dp.hostNetns, Flags: flags, CountEpoch: dp.countEpoch}
 	if dp.cfgWritten != nil && *dp.cfgWritten == v {
 		return nil
 	}

@@ -51,8 +51,10 @@ type Socket struct {
 
 	// Balanced says socket-LB translated for this socket; LB is then its connected peer's
 	// translation (LBConnected) or, for unconnected UDP, its first one of Translations.
-	Balanced     bool
-	LBConnected  bool
+	Balanced    bool
+	LBConnected bool
+	// Released says the application closed the socket; the kernel has not freed it yet.
+	Released     bool
 	Translations int
 	// Service is the name of the service LB belongs to; "" when that service is gone.
 	Service string
@@ -109,6 +111,8 @@ const (
 	sockFlagConnected = 1
 	sockFlagTracked   = 2
 	sockFlagReleased  = 8
+	sockFlagKernel    = 16
+	sockFlagEpochMask = 3 << 5
 )
 
 // Indexes of podsock_destroy_count, as enum destroy_count in bpf/sockiter.c.
@@ -171,21 +175,21 @@ type sockIter struct {
 	listMu, destroyMu sync.Mutex
 }
 
-// loadIterators loads each iterator program against the datapath's socket storage and
-// pair counts. Programs the kernel refuses are recorded with its reason; only an error
+// loadIterators loads each iterator program against the datapath's socket storage, socket
+// counts and settings. Programs the kernel refuses are recorded with its reason; only an error
 // that leaves no program usable (the shared maps) is returned.
-func loadIterators(storage, pairCounts *ebpf.Map, log logrus.FieldLogger) (*sockIter, error) {
+func loadIterators(storage, counts, cfg *ebpf.Map, log logrus.FieldLogger) (*sockIter, error) {
 	spec, err := loadSockiter()
 	if err != nil {
 		return nil, fmt.Errorf("load iterator spec: %w", err)
 	}
 	it := &sockIter{storage: storage, progs: map[string]*ebpf.Program{}, links: map[string]*link.Iter{}, refused: map[string]error{}}
-	shared := map[string]*ebpf.Map{"podsock_sock_v1": storage, "podsock_pairnetns_v1": pairCounts}
+	shared := map[string]*ebpf.Map{"podsock_sock_v1": storage, "podsock_svcnetns_v2": counts, "podsock_cfg_v1": cfg}
 	if err := spec.LoadAndAssign(&it.maps, &ebpf.CollectionOptions{MapReplacements: shared}); err != nil {
 		return nil, fmt.Errorf("create iterator maps: %w", err)
 	}
 	all := map[string]*ebpf.Map{
-		"podsock_sock_v1": storage, "podsock_pairnetns_v1": pairCounts,
+		"podsock_sock_v1": storage, "podsock_svcnetns_v2": counts, "podsock_cfg_v1": cfg,
 		"podsock_list_filter": it.maps.PodsockListFilter, "podsock_doomed": it.maps.PodsockDoomed,
 		"podsock_destroy_count": it.maps.PodsockDestroyCount,
 	}
@@ -370,7 +374,7 @@ func (it *sockIter) backfilled() (int, error) {
 	return int(n), nil
 }
 
-// BackfillPending says that sockets balanced before the pair counts existed may still be
+// BackfillPending says that sockets balanced before the socket counts existed may still be
 // uncounted: termination walks every netns until Backfill has run.
 func (dp *Datapath) BackfillPending() bool {
 	dp.backfillMu.Lock()
@@ -378,7 +382,7 @@ func (dp *Datapath) BackfillPending() bool {
 	return dp.backfillPending
 }
 
-// Backfill counts, one netns of ns at a time, the sockets balanced before the pair counts
+// Backfill counts, one netns of ns at a time, the sockets balanced before the socket counts
 // existed, when the kernel refused the one-pass map iterator at load. It does nothing
 // when no backfill is pending, and returns how many sockets it counted.
 func (dp *Datapath) Backfill(ns NetnsSet) (int, error) {
@@ -656,6 +660,7 @@ func (n *serviceNames) socket(r *sockiterSockRecord) Socket {
 	if r.Flags&recBalanced != 0 {
 		s.Balanced = true
 		s.LBConnected = r.Flags&recLBConnected != 0
+		s.Released = r.Flags&recReleased != 0
 		s.Translations = int(r.LbCount)
 		s.VIP = netip.AddrPortFrom(wordsAddr(r.Lb.Vip), ntohs(r.Lb.VipPort))
 		s.Backend = netip.AddrPortFrom(wordsAddr(r.Lb.Backend), ntohs(r.Lb.BackendPort))
@@ -685,14 +690,14 @@ type TerminateResult struct {
 	Backends  int // removed {service, backend} pairs handled
 	Destroyed int // sockets bpf_sock_destroy ended
 	Failed    int // sockets it refused to end
-	// NetnsEntered is how many netns were walked; only those the pair counts name,
+	// NetnsEntered is how many netns were walked; only those the socket counts name,
 	// unless FullWalk.
 	NetnsEntered int
 	// NetnsUnreachable counts netns that hold sockets to a removed backend but that the
 	// NetnsSet cannot enter (a netns podsock was never told about).
 	NetnsUnreachable int
 	// FullWalk is set when every netns was walked: asked for, or because some connected
-	// socket escaped the pair counts.
+	// socket escaped the socket counts.
 	FullWalk bool
 	Duration time.Duration
 }
@@ -766,12 +771,13 @@ func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBack
 	res := TerminateResult{Backends: len(gone)}
 	doomed := make([]sockiterSvcBackendKey, 0, len(gone))
 	revs := make([]sockiterDoomedValue, 0, len(gone))
-	pairs := map[socklbSvcBackendKey]bool{}
-	at := map[socklbSvcBackendKey]int{}
+	buckets := map[socklbSvcKey]uint16{}
+	at := map[sockiterSvcBackendKey]int{}
 	var protos uint8
 	for _, b := range gone {
 		protos |= protoBit(b.Proto)
-		k := socklbSvcBackendKey{
+		buckets[svcKey(b.VIP.Addr(), b.VIP.Port(), b.Proto)] |= 1 << backendBucket(b.Backend)
+		k := sockiterSvcBackendKey{
 			Vip: addrWords(b.VIP.Addr()), VipPort: htons(b.VIP.Port()),
 			Backend: addrWords(b.Backend.Addr()), BackendPort: htons(b.Backend.Port()),
 			Proto: b.Proto,
@@ -784,8 +790,7 @@ func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBack
 			continue
 		}
 		at[k] = len(doomed)
-		pairs[k] = true
-		doomed = append(doomed, sockiterSvcBackendKey(k))
+		doomed = append(doomed, k)
 		revs = append(revs, v)
 	}
 	if _, err := it.maps.PodsockDoomed.BatchUpdate(doomed, revs, nil); err != nil {
@@ -797,7 +802,7 @@ func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBack
 		}
 	}()
 
-	targets, err := dp.netnsHolding(pairs, ns)
+	targets, err := dp.netnsHolding(buckets, ns)
 	if err != nil {
 		return res, err
 	}
@@ -919,27 +924,56 @@ func protoBit(p uint8) uint8 {
 	return protoBitUDP
 }
 
-// netnsHolding reads the pair counts: which netns hold connected sockets that one of these
-// {service, backend} pairs balanced, and over which protocols. On the way it drops entries
-// at zero whose netns the NetnsSet no longer knows: netns cookies are never reused, and a
-// netns without a handle cannot be walked anyway.
-func (dp *Datapath) netnsHolding(pairs map[socklbSvcBackendKey]bool, ns NetnsSet) (map[uint64]uint8, error) {
+// netnsHolding reads the socket counts: which netns hold connected sockets that these
+// services balanced to a backend in one of the given buckets (a bitmask per service), and
+// over which protocols. On the way it drops entries at zero whose netns the NetnsSet no
+// longer knows: netns cookies are never reused, and a netns without a handle cannot be
+// walked anyway.
+func (dp *Datapath) netnsHolding(buckets map[socklbSvcKey]uint16, ns NetnsSet) (map[uint64]uint8, error) {
 	known := knownNetns(ns)
 	out := map[uint64]uint8{}
-	var stale []socklbSvcBackendNetnsKey
-	err := dp.readPairCounts(func(k socklbSvcBackendNetnsKey, n int64) {
+	var stale []socklbSvcNetnsKey
+	err := dp.readCounts(func(k socklbSvcNetnsKey, c *socklbSvcNetnsCounts) {
 		switch {
-		case n <= 0 && !known[k.NetnsCookie]:
+		case countsZero(c) && !known[k.NetnsCookie]:
 			stale = append(stale, k)
-		case n > 0 && pairs[k.Pair]:
-			out[k.NetnsCookie] |= protoBit(k.Pair.Proto)
+		case holdsBucket(c, buckets[k.Svc]):
+			out[k.NetnsCookie] |= protoBit(k.Svc.Proto)
 		}
 	})
 	if err != nil {
 		return nil, err
 	}
-	dp.deletePairCounts(stale)
+	dp.deleteCounts(stale)
 	return out, nil
+}
+
+// backendBucket is backend_bucket in bpf/counts.h, on the same words.
+func backendBucket(b netip.AddrPort) uint {
+	w := addrWords(b.Addr())
+	h := w[0] ^ w[1] ^ w[2] ^ w[3] ^ uint32(htons(b.Port()))
+	return uint((h*0x9e3779b1)>>28) & (countBuckets - 1)
+}
+
+// countBuckets is COUNT_BUCKETS in bpf/socklb.h.
+const countBuckets = 16
+
+func countsZero(c *socklbSvcNetnsCounts) bool {
+	for _, n := range c.N {
+		if n != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func holdsBucket(c *socklbSvcNetnsCounts, mask uint16) bool {
+	for b := range countBuckets {
+		if mask&(1<<b) != 0 && c.N[b] > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 func knownNetns(ns NetnsSet) map[uint64]bool {
@@ -950,55 +984,56 @@ func knownNetns(ns NetnsSet) map[uint64]bool {
 	return known
 }
 
-// readPairCounts hands every entry of the count map to fn, a batch at a time where the
-// kernel can (one syscall per 4,096 entries instead of two per entry).
-func (dp *Datapath) readPairCounts(fn func(socklbSvcBackendNetnsKey, int64)) error {
-	m := dp.objs.PodsockPairnetnsV1
-	keys := make([]socklbSvcBackendNetnsKey, 4096)
-	vals := make([]int64, len(keys))
+// readCounts hands every entry of the count map to fn, a batch at a time where the kernel
+// can (one syscall per 1,024 entries instead of two per entry).
+func (dp *Datapath) readCounts(fn func(socklbSvcNetnsKey, *socklbSvcNetnsCounts)) error {
+	m := dp.objs.PodsockSvcnetnsV2
+	keys := make([]socklbSvcNetnsKey, 1024)
+	vals := make([]socklbSvcNetnsCounts, len(keys))
 	var cursor ebpf.MapBatchCursor
 	for {
 		n, err := m.BatchLookup(&cursor, keys, vals, nil)
 		for i := range n {
-			fn(keys[i], vals[i])
+			fn(keys[i], &vals[i])
 		}
 		switch {
 		case errors.Is(err, ebpf.ErrKeyNotExist):
 			return nil
 		case errors.Is(err, ebpf.ErrNotSupported) && n == 0:
-			var k socklbSvcBackendNetnsKey
-			var v int64
+			var k socklbSvcNetnsKey
+			var v socklbSvcNetnsCounts
 			iter := m.Iterate()
 			for iter.Next(&k, &v) {
-				fn(k, v)
+				fn(k, &v)
 			}
 			if err := iter.Err(); err != nil {
-				return fmt.Errorf("read pair counts: %w", err)
+				return fmt.Errorf("read socket counts: %w", err)
 			}
 			return nil
 		case err != nil:
-			return fmt.Errorf("read pair counts: %w", err)
+			return fmt.Errorf("read socket counts: %w", err)
 		}
 	}
 }
 
-// PrunePairCounts keeps the count map from filling up. It drops entries at zero of netns
-// that the NetnsSet no longer knows (pods that are gone), and entries at zero of pairs no
-// service has had since the previous prune: by then no connect() that picked the pair
-// before its removal can still be counting, so deleting races no increment.
-func (dp *Datapath) PrunePairCounts(ns NetnsSet) error {
+// PruneSocketCounts keeps the count map from filling up. It drops entries at zero of
+// netns that the NetnsSet no longer knows (pods that are gone), and entries at zero of
+// services the datapath has not served since the previous prune: by then no connect()
+// that chose the service before its removal can still be counting, so deleting races no
+// increment.
+func (dp *Datapath) PruneSocketCounts(ns NetnsSet) error {
 	dp.pruneMu.Lock()
 	defer dp.pruneMu.Unlock()
-	served := dp.servedPairs()
+	served := dp.servedServices()
 	known := knownNetns(ns)
-	var drop []socklbSvcBackendNetnsKey
-	marked := map[socklbSvcBackendNetnsKey]bool{}
-	err := dp.readPairCounts(func(k socklbSvcBackendNetnsKey, n int64) {
+	var drop []socklbSvcNetnsKey
+	marked := map[socklbSvcNetnsKey]bool{}
+	err := dp.readCounts(func(k socklbSvcNetnsKey, c *socklbSvcNetnsCounts) {
 		switch {
-		case n > 0:
+		case !countsZero(c):
 		case !known[k.NetnsCookie]:
 			drop = append(drop, k)
-		case served[k.Pair]:
+		case served[k.Svc]:
 		case dp.unservedAtZero[k]:
 			drop = append(drop, k)
 		default:
@@ -1008,35 +1043,31 @@ func (dp *Datapath) PrunePairCounts(ns NetnsSet) error {
 	if err != nil {
 		return err
 	}
-	dp.deletePairCounts(drop)
+	dp.deleteCounts(drop)
 	dp.unservedAtZero = marked
 	return nil
 }
 
-// servedPairs are the {service, backend} pairs the datapath serves now.
-func (dp *Datapath) servedPairs() map[socklbSvcBackendKey]bool {
+// servedServices are the services the datapath serves now.
+func (dp *Datapath) servedServices() map[socklbSvcKey]bool {
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
-	out := map[socklbSvcBackendKey]bool{}
-	for k, svc := range dp.services {
-		for _, b := range uniqueAddrs(svc.slots) {
-			out[socklbSvcBackendKey{
-				Vip: k.Addr, VipPort: k.Port, Backend: addrWords(b.Addr()), BackendPort: htons(b.Port()), Proto: k.Proto,
-			}] = true
-		}
+	out := make(map[socklbSvcKey]bool, len(dp.services))
+	for k := range dp.services {
+		out[k] = true
 	}
 	return out
 }
 
-func (dp *Datapath) deletePairCounts(keys []socklbSvcBackendNetnsKey) {
+func (dp *Datapath) deleteCounts(keys []socklbSvcNetnsKey) {
 	for _, k := range keys {
-		if err := dp.objs.PodsockPairnetnsV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			dp.log.WithError(err).Warn("delete pair count")
+		if err := dp.objs.PodsockSvcnetnsV2.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			dp.log.WithError(err).Warn("delete socket count")
 		}
 	}
 }
 
-// untrackedOpen reports whether connected sockets exist that the pair counts missed.
+// untrackedOpen reports whether connected sockets exist that the socket counts missed.
 func (dp *Datapath) untrackedOpen() (bool, error) {
 	st, err := dp.Stats()
 	if err != nil {

@@ -3,6 +3,8 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"maps"
+	"math/rand/v2"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -57,7 +59,8 @@ func closeClient(fd int) {
 	}
 }
 
-// udpClient makes a UDP socket that has exchanged one datagram with vip, connected or not.
+// udpClient makes a UDP socket that has exchanged one datagram with vip, connected or not,
+// answered by want ("" for any backend).
 func udpClient(t *testing.T, ns *testenv.Netns, vip netip.AddrPort, connected bool, want string) int {
 	t.Helper()
 	fd, err := testenv.Socket(ns, unix.AF_INET, unix.SOCK_DGRAM)
@@ -73,7 +76,7 @@ func udpClient(t *testing.T, ns *testenv.Netns, vip netip.AddrPort, connected bo
 		to = netip.AddrPort{}
 	}
 	r, err := testenv.UDPExchange(fd, unix.AF_INET, to)
-	if err != nil || r.Backend != want {
+	if err != nil || (want != "" && r.Backend != want) {
 		t.Fatalf("UDP %s from %s (connected %v): %+v %v, want %s", vip, ns.Name, connected, r, err, want)
 	}
 	return fd
@@ -399,59 +402,73 @@ func TestPrivilegedSocketsManyPerNetns(t *testing.T) {
 	}
 }
 
-// The pair counts go back to zero when sockets close, and entries at zero are dropped
-// once nothing can count there: a netns that is gone at once, a pair no service has after
+// socketCounts reads the count map: per service VIP, the counts by backend bucket.
+func socketCounts(t *testing.T, dp *Datapath) map[netip.AddrPort][countBuckets]int64 {
+	t.Helper()
+	out := map[netip.AddrPort][countBuckets]int64{}
+	err := dp.readCounts(func(k socklbSvcNetnsKey, c *socklbSvcNetnsCounts) {
+		vip := netip.AddrPortFrom(wordsAddr(k.Svc.Addr), ntohs(k.Svc.Port))
+		sum := out[vip]
+		for b, n := range c.N {
+			sum[b] += n
+		}
+		out[vip] = sum
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// The socket counts go back to zero when sockets close, and entries at zero are dropped
+// once nothing can count there: a netns that is gone at once, a service that is gone after
 // a full prune interval.
-func TestPrivilegedPairCountsArePruned(t *testing.T) {
+func TestPrivilegedSocketCountsArePruned(t *testing.T) {
 	f := newFixture(t)
 	dp := f.load()
 	ns := clientNetns(t)
 	set := newTestNetns(t, ns)
-	counts := func() map[netip.AddrPort]int64 {
-		out := map[netip.AddrPort]int64{}
-		err := dp.readPairCounts(func(k socklbSvcBackendNetnsKey, n int64) {
-			out[netip.AddrPortFrom(wordsAddr(k.Pair.Backend), ntohs(k.Pair.BackendPort))] = n
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return out
-	}
 	prune := func(s NetnsSet) {
-		if err := dp.PrunePairCounts(s); err != nil {
+		if err := dp.PruneSocketCounts(s); err != nil {
 			t.Fatal(err)
 		}
 	}
 	apply(t, dp, tcpService("default/web", webVIP, be(beA, 1)))
 	fd := heldTCP(t, ns, webVIP, "A")
-	if got := counts(); got[beA] != 1 {
+	if got := socketCounts(t, dp); got[webVIP][backendBucket(beA)] != 1 {
 		t.Fatalf("counts with one client of A: %v", got)
 	}
 	closeClient(fd)
-	if got := counts(); got[beA] != 0 || len(got) != 1 {
-		t.Fatalf("counts after the client closed: %v, want A at 0", got)
+	if got := socketCounts(t, dp); got[webVIP] != ([countBuckets]int64{}) || len(got) != 1 {
+		t.Fatalf("counts after the client closed: %v, want web's entry at 0", got)
 	}
 	prune(set)
-	if got := counts(); len(got) != 1 {
-		t.Fatalf("a served pair at zero was pruned: %v", got)
+	if got := socketCounts(t, dp); len(got) != 1 {
+		t.Fatalf("a served service's entry at zero was pruned: %v", got)
 	}
 	apply(t, dp, tcpService("default/web", webVIP, be(beB, 1)))
 	prune(set)
-	if got := counts(); len(got) != 1 {
-		t.Fatalf("a pair removed just now was pruned at once: %v", got)
+	prune(set)
+	if got := socketCounts(t, dp); len(got) != 1 {
+		t.Fatalf("the entry of a service still served lost with its backend: %v", got)
+	}
+	apply(t, dp, tcpService("default/api", apiVIP, be(beB, 1)))
+	prune(set)
+	if got := socketCounts(t, dp); len(got) != 1 {
+		t.Fatalf("a service removed just now lost its entry at once: %v", got)
 	}
 	prune(set)
-	if got := counts(); len(got) != 0 {
-		t.Fatalf("a pair out of service for a prune interval was kept: %v", got)
+	if got := socketCounts(t, dp); len(got) != 0 {
+		t.Fatalf("a service gone for a prune interval kept its entry: %v", got)
 	}
-	closeClient(heldTCP(t, ns, webVIP, "B"))
+	closeClient(heldTCP(t, ns, apiVIP, "B"))
 	prune(newTestNetns(t))
-	if got := counts(); len(got) != 0 {
+	if got := socketCounts(t, dp); len(got) != 0 {
 		t.Fatalf("an entry of a netns that is gone was kept: %v", got)
 	}
 }
 
-// A socket balanced by an agent older than the pair counts (connected, not counted) is
+// A socket balanced by an agent older than the socket counts (connected, not counted) is
 // counted when a datapath loads without a count map, so targeted termination still finds
 // it: in one pass where the kernel allows the map-element iterator, else one netns at a
 // time (the fallback runs here whatever the kernel). A socket its application closed, but
@@ -478,7 +495,7 @@ func TestPrivilegedLoadCountsSocketsBalancedBeforeCounts(t *testing.T) {
 	forget(fd, sockFlagConnected)
 	forget(lingering, sockFlagConnected|sockFlagReleased)
 	dp.Close()
-	if err := os.Remove(filepath.Join(f.bpffs, PinDirName, "podsock_pairnetns_v1")); err != nil {
+	if err := os.Remove(filepath.Join(f.bpffs, PinDirName, "podsock_svcnetns_v2")); err != nil {
 		t.Fatal(err)
 	}
 
@@ -487,18 +504,21 @@ func TestPrivilegedLoadCountsSocketsBalancedBeforeCounts(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer dp.Close()
+	// The flags without the count epoch, which each new count map moves on.
 	flags := func(fd int) uint8 {
 		t.Helper()
 		var st socklbSockState
 		if err := dp.objs.PodsockSockV1.Lookup(int32(fd), &st); err != nil {
 			t.Fatal(err)
 		}
-		return st.Flags
+		return st.Flags &^ sockFlagEpochMask
 	}
 	total := func() (n int64) {
 		t.Helper()
-		if err := dp.readPairCounts(func(_ socklbSvcBackendNetnsKey, v int64) { n += v }); err != nil {
-			t.Fatal(err)
+		for _, c := range socketCounts(t, dp) {
+			for _, v := range c {
+				n += v
+			}
 		}
 		return n
 	}
@@ -512,11 +532,11 @@ func TestPrivilegedLoadCountsSocketsBalancedBeforeCounts(t *testing.T) {
 	}
 	// The fallback, whatever the kernel: forget the count again and walk the netns.
 	forget(fd, sockFlagConnected)
-	var keys []socklbSvcBackendNetnsKey
-	if err := dp.readPairCounts(func(k socklbSvcBackendNetnsKey, _ int64) { keys = append(keys, k) }); err != nil {
+	var keys []socklbSvcNetnsKey
+	if err := dp.readCounts(func(k socklbSvcNetnsKey, _ *socklbSvcNetnsCounts) { keys = append(keys, k) }); err != nil {
 		t.Fatal(err)
 	}
-	dp.deletePairCounts(keys)
+	dp.deleteCounts(keys)
 	dp.backfillPending = true
 	n, err := dp.Backfill(set)
 	if err != nil || n != 1 || dp.BackfillPending() {
@@ -535,5 +555,209 @@ func TestPrivilegedLoadCountsSocketsBalancedBeforeCounts(t *testing.T) {
 	}
 	if err := aborted(fd); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// The socket counts equal the truth, read from the sockets themselves, after 10,000
+// sockets churned through three netns (TCP and connected UDP, closes, UDP re-connects to
+// another service) across agent restarts, one of which lost the count map, so the
+// backfill had to count the survivors in a new epoch.
+func TestPrivilegedSocketCountsEqualTheTruth(t *testing.T) {
+	f, dp := loadWithIterators(t)
+	nss := []*testenv.Netns{clientNetns(t), clientNetns(t), clientNetns(t)}
+	set := newTestNetns(t, nss...)
+	svcs := []Service{
+		tcpService("default/web", webVIP, be(beA, 1), be(beB, 1), be(beC, 1)),
+		udpService("kube-system/dns", dnsVIP, be(dnsA, 1), be(dnsB, 1)),
+		udpService("kube-system/dns2", dns2VIP, be(dnsB, 1)),
+	}
+	apply(t, dp, svcs...)
+	// The datapath the restarts leave is closed before the fixture's cleanup.
+	t.Cleanup(func() { dp.Close() })
+	rng := rand.New(rand.NewPCG(1, 2))
+	open := map[int]bool{}
+	closeOne := func() {
+		for fd := range open {
+			delete(open, fd)
+			closeClient(fd)
+			return
+		}
+	}
+	restart := func(loseCounts bool) {
+		t.Helper()
+		dp.Close()
+		if loseCounts {
+			if err := os.Remove(filepath.Join(f.bpffs, PinDirName, "podsock_svcnetns_v2")); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var err error
+		if dp, err = Load(Options{CgroupRoot: f.cg.Path, BPFFS: f.bpffs}); err != nil {
+			t.Fatal(err)
+		}
+		apply(t, dp, svcs...)
+		if dp.BackfillPending() {
+			if _, err := dp.Backfill(set); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	check := func(when string) {
+		t.Helper()
+		truth := map[socklbSvcNetnsKey][countBuckets]int64{}
+		_, err := dp.Sockets(set, SocketFilter{}, func(s Socket) error {
+			if !s.Balanced || !s.LBConnected || s.Released {
+				return nil
+			}
+			proto := ProtoTCP
+			if s.Proto == ProtoUDP {
+				proto = ProtoUDP
+			}
+			k := socklbSvcNetnsKey{Svc: svcKey(s.VIP.Addr(), s.VIP.Port(), proto), NetnsCookie: s.NetnsCookie}
+			c := truth[k]
+			c[backendBucket(s.Backend)]++
+			truth[k] = c
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := map[socklbSvcNetnsKey][countBuckets]int64{}
+		if err := dp.readCounts(func(k socklbSvcNetnsKey, c *socklbSvcNetnsCounts) {
+			if !countsZero(c) {
+				got[k] = c.N
+			}
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if !maps.Equal(got, truth) {
+			t.Fatalf("%s: counts %v\nwant the truth %v", when, got, truth)
+		}
+		var sum int64
+		for _, c := range got {
+			for _, n := range c {
+				sum += n
+			}
+		}
+		t.Logf("%s: %d open sockets counted exactly in %d entries", when, sum, len(got))
+	}
+	const churn = 10_000
+	for i := range churn {
+		switch i {
+		case churn / 4:
+			restart(false)
+		case churn / 2:
+			restart(true)
+			check("after a restart that lost the count map")
+		case 3 * churn / 4:
+			restart(false)
+		}
+		ns := nss[rng.IntN(len(nss))]
+		switch op := rng.IntN(10); {
+		case len(open) > 150 || op < 3:
+			closeOne()
+		case op < 7:
+			r, err := testenv.DialTCP(ns, 0, webVIP, true)
+			if err != nil {
+				t.Fatalf("dial %d: %v", i, err)
+			}
+			keepOpen(t, r.FD)
+			open[r.FD] = true
+		case op < 9:
+			open[udpClient(t, ns, dnsVIP, true, "")] = true
+		default:
+			// A connected UDP socket moves to another service.
+			fd := udpClient(t, ns, dnsVIP, true, "")
+			if err := unix.Connect(fd, testenv.Sockaddr(unix.AF_INET, dns2VIP)); err != nil {
+				t.Fatal(err)
+			}
+			open[fd] = true
+		}
+	}
+	check("after 10,000 churned sockets and three restarts")
+	for len(open) > 0 {
+		closeOne()
+	}
+	check("after every socket closed")
+}
+
+// A netns holds one count entry per service it uses, however many backends its sockets
+// reach: a service of many backends cannot fill the map (it took one entry per backend
+// before), and termination still enters only the netns whose bucket holds the backend.
+func TestPrivilegedSocketCountsOneEntryPerServiceAndNetns(t *testing.T) {
+	_, dp := loadWithIterators(t)
+	const nBackends = 64
+	var addrs []string
+	var backends []Backend
+	for i := range nBackends {
+		a := netip.AddrFrom4([4]byte{10, 88, 3, byte(i + 1)})
+		addrs = append(addrs, a.String()+"/32")
+		backends = append(backends, be(netip.AddrPortFrom(a, 9000), 1))
+	}
+	ns := testenv.NewNetns(t, vipRanges, addrs...)
+	other := testenv.NewNetns(t, vipRanges, addrs...)
+	testenv.StartTCPBackend(t, ns, "any", netip.MustParseAddrPort("0.0.0.0:9000"))
+	testenv.StartTCPBackend(t, other, "any", netip.MustParseAddrPort("0.0.0.0:9000"))
+	set := newTestNetns(t, ns, other)
+	apply(t, dp, tcpService("default/wide", webVIP, backends...))
+	reached := map[netip.AddrPort]int{}
+	for range 400 {
+		r, err := testenv.DialTCP(ns, 0, webVIP, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		keepOpen(t, r.FD)
+	}
+	socks := listAll(t, dp, set, SocketFilter{Proto: ProtoTCP})
+	for _, s := range socks {
+		if s.Balanced && s.LBConnected {
+			reached[s.Backend]++
+		}
+	}
+	entries := 0
+	if err := dp.readCounts(func(socklbSvcNetnsKey, *socklbSvcNetnsCounts) { entries++ }); err != nil {
+		t.Fatal(err)
+	}
+	if len(reached) < nBackends/2 || entries != 1 {
+		t.Fatalf("400 sockets reached %d backends and took %d count entries, want many backends and 1 entry", len(reached), entries)
+	}
+	// The other netns holds sockets to one backend in another bucket only: a removal of
+	// a backend of ns' buckets does not enter it.
+	var far netip.AddrPort
+	var gone netip.AddrPort
+	for b := range reached {
+		gone = b
+		break
+	}
+	for _, b := range backends {
+		if backendBucket(b.Addr) != backendBucket(gone) {
+			far = b.Addr
+			break
+		}
+	}
+	apply(t, dp, tcpService("default/wide", webVIP, be(far, 1)))
+	r, err := testenv.DialTCP(other, 0, webVIP, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keepOpen(t, r.FD)
+	apply(t, dp, tcpService("default/wide", webVIP, backends...))
+	var rest []Backend
+	for _, b := range backends {
+		if b.Addr != gone {
+			rest = append(rest, b)
+		}
+	}
+	set.TakeEntered()
+	res := apply(t, dp, tcpService("default/wide", webVIP, rest...))
+	tr, err := dp.Terminate(set, res.RemovedBackends, TerminateOptions{Protocols: []uint8{ProtoTCP}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if entered := set.TakeEntered(); len(entered) != 1 || entered[0] != ns.Cookie(t) {
+		t.Fatalf("terminate %+v entered %v, want only the netns whose bucket holds %s", tr, entered, gone)
+	}
+	if tr.Destroyed != reached[gone] {
+		t.Fatalf("destroyed %d sockets, want the %d of %s", tr.Destroyed, reached[gone], gone)
 	}
 }

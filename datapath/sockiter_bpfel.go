@@ -13,6 +13,13 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type sockiterDatapathCfg struct {
+	_               structs.HostLayout
+	HostNetnsCookie uint64
+	Flags           uint32
+	CountEpoch      uint32
+}
+
 type sockiterDoomedValue struct {
 	_               structs.HostLayout
 	SvcId           uint32
@@ -80,9 +87,21 @@ type sockiterSvcBackendKey struct {
 	Pad         [3]uint8
 }
 
-type sockiterSvcBackendNetnsKey struct {
-	_           structs.HostLayout
-	Pair        sockiterSvcBackendKey
+type sockiterSvcNetnsCounts struct {
+	_ structs.HostLayout
+	N [16]int64
+}
+
+type sockiterSvcNetnsKey struct {
+	_   structs.HostLayout
+	Svc struct {
+		_     structs.HostLayout
+		Addr  [4]uint32
+		Port  uint16
+		Proto uint8
+		Pad   uint8
+	}
+	_           [4]byte
 	NetnsCookie uint64
 }
 
@@ -90,11 +109,12 @@ type sockiterSvcBackendNetnsKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	sockiterMapPodsockCfgV1           = "podsock_cfg_v1"
 	sockiterMapPodsockDestroyCount    = "podsock_destroy_count"
 	sockiterMapPodsockDoomed          = "podsock_doomed"
 	sockiterMapPodsockListFilter      = "podsock_list_filter"
-	sockiterMapPodsockPairnetnsV1     = "podsock_pairnetns_v1"
 	sockiterMapPodsockSockV1          = "podsock_sock_v1"
+	sockiterMapPodsockSvcnetnsV2      = "podsock_svcnetns_v2"
 	sockiterProgPodsockBackfillCounts = "podsock_backfill_counts"
 	sockiterProgPodsockBackfillTcp    = "podsock_backfill_tcp"
 	sockiterProgPodsockBackfillUdp    = "podsock_backfill_udp"
@@ -159,11 +179,12 @@ type sockiterProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockiterMapSpecs struct {
+	PodsockCfgV1        *ebpf.MapSpec `ebpf:"podsock_cfg_v1"`
 	PodsockDestroyCount *ebpf.MapSpec `ebpf:"podsock_destroy_count"`
 	PodsockDoomed       *ebpf.MapSpec `ebpf:"podsock_doomed"`
 	PodsockListFilter   *ebpf.MapSpec `ebpf:"podsock_list_filter"`
-	PodsockPairnetnsV1  *ebpf.MapSpec `ebpf:"podsock_pairnetns_v1"`
 	PodsockSockV1       *ebpf.MapSpec `ebpf:"podsock_sock_v1"`
+	PodsockSvcnetnsV2   *ebpf.MapSpec `ebpf:"podsock_svcnetns_v2"`
 }
 
 // sockiterVariableSpecs contains global variables before they are loaded into the kernel.
@@ -192,20 +213,22 @@ func (o *sockiterObjects) Close() error {
 //
 // It can be passed to loadSockiterObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockiterMaps struct {
+	PodsockCfgV1        *ebpf.Map `ebpf:"podsock_cfg_v1"`
 	PodsockDestroyCount *ebpf.Map `ebpf:"podsock_destroy_count"`
 	PodsockDoomed       *ebpf.Map `ebpf:"podsock_doomed"`
 	PodsockListFilter   *ebpf.Map `ebpf:"podsock_list_filter"`
-	PodsockPairnetnsV1  *ebpf.Map `ebpf:"podsock_pairnetns_v1"`
 	PodsockSockV1       *ebpf.Map `ebpf:"podsock_sock_v1"`
+	PodsockSvcnetnsV2   *ebpf.Map `ebpf:"podsock_svcnetns_v2"`
 }
 
 func (m *sockiterMaps) Close() error {
 	return _SockiterClose(
+		m.PodsockCfgV1,
 		m.PodsockDestroyCount,
 		m.PodsockDoomed,
 		m.PodsockListFilter,
-		m.PodsockPairnetnsV1,
 		m.PodsockSockV1,
+		m.PodsockSvcnetnsV2,
 	)
 }
 

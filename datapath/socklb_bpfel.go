@@ -30,7 +30,7 @@ type socklbDatapathCfg struct {
 	_               structs.HostLayout
 	HostNetnsCookie uint64
 	Flags           uint32
-	Pad             uint32
+	CountEpoch      uint32
 }
 
 type socklbLbEntry struct {
@@ -78,22 +78,6 @@ type socklbSockState struct {
 	Count   uint8
 }
 
-type socklbSvcBackendKey struct {
-	_           structs.HostLayout
-	Vip         [4]uint32
-	Backend     [4]uint32
-	VipPort     uint16
-	BackendPort uint16
-	Proto       uint8
-	Pad         [3]uint8
-}
-
-type socklbSvcBackendNetnsKey struct {
-	_           structs.HostLayout
-	Pair        socklbSvcBackendKey
-	NetnsCookie uint64
-}
-
 type socklbSvcKey struct {
 	_     structs.HostLayout
 	Addr  [4]uint32
@@ -105,6 +89,18 @@ type socklbSvcKey struct {
 type socklbSvcName struct {
 	_    structs.HostLayout
 	Name [128]int8
+}
+
+type socklbSvcNetnsCounts struct {
+	_ structs.HostLayout
+	N [16]int64
+}
+
+type socklbSvcNetnsKey struct {
+	_           structs.HostLayout
+	Svc         socklbSvcKey
+	_           [4]byte
+	NetnsCookie uint64
 }
 
 type socklbSvcValue struct {
@@ -125,13 +121,13 @@ const (
 	socklbMapPodsockCtrcgV1       = "podsock_ctrcg_v1"
 	socklbMapPodsockNameV1        = "podsock_name_v1"
 	socklbMapPodsockNetnsV1       = "podsock_netns_v1"
-	socklbMapPodsockPairnetnsV1   = "podsock_pairnetns_v1"
 	socklbMapPodsockPodV1         = "podsock_pod_v1"
 	socklbMapPodsockPodcgV1       = "podsock_podcg_v1"
 	socklbMapPodsockSlotV1        = "podsock_slot_v1"
 	socklbMapPodsockSockV1        = "podsock_sock_v1"
 	socklbMapPodsockStatV3        = "podsock_stat_v3"
 	socklbMapPodsockSvcV1         = "podsock_svc_v1"
+	socklbMapPodsockSvcnetnsV2    = "podsock_svcnetns_v2"
 	socklbProgPodsockConnect4     = "podsock_connect4"
 	socklbProgPodsockConnect6     = "podsock_connect6"
 	socklbProgPodsockGetpeername4 = "podsock_getpeername4"
@@ -200,19 +196,19 @@ type socklbProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socklbMapSpecs struct {
-	PodsockAffV2       *ebpf.MapSpec `ebpf:"podsock_aff_v2"`
-	PodsockAllowV1     *ebpf.MapSpec `ebpf:"podsock_allow_v1"`
-	PodsockCfgV1       *ebpf.MapSpec `ebpf:"podsock_cfg_v1"`
-	PodsockCtrcgV1     *ebpf.MapSpec `ebpf:"podsock_ctrcg_v1"`
-	PodsockNameV1      *ebpf.MapSpec `ebpf:"podsock_name_v1"`
-	PodsockNetnsV1     *ebpf.MapSpec `ebpf:"podsock_netns_v1"`
-	PodsockPairnetnsV1 *ebpf.MapSpec `ebpf:"podsock_pairnetns_v1"`
-	PodsockPodV1       *ebpf.MapSpec `ebpf:"podsock_pod_v1"`
-	PodsockPodcgV1     *ebpf.MapSpec `ebpf:"podsock_podcg_v1"`
-	PodsockSlotV1      *ebpf.MapSpec `ebpf:"podsock_slot_v1"`
-	PodsockSockV1      *ebpf.MapSpec `ebpf:"podsock_sock_v1"`
-	PodsockStatV3      *ebpf.MapSpec `ebpf:"podsock_stat_v3"`
-	PodsockSvcV1       *ebpf.MapSpec `ebpf:"podsock_svc_v1"`
+	PodsockAffV2      *ebpf.MapSpec `ebpf:"podsock_aff_v2"`
+	PodsockAllowV1    *ebpf.MapSpec `ebpf:"podsock_allow_v1"`
+	PodsockCfgV1      *ebpf.MapSpec `ebpf:"podsock_cfg_v1"`
+	PodsockCtrcgV1    *ebpf.MapSpec `ebpf:"podsock_ctrcg_v1"`
+	PodsockNameV1     *ebpf.MapSpec `ebpf:"podsock_name_v1"`
+	PodsockNetnsV1    *ebpf.MapSpec `ebpf:"podsock_netns_v1"`
+	PodsockPodV1      *ebpf.MapSpec `ebpf:"podsock_pod_v1"`
+	PodsockPodcgV1    *ebpf.MapSpec `ebpf:"podsock_podcg_v1"`
+	PodsockSlotV1     *ebpf.MapSpec `ebpf:"podsock_slot_v1"`
+	PodsockSockV1     *ebpf.MapSpec `ebpf:"podsock_sock_v1"`
+	PodsockStatV3     *ebpf.MapSpec `ebpf:"podsock_stat_v3"`
+	PodsockSvcV1      *ebpf.MapSpec `ebpf:"podsock_svc_v1"`
+	PodsockSvcnetnsV2 *ebpf.MapSpec `ebpf:"podsock_svcnetns_v2"`
 }
 
 // socklbVariableSpecs contains global variables before they are loaded into the kernel.
@@ -241,19 +237,19 @@ func (o *socklbObjects) Close() error {
 //
 // It can be passed to loadSocklbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socklbMaps struct {
-	PodsockAffV2       *ebpf.Map `ebpf:"podsock_aff_v2"`
-	PodsockAllowV1     *ebpf.Map `ebpf:"podsock_allow_v1"`
-	PodsockCfgV1       *ebpf.Map `ebpf:"podsock_cfg_v1"`
-	PodsockCtrcgV1     *ebpf.Map `ebpf:"podsock_ctrcg_v1"`
-	PodsockNameV1      *ebpf.Map `ebpf:"podsock_name_v1"`
-	PodsockNetnsV1     *ebpf.Map `ebpf:"podsock_netns_v1"`
-	PodsockPairnetnsV1 *ebpf.Map `ebpf:"podsock_pairnetns_v1"`
-	PodsockPodV1       *ebpf.Map `ebpf:"podsock_pod_v1"`
-	PodsockPodcgV1     *ebpf.Map `ebpf:"podsock_podcg_v1"`
-	PodsockSlotV1      *ebpf.Map `ebpf:"podsock_slot_v1"`
-	PodsockSockV1      *ebpf.Map `ebpf:"podsock_sock_v1"`
-	PodsockStatV3      *ebpf.Map `ebpf:"podsock_stat_v3"`
-	PodsockSvcV1       *ebpf.Map `ebpf:"podsock_svc_v1"`
+	PodsockAffV2      *ebpf.Map `ebpf:"podsock_aff_v2"`
+	PodsockAllowV1    *ebpf.Map `ebpf:"podsock_allow_v1"`
+	PodsockCfgV1      *ebpf.Map `ebpf:"podsock_cfg_v1"`
+	PodsockCtrcgV1    *ebpf.Map `ebpf:"podsock_ctrcg_v1"`
+	PodsockNameV1     *ebpf.Map `ebpf:"podsock_name_v1"`
+	PodsockNetnsV1    *ebpf.Map `ebpf:"podsock_netns_v1"`
+	PodsockPodV1      *ebpf.Map `ebpf:"podsock_pod_v1"`
+	PodsockPodcgV1    *ebpf.Map `ebpf:"podsock_podcg_v1"`
+	PodsockSlotV1     *ebpf.Map `ebpf:"podsock_slot_v1"`
+	PodsockSockV1     *ebpf.Map `ebpf:"podsock_sock_v1"`
+	PodsockStatV3     *ebpf.Map `ebpf:"podsock_stat_v3"`
+	PodsockSvcV1      *ebpf.Map `ebpf:"podsock_svc_v1"`
+	PodsockSvcnetnsV2 *ebpf.Map `ebpf:"podsock_svcnetns_v2"`
 }
 
 func (m *socklbMaps) Close() error {
@@ -264,13 +260,13 @@ func (m *socklbMaps) Close() error {
 		m.PodsockCtrcgV1,
 		m.PodsockNameV1,
 		m.PodsockNetnsV1,
-		m.PodsockPairnetnsV1,
 		m.PodsockPodV1,
 		m.PodsockPodcgV1,
 		m.PodsockSlotV1,
 		m.PodsockSockV1,
 		m.PodsockStatV3,
 		m.PodsockSvcV1,
+		m.PodsockSvcnetnsV2,
 	)
 }
 

@@ -29,10 +29,11 @@ type Agent struct {
 	dp  *datapath.Datapath
 	ctl *control
 
-	// settings is the [agent] and [nri] sections the process started with; they cannot
+	// settings, nri and limits are the sections the process started with; they cannot
 	// change live.
 	settings config.Agent
 	nri      config.NRI
+	limits   config.Limits
 
 	// tracker holds the runtime's pod facts (and their netns handles); plugin is the NRI
 	// connection, nil when NRI is disabled.
@@ -176,7 +177,7 @@ func (a *Agent) start(cfg *config.Config, sigs <-chan os.Signal) (reloadPending 
 	if err != nil {
 		return false, err
 	}
-	dp, err := datapath.Load(datapath.Options{CgroupRoot: cgroupRoot, BPFFS: cfg.Agent.BPFFS, Log: log})
+	dp, err := datapath.Load(datapath.Options{CgroupRoot: cgroupRoot, BPFFS: cfg.Agent.BPFFS, Limits: datapathLimits(cfg.Limits), Log: log})
 	if err != nil {
 		ctl.Close()
 		return false, err
@@ -187,7 +188,7 @@ func (a *Agent) start(cfg *config.Config, sigs <-chan os.Signal) (reloadPending 
 		return false, errors.Join(fmt.Errorf("hold the host netns: %w", err), dp.Close())
 	}
 	a.opMu.Lock()
-	a.dp, a.ctl, a.cgroupRoot, a.settings, a.nri = dp, ctl, cgroupRoot, cfg.Agent, cfg.NRI
+	a.dp, a.ctl, a.cgroupRoot, a.settings, a.nri, a.limits = dp, ctl, cgroupRoot, cfg.Agent, cfg.NRI, cfg.Limits
 	a.tracker = runtimehooks.NewTracker(cgroup2)
 	a.netns = nodeNetns{host: host, tracker: a.tracker}
 	a.term = newTerminator(dp, a.netns, log)
@@ -318,6 +319,11 @@ func (a *Agent) reload(path string) {
 		a.log.Warn("nri settings changed; that takes a restart, keeping the running ones")
 		cfg.NRI = a.nri
 	}
+	if cfg.Limits != a.limits {
+		// The maps are sized at load; the restart migrates them.
+		a.log.Warn("limits changed; that takes a restart, keeping the running ones")
+		cfg.Limits = a.limits
+	}
 	if err := setLogLevel(a.log, cfg.Agent.LogLevel); err != nil {
 		a.log.WithError(err).Error("reload: log level")
 	}
@@ -428,3 +434,10 @@ func toDatapath(svcs []config.Service, policies map[string]datapath.ServicePolic
 
 // ErrNotRunning says no agent answers on the control socket.
 var ErrNotRunning = errors.New("agent is not running")
+
+func datapathLimits(l config.Limits) datapath.Limits {
+	return datapath.Limits{
+		Services: l.Services, BackendsPerService: l.BackendsPerService, SlotsPerService: l.SlotsPerService,
+		Slots: l.Slots, Pods: l.Pods, Containers: l.Containers, PodServices: l.PodServices, SocketCounts: l.SocketCounts,
+	}
+}

@@ -52,6 +52,10 @@ type DatapathStatus struct {
 	// BackfillPending says that sockets an older agent balanced are not counted yet:
 	// termination walks every netns until they are.
 	BackfillPending bool `json:"backfill_pending"`
+	// Maps are each pinned map's entries, capacity ([limits]) and kernel memory;
+	// MemoryBytes is their sum.
+	Maps        []datapath.MapStat `json:"maps"`
+	MemoryBytes uint64             `json:"memory_bytes"`
 }
 
 type NRIStatus struct {
@@ -234,6 +238,14 @@ func (a *Agent) status() Status {
 			if p.NetnsCookie != 0 {
 				st.Netns++
 			}
+		}
+	}
+	if maps, err := a.dp.MapStats(); err != nil {
+		a.log.WithError(err).Warn("read map sizes")
+	} else {
+		st.Datapath.Maps = maps
+		for _, m := range maps {
+			st.Datapath.MemoryBytes += m.MemoryBytes
 		}
 	}
 	st.Termination = a.term.status()

@@ -4,13 +4,15 @@
 #ifndef PODSOCK_SOCKLB_H
 #define PODSOCK_SOCKLB_H
 
-#define PODSOCK_MAX_SERVICES 262144
-#define PODSOCK_MAX_SLOTS 1048576
+// Map capacities as built: the defaults of [limits] (config.DefaultLimits). The loader
+// sets each map's size from the config before it creates the maps.
+#define PODSOCK_MAX_SERVICES 32768
+#define PODSOCK_MAX_SLOTS 262144
 #define PODSOCK_NAME_LEN 128
 #define LB_ENTRIES 4
-#define PODSOCK_MAX_PODS 65536
-#define PODSOCK_MAX_CONTAINERS 262144
-#define PODSOCK_MAX_POD_SERVICE 1048576
+#define PODSOCK_MAX_PODS 4096
+#define PODSOCK_MAX_CONTAINERS 16384
+#define PODSOCK_MAX_POD_SERVICE 131072
 #define PODSOCK_SANDBOX_ID_LEN 64
 // How deep below the cgroup2 root a pod cgroup may sit (kubepods QoS slices, kind, a
 // custom cgroup_parent): the datapath looks for the pod at every level up to this one.
@@ -119,7 +121,7 @@ struct svc_netns_counts {
 	__s64 n[COUNT_BUCKETS];
 };
 
-#define PODSOCK_MAX_SVC_NETNS 131072
+#define PODSOCK_MAX_SVC_NETNS 65536
 
 // Pod flags.
 #define POD_F_SKIP_LB 1 // socket-LB leaves this pod's sockets alone (service meshes)

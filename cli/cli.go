@@ -225,6 +225,12 @@ func status(c *command) error {
 			k.Connects, k.Sendmsgs, k.Reversed, k.NoBackend, k.NoStorage)
 		fmt.Fprintf(w, "policy\t%d denied (allow-lists), %d left alone (skip-LB, hostns_only)\n", k.Denied, k.Skipped)
 		fmt.Fprintf(w, "termination\t%s\n", terminationLine(st.Termination))
+		fmt.Fprintf(w, "kernel memory\t%.1f MiB in %d maps\n", float64(st.Datapath.MemoryBytes)/(1<<20), len(st.Datapath.Maps))
+		for _, m := range st.Datapath.Maps {
+			if m.Limit != "" && m.Entries*10 >= m.Capacity*9 {
+				fmt.Fprintf(w, "map nearly full\t%s: %d of %d entries (raise %s)\n", m.Name, m.Entries, m.Capacity, m.Limit)
+			}
+		}
 		for _, f := range st.Datapath.Features {
 			if !f.Present {
 				fmt.Fprintf(w, "refused by kernel\t%s: %s\n", f.Name, f.Detail)

@@ -17,13 +17,65 @@ import (
 // DefaultPath is where the agent looks for its configuration.
 const DefaultPath = "/etc/podsock/podsock.toml"
 
-// Limits enforced by Validate. They mirror the sizes of the datapath maps and
-// of the fixed-size name field the datapath reports back.
+// Limits enforced by Validate that no setting changes: the weight range and the
+// fixed-size name field the datapath reports back.
 const (
-	MaxBackends       = 1024
 	MaxWeight         = 1000
 	MaxServiceNameLen = 127
 )
+
+// Limits is the [limits] section: the capacity of each datapath map, fixed when
+// the maps are created. Each costs kernel memory at idle (16 bytes per entry of
+// capacity, rounded up to a power of two, for a hash map's buckets), and more
+// as entries are used. The defaults fit a node of a few hundred pods and
+// thousands of services within about 12 MiB; a large node raises them.
+// Changing one takes a restart, which migrates the pinned maps.
+type Limits struct {
+	// Services is how many services (each VIP, port and protocol) the datapath holds.
+	Services int `toml:"services"`
+	// BackendsPerService and SlotsPerService bound one service: its backends, and
+	// the selection table its weights expand to (at least one slot per backend).
+	BackendsPerService int `toml:"backends_per_service"`
+	SlotsPerService    int `toml:"slots_per_service"`
+	// Slots bounds the selection tables of all services together.
+	Slots int `toml:"slots"`
+	// Pods and Containers bound the pods the runtime reports and their workload
+	// containers.
+	Pods       int `toml:"pods"`
+	Containers int `toml:"containers"`
+	// PodServices bounds the {pod, service} entries of allow-lists, and as many of
+	// pod affinity.
+	PodServices int `toml:"pod_services"`
+	// SocketCounts bounds the {service, netns} counts that let termination enter
+	// only the netns that hold a removed backend's sockets.
+	SocketCounts int `toml:"socket_counts"`
+}
+
+// DefaultLimits are the [limits] a config gets for keys it leaves out.
+func DefaultLimits() Limits {
+	return Limits{
+		Services: 32768, BackendsPerService: 1024, SlotsPerService: 4096, Slots: 262144,
+		Pods: 4096, Containers: 16384, PodServices: 131072, SocketCounts: 65536,
+	}
+}
+
+// limitRange is the values one limit may take: the datapath's own bounds.
+type limitRange struct {
+	key      string
+	min, max int
+	field    func(*Limits) *int
+}
+
+var limitRanges = []limitRange{
+	{"services", 1, 1 << 20, func(l *Limits) *int { return &l.Services }},
+	{"backends_per_service", 1, 65536, func(l *Limits) *int { return &l.BackendsPerService }},
+	{"slots_per_service", 1, 65536, func(l *Limits) *int { return &l.SlotsPerService }},
+	{"slots", 1, 1 << 24, func(l *Limits) *int { return &l.Slots }},
+	{"pods", 1, 1 << 20, func(l *Limits) *int { return &l.Pods }},
+	{"containers", 1, 1 << 22, func(l *Limits) *int { return &l.Containers }},
+	{"pod_services", 1, 1 << 24, func(l *Limits) *int { return &l.PodServices }},
+	{"socket_counts", 1, 1 << 22, func(l *Limits) *int { return &l.SocketCounts }},
+}
 
 // Protocol is a transport protocol a service is balanced for.
 type Protocol string
@@ -41,6 +93,7 @@ type Config struct {
 	Agent    Agent     `toml:"agent"`
 	NRI      NRI       `toml:"nri"`
 	LB       LB        `toml:"lb"`
+	Limits   Limits    `toml:"limits"`
 	Services []Service `toml:"service"`
 }
 
@@ -135,7 +188,8 @@ func Default() *Config {
 			PluginName:  "podsock",
 			PluginIndex: "10",
 		},
-		LB: LB{Terminate: []Protocol{ProtocolTCP, ProtocolUDP}, SkipAnnotation: true},
+		LB:     LB{Terminate: []Protocol{ProtocolTCP, ProtocolUDP}, SkipAnnotation: true},
+		Limits: DefaultLimits(),
 	}
 }
 

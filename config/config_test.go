@@ -28,7 +28,7 @@ const (
 )
 
 func TestParseErrors(t *testing.T) {
-	manyBackends := make([]string, MaxBackends+1)
+	manyBackends := make([]string, DefaultLimits().BackendsPerService+1)
 	for i := range manyBackends {
 		manyBackends[i] = fmt.Sprintf("%q", fmt.Sprintf("10.88.%d.%d:80", i/250, i%250+1))
 	}
@@ -149,7 +149,7 @@ func TestParseErrors(t *testing.T) {
 		{"backend multicast", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = ["224.0.0.1:80"]`), 5, "address 224.0.0.1 is multicast"},
 		{"backend zone", doc(`[[service]]`, `name = "v6"`, `vip = "fd00::1"`, svcPort, `backends = ["[fe80::5%eth0]:80"]`), 5, "must not have a zone"},
 		{"too many backends", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = [`+strings.Join(manyBackends, ", ")+`]`), 5,
-			"1025 backends, at most 1024 allowed"},
+			"1025 backends exceed limits.backends_per_service = 1024"},
 		{"duplicate key", doc(`[[service]]`, `name = "a"`, svcVIP, svcPort, `[[service]]`, `name = "b"`, svcVIP, svcPort, `protocol = "tcp"`), 7,
 			`service "b": 10.96.0.20:80/tcp already used by service "a" (line 3)`},
 		{"duplicate key v6", doc(`[[service]]`, `name = "a"`, `vip = "fd00::1"`, `port = 53`, `protocol = "udp"`,
@@ -185,6 +185,19 @@ func TestParseErrors(t *testing.T) {
 			`  { addr = "10.88.0.6:80",`, `    weight = 0 },`, `]`), 9, "weight 0 out of range"},
 		{"crlf", strings.ReplaceAll(doc(`[agent]`, `bpffs = "/x"`, `[[service]]`, svcName, `vip = "x"`, svcPort), "\n", "\r\n"), 5, `vip "x" is not an IP address`},
 		{"dotted keys in service", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends.x = 1`), 5, "backends must be an array, not table"},
+
+		// [limits].
+		{"limit unknown", doc(`[limits]`, `service = 10`), 2, `unknown key "service" in [limits]`},
+		{"limit not integer", doc(`[limits]`, `pods = "many"`), 2, "limits.pods must be an integer, not string"},
+		{"limit zero", doc(`[limits]`, `slots = 0`), 2, "limits.slots = 0 is out of range (1..16777216)"},
+		{"limit too large", doc(`[limits]`, `services = 2000000`), 2, "limits.services = 2000000 is out of range (1..1048576)"},
+		{"slots per service below backends", doc(`[limits]`, `backends_per_service = 5000`, `slots_per_service = 4096`), 3,
+			"limits.slots_per_service = 4096 is below limits.backends_per_service = 5000"},
+		{"slots below slots per service", doc(`[limits]`, `slots_per_service = 8192`, `slots = 4096`), 3, "limits.slots = 4096 is below limits.slots_per_service = 8192"},
+		{"more services than the limit", doc(`[limits]`, `services = 1`, `[[service]]`, `name = "a"`, svcVIP, svcPort,
+			`[[service]]`, `name = "b"`, `vip = "10.96.0.21"`, svcPort), 7, "2 services exceed limits.services = 1"},
+		{"backends over a raised limit", doc(`[limits]`, `backends_per_service = 2`, `[[service]]`, svcName, svcVIP, svcPort,
+			`backends = ["10.88.0.5:80", "10.88.0.6:80", "10.88.0.7:80"]`), 7, "3 backends exceed limits.backends_per_service = 2"},
 
 		// [lb] hostns_only and [[lb.skip]].
 		{"hostns_only wrong type", doc(`[lb]`, `hostns_only = "true"`), 2, "lb.hostns_only must be a boolean, not string"},
@@ -295,6 +308,11 @@ terminate = ["udp"]
 hostns_only = true
 skip_annotation = false
 
+[limits]
+services = 100000
+backends_per_service = 5000
+slots_per_service = 8192
+
 [[lb.skip]]
 namespace = "istio-system"
 labels = { app = "istio-ingress" }
@@ -371,6 +389,11 @@ func TestParseExample(t *testing.T) {
 	wantSkip := []Selector{
 		{Namespace: "istio-system", Labels: map[string]string{"app": "istio-ingress"}},
 		{Labels: map[string]string{"sidecar.istio.io/inject": "true", "example.com/empty": ""}},
+	}
+	wantLimits := DefaultLimits()
+	wantLimits.Services, wantLimits.BackendsPerService, wantLimits.SlotsPerService = 100000, 5000, 8192
+	if c.Limits != wantLimits {
+		t.Errorf("Limits = %+v, want %+v", c.Limits, wantLimits)
 	}
 	if !c.LB.HostnsOnly || c.LB.SkipAnnotation || !sameSelectors(c.LB.Skip, wantSkip) {
 		t.Errorf("LB = %+v, want hostns_only and skip %+v", c.LB, wantSkip)

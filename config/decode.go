@@ -51,6 +51,8 @@ func (d *decoder) document(doc map[string]any) {
 			d.nri(at, v)
 		case "lb":
 			d.lb(at, v)
+		case "limits":
+			d.limits(at, v)
 		case "service":
 			d.services(at, v)
 		default:
@@ -158,6 +160,32 @@ func (d *decoder) lb(at keyPath, v any) {
 		default:
 			d.unknown(kat, "lb", k)
 		}
+	}
+}
+
+func (d *decoder) limits(at keyPath, v any) {
+	t, ok := d.table(at, "limits", v)
+	if !ok {
+		return
+	}
+	for _, k := range sortedKeys(t) {
+		v, kat := t[k], at.key(k)
+		i := slices.IndexFunc(limitRanges, func(r limitRange) bool { return r.key == k })
+		if i < 0 {
+			d.unknown(kat, "limits", k)
+			continue
+		}
+		n, ok := v.(int64)
+		if !ok {
+			d.fail(kat, "limits.%s must be an integer, not %s", k, typeName(v))
+			continue
+		}
+		r := limitRanges[i]
+		if n < int64(r.min) || n > int64(r.max) {
+			d.fail(kat, "limits.%s = %d is out of range (%d..%d)", k, n, r.min, r.max)
+			continue
+		}
+		*r.field(&d.c.Limits) = int(n)
 	}
 }
 

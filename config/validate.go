@@ -62,6 +62,19 @@ func (c *Config) check(pos lineIndex) []problem {
 		ps.checkSelector(lb.key("skip").index(i), fmt.Sprintf("lb.skip #%d", i+1), sel)
 	}
 
+	lim := root.key("limits")
+	if l := c.Limits; l.SlotsPerService < l.BackendsPerService {
+		ps.add(lim.key("slots_per_service"), "limits.slots_per_service = %d is below limits.backends_per_service = %d: every backend needs a slot",
+			l.SlotsPerService, l.BackendsPerService)
+	}
+	if l := c.Limits; l.Slots < l.SlotsPerService {
+		ps.add(lim.key("slots"), "limits.slots = %d is below limits.slots_per_service = %d", l.Slots, l.SlotsPerService)
+	}
+	if n := len(c.Services); n > c.Limits.Services {
+		// One line for the whole config, at the first service that does not fit.
+		ps.add(keyPath{}.key("service").index(c.Limits.Services), "%d services exceed limits.services = %d", n, c.Limits.Services)
+	}
+
 	c.checkServices(&ps, pos)
 	return ps
 }
@@ -107,8 +120,8 @@ func (c *Config) checkServices(ps *problems, pos lineIndex) {
 			}
 		}
 
-		if len(s.Backends) > MaxBackends {
-			ps.add(at.key("backends"), "%s: %d backends, at most %d allowed", label, len(s.Backends), MaxBackends)
+		if max := c.Limits.BackendsPerService; len(s.Backends) > max {
+			ps.add(at.key("backends"), "%s: %d backends exceed limits.backends_per_service = %d", label, len(s.Backends), max)
 		}
 		seen := map[netip.AddrPort]bool{}
 		for j, b := range s.Backends {

@@ -23,12 +23,8 @@ import (
 // PinDirName is the directory under the bpffs mount that holds everything podsock pins.
 const PinDirName = "podsock"
 
-// Capacities of the service and slot maps; bpf/socklb.h defines the same numbers
-// (TestMapCapacities checks that they agree).
-const (
-	maxServices = 262144
-	maxSlots    = 1 << 20
-)
+// maxServiceIDs bounds service IDs, whatever limits.services is (which it bounds).
+const maxServiceIDs = 1 << 20
 
 // ErrIncompatiblePins is returned when pinned maps exist whose layout differs from the one
 // this binary was built with; they must be removed with `podsock cleanup` first.
@@ -43,7 +39,9 @@ type Options struct {
 	// HostNetns is the cookie of the netns whose sockets count as the host's (hostns_only,
 	// allow_host). 0 means the netns this process runs in, which is right for a node agent.
 	HostNetns uint64
-	Log       logrus.FieldLogger
+	// Limits size the maps; pinned maps of another size are migrated at load.
+	Limits Limits
+	Log    logrus.FieldLogger
 }
 
 // attachPoint ties a program to its cgroup hook and the name of its pinned link.
@@ -115,6 +113,7 @@ type Datapath struct {
 	hostNetns  uint64
 	// countEpoch is the settings' count_epoch (see SOCK_F_EPOCH_MASK in bpf/socklb.h).
 	countEpoch uint32
+	limits     Limits
 	// cfgWritten is what the settings map holds, as last written; nil when unknown.
 	cfgWritten *socklbDatapathCfg
 }
@@ -171,11 +170,26 @@ func Load(opts Options) (*Datapath, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load BPF spec: %w", err)
 	}
-	// Socket state without this count map (an agent with another count layout, or a map
-	// removed by hand) holds connected sockets it does not count: a new count epoch starts,
-	// and the backfill counts them.
-	needBackfill := pinned(pinDir, "podsock_sock_v1") && !pinned(pinDir, "podsock_svcnetns_v2")
-	err = spec.LoadAndAssign(&dp.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}})
+	dp.limits = opts.Limits.resolve(spec)
+	dp.limits.size(spec)
+	resizedMaps, recount, err := resizePinned(spec, pinDir)
+	if err != nil {
+		return nil, err
+	}
+	replacements := map[string]*ebpf.Map{}
+	for _, r := range resizedMaps {
+		replacements[r.name] = r.m
+	}
+	defer func() {
+		for _, r := range resizedMaps {
+			_ = r.m.Close()
+		}
+	}()
+	// Socket state without this count map (an agent with another count layout, a map
+	// resized or removed by hand) holds connected sockets it does not count: a new count
+	// epoch starts, and the backfill counts them.
+	needBackfill := pinned(pinDir, "podsock_sock_v1") && (!pinned(pinDir, "podsock_svcnetns_v2") || recount)
+	err = spec.LoadAndAssign(&dp.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}, MapReplacements: replacements})
 	if err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
@@ -212,6 +226,10 @@ func Load(opts Options) (*Datapath, error) {
 	}
 	if err := dp.attach(); err != nil {
 		return nil, errors.Join(err, dp.closeAll())
+	}
+	if err := dp.pinResized(resizedMaps); err != nil {
+		// The programs serve from the resized maps; only a restart would miss them.
+		dp.log.WithError(err).Error("resized maps are attached but not pinned; a restart loses what they hold")
 	}
 	dp.migrateAffinityV1()
 	if dp.iter, dp.iterErr = loadIterators(dp.objs.PodsockSockV1, dp.objs.PodsockSvcnetnsV2, dp.objs.PodsockCfgV1, opts.Log); dp.iterErr != nil {

@@ -10,21 +10,30 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf/btf"
+
+	"github.com/podsock/podsock/config"
 )
 
-func TestMapCapacitiesMatchTheObject(t *testing.T) {
+// The object's map sizes are the defaults of [limits], so a config that leaves them out
+// loads without resizing anything.
+func TestDefaultLimitsMatchTheObject(t *testing.T) {
 	spec, err := loadSocklb()
 	if err != nil {
 		t.Fatal(err)
 	}
-	for name, want := range map[string]uint32{
-		"podsock_svc_v1":  maxServices,
-		"podsock_name_v1": maxServices,
-		"podsock_slot_v1": maxSlots,
-		"podsock_pod_v1":  maxPods,
-	} {
-		if got := spec.Maps[name].MaxEntries; got != want {
-			t.Errorf("map %s holds %d entries, Go assumes %d", name, got, want)
+	d := config.DefaultLimits()
+	want := Limits{
+		Services: d.Services, BackendsPerService: d.BackendsPerService, SlotsPerService: d.SlotsPerService,
+		Slots: d.Slots, Pods: d.Pods, Containers: d.Containers, PodServices: d.PodServices, SocketCounts: d.SocketCounts,
+	}
+	if got := (Limits{}).resolve(spec); got != want {
+		t.Errorf("the object's sizes give limits %+v, config.DefaultLimits %+v", got, want)
+	}
+	for _, lm := range limitMaps {
+		for _, name := range lm.maps {
+			if got, first := spec.Maps[name].MaxEntries, spec.Maps[lm.maps[0]].MaxEntries; got != first {
+				t.Errorf("map %s holds %d entries, %s %d: one limit sizes both", name, got, lm.maps[0], first)
+			}
 		}
 	}
 }
@@ -163,7 +172,7 @@ func TestExpandSlots(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got := count(expandSlots(tt.backends))
+			got := count(expandSlots(tt.backends, defaultSlotsPerService))
 			if !reflect.DeepEqual(got, tt.want) {
 				t.Fatalf("slots %v, want %v", got, tt.want)
 			}
@@ -175,9 +184,9 @@ func TestExpandSlots(t *testing.T) {
 		for i := range 10 {
 			backends = append(backends, Backend{netip.AddrPortFrom(netip.MustParseAddr("10.1.0.1"), uint16(1000+i)), 997})
 		}
-		slots := expandSlots(backends)
-		if len(slots) > MaxSlotsPerService {
-			t.Fatalf("%d slots, cap is %d", len(slots), MaxSlotsPerService)
+		slots := expandSlots(backends, defaultSlotsPerService)
+		if len(slots) > defaultSlotsPerService {
+			t.Fatalf("%d slots, cap is %d", len(slots), defaultSlotsPerService)
 		}
 		got := count(slots)
 		if got[c] != 1 || len(got) != len(backends) {
@@ -194,10 +203,10 @@ func TestExpandSlots(t *testing.T) {
 			}
 			backends = append(backends, Backend{netip.AddrPortFrom(netip.MustParseAddr("10.2.0.1"), uint16(1+i)), w})
 		}
-		slots := expandSlots(backends)
+		slots := expandSlots(backends, defaultSlotsPerService)
 		got := count(slots)
-		if len(slots) > MaxSlotsPerService || len(got) != len(backends) {
-			t.Fatalf("%d slots for %d of %d backends, cap %d", len(slots), len(got), len(backends), MaxSlotsPerService)
+		if len(slots) > defaultSlotsPerService || len(got) != len(backends) {
+			t.Fatalf("%d slots for %d of %d backends, cap %d", len(slots), len(got), len(backends), defaultSlotsPerService)
 		}
 		heavy, light := got[backends[0].Addr], got[backends[1023].Addr]
 		if heavy < 100*light {
@@ -207,8 +216,8 @@ func TestExpandSlots(t *testing.T) {
 
 	t.Run("deterministic and interleaved", func(t *testing.T) {
 		in := []Backend{{a, 1}, {b, 3}}
-		first := expandSlots(in)
-		if !slices.Equal(first, expandSlots(in)) {
+		first := expandSlots(in, defaultSlotsPerService)
+		if !slices.Equal(first, expandSlots(in, defaultSlotsPerService)) {
 			t.Fatal("same input gave different tables")
 		}
 		if !slices.Equal(first, []netip.AddrPort{b, b, a, b}) && !slices.Equal(first, []netip.AddrPort{b, a, b, b}) {
@@ -217,7 +226,7 @@ func TestExpandSlots(t *testing.T) {
 	})
 
 	t.Run("weights recovered from slots", func(t *testing.T) {
-		got := weightsFromSlots(expandSlots([]Backend{{c, 4}, {a, 2}, {b, 6}}))
+		got := weightsFromSlots(expandSlots([]Backend{{c, 4}, {a, 2}, {b, 6}}, defaultSlotsPerService))
 		want := []Backend{{a, 1}, {b, 3}, {c, 2}}
 		if !reflect.DeepEqual(got, want) {
 			t.Fatalf("recovered %v, want %v", got, want)
@@ -228,10 +237,11 @@ func TestExpandSlots(t *testing.T) {
 // Re-applying a config must not count its slots twice: only one service at a time has
 // both its old and its new table in the map.
 func TestCapacityCountsOneOverlapAtATime(t *testing.T) {
-	dp := &Datapath{services: map[socklbSvcKey]*installed{}}
+	const maxSlots = 1 << 20
+	dp := &Datapath{services: map[socklbSvcKey]*installed{}, limits: Limits{Services: 1 << 20, Slots: maxSlots}}
 	desired := map[socklbSvcKey]wanted{}
-	big := []Backend{{ap("10.0.0.1:80"), 1}, {ap("10.0.0.2:80"), MaxSlotsPerService - 1}}
-	slots := expandSlots(big)
+	big := []Backend{{ap("10.0.0.1:80"), 1}, {ap("10.0.0.2:80"), defaultSlotsPerService - 1}}
+	slots := expandSlots(big, defaultSlotsPerService)
 	n := maxSlots/len(slots) - 1 // fills the map but for one table's worth
 	for i := range n {
 		vip := netip.AddrFrom4([4]byte{10, 96, byte(i >> 8), byte(i)})

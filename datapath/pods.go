@@ -12,8 +12,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// maxPods is the capacity of the pod maps; bpf/socklb.h defines the same number.
-const maxPods = 65536
+// podIDSpace bounds pod IDs, whatever limits.pods is (which it bounds).
+const podIDSpace = 1 << 20
 
 // Pod flags and node settings, as in bpf/socklb.h.
 const (
@@ -77,6 +77,9 @@ func (dp *Datapath) setPod(p Pod) (added bool, err error) {
 	}
 	cur := dp.pods[p.SandboxID]
 	if cur == nil {
+		if len(dp.pods) >= dp.limits.Pods {
+			return false, fmt.Errorf("pod %s: %d pods already, limits.pods = %d", p.SandboxID, len(dp.pods), dp.limits.Pods)
+		}
 		id, err := dp.allocPodID()
 		if err != nil {
 			return false, fmt.Errorf("pod %s: %w", p.SandboxID, err)
@@ -319,17 +322,17 @@ func (dp *Datapath) writeCfg() error {
 }
 
 func (dp *Datapath) allocPodID() (uint32, error) {
-	for range maxPods {
+	for range podIDSpace {
 		id := dp.nextPodID
 		dp.nextPodID++
-		if dp.nextPodID >= maxPods {
+		if dp.nextPodID >= podIDSpace {
 			dp.nextPodID = 1
 		}
 		if dp.podIDs[id] == nil {
 			return id, nil
 		}
 	}
-	return 0, fmt.Errorf("all %d pod IDs in use", maxPods-1)
+	return 0, fmt.Errorf("all %d pod IDs in use", podIDSpace-1)
 }
 
 func (dp *Datapath) writeIdentity(m *ebpf.Map, what string, key uint64, ref socklbPodRef) error {
@@ -548,7 +551,7 @@ func (dp *Datapath) readPods() error {
 	if err := it.Err(); err != nil {
 		return fmt.Errorf("read pinned pods: %w", err)
 	}
-	if dp.nextPodID >= maxPods {
+	if dp.nextPodID >= podIDSpace {
 		dp.nextPodID = 1
 	}
 	for _, m := range []struct {

@@ -24,7 +24,9 @@ type podWorld struct {
 	hitsA      *testenv.Backend // backend A in f.ns
 }
 
-func newPodWorld(t *testing.T) *podWorld {
+func newPodWorld(t *testing.T) *podWorld { return newPodWorldWith(t, Limits{}) }
+
+func newPodWorldWith(t *testing.T, limits Limits) *podWorld {
 	f := newFixture(t)
 	w := &podWorld{fixture: f}
 	w.hitsA = testenv.StartTCPBackend(t, f.ns, "A", beA)
@@ -34,7 +36,7 @@ func newPodWorld(t *testing.T) *podWorld {
 	testenv.StartTCPBackend(t, w.podNS, "B", beB)
 	w.ctrA = f.cg.NewChild(t, "ctr-a")
 	w.ctrB = f.cg.NewChild(t, "ctr-b")
-	dp, err := Load(Options{CgroupRoot: f.cg.Path, BPFFS: f.bpffs, HostNetns: f.ns.Cookie(t)})
+	dp, err := Load(Options{CgroupRoot: f.cg.Path, BPFFS: f.bpffs, HostNetns: f.ns.Cookie(t), Limits: limits})
 	if err != nil {
 		t.Fatalf("load datapath: %v", err)
 	}
@@ -359,8 +361,8 @@ func TestPrivilegedPodSyncAndAdoption(t *testing.T) {
 // once, not after the reload, so its first connect already gets its policy: a pod on the
 // allow-list reaches the backend, one not on it gets EPERM, a skip-LB pod is left alone.
 func TestPrivilegedPodEventsDuringLargeApply(t *testing.T) {
-	w := newPodWorld(t)
 	const nServices = 100_000
+	w := newPodWorldWith(t, Limits{Services: 2 * nServices, Slots: 4 * nServices})
 	web := tcpService("default/web", webVIP, be(beA, 1))
 	web.Policy = ServicePolicy{Restrict: true}
 	bulk := func(port uint16) []Service {

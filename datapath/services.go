@@ -184,10 +184,10 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		if _, err := nameValue(s.Name); err != nil {
 			return res, err
 		}
-		if len(s.Backends) > MaxBackendsPerService {
-			return res, fmt.Errorf("service %s: %d backends, at most %d", s.Name, len(s.Backends), MaxBackendsPerService)
+		if max := dp.limits.BackendsPerService; len(s.Backends) > max {
+			return res, fmt.Errorf("service %s: %d backends exceed limits.backends_per_service = %d", s.Name, len(s.Backends), max)
 		}
-		desired[k] = wanted{name: s.Name, slots: expandSlots(s.Backends), flags: s.Policy.flags(), policy: s.Policy}
+		desired[k] = wanted{name: s.Name, slots: expandSlots(s.Backends, dp.limits.SlotsPerService), flags: s.Policy.flags(), policy: s.Policy}
 	}
 	keys := make([]socklbSvcKey, 0, len(desired))
 	for k := range desired {
@@ -322,8 +322,8 @@ func compareKeys(a, b socklbSvcKey) int {
 }
 
 func (dp *Datapath) checkCapacity(desired map[socklbSvcKey]wanted, yield func()) error {
-	if len(desired) > maxServices {
-		return fmt.Errorf("%d services exceed the datapath's limit of %d", len(desired), maxServices)
+	if len(desired) > dp.limits.Services {
+		return fmt.Errorf("%d services exceed limits.services = %d", len(desired), dp.limits.Services)
 	}
 	// Removals run first. After that, a service keeps the larger of its old and new
 	// tables until it is processed, and while it switches revisions its old and new
@@ -339,17 +339,17 @@ func (dp *Datapath) checkCapacity(desired map[socklbSvcKey]wanted, yield func())
 		}
 		slots += max(old, n)
 	}
-	if slots+overlap > maxSlots {
-		return fmt.Errorf("services need %d backend slots, more than the datapath's %d", slots+overlap, maxSlots)
+	if slots+overlap > dp.limits.Slots {
+		return fmt.Errorf("services need %d backend slots, more than limits.slots = %d", slots+overlap, dp.limits.Slots)
 	}
 	return nil
 }
 
 func (dp *Datapath) allocID() (uint32, error) {
-	for range maxServices + 1 {
+	for range maxServiceIDs + 1 {
 		id := dp.nextID
 		dp.nextID++
-		if dp.nextID == 0 || dp.nextID > maxServices {
+		if dp.nextID == 0 || dp.nextID > maxServiceIDs {
 			dp.nextID = 1
 		}
 		if !dp.usedIDs[id] {

@@ -5,19 +5,14 @@ import (
 	"slices"
 )
 
-// MaxSlotsPerService bounds the selection table of one service. Weights whose sum is larger
-// are scaled down to it, keeping every backend at least one slot.
-const MaxSlotsPerService = 4096
-
-// MaxBackendsPerService leaves every backend room for at least one slot, with slots to
-// spare for the weights.
-const MaxBackendsPerService = 1024
-
 // expandSlots turns weighted backends into the selection table the BPF programs index with
 // a random number (TCP) or a socket-cookie hash (UDP). The table is as small as the weights
 // allow and interleaved (smooth weighted round robin), so the same input always yields the
 // same table and an unchanged service is never rewritten.
-func expandSlots(backends []Backend) []netip.AddrPort {
+//
+// maxSlots (limits.slots_per_service) bounds the table: weights whose sum is larger are
+// scaled down to it, keeping every backend at least one slot.
+func expandSlots(backends []Backend, maxSlots int) []netip.AddrPort {
 	if len(backends) == 0 {
 		return nil
 	}
@@ -32,10 +27,10 @@ func expandSlots(backends []Backend) []netip.AddrPort {
 		weights[i] /= g
 		total += weights[i]
 	}
-	if total > MaxSlotsPerService {
+	if total > uint64(maxSlots) {
 		// Every backend keeps one slot; the rest are shared in proportion, rounding down,
-		// so the table never exceeds the cap (there are at most 1024 backends).
-		spare := uint64(MaxSlotsPerService - len(weights))
+		// so the table never exceeds the cap (there are never more backends than slots).
+		spare := uint64(maxSlots - len(weights))
 		scaled, g2 := uint64(0), uint64(0)
 		for i, w := range weights {
 			weights[i] = 1 + w*spare/total

@@ -185,6 +185,10 @@ func loadIterators(storage, counts, cfg *ebpf.Map, log logrus.FieldLogger) (*soc
 	}
 	it := &sockIter{storage: storage, progs: map[string]*ebpf.Program{}, links: map[string]*link.Iter{}, refused: map[string]error{}}
 	shared := map[string]*ebpf.Map{"podsock_sock_v1": storage, "podsock_svcnetns_v2": counts, "podsock_cfg_v1": cfg}
+	for name, m := range shared {
+		// The datapath's maps are sized by [limits], not as this object was built.
+		spec.Maps[name].MaxEntries = m.MaxEntries()
+	}
 	if err := spec.LoadAndAssign(&it.maps, &ebpf.CollectionOptions{MapReplacements: shared}); err != nil {
 		return nil, fmt.Errorf("create iterator maps: %w", err)
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -759,5 +760,136 @@ func TestPrivilegedSocketCountsOneEntryPerServiceAndNetns(t *testing.T) {
 	}
 	if tr.Destroyed != reached[gone] {
 		t.Fatalf("destroyed %d sockets, want the %d of %s", tr.Destroyed, reached[gone], gone)
+	}
+}
+
+// A restart with other [limits] migrates the pinned maps to the new sizes without losing
+// services, pods or socket state: replies still show the VIP, the counts are rebuilt
+// exactly, termination still finds the sockets. A limit below what the pins hold is
+// refused in one line naming it, and the node keeps serving as it was.
+func TestPrivilegedLimitsResizePinnedMaps(t *testing.T) {
+	f := newFixture(t)
+	ns := clientNetns(t)
+	set := newTestNetns(t, ns)
+	small := Limits{Services: 8, Slots: 64, Pods: 4, Containers: 8, PodServices: 16, SocketCounts: 8}
+	load := func(l Limits) (*Datapath, error) {
+		return Load(Options{CgroupRoot: f.cg.Path, BPFFS: f.bpffs, Limits: l})
+	}
+	dp, err := load(small)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		dp.Close()
+		if err := Cleanup(f.bpffs); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	web := tcpService("default/web", webVIP, be(beA, 1), be(beB, 1))
+	web.Policy.AffinityPod = true
+	svcs := []Service{web, udpService("kube-system/dns", dnsVIP, be(dnsA, 1))}
+	apply(t, dp, svcs...)
+	if err := dp.SetPod(Pod{SandboxID: "pod-a", NetnsCookie: ns.Cookie(t)}); err != nil {
+		t.Fatal(err)
+	}
+	r, err := testenv.DialTCP(ns, 0, webVIP, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keepOpen(t, r.FD)
+	tcpFD, tcpBackend := r.FD, r.Backend
+	udpFD := udpClient(t, ns, dnsVIP, true, "dnsA")
+	dp.Close()
+
+	// Below what the pins hold: refused, nothing changed.
+	_, err = load(Limits{Services: 1, Slots: 64, Pods: 4, Containers: 8, PodServices: 16, SocketCounts: 8})
+	if err == nil || !strings.Contains(err.Error(), "limits.services") || strings.Contains(err.Error(), "\n") {
+		t.Fatalf("load with limits.services below the pinned services: %v, want one line naming the limit", err)
+	}
+	if got, err := testenv.DialTCP(ns, 0, webVIP, false); err != nil || got.Peer != webVIP {
+		t.Fatalf("after the refused load the node no longer serves: %+v %v", got, err)
+	}
+
+	big := Limits{Services: 4096, Slots: 16384, Pods: 512, Containers: 1024, PodServices: 8192, SocketCounts: 2048}
+	if dp, err = load(big); err != nil {
+		t.Fatal(err)
+	}
+	stats, err := dp.MapStats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	capacity := map[string]int{}
+	for _, s := range stats {
+		capacity[s.Name] = s.Capacity
+	}
+	for name, want := range map[string]int{"podsock_svc_v1": 4096, "podsock_slot_v1": 16384, "podsock_pod_v1": 512,
+		"podsock_ctrcg_v1": 1024, "podsock_aff_v2": 8192, "podsock_svcnetns_v2": 2048} {
+		if capacity[name] != want {
+			t.Errorf("%s holds %d entries after the resize, want %d", name, capacity[name], want)
+		}
+	}
+	if got, err := dp.Services(); err != nil || len(got) != 2 {
+		t.Fatalf("services after the resize: %v %v, want both", got, err)
+	}
+	if dp.PodCount() != 1 {
+		t.Fatalf("%d pods after the resize, want pod-a", dp.PodCount())
+	}
+	if sa, err := unix.Getpeername(tcpFD); err != nil || testenv.AddrPort(sa) != webVIP {
+		t.Fatalf("held TCP socket's peer after the resize: %v %v, want the VIP", sa, err)
+	}
+	if res, err := testenv.UDPExchange(udpFD, unix.AF_INET, netip.AddrPort{}); err != nil || res.From != dnsVIP {
+		t.Fatalf("connected UDP after the resize: %+v %v, want a reply from the VIP", res, err)
+	}
+	// Pod affinity survived: the pod's next connects go where its first one did.
+	if r, err := testenv.DialTCP(ns, 0, webVIP, false); err != nil || r.Backend != tcpBackend {
+		t.Fatalf("pod affinity after the resize: %+v %v, want %s", r, err, tcpBackend)
+	}
+	if err := dp.TerminateErr(0); err != nil {
+		t.Fatalf("iterators after the resize: %v", err)
+	}
+	if dp.BackfillPending() {
+		if _, err := dp.Backfill(set); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := socketCounts(t, dp); got[webVIP][backendBucket(map[string]netip.AddrPort{"A": beA, "B": beB}[tcpBackend])] != 1 ||
+		got[dnsVIP][backendBucket(dnsA)] != 1 {
+		t.Fatalf("socket counts after the resize: %v, want the held TCP and UDP sockets", got)
+	}
+	other := map[string]netip.AddrPort{"A": beB, "B": beA}[tcpBackend]
+	web.Backends = []Backend{be(other, 1)}
+	res := apply(t, dp, web, udpService("kube-system/dns", dnsVIP, be(dnsB, 1)))
+	tr, err := dp.Terminate(set, res.RemovedBackends, TerminateOptions{Protocols: []uint8{ProtoTCP, ProtoUDP}})
+	if err != nil || tr.Destroyed != 2 || tr.FullWalk {
+		t.Fatalf("terminate after the resize: %+v %v, want both held sockets found through their counts", tr, err)
+	}
+}
+
+// A Service of 5,000 endpoints fits once an operator raises the per-service limits; under
+// the defaults it is refused whole, in one line naming the limit.
+func TestPrivilegedServiceOf5000Backends(t *testing.T) {
+	f := newFixture(t)
+	var backends []Backend
+	for i := range 5000 {
+		backends = append(backends, be(netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 89, byte(i >> 8), byte(i)}), 8080), 1))
+	}
+	svc := tcpService("default/big", webVIP, backends...)
+	dp := f.load()
+	if _, err := dp.Apply([]Service{svc}); err == nil || !strings.Contains(err.Error(), "limits.backends_per_service") {
+		t.Fatalf("5,000 backends under the default limits: %v, want a refusal naming limits.backends_per_service", err)
+	}
+	if got, _ := dp.Services(); len(got) != 0 {
+		t.Fatalf("a refused config left %d services", len(got))
+	}
+	dp.Close()
+	dp, err := Load(Options{CgroupRoot: f.cg.Path, BPFFS: f.bpffs, Limits: Limits{BackendsPerService: 5000, SlotsPerService: 8192}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	apply(t, dp, svc)
+	got, err := dp.Services()
+	if err != nil || len(got) != 1 || len(got[0].Backends) != 5000 {
+		t.Fatalf("services: %d (%v), want one of 5,000 backends", len(got), err)
 	}
 }

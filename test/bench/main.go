@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"math/bits"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -134,16 +135,16 @@ func (e *env) socketLB() {
 		e.Fatal(err)
 	}
 	e.Cleanup(func() { enter(home) })
-	one := e.datapath(cgOne)
+	one := e.datapath(cgOne, 2)
 	apply(one, append(services(1, datapath.ProtoTCP, backendTCP), datapath.Service{
 		Name: "bench/udp", VIP: vip(0).Addr(), Port: 53, Proto: datapath.ProtoUDP,
 		Backends: []datapath.Backend{{Addr: backendUDP, Weight: 1}},
 	}))
-	many := e.datapath(cgMany)
+	many := e.datapath(cgMany, *manyCount)
 	start := time.Now()
 	apply(many, services(*manyCount, datapath.ProtoTCP, backendTCP))
 	fmt.Printf("loaded %d services into a datapath in %v\n", *manyCount, time.Since(start).Round(time.Millisecond))
-	ipt := e.datapath(cgIPT)
+	ipt := e.datapath(cgIPT, *iptCount)
 	apply(ipt, services(*iptCount, datapath.ProtoTCP, backendTCP))
 	nsIPT, iptLoad := e.kubeProxyNetns(*iptCount)
 
@@ -216,12 +217,18 @@ func (e *env) socketLB() {
 	fmt.Println("(podsock/baseline: median per-operation cost; ratio: median of per-round ratios)")
 }
 
+// limitsFor sizes the maps as an operator would for this many services of one or two
+// backends: the next power of two, never below the defaults.
+func limitsFor(services int) datapath.Limits {
+	return datapath.Limits{Services: max(1<<bits.Len(uint(services)), 32768), Slots: max(1<<bits.Len(uint(2*services)), 262144)}
+}
+
 // env is the bench's world; its cleanups undo everything at exit.
 type env struct{ testenv.Standalone }
 
-func (e *env) datapath(cg *testenv.Cgroup) *datapath.Datapath {
+func (e *env) datapath(cg *testenv.Cgroup, services int) *datapath.Datapath {
 	bpffs := testenv.BPFFS(e)
-	dp, err := datapath.Load(datapath.Options{CgroupRoot: cg.Path, BPFFS: bpffs})
+	dp, err := datapath.Load(datapath.Options{CgroupRoot: cg.Path, BPFFS: bpffs, Limits: limitsFor(services)})
 	if err != nil {
 		e.Fatal(err)
 	}
@@ -505,6 +512,8 @@ func (e *env) agentApply(n int) (applied, reloaded time.Duration, rss, hwm int64
 		var b strings.Builder
 		fmt.Fprintf(&b, "[agent]\ncgroup_root = %q\nbpffs = %q\nstate_dir = %q\nlog_level = \"warn\"\n[nri]\nenabled = false\n",
 			cg.Path, bpffs, filepath.Join(dir, "state"))
+		l := limitsFor(n)
+		fmt.Fprintf(&b, "[limits]\nservices = %d\nslots = %d\n", l.Services, l.Slots)
 		for i := range n {
 			v := vip(i)
 			fmt.Fprintf(&b, "[[service]]\nname = \"bench/svc-%d\"\nvip = \"%s\"\nport = %d\nbackends = [\"10.88.0.5:%d\"]\n", i, v.Addr(), v.Port(), port)

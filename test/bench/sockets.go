@@ -81,7 +81,7 @@ func (e *env) terminationBench() terminationResult {
 	if err != nil {
 		e.Fatal(err)
 	}
-	dp := e.datapath(cg)
+	dp := e.datapath(cg, 2)
 	// Cilium's way walks the host's netns too; main's init keeps the main thread in it.
 	nss := []*testenv.Netns{{Name: "host", Path: "/proc/self/ns/net"}}
 	for range *sockNetns {

@@ -594,6 +594,9 @@ func TestPrivilegedNRIPreRegisteredLargeConfig(t *testing.T) {
 
 func bulkServices(n int) string {
 	var b strings.Builder
+	if n > 0 {
+		fmt.Fprintf(&b, "[limits]\nservices = %d\n\n", 2*n)
+	}
 	for i := range n {
 		fmt.Fprintf(&b, "[[service]]\nname = \"bulk/s%d\"\nvip = \"10.%d.%d.%d\"\nport = 80\nbackends = [\"10.88.1.1:8080\"]\n",
 			i, 100+i>>16, (i>>8)&255, i&255)

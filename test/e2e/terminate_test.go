@@ -45,6 +45,19 @@ backends = ["%s:5353"]
 		e2eDNS.Addr(), e2eDNS.Port(), webBackend.IP)
 }
 
+// backendsWithDNS starts backend pods a and b, each serving TCP on 8080 and UDP on 5353
+// and answering with its letter.
+func backendsWithDNS(t *testing.T, w *nriWorld) (a, b *cri.Pod) {
+	t.Helper()
+	a, _ = servePod(t, w.rt, "backend-a", "a")
+	b, _ = servePod(t, w.rt, "backend-b", "b")
+	for _, p := range []*cri.Pod{a, b} {
+		dns := w.rt.StartContainer(t, p, "dns", "serve", "udp", "5353", p.Name[len(p.Name)-1:])
+		w.rt.WaitLog(t, dns, "listening", 5*time.Second)
+	}
+	return a, b
+}
+
 func (w *nriWorld) sockets(args ...string) []agent.SocketView {
 	w.t.Helper()
 	out, err := exec.Command(podsockBin, append([]string{"sockets", "--json", "--config", w.cfgPath}, args...)...).Output()
@@ -64,12 +77,7 @@ func (w *nriWorld) sockets(args ...string) []agent.SocketView {
 // clients of backend b alone.
 func TestPrivilegedNRITerminateRemovedBackend(t *testing.T) {
 	w := newNRIWorld(t, cri.Options{})
-	a, _ := servePod(t, w.rt, "backend-a", "a")
-	b, _ := servePod(t, w.rt, "backend-b", "b")
-	for _, p := range []*cri.Pod{a, b} {
-		dns := w.rt.StartContainer(t, p, "dns", "serve", "udp", "5353", p.Name[len(p.Name)-1:])
-		w.rt.WaitLog(t, dns, "listening", 5*time.Second)
-	}
+	a, b := backendsWithDNS(t, w)
 	c1, probe := clientPod(t, w.rt, cri.PodSpec{Name: "client-1", Namespace: "shop"})
 	c2, _ := clientPod(t, w.rt, cri.PodSpec{Name: "client-2", Namespace: "shop"})
 	requireBlackholed(t, w, probe, "before podsock runs")

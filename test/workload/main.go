@@ -7,6 +7,7 @@
 //	workload serve tcp|udp PORT NAME
 //	workload dial tcp|udp ADDR [COUNT]
 //	workload hold tcp|udp ADDR
+//	workload ping tcp|udp ADDR
 package main
 
 import (
@@ -47,6 +48,8 @@ func run(args []string, out io.Writer) int {
 		return dial(cmd, out)
 	case "hold":
 		return hold(cmd, out)
+	case "ping":
+		return ping(cmd, out)
 	}
 	return 2
 }
@@ -61,7 +64,7 @@ type command struct {
 
 func parseArgs(args []string) (command, error) {
 	if len(args) == 0 {
-		return command{}, errors.New("usage: workload pause | serve tcp|udp PORT NAME | dial tcp|udp ADDR [COUNT] | hold tcp|udp ADDR")
+		return command{}, errors.New("usage: workload pause | serve tcp|udp PORT NAME | dial tcp|udp ADDR [COUNT] | hold tcp|udp ADDR | ping tcp|udp ADDR")
 	}
 	c := command{name: args[0], count: 1}
 	rest := args[1:]
@@ -95,12 +98,12 @@ func parseArgs(args []string) (command, error) {
 		}
 		c.addr = ":" + rest[1]
 		c.label = rest[2]
-	case "dial", "hold":
+	case "dial", "hold", "ping":
 		if c.name == "dial" && (len(rest) < 2 || len(rest) > 3) {
 			return c, errors.New("dial: want tcp|udp ADDR [COUNT]")
 		}
-		if c.name == "hold" && len(rest) != 2 {
-			return c, errors.New("hold: want tcp|udp ADDR")
+		if c.name != "dial" && len(rest) != 2 {
+			return c, fmt.Errorf("%s: want tcp|udp ADDR", c.name)
 		}
 		if err := wantProto("tcp", "udp"); err != nil {
 			return c, err
@@ -263,6 +266,81 @@ func hold(c command, out io.Writer) int {
 	}
 	fmt.Fprintf(out, "read-error=%s\n", errnoName(err))
 	return 0
+}
+
+// pingInterval is how often ping exchanges on its socket.
+const pingInterval = 100 * time.Millisecond
+
+// ping keeps one socket (a connected UDP socket for udp) and exchanges on it every
+// pingInterval, printing each time what the application sees: the reply, and the peer
+// (getpeername) for TCP or the reply's source address (recvfrom) for UDP. It stops at the
+// first error, which it prints as read-error: what the upgrade tests watch across an
+// agent replaced under live sockets.
+func ping(c command, out io.Writer) int {
+	conn, err := net.DialTimeout(c.proto, c.addr, timeout)
+	if err != nil {
+		return fail(out, err)
+	}
+	defer conn.Close()
+	var br *bufio.Reader
+	greeting := ""
+	if c.proto == "tcp" {
+		br = bufio.NewReader(conn)
+		if err := conn.SetDeadline(time.Now().Add(timeout)); err != nil {
+			return fail(out, err)
+		}
+		if greeting, err = br.ReadString('\n'); err != nil {
+			return fail(out, err)
+		}
+	}
+	for i := 0; ; i++ {
+		if err := conn.SetDeadline(time.Now().Add(timeout)); err != nil {
+			return fail(out, err)
+		}
+		var reply, from string
+		if c.proto == "tcp" {
+			if _, err = conn.Write([]byte("p\n")); err == nil {
+				if _, err = br.ReadString('\n'); err == nil {
+					reply = strings.TrimSuffix(greeting, "\n")
+					from, err = peerName(conn)
+				}
+			}
+		} else {
+			if _, err = conn.Write([]byte("ping")); err == nil {
+				reply, from, err = recvFrom(conn)
+			}
+		}
+		if err != nil {
+			fmt.Fprintf(out, "read-error=%s\n", errnoName(err))
+			return 0
+		}
+		fmt.Fprintf(out, "ping=%d reply=%s from=%s\n", i, reply, from)
+		time.Sleep(pingInterval)
+	}
+}
+
+// recvFrom reads one datagram with recvfrom(2), for the source address the kernel (and
+// socket-LB's recvmsg program) report.
+func recvFrom(conn net.Conn) (reply, from string, err error) {
+	raw, err := conn.(syscall.Conn).SyscallConn()
+	if err != nil {
+		return "", "", err
+	}
+	buf := make([]byte, 512)
+	var n int
+	var sa unix.Sockaddr
+	var rerr error
+	err = raw.Read(func(fd uintptr) bool {
+		n, sa, rerr = unix.Recvfrom(int(fd), buf, 0)
+		return rerr != unix.EAGAIN
+	})
+	if err == nil {
+		err = rerr
+	}
+	if err != nil {
+		return "", "", err
+	}
+	return strings.TrimSuffix(string(buf[:n]), "\n"), sockaddrString(sa), nil
 }
 
 // readLine reads the server's greeting. A UDP reply is one datagram, so a buffered reader

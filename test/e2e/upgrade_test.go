@@ -1,0 +1,158 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/podsock/podsock/test/cri"
+	"github.com/podsock/podsock/test/testenv"
+)
+
+// previousRelease is the commit the upgrade test starts from: the release before the
+// current map layout. A later change of layout moves it to the release before that change.
+const previousRelease = "359d23c"
+
+// buildRelease builds the podsock binary of a commit of this repository, from its own
+// sources (git archive), against the module cache.
+func buildRelease(t *testing.T, commit string) string {
+	t.Helper()
+	root, err := exec.Command("git", "rev-parse", "--show-toplevel").Output()
+	if err != nil {
+		testenv.SkipOrFail(t, fmt.Sprintf("not in a git checkout, cannot build release %s: %v", commit, err))
+	}
+	repo := strings.TrimSpace(string(root))
+	if err := exec.Command("git", "-C", repo, "cat-file", "-e", commit+"^{commit}").Run(); err != nil {
+		testenv.SkipOrFail(t, fmt.Sprintf("release %s is not in this clone's history", commit))
+	}
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src")
+	if err := os.Mkdir(src, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	archive := exec.Command("git", "-C", repo, "archive", "--format=tar", commit)
+	extract := exec.Command("tar", "-x", "-C", src)
+	pipe, err := archive.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	extract.Stdin = pipe
+	if err := extract.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var stderr strings.Builder
+	archive.Stderr = &stderr
+	if err := archive.Run(); err != nil {
+		t.Fatalf("git archive %s: %v: %s", commit, err, stderr.String())
+	}
+	if err := extract.Wait(); err != nil {
+		t.Fatalf("extract %s: %v", commit, err)
+	}
+	bin := filepath.Join(dir, "podsock-"+commit)
+	build := exec.Command("go", "build", "-o", bin, "./cmd/podsock")
+	build.Dir = src
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build release %s: %v: %s", commit, err, out)
+	}
+	return bin
+}
+
+// TestPrivilegedNRIUpgradeWithLiveSockets: the previous release serves pods with balanced
+// TCP and connected-UDP sockets that keep exchanging; the current binary replaces it. The
+// sockets keep working and keep seeing the VIP, termination still finds them, and the
+// pins of the old layout are gone.
+func TestPrivilegedNRIUpgradeWithLiveSockets(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	cri.Require(t)
+	oldBin := buildRelease(t, previousRelease)
+	w := newNRIWorld(t, cri.Options{})
+	a, b := backendsWithDNS(t, w)
+	c, probe := clientPod(t, w.rt, cri.PodSpec{Name: "client", Namespace: "shop"})
+	requireBlackholed(t, w, probe, "before podsock runs")
+
+	w.writeConfig(terminateServices(a, b))
+	old := startAgentBin(t, oldBin, w.cfgPath)
+	w.waitConnected()
+	w.waitPods(map[string]int{a.ID: 2, b.ID: 2, c.ID: 1})
+	tcpPing := w.rt.StartContainer(t, c, "ping-web", "ping", "tcp", e2eWeb.String())
+	udpPing := w.rt.StartContainer(t, c, "ping-dns", "ping", "udp", e2eDNS.String())
+	w.rt.WaitLog(t, tcpPing, "ping=2 reply=a from="+e2eWeb.String(), 5*time.Second)
+	w.rt.WaitLog(t, udpPing, "ping=2 reply=a from="+e2eDNS.String(), 5*time.Second)
+
+	// The upgrade: the old agent stops (the pinned datapath keeps serving), the new one
+	// adopts it.
+	old.cmd.Process.Signal(syscall.SIGTERM)
+	old.cmd.Wait()
+	pings := func(ct *cri.Container) int {
+		out, _ := w.rt.Logs(ct)
+		return strings.Count(out, "ping=")
+	}
+	before := map[*cri.Container]int{tcpPing: pings(tcpPing), udpPing: pings(udpPing)}
+	current := w.startAgent()
+	w.waitPods(map[string]int{a.ID: 2, b.ID: 2, c.ID: 3})
+	for _, ct := range []*cri.Container{tcpPing, udpPing} {
+		if !testenv.WaitFor(5*time.Second, func() bool { return pings(ct) >= before[ct]+5 }) {
+			out, _ := w.rt.Logs(ct)
+			t.Fatalf("the held socket stopped exchanging after the upgrade:\n%s\nagent log:\n%s", out, current.logText())
+		}
+		out, _ := w.rt.Logs(ct)
+		vip := e2eWeb.String()
+		if ct == udpPing {
+			vip = e2eDNS.String()
+		}
+		for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+			if !strings.HasSuffix(l, "reply=a from="+vip) || strings.Contains(l, "error") {
+				t.Fatalf("held socket across the upgrade printed %q: want every reply from a through the VIP %s", l, vip)
+			}
+		}
+	}
+	// Pins of the old layout go once nothing needs them: the pair counts and the
+	// affinity map without revisions.
+	for _, name := range []string{"podsock_pairnetns_v1", "podsock_aff_v1"} {
+		if _, err := os.Stat(filepath.Join(w.bpffs, "podsock", name)); !os.IsNotExist(err) {
+			t.Errorf("pin %s of the old layout is still there (%v)", name, err)
+		}
+	}
+	// New connects go through the VIP too.
+	if got := w.through(probe, e2eWeb, 4); got["a"] != 4 {
+		t.Fatalf("new connects after the upgrade: %v, want a", got)
+	}
+
+	// Termination finds the sockets the old release balanced.
+	if !testenv.WaitFor(5*time.Second, func() bool {
+		st, err := agentStatus(w.cfgPath)
+		return err == nil && !st.Datapath.BackfillPending
+	}) {
+		t.Fatalf("the sockets of the old release were never counted:\n%s", current.logText())
+	}
+	w.writeConfig(terminateServices(b, b))
+	start := time.Now()
+	current.cmd.Process.Signal(syscall.SIGHUP)
+	w.rt.WaitLog(t, tcpPing, "read-error=ECONNABORTED", time.Second)
+	// A destroyed connected UDP socket is also disconnected: its next send fails with
+	// EDESTADDRREQ (a receive would fail with ECONNABORTED).
+	w.rt.WaitLog(t, udpPing, "read-error=EDESTADDRREQ", time.Second)
+	st, err := agentStatus(w.cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Termination.FullWalks != 0 || st.Termination.Destroyed != 2 {
+		t.Fatalf("termination %+v: want the 2 old sockets found through their counts", st.Termination)
+	}
+	t.Logf("sockets of release %s kept the VIP across the upgrade, and were ended %v after the backend left",
+		previousRelease, time.Since(start).Round(time.Millisecond))
+}
+
+// startAgentBin is startAgent for another podsock binary.
+func startAgentBin(t *testing.T, bin, cfgPath string) *agentProc {
+	t.Helper()
+	saved := podsockBin
+	podsockBin = bin
+	defer func() { podsockBin = saved }()
+	return startAgent(t, cfgPath)
+}

@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 	"syscall"
 	"time"
 
@@ -38,6 +39,8 @@ type Status struct {
 	ConfigPath       string            `json:"config_path"`
 	LastReloadError  string            `json:"last_reload_error"`
 	PID              int               `json:"pid"`
+	// Goroutines the agent runs: flat over pod churn, or something leaks.
+	Goroutines int `json:"goroutines"`
 }
 
 type DatapathStatus struct {
@@ -226,6 +229,7 @@ func (a *Agent) status() Status {
 		ConfigGeneration: gen,
 		LastReloadError:  lastErr,
 		PID:              os.Getpid(),
+		Goroutines:       runtime.NumGoroutine(),
 	}
 	if cfg != nil {
 		st.ConfigPath = cfg.Path

@@ -3,6 +3,8 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"maps"
+	"math/rand/v2"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -618,5 +620,116 @@ func TestPrivilegedPinDirIsExclusive(t *testing.T) {
 		if n := attachedCount(t, f.cg.Path, ap.attach); n != 1 {
 			t.Fatalf("%s: %d programs after the refused attempts, want 1", ap.name, n)
 		}
+	}
+}
+
+// 1,000 backend updates (add, remove, reweight) under concurrent connects: no connect that
+// started after the Apply that removed a backend returned reaches that backend, and no
+// connect is refused while the service has a backend (it always has one here).
+func TestPrivilegedBackendChurnUnderConnects(t *testing.T) {
+	f := newFixture(t)
+	ids := []string{"A", "B", "C", "D", "E"}
+	addr := map[string]netip.AddrPort{}
+	ns := testenv.NewNetns(t, vipRanges, "10.88.0.5/32", "10.88.0.6/32", "10.88.0.7/32", "10.88.0.8/32", "10.88.0.9/32")
+	for i, id := range ids {
+		addr[id] = netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 88, 0, byte(5 + i)}), 8080)
+		testenv.StartTCPBackend(t, ns, id, addr[id])
+	}
+	dp := f.load()
+	type version struct {
+		start, done time.Time
+		set         map[string]bool
+	}
+	rng := rand.New(rand.NewPCG(3, 4))
+	pick := func() (map[string]bool, []Backend) {
+		set := map[string]bool{}
+		var bs []Backend
+		for _, id := range ids {
+			if rng.IntN(2) == 0 {
+				set[id] = true
+				bs = append(bs, be(addr[id], uint32(1+rng.IntN(5))))
+			}
+		}
+		if len(bs) == 0 {
+			id := ids[rng.IntN(len(ids))]
+			set[id] = true
+			bs = append(bs, be(addr[id], 1))
+		}
+		return set, bs
+	}
+	set, bs := pick()
+	apply(t, dp, tcpService("default/web", webVIP, bs...))
+	versions := []version{{set: set}}
+
+	type dial struct {
+		start, end time.Time
+		backend    string
+		err        error
+	}
+	var mu sync.Mutex
+	var dials []dial
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				d := dial{start: time.Now()}
+				r, err := testenv.DialTCP(ns, 0, webVIP, false)
+				d.end, d.backend, d.err = time.Now(), r.Backend, err
+				mu.Lock()
+				dials = append(dials, d)
+				mu.Unlock()
+			}
+		}()
+	}
+	updates := testenv.Rounds(1000)
+	for range updates {
+		set, bs := pick()
+		v := version{start: time.Now(), set: set}
+		apply(t, dp, tcpService("default/web", webVIP, bs...))
+		v.done = time.Now()
+		versions = append(versions, v)
+		// Connects land before, during and after each switch.
+		time.Sleep(time.Duration(rng.IntN(2000)) * time.Microsecond)
+	}
+	close(stop)
+	wg.Wait()
+
+	stale, refused := 0, 0
+	for _, d := range dials {
+		if d.err != nil {
+			refused++
+			t.Logf("connect refused while the service had backends: %v", d.err)
+			continue
+		}
+		// The backends the connect may have seen: the version in force when it started,
+		// and every version whose Apply began before it ended.
+		allowed := map[string]bool{}
+		latest := 0 // the last version whose Apply returned before the connect started
+		for i, v := range versions {
+			if i > 0 && !v.done.After(d.start) {
+				latest = i
+			}
+		}
+		maps.Copy(allowed, versions[latest].set)
+		for _, v := range versions[latest+1:] {
+			if v.start.Before(d.end) {
+				maps.Copy(allowed, v.set)
+			}
+		}
+		if !allowed[d.backend] {
+			stale++
+		}
+	}
+	t.Logf("%d backend updates, %d concurrent connects: %d reached a backend removed before they started, %d refused", updates, len(dials), stale, refused)
+	if stale != 0 || refused != 0 || len(dials) < updates {
+		t.Fatalf("%d stale, %d refused of %d connects, want 0 and 0 (and at least %d connects)", stale, refused, len(dials), updates)
 	}
 }

@@ -452,3 +452,108 @@ func TestPrivilegedAgentMountsBPFFSWhenMissing(t *testing.T) {
 		t.Fatalf("connect through the VIP: %+v %v", r, err)
 	}
 }
+
+// The agent killed with SIGKILL 20 times (200 under `make soak`), each time restarted,
+// under a steady load of TCP connects, connected-UDP and unconnected-UDP exchanges through
+// the VIPs from three netns: no operation fails and no reply shows a wrong source.
+func TestPrivilegedAgentKill9RepeatedUnderLoad(t *testing.T) {
+	w := newWorld(t)
+	dnsVIP := netip.MustParseAddrPort("10.96.0.53:53")
+	dnsA := netip.MustParseAddrPort("10.88.0.5:5353")
+	nss := []*testenv.Netns{w.ns}
+	for range 2 {
+		nss = append(nss, testenv.NewNetns(t, vipRanges, "10.88.0.5/32", "10.88.0.6/32"))
+	}
+	for _, ns := range nss {
+		testenv.StartTCPBackend(t, ns, "A", beA)
+		testenv.StartUDPBackend(t, ns, "dnsA", dnsA)
+	}
+	w.writeConfig(webService(`"10.88.0.5:8080"`) + `
+[[service]]
+name = "kube-system/dns"
+vip = "10.96.0.53"
+port = 53
+protocol = "udp"
+backends = ["10.88.0.5:5353"]
+`)
+	a := w.startAgent()
+
+	var ops, failures atomic.Int64
+	var firstErr atomic.Value
+	failed := func(what string) {
+		failures.Add(1)
+		firstErr.CompareAndSwap(nil, what)
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	load := func(fn func() error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if err := fn(); err != nil {
+					failed(err.Error())
+					continue
+				}
+				ops.Add(1)
+			}
+		}()
+	}
+	for _, ns := range nss {
+		load(func() error {
+			r, err := testenv.DialTCP(ns, 0, webVIP, false)
+			if err != nil || r.Backend != "A" || r.Peer != webVIP {
+				return fmt.Errorf("tcp from %s: %+v %v", ns.Name, r, err)
+			}
+			return nil
+		})
+		for _, connected := range []bool{false, true} {
+			load(func() error {
+				fd, err := testenv.Socket(ns, unix.AF_INET, unix.SOCK_DGRAM)
+				if err != nil {
+					return err
+				}
+				defer unix.Close(fd)
+				to := dnsVIP
+				if connected {
+					if err := unix.Connect(fd, testenv.Sockaddr(unix.AF_INET, dnsVIP)); err != nil {
+						return fmt.Errorf("connect udp from %s: %w", ns.Name, err)
+					}
+					to = netip.AddrPort{}
+				}
+				r, err := testenv.UDPExchange(fd, unix.AF_INET, to)
+				if err != nil || r.Backend != "dnsA" || r.From != dnsVIP {
+					return fmt.Errorf("udp (connected %v) from %s: %+v %v, want dnsA from the VIP", connected, ns.Name, r, err)
+				}
+				return nil
+			})
+		}
+	}
+	progress := func(what string) {
+		t.Helper()
+		before := ops.Load()
+		if !testenv.WaitFor(5*time.Second, func() bool { return ops.Load() > before+30 }) {
+			t.Fatalf("no progress %s (failures %d, first %v)", what, failures.Load(), firstErr.Load())
+		}
+	}
+	kills := testenv.Rounds(20)
+	start := time.Now()
+	for i := range kills {
+		a.kill()
+		progress(fmt.Sprintf("with the agent dead (kill %d)", i+1))
+		a = w.startAgent()
+		progress(fmt.Sprintf("after restart %d", i+1))
+	}
+	close(stop)
+	wg.Wait()
+	t.Logf("%d kill -9 and restarts in %v under load: %d operations (TCP, connected and unconnected UDP, 3 netns), %d failed",
+		kills, time.Since(start).Round(time.Millisecond), ops.Load(), failures.Load())
+	if n := failures.Load(); n > 0 {
+		t.Fatalf("%d operations failed or showed a wrong source; first: %v", n, firstErr.Load())
+	}
+}

@@ -504,9 +504,16 @@ func TestPrivilegedNRIPodChurn(t *testing.T) {
 	}
 	time.Sleep(200 * time.Millisecond) // let the control connections of waitPods close
 	baseFDs, baseMaps := fds(), pinnedEntries(t, w.bpffs)
+	base, err := agentStatus(w.cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
 
 	cycles := 200
-	if testing.Short() {
+	switch {
+	case testenv.Soaking():
+		cycles = 1000
+	case testing.Short():
 		cycles = 20
 	}
 	start := time.Now()
@@ -532,6 +539,14 @@ func TestPrivilegedNRIPodChurn(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Goroutines of the control connection that answered may still be on their way out.
+	if !testenv.WaitFor(2*time.Second, func() bool {
+		st, err = agentStatus(w.cfgPath)
+		return err == nil && st.Goroutines <= base.Goroutines
+	}) {
+		t.Errorf("agent runs %d goroutines after %d pod cycles, %d before", st.Goroutines, cycles, base.Goroutines)
+	}
+	t.Logf("after %d pod cycles: %d fds, %d goroutines, pod maps %v (as before)", cycles, fds(), st.Goroutines, baseMaps)
 	ev := st.NRI.Events
 	if ev["RunPodSandbox"].Total < uint64(cycles) || ev["RemovePodSandbox"].Total < uint64(cycles) {
 		t.Fatalf("events seen: %+v; want >= %d pod runs and removals", ev, cycles)

@@ -59,6 +59,18 @@ func SkipOrFail(t testing.TB, reason string) {
 	t.Skipf("skipping: %s", reason)
 }
 
+// Soaking says the tests run as `make soak` (PODSOCK_SOAK=1): the reliability tests then
+// run ten times longer.
+func Soaking() bool { return os.Getenv("PODSOCK_SOAK") == "1" }
+
+// Rounds is n, or ten times n under `make soak`.
+func Rounds(n int) int {
+	if Soaking() {
+		return 10 * n
+	}
+	return n
+}
+
 func fileExists(p string) bool {
 	_, err := os.Stat(p)
 	return err == nil

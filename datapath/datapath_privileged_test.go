@@ -671,23 +671,14 @@ func TestPrivilegedBackendChurnUnderConnects(t *testing.T) {
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	for range 2 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				d := dial{start: time.Now()}
-				r, err := testenv.DialTCP(ns, 0, webVIP, false)
-				d.end, d.backend, d.err = time.Now(), r.Backend, err
-				mu.Lock()
-				dials = append(dials, d)
-				mu.Unlock()
-			}
-		}()
+		testenv.Repeat(stop, &wg, func() {
+			d := dial{start: time.Now()}
+			r, err := testenv.DialTCP(ns, 0, webVIP, false)
+			d.end, d.backend, d.err = time.Now(), r.Backend, err
+			mu.Lock()
+			dials = append(dials, d)
+			mu.Unlock()
+		})
 	}
 	updates := testenv.Rounds(1000)
 	for range updates {

@@ -487,28 +487,19 @@ backends = ["10.88.0.5:5353"]
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	load := func(fn func() error) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				if err := fn(); err != nil {
-					failed(err.Error())
-					continue
-				}
-				ops.Add(1)
+		testenv.Repeat(stop, &wg, func() {
+			if err := fn(); err != nil {
+				failed(err.Error())
+				return
 			}
-		}()
+			ops.Add(1)
+		})
 	}
 	for _, ns := range nss {
 		load(func() error {
 			r, err := testenv.DialTCP(ns, 0, webVIP, false)
 			if err != nil || r.Backend != "A" || r.Peer != webVIP {
-				return fmt.Errorf("tcp from %s: %+v %v", ns.Name, r, err)
+				return fmt.Errorf("tcp from %s: %+v: %w", ns.Name, r, errOr(err))
 			}
 			return nil
 		})
@@ -528,7 +519,7 @@ backends = ["10.88.0.5:5353"]
 				}
 				r, err := testenv.UDPExchange(fd, unix.AF_INET, to)
 				if err != nil || r.Backend != "dnsA" || r.From != dnsVIP {
-					return fmt.Errorf("udp (connected %v) from %s: %+v %v, want dnsA from the VIP", connected, ns.Name, r, err)
+					return fmt.Errorf("udp (connected %v) from %s: %+v, want dnsA from the VIP: %w", connected, ns.Name, r, errOr(err))
 				}
 				return nil
 			})
@@ -556,4 +547,12 @@ backends = ["10.88.0.5:5353"]
 	if n := failures.Load(); n > 0 {
 		t.Fatalf("%d operations failed or showed a wrong source; first: %v", n, firstErr.Load())
 	}
+}
+
+// errOr is err, or an error saying there was none: for reports of a wrong answer.
+func errOr(err error) error {
+	if err == nil {
+		return errors.New("no error")
+	}
+	return err
 }

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -69,6 +70,23 @@ func Rounds(n int) int {
 		return 10 * n
 	}
 	return n
+}
+
+// Repeat calls fn in a goroutine of wg, over and over, until stop is closed: the steady
+// load of the reliability tests.
+func Repeat(stop <-chan struct{}, wg *sync.WaitGroup, fn func()) {
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			fn()
+		}
+	}()
 }
 
 func fileExists(p string) bool {

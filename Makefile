@@ -6,7 +6,7 @@ export PATH := /usr/local/go/bin:$(CURDIR)/bin:$(PATH)
 GOLANGCI_LINT_VERSION := v2.15.0
 GENERATED := datapath/socklb_bpfel.go datapath/socklb_bpfel.o datapath/sockiter_bpfel.go datapath/sockiter_bpfel.o
 
-.PHONY: all deps build generate generate-check lint test test-privileged fuzz bench demo clean
+.PHONY: all deps build generate generate-check lint test test-privileged fuzz soak bench demo clean
 
 all: build
 
@@ -39,13 +39,31 @@ lint: bin/golangci-lint
 test-privileged: deps
 	go test -count=1 -p 1 -run 'Privileged' ./...
 
+# The fuzz targets: the config parser, the NRI handlers against the real datapath (root),
+# and the control socket's query parsing.
+FUZZ_TARGETS := FuzzParse:./config FuzzNRIEvents:./agent FuzzSocketQuery:./agent
+
+define fuzz-each
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		echo "fuzz $${t%%:*} for $(1)"; \
+		go test -run='^$$' -fuzz="^$${t%%:*}$$" -fuzztime=$(1) $${t##*:}; \
+	done
+endef
+
 test: deps generate-check lint
 	go vet ./...
 	go test -count=1 -p 1 ./...
-	go test -run='^$$' -fuzz=FuzzParse -fuzztime=15s ./config
+	$(call fuzz-each,15s)
 
 fuzz:
-	go test -run='^$$' -fuzz=FuzzParse -fuzztime=5m ./config
+	$(call fuzz-each,5m)
+
+# The reliability suite ten times longer (kill -9 under load, backend churn, pod cycles,
+# upgrade), then the fuzzers for 5 minutes each. Root; about an hour.
+soak: deps
+	PODSOCK_SOAK=1 go test -count=1 -p 1 -timeout 60m \
+		-run 'Kill9RepeatedUnderLoad|BackendChurnUnderConnects|NRIPodChurn|UpgradeWithLiveSockets|SocketCountsEqualTheTruth|PodEventsDuringLargeApply' ./...
+	$(call fuzz-each,5m)
 
 bench: deps build
 	go run ./test/bench

@@ -379,7 +379,9 @@ func datapathPod(p runtimehooks.Pod, pol *podPolicy, shared map[uint64]bool) dat
 		d.NetnsCookie = 0
 	}
 	for _, c := range p.Containers {
-		if c.CgroupID != 0 {
+		// A container "in" the cgroup root is a runtime's mistake; claiming the root would
+		// make every process on the node look like this pod.
+		if c.CgroupID != 0 && c.CgroupPath != "/" {
 			d.ContainerCgroups = append(d.ContainerCgroups, c.CgroupID)
 		}
 	}

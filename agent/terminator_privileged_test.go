@@ -15,6 +15,22 @@ import (
 	"github.com/podsock/podsock/test/testenv"
 )
 
+// loadDatapath loads a real datapath on the test's cgroup, and removes it at cleanup.
+func loadDatapath(t testing.TB, cg *testenv.Cgroup, bpffs string) *datapath.Datapath {
+	t.Helper()
+	dp, err := datapath.Load(datapath.Options{CgroupRoot: cg.Path, BPFFS: bpffs, Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		dp.Close()
+		if err := datapath.Cleanup(bpffs); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	return dp
+}
+
 // failOnce is a NetnsSet whose first Enter fails as a walk that broke off would.
 type failOnce struct {
 	*testenv.NetnsSet
@@ -45,16 +61,7 @@ func TestPrivilegedTerminatorRetriesAndLatePass(t *testing.T) {
 	ns1, ns2 := clientNetns(), clientNetns()
 	bpffs := testenv.BPFFS(t)
 	cg.EnterSelf(t)
-	dp, err := datapath.Load(datapath.Options{CgroupRoot: cg.Path, BPFFS: bpffs, Log: quietLog()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		dp.Close()
-		if err := datapath.Cleanup(bpffs); err != nil {
-			t.Errorf("cleanup: %v", err)
-		}
-	})
+	dp := loadDatapath(t, cg, bpffs)
 	if err := dp.TerminateErr(datapath.ProtoTCP); err != nil {
 		testenv.SkipOrFail(t, err.Error())
 	}

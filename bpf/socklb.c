@@ -298,13 +298,20 @@ static __always_inline struct lb_entry *find_backend(struct sock_state *state,
 	return NULL;
 }
 
-extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+// Weak: a kernel without it (before 6.2) still loads socket-LB, and counts in-kernel
+// sockets like the others.
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
+
+#define ksym_exists(sym) (!!(sym))
 
 // kernel_socket says the socket belongs to the kernel (sock_create_kern: NFS, Ceph).
 static __always_inline int kernel_socket(struct bpf_sock *sk)
 {
-	struct sock *s = bpf_rdonly_cast(sk, bpf_core_type_id_kernel(struct sock));
+	struct sock *s;
 
+	if (!ksym_exists(bpf_rdonly_cast))
+		return 0;
+	s = bpf_rdonly_cast(sk, bpf_core_type_id_kernel(struct sock));
 	return BPF_CORE_READ_BITFIELD(s, sk_kern_sock);
 }
 

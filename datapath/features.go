@@ -49,6 +49,8 @@ func ProbeFeatures() []Feature {
 		probe("bounded_loops", true, features.HaveBoundedLoops()),
 		probe("iter_tcp_udp", false, hasType("bpf_iter__tcp", "bpf_iter__udp")),
 		probe("bpf_sock_destroy", false, hasType("bpf_sock_destroy")),
+		// Tells in-kernel sockets (NFS, Ceph) apart, so they are never counted or destroyed.
+		probe("bpf_rdonly_cast", false, hasType("bpf_rdonly_cast")),
 	}
 }
 

@@ -788,9 +788,12 @@ func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBack
 		}
 		v := sockiterDoomedValue{SvcId: b.ServiceID, FirstRevWithout: b.Revision}
 		if i, seen := at[k]; seen {
-			// Removed, back, and removed again within one batch: the latest removal
-			// covers the sockets of the time in between too.
-			revs[i] = v
+			// Removed, back, and removed again within one batch (a late pass rides along
+			// with a new removal): the latest removal covers the sockets of the time in
+			// between too, whatever order they came in. Revisions wrap.
+			if revs[i].SvcId != v.SvcId || int32(v.FirstRevWithout-revs[i].FirstRevWithout) > 0 {
+				revs[i] = v
+			}
 			continue
 		}
 		at[k] = len(doomed)

@@ -332,6 +332,20 @@ func TestPrivilegedSocketsListAndTerminate(t *testing.T) {
 		if err := aborted(fdA2); err != nil {
 			t.Fatalf("client of A from after it came back: %v", err)
 		}
+		// The same in one batch, the newer removal first (the older one's late pass
+		// riding along with it): the newer removal decides.
+		web(beA)
+		first = web(beC)
+		web(beA)
+		fdA3 := heldTCP(t, n2, webVIP, "A")
+		second = web(beC)
+		tr, err = dp.Terminate(set, append(second, first...), TerminateOptions{Protocols: []uint8{ProtoTCP}})
+		if err != nil || tr.Destroyed != 1 {
+			t.Fatalf("one pass for both removals, newer first: %+v %v, want the client from between them destroyed", tr, err)
+		}
+		if err := aborted(fdA3); err != nil {
+			t.Fatalf("client of A from between two removals, both in one pass: %v", err)
+		}
 		set.TakeEntered()
 	})
 

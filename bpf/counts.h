@@ -40,6 +40,11 @@ static __always_inline __u32 backend_bucket(const struct lb_entry *e)
 	return ((h * 0x9e3779b1u) >> 28) & (COUNT_BUCKETS - 1);
 }
 
+// The count epoch these programs count in, set by the loader: a constant of each loaded
+// program, not a setting programs share, so the previous agent's programs, still attached
+// while the new ones load, keep counting in their own epoch.
+const volatile __u32 count_epoch_now = 0;
+
 static __always_inline __u32 sock_epoch(const struct sock_state *state)
 {
 	return (state->flags & SOCK_F_EPOCH_MASK) >> SOCK_F_EPOCH_SHIFT;

@@ -12,6 +12,7 @@
 #include "vmlinux.h"
 #include "bpf_helpers.h"
 #include "bpf_endian.h"
+#include "bpf_core_read.h"
 #include "socklb.h"
 #include "addr.h"
 #include "counts.h"
@@ -34,8 +35,7 @@ struct {
 	__type(value, struct sock_state);
 } podsock_sock_v1 SEC(".maps");
 
-// Shared with socklb too: the {service, netns} counts by backend bucket, and the settings
-// that say which count epoch is current.
+// Shared with socklb too: the {service, netns} counts by backend bucket.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -44,12 +44,6 @@ struct {
 	__type(value, struct svc_netns_counts);
 } podsock_svcnetns_v2 SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct datapath_cfg);
-} podsock_cfg_v1 SEC(".maps");
 
 // Record flags.
 #define REC_F_BALANCED 1  // socket-LB translated for this socket; lb is its first entry
@@ -307,16 +301,23 @@ int podsock_destroy_udp(struct bpf_iter__udp *ctx)
 // enter its netns needlessly.
 static __always_inline void backfill_one(struct sock *sk, struct sock_state *state)
 {
-	__u32 key = 0, epoch;
-	struct datapath_cfg *cfg = bpf_map_lookup_elem(&podsock_cfg_v1, &key);
-
-	epoch = cfg ? cfg->count_epoch : 0;
 	if (!(state->flags & SOCK_F_CONNECTED) ||
 	    (state->flags & (SOCK_F_UNTRACKED | SOCK_F_RELEASED | SOCK_F_KERNEL)))
 		return;
-	if ((state->flags & SOCK_F_TRACKED) && sock_epoch(state) == epoch)
+	if ((state->flags & SOCK_F_TRACKED) && sock_epoch(state) == count_epoch_now)
 		return;
-	if (count_socket(&podsock_svcnetns_v2, state, sk->__sk_common.skc_net.net->net_cookie, epoch))
+	// Marked the way socklb marks them now, for sockets an older agent balanced: one its
+	// application closed (no struct socket left) and an in-kernel one are never counted.
+	if (!sk->sk_socket) {
+		state->flags |= SOCK_F_RELEASED;
+		return;
+	}
+	if (BPF_CORE_READ_BITFIELD(sk, sk_kern_sock)) {
+		state->flags |= SOCK_F_KERNEL;
+		return;
+	}
+	if (count_socket(&podsock_svcnetns_v2, state, sk->__sk_common.skc_net.net->net_cookie,
+			 count_epoch_now))
 		counter_add(&podsock_destroy_count, BACKFILLED);
 }
 

@@ -315,14 +315,6 @@ static __always_inline int kernel_socket(struct bpf_sock *sk)
 	return BPF_CORE_READ_BITFIELD(s, sk_kern_sock);
 }
 
-static __always_inline __u32 count_epoch(void)
-{
-	__u32 key = 0;
-	struct datapath_cfg *cfg = bpf_map_lookup_elem(&podsock_cfg_v1, &key);
-
-	return cfg ? cfg->count_epoch : 0;
-}
-
 // track counts a newly connected socket under its service, netns and backend bucket.
 static __always_inline void track(struct bpf_sock *sk, struct sock_state *state, __u64 netns)
 {
@@ -330,7 +322,7 @@ static __always_inline void track(struct bpf_sock *sk, struct sock_state *state,
 		state->flags |= SOCK_F_KERNEL;
 		return;
 	}
-	if (count_socket(&podsock_svcnetns_v2, state, netns, count_epoch()))
+	if (count_socket(&podsock_svcnetns_v2, state, netns, count_epoch_now))
 		return;
 	state->flags |= SOCK_F_UNTRACKED;
 	count(STAT_UNTRACKED);
@@ -343,7 +335,7 @@ static __always_inline void untrack(struct sock_state *state, __u64 netns)
 	struct svc_netns_counts *n;
 	struct svc_netns_key k;
 
-	if ((state->flags & SOCK_F_TRACKED) && sock_epoch(state) == count_epoch()) {
+	if ((state->flags & SOCK_F_TRACKED) && sock_epoch(state) == count_epoch_now) {
 		svc_netns_key(&k, state, netns);
 		n = bpf_map_lookup_elem(&podsock_svcnetns_v2, &k);
 		if (n)

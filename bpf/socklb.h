@@ -161,7 +161,7 @@ struct aff_value {
 struct datapath_cfg {
 	__u64 host_netns_cookie;
 	__u32 flags;
-	__u32 count_epoch; // see SOCK_F_EPOCH_MASK
+	__u32 count_epoch; // the epoch the loaded programs count in, kept for the next load
 };
 
 // STAT_UNTRACKED counts connected sockets whose pair/netns count could not be taken,

@@ -111,9 +111,13 @@ type Datapath struct {
 	skipPods   map[uint32]bool
 	hostnsOnly bool
 	hostNetns  uint64
-	// countEpoch is the settings' count_epoch (see SOCK_F_EPOCH_MASK in bpf/socklb.h).
+	// countEpoch is the epoch the loaded programs count in (see SOCK_F_EPOCH_MASK in
+	// bpf/socklb.h), recorded in the settings for the next load.
 	countEpoch uint32
-	limits     Limits
+	// countsPin is where the socket counts get pinned once the backfill is done; "" when
+	// they are pinned.
+	countsPin string
+	limits    Limits
 	// cfgWritten is what the settings map holds, as last written; nil when unknown.
 	cfgWritten *socklbDatapathCfg
 }
@@ -186,9 +190,29 @@ func Load(opts Options) (*Datapath, error) {
 		}
 	}()
 	// Socket state without this count map (an agent with another count layout, a map
-	// resized or removed by hand) holds connected sockets it does not count: a new count
-	// epoch starts, and the backfill counts them.
+	// resized or removed by hand, a backfill that never finished) holds connected sockets
+	// it does not count: a new count epoch starts, and the backfill counts them. The new
+	// map is pinned only once that is done, so an agent that dies first leaves no pin and
+	// the next one counts again.
 	needBackfill := pinned(pinDir, "podsock_sock_v1") && (!pinned(pinDir, "podsock_svcnetns_v2") || recount)
+	dp.countEpoch = pinnedCountEpoch(pinDir)
+	if needBackfill {
+		dp.countEpoch = (dp.countEpoch + 1) % countEpochs
+		if replacements["podsock_svcnetns_v2"] == nil {
+			fresh := spec.Maps["podsock_svcnetns_v2"].Copy()
+			fresh.Pinning = ebpf.PinNone
+			counts, err := ebpf.NewMap(fresh)
+			if err != nil {
+				return nil, fmt.Errorf("create socket counts: %w", err)
+			}
+			defer func() { _ = counts.Close() }()
+			replacements["podsock_svcnetns_v2"] = counts
+		}
+		dp.countsPin = filepath.Join(pinDir, "podsock_svcnetns_v2")
+	}
+	if err := setCountEpoch(spec, dp.countEpoch); err != nil {
+		return nil, err
+	}
 	err = spec.LoadAndAssign(&dp.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}, MapReplacements: replacements})
 	if err != nil {
 		var verr *ebpf.VerifierError
@@ -203,7 +227,6 @@ func Load(opts Options) (*Datapath, error) {
 		return nil, fmt.Errorf("load socket-LB programs: %w", err)
 	}
 	loaded = true
-	dp.removeObsoletePins()
 	if err := dp.readServices(); err != nil {
 		return nil, errors.Join(err, dp.closeAll())
 	}
@@ -215,11 +238,6 @@ func Load(opts Options) (*Datapath, error) {
 	var cfg socklbDatapathCfg
 	if err := dp.objs.PodsockCfgV1.Lookup(uint32(0), &cfg); err == nil {
 		dp.hostnsOnly = cfg.Flags&cfgHostnsOnly != 0
-		dp.countEpoch = cfg.CountEpoch
-	}
-	if needBackfill {
-		// Before the new programs attach: every count they take is in the new epoch.
-		dp.countEpoch = (dp.countEpoch + 1) % countEpochs
 	}
 	if err := dp.writeCfg(); err != nil {
 		return nil, errors.Join(err, dp.closeAll())
@@ -227,17 +245,46 @@ func Load(opts Options) (*Datapath, error) {
 	if err := dp.attach(); err != nil {
 		return nil, errors.Join(err, dp.closeAll())
 	}
+	// Only now may what an older agent's programs used go: a failed attach leaves them in
+	// place.
+	dp.removeObsoletePins()
 	if err := dp.pinResized(resizedMaps); err != nil {
 		// The programs serve from the resized maps; only a restart would miss them.
 		dp.log.WithError(err).Error("resized maps are attached but not pinned; a restart loses what they hold")
 	}
 	dp.migrateAffinityV1()
-	if dp.iter, dp.iterErr = loadIterators(dp.objs.PodsockSockV1, dp.objs.PodsockSvcnetnsV2, dp.objs.PodsockCfgV1, opts.Log); dp.iterErr != nil {
+	if dp.iter, dp.iterErr = loadIterators(dp.objs.PodsockSockV1, dp.objs.PodsockSvcnetnsV2, dp.countEpoch, opts.Log); dp.iterErr != nil {
 		opts.Log.WithError(dp.iterErr).Warn("socket listing and termination are unavailable")
 	} else if needBackfill {
 		dp.backfill()
 	}
 	return dp, nil
+}
+
+// pinnedCountEpoch is the count epoch the pinned settings record, 0 without them.
+func pinnedCountEpoch(pinDir string) uint32 {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, "podsock_cfg_v1"), nil)
+	if err != nil {
+		return 0
+	}
+	defer func() { _ = m.Close() }()
+	var cfg socklbDatapathCfg
+	if err := m.Lookup(uint32(0), &cfg); err != nil || cfg.CountEpoch >= countEpochs {
+		return 0
+	}
+	return cfg.CountEpoch
+}
+
+// pinCounts pins the socket counts once the backfill has counted every socket in them.
+func (dp *Datapath) pinCounts() {
+	if dp.countsPin == "" {
+		return
+	}
+	if err := replacePin(dp.objs.PodsockSvcnetnsV2, dp.countsPin); err != nil {
+		dp.log.WithError(err).Warn("pin the socket counts; the next start counts the sockets again")
+		return
+	}
+	dp.countsPin = ""
 }
 
 // backfill counts the sockets balanced before the socket counts existed, in one pass when
@@ -250,6 +297,7 @@ func (dp *Datapath) backfill() {
 		dp.backfillPending = true
 		return
 	}
+	dp.pinCounts()
 	dp.log.Infof("counted %d connected sockets balanced before their counts existed", n)
 }
 

@@ -72,7 +72,6 @@ func ProbeIterators() []Feature {
 	var maps struct {
 		Storage *ebpf.Map `ebpf:"podsock_sock_v1"`
 		Counts  *ebpf.Map `ebpf:"podsock_svcnetns_v2"`
-		Cfg     *ebpf.Map `ebpf:"podsock_cfg_v1"`
 	}
 	for _, m := range spec.Maps {
 		m.Pinning = ebpf.PinNone
@@ -80,10 +79,10 @@ func ProbeIterators() []Feature {
 	if err := spec.LoadAndAssign(&maps, nil); err != nil {
 		return fail(fmt.Errorf("create probe maps: %w", err))
 	}
-	defer func() { _ = maps.Storage.Close(); _ = maps.Counts.Close(); _ = maps.Cfg.Close() }()
+	defer func() { _ = maps.Storage.Close(); _ = maps.Counts.Close() }()
 	log := logrus.New()
 	log.SetOutput(io.Discard)
-	it, err := loadIterators(maps.Storage, maps.Counts, maps.Cfg, log)
+	it, err := loadIterators(maps.Storage, maps.Counts, 0, log)
 	if err != nil {
 		return fail(err)
 	}

@@ -167,16 +167,46 @@ func copyEntries(src, dst *ebpf.Map) (int, error) {
 }
 
 // pinResized puts the resized maps in their pins, once the programs that use them are
-// attached.
+// attached. Entries the previous programs wrote into the old map since it was copied (pod
+// affinity choices) are carried over first. The socket counts wait for the backfill
+// (pinCounts).
 func (dp *Datapath) pinResized(rs []resized) error {
 	for _, r := range rs {
-		if err := os.Remove(r.pin); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("replace pin %s: %w", r.pin, err)
+		if r.name == "podsock_svcnetns_v2" {
+			continue
 		}
-		if err := r.m.Pin(r.pin); err != nil {
+		if old, err := ebpf.LoadPinnedMap(r.pin, nil); err == nil {
+			copyMissing(old, r.m)
+			_ = old.Close()
+		}
+		if err := replacePin(r.m, r.pin); err != nil {
 			return fmt.Errorf("pin resized %s: %w", r.name, err)
 		}
 		dp.log.Infof("resized %s to %d entries (%s)", r.name, r.m.MaxEntries(), limitKey(r.name))
+	}
+	return nil
+}
+
+// copyMissing adds to dst the entries of src it lacks; one that does not fit is left out.
+func copyMissing(src, dst *ebpf.Map) {
+	var k, v []byte
+	it := src.Iterate()
+	for it.Next(&k, &v) {
+		_ = dst.Update(k, v, ebpf.UpdateNoExist)
+	}
+}
+
+// replacePin pins m at pin in one step (pinned beside it, then renamed over it), so the
+// name never stands for no map.
+func replacePin(m *ebpf.Map, pin string) error {
+	tmp := pin + "_new" // bpffs refuses names with a dot
+	_ = os.Remove(tmp)
+	if err := m.Pin(tmp); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, pin); err != nil {
+		_ = m.Unpin()
+		return fmt.Errorf("rename %s: %w", tmp, err)
 	}
 	return nil
 }

@@ -419,7 +419,7 @@ func (dp *Datapath) podIDsOf(p ServicePolicy) map[uint32]bool {
 // slots to revision to, before the service switches to it: those pods keep their backend,
 // and every other choice goes stale at the switch. One lookup per pod, not a walk of the
 // map (a walk visits every bucket).
-func (dp *Datapath) carryAffinity(svc *installed, to uint32, slots []netip.AddrPort) {
+func (dp *Datapath) carryAffinity(svc *installed, to uint32, slots []netip.AddrPort) (moved []socklbPodSvcKey) {
 	for podID := range dp.podIDs {
 		k := socklbPodSvcKey{SvcId: svc.id, PodId: podID}
 		var v socklbAffValue
@@ -430,9 +430,31 @@ func (dp *Datapath) carryAffinity(svc *installed, to uint32, slots []netip.AddrP
 			continue
 		}
 		v.Rev = to
-		if err := dp.objs.PodsockAffV2.Update(&k, &v, ebpf.UpdateExist); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			// The pod picks again on its next connect: affinity moves once, nothing breaks.
-			dp.log.WithError(err).Warnf("carry affinity of pod %d in service %s over", podID, svc.name)
+		if err := dp.objs.PodsockAffV2.Update(&k, &v, ebpf.UpdateExist); err != nil {
+			if !errors.Is(err, ebpf.ErrKeyNotExist) {
+				// The pod picks again on its next connect: affinity moves once, nothing breaks.
+				dp.log.WithError(err).Warnf("carry affinity of pod %d in service %s over", podID, svc.name)
+			}
+			continue
+		}
+		moved = append(moved, k)
+	}
+	return moved
+}
+
+// uncarryAffinity moves choices carried over to a revision the service never switched to
+// back to its own, so the next revision, which will reuse that number, does not find them
+// current.
+func (dp *Datapath) uncarryAffinity(svc *installed, moved []socklbPodSvcKey) {
+	for _, k := range moved {
+		var v socklbAffValue
+		if err := dp.objs.PodsockAffV2.Lookup(&k, &v); err != nil {
+			continue
+		}
+		v.Rev = svc.rev
+		if err := dp.objs.PodsockAffV2.Update(&k, &v, ebpf.UpdateExist); err != nil {
+			// Dropped instead: the pod picks again, never from a stale choice.
+			_ = dp.objs.PodsockAffV2.Delete(&k)
 		}
 	}
 }

@@ -442,17 +442,19 @@ func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) erro
 		return nil
 	}
 	rev := cur.rev
+	var carried []socklbPodSvcKey
 	if !sameSlots {
 		rev = cur.rev + 1
 		if err := dp.writeSlots(cur.id, rev, slots); err != nil {
 			return fmt.Errorf("service %s: %w", name, err)
 		}
 		if cur.flags&svcFlagAffinityPod != 0 && w.flags&svcFlagAffinityPod != 0 {
-			dp.carryAffinity(cur, rev, slots)
+			carried = dp.carryAffinity(cur, rev, slots)
 		}
 	}
 	v := socklbSvcValue{Id: cur.id, Rev: rev, SlotCount: uint32(len(slots)), Flags: w.flags}
 	if err := dp.objs.PodsockSvcV1.Update(&k, &v, ebpf.UpdateExist); err != nil {
+		dp.uncarryAffinity(cur, carried)
 		if !sameSlots {
 			dp.deleteSlots(cur.id, rev, len(slots))
 		}

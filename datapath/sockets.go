@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"runtime"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 	"unsafe"
@@ -175,16 +176,19 @@ type sockIter struct {
 	listMu, destroyMu sync.Mutex
 }
 
-// loadIterators loads each iterator program against the datapath's socket storage, socket
-// counts and settings. Programs the kernel refuses are recorded with its reason; only an error
+// loadIterators loads each iterator program against the datapath's socket storage and
+// socket counts, counting in the given epoch. Programs the kernel refuses are recorded with its reason; only an error
 // that leaves no program usable (the shared maps) is returned.
-func loadIterators(storage, counts, cfg *ebpf.Map, log logrus.FieldLogger) (*sockIter, error) {
+func loadIterators(storage, counts *ebpf.Map, epoch uint32, log logrus.FieldLogger) (*sockIter, error) {
 	spec, err := loadSockiter()
 	if err != nil {
 		return nil, fmt.Errorf("load iterator spec: %w", err)
 	}
+	if err := setCountEpoch(spec, epoch); err != nil {
+		return nil, err
+	}
 	it := &sockIter{storage: storage, progs: map[string]*ebpf.Program{}, links: map[string]*link.Iter{}, refused: map[string]error{}}
-	shared := map[string]*ebpf.Map{"podsock_sock_v1": storage, "podsock_svcnetns_v2": counts, "podsock_cfg_v1": cfg}
+	shared := map[string]*ebpf.Map{"podsock_sock_v1": storage, "podsock_svcnetns_v2": counts}
 	for name, m := range shared {
 		// The datapath's maps are sized by [limits], not as this object was built.
 		spec.Maps[name].MaxEntries = m.MaxEntries()
@@ -193,7 +197,7 @@ func loadIterators(storage, counts, cfg *ebpf.Map, log logrus.FieldLogger) (*soc
 		return nil, fmt.Errorf("create iterator maps: %w", err)
 	}
 	all := map[string]*ebpf.Map{
-		"podsock_sock_v1": storage, "podsock_svcnetns_v2": counts, "podsock_cfg_v1": cfg,
+		"podsock_sock_v1": storage, "podsock_svcnetns_v2": counts,
 		"podsock_list_filter": it.maps.PodsockListFilter, "podsock_doomed": it.maps.PodsockDoomed,
 		"podsock_destroy_count": it.maps.PodsockDestroyCount,
 	}
@@ -222,6 +226,19 @@ func loadIterators(storage, counts, cfg *ebpf.Map, log logrus.FieldLogger) (*soc
 	return it, nil
 }
 
+// setCountEpoch sets the count epoch a spec's programs count in (count_epoch_now in
+// bpf/counts.h).
+func setCountEpoch(spec *ebpf.CollectionSpec, epoch uint32) error {
+	v, ok := spec.Variables["count_epoch_now"]
+	if !ok {
+		return errors.New("the BPF object has no count_epoch_now")
+	}
+	if err := v.Set(epoch); err != nil {
+		return fmt.Errorf("set count epoch: %w", err)
+	}
+	return nil
+}
+
 // loadOneProgram loads one program of spec, with every map it uses taken from maps.
 func loadOneProgram(spec *ebpf.CollectionSpec, name string, maps map[string]*ebpf.Map) (*ebpf.Program, error) {
 	ps, ok := spec.Programs[name]
@@ -232,9 +249,12 @@ func loadOneProgram(spec *ebpf.CollectionSpec, name string, maps map[string]*ebp
 	one.Programs = map[string]*ebpf.ProgramSpec{name: ps}
 	repl := map[string]*ebpf.Map{}
 	for m := range one.Maps {
-		if mm, ok := maps[m]; ok {
+		switch mm, ok := maps[m]; {
+		case ok:
 			repl[m] = mm
-		} else {
+		case strings.HasPrefix(m, "."):
+			// The object's own constants (.rodata): each program gets its copy.
+		default:
 			delete(one.Maps, m)
 		}
 	}
@@ -426,6 +446,7 @@ func (dp *Datapath) Backfill(ns NetnsSet) (int, error) {
 		return n, err
 	}
 	dp.backfillPending = false
+	dp.pinCounts()
 	return n, nil
 }
 

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/podsock/podsock/test/testenv"
@@ -537,10 +538,24 @@ func TestPrivilegedLoadCountsSocketsBalancedBeforeCounts(t *testing.T) {
 		}
 		return n
 	}
+	countsPin := filepath.Join(f.bpffs, PinDirName, "podsock_svcnetns_v2")
 	if dp.BackfillPending() {
 		t.Log("the kernel refused the map-element iterator: counting one netns at a time")
 		if got := flags(fd); got != sockFlagConnected {
 			t.Fatalf("flags %#x before the fallback ran, want connected only", got)
+		}
+		// An agent that stops before the backfill ran leaves no count map pinned, so the
+		// next one counts again.
+		if _, err := os.Stat(countsPin); !os.IsNotExist(err) {
+			t.Fatalf("socket counts pinned before the backfill ran (%v)", err)
+		}
+		dp.Close()
+		if dp, err = Load(Options{CgroupRoot: f.cg.Path, BPFFS: f.bpffs}); err != nil {
+			t.Fatal(err)
+		}
+		defer dp.Close()
+		if !dp.BackfillPending() {
+			t.Fatal("a restart after a backfill that never ran did not count again")
 		}
 	} else if got := flags(fd); got != sockFlagConnected|sockFlagTracked {
 		t.Fatalf("socket flags after load: %#x, want connected and counted", got)
@@ -556,6 +571,9 @@ func TestPrivilegedLoadCountsSocketsBalancedBeforeCounts(t *testing.T) {
 	n, err := dp.Backfill(set)
 	if err != nil || n != 1 || dp.BackfillPending() {
 		t.Fatalf("backfill: %d %v (pending %v), want the one open socket counted", n, err, dp.BackfillPending())
+	}
+	if _, err := os.Stat(countsPin); err != nil {
+		t.Fatalf("socket counts not pinned after the backfill: %v", err)
 	}
 	if got, want := flags(fd), uint8(sockFlagConnected|sockFlagTracked); got != want {
 		t.Fatalf("socket flags after backfill: %#x, want %#x", got, want)
@@ -869,6 +887,17 @@ func TestPrivilegedLimitsResizePinnedMaps(t *testing.T) {
 	if got := socketCounts(t, dp); got[webVIP][backendBucket(map[string]netip.AddrPort{"A": beA, "B": beB}[tcpBackend])] != 1 ||
 		got[dnsVIP][backendBucket(dnsA)] != 1 {
 		t.Fatalf("socket counts after the resize: %v, want the held TCP and UDP sockets", got)
+	}
+	// The pins now hold the resized maps, the counts included once the backfill ran.
+	for name, want := range map[string]uint32{"podsock_svc_v1": 4096, "podsock_aff_v2": 8192, "podsock_svcnetns_v2": 2048} {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(f.bpffs, PinDirName, name), nil)
+		if err != nil {
+			t.Fatalf("pin %s after the resize: %v", name, err)
+		}
+		if got := m.MaxEntries(); got != want {
+			t.Errorf("pinned %s holds %d entries, want %d", name, got, want)
+		}
+		m.Close()
 	}
 	other := map[string]netip.AddrPort{"A": beB, "B": beA}[tcpBackend]
 	web.Backends = []Backend{be(other, 1)}

@@ -13,13 +13,6 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type sockiterDatapathCfg struct {
-	_               structs.HostLayout
-	HostNetnsCookie uint64
-	Flags           uint32
-	CountEpoch      uint32
-}
-
 type sockiterDoomedValue struct {
 	_               structs.HostLayout
 	SvcId           uint32
@@ -109,7 +102,6 @@ type sockiterSvcNetnsKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	sockiterMapPodsockCfgV1           = "podsock_cfg_v1"
 	sockiterMapPodsockDestroyCount    = "podsock_destroy_count"
 	sockiterMapPodsockDoomed          = "podsock_doomed"
 	sockiterMapPodsockListFilter      = "podsock_list_filter"
@@ -122,6 +114,7 @@ const (
 	sockiterProgPodsockDestroyUdp     = "podsock_destroy_udp"
 	sockiterProgPodsockListTcp        = "podsock_list_tcp"
 	sockiterProgPodsockListUdp        = "podsock_list_udp"
+	sockiterVarCountEpochNow          = "count_epoch_now"
 )
 
 // loadSockiter returns the embedded CollectionSpec for sockiter.
@@ -179,7 +172,6 @@ type sockiterProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockiterMapSpecs struct {
-	PodsockCfgV1        *ebpf.MapSpec `ebpf:"podsock_cfg_v1"`
 	PodsockDestroyCount *ebpf.MapSpec `ebpf:"podsock_destroy_count"`
 	PodsockDoomed       *ebpf.MapSpec `ebpf:"podsock_doomed"`
 	PodsockListFilter   *ebpf.MapSpec `ebpf:"podsock_list_filter"`
@@ -191,6 +183,7 @@ type sockiterMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockiterVariableSpecs struct {
+	CountEpochNow *ebpf.VariableSpec `ebpf:"count_epoch_now"`
 }
 
 // sockiterObjects contains all objects after they have been loaded into the kernel.
@@ -213,7 +206,6 @@ func (o *sockiterObjects) Close() error {
 //
 // It can be passed to loadSockiterObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockiterMaps struct {
-	PodsockCfgV1        *ebpf.Map `ebpf:"podsock_cfg_v1"`
 	PodsockDestroyCount *ebpf.Map `ebpf:"podsock_destroy_count"`
 	PodsockDoomed       *ebpf.Map `ebpf:"podsock_doomed"`
 	PodsockListFilter   *ebpf.Map `ebpf:"podsock_list_filter"`
@@ -223,7 +215,6 @@ type sockiterMaps struct {
 
 func (m *sockiterMaps) Close() error {
 	return _SockiterClose(
-		m.PodsockCfgV1,
 		m.PodsockDestroyCount,
 		m.PodsockDoomed,
 		m.PodsockListFilter,
@@ -236,6 +227,7 @@ func (m *sockiterMaps) Close() error {
 //
 // It can be passed to loadSockiterObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockiterVariables struct {
+	CountEpochNow *ebpf.Variable `ebpf:"count_epoch_now"`
 }
 
 // sockiterPrograms contains all programs after they have been loaded into the kernel.

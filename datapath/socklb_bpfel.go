@@ -137,6 +137,7 @@ const (
 	socklbProgPodsockSendmsg4     = "podsock_sendmsg4"
 	socklbProgPodsockSendmsg6     = "podsock_sendmsg6"
 	socklbProgPodsockSockRelease  = "podsock_sock_release"
+	socklbVarCountEpochNow        = "count_epoch_now"
 )
 
 // loadSocklb returns the embedded CollectionSpec for socklb.
@@ -215,6 +216,7 @@ type socklbMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socklbVariableSpecs struct {
+	CountEpochNow *ebpf.VariableSpec `ebpf:"count_epoch_now"`
 }
 
 // socklbObjects contains all objects after they have been loaded into the kernel.
@@ -274,6 +276,7 @@ func (m *socklbMaps) Close() error {
 //
 // It can be passed to loadSocklbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socklbVariables struct {
+	CountEpochNow *ebpf.Variable `ebpf:"count_epoch_now"`
 }
 
 // socklbPrograms contains all programs after they have been loaded into the kernel.

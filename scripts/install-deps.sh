@@ -15,7 +15,7 @@ declare -A PINNED=(
   [clang-19]="1:19.1.7-3~deb12u1"
   [llvm-19]="1:19.1.7-3~deb12u1"
   [libbpf-dev]="1:1.1.2-0+deb12u1"
-  [bpftool]="7.1.0+6.1.192-2"
+  [bpftool]="7.1.0+6.1.192-3"
   [iproute2]="6.1.0-3"
   [iptables]="1.8.9-2"
   # The real-runtime e2e tests (scripts/install-runtime.sh): runc for containerd's shim,

@@ -92,6 +92,9 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 	if err != nil {
 		return err
 	}
+	if err := cfg.LoadServicesFile(); err != nil {
+		return err
+	}
 	a := newAgent(log)
 	defer a.podq.close()
 	if cfg.NRI.Enabled {
@@ -224,6 +227,17 @@ drain:
 // applyInitial applies the config the agent started with, then serves the control socket.
 func (a *Agent) applyInitial(cfg *config.Config) {
 	log := a.log
+	// A pre-registered plugin reads its services file only now, after it answered the
+	// runtime. One that does not load leaves what the datapath serves as it was.
+	if err := cfg.LoadServicesFile(); err != nil {
+		log.Errorf("services not applied, keeping what the datapath serves: %v", err)
+		a.mu.Lock()
+		a.cfg = cfg
+		a.lastReloadError = err.Error()
+		a.mu.Unlock()
+		a.srv = a.serveControl(a.ctl.ln)
+		return
+	}
 	if err := a.apply(cfg); err != nil {
 		// The datapath keeps whatever it served before; the half-applied config is shown
 		// in status, with its error, until a reload succeeds.
@@ -303,6 +317,9 @@ func setLogLevel(log *logrus.Logger, level string) error {
 // running config stays in force.
 func (a *Agent) reload(path string) {
 	cfg, err := config.Load(path)
+	if err == nil {
+		err = cfg.LoadServicesFile()
+	}
 	if err != nil {
 		a.log.Errorf("reload rejected, keeping config generation %d: %v", a.Generation(), err)
 		a.mu.Lock()

@@ -842,3 +842,54 @@ func TestAgentSettingsSurviveErrorsElsewhere(t *testing.T) {
 		t.Fatal("AgentSettings accepted a file that is not TOML")
 	}
 }
+
+// agent.services_file adds its [[service]] tables to the config's, checked together;
+// its errors name that file and line.
+func TestLoadServicesFile(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, text string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	svc := func(name, vip string) string {
+		return fmt.Sprintf("[[service]]\nname = %q\nvip = %q\nport = 80\nbackends = [\"10.88.0.5:8080\"]\n", name, vip)
+	}
+	load := func(services, extraAgent string) (*Config, error) {
+		sf := write("services.toml", services)
+		main := write("podsock.toml", fmt.Sprintf("[agent]\nservices_file = %q\n%s\n[limits]\nservices = 3\n\n%s", sf, extraAgent, svc("default/web", "10.96.0.20")))
+		c, err := Load(main)
+		if err != nil {
+			t.Fatalf("main file: %v", err)
+		}
+		return c, c.LoadServicesFile()
+	}
+	c, err := load(svc("gen/a", "10.96.1.1")+svc("gen/b", "10.96.1.2"), "")
+	if err != nil || len(c.Services) != 3 || c.Services[2].Name != "gen/b" {
+		t.Fatalf("services %+v, %v: want web then gen/a and gen/b", c.Services, err)
+	}
+	sf := filepath.Join(dir, "services.toml")
+	for _, tt := range []struct {
+		name, services, want string
+	}{
+		{"not only services", svc("gen/a", "10.96.1.1") + "[lb]\nhostns_only = true\n", sf + ":6: \"lb\": a services file holds only [[service]] tables"},
+		{"bad service", "[[service]]\nname = \"gen/a\"\nvip = \"nope\"\nport = 80\n", sf + ":3: "},
+		{"name used in the main file", "\n" + svc("default/web", "10.96.1.1"), sf + ":3: service \"default/web\": name already used in"},
+		{"key used in the main file", svc("gen/a", "10.96.0.20"), sf + ":3: service \"gen/a\": 10.96.0.20:80/tcp already served"},
+		{"over the limit", svc("gen/a", "10.96.1.1") + svc("gen/b", "10.96.1.2") + svc("gen/c", "10.96.1.3"), sf + ":11: 4 services (with"},
+		{"syntax", "[[service]\n", sf + ":2: "},
+	} {
+		c, err := load(tt.services, "")
+		if err == nil || !strings.HasPrefix(err.Error(), tt.want[:strings.LastIndex(tt.want, ":")+1]) || !strings.Contains(err.Error(), tt.want[strings.LastIndex(tt.want, ":")+1:]) {
+			t.Errorf("%s: %v, want %q", tt.name, err, tt.want)
+		}
+		if err != nil && len(c.Services) != 1 {
+			t.Errorf("%s: a rejected services file changed the config (%d services)", tt.name, len(c.Services))
+		}
+	}
+	if _, err := Parse("x", []byte("[agent]\nservices_file = \"relative.toml\"\n")); err == nil || !strings.Contains(err.Error(), "must be an absolute path") {
+		t.Errorf("relative services_file: %v", err)
+	}
+}

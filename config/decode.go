@@ -88,6 +88,8 @@ func (d *decoder) agent(at keyPath, v any) {
 		"bpffs":       &a.BPFFS,
 		"state_dir":   &a.StateDir,
 		"log_level":   &a.LogLevel,
+
+		"services_file": &a.ServicesFile,
 	}
 	for _, k := range sortedKeys(t) {
 		if dst, ok := fields[k]; ok {

@@ -30,6 +30,7 @@ func (c *Config) check(pos lineIndex) []problem {
 	ps.absPath(agent.key("cgroup_root"), "agent.cgroup_root", c.Agent.CgroupRoot, true)
 	ps.absPath(agent.key("bpffs"), "agent.bpffs", c.Agent.BPFFS, false)
 	ps.absPath(agent.key("state_dir"), "agent.state_dir", c.Agent.StateDir, false)
+	ps.absPath(agent.key("services_file"), "agent.services_file", c.Agent.ServicesFile, true)
 
 	nri := root.key("nri")
 	// The socket only matters when NRI is used; a disabled section may keep

@@ -608,10 +608,14 @@ func TestPrivilegedNRIPreRegisteredLargeConfig(t *testing.T) {
 }
 
 func bulkServices(n int) string {
-	var b strings.Builder
-	if n > 0 {
-		fmt.Fprintf(&b, "[limits]\nservices = %d\n\n", 2*n)
+	if n == 0 {
+		return ""
 	}
+	return fmt.Sprintf("[limits]\nservices = %d\n\n", 2*n) + bulkServiceTables(n)
+}
+
+func bulkServiceTables(n int) string {
+	var b strings.Builder
 	for i := range n {
 		fmt.Fprintf(&b, "[[service]]\nname = \"bulk/s%d\"\nvip = \"10.%d.%d.%d\"\nport = 80\nbackends = [\"10.88.1.1:8080\"]\n",
 			i, 100+i>>16, (i>>8)&255, i&255)
@@ -619,7 +623,16 @@ func bulkServices(n int) string {
 	return b.String()
 }
 
-func testPreRegistered(t *testing.T, services int) {
+// TestPrivilegedNRIPreRegistered100kServices: 100,000 services, too many for the config
+// NRI carries, come from agent.services_file; registration succeeds under the runtime's
+// default timeouts and every service is served after.
+func TestPrivilegedNRIPreRegistered100kServices(t *testing.T) {
+	testPreRegisteredWith(t, 100_000, true)
+}
+
+func testPreRegistered(t *testing.T, services int) { testPreRegisteredWith(t, services, false) }
+
+func testPreRegisteredWith(t *testing.T, services int, viaFile bool) {
 	testenv.RequirePrivileged(t)
 	cri.Require(t)
 	cgroup2, err := cgroupfs.Mount()
@@ -637,7 +650,15 @@ func testPreRegistered(t *testing.T, services int) {
 			return err
 		}
 		// The runtime hands this file's text over in Configure; the CLI reads the same.
-		writeAgentConfig(t, cfgPath, cgroupRoot, bpffs, filepath.Join(dir, "state"), bulkServices(services))
+		rest := bulkServices(services)
+		if viaFile {
+			servicesFile := filepath.Join(dir, "services.toml")
+			if err := os.WriteFile(servicesFile, []byte(bulkServiceTables(services)), 0o644); err != nil {
+				return err
+			}
+			rest = fmt.Sprintf("services_file = %q\n\n[limits]\nservices = %d\n", servicesFile, 2*services)
+		}
+		writeAgentConfig(t, cfgPath, cgroupRoot, bpffs, filepath.Join(dir, "state"), rest)
 		cfg, err := os.ReadFile(cfgPath)
 		if err != nil {
 			return err

@@ -230,7 +230,7 @@ func (a *Agent) applyInitial(cfg *config.Config) {
 	// A pre-registered plugin reads its services file only now, after it answered the
 	// runtime. One that does not load leaves what the datapath serves as it was.
 	if err := cfg.LoadServicesFile(); err != nil {
-		log.Errorf("services not applied, keeping what the datapath serves: %v", err)
+		log.WithError(err).Error("services not applied, keeping what the datapath serves")
 		a.mu.Lock()
 		a.cfg = cfg
 		a.lastReloadError = err.Error()
@@ -321,7 +321,7 @@ func (a *Agent) reload(path string) {
 		err = cfg.LoadServicesFile()
 	}
 	if err != nil {
-		a.log.Errorf("reload rejected, keeping config generation %d: %v", a.Generation(), err)
+		a.log.WithError(err).WithField("generation", a.Generation()).Error("reload rejected, keeping the running config")
 		a.mu.Lock()
 		a.lastReloadError = err.Error()
 		a.mu.Unlock()

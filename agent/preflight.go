@@ -11,13 +11,6 @@ import (
 	"github.com/podsock/podsock/internal/cgroupfs"
 )
 
-// Capabilities the agent cannot work without.
-const (
-	capNetAdmin = 12
-	capSysAdmin = 21
-	capBPF      = 39
-)
-
 // checkPrivileges fails unless the process may load BPF programs and attach them to
 // cgroups: root, or CAP_BPF + CAP_NET_ADMIN (+ CAP_SYS_ADMIN for setns and mounts).
 func checkPrivileges() error {
@@ -31,7 +24,7 @@ func checkPrivileges() error {
 	for _, c := range []struct {
 		n    uint
 		name string
-	}{{capBPF, "CAP_BPF"}, {capNetAdmin, "CAP_NET_ADMIN"}, {capSysAdmin, "CAP_SYS_ADMIN"}} {
+	}{{unix.CAP_BPF, "CAP_BPF"}, {unix.CAP_NET_ADMIN, "CAP_NET_ADMIN"}, {unix.CAP_SYS_ADMIN, "CAP_SYS_ADMIN"}} {
 		if !has(c.n) {
 			missing = append(missing, c.name)
 		}

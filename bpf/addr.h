@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 // Address helpers shared by the socket-LB programs and the iterators. Addresses are
 // IPv6 or IPv4-mapped IPv6, four words in network byte order (see socklb.h).
 #ifndef PODSOCK_ADDR_H

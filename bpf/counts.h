@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 // Counting shared by the socket-LB programs and the iterators: plain counters, and the
 // connected sockets per {service, netns} and backend bucket that socklb.c keeps at
 // connect() and sockiter.c backfills for sockets balanced before those counts existed.

@@ -1,4 +1,5 @@
 //go:build ignore
+// SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 
 // Socket iterators: list the TCP/UDP sockets of one netns, with the LB state socket-LB
 // left in their SK_STORAGE, and destroy the connected ones still attached to a removed
@@ -15,34 +16,16 @@
 #include "bpf_core_read.h"
 #include "socklb.h"
 #include "addr.h"
+#include "shared_maps.h"
 #include "counts.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
-#define AF_INET 2
-#define AF_INET6 10
-#define IPPROTO_TCP 6
-#define IPPROTO_UDP 17
 #define TCP_ESTABLISHED 1
 
 extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
 
-// Shared with socklb: the loader hands in socklb's map, so both see one storage.
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct sock_state);
-} podsock_sock_v1 SEC(".maps");
 
-// Shared with socklb too: the {service, netns} counts by backend bucket.
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, PODSOCK_MAX_SVC_NETNS);
-	__type(key, struct svc_netns_key);
-	__type(value, struct svc_netns_counts);
-} podsock_svcnetns_v2 SEC(".maps");
 
 
 // Record flags.

@@ -1,4 +1,5 @@
 //go:build ignore
+// SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 
 // Socket-level service load balancing: cgroup sock_addr programs attached at the cgroup v2
 // root rewrite a service VIP:port to a backend once per connect() (TCP, connected UDP) or
@@ -13,14 +14,11 @@
 #include "bpf_core_read.h"
 #include "socklb.h"
 #include "addr.h"
+#include "shared_maps.h"
 #include "counts.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
-#define AF_INET 2
-#define AF_INET6 10
-#define IPPROTO_TCP 6
-#define IPPROTO_UDP 17
 #define EPERM 1
 #define ECONNREFUSED 111
 #define EHOSTUNREACH 113
@@ -57,13 +55,6 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podsock_name_v1 SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct sock_state);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} podsock_sock_v1 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -140,20 +131,6 @@ struct {
 	__type(value, struct aff_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podsock_aff_v2 SEC(".maps");
-
-// Connected sockets per {service, netns}, by backend bucket. Counts go up at a balanced
-// connect() and down when the socket is released or re-connected. An entry at zero stays
-// until userspace drops it: when its netns is gone (or is one podsock cannot enter anyway),
-// or when its service has been gone for a whole prune interval, so that a delete does not
-// race the increment of a socket podsock could terminate.
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, PODSOCK_MAX_SVC_NETNS);
-	__type(key, struct svc_netns_key);
-	__type(value, struct svc_netns_counts);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} podsock_svcnetns_v2 SEC(".maps");
 
 static __always_inline void count(__u32 stat)
 {

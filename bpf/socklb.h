@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 // Types shared by the socket-LB programs and the Go loader (which gets them through BTF).
 // Changing a layout means a new map name (…_v2): an SK_STORAGE map that is recreated loses
 // every socket's state.

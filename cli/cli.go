@@ -111,7 +111,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	if err := run(c); err != nil {
 		var u unhealthy
 		if !errors.As(err, &u) {
-			fmt.Fprintf(stderr, "podsock %s: %s\n", cmd, oneLine(err.Error()))
+			fmt.Fprintf(stderr, "podsock %s: %s\n", cmd, config.OneLine(err.Error()))
 		}
 		var bad badArgument
 		if errors.As(err, &bad) {
@@ -139,10 +139,6 @@ type unhealthy struct{}
 
 func (unhealthy) Error() string { return "unhealthy" }
 
-func oneLine(s string) string {
-	return strings.Join(strings.Fields(s), " ")
-}
-
 func (c *command) config() (*config.Config, error) {
 	return config.Load(c.configPath)
 }
@@ -159,7 +155,7 @@ func (c *command) settings() (config.Agent, error) {
 	if lenientErr != nil {
 		return config.Agent{}, err
 	}
-	fmt.Fprintf(c.stderr, "podsock %s: warning: %s\n", c.name, oneLine(err.Error()))
+	fmt.Fprintf(c.stderr, "podsock %s: warning: %s\n", c.name, config.OneLine(err.Error()))
 	return settings, nil
 }
 
@@ -191,7 +187,7 @@ func agentLogger(w io.Writer) *logrus.Logger {
 // runPreRegistered is `podsock run` for a binary the runtime launched as an NRI plugin.
 func runPreRegistered(stderr io.Writer) int {
 	if err := agent.RunPreRegistered(context.Background(), agentLogger(stderr)); err != nil {
-		fmt.Fprintf(stderr, "podsock: %s\n", oneLine(err.Error()))
+		fmt.Fprintf(stderr, "podsock: %s\n", config.OneLine(err.Error()))
 		return exitFail
 	}
 	return exitOK

@@ -356,7 +356,7 @@ func (e *Error) Error() string {
 	if file == "" {
 		file = "<config>"
 	}
-	msg := oneLine(e.Msg)
+	msg := OneLine(e.Msg)
 	if e.Line > 0 {
 		return file + ":" + strconv.Itoa(e.Line) + ": " + msg
 	}
@@ -365,9 +365,9 @@ func (e *Error) Error() string {
 
 func (e *Error) Unwrap() error { return e.Err }
 
-// oneLine keeps messages that quote foreign text (the TOML library's) on one
-// line, which log scrapers and the CLI rely on.
-func oneLine(s string) string {
+// OneLine keeps messages that quote foreign text (the TOML library's, the kernel's) on
+// one line, which log scrapers and the CLI rely on.
+func OneLine(s string) string {
 	b := []byte(s)
 	for i, c := range b {
 		if c == '\n' || c == '\r' {

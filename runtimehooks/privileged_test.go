@@ -94,7 +94,7 @@ func fdCount(t *testing.T) int {
 	return len(ents)
 }
 
-func TestCgroupIDPrivileged(t *testing.T) {
+func TestPrivilegedCgroupID(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	mnt := cgroupMount(t)
 	dir, canon := testCgroup(t, mnt)
@@ -141,7 +141,7 @@ func TestCgroupIDPrivileged(t *testing.T) {
 	}
 }
 
-func TestOpenNetnsCookiePrivileged(t *testing.T) {
+func TestPrivilegedOpenNetnsCookie(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	ns := testenv.NewNetns(t, nil)
 	want := ns.Cookie(t)
@@ -199,7 +199,7 @@ func TestOpenNetnsCookiePrivileged(t *testing.T) {
 	}
 }
 
-func TestInNetnsPrivileged(t *testing.T) {
+func TestPrivilegedInNetns(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	host := threadNetns(t)
 	ns := testenv.NewNetns(t, nil)
@@ -287,7 +287,7 @@ func TestInNetnsPrivileged(t *testing.T) {
 	}
 }
 
-func TestTrackerLifecyclePrivileged(t *testing.T) {
+func TestPrivilegedTrackerLifecycle(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	mnt := cgroupMount(t)
 	podDir, podCg := testCgroup(t, mnt)
@@ -387,7 +387,7 @@ func TestTrackerLifecyclePrivileged(t *testing.T) {
 	}
 }
 
-func TestTrackerLatePodCgroupPrivileged(t *testing.T) {
+func TestPrivilegedTrackerLatePodCgroup(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	mnt := cgroupMount(t)
 	parentDir, parentCg := testCgroup(t, mnt)
@@ -413,7 +413,7 @@ func TestTrackerLatePodCgroupPrivileged(t *testing.T) {
 	}
 }
 
-func TestTrackerSynchronizePrivileged(t *testing.T) {
+func TestPrivilegedTrackerSynchronize(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	mnt := cgroupMount(t)
 	_, podCg := testCgroup(t, mnt)
@@ -465,7 +465,7 @@ func TestTrackerSynchronizePrivileged(t *testing.T) {
 
 // A pod removed while WithNetns runs keeps its fd until f returns, and removal does not
 // wait for f.
-func TestWithNetnsOutlivesRemovalPrivileged(t *testing.T) {
+func TestPrivilegedWithNetnsOutlivesRemoval(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	ns := testenv.NewNetns(t, nil)
 	ino := testenv.Inode(t, ns.Path)

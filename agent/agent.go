@@ -18,6 +18,7 @@ import (
 	"github.com/podsock/podsock/config"
 	"github.com/podsock/podsock/datapath"
 	"github.com/podsock/podsock/internal/cgroupfs"
+	"github.com/podsock/podsock/internal/netns"
 	"github.com/podsock/podsock/plugin"
 	"github.com/podsock/podsock/runtimehooks"
 )
@@ -185,7 +186,7 @@ func (a *Agent) start(cfg *config.Config, sigs <-chan os.Signal) (reloadPending 
 		ctl.Close()
 		return false, err
 	}
-	host, err := runtimehooks.OpenNetns(hostNetnsPath)
+	host, err := netns.Open(hostNetnsPath)
 	if err != nil {
 		ctl.Close()
 		return false, errors.Join(fmt.Errorf("hold the host netns: %w", err), dp.Close())

@@ -10,6 +10,7 @@ import (
 
 	"github.com/podsock/podsock/datapath"
 	"github.com/podsock/podsock/internal/cgroupfs"
+	"github.com/podsock/podsock/internal/netns"
 	"github.com/podsock/podsock/runtimehooks"
 	"github.com/podsock/podsock/test/testenv"
 )
@@ -19,7 +20,7 @@ import (
 // cgroups.
 type nriFuzzWorld struct {
 	dp      *datapath.Datapath
-	host    *runtimehooks.Netns
+	host    *netns.Handle
 	cgroup2 string
 	netns   []*testenv.Netns
 	podCg   []string // cgroup v2 paths, as the runtime reports them
@@ -46,7 +47,7 @@ func newNRIFuzzWorld(f *testing.F) *nriFuzzWorld {
 		w.podCg = append(w.podCg, "/"+strings.TrimPrefix(strings.TrimPrefix(pod.Path, cgroup2), "/"))
 	}
 	w.dp = loadDatapath(f, cg, bpffs)
-	if w.host, err = runtimehooks.OpenNetns(hostNetnsPath); err != nil {
+	if w.host, err = netns.Open(hostNetnsPath); err != nil {
 		f.Fatal(err)
 	}
 	f.Cleanup(func() { _ = w.host.Close() })

@@ -14,13 +14,14 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/podsock/podsock/datapath"
+	"github.com/podsock/podsock/internal/netns"
 	"github.com/podsock/podsock/runtimehooks"
 )
 
 // nodeNetns is every netns the agent holds a handle to: the host's, and each pod's from
 // RunPodSandbox to RemovePodSandbox. It is the datapath's way into them.
 type nodeNetns struct {
-	host    *runtimehooks.Netns
+	host    *netns.Handle
 	tracker *runtimehooks.Tracker
 }
 
@@ -40,9 +41,9 @@ func (n nodeNetns) Cookies() []uint64 {
 
 func (n nodeNetns) Enter(cookie uint64, f func() error) error {
 	if cookie == n.host.Cookie() {
-		return runtimehooks.InNetns(n.host.Fd(), f)
+		return netns.Do(n.host.Fd(), f)
 	}
-	err := n.tracker.WithNetnsCookie(cookie, func(fd int) error { return runtimehooks.InNetns(fd, f) })
+	err := n.tracker.WithNetnsCookie(cookie, func(fd int) error { return netns.Do(fd, f) })
 	if errors.Is(err, runtimehooks.ErrNoNetns) {
 		return fmt.Errorf("%w: %w", datapath.ErrUnknownNetns, err)
 	}

@@ -9,7 +9,8 @@ import (
 	"slices"
 
 	"github.com/cilium/ebpf"
-	"golang.org/x/sys/unix"
+
+	"github.com/podsock/podsock/internal/netns"
 )
 
 // podIDSpace bounds pod IDs, whatever limits.pods is (which it bounds).
@@ -655,14 +656,10 @@ func (dp *Datapath) readPods() error {
 // ownNetnsCookie is the cookie of the netns this process runs in: the host netns, for a
 // node agent. SO_NETNS_COOKIE needs no privilege and no nsfs path.
 func ownNetnsCookie() (uint64, error) {
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return 0, fmt.Errorf("socket for the netns cookie: %w", err)
-	}
-	defer unix.Close(fd)
-	cookie, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+	h, err := netns.Open("/proc/thread-self/ns/net")
 	if err != nil {
 		return 0, fmt.Errorf("read the host netns cookie: %w", err)
 	}
-	return cookie, nil
+	defer func() { _ = h.Close() }()
+	return h.Cookie(), nil
 }

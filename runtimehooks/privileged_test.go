@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/podsock/podsock/internal/cgroupfs"
+	"github.com/podsock/podsock/internal/netns"
 	"github.com/podsock/podsock/test/testenv"
 )
 
@@ -79,12 +80,6 @@ func fdsOnNetns(t *testing.T, ino uint64) int {
 	return n
 }
 
-// threadNetns is the netns inode of the calling thread.
-func threadNetns(t *testing.T) uint64 {
-	t.Helper()
-	return testenv.Inode(t, "/proc/thread-self/ns/net")
-}
-
 func fdCount(t *testing.T) int {
 	t.Helper()
 	ents, err := os.ReadDir("/proc/self/fd")
@@ -141,152 +136,6 @@ func TestPrivilegedCgroupID(t *testing.T) {
 	}
 }
 
-func TestPrivilegedOpenNetnsCookie(t *testing.T) {
-	testenv.RequirePrivileged(t)
-	ns := testenv.NewNetns(t, nil)
-	want := ns.Cookie(t)
-
-	n, err := OpenNetns(ns.Path)
-	if err != nil {
-		t.Fatalf("OpenNetns: %v", err)
-	}
-	defer n.Close()
-	if n.Cookie() != want {
-		t.Errorf("Cookie() = %d, SO_NETNS_COOKIE inside the netns = %d", n.Cookie(), want)
-	}
-	if n.Path() != ns.Path {
-		t.Errorf("Path() = %q", n.Path())
-	}
-	host, err := OpenNetns("/proc/thread-self/ns/net")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer host.Close()
-	if host.Cookie() == want {
-		t.Error("the test netns and the host netns have the same cookie")
-	}
-
-	// A kernel without NS_GET_ID: the socket fallback gives the same cookie.
-	orig := nsGetID
-	nsGetID = func(int) (uint64, error) { return 0, unix.ENOTTY }
-	defer func() { nsGetID = orig }()
-	got, err := NetnsCookie(n.Fd())
-	if err != nil {
-		t.Fatalf("NetnsCookie fallback: %v", err)
-	}
-	if got != want {
-		t.Errorf("fallback cookie = %d, want %d", got, want)
-	}
-	nsGetID = func(int) (uint64, error) { return 0, unix.EPERM }
-	if _, err := NetnsCookie(n.Fd()); !errors.Is(err, unix.EPERM) {
-		t.Errorf("NS_GET_ID failing otherwise: err = %v, want EPERM and no fallback", err)
-	}
-	nsGetID = orig
-
-	if err := n.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if err := n.Close(); err != nil {
-		t.Errorf("second Close: %v", err)
-	}
-
-	// Only network namespaces are accepted.
-	for _, p := range []string{"/proc/self/ns/pid", "/proc/self/status"} {
-		if n, err := OpenNetns(p); err == nil {
-			n.Close()
-			t.Errorf("OpenNetns(%s) succeeded", p)
-		}
-	}
-}
-
-func TestPrivilegedInNetns(t *testing.T) {
-	testenv.RequirePrivileged(t)
-	host := threadNetns(t)
-	ns := testenv.NewNetns(t, nil)
-	target := testenv.Inode(t, ns.Path)
-	fd, err := unix.Open(ns.Path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fd)
-
-	t.Run("restores the thread", func(t *testing.T) {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		before := testenv.Inode(t, "/proc/thread-self/ns/net")
-		var inside uint64
-		restored, err := runInNetns(fd, func() error {
-			inside = testenv.Inode(t, "/proc/thread-self/ns/net")
-			return nil
-		})
-		if err != nil || !restored {
-			t.Fatalf("runInNetns: restored=%v err=%v", restored, err)
-		}
-		if inside != target {
-			t.Errorf("inside: netns inode %d, want %d", inside, target)
-		}
-		if after := testenv.Inode(t, "/proc/thread-self/ns/net"); after != before {
-			t.Errorf("after: netns inode %d, before %d", after, before)
-		}
-	})
-
-	t.Run("returns f's error and re-raises its panic", func(t *testing.T) {
-		sentinel := errors.New("sentinel")
-		if err := InNetns(fd, func() error { return sentinel }); !errors.Is(err, sentinel) {
-			t.Errorf("err = %v, want sentinel", err)
-		}
-		defer func() {
-			if r := recover(); r != "boom" {
-				t.Errorf("recovered %v, want boom", r)
-			}
-		}()
-		InNetns(fd, func() error { panic("boom") })
-	})
-
-	// setns back fails, or claims success without moving the thread: InNetns must notice
-	// and report it. The thread is really left in the test netns here, so this also runs
-	// the "never unlock" path: the goroutine ends locked and the runtime drops the thread.
-	fakes := map[string]func(int, int) error{
-		"restore fails":         func(int, int) error { return unix.EPERM },
-		"restore silently lies": func(int, int) error { return nil },
-	}
-	for name, fake := range fakes {
-		t.Run(name, func(t *testing.T) {
-			orig := setns
-			defer func() { setns = orig }()
-			calls := 0
-			setns = func(fd, typ int) error {
-				calls++
-				if calls == 1 {
-					return orig(fd, typ)
-				}
-				return fake(fd, typ)
-			}
-			err := InNetns(fd, func() error { return nil })
-			if err == nil || !strings.Contains(err.Error(), "restore netns") {
-				t.Errorf("err = %v, want a restore error", err)
-			}
-		})
-	}
-
-	// Whatever happened above, the threads the scheduler hands out are in the host netns.
-	// (Not /proc/self/ns/net: that is the main thread's, and when a locked goroutine on the
-	// main thread exits, Go wedges that thread instead of ending it, netns and all.)
-	if got := testenv.Inode(t, "/proc/self/ns/net"); got != host {
-		t.Errorf("main thread left in netns %d, host is %d", got, host)
-	}
-	for range 20 {
-		func() {
-			runtime.LockOSThread()
-			defer runtime.UnlockOSThread()
-			if got := threadNetns(t); got != host {
-				t.Fatalf("a scheduler thread is in netns %d, host is %d", got, host)
-			}
-		}()
-		runtime.Gosched()
-	}
-}
-
 func TestPrivilegedTrackerLifecycle(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	mnt := cgroupMount(t)
@@ -328,7 +177,7 @@ func TestPrivilegedTrackerLifecycle(t *testing.T) {
 	}
 
 	err = tr.WithNetns("sb1", func(fd int) error {
-		return InNetns(fd, func() error {
+		return netns.Do(fd, func() error {
 			if got := testenv.Inode(t, "/proc/thread-self/ns/net"); got != nsIno {
 				return fmt.Errorf("in netns inode %d, want %d", got, nsIno)
 			}

@@ -16,6 +16,8 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/podsock/podsock/internal/netns"
 )
 
 // Sandbox is a pod sandbox as the runtime reports it.
@@ -95,7 +97,7 @@ type podState struct {
 // heldNetns lets WithNetns use the fd without holding the tracker lock: a removal while f
 // runs defers the close until the last user is done, and never blocks runtime events.
 type heldNetns struct {
-	ns      *Netns
+	ns      *netns.Handle
 	users   int
 	retired bool
 }
@@ -175,7 +177,7 @@ func (t *Tracker) upsertPod(s Sandbox) (*podState, error) {
 	}
 	p.NetnsPath = s.NetnsPath
 	if ps.netns == nil && !p.HostNetwork {
-		ns, err := OpenNetns(s.NetnsPath)
+		ns, err := netns.Open(s.NetnsPath)
 		if err != nil {
 			errs = append(errs, err)
 		} else {
@@ -468,7 +470,7 @@ func (t *Tracker) Pod(sandboxID string) (Pod, bool) {
 
 // WithNetns runs f with the pod's held netns fd, which stays open until f returns even if
 // the pod is removed meanwhile. f runs without the tracker lock, so runtime events are
-// not held up by it. To act inside the namespace, f calls InNetns(fd, ...).
+// not held up by it. To act inside the namespace, f calls netns.Do(fd, ...).
 func (t *Tracker) WithNetns(sandboxID string, f func(fd int) error) error {
 	t.mu.Lock()
 	ps, ok := t.pods[sandboxID]

@@ -3,13 +3,11 @@
 package testenv
 
 import (
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -17,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/podsock/podsock/internal/cgroupfs"
+	"github.com/podsock/podsock/internal/netns"
 )
 
 // TB is the part of testing.TB the helpers use, so benchmarks outside `go test` can use
@@ -245,36 +244,7 @@ func (ns *Netns) Do(fn func() error) error {
 		return fmt.Errorf("open netns %s: %w", ns.Path, err)
 	}
 	defer target.Close()
-	return DoInNetns(int(target.Fd()), fn)
-}
-
-// DoInNetns is Do for a netns given as an open file descriptor.
-func DoInNetns(nsfd int, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open("/proc/thread-self/ns/net")
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		if err := unix.Setns(nsfd, unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("setns: %w", err)
-			return
-		}
-		fnErr := fn()
-		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-			// Leave the thread locked: it dies with this goroutine.
-			errc <- errors.Join(fnErr, fmt.Errorf("restore netns: %w", err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- fnErr
-	}()
-	return <-errc
+	return netns.Do(int(target.Fd()), fn)
 }
 
 // NewChild creates a cgroup below c and removes it at cleanup; programs attached to c

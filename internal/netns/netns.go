@@ -1,4 +1,6 @@
-package runtimehooks
+// Package netns holds network namespaces by handle and runs code inside them: the pod
+// tracker, the agent's host netns and the test helpers all use it.
+package netns
 
 import (
 	"errors"
@@ -9,17 +11,17 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Netns is an open nsfs handle on a network namespace. Holding it keeps the namespace
+// Handle is an open nsfs handle on a network namespace. Holding it keeps the namespace
 // alive after the runtime unmounts it, so its sockets can still be iterated.
-type Netns struct {
+type Handle struct {
 	fd     int
 	path   string
 	cookie uint64
 }
 
-// OpenNetns opens and checks a network namespace and reads its cookie once: the cookie
+// Open opens and checks a network namespace and reads its cookie once: the cookie
 // never changes for the life of the namespace.
-func OpenNetns(path string) (*Netns, error) {
+func Open(path string) (*Handle, error) {
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("open netns %s: %w", path, err)
@@ -28,12 +30,12 @@ func OpenNetns(path string) (*Netns, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("open netns %s: %w", path, err)
 	}
-	cookie, err := NetnsCookie(fd)
+	cookie, err := Cookie(fd)
 	if err != nil {
 		unix.Close(fd)
 		return nil, fmt.Errorf("open netns %s: %w", path, err)
 	}
-	return &Netns{fd: fd, path: path, cookie: cookie}, nil
+	return &Handle{fd: fd, path: path, cookie: cookie}, nil
 }
 
 // checkNetns refuses anything but a network namespace: a wrong path (a plain file, a
@@ -56,12 +58,12 @@ func checkNetns(fd int) error {
 	return nil
 }
 
-func (n *Netns) Fd() int        { return n.fd }
-func (n *Netns) Path() string   { return n.path }
-func (n *Netns) Cookie() uint64 { return n.cookie }
+func (n *Handle) Fd() int        { return n.fd }
+func (n *Handle) Path() string   { return n.path }
+func (n *Handle) Cookie() uint64 { return n.cookie }
 
 // Close releases the handle; closing twice is harmless.
-func (n *Netns) Close() error {
+func (n *Handle) Close() error {
 	if n == nil || n.fd < 0 {
 		return nil
 	}
@@ -89,11 +91,11 @@ func ioctlNsGetID(fd int) (uint64, error) {
 	return id, nil
 }
 
-// NetnsCookie is the kernel's cookie of the network namespace fd refers to, the value
+// Cookie is the kernel's cookie of the network namespace fd refers to, the value
 // bpf_get_netns_cookie returns for its sockets. NS_GET_ID gives it directly on recent
 // kernels (6.18 here); older ones (5.14+) answer through SO_NETNS_COOKIE on a socket
 // created inside the namespace.
-func NetnsCookie(fd int) (uint64, error) {
+func Cookie(fd int) (uint64, error) {
 	id, err := nsGetID(fd)
 	if err == nil {
 		return id, nil
@@ -102,7 +104,7 @@ func NetnsCookie(fd int) (uint64, error) {
 		return 0, fmt.Errorf("netns cookie: NS_GET_ID: %w", err)
 	}
 	var cookie uint64
-	err = InNetns(fd, func() error {
+	err = Do(fd, func() error {
 		s, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 		if err != nil {
 			// A kernel built without IPv4 still has IPv6 sockets.
@@ -124,7 +126,7 @@ func NetnsCookie(fd int) (uint64, error) {
 	return cookie, nil
 }
 
-// InNetns runs f on an OS thread that has entered the network namespace fd, then moves
+// Do runs f on an OS thread that has entered the network namespace fd, then moves
 // the thread back and checks that it really is back before handing it to the scheduler.
 // A thread that cannot be restored stays locked when its goroutine ends, so the Go
 // runtime terminates it instead of reusing it in the wrong namespace. (If that thread is
@@ -134,7 +136,7 @@ func NetnsCookie(fd int) (uint64, error) {
 //
 // Sockets f creates belong to the namespace for their whole life; goroutines f starts do
 // not run in it. A panic in f is re-raised in the caller after the thread is dealt with.
-func InNetns(fd int, f func() error) error {
+func Do(fd int, f func() error) error {
 	type result struct {
 		err      error
 		panicked any
@@ -152,7 +154,7 @@ func InNetns(fd int, f func() error) error {
 			}()
 			return f()
 		}
-		restored, err := runInNetns(fd, guarded)
+		restored, err := runIn(fd, guarded)
 		res.err = err
 		if restored {
 			runtime.UnlockOSThread()
@@ -166,9 +168,9 @@ func InNetns(fd int, f func() error) error {
 	return res.err
 }
 
-// runInNetns does InNetns's work on the current, already locked thread. restored reports
+// runIn does Do's work on the current, already locked thread. restored reports
 // whether the thread is in its original network namespace again.
-func runInNetns(fd int, f func() error) (restored bool, err error) {
+func runIn(fd int, f func() error) (restored bool, err error) {
 	const self = "/proc/thread-self/ns/net"
 	orig, err := unix.Open(self, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {

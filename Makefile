@@ -17,8 +17,18 @@ deps:
 build:
 	go build -o bin/podsock ./cmd/podsock
 
+# clang orders some of an object's BTF types by the directory it builds in, so the objects
+# are always generated in one fixed directory, whatever the checkout's path (one make at a
+# time: the lock).
+GENERATE_DIR := /tmp/podsock-generate
+
 generate: deps
-	cd datapath && go generate ./...
+	@flock $(GENERATE_DIR).lock sh -ec '\
+		rm -rf $(GENERATE_DIR); mkdir -p $(GENERATE_DIR); \
+		cp -r bpf datapath go.mod go.sum $(GENERATE_DIR)/; \
+		cd $(GENERATE_DIR)/datapath && go generate ./...; \
+		cp $(GENERATE_DIR)/datapath/*_bpfel.go $(GENERATE_DIR)/datapath/*_bpfel.o $(CURDIR)/datapath/; \
+		rm -rf $(GENERATE_DIR)'
 
 # Fails when the committed BPF objects differ from what the pinned clang builds now.
 generate-check: generate

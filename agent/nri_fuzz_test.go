@@ -6,8 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sirupsen/logrus"
-
 	"github.com/podsock/podsock/datapath"
 	"github.com/podsock/podsock/internal/cgroupfs"
 	"github.com/podsock/podsock/internal/netns"
@@ -128,18 +126,7 @@ func FuzzNRIEvents(f *testing.F) {
 		if len(ops) > 300 {
 			ops = ops[:300]
 		}
-		a := newAgent(quietLog().(*logrus.Logger))
-		a.dp = w.dp
-		a.tracker = runtimehooks.NewTracker(w.cgroup2)
-		a.netns = nodeNetns{host: w.host, tracker: a.tracker}
-		a.term = newTerminator(w.dp, a.netns, quietLog())
-		a.podsSynced = true
-		defer func() {
-			a.term.close()
-			close(a.sweepStop)
-			a.podq.close()
-			_ = a.tracker.Close()
-		}()
+		a := testAgent(t, w.dp, w.cgroup2, w.host, nil)
 
 		live := map[string]*fuzzPod{}
 		for i := 0; i+2 < len(ops); i += 3 {

@@ -9,16 +9,23 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
 	"github.com/podsock/podsock/datapath"
+	"github.com/podsock/podsock/internal/netns"
+	"github.com/podsock/podsock/runtimehooks"
 	"github.com/podsock/podsock/test/testenv"
 )
 
 // loadDatapath loads a real datapath on the test's cgroup, and removes it at cleanup.
 func loadDatapath(t testing.TB, cg *testenv.Cgroup, bpffs string) *datapath.Datapath {
+	return loadDatapathWith(t, cg, bpffs, datapath.Limits{})
+}
+
+func loadDatapathWith(t testing.TB, cg *testenv.Cgroup, bpffs string, limits datapath.Limits) *datapath.Datapath {
 	t.Helper()
-	dp, err := datapath.Load(datapath.Options{CgroupRoot: cg.Path, BPFFS: bpffs, Log: quietLog()})
+	dp, err := datapath.Load(datapath.Options{CgroupRoot: cg.Path, BPFFS: bpffs, Limits: limits, Log: quietLog()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -29,6 +36,27 @@ func loadDatapath(t testing.TB, cg *testenv.Cgroup, bpffs string) *datapath.Data
 		}
 	})
 	return dp
+}
+
+// testAgent is an agent on a real datapath, with a tracker and a terminator over ns, as
+// start would wire it (no control socket, no NRI connection); it stops at cleanup.
+func testAgent(t testing.TB, dp *datapath.Datapath, cgroup2 string, host *netns.Handle, ns datapath.NetnsSet) *Agent {
+	a := newAgent(quietLog().(*logrus.Logger))
+	a.dp = dp
+	a.tracker = runtimehooks.NewTracker(cgroup2)
+	a.netns = nodeNetns{host: host, tracker: a.tracker}
+	if ns == nil {
+		ns = a.netns
+	}
+	a.term = newTerminator(dp, ns, quietLog())
+	a.podsSynced = true
+	t.Cleanup(func() {
+		a.term.close()
+		close(a.sweepStop)
+		a.podq.close()
+		_ = a.tracker.Close()
+	})
+	return a
 }
 
 // failOnce is a NetnsSet whose first Enter fails as a walk that broke off would.

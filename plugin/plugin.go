@@ -84,13 +84,15 @@ func (p *Plugin) Reconnects() uint64 {
 // Latency reports how long the runtime waited on each kind of event.
 func (p *Plugin) Latency() map[string]LatencySummary { return p.latency.summary() }
 
-// Backoff bounds for reconnecting to a runtime that went away, and how long a
-// registration may take before it is abandoned and tried again.
+// Backoff bounds for reconnecting to a runtime that went away.
 const (
-	registerTimeout = 15 * time.Second
-	minBackoff      = 100 * time.Millisecond
-	maxBackoff      = 5 * time.Second
+	minBackoff = 100 * time.Millisecond
+	maxBackoff = 5 * time.Second
 )
+
+// registerTimeout is how long a registration may take before it is abandoned and tried
+// again; a variable so tests need not wait 15 s.
+var registerTimeout = 15 * time.Second
 
 // Run registers with the runtime and serves events until ctx ends. In external mode a
 // lost connection (the runtime restarted) is re-established with capped exponential

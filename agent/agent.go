@@ -227,28 +227,23 @@ drain:
 
 // applyInitial applies the config the agent started with, then serves the control socket.
 func (a *Agent) applyInitial(cfg *config.Config) {
-	log := a.log
+	defer func() { a.srv = a.serveControl(a.ctl.ln) }()
 	// A pre-registered plugin reads its services file only now, after it answered the
 	// runtime. One that does not load leaves what the datapath serves as it was.
-	if err := cfg.LoadServicesFile(); err != nil {
-		log.WithError(err).Error("services not applied, keeping what the datapath serves")
-		a.mu.Lock()
-		a.cfg = cfg
-		a.lastReloadError = err.Error()
-		a.mu.Unlock()
-		a.srv = a.serveControl(a.ctl.ln)
-		return
-	}
-	if err := a.apply(cfg); err != nil {
+	err := cfg.LoadServicesFile()
+	if err != nil {
+		a.log.WithError(err).Error("services not applied, keeping what the datapath serves")
+	} else if err = a.apply(cfg); err != nil {
 		// The datapath keeps whatever it served before; the half-applied config is shown
 		// in status, with its error, until a reload succeeds.
-		log.WithError(err).Error("initial config not fully applied")
+		a.log.WithError(err).Error("initial config not fully applied")
+	}
+	if err != nil {
 		a.mu.Lock()
 		a.cfg = cfg
 		a.lastReloadError = err.Error()
 		a.mu.Unlock()
 	}
-	a.srv = a.serveControl(a.ctl.ln)
 }
 
 // errStopped means a stop signal arrived during start-up; it is not a failure.

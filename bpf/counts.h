@@ -52,9 +52,9 @@ static __always_inline __u32 sock_epoch(const struct sock_state *state)
 }
 
 // count_socket adds the connected socket to its count in the map counts and marks it
-// tracked in epoch; it returns whether the count was taken (not when the map is full).
-static __always_inline int count_socket(void *counts, struct sock_state *state, __u64 netns,
-					__u32 epoch)
+// tracked in this program's epoch; it returns whether the count was taken (not when the
+// map is full).
+static __always_inline int count_socket(void *counts, struct sock_state *state, __u64 netns)
 {
 	struct svc_netns_counts zero = {}, *n;
 	struct svc_netns_key k;
@@ -72,7 +72,7 @@ static __always_inline int count_socket(void *counts, struct sock_state *state, 
 		return 0;
 	__sync_fetch_and_add(&n->n[backend_bucket(&state->entries[0])], 1);
 	state->flags = (state->flags & ~SOCK_F_EPOCH_MASK) | SOCK_F_TRACKED |
-		       ((epoch << SOCK_F_EPOCH_SHIFT) & SOCK_F_EPOCH_MASK);
+		       ((count_epoch_now << SOCK_F_EPOCH_SHIFT) & SOCK_F_EPOCH_MASK);
 	return 1;
 }
 

@@ -299,8 +299,7 @@ static __always_inline void backfill_one(struct sock *sk, struct sock_state *sta
 		state->flags |= SOCK_F_KERNEL;
 		return;
 	}
-	if (count_socket(&podsock_svcnetns_v2, state, sk->__sk_common.skc_net.net->net_cookie,
-			 count_epoch_now))
+	if (count_socket(&podsock_svcnetns_v2, state, sk->__sk_common.skc_net.net->net_cookie))
 		counter_add(&podsock_destroy_count, BACKFILLED);
 }
 

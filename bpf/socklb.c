@@ -299,7 +299,7 @@ static __always_inline void track(struct bpf_sock *sk, struct sock_state *state,
 		state->flags |= SOCK_F_KERNEL;
 		return;
 	}
-	if (count_socket(&podsock_svcnetns_v2, state, netns, count_epoch_now))
+	if (count_socket(&podsock_svcnetns_v2, state, netns))
 		return;
 	state->flags |= SOCK_F_UNTRACKED;
 	count(STAT_UNTRACKED);

@@ -61,13 +61,11 @@ func RunPreRegistered(ctx context.Context, log *logrus.Logger) error {
 	defer cancel()
 	pluginDone := a.runPlugin(pctx)
 
-	var cfg *config.Config
 	select {
 	case err := <-started:
 		if err != nil {
 			return err
 		}
-		cfg = startedWith
 	case err := <-pluginDone:
 		return errors.Join(errors.New("the runtime never configured the plugin"), err)
 	case sig := <-sigs:
@@ -77,7 +75,7 @@ func RunPreRegistered(ctx context.Context, log *logrus.Logger) error {
 		return nil
 	}
 	defer a.stop()
-	a.applyInitial(cfg)
+	a.applyInitial(startedWith)
 	for {
 		select {
 		case <-ctx.Done():

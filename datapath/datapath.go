@@ -102,8 +102,7 @@ type Datapath struct {
 	// the pods set while the running Apply had mu released: the services it has yet to
 	// write admit them as they asked.
 	applyMu  sync.Mutex
-	applying bool
-	latePods map[uint32]*installedPod
+	latePods map[uint32]*installedPod // nil while no Apply runs
 
 	pods       map[string]*installedPod // by sandbox ID
 	podIDs     map[uint32]*installedPod
@@ -199,9 +198,7 @@ func Load(opts Options) (*Datapath, error) {
 	if needBackfill {
 		dp.countEpoch = (dp.countEpoch + 1) % countEpochs
 		if replacements["podsock_svcnetns_v2"] == nil {
-			fresh := spec.Maps["podsock_svcnetns_v2"].Copy()
-			fresh.Pinning = ebpf.PinNone
-			counts, err := ebpf.NewMap(fresh)
+			counts, err := newUnpinned(spec.Maps["podsock_svcnetns_v2"])
 			if err != nil {
 				return nil, fmt.Errorf("create socket counts: %w", err)
 			}

@@ -58,16 +58,9 @@ func ProbeFeatures() []Feature {
 // maps, and reports which ones the kernel accepts and why it refuses the others. Nothing
 // is attached or pinned.
 func ProbeIterators() []Feature {
-	fail := func(err error) []Feature {
-		var out []Feature
-		for _, p := range iterPrograms {
-			out = append(out, Feature{Name: p.feature, Detail: err.Error()})
-		}
-		return out
-	}
 	spec, err := loadSocklb()
 	if err != nil {
-		return fail(err)
+		return allRefused(err)
 	}
 	var maps struct {
 		Storage *ebpf.Map `ebpf:"podsock_sock_v1"`
@@ -77,14 +70,14 @@ func ProbeIterators() []Feature {
 		m.Pinning = ebpf.PinNone
 	}
 	if err := spec.LoadAndAssign(&maps, nil); err != nil {
-		return fail(fmt.Errorf("create probe maps: %w", err))
+		return allRefused(fmt.Errorf("create probe maps: %w", err))
 	}
 	defer func() { _ = maps.Storage.Close(); _ = maps.Counts.Close() }()
 	log := logrus.New()
 	log.SetOutput(io.Discard)
 	it, err := loadIterators(maps.Storage, maps.Counts, 0, log)
 	if err != nil {
-		return fail(err)
+		return allRefused(err)
 	}
 	defer func() { _ = it.Close() }()
 	return it.features()

@@ -56,8 +56,9 @@ type sockIter struct {
 }
 
 // loadIterators loads each iterator program against the datapath's socket storage and
-// socket counts, counting in the given epoch. Programs the kernel refuses are recorded with its reason; only an error
-// that leaves no program usable (the shared maps) is returned.
+// socket counts, counting in the given epoch. Programs the kernel refuses are recorded
+// with its reason; only an error that leaves no program usable (the shared maps) is
+// returned.
 func loadIterators(storage, counts *ebpf.Map, epoch uint32, log logrus.FieldLogger) (*sockIter, error) {
 	spec, err := loadSockiter()
 	if err != nil {
@@ -230,13 +231,18 @@ func (dp *Datapath) TerminateErr(proto uint8) error {
 func (dp *Datapath) IteratorFeatures() []Feature {
 	it, err := dp.iterators()
 	if err != nil {
-		var out []Feature
-		for _, p := range iterPrograms {
-			out = append(out, Feature{Name: p.feature, Detail: err.Error()})
-		}
-		return out
+		return allRefused(err)
 	}
 	return it.features()
+}
+
+// allRefused reports every iterator program as missing, for one reason.
+func allRefused(err error) []Feature {
+	out := make([]Feature, 0, len(iterPrograms))
+	for _, p := range iterPrograms {
+		out = append(out, Feature{Name: p.feature, Detail: err.Error()})
+	}
+	return out
 }
 
 // backfillCounts counts the connected sockets that socket-LB balanced before their pair

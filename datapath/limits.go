@@ -3,6 +3,7 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -126,9 +127,7 @@ func resizePinned(spec *ebpf.CollectionSpec, pinDir string) (out []resized, reco
 			_ = old.Close()
 			continue
 		}
-		fresh := ms.Copy()
-		fresh.Pinning = ebpf.PinNone
-		m, err := ebpf.NewMap(fresh)
+		m, err := newUnpinned(ms)
 		if err != nil {
 			_ = old.Close()
 			return out, false, fmt.Errorf("create %s with %d entries: %w", name, ms.MaxEntries, err)
@@ -147,6 +146,14 @@ func resizePinned(spec *ebpf.CollectionSpec, pinDir string) (out []resized, reco
 		}
 	}
 	return out, recount, nil
+}
+
+// newUnpinned creates the map ms describes without pinning it: it takes its pin only once
+// the programs that use it are attached.
+func newUnpinned(ms *ebpf.MapSpec) (*ebpf.Map, error) {
+	fresh := ms.Copy()
+	fresh.Pinning = ebpf.PinNone
+	return ebpf.NewMap(fresh)
 }
 
 // copyEntries copies every entry of src into dst, failing when dst cannot hold them.
@@ -227,21 +234,12 @@ type MapStat struct {
 // MapStats reads every pinned map's entries, capacity and kernel memory. It walks the
 // maps' keys, so it costs in proportion to what they hold.
 func (dp *Datapath) MapStats() ([]MapStat, error) {
-	spec, err := loadSocklb()
-	if err != nil {
-		return nil, err
-	}
+	// Every map of socklb.o is pinned.
 	coll := mapsByName(&dp.objs.socklbMaps)
-	names := make([]string, 0, len(coll))
-	for name := range coll {
-		if spec.Maps[name] != nil && spec.Maps[name].Pinning == ebpf.PinByName {
-			names = append(names, name)
-		}
-	}
-	slices.Sort(names)
 	var out []MapStat
-	for _, name := range names {
+	for _, name := range slices.Sorted(maps.Keys(coll)) {
 		m := coll[name]
+		var err error
 		st := MapStat{Name: name, Capacity: int(m.MaxEntries())}
 		if k := limitKey(name); k != name {
 			st.Limit = k
@@ -260,7 +258,7 @@ func (dp *Datapath) MapStats() ([]MapStat, error) {
 		case m.Type() == ebpf.Array || m.Type() == ebpf.PerCPUArray:
 			st.Entries = st.Capacity
 		default:
-			st.Entries, err = countKeys(m)
+			st.Entries, err = countEntries(m)
 		}
 		if err != nil {
 			return nil, fmt.Errorf("map %s: %w", name, err)
@@ -280,14 +278,4 @@ func mapsByName(maps any) map[string]*ebpf.Map {
 		}
 	}
 	return out
-}
-
-func countKeys(m *ebpf.Map) (int, error) {
-	var k, v []byte
-	n := 0
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		n++
-	}
-	return n, it.Err()
 }

@@ -153,7 +153,7 @@ func (dp *Datapath) setPod(p Pod) (added bool, err error) {
 	}
 	cur.ctrCgroups, cur.podCgroup, cur.netns, cur.flags = ctr, p.PodCgroup, p.NetnsCookie, flags
 	cur.wantServices = slices.Clone(p.AllowedServices)
-	if dp.applying {
+	if dp.latePods != nil {
 		dp.latePods[cur.id] = cur
 	}
 
@@ -653,8 +653,8 @@ func (dp *Datapath) readPods() error {
 	return nil
 }
 
-// ownNetnsCookie is the cookie of the netns this process runs in: the host netns, for a
-// node agent. SO_NETNS_COOKIE needs no privilege and no nsfs path.
+// ownNetnsCookie is the cookie of the netns the calling thread runs in: the host netns,
+// for a node agent.
 func ownNetnsCookie() (uint64, error) {
 	h, err := netns.Open("/proc/thread-self/ns/net")
 	if err != nil {

@@ -162,14 +162,14 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 	defer dp.applyMu.Unlock()
 	// Pods set from here on are late: the plan below cannot know them.
 	dp.mu.Lock()
-	dp.applying, dp.latePods = true, map[uint32]*installedPod{}
+	dp.latePods = map[uint32]*installedPod{}
 	dp.mu.Unlock()
 	if opts.Started != nil {
 		opts.Started()
 	}
 	defer func() {
 		dp.mu.Lock()
-		dp.applying, dp.latePods = false, nil
+		dp.latePods = nil
 		dp.mu.Unlock()
 	}()
 	var res ApplyResult

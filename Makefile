@@ -51,7 +51,7 @@ test-privileged: deps
 
 # The fuzz targets: the config parser, the NRI handlers against the real datapath (root),
 # and the control socket's query parsing.
-FUZZ_TARGETS := FuzzParse:./config FuzzNRIEvents:./agent FuzzSocketQuery:./agent
+FUZZ_TARGETS := FuzzParse:./config FuzzNRIEvents:./agent FuzzSocketQuery:./api
 
 define fuzz-each
 	@set -e; for t in $(FUZZ_TARGETS); do \

@@ -445,9 +445,6 @@ func toDatapath(svcs []config.Service, policies map[string]datapath.ServicePolic
 	return out
 }
 
-// ErrNotRunning says no agent answers on the control socket.
-var ErrNotRunning = errors.New("agent is not running")
-
 func datapathLimits(l config.Limits) datapath.Limits {
 	return datapath.Limits{
 		Services: l.Services, BackendsPerService: l.BackendsPerService, SlotsPerService: l.SlotsPerService,

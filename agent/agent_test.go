@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/podsock/podsock/api"
 	"github.com/podsock/podsock/config"
 	"github.com/podsock/podsock/datapath"
 )
@@ -31,7 +32,7 @@ func TestControlSocketIsPrivateAndExclusive(t *testing.T) {
 		t.Fatal(err)
 	}
 	ln := ctl.ln
-	st, err := os.Stat(filepath.Join(dir, SocketName))
+	st, err := os.Stat(filepath.Join(dir, api.SocketName))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,7 +62,7 @@ func TestControlSocketIsPrivateAndExclusive(t *testing.T) {
 
 func TestStaleControlSocketIsReplaced(t *testing.T) {
 	dir := shortDir(t)
-	path := filepath.Join(dir, SocketName)
+	path := filepath.Join(dir, api.SocketName)
 	// A socket file nobody listens on, as a killed agent leaves it.
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
@@ -113,7 +114,7 @@ func TestServicesJSONShape(t *testing.T) {
 }
 
 func TestStatusJSONShape(t *testing.T) {
-	b, err := json.Marshal(Status{})
+	b, err := json.Marshal(api.Status{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/podsock/podsock/api"
 	"github.com/podsock/podsock/config"
 	"github.com/podsock/podsock/datapath"
 	"github.com/podsock/podsock/runtimehooks"
@@ -433,24 +434,16 @@ func servicePolicies(cfg *config.Config, pods []runtimehooks.Pod) map[string]dat
 // eventCounts counts runtime events by kind, with failures and late completions.
 type eventCounts struct {
 	mu     sync.Mutex
-	counts map[string]*EventCount
+	counts map[string]*api.EventCount
 }
 
-// EventCount is how often one kind of runtime event arrived, how often its pod facts were
-// incomplete, and how often its work outlasted the handler budget.
-type EventCount struct {
-	Total  uint64 `json:"total"`
-	Failed uint64 `json:"failed"`
-	Late   uint64 `json:"late"`
-}
-
-func (e *eventCounts) get(kind string) *EventCount {
+func (e *eventCounts) get(kind string) *api.EventCount {
 	if e.counts == nil {
-		e.counts = map[string]*EventCount{}
+		e.counts = map[string]*api.EventCount{}
 	}
 	c := e.counts[kind]
 	if c == nil {
-		c = &EventCount{}
+		c = &api.EventCount{}
 		e.counts[kind] = c
 	}
 	return c
@@ -460,10 +453,10 @@ func (e *eventCounts) add(kind string)  { e.mu.Lock(); e.get(kind).Total++; e.mu
 func (e *eventCounts) fail(kind string) { e.mu.Lock(); e.get(kind).Failed++; e.mu.Unlock() }
 func (e *eventCounts) late(kind string) { e.mu.Lock(); e.get(kind).Late++; e.mu.Unlock() }
 
-func (e *eventCounts) snapshot() map[string]EventCount {
+func (e *eventCounts) snapshot() map[string]api.EventCount {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	out := map[string]EventCount{}
+	out := map[string]api.EventCount{}
 	for k, v := range e.counts {
 		out[k] = *v
 	}

@@ -5,14 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"net/netip"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/podsock/podsock/api"
 	"github.com/podsock/podsock/datapath"
 	"github.com/podsock/podsock/internal/netns"
 	"github.com/podsock/podsock/runtimehooks"
@@ -71,33 +70,6 @@ const (
 // pruneInterval is how often the socket counts of netns that are gone are dropped.
 const pruneInterval = 5 * time.Minute
 
-// TerminationStatus is what `status` shows about socket termination.
-type TerminationStatus struct {
-	Available bool   `json:"available"`
-	Error     string `json:"error,omitempty"`
-	// Protocols are the ones [lb] terminate covers now.
-	Protocols []string `json:"protocols"`
-	Passes    uint64   `json:"passes"`
-	// Backends counts removed {service, backend} pairs handled; Destroyed and Failed the
-	// sockets bpf_sock_destroy ended or refused to end.
-	Backends     uint64 `json:"backends"`
-	Destroyed    uint64 `json:"destroyed"`
-	Failed       uint64 `json:"failed"`
-	NetnsEntered uint64 `json:"netns_entered"`
-	// NetnsUnreachable counts netns holding such sockets that the agent has no handle on.
-	NetnsUnreachable uint64 `json:"netns_unreachable"`
-	FullWalks        uint64 `json:"full_walks"`
-	// LatePasses are the second passes, LateDestroyed what only they found.
-	LatePasses    uint64 `json:"late_passes"`
-	LateDestroyed uint64 `json:"late_destroyed"`
-	// Retries counts passes run again after an error; GaveUp, removals dropped after
-	// maxPassAttempts failed passes.
-	Retries        uint64  `json:"retries"`
-	GaveUp         uint64  `json:"gave_up"`
-	LastPassMillis float64 `json:"last_pass_ms"`
-	LastError      string  `json:"last_error,omitempty"`
-}
-
 // socketTerminator is what the terminator needs of the datapath.
 type socketTerminator interface {
 	Terminate(datapath.NetnsSet, []datapath.RemovedBackend, datapath.TerminateOptions) (datapath.TerminateResult, error)
@@ -133,7 +105,7 @@ type terminator struct {
 	// netns are not held yet, and a pass would find them unreachable and leave their
 	// sockets for good, so removals wait.
 	podsKnown bool
-	stats     TerminationStatus
+	stats     api.TerminationStatus
 	wake      chan struct{}
 	stop      chan struct{}
 	done      chan struct{}
@@ -340,7 +312,7 @@ func (t *terminator) backfill() {
 	t.log.Infof("counted %d connected sockets balanced before their counts existed", n)
 }
 
-func (t *terminator) status() TerminationStatus {
+func (t *terminator) status() api.TerminationStatus {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	st := t.stats
@@ -354,72 +326,14 @@ func (t *terminator) close() {
 	<-t.done
 }
 
-// SocketView is one element of `podsock sockets --json`.
-type SocketView struct {
-	Proto        string `json:"proto"`
-	State        string `json:"state"`
-	Local        string `json:"local"`
-	Remote       string `json:"remote"`
-	NetnsCookie  uint64 `json:"netns_cookie"`
-	SocketCookie uint64 `json:"socket_cookie"`
-	Pod          string `json:"pod"`
-	Service      string `json:"service"`
-	Backend      string `json:"backend"`
-	// VIP is the service address the application asked for (and sees); "" when podsock
-	// did not balance the socket.
-	VIP string `json:"vip"`
-	UID uint32 `json:"uid"`
-}
-
-// SocketQuery is what `podsock sockets` can filter on.
-type SocketQuery struct {
-	Pod     string // "namespace/name"
-	Backend string // "ip:port"
-	Proto   string // "tcp" or "udp"
-}
-
-// ParsedSocketQuery is a SocketQuery whose values have been checked.
-type ParsedSocketQuery struct {
-	Proto   uint8          // 0: both
-	Backend netip.AddrPort // invalid: any
-	Pod     string         // "": every netns
-}
-
-// Parse checks the query's values, as the CLI does before it asks the agent and the agent
-// does for any client. Its errors name the bad value and fit on one line.
-func (q SocketQuery) Parse() (ParsedSocketQuery, error) {
-	var p ParsedSocketQuery
-	switch q.Proto {
-	case "":
-	case "tcp":
-		p.Proto = datapath.ProtoTCP
-	case "udp":
-		p.Proto = datapath.ProtoUDP
-	default:
-		return p, fmt.Errorf("--proto %q: want tcp or udp", q.Proto)
-	}
-	if q.Backend != "" {
-		ap, err := netip.ParseAddrPort(q.Backend)
-		if err != nil {
-			return p, fmt.Errorf("--backend %q: want IP:PORT ([v6]:PORT for IPv6)", q.Backend)
-		}
-		p.Backend = ap
-	}
-	if q.Pod != "" && strings.Count(q.Pod, "/") != 1 {
-		return p, fmt.Errorf("--pod %q: want NAMESPACE/NAME", q.Pod)
-	}
-	p.Pod = q.Pod
-	return p, nil
-}
-
 // socketFilter turns a query into the datapath's filter, given the pods the runtime
 // reported; its errors are the user's (HTTP 400), and name the bad value.
-func (a *Agent) socketFilter(q SocketQuery, pods []runtimehooks.Pod) (datapath.SocketFilter, error) {
+func (a *Agent) socketFilter(q api.SocketQuery, pods []runtimehooks.Pod) (datapath.SocketFilter, error) {
 	p, err := q.Parse()
 	if err != nil {
 		return datapath.SocketFilter{}, err
 	}
-	f := datapath.SocketFilter{Proto: p.Proto, Backend: p.Backend}
+	f := datapath.SocketFilter{Proto: protoNumber(p.Proto), Backend: p.Backend}
 	if p.Pod == "" {
 		return f, nil
 	}
@@ -443,10 +357,21 @@ func (a *Agent) socketFilter(q SocketQuery, pods []runtimehooks.Pod) (datapath.S
 	return f, nil
 }
 
+// protoNumber is the datapath's number for a protocol's name; 0 (both) for "".
+func protoNumber(name string) uint8 {
+	switch name {
+	case "tcp":
+		return datapath.ProtoTCP
+	case "udp":
+		return datapath.ProtoUDP
+	}
+	return 0
+}
+
 // serveSockets streams the sockets as a JSON array, one element at a time, so the agent
 // never holds the whole list however many sockets the node has.
 func (a *Agent) serveSockets(w http.ResponseWriter, r *http.Request) {
-	q := SocketQuery{Pod: r.URL.Query().Get("pod"), Backend: r.URL.Query().Get("backend"), Proto: r.URL.Query().Get("proto")}
+	q := api.SocketQuery{Pod: r.URL.Query().Get("pod"), Backend: r.URL.Query().Get("backend"), Proto: r.URL.Query().Get("proto")}
 	pods := a.tracker.Pods()
 	f, err := a.socketFilter(q, pods)
 	if err != nil {
@@ -502,8 +427,8 @@ func (a *Agent) serveSockets(w http.ResponseWriter, r *http.Request) {
 // listWriteTimeout bounds how long one element of a listing may wait on the client.
 const listWriteTimeout = 30 * time.Second
 
-func socketView(s datapath.Socket, pod string) SocketView {
-	v := SocketView{
+func socketView(s datapath.Socket, pod string) api.SocketView {
+	v := api.SocketView{
 		Proto: datapath.ProtoName(s.Proto), State: datapath.StateName(s.Proto, s.State),
 		Local: s.Local.String(), NetnsCookie: s.NetnsCookie, SocketCookie: s.Cookie, Pod: pod, UID: s.UID,
 	}

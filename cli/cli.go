@@ -18,9 +18,10 @@ import (
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
-	"github.com/podsock/podsock/agent"
+	"github.com/podsock/podsock/api"
 	"github.com/podsock/podsock/config"
 	"github.com/podsock/podsock/datapath"
+	"github.com/podsock/podsock/internal/statedir"
 	"github.com/podsock/podsock/plugin"
 )
 
@@ -50,19 +51,26 @@ const (
 	exitUsage = 2
 )
 
+// Agent is how the commands that run the agent start it. The binary wires in package
+// agent; the client commands need only the control socket's api.
+type Agent struct {
+	Run              func(ctx context.Context, configPath string, log *logrus.Logger) error
+	RunPreRegistered func(ctx context.Context, log *logrus.Logger) error
+}
+
 // Main runs one command and returns the process exit code.
-func Main(args []string, stdout, stderr io.Writer) int {
+func Main(args []string, stdout, stderr io.Writer, ag Agent) int {
 	// The runtime starts a pre-registered plugin with no arguments and a connection in
 	// NRI_PLUGIN_SOCKET.
 	if len(args) == 0 && plugin.PreRegistered() {
-		return runPreRegistered(stderr)
+		return runPreRegistered(ag, stderr)
 	}
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
 		return exitUsage
 	}
 	cmd, rest := args[0], args[1:]
-	c := &command{name: cmd, stdout: stdout, stderr: stderr}
+	c := &command{name: cmd, stdout: stdout, stderr: stderr, agent: ag}
 	var run func(*command) error
 	switch cmd {
 	case "run":
@@ -124,10 +132,11 @@ func Main(args []string, stdout, stderr io.Writer) int {
 
 type command struct {
 	name           string
+	agent          Agent
 	flags          *flag.FlagSet
 	configPath     string
 	json           bool
-	sockets        agent.SocketQuery
+	sockets        api.SocketQuery
 	stdout, stderr io.Writer
 }
 
@@ -159,12 +168,12 @@ func (c *command) settings() (config.Agent, error) {
 	return settings, nil
 }
 
-func (c *command) client() (*agent.Client, error) {
+func (c *command) client() (*api.Client, error) {
 	settings, err := c.settings()
 	if err != nil {
 		return nil, err
 	}
-	return agent.NewClient(settings.StateDir), nil
+	return api.NewClient(settings.StateDir), nil
 }
 
 func (c *command) printJSON(v any) error {
@@ -174,7 +183,7 @@ func (c *command) printJSON(v any) error {
 }
 
 func runAgent(c *command) error {
-	return agent.Run(context.Background(), c.configPath, agentLogger(c.stderr))
+	return c.agent.Run(context.Background(), c.configPath, agentLogger(c.stderr))
 }
 
 func agentLogger(w io.Writer) *logrus.Logger {
@@ -185,8 +194,8 @@ func agentLogger(w io.Writer) *logrus.Logger {
 }
 
 // runPreRegistered is `podsock run` for a binary the runtime launched as an NRI plugin.
-func runPreRegistered(stderr io.Writer) int {
-	if err := agent.RunPreRegistered(context.Background(), agentLogger(stderr)); err != nil {
+func runPreRegistered(ag Agent, stderr io.Writer) int {
+	if err := ag.RunPreRegistered(context.Background(), agentLogger(stderr)); err != nil {
 		fmt.Fprintf(stderr, "podsock: %s\n", config.OneLine(err.Error()))
 		return exitFail
 	}
@@ -245,7 +254,7 @@ func status(c *command) error {
 	return nil
 }
 
-func terminationLine(t agent.TerminationStatus) string {
+func terminationLine(t api.TerminationStatus) string {
 	if !t.Available {
 		return "unavailable: " + t.Error
 	}
@@ -271,7 +280,7 @@ func attachedWord(b bool) string {
 	return "NOT attached"
 }
 
-func nriWord(n agent.NRIStatus) string {
+func nriWord(n api.NRIStatus) string {
 	switch {
 	case !n.Enabled:
 		return "disabled (standalone)"
@@ -360,7 +369,7 @@ func sockets(c *command) error {
 	if c.json {
 		// Streamed through, so a node with many sockets never sits in memory here either.
 		sep := "["
-		err := cl.Sockets(q, func(s agent.SocketView) error {
+		err := cl.Sockets(q, func(s api.SocketView) error {
 			b, err := json.Marshal(s)
 			if err != nil {
 				return err
@@ -381,7 +390,7 @@ func sockets(c *command) error {
 	}
 	w := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "PROTO\tSTATE\tLOCAL\tREMOTE\tPOD\tSERVICE\tBACKEND\tNETNS\tCOOKIE")
-	err = cl.Sockets(q, func(s agent.SocketView) error {
+	err = cl.Sockets(q, func(s api.SocketView) error {
 		_, err := fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\n", s.Proto, s.State, s.Local, dash(s.Remote),
 			dash(s.Pod), dash(s.Service), dash(s.Backend), s.NetnsCookie, s.SocketCookie)
 		return err
@@ -411,13 +420,13 @@ func cleanup(c *command) error {
 	if err != nil {
 		return err
 	}
-	cl := agent.NewClient(settings.StateDir)
+	cl := api.NewClient(settings.StateDir)
 	if st, err := cl.Status(); err == nil {
 		return fmt.Errorf("the agent (pid %d) is running; stop it first, then run cleanup", st.PID)
 	}
 	// An agent that is starting, or whose socket is gone, still holds its lock.
 	if _, err := os.Stat(settings.StateDir); err == nil {
-		lock, err := agent.LockStateDir(settings.StateDir)
+		lock, err := statedir.Lock(settings.StateDir)
 		if err != nil {
 			return fmt.Errorf("%w; stop it first, then run cleanup", err)
 		}
@@ -426,7 +435,7 @@ func cleanup(c *command) error {
 	if err := datapath.Cleanup(settings.BPFFS); err != nil {
 		return err
 	}
-	for _, name := range []string{agent.SocketName, agent.LockName} {
+	for _, name := range []string{api.SocketName, statedir.LockName} {
 		p := filepath.Join(settings.StateDir, name)
 		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("remove %s: %w", p, err)

@@ -2,18 +2,32 @@ package cli
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
-	"github.com/podsock/podsock/agent"
+	"github.com/sirupsen/logrus"
+
+	"github.com/podsock/podsock/internal/statedir"
 )
 
 func run(args ...string) (code int, stdout, stderr string) {
 	var out, errb bytes.Buffer
-	code = Main(args, &out, &errb)
+	code = Main(args, &out, &errb, agentNeverStarted)
 	return code, out.String(), errb.String()
+}
+
+// agentNeverStarted stands in for package agent: no command these tests run may start it.
+var agentNeverStarted = Agent{
+	Run: func(context.Context, string, *logrus.Logger) error {
+		return errors.New("the agent was started")
+	},
+	RunPreRegistered: func(context.Context, *logrus.Logger) error {
+		return errors.New("the pre-registered agent was started")
+	},
 }
 
 // Bad arguments get exactly one line on stderr and exit code 2; nothing else runs.
@@ -107,7 +121,7 @@ func TestCleanupRefusesWhileTheStateDirIsLocked(t *testing.T) {
 	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	lock, err := agent.LockStateDir(dir)
+	lock, err := statedir.Lock(dir)
 	if err != nil {
 		t.Fatal(err)
 	}

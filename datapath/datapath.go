@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/podsock/podsock/api"
 	"github.com/podsock/podsock/internal/cgroupfs"
 )
 
@@ -484,26 +485,8 @@ func (dp *Datapath) Attached() bool {
 	return true
 }
 
-// Stats are the datapath's own counters, summed over CPUs.
-type Stats struct {
-	Connects  uint64 `json:"connects"`
-	Sendmsgs  uint64 `json:"sendmsgs"`
-	Reversed  uint64 `json:"reversed"`
-	NoBackend uint64 `json:"no_backend"`
-	NoStorage uint64 `json:"no_storage"`
-	// Denied counts connects/sendmsgs refused with EPERM by a service's allow-list.
-	Denied uint64 `json:"denied"`
-	// Skipped counts operations towards a VIP that were left alone (skip-LB pods,
-	// hostns_only).
-	Skipped uint64 `json:"skipped"`
-	// AffinityFull counts pod-affinity choices that could not be recorded.
-	AffinityFull uint64 `json:"affinity_full"`
-	// Untracked counts connected sockets missing from the socket counts
-	// (the map was full), and UntrackedReleased those of them since closed. While some are
-	// open, termination walks every netns.
-	Untracked         uint64 `json:"untracked"`
-	UntrackedReleased uint64 `json:"untracked_released"`
-}
+// Stats are the operation counters, summed over CPUs.
+type Stats = api.Counters
 
 // Order matches enum stat_index in bpf/socklb.h.
 const (

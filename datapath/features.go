@@ -9,15 +9,12 @@ import (
 	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/features"
 	"github.com/sirupsen/logrus"
+
+	"github.com/podsock/podsock/api"
 )
 
-// Feature is one kernel capability podsock relies on, and whether this kernel has it.
-type Feature struct {
-	Name     string `json:"name"`
-	Present  bool   `json:"present"`
-	Required bool   `json:"required"`
-	Detail   string `json:"detail,omitempty"`
-}
+// Feature is one kernel feature or optional program, present or not (Detail says why).
+type Feature = api.Feature
 
 // ProbeFeatures asks the kernel, without attaching anything, which of podsock's
 // dependencies it provides.

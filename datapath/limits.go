@@ -11,6 +11,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/podsock/podsock/api"
 )
 
 // Limits are the capacities of the datapath's maps and the bounds of one service. A zero
@@ -218,18 +220,8 @@ func replacePin(m *ebpf.Map, pin string) error {
 	return nil
 }
 
-// MapStat is what one BPF map holds and costs.
-type MapStat struct {
-	Name string `json:"name"`
-	// Entries is what the map holds; for the socket storage, which has no capacity, the
-	// balanced connected sockets open (those the socket counts hold).
-	Entries  int `json:"entries"`
-	Capacity int `json:"capacity"`
-	// Limit is the [limits] key that sets Capacity; "" for maps of a fixed size.
-	Limit string `json:"limit,omitempty"`
-	// MemoryBytes is the kernel memory the map takes, as the kernel accounts it.
-	MemoryBytes uint64 `json:"memory_bytes"`
-}
+// MapStat is one pinned map's use, as status shows it.
+type MapStat = api.MapStat
 
 // MapStats reads every pinned map's entries, capacity and kernel memory. It walks the
 // maps' keys, so it costs in proportion to what they hold.

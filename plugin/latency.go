@@ -4,18 +4,15 @@ import (
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/podsock/podsock/api"
 )
 
 // latencyWindow is how many recent events per kind the percentiles are computed over.
 const latencyWindow = 4096
 
-// LatencySummary is how long the runtime waited on one kind of event.
-type LatencySummary struct {
-	Count uint64        `json:"count"`
-	P50   time.Duration `json:"p50_ns"`
-	P99   time.Duration `json:"p99_ns"`
-	Max   time.Duration `json:"max_ns"`
-}
+// LatencySummary is how long the runtime waited on podsock for recent events of a kind.
+type LatencySummary = api.LatencySummary
 
 // latencies keeps a ring of recent durations per event kind.
 type latencies struct {

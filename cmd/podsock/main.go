@@ -5,6 +5,7 @@ import (
 	"os"
 	"runtime"
 
+	"github.com/podsock/podsock/agent"
 	"github.com/podsock/podsock/cli"
 )
 
@@ -14,5 +15,5 @@ import (
 func init() { runtime.LockOSThread() }
 
 func main() {
-	os.Exit(cli.Main(os.Args[1:], os.Stdout, os.Stderr))
+	os.Exit(cli.Main(os.Args[1:], os.Stdout, os.Stderr, cli.Agent{Run: agent.Run, RunPreRegistered: agent.RunPreRegistered}))
 }

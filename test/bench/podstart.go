@@ -10,8 +10,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/podsock/podsock/agent"
-	"github.com/podsock/podsock/plugin"
+	"github.com/podsock/podsock/api"
 	"github.com/podsock/podsock/test/cri"
 	"github.com/podsock/podsock/test/testenv"
 )
@@ -21,7 +20,7 @@ import (
 type podStartResult struct {
 	with, without []time.Duration // runp + create + start, one per round
 	ratios        []float64       // per round, with/without
-	latency       map[string]plugin.LatencySummary
+	latency       map[string]api.LatencySummary
 }
 
 // podStart runs rounds of "start a pod and its container" on two private containerds, one
@@ -112,8 +111,8 @@ labels = { app = "bench" }
 }
 
 // podsockStatus is `podsock status --json` of the agent with this config.
-func podsockStatus(cfgPath string) (agent.Status, error) {
-	var st agent.Status
+func podsockStatus(cfgPath string) (api.Status, error) {
+	var st api.Status
 	out, err := exec.Command(*podsockBin, "status", "--json", "--config", cfgPath).Output()
 	if err != nil {
 		return st, fmt.Errorf("podsock status: %w", err)

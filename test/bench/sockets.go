@@ -16,7 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/podsock/podsock/agent"
+	"github.com/podsock/podsock/api"
 	"github.com/podsock/podsock/datapath"
 	"github.com/podsock/podsock/test/cri"
 	"github.com/podsock/podsock/test/testenv"
@@ -316,11 +316,11 @@ backends = [%q]
 	}
 
 	r.rssBefore, r.hwmBefore = procMem(cmd.Process.Pid)
-	cl := agent.NewClient(stateDir)
+	cl := api.NewClient(stateDir)
 	for range 3 {
 		n := 0
 		start := time.Now()
-		if err := cl.Sockets(agent.SocketQuery{}, func(agent.SocketView) error { n++; return nil }); err != nil {
+		if err := cl.Sockets(api.SocketQuery{}, func(api.SocketView) error { n++; return nil }); err != nil {
 			e.Fatal(err)
 		}
 		r.list = append(r.list, time.Since(start))

@@ -20,7 +20,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/podsock/podsock/agent"
+	"github.com/podsock/podsock/api"
 	"github.com/podsock/podsock/test/testenv"
 )
 
@@ -191,10 +191,10 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	return l.w.Write(p)
 }
 
-func (w *world) status() (agent.Status, error) { return agentStatus(w.cfgPath) }
+func (w *world) status() (api.Status, error) { return agentStatus(w.cfgPath) }
 
-func agentStatus(cfgPath string) (agent.Status, error) {
-	var st agent.Status
+func agentStatus(cfgPath string) (api.Status, error) {
+	var st api.Status
 	out, err := exec.Command(podsockBin, "status", "--json", "--config", cfgPath).Output()
 	if err != nil {
 		return st, fmt.Errorf("status: %w: %s", err, out)
@@ -342,7 +342,7 @@ func TestPrivilegedAgentSigtermLeavesDatapathAndCleanupRemovesIt(t *testing.T) {
 	if r, err := testenv.DialTCP(w.ns, 0, webVIP, false); err != nil || r.Backend != "A" {
 		t.Fatalf("after SIGTERM the pinned datapath should keep serving: %+v %v", r, err)
 	}
-	if _, err := os.Stat(filepath.Join(w.stateDir, agent.SocketName)); !errors.Is(err, os.ErrNotExist) {
+	if _, err := os.Stat(filepath.Join(w.stateDir, api.SocketName)); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("control socket left behind after SIGTERM: %v", err)
 	}
 

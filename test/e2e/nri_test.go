@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/podsock/podsock/agent"
+	"github.com/podsock/podsock/api"
 	"github.com/podsock/podsock/internal/cgroupfs"
 	"github.com/podsock/podsock/test/cri"
 	"github.com/podsock/podsock/test/testenv"
@@ -70,9 +71,9 @@ func (w *nriWorld) startAgent() *agentProc {
 	return a
 }
 
-func (w *nriWorld) waitConnected() agent.Status {
+func (w *nriWorld) waitConnected() api.Status {
 	w.t.Helper()
-	var st agent.Status
+	var st api.Status
 	var err error
 	if !testenv.WaitFor(15*time.Second, func() bool {
 		st, err = agentStatus(w.cfgPath)
@@ -83,13 +84,13 @@ func (w *nriWorld) waitConnected() agent.Status {
 	return st
 }
 
-func (w *nriWorld) pods() []agent.PodView {
+func (w *nriWorld) pods() []api.PodView {
 	w.t.Helper()
 	out, err := exec.Command(podsockBin, "pods", "--json", "--config", w.cfgPath).Output()
 	if err != nil {
 		w.t.Fatalf("podsock pods: %v: %s", err, out)
 	}
-	var pods []agent.PodView
+	var pods []api.PodView
 	if err := json.Unmarshal(out, &pods); err != nil {
 		w.t.Fatalf("pods --json: %v: %s", err, out)
 	}
@@ -98,9 +99,9 @@ func (w *nriWorld) pods() []agent.PodView {
 
 // waitPods waits up to 1 s (SPEC: pod events show within 1 s) until podsock knows exactly
 // the given sandboxes, each with the given number of containers.
-func (w *nriWorld) waitPods(want map[string]int) []agent.PodView {
+func (w *nriWorld) waitPods(want map[string]int) []api.PodView {
 	w.t.Helper()
-	var pods []agent.PodView
+	var pods []api.PodView
 	ok := testenv.WaitFor(time.Second, func() bool {
 		pods = w.pods()
 		if len(pods) != len(want) {
@@ -120,7 +121,7 @@ func (w *nriWorld) waitPods(want map[string]int) []agent.PodView {
 	return pods
 }
 
-func podSummary(pods []agent.PodView) string {
+func podSummary(pods []api.PodView) string {
 	var parts []string
 	for _, p := range pods {
 		parts = append(parts, fmt.Sprintf("%s/%s(%s, %d containers, netns %q cookie %d, cgroup %s)", p.Namespace, p.Name,
@@ -681,7 +682,7 @@ func testPreRegisteredWith(t *testing.T, services int, viaFile bool) {
 		}
 		return os.WriteFile(filepath.Join(pluginDir, "10-podsock"), bin, 0o755)
 	}})
-	var st agent.Status
+	var st api.Status
 	if !testenv.WaitFor(30*time.Second, func() bool {
 		st, err = agentStatus(cfgPath)
 		return err == nil && st.NRI.Connected && st.Services == services

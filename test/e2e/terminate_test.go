@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/podsock/podsock/agent"
+	"github.com/podsock/podsock/api"
 	"github.com/podsock/podsock/test/cri"
 	"github.com/podsock/podsock/test/testenv"
 )
@@ -58,13 +58,13 @@ func backendsWithDNS(t *testing.T, w *nriWorld) (a, b *cri.Pod) {
 	return a, b
 }
 
-func (w *nriWorld) sockets(args ...string) []agent.SocketView {
+func (w *nriWorld) sockets(args ...string) []api.SocketView {
 	w.t.Helper()
 	out, err := exec.Command(podsockBin, append([]string{"sockets", "--json", "--config", w.cfgPath}, args...)...).Output()
 	if err != nil {
 		w.t.Fatalf("podsock sockets %v: %v: %s", args, err, out)
 	}
-	var socks []agent.SocketView
+	var socks []api.SocketView
 	if err := json.Unmarshal(out, &socks); err != nil {
 		w.t.Fatalf("sockets --json: %v: %s", err, out)
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/podsock/podsock/datapath"
 	"github.com/podsock/podsock/internal/cgroupfs"
 	"github.com/podsock/podsock/internal/netns"
+	"github.com/podsock/podsock/internal/terminator"
 	"github.com/podsock/podsock/plugin"
 	"github.com/podsock/podsock/runtimehooks"
 )
@@ -53,7 +54,7 @@ type Agent struct {
 	// netns reaches the host's and every pod's netns for the socket iterators; term
 	// destroys the sockets of removed backends.
 	netns nodeNetns
-	term  *terminator
+	term  *terminator.Terminator
 
 	// syncLearned are the pods known only from a Synchronize, which the runtime may never
 	// report the removal of (see sweepVanishedPods). Guarded by opMu.
@@ -127,7 +128,7 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 		a.podsSynced = true
 		_, err := a.dp.SyncPods(nil)
 		a.opMu.Unlock()
-		a.term.setPodsKnown()
+		a.term.SetPodsKnown()
 		if err != nil {
 			log.WithError(err).Warn("drop pods left by an earlier agent")
 		}
@@ -195,7 +196,7 @@ func (a *Agent) start(cfg *config.Config, sigs <-chan os.Signal) (reloadPending 
 	a.dp, a.ctl, a.cgroupRoot, a.settings, a.nri, a.limits = dp, ctl, cgroupRoot, cfg.Agent, cfg.NRI, cfg.Limits
 	a.tracker = runtimehooks.NewTracker(cgroup2)
 	a.netns = nodeNetns{host: host, tracker: a.tracker}
-	a.term = newTerminator(dp, a.netns, log)
+	a.term = terminator.New(dp, a.netns, log)
 	a.opMu.Unlock()
 drain:
 	for sigs != nil {
@@ -265,7 +266,7 @@ func (a *Agent) stop() {
 	}
 	if a.term != nil {
 		// A pass in progress finishes before the handles it uses go.
-		a.term.close()
+		a.term.Close()
 	}
 	a.opMu.Lock()
 	defer a.opMu.Unlock()
@@ -389,7 +390,7 @@ func (a *Agent) apply(cfg *config.Config) error {
 	for _, gone := range res.RemovedBackends {
 		a.log.WithField("service", gone.Service).Infof("backend removed: %s", gone)
 	}
-	a.term.remove(res.RemovedBackends, terminatedProtos(cfg))
+	a.term.Remove(res.RemovedBackends, terminatedProtos(cfg))
 	a.opMu.Lock()
 	defer a.opMu.Unlock()
 	err = errors.Join(err, a.dp.SetHostnsOnly(cfg.LB.HostnsOnly))

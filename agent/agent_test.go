@@ -2,6 +2,7 @@ package agent
 
 import (
 	"encoding/json"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -9,6 +10,8 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/sirupsen/logrus"
 
 	"github.com/podsock/podsock/api"
 	"github.com/podsock/podsock/config"
@@ -139,4 +142,10 @@ func TestStatusJSONShape(t *testing.T) {
 			t.Errorf("status.nri lacks %q", k)
 		}
 	}
+}
+
+func quietLog() logrus.FieldLogger {
+	l := logrus.New()
+	l.SetOutput(io.Discard)
+	return l
 }

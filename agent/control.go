@@ -139,7 +139,7 @@ func (a *Agent) status() api.Status {
 			st.Datapath.MemoryBytes += m.MemoryBytes
 		}
 	}
-	st.Termination = a.term.status()
+	st.Termination = a.term.Status()
 	st.NRI.Events = a.events.snapshot()
 	if a.plugin != nil {
 		st.NRI.Connected = a.plugin.Connected()

@@ -156,7 +156,7 @@ func (a *Agent) Synchronize(sbs []runtimehooks.Sandbox, ctrs []runtimehooks.Cont
 	a.dispatch("Synchronize", fmt.Sprintf("%d pods, %d containers", len(sbs), len(ctrs)), false, func() error {
 		pods, removed, err := a.tracker.Synchronize(sbs, ctrs)
 		a.podsSynced = true
-		a.term.setPodsKnown()
+		a.term.SetPodsKnown()
 		a.syncLearned = map[string]bool{}
 		for _, p := range pods {
 			a.syncLearned[p.SandboxID] = true

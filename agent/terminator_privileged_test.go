@@ -14,6 +14,7 @@ import (
 
 	"github.com/podsock/podsock/datapath"
 	"github.com/podsock/podsock/internal/netns"
+	"github.com/podsock/podsock/internal/terminator"
 	"github.com/podsock/podsock/runtimehooks"
 	"github.com/podsock/podsock/test/testenv"
 )
@@ -48,10 +49,10 @@ func testAgent(t testing.TB, dp *datapath.Datapath, cgroup2 string, host *netns.
 	if ns == nil {
 		ns = a.netns
 	}
-	a.term = newTerminator(dp, ns, quietLog())
+	a.term = terminator.New(dp, ns, quietLog())
 	a.podsSynced = true
 	t.Cleanup(func() {
-		a.term.close()
+		a.term.Close()
 		close(a.sweepStop)
 		a.podq.close()
 		_ = a.tracker.Close()
@@ -142,18 +143,18 @@ func TestPrivilegedTerminatorRetriesAndLatePass(t *testing.T) {
 	}
 
 	set := &failOnce{NetnsSet: testenv.NewNetnsSet(t, datapath.ErrUnknownNetns, ns1, ns2)}
-	term := newTerminator(dp, set, quietLog())
-	defer term.close()
-	term.setPodsKnown()
+	term := terminator.New(dp, set, quietLog())
+	defer term.Close()
+	term.SetPodsKnown()
 	res, err := dp.Apply(web(beB))
 	if err != nil {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	term.remove(res.RemovedBackends, []uint8{datapath.ProtoTCP, datapath.ProtoUDP})
+	term.Remove(res.RemovedBackends, []uint8{datapath.ProtoTCP, datapath.ProtoUDP})
 
-	if !testenv.WaitFor(time.Second, func() bool { return term.status().Passes >= 2 }) {
-		t.Fatalf("status %+v, want a failed pass and its retry", term.status())
+	if !testenv.WaitFor(time.Second, func() bool { return term.Status().Passes >= 2 }) {
+		t.Fatalf("status %+v, want a failed pass and its retry", term.Status())
 	}
 	if err := readAborted(counted); err != nil {
 		t.Fatalf("counted socket after the retry: %v", err)
@@ -165,8 +166,8 @@ func TestPrivilegedTerminatorRetriesAndLatePass(t *testing.T) {
 	if err := counts.Update(unseenKey, unseenCounts, ebpf.UpdateExist); err != nil {
 		t.Fatal(err)
 	}
-	if !testenv.WaitFor(time.Second, func() bool { return term.status().LatePasses == 1 }) {
-		t.Fatalf("status %+v, want a late pass", term.status())
+	if !testenv.WaitFor(time.Second, func() bool { return term.Status().LatePasses == 1 }) {
+		t.Fatalf("status %+v, want a late pass", term.Status())
 	}
 	if err := readAborted(unseen); err != nil {
 		t.Fatalf("socket the first passes could not see, after the late pass: %v", err)
@@ -174,7 +175,7 @@ func TestPrivilegedTerminatorRetriesAndLatePass(t *testing.T) {
 	if took := time.Since(start); took > time.Second {
 		t.Fatalf("the late pass ended the socket %v after the removal, past SPEC's 1 s", took)
 	}
-	st := term.status()
+	st := term.Status()
 	if st.Retries != 1 || st.Destroyed != 2 || st.LateDestroyed != 1 || st.LastError != "" {
 		t.Fatalf("status %+v, want 1 retry, 2 destroyed (1 by the late pass)", st)
 	}

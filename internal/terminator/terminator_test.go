@@ -1,4 +1,4 @@
-package agent
+package terminator
 
 import (
 	"errors"
@@ -62,11 +62,11 @@ var removedWeb = datapath.RemovedBackend{
 // retried, and the late pass follows the retry that worked.
 func TestTerminatorRetriesAndRunsALatePass(t *testing.T) {
 	fake := &fakeTerminator{failFirst: 2}
-	term := newTerminator(fake, nil, quietLog())
-	defer term.close()
-	term.setPodsKnown()
+	term := New(fake, nil, quietLog())
+	defer term.Close()
+	term.SetPodsKnown()
 	start := time.Now()
-	term.remove([]datapath.RemovedBackend{removedWeb}, []uint8{datapath.ProtoTCP})
+	term.Remove([]datapath.RemovedBackend{removedWeb}, []uint8{datapath.ProtoTCP})
 	if !testenv.WaitFor(2*time.Second, func() bool { return fake.count() == 4 }) {
 		t.Fatalf("%d passes, want 2 failed, 1 that worked and 1 late", fake.count())
 	}
@@ -86,7 +86,7 @@ func TestTerminatorRetriesAndRunsALatePass(t *testing.T) {
 	if n := fake.count(); n != 4 {
 		t.Fatalf("%d passes, want no more after the late one", n)
 	}
-	st := term.status()
+	st := term.Status()
 	if st.Passes != 4 || st.Retries != 2 || st.LatePasses != 1 || st.GaveUp != 0 || st.LastError != "" {
 		t.Fatalf("status %+v, want 4 passes, 2 retries, 1 late pass and no error", st)
 	}
@@ -95,18 +95,18 @@ func TestTerminatorRetriesAndRunsALatePass(t *testing.T) {
 // A removal whose passes keep failing is given up after maxPassAttempts, and said so.
 func TestTerminatorGivesUpAfterMaxAttempts(t *testing.T) {
 	fake := &fakeTerminator{failFirst: 1000}
-	term := newTerminator(fake, nil, quietLog())
-	defer term.close()
-	term.setPodsKnown()
-	term.remove([]datapath.RemovedBackend{removedWeb}, []uint8{datapath.ProtoTCP})
-	if !testenv.WaitFor(10*time.Second, func() bool { return term.status().GaveUp == 1 }) {
-		t.Fatalf("status %+v after %d passes, want the removal given up", term.status(), fake.count())
+	term := New(fake, nil, quietLog())
+	defer term.Close()
+	term.SetPodsKnown()
+	term.Remove([]datapath.RemovedBackend{removedWeb}, []uint8{datapath.ProtoTCP})
+	if !testenv.WaitFor(10*time.Second, func() bool { return term.Status().GaveUp == 1 }) {
+		t.Fatalf("status %+v after %d passes, want the removal given up", term.Status(), fake.count())
 	}
 	time.Sleep(3 * retryBackoff)
 	if n := fake.count(); n != maxPassAttempts {
 		t.Fatalf("%d passes, want exactly %d", n, maxPassAttempts)
 	}
-	if st := term.status(); st.LastError == "" || st.LatePasses != 0 {
+	if st := term.Status(); st.LastError == "" || st.LatePasses != 0 {
 		t.Fatalf("status %+v, want the last error shown and no late pass", st)
 	}
 }
@@ -114,14 +114,14 @@ func TestTerminatorGivesUpAfterMaxAttempts(t *testing.T) {
 // Removals wait for the runtime's pods, then pass.
 func TestTerminatorWaitsForPods(t *testing.T) {
 	fake := &fakeTerminator{}
-	term := newTerminator(fake, nil, quietLog())
-	defer term.close()
-	term.remove([]datapath.RemovedBackend{removedWeb}, []uint8{datapath.ProtoTCP})
+	term := New(fake, nil, quietLog())
+	defer term.Close()
+	term.Remove([]datapath.RemovedBackend{removedWeb}, []uint8{datapath.ProtoTCP})
 	time.Sleep(50 * time.Millisecond)
 	if n := fake.count(); n != 0 {
 		t.Fatalf("%d passes before the pods were known", n)
 	}
-	term.setPodsKnown()
+	term.SetPodsKnown()
 	if !testenv.WaitFor(time.Second, func() bool { return fake.count() == 1 }) {
 		t.Fatal("no pass once the pods were known")
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/podsock/podsock/internal/terminator"
 	"github.com/podsock/podsock/plugin"
 	"github.com/podsock/podsock/runtimehooks"
+	"github.com/podsock/podsock/service"
 )
 
 // Agent holds the running state. Everything mutable is guarded by mu; the datapath has
@@ -422,20 +423,20 @@ func (a *Agent) Generation() uint64 {
 // terminatedProtos are the protocols of [lb] terminate, as the datapath numbers them.
 func terminatedProtos(cfg *config.Config) []uint8 {
 	var out []uint8
-	if cfg.LB.Terminates(config.ProtocolTCP) {
+	if cfg.LB.Terminates(service.ProtocolTCP) {
 		out = append(out, datapath.ProtoTCP)
 	}
-	if cfg.LB.Terminates(config.ProtocolUDP) {
+	if cfg.LB.Terminates(service.ProtocolUDP) {
 		out = append(out, datapath.ProtoUDP)
 	}
 	return out
 }
 
-func toDatapath(svcs []config.Service, policies map[string]datapath.ServicePolicy) []datapath.Service {
+func toDatapath(svcs []service.Service, policies map[string]datapath.ServicePolicy) []datapath.Service {
 	out := make([]datapath.Service, 0, len(svcs))
 	for _, s := range svcs {
 		d := datapath.Service{Name: s.Name, VIP: s.VIP, Port: s.Port, Proto: datapath.ProtoTCP, Policy: policies[s.Name]}
-		if s.Protocol == config.ProtocolUDP {
+		if s.Protocol == service.ProtocolUDP {
 			d.Proto = datapath.ProtoUDP
 		}
 		for _, b := range s.Backends {

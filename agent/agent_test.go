@@ -14,8 +14,8 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/podsock/podsock/api"
-	"github.com/podsock/podsock/config"
 	"github.com/podsock/podsock/datapath"
+	"github.com/podsock/podsock/service"
 )
 
 // Socket paths must stay short (108 bytes), so not t.TempDir.
@@ -81,11 +81,11 @@ func TestStaleControlSocketIsReplaced(t *testing.T) {
 }
 
 func TestToDatapath(t *testing.T) {
-	got := toDatapath([]config.Service{{
-		Name: "kube-system/dns", VIP: netip.MustParseAddr("10.96.0.10"), Port: 53, Protocol: config.ProtocolUDP,
-		Backends: []config.Backend{{Addr: netip.MustParseAddrPort("10.88.0.5:53"), Weight: 2}},
+	got := toDatapath([]service.Service{{
+		Name: "kube-system/dns", VIP: netip.MustParseAddr("10.96.0.10"), Port: 53, Protocol: service.ProtocolUDP,
+		Backends: []service.Backend{{Addr: netip.MustParseAddrPort("10.88.0.5:53"), Weight: 2}},
 	}, {
-		Name: "default/web", VIP: netip.MustParseAddr("fd00::20"), Port: 80, Protocol: config.ProtocolTCP,
+		Name: "default/web", VIP: netip.MustParseAddr("fd00::20"), Port: 80, Protocol: service.ProtocolTCP,
 	}}, map[string]datapath.ServicePolicy{"default/web": {AffinityPod: true}})
 	want := []datapath.Service{{
 		Name: "kube-system/dns", VIP: netip.MustParseAddr("10.96.0.10"), Port: 53, Proto: datapath.ProtoUDP,

@@ -14,6 +14,7 @@ import (
 	"github.com/podsock/podsock/datapath"
 	"github.com/podsock/podsock/internal/cgroupfs"
 	"github.com/podsock/podsock/runtimehooks"
+	"github.com/podsock/podsock/service"
 	"github.com/podsock/podsock/test/testenv"
 )
 
@@ -42,17 +43,17 @@ func TestPrivilegedAgentPodEventsDuringLargeReload(t *testing.T) {
 	cfgWith := func(port uint16) *config.Config {
 		cfg := config.Default()
 		cfg.Limits.Services, cfg.Limits.Slots = 2*nServices, 4*nServices
-		cfg.LB.Skip = []config.Selector{{Namespace: "mesh"}}
-		cfg.Services = append(cfg.Services, config.Service{
-			Name: "default/web", VIP: vip.Addr(), Port: vip.Port(), Protocol: config.ProtocolTCP,
-			Backends: []config.Backend{{Addr: beA, Weight: 1}},
-			Allow:    []config.Selector{{Namespace: "allowed"}},
+		cfg.LB.Skip = []service.Selector{{Namespace: "mesh"}}
+		cfg.Services = append(cfg.Services, service.Service{
+			Name: "default/web", VIP: vip.Addr(), Port: vip.Port(), Protocol: service.ProtocolTCP,
+			Backends: []service.Backend{{Addr: beA, Weight: 1}},
+			Allow:    []service.Selector{{Namespace: "allowed"}},
 		})
 		for i := range nServices {
-			cfg.Services = append(cfg.Services, config.Service{
+			cfg.Services = append(cfg.Services, service.Service{
 				Name: fmt.Sprintf("bulk/s%d", i), VIP: netip.AddrFrom4([4]byte{10, byte(100 + i>>16), byte(i >> 8), byte(i)}),
-				Port: 80, Protocol: config.ProtocolTCP,
-				Backends: []config.Backend{{Addr: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 88, 1, byte(i)}), port), Weight: 1}},
+				Port: 80, Protocol: service.ProtocolTCP,
+				Backends: []service.Backend{{Addr: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 88, 1, byte(i)}), port), Weight: 1}},
 			})
 		}
 		return cfg

@@ -15,6 +15,7 @@ import (
 	"github.com/podsock/podsock/config"
 	"github.com/podsock/podsock/datapath"
 	"github.com/podsock/podsock/runtimehooks"
+	"github.com/podsock/podsock/service"
 )
 
 // handlerBudget is how long an NRI event waits for its pod's datapath entries before it
@@ -316,7 +317,7 @@ func (a *Agent) setPod(p runtimehooks.Pod) error {
 // pod event then looks at the services with an allow-list only, not at every service.
 type podPolicy struct {
 	lb         config.LB
-	restricted []config.Service
+	restricted []service.Service
 }
 
 func newPodPolicy(cfg *config.Config) *podPolicy {
@@ -415,7 +416,7 @@ func ownsCgroup(p runtimehooks.Pod) bool {
 func servicePolicies(cfg *config.Config, pods []runtimehooks.Pod) map[string]datapath.ServicePolicy {
 	out := map[string]datapath.ServicePolicy{}
 	for _, s := range cfg.Services {
-		p := datapath.ServicePolicy{AffinityPod: s.Affinity == config.AffinityPod}
+		p := datapath.ServicePolicy{AffinityPod: s.Affinity == service.AffinityPod}
 		if s.RestrictsClients() {
 			p.Restrict = true
 			p.AllowHost = s.AllowsHost()

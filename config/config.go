@@ -7,12 +7,13 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"net/netip"
 	"os"
 	"slices"
 	"strconv"
 
 	"github.com/BurntSushi/toml"
+
+	"github.com/podsock/podsock/service"
 )
 
 // DefaultPath is where the agent looks for its configuration.
@@ -78,24 +79,17 @@ var limitRanges = []limitRange{
 	{"socket_counts", 1, 1 << 22, func(l *Limits) *int { return &l.SocketCounts }},
 }
 
-// Protocol is a transport protocol a service is balanced for.
-type Protocol string
-
-const (
-	ProtocolTCP Protocol = "tcp"
-	ProtocolUDP Protocol = "udp"
-)
-
-func (p Protocol) valid() bool { return p == ProtocolTCP || p == ProtocolUDP }
-
 // Config is a parsed, validated configuration file.
 type Config struct {
-	Path     string    `toml:"-"` // file it was loaded from; "" when parsed from unnamed bytes
-	Agent    Agent     `toml:"agent"`
-	NRI      NRI       `toml:"nri"`
-	LB       LB        `toml:"lb"`
-	Limits   Limits    `toml:"limits"`
-	Services []Service `toml:"service"`
+	Path   string `toml:"-"` // file it was loaded from; "" when parsed from unnamed bytes
+	Agent  Agent  `toml:"agent"`
+	NRI    NRI    `toml:"nri"`
+	LB     LB     `toml:"lb"`
+	Limits Limits `toml:"limits"`
+	// Services are the [[service]] tables. Parse fills in what a table leaves out:
+	// protocol "tcp", affinity "none", allow_host = true. A file may leave allow out but
+	// not give it empty (allow = []), and may set allow_host = false only with allow.
+	Services []service.Service `toml:"service"`
 
 	// servicesFileRead is set once LoadServicesFile has added its services.
 	servicesFileRead bool
@@ -124,7 +118,7 @@ type NRI struct {
 type LB struct {
 	// Terminate lists the protocols whose sockets to a removed backend are
 	// destroyed. Empty means none.
-	Terminate []Protocol `toml:"terminate"`
+	Terminate []service.Protocol `toml:"terminate"`
 	// HostnsOnly (hostns_only, default false) limits socket-LB to sockets of
 	// the host network namespace, as Cilium's bpf-lb-sock-hostns-only does:
 	// connects and sends from pods go to the service VIP untranslated, for
@@ -134,7 +128,7 @@ type LB struct {
 	// typically service mesh pods whose sidecar must see the VIP. A pod is
 	// skipped when any selector matches it, or when it carries the
 	// annotation podsock.io/skip-lb: "true" (see SkipsLB). Empty means none.
-	Skip []Selector `toml:"skip,omitempty"`
+	Skip []service.Selector `toml:"skip,omitempty"`
 	// SkipAnnotation (skip_annotation, default true) honours the annotation
 	// podsock.io/skip-lb. Whoever writes a pod spec can set it; an operator
 	// who wants only their own [[lb.skip]] selectors to count sets this false.
@@ -143,45 +137,7 @@ type LB struct {
 
 // Terminates reports whether sockets of protocol p to removed backends are
 // destroyed.
-func (l LB) Terminates(p Protocol) bool { return slices.Contains(l.Terminate, p) }
-
-// Service is one [[service]]. Parse fills in the keys a file omits (protocol
-// "tcp", affinity "none", allow_host = true). A Service built in Go behaves
-// the same when it leaves the newer fields zero: the zero Affinity means
-// AffinityNone, and the zero AllowHost (false) has no effect without Allow.
-// Code that sets Allow must choose AllowHost deliberately.
-type Service struct {
-	Name     string     `toml:"name"`
-	VIP      netip.Addr `toml:"vip"`
-	Port     uint16     `toml:"port"`
-	Protocol Protocol   `toml:"protocol"`
-	// Backends may be empty: the service then exists but refuses connects.
-	Backends []Backend `toml:"backends"`
-	// Affinity (affinity, default "none") is "none" or "pod"; see AffinityPod.
-	Affinity Affinity `toml:"affinity,omitempty"`
-	// Allow ([[service.allow]]) is the service's client allow-list. When it
-	// is present, only pods that any selector matches, plus the host netns
-	// if AllowHost, may connect; connect() and sendmsg() from any other
-	// client fail with EPERM. Without it every client may connect. In a file
-	// the list may be left out but not given empty (allow = []).
-	Allow []Selector `toml:"allow,omitempty"`
-	// AllowHost (allow_host, default true) lets sockets of the host network
-	// namespace connect when the service has an allow-list. Without an
-	// allow-list it has no effect, so a file may only set allow_host = false
-	// together with [[service.allow]].
-	AllowHost bool `toml:"allow_host"`
-}
-
-// Key identifies the service in the datapath, e.g. "10.96.0.20:80/tcp" or
-// "[fd00::1]:53/udp". Two services may not share a key.
-func (s Service) Key() string {
-	return netip.AddrPortFrom(s.VIP, s.Port).String() + "/" + string(s.Protocol)
-}
-
-type Backend struct {
-	Addr   netip.AddrPort `toml:"addr"`
-	Weight uint32         `toml:"weight"` // 1..MaxWeight; relative share of new connections
-}
+func (l LB) Terminates(p service.Protocol) bool { return slices.Contains(l.Terminate, p) }
 
 // Default returns the configuration used for every key a file omits.
 func Default() *Config {
@@ -197,7 +153,7 @@ func Default() *Config {
 			PluginName:  "podsock",
 			PluginIndex: "10",
 		},
-		LB:     LB{Terminate: []Protocol{ProtocolTCP, ProtocolUDP}, SkipAnnotation: true},
+		LB:     LB{Terminate: []service.Protocol{service.ProtocolTCP, service.ProtocolUDP}, SkipAnnotation: true},
 		Limits: DefaultLimits(),
 	}
 }

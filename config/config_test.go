@@ -14,6 +14,8 @@ import (
 	"testing"
 
 	"github.com/BurntSushi/toml"
+
+	"github.com/podsock/podsock/service"
 )
 
 // doc joins its arguments as lines, so argument n is line n of the file and
@@ -383,10 +385,10 @@ func TestParseExample(t *testing.T) {
 	if c.NRI != wantNRI {
 		t.Errorf("NRI = %+v, want %+v", c.NRI, wantNRI)
 	}
-	if !slices.Equal(c.LB.Terminate, []Protocol{ProtocolUDP}) || c.LB.Terminates(ProtocolTCP) || !c.LB.Terminates(ProtocolUDP) {
+	if !slices.Equal(c.LB.Terminate, []service.Protocol{service.ProtocolUDP}) || c.LB.Terminates(service.ProtocolTCP) || !c.LB.Terminates(service.ProtocolUDP) {
 		t.Errorf("LB = %+v", c.LB)
 	}
-	wantSkip := []Selector{
+	wantSkip := []service.Selector{
 		{Namespace: "istio-system", Labels: map[string]string{"app": "istio-ingress"}},
 		{Labels: map[string]string{"sidecar.istio.io/inject": "true", "example.com/empty": ""}},
 	}
@@ -399,16 +401,16 @@ func TestParseExample(t *testing.T) {
 		t.Errorf("LB = %+v, want hostns_only and skip %+v", c.LB, wantSkip)
 	}
 	web, dns := c.Services[0], c.Services[2]
-	wantAllow := []Selector{{Namespace: "default", Labels: map[string]string{"role": "client"}}, {Namespace: "monitoring"}}
-	if web.Affinity != AffinityPod || web.AllowHost || !sameSelectors(web.Allow, wantAllow) || !web.RestrictsClients() || web.AllowsHost() {
+	wantAllow := []service.Selector{{Namespace: "default", Labels: map[string]string{"role": "client"}}, {Namespace: "monitoring"}}
+	if web.Affinity != service.AffinityPod || web.AllowHost || !sameSelectors(web.Allow, wantAllow) || !web.RestrictsClients() || web.AllowsHost() {
 		t.Errorf("web = %+v, want affinity pod, allow %+v, no host", web, wantAllow)
 	}
-	if dns.Affinity != AffinityNone || !dns.AllowHost || !dns.AllowsHost() ||
-		!sameSelectors(dns.Allow, []Selector{{Labels: map[string]string{"k8s-app": "kube-dns"}}}) {
+	if dns.Affinity != service.AffinityNone || !dns.AllowHost || !dns.AllowsHost() ||
+		!sameSelectors(dns.Allow, []service.Selector{{Labels: map[string]string{"k8s-app": "kube-dns"}}}) {
 		t.Errorf("dns = %+v, want affinity none, allow k8s-app=kube-dns and the host", dns)
 	}
 	for _, s := range c.Services[3:] {
-		if s.Affinity != AffinityNone || !s.AllowHost || s.Allow != nil || s.RestrictsClients() {
+		if s.Affinity != service.AffinityNone || !s.AllowHost || s.Allow != nil || s.RestrictsClients() {
 			t.Errorf("service %q = %+v, want the defaults", s.Name, s)
 		}
 	}
@@ -417,12 +419,12 @@ func TestParseExample(t *testing.T) {
 	want := []struct {
 		key      string
 		name     string
-		backends []Backend
+		backends []service.Backend
 	}{
-		{"10.96.0.20:80/tcp", "default/web", []Backend{{ap("10.88.0.5:8080"), 1}, {ap("10.88.0.6:8080"), 1}}},
-		{"10.96.0.20:80/udp", "default/web-udp", []Backend{{ap("10.88.0.5:8080"), 3}, {ap("10.88.0.6:8080"), 1}, {ap("10.88.0.7:8080"), 1}}},
-		{"[fd00::a]:53/tcp", "kube-system/dns", []Backend{{ap("[fd00::5]:5353"), 1}, {ap("[fd00::6]:5353"), 1000}}},
-		{"10.96.0.30:443/tcp", "default/mapped", []Backend{}},
+		{"10.96.0.20:80/tcp", "default/web", []service.Backend{{Addr: ap("10.88.0.5:8080"), Weight: 1}, {Addr: ap("10.88.0.6:8080"), Weight: 1}}},
+		{"10.96.0.20:80/udp", "default/web-udp", []service.Backend{{Addr: ap("10.88.0.5:8080"), Weight: 3}, {Addr: ap("10.88.0.6:8080"), Weight: 1}, {Addr: ap("10.88.0.7:8080"), Weight: 1}}},
+		{"[fd00::a]:53/tcp", "kube-system/dns", []service.Backend{{Addr: ap("[fd00::5]:5353"), Weight: 1}, {Addr: ap("[fd00::6]:5353"), Weight: 1000}}},
+		{"10.96.0.30:443/tcp", "default/mapped", []service.Backend{}},
 		{"10.96.0.31:65535/tcp", "default/none", nil},
 	}
 	if len(c.Services) != len(want) {
@@ -470,8 +472,8 @@ func sameConfig(a, b *Config) bool {
 	return true
 }
 
-func sameSelectors(a, b []Selector) bool {
-	return slices.EqualFunc(a, b, func(x, y Selector) bool { return x.Namespace == y.Namespace && maps.Equal(x.Labels, y.Labels) })
+func sameSelectors(a, b []service.Selector) bool {
+	return slices.EqualFunc(a, b, func(x, y service.Selector) bool { return x.Namespace == y.Namespace && maps.Equal(x.Labels, y.Labels) })
 }
 
 // reencode writes c back as TOML, which must parse to the same config: the
@@ -515,7 +517,7 @@ func TestParseDefaults(t *testing.T) {
 	d := Default()
 	wantAgent := Agent{CgroupRoot: "", BPFFS: "/sys/fs/bpf", StateDir: "/run/podsock", LogLevel: "info"}
 	wantNRI := NRI{Enabled: true, Socket: "/var/run/nri/nri.sock", PluginName: "podsock", PluginIndex: "10"}
-	if d.Agent != wantAgent || d.NRI != wantNRI || !d.LB.Terminates(ProtocolTCP) || !d.LB.Terminates(ProtocolUDP) || d.Path != "" {
+	if d.Agent != wantAgent || d.NRI != wantNRI || !d.LB.Terminates(service.ProtocolTCP) || !d.LB.Terminates(service.ProtocolUDP) || d.Path != "" {
 		t.Errorf("Default() = %+v", d)
 	}
 	if err := d.Validate(); err != nil {
@@ -531,10 +533,10 @@ func TestParseDefaults(t *testing.T) {
 	if c.Agent.LogLevel != "warn" || c.Agent.BPFFS != "/sys/fs/bpf" || c.NRI.Enabled || c.NRI.PluginName != "Pod.sock-2_x" || c.NRI.PluginIndex != "10" {
 		t.Errorf("partial override: %+v %+v", c.Agent, c.NRI)
 	}
-	if c.LB.Terminate == nil || len(c.LB.Terminate) != 0 || c.LB.Terminates(ProtocolTCP) {
+	if c.LB.Terminate == nil || len(c.LB.Terminate) != 0 || c.LB.Terminates(service.ProtocolTCP) {
 		t.Errorf("terminate = [] gave %#v", c.LB.Terminate)
 	}
-	if s := c.Services[0]; s.Protocol != ProtocolTCP || len(s.Backends) != 0 || s.Affinity != AffinityNone || !s.AllowHost || s.Allow != nil ||
+	if s := c.Services[0]; s.Protocol != service.ProtocolTCP || len(s.Backends) != 0 || s.Affinity != service.AffinityNone || !s.AllowHost || s.Allow != nil ||
 		s.RestrictsClients() || !s.AllowsHost() || !s.AllowsPod("any", nil) {
 		t.Errorf("service defaults: %+v", s)
 	}
@@ -545,11 +547,11 @@ func TestParseDefaults(t *testing.T) {
 
 func TestServiceKey(t *testing.T) {
 	for _, tt := range []struct {
-		s    Service
+		s    service.Service
 		want string
 	}{
-		{Service{VIP: netip.MustParseAddr("10.96.0.20"), Port: 80, Protocol: ProtocolTCP}, "10.96.0.20:80/tcp"},
-		{Service{VIP: netip.MustParseAddr("fd00::1"), Port: 53, Protocol: ProtocolUDP}, "[fd00::1]:53/udp"},
+		{service.Service{VIP: netip.MustParseAddr("10.96.0.20"), Port: 80, Protocol: service.ProtocolTCP}, "10.96.0.20:80/tcp"},
+		{service.Service{VIP: netip.MustParseAddr("fd00::1"), Port: 53, Protocol: service.ProtocolUDP}, "[fd00::1]:53/udp"},
 	} {
 		if got := tt.s.Key(); got != tt.want {
 			t.Errorf("Key() = %q, want %q", got, tt.want)
@@ -562,12 +564,12 @@ func TestServiceKey(t *testing.T) {
 func TestValidateInCode(t *testing.T) {
 	valid := func() *Config {
 		c := Default()
-		c.Services = []Service{{
+		c.Services = []service.Service{{
 			Name:     "a",
 			VIP:      netip.MustParseAddr("10.96.0.1"),
 			Port:     80,
-			Protocol: ProtocolTCP,
-			Backends: []Backend{{Addr: netip.MustParseAddrPort("10.88.0.5:80"), Weight: 1}},
+			Protocol: service.ProtocolTCP,
+			Backends: []service.Backend{{Addr: netip.MustParseAddrPort("10.88.0.5:80"), Weight: 1}},
 		}}
 		return c
 	}
@@ -580,9 +582,9 @@ func TestValidateInCode(t *testing.T) {
 		t.Fatalf("zero Service fields do not mean the defaults: %+v", s)
 	}
 	withAllow := valid()
-	withAllow.LB = LB{HostnsOnly: true, Skip: []Selector{{Namespace: "istio-system"}}}
-	withAllow.Services[0].Affinity = AffinityPod
-	withAllow.Services[0].Allow = []Selector{{Namespace: "default", Labels: map[string]string{"example.com/role": ""}}}
+	withAllow.LB = LB{HostnsOnly: true, Skip: []service.Selector{{Namespace: "istio-system"}}}
+	withAllow.Services[0].Affinity = service.AffinityPod
+	withAllow.Services[0].Allow = []service.Selector{{Namespace: "default", Labels: map[string]string{"example.com/role": ""}}}
 	if err := withAllow.Validate(); err != nil {
 		t.Fatal(err)
 	}
@@ -617,13 +619,13 @@ func TestValidateInCode(t *testing.T) {
 		}, `<config>: service "b": 10.96.0.1:80/tcp already used by service "a"`},
 		{"first in order", func(c *Config) { c.Agent.LogLevel = ""; c.NRI.PluginIndex = "" }, "<config>: agent.log_level"},
 		{"affinity unknown", func(c *Config) { c.Services[0].Affinity = "sticky" }, `<config>: service "a": affinity "sticky" is not "none" or "pod"`},
-		{"skip selects everything", func(c *Config) { c.LB.Skip = []Selector{{Namespace: "a"}, {Labels: map[string]string{}}} },
+		{"skip selects everything", func(c *Config) { c.LB.Skip = []service.Selector{{Namespace: "a"}, {Labels: map[string]string{}}} },
 			"<config>: lb.skip #2 selects every pod"},
-		{"skip bad label value", func(c *Config) { c.LB.Skip = []Selector{{Labels: map[string]string{"app": "a/b"}}} },
+		{"skip bad label value", func(c *Config) { c.LB.Skip = []service.Selector{{Labels: map[string]string{"app": "a/b"}}} },
 			`<config>: lb.skip #1: label "app": value "a/b" must be empty or`},
-		{"allow bad namespace", func(c *Config) { c.Services[0].Allow = []Selector{{Namespace: "Default"}} },
+		{"allow bad namespace", func(c *Config) { c.Services[0].Allow = []service.Selector{{Namespace: "Default"}} },
 			`<config>: service "a": allow #1: namespace "Default" is not a Kubernetes namespace name`},
-		{"allow selects everything", func(c *Config) { c.Services[0].Allow = []Selector{{}}; c.Services[0].AllowHost = true },
+		{"allow selects everything", func(c *Config) { c.Services[0].Allow = []service.Selector{{}}; c.Services[0].AllowHost = true },
 			`<config>: service "a": allow #1 selects every pod`},
 		{"path prefix", func(c *Config) { c.Path = "/x.toml"; c.Agent.BPFFS = "" }, "/x.toml: agent.bpffs must not be empty"},
 	}

@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/podsock/podsock/service"
 )
 
 // decoder fills a Config from the generic document the TOML library produced.
@@ -143,14 +145,14 @@ func (d *decoder) lb(at keyPath, v any) {
 				continue
 			}
 			// Non-nil even when empty: "terminate = []" means none, not the default.
-			ps := make([]Protocol, 0, len(elems))
+			ps := make([]service.Protocol, 0, len(elems))
 			for i, e := range elems {
 				s, ok := e.(string)
 				if !ok {
 					d.fail(kat.index(i), "lb.terminate[%d] must be a string, not %s", i, typeName(e))
 				}
 				// Keep indexes aligned with the file even for rejected elements.
-				ps = append(ps, Protocol(s))
+				ps = append(ps, service.Protocol(s))
 			}
 			d.c.LB.Terminate = ps
 		case "hostns_only":
@@ -218,15 +220,15 @@ func (d *decoder) services(at keyPath, v any) {
 		t, ok := e.(map[string]any)
 		if !ok {
 			d.fail(sat, "service #%d must be a table, not %s", i+1, typeName(e))
-			d.c.Services = append(d.c.Services, Service{})
+			d.c.Services = append(d.c.Services, service.Service{})
 			continue
 		}
 		d.c.Services = append(d.c.Services, d.service(sat, i, t))
 	}
 }
 
-func (d *decoder) service(at keyPath, i int, t map[string]any) Service {
-	s := Service{Protocol: ProtocolTCP, Affinity: AffinityNone, AllowHost: true}
+func (d *decoder) service(at keyPath, i int, t map[string]any) service.Service {
+	s := service.Service{Protocol: service.ProtocolTCP, Affinity: service.AffinityNone, AllowHost: true}
 	name, _ := t["name"].(string)
 	label := serviceLabel(i, name)
 	for _, k := range sortedKeys(t) {
@@ -260,15 +262,15 @@ func (d *decoder) service(at keyPath, i int, t map[string]any) Service {
 		case "protocol":
 			var p string
 			d.str(kat, label+": protocol", v, &p)
-			s.Protocol = Protocol(p)
+			s.Protocol = service.Protocol(p)
 		case "backends":
 			s.Backends = d.backends(kat, label, v)
 		case "affinity":
 			var a string
-			if d.str(kat, label+": affinity", v, &a) && !Affinity(a).valid() {
-				d.fail(kat, "%s", affinityMsg(label, Affinity(a)))
+			if d.str(kat, label+": affinity", v, &a) && !service.Affinity(a).Valid() {
+				d.fail(kat, "%s", affinityMsg(label, service.Affinity(a)))
 			}
-			s.Affinity = Affinity(a)
+			s.Affinity = service.Affinity(a)
 		case "allow":
 			s.Allow = d.selectors(kat, label+": allow", "service.allow", v)
 			if s.Allow != nil && len(s.Allow) == 0 {
@@ -290,21 +292,21 @@ func (d *decoder) service(at keyPath, i int, t map[string]any) Service {
 // selectors decodes a list of pod selectors: lb.skip or a service's allow.
 // what names it in messages, header is how it is written as an array of
 // tables.
-func (d *decoder) selectors(at keyPath, what, header string, v any) []Selector {
+func (d *decoder) selectors(at keyPath, what, header string, v any) []service.Selector {
 	elems, ok := arrayElems(v)
 	if !ok {
 		d.fail(at, "%s must be an array of tables ([[%s]]), not %s", what, header, typeName(v))
 		return nil
 	}
-	sels := make([]Selector, 0, len(elems))
+	sels := make([]service.Selector, 0, len(elems))
 	for i, e := range elems {
 		sels = append(sels, d.selector(at.index(i), fmt.Sprintf("%s #%d", what, i+1), e))
 	}
 	return sels
 }
 
-func (d *decoder) selector(at keyPath, what string, e any) Selector {
-	var sel Selector
+func (d *decoder) selector(at keyPath, what string, e any) service.Selector {
+	var sel service.Selector
 	t, ok := e.(map[string]any)
 	if !ok {
 		d.fail(at, "%s must be a table {namespace = \"...\", labels = {...}}, not %s", what, typeName(e))
@@ -358,13 +360,13 @@ func (d *decoder) boolean(at keyPath, what string, v any, dst *bool) bool {
 	return scalar(d, at, what, "boolean", v, dst)
 }
 
-func (d *decoder) backends(at keyPath, label string, v any) []Backend {
+func (d *decoder) backends(at keyPath, label string, v any) []service.Backend {
 	elems, ok := arrayElems(v) // also [[service.backends]]
 	if !ok {
 		d.fail(at, "%s: backends must be an array, not %s", label, typeName(v))
 		return nil
 	}
-	bs := make([]Backend, 0, len(elems))
+	bs := make([]service.Backend, 0, len(elems))
 	for j, e := range elems {
 		// Rejected elements stay as zero values so indexes match the file.
 		bs = append(bs, d.backend(at.index(j), label, j, e))
@@ -372,17 +374,17 @@ func (d *decoder) backends(at keyPath, label string, v any) []Backend {
 	return bs
 }
 
-func (d *decoder) backend(at keyPath, label string, j int, e any) Backend {
+func (d *decoder) backend(at keyPath, label string, j int, e any) service.Backend {
 	switch e := e.(type) {
 	case string:
 		ap, err := parseAddrPort(e)
 		if err != nil {
 			d.fail(at, "%s: backend %q: %v", label, e, err)
-			return Backend{}
+			return service.Backend{}
 		}
-		return Backend{Addr: ap, Weight: 1}
+		return service.Backend{Addr: ap, Weight: 1}
 	case map[string]any:
-		b := Backend{Weight: 1}
+		b := service.Backend{Weight: 1}
 		what := fmt.Sprintf("%s: backend #%d", label, j+1)
 		if addr, ok := e["addr"].(string); ok {
 			what = fmt.Sprintf("%s: backend %q", label, addr)
@@ -424,7 +426,7 @@ func (d *decoder) backend(at keyPath, label string, j int, e any) Backend {
 	default:
 		d.fail(at, "%s: backend #%d must be a string \"ip:port\" or a table {addr = \"ip:port\", weight = n}, not %s",
 			label, j+1, typeName(e))
-		return Backend{}
+		return service.Backend{}
 	}
 }
 

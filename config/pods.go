@@ -5,43 +5,9 @@ import (
 	"maps"
 	"slices"
 	"strings"
+
+	"github.com/podsock/podsock/service"
 )
-
-// Selector picks pods by namespace and labels, like a Kubernetes label
-// selector restricted to equality. It is written in TOML as
-//
-//	namespace = "istio-system"
-//	labels = { app = "istio-ingress", "app.kubernetes.io/part-of" = "istio" }
-//
-// A selector in a file must give a namespace, labels or both: one with
-// neither would select every pod and is rejected.
-type Selector struct {
-	// Namespace is the pod's namespace; "" (the key left out) means any
-	// namespace. In a file it must be a valid Kubernetes namespace name.
-	Namespace string `toml:"namespace,omitempty"`
-	// Labels must all be on the pod with exactly these values (a value ""
-	// requires the label to be present and empty); labels the selector does
-	// not name are ignored. Empty means any labels.
-	Labels map[string]string `toml:"labels,omitempty"`
-}
-
-// Matches reports whether a pod in namespace with labels is selected. The zero
-// Selector matches every pod; Validate rejects it in a configuration.
-func (s Selector) Matches(namespace string, labels map[string]string) bool {
-	if s.Namespace != "" && s.Namespace != namespace {
-		return false
-	}
-	for k, want := range s.Labels {
-		if got, ok := labels[k]; !ok || got != want {
-			return false
-		}
-	}
-	return true
-}
-
-func anyMatches(sels []Selector, namespace string, labels map[string]string) bool {
-	return slices.ContainsFunc(sels, func(s Selector) bool { return s.Matches(namespace, labels) })
-}
 
 // SkipLBAnnotation, set to "true" on a pod, makes socket-LB leave that pod's
 // sockets alone, as a match in [[lb.skip]] does.
@@ -58,51 +24,16 @@ const SkipLBAnnotation = "podsock.io/skip-lb"
 //
 // SkipsLB does not look at HostnsOnly, which leaves every pod alone anyway.
 func (l LB) SkipsLB(namespace string, labels, annotations map[string]string) bool {
-	return (l.SkipAnnotation && annotations[SkipLBAnnotation] == "true") || anyMatches(l.Skip, namespace, labels)
+	return (l.SkipAnnotation && annotations[SkipLBAnnotation] == "true") || service.AnyMatches(l.Skip, namespace, labels)
 }
 
-// Affinity chooses how a service's backend is picked for a new socket.
-type Affinity string
-
-const (
-	// AffinityNone picks a backend for every socket on its own, by weight.
-	// It is the default; the zero Affinity "" means the same in Go code.
-	AffinityNone Affinity = "none"
-	// AffinityPod sends every socket of one pod to the same backend for as
-	// long as that backend stays in the service; when it is removed, the
-	// pod's next socket picks a new one, which then sticks in turn. Sockets
-	// that are not a pod's (the host's among them) have no affinity: each
-	// picks by weight.
-	AffinityPod Affinity = "pod"
-)
-
-func (a Affinity) valid() bool { return a == AffinityNone || a == AffinityPod }
-
-func affinityMsg(label string, a Affinity) string {
-	return fmt.Sprintf("%s: affinity %q is not %q or %q", label, a, AffinityNone, AffinityPod)
+func affinityMsg(label string, a service.Affinity) string {
+	return fmt.Sprintf("%s: affinity %q is not %q or %q", label, a, service.AffinityNone, service.AffinityPod)
 }
-
-// RestrictsClients reports whether the service has a client allow-list
-// ([[service.allow]]). Without one every client, pod or host, may connect,
-// whatever AllowHost says: so a Service built in Go with the zero AllowHost
-// and no Allow is open, like one decoded from a file without these keys.
-func (s Service) RestrictsClients() bool { return len(s.Allow) > 0 }
-
-// AllowsPod reports whether a pod with this namespace and labels may connect
-// to the service: always when the service does not restrict clients, else
-// when any Allow selector matches the pod. Other pods get EPERM.
-func (s Service) AllowsPod(namespace string, labels map[string]string) bool {
-	return !s.RestrictsClients() || anyMatches(s.Allow, namespace, labels)
-}
-
-// AllowsHost reports whether sockets of the host netns may connect to the
-// service: always when the service does not restrict clients, else when
-// AllowHost is set.
-func (s Service) AllowsHost() bool { return !s.RestrictsClients() || s.AllowHost }
 
 // checkSelector adds what is wrong with sel, found at at and called what in
 // messages ("lb.skip #1", `service "web": allow #2`).
-func (ps *problems) checkSelector(at keyPath, what string, sel Selector) {
+func (ps *problems) checkSelector(at keyPath, what string, sel service.Selector) {
 	if sel.Namespace == "" && len(sel.Labels) == 0 {
 		ps.add(at, "%s selects every pod; give a namespace, labels or both", what)
 	}

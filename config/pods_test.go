@@ -3,6 +3,8 @@ package config
 import (
 	"strings"
 	"testing"
+
+	"github.com/podsock/podsock/service"
 )
 
 type lbls = map[string]string
@@ -11,26 +13,26 @@ func TestSelectorMatches(t *testing.T) {
 	pod := lbls{"app": "web", "tier": "front", "empty": ""}
 	for _, tt := range []struct {
 		name string
-		sel  Selector
+		sel  service.Selector
 		ns   string
 		lbls lbls
 		want bool
 	}{
-		{"namespace only", Selector{Namespace: "default"}, "default", pod, true},
-		{"namespace only, other namespace", Selector{Namespace: "default"}, "kube-system", pod, false},
-		{"namespace is exact", Selector{Namespace: "default"}, "Default", pod, false},
-		{"labels only, any namespace", Selector{Labels: lbls{"app": "web"}}, "anything", pod, true},
-		{"all labels must match", Selector{Labels: lbls{"app": "web", "tier": "front"}}, "x", pod, true},
-		{"one label differs", Selector{Labels: lbls{"app": "web", "tier": "back"}}, "x", pod, false},
-		{"label missing", Selector{Labels: lbls{"app": "web", "role": "client"}}, "x", pod, false},
-		{"empty value needs the label", Selector{Labels: lbls{"empty": ""}}, "x", pod, true},
-		{"empty value, label absent", Selector{Labels: lbls{"role": ""}}, "x", pod, false},
-		{"label values are exact", Selector{Labels: lbls{"app": "Web"}}, "x", pod, false},
-		{"pod without labels", Selector{Labels: lbls{"app": "web"}}, "x", nil, false},
-		{"namespace and labels", Selector{Namespace: "default", Labels: lbls{"app": "web"}}, "default", pod, true},
-		{"namespace and labels, other namespace", Selector{Namespace: "default", Labels: lbls{"app": "web"}}, "prod", pod, false},
-		{"empty labels is any", Selector{Namespace: "default", Labels: lbls{}}, "default", nil, true},
-		{"zero selector matches all", Selector{}, "x", nil, true},
+		{"namespace only", service.Selector{Namespace: "default"}, "default", pod, true},
+		{"namespace only, other namespace", service.Selector{Namespace: "default"}, "kube-system", pod, false},
+		{"namespace is exact", service.Selector{Namespace: "default"}, "Default", pod, false},
+		{"labels only, any namespace", service.Selector{Labels: lbls{"app": "web"}}, "anything", pod, true},
+		{"all labels must match", service.Selector{Labels: lbls{"app": "web", "tier": "front"}}, "x", pod, true},
+		{"one label differs", service.Selector{Labels: lbls{"app": "web", "tier": "back"}}, "x", pod, false},
+		{"label missing", service.Selector{Labels: lbls{"app": "web", "role": "client"}}, "x", pod, false},
+		{"empty value needs the label", service.Selector{Labels: lbls{"empty": ""}}, "x", pod, true},
+		{"empty value, label absent", service.Selector{Labels: lbls{"role": ""}}, "x", pod, false},
+		{"label values are exact", service.Selector{Labels: lbls{"app": "Web"}}, "x", pod, false},
+		{"pod without labels", service.Selector{Labels: lbls{"app": "web"}}, "x", nil, false},
+		{"namespace and labels", service.Selector{Namespace: "default", Labels: lbls{"app": "web"}}, "default", pod, true},
+		{"namespace and labels, other namespace", service.Selector{Namespace: "default", Labels: lbls{"app": "web"}}, "prod", pod, false},
+		{"empty labels is any", service.Selector{Namespace: "default", Labels: lbls{}}, "default", nil, true},
+		{"zero selector matches all", service.Selector{}, "x", nil, true},
 	} {
 		if got := tt.sel.Matches(tt.ns, tt.lbls); got != tt.want {
 			t.Errorf("%s: %+v.Matches(%q, %v) = %v, want %v", tt.name, tt.sel, tt.ns, tt.lbls, got, tt.want)
@@ -39,7 +41,7 @@ func TestSelectorMatches(t *testing.T) {
 }
 
 func TestSkipsLB(t *testing.T) {
-	lb := LB{SkipAnnotation: true, Skip: []Selector{
+	lb := LB{SkipAnnotation: true, Skip: []service.Selector{
 		{Namespace: "istio-system"},
 		{Namespace: "default", Labels: lbls{"app": "istio-ingress"}},
 	}}
@@ -79,23 +81,23 @@ func TestSkipsLB(t *testing.T) {
 }
 
 func TestAllowsClients(t *testing.T) {
-	allow := []Selector{{Namespace: "default", Labels: lbls{"role": "client"}}, {Namespace: "monitoring"}}
+	allow := []service.Selector{{Namespace: "default", Labels: lbls{"role": "client"}}, {Namespace: "monitoring"}}
 	for _, tt := range []struct {
 		name      string
-		svc       Service
+		svc       service.Service
 		ns        string
 		lbls      lbls
 		restricts bool
 		pod, host bool
 	}{
-		{"decoded default", Service{AllowHost: true}, "any", nil, false, true, true},
-		{"zero value is open", Service{}, "any", nil, false, true, true},
-		{"allow, first selector", Service{Allow: allow, AllowHost: true}, "default", lbls{"role": "client"}, true, true, true},
-		{"allow, second selector", Service{Allow: allow, AllowHost: true}, "monitoring", nil, true, true, true},
-		{"allow, no selector matches", Service{Allow: allow, AllowHost: true}, "default", lbls{"role": "server"}, true, false, true},
-		{"allow, other namespace", Service{Allow: allow, AllowHost: true}, "prod", lbls{"role": "client"}, true, false, true},
-		{"allow without the host", Service{Allow: allow}, "monitoring", nil, true, true, false},
-		{"allow without the host, pod refused", Service{Allow: allow}, "prod", nil, true, false, false},
+		{"decoded default", service.Service{AllowHost: true}, "any", nil, false, true, true},
+		{"zero value is open", service.Service{}, "any", nil, false, true, true},
+		{"allow, first selector", service.Service{Allow: allow, AllowHost: true}, "default", lbls{"role": "client"}, true, true, true},
+		{"allow, second selector", service.Service{Allow: allow, AllowHost: true}, "monitoring", nil, true, true, true},
+		{"allow, no selector matches", service.Service{Allow: allow, AllowHost: true}, "default", lbls{"role": "server"}, true, false, true},
+		{"allow, other namespace", service.Service{Allow: allow, AllowHost: true}, "prod", lbls{"role": "client"}, true, false, true},
+		{"allow without the host", service.Service{Allow: allow}, "monitoring", nil, true, true, false},
+		{"allow without the host, pod refused", service.Service{Allow: allow}, "prod", nil, true, false, false},
 	} {
 		s := tt.svc
 		if got := s.RestrictsClients(); got != tt.restricts {

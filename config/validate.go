@@ -7,6 +7,8 @@ import (
 	"strings"
 	"unicode"
 	"unicode/utf8"
+
+	"github.com/podsock/podsock/service"
 )
 
 type problems []problem
@@ -49,10 +51,10 @@ func (c *Config) check(pos lineIndex) []problem {
 
 	lb := root.key("lb")
 	terminate := lb.key("terminate")
-	seen := map[Protocol]bool{}
+	seen := map[service.Protocol]bool{}
 	for i, p := range c.LB.Terminate {
 		switch {
-		case !p.valid():
+		case !p.Valid():
 			ps.add(terminate.index(i), "lb.terminate: %q is not tcp or udp", p)
 		case seen[p]:
 			ps.add(terminate.index(i), "lb.terminate lists %q twice", p)
@@ -109,10 +111,10 @@ func (c *Config) checkServices(ps *problems, pos lineIndex) {
 		if s.Port == 0 {
 			ps.add(at.key("port"), "%s: port is required (1..65535)", label)
 		}
-		if !s.Protocol.valid() {
+		if !s.Protocol.Valid() {
 			ps.add(at.key("protocol"), "%s: protocol %q is not tcp or udp", label, s.Protocol)
 		}
-		if vipOK && s.Port != 0 && s.Protocol.valid() {
+		if vipOK && s.Port != 0 && s.Protocol.Valid() {
 			if first, dup := keys[s.Key()]; dup {
 				ps.add(at.key("vip"), "%s: %s already used by %s%s",
 					label, s.Key(), serviceLabel(first, c.Services[first].Name), pos.lineOf(svcs.index(first).key("vip")))
@@ -151,7 +153,7 @@ func (c *Config) checkServices(ps *problems, pos lineIndex) {
 
 		// The zero Affinity is AffinityNone for Services built in code; a
 		// file cannot say affinity = "" (the decoder rejects it).
-		if s.Affinity != "" && !s.Affinity.valid() {
+		if s.Affinity != "" && !s.Affinity.Valid() {
 			ps.add(at.key("affinity"), "%s", affinityMsg(label, s.Affinity))
 		}
 		for j, sel := range s.Allow {

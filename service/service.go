@@ -1,0 +1,135 @@
+// Package service is the desired service model: what podsock should balance, whichever
+// source wants it. The TOML file (package config) is one source; each source hands the
+// agent whole snapshots of it, and the agent merges them (Merge) into what the datapath
+// serves. Nothing here knows Kubernetes or BPF; the tags give the shape a config file
+// writes it in.
+package service
+
+import (
+	"net/netip"
+	"slices"
+)
+
+// Source names where a service came from, as `services --json` shows it.
+type Source string
+
+const (
+	SourceFile       Source = "file"
+	SourceKubernetes Source = "kubernetes"
+)
+
+// Protocol is a transport protocol a service is balanced for.
+type Protocol string
+
+const (
+	ProtocolTCP Protocol = "tcp"
+	ProtocolUDP Protocol = "udp"
+)
+
+// Valid reports whether p is a protocol the datapath balances.
+func (p Protocol) Valid() bool { return p == ProtocolTCP || p == ProtocolUDP }
+
+// Affinity chooses how a service's backend is picked for a new socket.
+type Affinity string
+
+const (
+	// AffinityNone picks a backend for every socket on its own, by weight.
+	// It is the default; the zero Affinity "" means the same.
+	AffinityNone Affinity = "none"
+	// AffinityPod sends every socket of one pod to the same backend for as
+	// long as that backend stays in the service; when it is removed, the
+	// pod's next socket picks a new one, which then sticks in turn. Sockets
+	// that are not a pod's (the host's among them) have no affinity: each
+	// picks by weight.
+	AffinityPod Affinity = "pod"
+)
+
+// Valid reports whether a is a known affinity ("" is not: a source fills it in).
+func (a Affinity) Valid() bool { return a == AffinityNone || a == AffinityPod }
+
+// Selector picks pods by namespace and labels, like a Kubernetes label
+// selector restricted to equality.
+type Selector struct {
+	// Namespace is the pod's namespace; "" means any namespace.
+	Namespace string `toml:"namespace,omitempty"`
+	// Labels must all be on the pod with exactly these values (a value ""
+	// requires the label to be present and empty); labels the selector does
+	// not name are ignored. Empty means any labels.
+	Labels map[string]string `toml:"labels,omitempty"`
+}
+
+// Matches reports whether a pod in namespace with labels is selected. The zero
+// Selector matches every pod; a source must not hand one over by mistake.
+func (s Selector) Matches(namespace string, labels map[string]string) bool {
+	if s.Namespace != "" && s.Namespace != namespace {
+		return false
+	}
+	for k, want := range s.Labels {
+		if got, ok := labels[k]; !ok || got != want {
+			return false
+		}
+	}
+	return true
+}
+
+// AnyMatches reports whether any of sels selects the pod.
+func AnyMatches(sels []Selector, namespace string, labels map[string]string) bool {
+	return slices.ContainsFunc(sels, func(s Selector) bool { return s.Matches(namespace, labels) })
+}
+
+// Service is one frontend (VIP, port, protocol) and the backends behind it. The zero
+// values of the newer fields behave as a file that leaves them out: the zero Affinity
+// means AffinityNone, and the zero AllowHost (false) has no effect without Allow. Code
+// that sets Allow must choose AllowHost deliberately.
+type Service struct {
+	Name string `toml:"name"`
+	// Source is who wants the service; "" counts as SourceFile.
+	Source   Source     `toml:"-"`
+	VIP      netip.Addr `toml:"vip"`
+	Port     uint16     `toml:"port"`
+	Protocol Protocol   `toml:"protocol"`
+	// Backends may be empty: the service then exists but refuses connects.
+	Backends []Backend `toml:"backends"`
+	Affinity Affinity  `toml:"affinity,omitempty"`
+	// Allow is the service's client allow-list. When it is present, only pods that any
+	// selector matches, plus the host netns if AllowHost, may connect; connect() and
+	// sendmsg() from any other client fail with EPERM. Without it every client may
+	// connect.
+	Allow     []Selector `toml:"allow,omitempty"`
+	AllowHost bool       `toml:"allow_host"`
+}
+
+// Backend is one address a service balances to, with its relative share of new sockets.
+type Backend struct {
+	Addr   netip.AddrPort `toml:"addr"`
+	Weight uint32         `toml:"weight"`
+}
+
+// Key identifies the service in the datapath, e.g. "10.96.0.20:80/tcp" or
+// "[fd00::1]:53/udp". Two services the datapath serves never share a key.
+func (s Service) Key() string {
+	return netip.AddrPortFrom(s.VIP, s.Port).String() + "/" + string(s.Protocol)
+}
+
+// From is the service's source, SourceFile when it names none.
+func (s Service) From() Source {
+	if s.Source == "" {
+		return SourceFile
+	}
+	return s.Source
+}
+
+// RestrictsClients reports whether the service has a client allow-list. Without one
+// every client, pod or host, may connect, whatever AllowHost says.
+func (s Service) RestrictsClients() bool { return len(s.Allow) > 0 }
+
+// AllowsPod reports whether a pod with this namespace and labels may connect to the
+// service: always when the service does not restrict clients, else when any Allow
+// selector matches the pod. Other pods get EPERM.
+func (s Service) AllowsPod(namespace string, labels map[string]string) bool {
+	return !s.RestrictsClients() || AnyMatches(s.Allow, namespace, labels)
+}
+
+// AllowsHost reports whether sockets of the host netns may connect to the service:
+// always when the service does not restrict clients, else when AllowHost is set.
+func (s Service) AllowsHost() bool { return !s.RestrictsClients() || s.AllowHost }

@@ -29,7 +29,7 @@ import (
 // its own lock for map writes.
 type Agent struct {
 	log *logrus.Logger
-	dp  *datapath.Datapath
+	dp  datapathOps
 	ctl *control
 
 	// settings, nri and limits are the sections the process started with; they cannot
@@ -47,8 +47,6 @@ type Agent struct {
 	// opMu serialises everything that writes pod policy into the datapath: runtime
 	// events and the planning and finish of config applies.
 	opMu sync.Mutex
-	// applyMu makes config applies take turns.
-	applyMu sync.Mutex
 
 	srv *http.Server
 
@@ -65,6 +63,10 @@ type Agent struct {
 	// what a previous agent left in the maps, says which pods exist. Guarded by opMu.
 	podsSynced bool
 
+	// sources merges what the service sources want; its loop is the only writer of
+	// services into the datapath.
+	sources *reconciler
+
 	mu  sync.Mutex
 	cfg *config.Config
 	// policy is the pod policy of the config last pushed to the datapath, even if only
@@ -76,8 +78,9 @@ type Agent struct {
 }
 
 func newAgent(log *logrus.Logger) *Agent {
-	a := &Agent{log: log, podq: newPodQueue(), syncLearned: map[string]bool{}, sweepStop: make(chan struct{})}
+	a := &Agent{log: log, podq: newPodQueue(), syncLearned: map[string]bool{}, sweepStop: make(chan struct{}), sources: newReconciler()}
 	go a.podq.run()
+	go a.reconcileLoop()
 	go a.sweepVanishedPods(a.sweepStop)
 	return a
 }
@@ -222,7 +225,7 @@ drain:
 	// Pod events that arrive before the services are applied already get this config's
 	// policy.
 	a.mu.Lock()
-	a.policy = newPodPolicy(cfg)
+	a.policy = newPodPolicy(cfg.LB, cfg.Services)
 	a.mu.Unlock()
 	return reloadPending, nil
 }
@@ -235,7 +238,7 @@ func (a *Agent) applyInitial(cfg *config.Config) {
 	err := cfg.LoadServicesFile()
 	if err != nil {
 		a.log.WithError(err).Error("services not applied, keeping what the datapath serves")
-	} else if err = a.apply(cfg); err != nil {
+	} else if err = <-a.sources.publishConfig(cfg); err != nil {
 		// The datapath keeps whatever it served before; the half-applied config is shown
 		// in status, with its error, until a reload succeeds.
 		a.log.WithError(err).Error("initial config not fully applied")
@@ -255,6 +258,8 @@ var errStopped = errors.New("stopped during start-up")
 // The pinned datapath keeps serving.
 func (a *Agent) stop() {
 	close(a.sweepStop)
+	// An apply in progress finishes first: it holds the datapath.
+	a.sources.close()
 	if a.srv != nil {
 		// Let answers in flight finish before the datapath handles they read go away.
 		shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -342,7 +347,7 @@ func (a *Agent) reload(path string) {
 	if err := setLogLevel(a.log, cfg.Agent.LogLevel); err != nil {
 		a.log.WithError(err).Error("reload: log level")
 	}
-	if err := a.apply(cfg); err != nil {
+	if err := <-a.sources.publishConfig(cfg); err != nil {
 		a.log.WithError(err).Error("reload not fully applied")
 		a.mu.Lock()
 		a.lastReloadError = err.Error()
@@ -357,15 +362,15 @@ func keepRestartOnly(log *logrus.Logger, key, running, next string) string {
 	return running
 }
 
-// apply pushes the config's services into the datapath and makes it the running config.
-// Runtime events are not held up by it: opMu is taken only to plan and to finish, and the
-// datapath lets pod events in between its chunks. Pods that arrive meanwhile get the new
-// config's policy at once.
-func (a *Agent) apply(cfg *config.Config) error {
-	a.applyMu.Lock()
-	defer a.applyMu.Unlock()
+// apply writes one merged view into the datapath: the services of every source, with the
+// pod policy and [lb] settings of the file config in force. A new file config becomes the
+// running one when it applies in full. Runtime events are not held up by it: opMu is taken
+// only to plan and to finish, and the datapath lets pod events in between its chunks. Pods
+// that arrive meanwhile get the new policy at once. Only the reconcile loop calls it.
+func (a *Agent) apply(w work) error {
+	cfg := w.cfg
 	a.opMu.Lock()
-	policies := servicePolicies(cfg, a.tracker.Pods())
+	policies := servicePolicies(w.services, a.tracker.Pods())
 	if !a.podsSynced {
 		// Until the runtime's first Synchronize the tracker knows no pods, but the datapath
 		// may hold those a previous agent installed: keep admitting them.
@@ -376,15 +381,15 @@ func (a *Agent) apply(cfg *config.Config) error {
 			}
 		}
 	}
-	// Even a partly applied config is what the datapath serves, so pod policy follows it
+	// Even a partly applied view is what the datapath serves, so pod policy follows it
 	// rather than the previous one.
-	pol := newPodPolicy(cfg)
+	pol := newPodPolicy(cfg.LB, w.services)
 	a.mu.Lock()
 	a.policy = pol
 	a.mu.Unlock()
 	// Pod events wait until the datapath counts them as late, so none falls between the
 	// policies planned here and the apply.
-	res, err := a.dp.ApplyWith(toDatapath(cfg.Services, policies), datapath.ApplyOptions{Started: a.opMu.Unlock})
+	res, err := a.dp.ApplyWith(toDatapath(w.services, policies), datapath.ApplyOptions{Started: a.opMu.Unlock})
 	a.log.WithFields(logrus.Fields{
 		"added": res.Added, "updated": res.Updated, "removed": res.Removed, "unchanged": res.Unchanged,
 	}).Info("services applied")
@@ -400,7 +405,7 @@ func (a *Agent) apply(cfg *config.Config) error {
 		_, serr := a.dp.SyncPods(datapathPods(a.tracker.Pods(), pol))
 		err = errors.Join(err, serr)
 	}
-	if err != nil {
+	if err != nil || !w.newConfig {
 		return err
 	}
 	a.mu.Lock()

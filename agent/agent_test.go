@@ -15,6 +15,9 @@ import (
 
 	"github.com/podsock/podsock/api"
 	"github.com/podsock/podsock/datapath"
+	"github.com/podsock/podsock/internal/netns"
+	"github.com/podsock/podsock/internal/terminator"
+	"github.com/podsock/podsock/runtimehooks"
 	"github.com/podsock/podsock/service"
 )
 
@@ -104,13 +107,19 @@ func TestServicesJSONShape(t *testing.T) {
 	views := serviceViews([]datapath.Service{{
 		Name: "default/web", VIP: netip.MustParseAddr("fd00::20"), Port: 80, Proto: datapath.ProtoTCP,
 		Backends: []datapath.Backend{{Addr: netip.MustParseAddrPort("[fd00::5]:8080"), Weight: 3}},
-	}, {Name: "default/empty", VIP: netip.MustParseAddr("10.96.0.9"), Port: 53, Proto: datapath.ProtoUDP}})
+	}, {Name: "default/empty", VIP: netip.MustParseAddr("10.96.0.9"), Port: 53, Proto: datapath.ProtoUDP}},
+		func(key string) service.Source {
+			if key == "10.96.0.9:53/udp" {
+				return service.SourceKubernetes
+			}
+			return service.SourceFile
+		})
 	b, err := json.Marshal(views)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := `[{"name":"default/web","vip":"fd00::20","port":80,"protocol":"tcp","backends":["[fd00::5]:8080"],"weights":[3]},` +
-		`{"name":"default/empty","vip":"10.96.0.9","port":53,"protocol":"udp","backends":[],"weights":[]}]`
+	want := `[{"name":"default/web","vip":"fd00::20","port":80,"protocol":"tcp","source":"file","backends":["[fd00::5]:8080"],"weights":[3]},` +
+		`{"name":"default/empty","vip":"10.96.0.9","port":53,"protocol":"udp","source":"kubernetes","backends":[],"weights":[]}]`
 	if string(b) != want {
 		t.Fatalf("services JSON\n got %s\nwant %s", b, want)
 	}
@@ -148,4 +157,27 @@ func quietLog() logrus.FieldLogger {
 	l := logrus.New()
 	l.SetOutput(io.Discard)
 	return l
+}
+
+// testAgent is an agent on dp (the real datapath, or a fake), with a tracker over cgroup2
+// and a terminator over ns, as start would wire it (no control socket, no NRI
+// connection); it stops at cleanup.
+func testAgent(t testing.TB, dp datapathOps, cgroup2 string, host *netns.Handle, ns datapath.NetnsSet) *Agent {
+	a := newAgent(quietLog().(*logrus.Logger))
+	a.dp = dp
+	a.tracker = runtimehooks.NewTracker(cgroup2)
+	a.netns = nodeNetns{host: host, tracker: a.tracker}
+	if ns == nil {
+		ns = a.netns
+	}
+	a.term = terminator.New(dp, ns, quietLog())
+	a.podsSynced = true
+	t.Cleanup(func() {
+		a.sources.close()
+		a.term.Close()
+		close(a.sweepStop)
+		a.podq.close()
+		_ = a.tracker.Close()
+	})
+	return a
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -16,6 +17,7 @@ import (
 	"github.com/podsock/podsock/datapath"
 	"github.com/podsock/podsock/internal/statedir"
 	"github.com/podsock/podsock/plugin"
+	"github.com/podsock/podsock/service"
 )
 
 // control is the agent's claim on its state dir: the lock and the listening socket.
@@ -70,7 +72,7 @@ func (a *Agent) serveControl(ln net.Listener) *http.Server {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
 		}
-		writeJSON(w, serviceViews(svcs))
+		writeJSON(w, serviceViews(svcs, a.sources.source))
 	})
 	mux.HandleFunc("GET /v1/pods", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, a.podViews())
@@ -140,6 +142,7 @@ func (a *Agent) status() api.Status {
 		}
 	}
 	st.Termination = a.term.Status()
+	st.Sources, st.Conflicts = a.sources.sourceStatus()
 	st.NRI.Events = a.events.snapshot()
 	if a.plugin != nil {
 		st.NRI.Connected = a.plugin.Connected()
@@ -180,10 +183,13 @@ func (a *Agent) podViews() []api.PodView {
 	return out
 }
 
-func serviceViews(svcs []datapath.Service) []api.ServiceView {
+// serviceViews shows the datapath's services; sourceOf says where the one with a key came from.
+func serviceViews(svcs []datapath.Service, sourceOf func(key string) service.Source) []api.ServiceView {
 	out := make([]api.ServiceView, 0, len(svcs))
 	for _, s := range svcs {
-		v := api.ServiceView{Name: s.Name, VIP: s.VIP.String(), Port: s.Port, Protocol: datapath.ProtoName(s.Proto),
+		proto := datapath.ProtoName(s.Proto)
+		v := api.ServiceView{Name: s.Name, VIP: s.VIP.String(), Port: s.Port, Protocol: proto,
+			Source:   string(sourceOf(netip.AddrPortFrom(s.VIP, s.Port).String() + "/" + proto)),
 			Backends: []string{}, Weights: []uint32{}}
 		for _, b := range s.Backends {
 			v.Backends = append(v.Backends, b.Addr.String())

@@ -320,9 +320,9 @@ type podPolicy struct {
 	restricted []service.Service
 }
 
-func newPodPolicy(cfg *config.Config) *podPolicy {
-	pol := &podPolicy{lb: cfg.LB}
-	for _, s := range cfg.Services {
+func newPodPolicy(lb config.LB, services []service.Service) *podPolicy {
+	pol := &podPolicy{lb: lb}
+	for _, s := range services {
 		if s.RestrictsClients() {
 			pol.restricted = append(pol.restricted, s)
 		}
@@ -335,7 +335,7 @@ func (a *Agent) currentPolicy() *podPolicy {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.policy == nil {
-		return newPodPolicy(config.Default())
+		return newPodPolicy(config.Default().LB, nil)
 	}
 	return a.policy
 }
@@ -413,9 +413,9 @@ func ownsCgroup(p runtimehooks.Pod) bool {
 }
 
 // servicePolicies computes each service's datapath policy against the pods known now.
-func servicePolicies(cfg *config.Config, pods []runtimehooks.Pod) map[string]datapath.ServicePolicy {
+func servicePolicies(services []service.Service, pods []runtimehooks.Pod) map[string]datapath.ServicePolicy {
 	out := map[string]datapath.ServicePolicy{}
-	for _, s := range cfg.Services {
+	for _, s := range services {
 		p := datapath.ServicePolicy{AffinityPod: s.Affinity == service.AffinityPod}
 		if s.RestrictsClients() {
 			p.Restrict = true

@@ -59,7 +59,7 @@ backends = ["10.88.0.5:8080"]
 	twinA := runtimehooks.Pod{SandboxID: "sb-ta", Namespace: "default", CgroupPath: "/k8s.io", CgroupID: 31, NetnsCookie: 9}
 	twinB := runtimehooks.Pod{SandboxID: "sb-tb", Namespace: "default", CgroupPath: "/k8s.io", CgroupID: 31, NetnsCookie: 10}
 
-	got := datapathPods([]runtimehooks.Pod{api, mesh, annotated, twinA, twinB, lone}, newPodPolicy(cfg))
+	got := datapathPods([]runtimehooks.Pod{api, mesh, annotated, twinA, twinB, lone}, newPodPolicy(cfg.LB, cfg.Services))
 	want := []datapath.Pod{
 		{SandboxID: "sb-api", ContainerCgroups: []uint64{12}, PodCgroup: 11, NetnsCookie: 7, AllowedServices: []string{"default/db"}},
 		{SandboxID: "sb-mesh", PodCgroup: 21, NetnsCookie: 8, SkipLB: true},
@@ -73,7 +73,7 @@ backends = ["10.88.0.5:8080"]
 		t.Fatalf("datapath pods:\n got %+v\nwant %+v", got, want)
 	}
 
-	pol := servicePolicies(cfg, []runtimehooks.Pod{mesh, api})
+	pol := servicePolicies(cfg.Services, []runtimehooks.Pod{mesh, api})
 	wantPol := map[string]datapath.ServicePolicy{
 		"default/db":  {AffinityPod: true, Restrict: true, AllowHost: false, AllowedPods: []string{"sb-api"}},
 		"default/web": {},

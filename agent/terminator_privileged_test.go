@@ -9,13 +9,10 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
 	"github.com/podsock/podsock/datapath"
-	"github.com/podsock/podsock/internal/netns"
 	"github.com/podsock/podsock/internal/terminator"
-	"github.com/podsock/podsock/runtimehooks"
 	"github.com/podsock/podsock/test/testenv"
 )
 
@@ -37,27 +34,6 @@ func loadDatapathWith(t testing.TB, cg *testenv.Cgroup, bpffs string, limits dat
 		}
 	})
 	return dp
-}
-
-// testAgent is an agent on a real datapath, with a tracker and a terminator over ns, as
-// start would wire it (no control socket, no NRI connection); it stops at cleanup.
-func testAgent(t testing.TB, dp *datapath.Datapath, cgroup2 string, host *netns.Handle, ns datapath.NetnsSet) *Agent {
-	a := newAgent(quietLog().(*logrus.Logger))
-	a.dp = dp
-	a.tracker = runtimehooks.NewTracker(cgroup2)
-	a.netns = nodeNetns{host: host, tracker: a.tracker}
-	if ns == nil {
-		ns = a.netns
-	}
-	a.term = terminator.New(dp, ns, quietLog())
-	a.podsSynced = true
-	t.Cleanup(func() {
-		a.term.Close()
-		close(a.sweepStop)
-		a.podq.close()
-		_ = a.tracker.Close()
-	})
-	return a
 }
 
 // failOnce is a NetnsSet whose first Enter fails as a walk that broke off would.

@@ -27,6 +27,32 @@ type Status struct {
 	PID              int               `json:"pid"`
 	// Goroutines the agent runs: flat over pod churn, or something leaks.
 	Goroutines int `json:"goroutines"`
+	// Sources are where services come from; Conflicts, the frontends two of them claim.
+	Sources   []SourceStatus    `json:"sources"`
+	Conflicts []ServiceConflict `json:"conflicts"`
+}
+
+// SourceStatus is one source of services: "file", "kubernetes".
+type SourceStatus struct {
+	Name string `json:"name"`
+	// Synced says the source has handed over its full view; until then the services it
+	// had before are kept.
+	Synced   bool `json:"synced"`
+	Services int  `json:"services"`
+}
+
+// ServiceConflict is a frontend key ("10.96.0.20:80/tcp") or a name ("name default/web")
+// that two sources claim: Kept serves it, Dropped does not.
+type ServiceConflict struct {
+	Key     string     `json:"key"`
+	Kept    ServiceRef `json:"kept"`
+	Dropped ServiceRef `json:"dropped"`
+}
+
+// ServiceRef names a service of one source.
+type ServiceRef struct {
+	Source string `json:"source"`
+	Name   string `json:"name"`
 }
 
 type DatapathStatus struct {
@@ -88,10 +114,12 @@ type ContainerView struct {
 
 // ServiceView is one element of `podsock services --json`.
 type ServiceView struct {
-	Name     string   `json:"name"`
-	VIP      string   `json:"vip"`
-	Port     uint16   `json:"port"`
-	Protocol string   `json:"protocol"`
+	Name     string `json:"name"`
+	VIP      string `json:"vip"`
+	Port     uint16 `json:"port"`
+	Protocol string `json:"protocol"`
+	// Source is where the service came from: "file" or "kubernetes".
+	Source   string   `json:"source"`
 	Backends []string `json:"backends"`
 	Weights  []uint32 `json:"weights"`
 }

@@ -77,7 +77,8 @@ var (
 // Tracker keeps the pods of one runtime and holds their network namespaces open from
 // RunPodSandbox to RemovePodSandbox. All methods are safe for concurrent use.
 type Tracker struct {
-	mount string
+	mount    string
+	cgroupID func(mount, path string) (uint64, error)
 
 	mu     sync.Mutex
 	closed bool
@@ -104,10 +105,18 @@ type heldNetns struct {
 
 // NewTracker tracks pods whose cgroups live under the given cgroup2 mount point.
 func NewTracker(cgroup2Mount string) *Tracker {
+	return NewTrackerWith(cgroup2Mount, CgroupID)
+}
+
+// NewTrackerWith is NewTracker reading cgroup IDs with cgroupID, which has CgroupID's
+// contract: the tests of the tracker's users run it over a plain directory tree, which
+// needs no root.
+func NewTrackerWith(cgroup2Mount string, cgroupID func(mount, path string) (uint64, error)) *Tracker {
 	return &Tracker{
-		mount: cgroup2Mount,
-		pods:  make(map[string]*podState),
-		owner: make(map[string]string),
+		mount:    cgroup2Mount,
+		cgroupID: cgroupID,
+		pods:     make(map[string]*podState),
+		owner:    make(map[string]string),
 	}
 }
 
@@ -222,7 +231,7 @@ func (t *Tracker) readPodCgroupID(p *Pod) error {
 	if p.CgroupPath == "" {
 		return nil
 	}
-	id, err := CgroupID(t.mount, p.CgroupPath)
+	id, err := t.cgroupID(t.mount, p.CgroupPath)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
@@ -286,7 +295,7 @@ func (t *Tracker) upsertContainer(ps *podState, c ContainerInfo) error {
 		errs = append(errs, err)
 	} else {
 		ctr.CgroupPath = p
-		id, err := CgroupID(t.mount, p)
+		id, err := t.cgroupID(t.mount, p)
 		if err != nil {
 			errs = append(errs, err)
 		}

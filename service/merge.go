@@ -18,16 +18,16 @@ type Snapshot struct {
 
 // Ref names one service of one source.
 type Ref struct {
-	Source Source `json:"source"`
-	Name   string `json:"name"`
+	Source Source
+	Name   string
 }
 
 // Conflict is a frontend (or a name) that two sources claim. Kept serves it; Dropped is
 // left out until the claim goes away.
 type Conflict struct {
-	Key     string `json:"key"`
-	Kept    Ref    `json:"kept"`
-	Dropped Ref    `json:"dropped"`
+	Key     string
+	Kept    Ref
+	Dropped Ref
 }
 
 // precedence orders sources for Merge: the file first (an operator's own config beats a

@@ -1,0 +1,363 @@
+package agent
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/podsock/podsock/config"
+	"github.com/podsock/podsock/datapath"
+	"github.com/podsock/podsock/internal/netns"
+	"github.com/podsock/podsock/runtimehooks"
+	"github.com/podsock/podsock/service"
+	"github.com/podsock/podsock/test/testenv"
+)
+
+// The tests in this file run the agent's own logic against fakeDatapath: they need no
+// root, no BPF and no runtime. What they assert is what the agent writes.
+
+// fakeAgent is an agent on a fake datapath, with a tracker whose "cgroup2 mount" is a
+// temporary directory: the pod cgroup IDs it reads are the inodes of directories there.
+func fakeAgent(t *testing.T) (*Agent, *fakeDatapath, string) {
+	t.Helper()
+	host, err := netns.Open(hostNetnsPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = host.Close() })
+	fake := newFakeDatapath()
+	cgroup2 := t.TempDir()
+	a := testAgent(t, fake, cgroup2, host, nil)
+	a.tracker = runtimehooks.NewTrackerWith(cgroup2, dirInode)
+	a.netns.tracker = a.tracker
+	return a, fake, cgroup2
+}
+
+// dirInode stands in for the cgroup2 filesystem: a directory's ID is its inode, as a
+// cgroup's is.
+func dirInode(mount, p string) (uint64, error) {
+	var st syscall.Stat_t
+	if err := syscall.Stat(filepath.Join(mount, p), &st); err != nil {
+		return 0, fmt.Errorf("cgroup %s: %w", p, err)
+	}
+	return st.Ino, nil
+}
+
+// releaseAtCleanup lets a held apply finish before the agent stops, whether or not the
+// test got as far as releasing it.
+func releaseAtCleanup(t *testing.T, fake *fakeDatapath) func() {
+	release := sync.OnceFunc(func() { close(fake.hold) })
+	t.Cleanup(release)
+	return release
+}
+
+func writeConfig(t *testing.T, path, body string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte("[nri]\nenabled = false\n"+body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+const webAndDNS = `
+[lb]
+terminate = ["tcp"]
+
+[[service]]
+name = "default/web"
+vip = "10.96.0.20"
+port = 80
+backends = ["10.88.0.5:8080", "10.88.0.6:8080"]
+
+[[service]]
+name = "kube-system/dns"
+vip = "10.96.0.10"
+port = 53
+protocol = "udp"
+backends = ["10.88.0.9:53"]
+`
+
+func serviceNames(svcs []datapath.Service) []string {
+	var out []string
+	for _, s := range svcs {
+		out = append(out, fmt.Sprintf("%s %s:%d/%s %d", s.Name, s.VIP, s.Port, datapath.ProtoName(s.Proto), len(s.Backends)))
+	}
+	slices.Sort(out)
+	return out
+}
+
+// A reload whose file does not parse writes nothing, keeps the running config and its
+// generation, and says what is wrong in status, with the file and line.
+func TestReloadWithABadConfigChangesNothing(t *testing.T) {
+	a, fake, _ := fakeAgent(t)
+	path := filepath.Join(t.TempDir(), "podsock.toml")
+	writeConfig(t, path, webAndDNS)
+	a.reload(path)
+	if a.Generation() != 1 {
+		t.Fatalf("generation %d after the first config, want 1 (last error %q)", a.Generation(), a.status().LastReloadError)
+	}
+	writeConfig(t, path, webAndDNS+"\n[[service]]\nname = \"broken\"\nvip = \"10.96.0.300\"\nport = 80\n")
+	a.reload(path)
+	applies, _, _, _ := fake.state()
+	if len(applies) != 1 {
+		t.Fatalf("%d applies, want only the first: a bad config must write nothing", len(applies))
+	}
+	st := a.status()
+	if st.ConfigGeneration != 1 || !strings.HasPrefix(st.LastReloadError, path+":") || strings.Contains(st.LastReloadError, "\n") {
+		t.Fatalf("after a bad reload: generation %d, last error %q; want 1 and one line naming %s:LINE", st.ConfigGeneration, st.LastReloadError, path)
+	}
+	if got := serviceNames(applies[0]); len(got) != 2 || st.Services != 2 {
+		t.Fatalf("datapath serves %v (%d), want the two services of the running config", got, st.Services)
+	}
+	// A good file again clears the error.
+	writeConfig(t, path, webAndDNS)
+	a.reload(path)
+	if st := a.status(); st.ConfigGeneration != 2 || st.LastReloadError != "" {
+		t.Fatalf("after a good reload: generation %d, last error %q", st.ConfigGeneration, st.LastReloadError)
+	}
+}
+
+// An apply writes the new view whole; the backends it removes reach the terminator in
+// one batch, filtered by [lb] terminate.
+func TestApplyDiffReachesTheTerminator(t *testing.T) {
+	a, fake, _ := fakeAgent(t)
+	a.term.SetPodsKnown()
+	dir := t.TempDir()
+	path := filepath.Join(dir, "podsock.toml")
+	writeConfig(t, path, webAndDNS)
+	a.reload(path)
+	writeConfig(t, path, `
+[lb]
+terminate = ["tcp"]
+
+[[service]]
+name = "default/web"
+vip = "10.96.0.20"
+port = 80
+backends = ["10.88.0.5:8080"]
+
+[[service]]
+name = "default/api"
+vip = "10.96.0.30"
+port = 443
+backends = ["10.88.0.7:8443"]
+`)
+	a.reload(path)
+	applies, _, _, _ := fake.state()
+	want := []string{"default/api 10.96.0.30:443/tcp 1", "default/web 10.96.0.20:80/tcp 1"}
+	if len(applies) != 2 || !slices.Equal(serviceNames(applies[1]), want) {
+		t.Fatalf("applies %v, want the second to write exactly %v", applies, want)
+	}
+	if !testenv.WaitFor(2*time.Second, func() bool { _, _, _, term := fake.state(); return len(term) > 0 }) {
+		t.Fatal("no termination pass for the removed backends")
+	}
+	_, _, _, term := fake.state()
+	wantGone := datapath.RemovedBackend{Service: "default/web", VIP: netip.MustParseAddrPort("10.96.0.20:80"), Proto: datapath.ProtoTCP, Backend: netip.MustParseAddrPort("10.88.0.6:8080")}
+	// The dns backend is UDP, which [lb] terminate leaves out.
+	if len(term[0]) != 1 || term[0][0] != wantGone {
+		t.Fatalf("first pass terminated %v, want only %v", term[0], wantGone)
+	}
+}
+
+// podDirs makes a pod cgroup and its container cgroups under cgroup2, as a runtime would,
+// and returns the sandbox and containers it reports.
+func podDirs(t *testing.T, cgroup2, namespace, name string, containers ...string) (runtimehooks.Sandbox, []runtimehooks.ContainerInfo) {
+	t.Helper()
+	uid := "uid-" + name + "-0000"
+	parent := "/kubepods/pod" + uid
+	sb := runtimehooks.Sandbox{ID: "sb-" + name, UID: uid, Namespace: namespace, Name: name, CgroupParent: parent}
+	var ctrs []runtimehooks.ContainerInfo
+	for _, c := range containers {
+		if err := os.MkdirAll(filepath.Join(cgroup2, parent, c), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		ctrs = append(ctrs, runtimehooks.ContainerInfo{ID: c, SandboxID: sb.ID, Name: c, CgroupsPath: parent + "/" + c})
+	}
+	if err := os.MkdirAll(filepath.Join(cgroup2, parent), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return sb, ctrs
+}
+
+func inode(t *testing.T, path string) uint64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
+}
+
+// Synchronize makes the datapath's pods exactly the runtime's: a pod the agent knew but
+// the runtime no longer reports is dropped, and each pod's cgroup IDs are the inodes of
+// the directories the runtime named.
+func TestSynchronizeIsExact(t *testing.T) {
+	a, fake, cgroup2 := fakeAgent(t)
+	stale, _ := podDirs(t, cgroup2, "default", "stale")
+	a.RunPodSandbox(stale)
+	web, webCtrs := podDirs(t, cgroup2, "default", "web", "ctr-web-1", "ctr-web-2")
+	db, dbCtrs := podDirs(t, cgroup2, "data", "db", "ctr-db")
+	a.Synchronize([]runtimehooks.Sandbox{web, db}, append(webCtrs, dbCtrs...))
+	if !testenv.WaitFor(2*time.Second, func() bool { _, _, syncs, _ := fake.state(); return len(syncs) == 1 }) {
+		t.Fatal("Synchronize wrote no pods")
+	}
+	_, pods, syncs, _ := fake.state()
+	var ids []string
+	for _, p := range syncs[0] {
+		ids = append(ids, p.SandboxID)
+	}
+	slices.Sort(ids)
+	if !slices.Equal(ids, []string{db.ID, web.ID}) || len(pods) != 2 {
+		t.Fatalf("synchronized %v (datapath holds %d), want exactly %v", ids, len(pods), []string{db.ID, web.ID})
+	}
+	got := pods[web.ID]
+	if want := inode(t, filepath.Join(cgroup2, web.CgroupParent)); got.PodCgroup != want {
+		t.Fatalf("web's pod cgroup %d, want the inode %d", got.PodCgroup, want)
+	}
+	wantCtrs := []uint64{inode(t, filepath.Join(cgroup2, webCtrs[0].CgroupsPath)), inode(t, filepath.Join(cgroup2, webCtrs[1].CgroupsPath))}
+	slices.Sort(wantCtrs)
+	gotCtrs := slices.Sorted(slices.Values(got.ContainerCgroups))
+	if !slices.Equal(gotCtrs, wantCtrs) {
+		t.Fatalf("web's container cgroups %v, want the inodes %v", gotCtrs, wantCtrs)
+	}
+	if p := a.tracker.Pods(); len(p) != 2 {
+		t.Fatalf("tracker holds %d pods, want 2", len(p))
+	}
+}
+
+// A pod that starts while a long apply holds the datapath is handled at once, under the
+// config being applied: it is not late, and its allow-list entry is the new service's.
+func TestPodEventDuringALongApply(t *testing.T) {
+	a, fake, cgroup2 := fakeAgent(t)
+	fake.hold, fake.applying = make(chan struct{}), make(chan struct{}, 1)
+	release := releaseAtCleanup(t, fake)
+	cfg, err := config.Parse("t.toml", []byte(`
+[nri]
+enabled = false
+
+[[service]]
+name = "default/api"
+vip = "10.96.0.30"
+port = 443
+backends = ["10.88.0.7:8443"]
+[[service.allow]]
+namespace = "allowed"
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	applied := a.sources.publishConfig(cfg)
+	<-fake.applying
+	sb, ctrs := podDirs(t, cgroup2, "allowed", "client", "ctr-client")
+	start := time.Now()
+	a.RunPodSandbox(sb)
+	a.ContainerStarted(ctrs[0])
+	took := time.Since(start)
+	_, pods, _, _ := fake.state()
+	if p, ok := pods[sb.ID]; !ok || !slices.Equal(p.AllowedServices, []string{"default/api"}) || len(p.ContainerCgroups) != 1 {
+		t.Fatalf("pod during the apply: %+v (known %v), want its container and the new service's allow-list", p, ok)
+	}
+	release()
+	if err := <-applied; err != nil {
+		t.Fatal(err)
+	}
+	for kind, ev := range a.events.snapshot() {
+		if ev.Late != 0 || ev.Failed != 0 {
+			t.Fatalf("%s: %+v, want none late or failed", kind, ev)
+		}
+	}
+	if took > handlerBudget {
+		t.Fatalf("the pod's handlers took %v during the apply, over the %v budget", took, handlerBudget)
+	}
+}
+
+func kubeService(name, vip string, backends ...string) service.Service {
+	s := service.Service{Name: name, VIP: netip.MustParseAddr(vip), Port: 80, Protocol: service.ProtocolTCP}
+	for _, b := range backends {
+		s.Backends = append(s.Backends, service.Backend{Addr: netip.MustParseAddrPort(b), Weight: 1})
+	}
+	return s
+}
+
+// Snapshots that arrive while an apply runs are coalesced: one more apply writes the
+// newest, and everyone who published is told its outcome.
+func TestReconcileCoalescesBursts(t *testing.T) {
+	a, fake, _ := fakeAgent(t)
+	fake.hold, fake.applying = make(chan struct{}), make(chan struct{}, 1)
+	release := releaseAtCleanup(t, fake)
+	first := a.sources.publishConfig(config.Default())
+	<-fake.applying
+	var done []<-chan error
+	for i := range 50 {
+		done = append(done, a.sources.Publish(service.Snapshot{
+			Source: service.SourceKubernetes, Synced: true,
+			Services: []service.Service{kubeService("default/web:http", "10.96.0.20", fmt.Sprintf("10.88.0.%d:8080", i+1))},
+		}))
+	}
+	release()
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range done {
+		if err := <-d; err != nil {
+			t.Fatal(err)
+		}
+	}
+	applies, _, _, _ := fake.state()
+	if len(applies) != 2 {
+		t.Fatalf("%d applies for 1 config and a burst of 50 snapshots, want 2", len(applies))
+	}
+	last := applies[1]
+	if len(last) != 1 || last[0].Backends[0].Addr != netip.MustParseAddrPort("10.88.0.50:8080") {
+		t.Fatalf("last apply wrote %+v, want the newest snapshot", last)
+	}
+}
+
+// A source that has not synced keeps what was adopted for it; once it has, its snapshot
+// replaces that. A frontend the file also claims stays the file's, and status says so.
+func TestReconcileKeepsAnUnsyncedSourcesServices(t *testing.T) {
+	a, fake, _ := fakeAgent(t)
+	a.sources.adopt(service.SourceKubernetes, []service.Service{kubeService("default/old:http", "10.96.0.21", "10.88.0.1:80")})
+	cfg := config.Default()
+	cfg.Services = []service.Service{kubeService("file/web", "10.96.0.20", "10.88.0.2:80")}
+	if err := <-a.sources.publishConfig(cfg); err != nil {
+		t.Fatal(err)
+	}
+	partial := []service.Service{kubeService("default/new:http", "10.96.0.22", "10.88.0.3:80")}
+	if err := <-a.sources.Publish(service.Snapshot{Source: service.SourceKubernetes, Services: partial}); err != nil {
+		t.Fatal(err)
+	}
+	applies, _, _, _ := fake.state()
+	want := []string{"default/old:http 10.96.0.21:80/tcp 1", "file/web 10.96.0.20:80/tcp 1"}
+	if got := serviceNames(applies[len(applies)-1]); !slices.Equal(got, want) {
+		t.Fatalf("with the source unsynced the datapath got %v, want the adopted %v", got, want)
+	}
+	synced := append(partial, kubeService("default/clash:http", "10.96.0.20", "10.88.0.4:80"))
+	if err := <-a.sources.Publish(service.Snapshot{Source: service.SourceKubernetes, Services: synced, Synced: true}); err != nil {
+		t.Fatal(err)
+	}
+	applies, _, _, _ = fake.state()
+	want = []string{"default/new:http 10.96.0.22:80/tcp 1", "file/web 10.96.0.20:80/tcp 1"}
+	if got := serviceNames(applies[len(applies)-1]); !slices.Equal(got, want) {
+		t.Fatalf("with the source synced the datapath got %v, want %v", got, want)
+	}
+	st := a.status()
+	if len(st.Conflicts) != 1 || st.Conflicts[0].Key != "10.96.0.20:80/tcp" || st.Conflicts[0].Kept.Source != "file" || st.Conflicts[0].Dropped.Name != "default/clash:http" {
+		t.Fatalf("status conflicts %+v, want the file keeping 10.96.0.20:80/tcp", st.Conflicts)
+	}
+	if len(st.Sources) != 2 || !st.Sources[1].Synced || st.Sources[1].Name != "kubernetes" || st.Sources[1].Services != 2 {
+		t.Fatalf("status sources %+v", st.Sources)
+	}
+	svcs, _ := fake.Services()
+	for _, v := range serviceViews(svcs, a.sources.source) {
+		if wantSrc := map[string]string{"file/web": "file", "default/new:http": "kubernetes"}[v.Name]; v.Source != wantSrc {
+			t.Fatalf("services shows %s from %q, want %q", v.Name, v.Source, wantSrc)
+		}
+	}
+}

@@ -65,23 +65,17 @@ func writeConfig(t *testing.T, path, body string) {
 	}
 }
 
-const webAndDNS = `
-[lb]
-terminate = ["tcp"]
+// serviceTOML is one [[service]] table.
+func serviceTOML(name, vip string, port int, proto string, backends ...string) string {
+	return fmt.Sprintf("[[service]]\nname = %q\nvip = %q\nport = %d\nprotocol = %q\nbackends = [\"%s\"]\n",
+		name, vip, port, proto, strings.Join(backends, `", "`))
+}
 
-[[service]]
-name = "default/web"
-vip = "10.96.0.20"
-port = 80
-backends = ["10.88.0.5:8080", "10.88.0.6:8080"]
+const terminateTCP = "[lb]\nterminate = [\"tcp\"]\n"
 
-[[service]]
-name = "kube-system/dns"
-vip = "10.96.0.10"
-port = 53
-protocol = "udp"
-backends = ["10.88.0.9:53"]
-`
+var webAndDNS = terminateTCP +
+	serviceTOML("default/web", "10.96.0.20", 80, "tcp", "10.88.0.5:8080", "10.88.0.6:8080") +
+	serviceTOML("kube-system/dns", "10.96.0.10", 53, "udp", "10.88.0.9:53")
 
 func serviceNames(svcs []datapath.Service) []string {
 	var out []string
@@ -132,22 +126,9 @@ func TestApplyDiffReachesTheTerminator(t *testing.T) {
 	path := filepath.Join(dir, "podsock.toml")
 	writeConfig(t, path, webAndDNS)
 	a.reload(path)
-	writeConfig(t, path, `
-[lb]
-terminate = ["tcp"]
-
-[[service]]
-name = "default/web"
-vip = "10.96.0.20"
-port = 80
-backends = ["10.88.0.5:8080"]
-
-[[service]]
-name = "default/api"
-vip = "10.96.0.30"
-port = 443
-backends = ["10.88.0.7:8443"]
-`)
+	writeConfig(t, path, terminateTCP+
+		serviceTOML("default/web", "10.96.0.20", 80, "tcp", "10.88.0.5:8080")+
+		serviceTOML("default/api", "10.96.0.30", 443, "tcp", "10.88.0.7:8443"))
 	a.reload(path)
 	applies, _, _, _ := fake.state()
 	want := []string{"default/api 10.96.0.30:443/tcp 1", "default/web 10.96.0.20:80/tcp 1"}

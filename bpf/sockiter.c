@@ -21,12 +21,11 @@
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
-#define TCP_ESTABLISHED 1
+// A macro in the kernel's headers, so not in vmlinux.h (IPPROTO_* and TCP_ESTABLISHED are
+// enum constants there).
+#define AF_INET6 10
 
 extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
-
-
-
 
 // Record flags.
 #define REC_F_BALANCED 1  // socket-LB translated for this socket; lb is its first entry

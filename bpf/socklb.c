@@ -21,7 +21,6 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 
 #define EPERM 1
 #define ECONNREFUSED 111
-#define EHOSTUNREACH 113
 
 #define SYS_REJECT 0
 #define SYS_PROCEED 1

@@ -12,12 +12,13 @@ import (
 	"strings"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 )
 
 // Protocol numbers as the kernel knows them.
 const (
-	ProtoTCP uint8 = 6
-	ProtoUDP uint8 = 17
+	ProtoTCP uint8 = unix.IPPROTO_TCP
+	ProtoUDP uint8 = unix.IPPROTO_UDP
 )
 
 // Service is one VIP:port/protocol and its weighted backends, as the datapath serves it.

@@ -63,7 +63,7 @@ type Socket struct {
 // StateName names a socket state the way ss does.
 func StateName(proto, state uint8) string {
 	if proto == ProtoUDP {
-		if state == tcpEstablished {
+		if state == unix.BPF_TCP_ESTABLISHED {
 			return "ESTAB"
 		}
 		return "UNCONN"
@@ -75,8 +75,6 @@ func StateName(proto, state uint8) string {
 	}
 	return fmt.Sprintf("state-%d", state)
 }
-
-const tcpEstablished = 1
 
 // SocketFilter narrows a walk. The zero value matches every socket of every netns.
 type SocketFilter struct {

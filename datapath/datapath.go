@@ -234,7 +234,7 @@ func Load(opts Options) (*Datapath, error) {
 	// must not change what pods see.
 	var cfg socklbDatapathCfg
 	if err := dp.objs.PodsockCfgV1.Lookup(uint32(0), &cfg); err == nil {
-		dp.hostnsOnly = cfg.Flags&cfgHostnsOnly != 0
+		dp.hostnsOnly = cfg.Flags&socklbCfgFlagsCFG_HOSTNS_ONLY != 0
 	}
 	if err := dp.writeCfg(); err != nil {
 		return nil, errors.Join(err, dp.closeAll())
@@ -303,8 +303,8 @@ func pinned(dir, name string) bool {
 	return err == nil
 }
 
-// countEpochs is how many count epochs the socket flags tell apart (SOCK_F_EPOCH_MASK).
-const countEpochs = 4
+// countEpochs is how many count epochs the socket flags tell apart.
+const countEpochs = uint32(socklbSockStateFlagsSOCK_F_EPOCH_MASK>>socklbSockStateFlagsSOCK_F_EPOCH_SHIFT) + 1
 
 // obsoletePins are maps earlier versions pinned that this one replaced.
 var obsoletePins = []string{"podsock_stat_v1", "podsock_stat_v2", "podsock_pairnetns_v1"}

@@ -19,13 +19,27 @@ type sockiterDoomedValue struct {
 	FirstRevWithout uint32
 }
 
+type sockiterFilterFlags uint32
+
+const (
+	sockiterFilterFlagsFILTER_BACKEND sockiterFilterFlags = 1
+)
+
 type sockiterListFilter struct {
 	_           structs.HostLayout
 	Backend     [4]uint32
 	BackendPort uint16
 	Pad         uint16
-	Flags       uint32
+	Flags       sockiterFilterFlags
 }
+
+type sockiterRecFlags uint8
+
+const (
+	sockiterRecFlagsREC_F_BALANCED     sockiterRecFlags = 1
+	sockiterRecFlagsREC_F_LB_CONNECTED sockiterRecFlags = 2
+	sockiterRecFlagsREC_F_RELEASED     sockiterRecFlags = 4
+)
 
 type sockiterSockRecord struct {
 	_           structs.HostLayout
@@ -38,7 +52,7 @@ type sockiterSockRecord struct {
 	Proto       uint8
 	State       uint8
 	Family      uint8
-	Flags       uint8
+	Flags       sockiterRecFlags
 	Uid         uint32
 	LbCount     uint32
 	Lb          struct {

@@ -26,10 +26,17 @@ type socklbBackend struct {
 	Pad  uint16
 }
 
+type socklbCfgFlags uint32
+
+const (
+	socklbCfgFlagsCFG_HOSTNS_ONLY socklbCfgFlags = 1
+	socklbCfgFlagsCFG_ANY_SKIP    socklbCfgFlags = 2
+)
+
 type socklbDatapathCfg struct {
 	_               structs.HostLayout
 	HostNetnsCookie uint64
-	Flags           uint32
+	Flags           socklbCfgFlags
 	CountEpoch      uint32
 }
 
@@ -43,17 +50,23 @@ type socklbLbEntry struct {
 	SvcRev      uint32
 }
 
+type socklbPodFlags uint32
+
+const (
+	socklbPodFlagsPOD_F_SKIP_LB socklbPodFlags = 1
+)
+
 type socklbPodMeta struct {
 	_         structs.HostLayout
 	SandboxId [64]int8
-	Flags     uint32
+	Flags     socklbPodFlags
 	Pad       uint32
 }
 
 type socklbPodRef struct {
 	_     structs.HostLayout
 	PodId uint32
-	Flags uint32
+	Flags socklbPodFlags
 }
 
 type socklbPodSvcKey struct {
@@ -72,11 +85,31 @@ type socklbSlotKey struct {
 type socklbSockState struct {
 	_       structs.HostLayout
 	Entries [4]socklbLbEntry
-	Flags   uint8
+	Flags   socklbSockStateFlags
 	Proto   uint8
 	Next    uint8
 	Count   uint8
 }
+
+type socklbSockStateFlags uint8
+
+const (
+	socklbSockStateFlagsSOCK_F_CONNECTED   socklbSockStateFlags = 1
+	socklbSockStateFlagsSOCK_F_TRACKED     socklbSockStateFlags = 2
+	socklbSockStateFlagsSOCK_F_UNTRACKED   socklbSockStateFlags = 4
+	socklbSockStateFlagsSOCK_F_RELEASED    socklbSockStateFlags = 8
+	socklbSockStateFlagsSOCK_F_KERNEL      socklbSockStateFlags = 16
+	socklbSockStateFlagsSOCK_F_EPOCH_SHIFT socklbSockStateFlags = 5
+	socklbSockStateFlagsSOCK_F_EPOCH_MASK  socklbSockStateFlags = 96
+)
+
+type socklbSvcFlags uint32
+
+const (
+	socklbSvcFlagsSVC_F_AFFINITY_POD socklbSvcFlags = 1
+	socklbSvcFlagsSVC_F_RESTRICT     socklbSvcFlags = 2
+	socklbSvcFlagsSVC_F_ALLOW_HOST   socklbSvcFlags = 4
+)
 
 type socklbSvcKey struct {
 	_     structs.HostLayout
@@ -108,7 +141,7 @@ type socklbSvcValue struct {
 	Id        uint32
 	Rev       uint32
 	SlotCount uint32
-	Flags     uint32
+	Flags     socklbSvcFlags
 }
 
 // Names of all BPF objects in the ELF.

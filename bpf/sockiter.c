@@ -100,6 +100,8 @@ enum destroy_count {
 	DESTROY_COUNT_MAX,
 };
 
+KEEP_BTF_ENUM(destroy_count);
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, DESTROY_COUNT_MAX);

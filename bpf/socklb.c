@@ -54,7 +54,7 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podsock_name_v1 SEC(".maps");
 
-
+// The counters of enum stat_index (socklb.h).
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, STAT_MAX);
@@ -62,6 +62,8 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podsock_stat_v3 SEC(".maps");
+
+KEEP_BTF_ENUM(stat_index);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

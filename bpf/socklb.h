@@ -10,6 +10,11 @@
 // map's key or value, a struct field, a variable): a flags enum is the type of the field that
 // holds the flags, with that field's size as its fixed underlying type (C23, which clang
 // accepts in any C mode), so the layout stays what it was.
+//
+// An enum whose constants are all the code uses (counter indexes) is kept by a constant that
+// points to it, which nothing reads: 8 bytes of .rodata. A pointer, not a value of the enum:
+// bpf2go generates a variable's type on its own, and would refuse its -type.
+#define KEEP_BTF_ENUM(tag) const enum tag *const btf_keep_##tag = 0
 
 // Map capacities as built: the defaults of [limits] (config.DefaultLimits). The loader
 // sets each map's size from the config before it creates the maps.

@@ -505,26 +505,11 @@ type Stats struct {
 	UntrackedReleased uint64 `json:"untracked_released"`
 }
 
-// Order matches enum stat_index in bpf/socklb.h.
-const (
-	statConnect = iota
-	statSendmsg
-	statReverse
-	statNoBackend
-	statNoStorage
-	statDenied
-	statSkipped
-	statAffinityFull
-	statUntracked
-	statUntrackedReleased
-	statMax
-)
-
 // Stats reads the datapath counters.
 func (dp *Datapath) Stats() (Stats, error) {
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
-	var sums [statMax]uint64
+	var sums [socklbStatIndexSTAT_MAX]uint64
 	for i := range sums {
 		var perCPU []uint64
 		if err := dp.objs.PodsockStatV3.Lookup(uint32(i), &perCPU); err != nil {
@@ -535,18 +520,18 @@ func (dp *Datapath) Stats() (Stats, error) {
 		}
 	}
 	return Stats{
-		Connects:  sums[statConnect],
-		Sendmsgs:  sums[statSendmsg],
-		Reversed:  sums[statReverse],
-		NoBackend: sums[statNoBackend],
-		NoStorage: sums[statNoStorage],
+		Connects:  sums[socklbStatIndexSTAT_CONNECT],
+		Sendmsgs:  sums[socklbStatIndexSTAT_SENDMSG],
+		Reversed:  sums[socklbStatIndexSTAT_REVERSE],
+		NoBackend: sums[socklbStatIndexSTAT_NO_BACKEND],
+		NoStorage: sums[socklbStatIndexSTAT_NO_STORAGE],
 
-		Denied:       sums[statDenied],
-		Skipped:      sums[statSkipped],
-		AffinityFull: sums[statAffinityFull],
+		Denied:       sums[socklbStatIndexSTAT_DENIED],
+		Skipped:      sums[socklbStatIndexSTAT_SKIPPED],
+		AffinityFull: sums[socklbStatIndexSTAT_AFFINITY_FULL],
 
-		Untracked:         sums[statUntracked],
-		UntrackedReleased: sums[statUntrackedReleased],
+		Untracked:         sums[socklbStatIndexSTAT_UNTRACKED],
+		UntrackedReleased: sums[socklbStatIndexSTAT_UNTRACKED_RELEASED],
 	}, nil
 }
 

@@ -95,14 +95,6 @@ type WalkStats struct {
 	Sockets      int
 }
 
-// Indexes of podsock_destroy_count, as enum destroy_count in bpf/sockiter.c.
-const (
-	countDestroyed = iota
-	countDestroyFailed
-	countBackfilled
-	destroyCountMax
-)
-
 // recordSize is the size of one record the iterators write.
 const recordSize = int(unsafe.Sizeof(sockiterSockRecord{}))
 

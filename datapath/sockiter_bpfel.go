@@ -13,6 +13,15 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type sockiterDestroyCount uint32
+
+const (
+	sockiterDestroyCountDESTROYED         sockiterDestroyCount = 0
+	sockiterDestroyCountDESTROY_FAILED    sockiterDestroyCount = 1
+	sockiterDestroyCountBACKFILLED        sockiterDestroyCount = 2
+	sockiterDestroyCountDESTROY_COUNT_MAX sockiterDestroyCount = 3
+)
+
 type sockiterDoomedValue struct {
 	_               structs.HostLayout
 	SvcId           uint32
@@ -128,6 +137,7 @@ const (
 	sockiterProgPodsockDestroyUdp     = "podsock_destroy_udp"
 	sockiterProgPodsockListTcp        = "podsock_list_tcp"
 	sockiterProgPodsockListUdp        = "podsock_list_udp"
+	sockiterVarBtfKeepDestroyCount    = "btf_keep_destroy_count"
 	sockiterVarCountEpochNow          = "count_epoch_now"
 )
 
@@ -197,7 +207,8 @@ type sockiterMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockiterVariableSpecs struct {
-	CountEpochNow *ebpf.VariableSpec `ebpf:"count_epoch_now"`
+	BtfKeepDestroyCount *ebpf.VariableSpec `ebpf:"btf_keep_destroy_count"`
+	CountEpochNow       *ebpf.VariableSpec `ebpf:"count_epoch_now"`
 }
 
 // sockiterObjects contains all objects after they have been loaded into the kernel.
@@ -241,7 +252,8 @@ func (m *sockiterMaps) Close() error {
 //
 // It can be passed to loadSockiterObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockiterVariables struct {
-	CountEpochNow *ebpf.Variable `ebpf:"count_epoch_now"`
+	BtfKeepDestroyCount *ebpf.Variable `ebpf:"btf_keep_destroy_count"`
+	CountEpochNow       *ebpf.Variable `ebpf:"count_epoch_now"`
 }
 
 // sockiterPrograms contains all programs after they have been loaded into the kernel.

@@ -103,6 +103,22 @@ const (
 	socklbSockStateFlagsSOCK_F_EPOCH_MASK  socklbSockStateFlags = 96
 )
 
+type socklbStatIndex uint32
+
+const (
+	socklbStatIndexSTAT_CONNECT            socklbStatIndex = 0
+	socklbStatIndexSTAT_SENDMSG            socklbStatIndex = 1
+	socklbStatIndexSTAT_REVERSE            socklbStatIndex = 2
+	socklbStatIndexSTAT_NO_BACKEND         socklbStatIndex = 3
+	socklbStatIndexSTAT_NO_STORAGE         socklbStatIndex = 4
+	socklbStatIndexSTAT_DENIED             socklbStatIndex = 5
+	socklbStatIndexSTAT_SKIPPED            socklbStatIndex = 6
+	socklbStatIndexSTAT_AFFINITY_FULL      socklbStatIndex = 7
+	socklbStatIndexSTAT_UNTRACKED          socklbStatIndex = 8
+	socklbStatIndexSTAT_UNTRACKED_RELEASED socklbStatIndex = 9
+	socklbStatIndexSTAT_MAX                socklbStatIndex = 10
+)
+
 type socklbSvcFlags uint32
 
 const (
@@ -170,6 +186,7 @@ const (
 	socklbProgPodsockSendmsg4     = "podsock_sendmsg4"
 	socklbProgPodsockSendmsg6     = "podsock_sendmsg6"
 	socklbProgPodsockSockRelease  = "podsock_sock_release"
+	socklbVarBtfKeepStatIndex     = "btf_keep_stat_index"
 	socklbVarCountEpochNow        = "count_epoch_now"
 )
 
@@ -249,7 +266,8 @@ type socklbMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socklbVariableSpecs struct {
-	CountEpochNow *ebpf.VariableSpec `ebpf:"count_epoch_now"`
+	BtfKeepStatIndex *ebpf.VariableSpec `ebpf:"btf_keep_stat_index"`
+	CountEpochNow    *ebpf.VariableSpec `ebpf:"count_epoch_now"`
 }
 
 // socklbObjects contains all objects after they have been loaded into the kernel.
@@ -309,7 +327,8 @@ func (m *socklbMaps) Close() error {
 //
 // It can be passed to loadSocklbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socklbVariables struct {
-	CountEpochNow *ebpf.Variable `ebpf:"count_epoch_now"`
+	BtfKeepStatIndex *ebpf.Variable `ebpf:"btf_keep_stat_index"`
+	CountEpochNow    *ebpf.Variable `ebpf:"count_epoch_now"`
 }
 
 // socklbPrograms contains all programs after they have been loaded into the kernel.

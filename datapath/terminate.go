@@ -82,7 +82,8 @@ func (dp *Datapath) Terminate(ns NetnsSet, gone []RemovedBackend, opts Terminate
 	defer it.destroyMu.Unlock()
 
 	var errs []error
-	for batch := range slices.Chunk(gone, maxDoomed) {
+	// A batch is what podsock_doomed holds.
+	for batch := range slices.Chunk(gone, int(it.maps.PodsockDoomed.MaxEntries())) {
 		r, err := dp.terminateBatch(it, ns, batch, opts.WalkAllNetns)
 		res.Backends += r.Backends
 		res.Destroyed += r.Destroyed
@@ -106,9 +107,6 @@ func (dp *Datapath) stillRemoved(gone []RemovedBackend) []RemovedBackend {
 		return svc != nil && slices.Contains(svc.slots, b.Backend)
 	})
 }
-
-// maxDoomed is PODSOCK_MAX_DOOMED in bpf/sockiter.c.
-const maxDoomed = 65536
 
 func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBackend, walkAll bool) (TerminateResult, error) {
 	res := TerminateResult{Backends: len(gone)}

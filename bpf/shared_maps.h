@@ -4,11 +4,6 @@
 #ifndef PODSOCK_SHARED_MAPS_H
 #define PODSOCK_SHARED_MAPS_H
 
-#define AF_INET 2
-#define AF_INET6 10
-#define IPPROTO_TCP 6
-#define IPPROTO_UDP 17
-
 // Each socket's LB state, attached to the socket itself.
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);

@@ -21,17 +21,18 @@
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
-#define TCP_ESTABLISHED 1
+// A macro in the kernel's headers, so not in vmlinux.h (IPPROTO_* and TCP_ESTABLISHED are
+// enum constants there).
+#define AF_INET6 10
 
 extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
 
-
-
-
 // Record flags.
-#define REC_F_BALANCED 1  // socket-LB translated for this socket; lb is its first entry
-#define REC_F_LB_CONNECTED 2 // lb is the connected peer's translation
-#define REC_F_RELEASED 4 // the application closed it; the kernel has not freed it yet
+enum rec_flags : __u8 {
+	REC_F_BALANCED = 1,     // socket-LB translated for this socket; lb is its first entry
+	REC_F_LB_CONNECTED = 2, // lb is the connected peer's translation
+	REC_F_RELEASED = 4,     // the application closed it; the kernel has not freed it yet
+};
 
 // One socket, as the iterator writes it to the reader.
 struct sock_record {
@@ -44,20 +45,22 @@ struct sock_record {
 	__u8 proto;
 	__u8 state; // the kernel's TCP state numbering (UDP: 1 connected, 7 not)
 	__u8 family;
-	__u8 flags;
+	enum rec_flags flags;
 	__u32 uid;
 	__u32 lb_count; // translations the socket holds (unconnected UDP may hold several)
 	struct lb_entry lb;
 };
 
 // List filters, applied here so that non-matching sockets are never copied out.
-#define FILTER_BACKEND 1 // only sockets whose remote or any translation is filter.backend
+enum filter_flags : __u32 {
+	FILTER_BACKEND = 1, // only sockets whose remote or any translation is filter.backend
+};
 
 struct list_filter {
 	__u32 backend[4];
 	__u16 backend_port;
 	__u16 pad;
-	__u32 flags;
+	enum filter_flags flags;
 };
 
 // The reader runs one listing at a time and sets the filter before it opens the
@@ -96,6 +99,8 @@ enum destroy_count {
 	BACKFILLED, // sockets podsock_backfill_counts counted
 	DESTROY_COUNT_MAX,
 };
+
+KEEP_BTF_ENUM(destroy_count);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

@@ -21,7 +21,6 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 
 #define EPERM 1
 #define ECONNREFUSED 111
-#define EHOSTUNREACH 113
 
 #define SYS_REJECT 0
 #define SYS_PROCEED 1
@@ -55,7 +54,7 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podsock_name_v1 SEC(".maps");
 
-
+// The counters of enum stat_index (socklb.h).
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, STAT_MAX);
@@ -63,6 +62,8 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podsock_stat_v3 SEC(".maps");
+
+KEEP_BTF_ENUM(stat_index);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

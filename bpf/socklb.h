@@ -5,6 +5,17 @@
 #ifndef PODSOCK_SOCKLB_H
 #define PODSOCK_SOCKLB_H
 
+// Flags are enums, not macros, so that BTF carries them and bpf2go generates their Go names
+// (-type in datapath/gen.go). BTF knows only the types something in the object refers to (a
+// map's key or value, a struct field, a variable): a flags enum is the type of the field that
+// holds the flags, with that field's size as its fixed underlying type (C23, which clang
+// accepts in any C mode), so the layout stays what it was.
+//
+// An enum whose constants are all the code uses (counter indexes) is kept by a constant that
+// points to it, which nothing reads: 8 bytes of .rodata. A pointer, not a value of the enum:
+// bpf2go generates a variable's type on its own, and would refuse its -type.
+#define KEEP_BTF_ENUM(tag) const enum tag *const btf_keep_##tag = 0
+
 // Map capacities as built: the defaults of [limits] (config.DefaultLimits). The loader
 // sets each map's size from the config before it creates the maps.
 #define PODSOCK_MAX_SERVICES 32768
@@ -29,16 +40,17 @@ struct svc_key {
 	__u8 pad;
 };
 
-// Service flags.
-#define SVC_F_AFFINITY_POD 1 // every socket of one pod goes to the same backend
-#define SVC_F_RESTRICT 2     // only clients in podsock_allow_v1 (and the host, with ALLOW_HOST)
-#define SVC_F_ALLOW_HOST 4   // host-netns clients pass a restricted service
+enum svc_flags : __u32 {
+	SVC_F_AFFINITY_POD = 1, // every socket of one pod goes to the same backend
+	SVC_F_RESTRICT = 2,     // only clients in podsock_allow_v1 (and the host, with ALLOW_HOST)
+	SVC_F_ALLOW_HOST = 4,   // host-netns clients pass a restricted service
+};
 
 struct svc_value {
 	__u32 id;
 	__u32 rev;        // bumped on every change of the backend set
 	__u32 slot_count; // 0: the service has no backends and refuses connects
-	__u32 flags;
+	enum svc_flags flags;
 };
 
 struct slot_key {
@@ -69,27 +81,29 @@ struct lb_entry {
 
 // Socket flags. CONNECTED is 1 so that state pinned by an older agent, which stored a
 // plain boolean here, still reads right.
-#define SOCK_F_CONNECTED 1 // entries[0] is the connected peer (TCP, connected UDP)
-#define SOCK_F_TRACKED 2   // counted in podsock_svcnetns_v2, in the count epoch of the bits below
-#define SOCK_F_UNTRACKED 4 // connected, but the count could not be taken (map full)
-// The application closed the socket; the kernel may keep it (FIN_WAIT, LAST_ACK) and its
-// storage for a while, but it no longer counts and must not be counted again.
-#define SOCK_F_RELEASED 8
-// An in-kernel socket (an NFS or Ceph client): balanced, but never counted, since the
-// kernel does not run cgroup/sock_release for it, and never destroyed, since its owner
-// manages its own transport.
-#define SOCK_F_KERNEL 16
-// Which count map TRACKED refers to. Every count map podsock creates next to adopted
-// socket state starts a new epoch; a socket tracked in an earlier one is counted again by
-// the backfill, and its release no longer touches the new map.
-#define SOCK_F_EPOCH_SHIFT 5
-#define SOCK_F_EPOCH_MASK (3 << SOCK_F_EPOCH_SHIFT)
+enum sock_state_flags : __u8 {
+	SOCK_F_CONNECTED = 1, // entries[0] is the connected peer (TCP, connected UDP)
+	SOCK_F_TRACKED = 2,   // counted in podsock_svcnetns_v2, in the count epoch of the bits below
+	SOCK_F_UNTRACKED = 4, // connected, but the count could not be taken (map full)
+	// The application closed the socket; the kernel may keep it (FIN_WAIT, LAST_ACK) and its
+	// storage for a while, but it no longer counts and must not be counted again.
+	SOCK_F_RELEASED = 8,
+	// An in-kernel socket (an NFS or Ceph client): balanced, but never counted, since the
+	// kernel does not run cgroup/sock_release for it, and never destroyed, since its owner
+	// manages its own transport.
+	SOCK_F_KERNEL = 16,
+	// Which count map TRACKED refers to. Every count map podsock creates next to adopted
+	// socket state starts a new epoch; a socket tracked in an earlier one is counted again by
+	// the backfill, and its release no longer touches the new map.
+	SOCK_F_EPOCH_SHIFT = 5,
+	SOCK_F_EPOCH_MASK = 3 << SOCK_F_EPOCH_SHIFT,
+};
 
 // The socket's whole LB state. entries[0] is the peer of a connected socket; an unconnected
 // UDP socket keeps up to LB_ENTRIES recent translations so each reply can be reversed.
 struct sock_state {
 	struct lb_entry entries[LB_ENTRIES];
-	__u8 flags;
+	enum sock_state_flags flags;
 	__u8 proto;
 	__u8 next;
 	__u8 count;
@@ -124,20 +138,21 @@ struct svc_netns_counts {
 
 #define PODSOCK_MAX_SVC_NETNS 65536
 
-// Pod flags.
-#define POD_F_SKIP_LB 1 // socket-LB leaves this pod's sockets alone (service meshes)
+enum pod_flags : __u32 {
+	POD_F_SKIP_LB = 1, // socket-LB leaves this pod's sockets alone (service meshes)
+};
 
 // What the identity maps (container cgroup, pod cgroup, netns cookie) say about a pod.
 struct pod_ref {
 	__u32 pod_id;
-	__u32 flags;
+	enum pod_flags flags;
 };
 
 // Userspace's record of a pod ID, so a restarted agent finds the IDs that the allow and
 // affinity entries use. The datapath never reads it.
 struct pod_meta {
 	char sandbox_id[PODSOCK_SANDBOX_ID_LEN];
-	__u32 flags;
+	enum pod_flags flags;
 	__u32 pad;
 };
 
@@ -156,12 +171,14 @@ struct aff_value {
 };
 
 // Node-wide settings.
-#define CFG_HOSTNS_ONLY 1 // balance only sockets of the host netns
-#define CFG_ANY_SKIP 2    // some pod has POD_F_SKIP_LB: clients must be classified
+enum cfg_flags : __u32 {
+	CFG_HOSTNS_ONLY = 1, // balance only sockets of the host netns
+	CFG_ANY_SKIP = 2,    // some pod has POD_F_SKIP_LB: clients must be classified
+};
 
 struct datapath_cfg {
 	__u64 host_netns_cookie;
-	__u32 flags;
+	enum cfg_flags flags;
 	__u32 count_epoch; // the epoch the loaded programs count in, kept for the next load
 };
 

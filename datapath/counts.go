@@ -36,11 +36,11 @@ func (dp *Datapath) netnsHolding(buckets map[socklbSvcKey]uint16, ns NetnsSet) (
 func backendBucket(b netip.AddrPort) uint {
 	w := addrWords(b.Addr())
 	h := w[0] ^ w[1] ^ w[2] ^ w[3] ^ uint32(htons(b.Port()))
-	return uint((h*0x9e3779b1)>>28) & (countBuckets - 1)
+	return uint((h*0x9e3779b1)>>28) & uint(countBuckets-1)
 }
 
-// countBuckets is COUNT_BUCKETS in bpf/socklb.h.
-const countBuckets = 16
+// countBuckets is COUNT_BUCKETS in bpf/socklb.h: the buckets of one count.
+const countBuckets = len(socklbSvcNetnsCounts{}.N)
 
 func countsZero(c *socklbSvcNetnsCounts) bool {
 	for _, n := range c.N {

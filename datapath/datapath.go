@@ -235,7 +235,7 @@ func Load(opts Options) (*Datapath, error) {
 	// must not change what pods see.
 	var cfg socklbDatapathCfg
 	if err := dp.objs.PodsockCfgV1.Lookup(uint32(0), &cfg); err == nil {
-		dp.hostnsOnly = cfg.Flags&cfgHostnsOnly != 0
+		dp.hostnsOnly = cfg.Flags&socklbCfgFlagsCFG_HOSTNS_ONLY != 0
 	}
 	if err := dp.writeCfg(); err != nil {
 		return nil, errors.Join(err, dp.closeAll())
@@ -304,8 +304,8 @@ func pinned(dir, name string) bool {
 	return err == nil
 }
 
-// countEpochs is how many count epochs the socket flags tell apart (SOCK_F_EPOCH_MASK).
-const countEpochs = 4
+// countEpochs is how many count epochs the socket flags tell apart.
+const countEpochs = uint32(socklbSockStateFlagsSOCK_F_EPOCH_MASK>>socklbSockStateFlagsSOCK_F_EPOCH_SHIFT) + 1
 
 // obsoletePins are maps earlier versions pinned that this one replaced.
 var obsoletePins = []string{"podsock_stat_v1", "podsock_stat_v2", "podsock_pairnetns_v1"}
@@ -488,26 +488,11 @@ func (dp *Datapath) Attached() bool {
 // Stats are the operation counters, summed over CPUs.
 type Stats = api.Counters
 
-// Order matches enum stat_index in bpf/socklb.h.
-const (
-	statConnect = iota
-	statSendmsg
-	statReverse
-	statNoBackend
-	statNoStorage
-	statDenied
-	statSkipped
-	statAffinityFull
-	statUntracked
-	statUntrackedReleased
-	statMax
-)
-
 // Stats reads the datapath counters.
 func (dp *Datapath) Stats() (Stats, error) {
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
-	var sums [statMax]uint64
+	var sums [socklbStatIndexSTAT_MAX]uint64
 	for i := range sums {
 		var perCPU []uint64
 		if err := dp.objs.PodsockStatV3.Lookup(uint32(i), &perCPU); err != nil {
@@ -518,18 +503,18 @@ func (dp *Datapath) Stats() (Stats, error) {
 		}
 	}
 	return Stats{
-		Connects:  sums[statConnect],
-		Sendmsgs:  sums[statSendmsg],
-		Reversed:  sums[statReverse],
-		NoBackend: sums[statNoBackend],
-		NoStorage: sums[statNoStorage],
+		Connects:  sums[socklbStatIndexSTAT_CONNECT],
+		Sendmsgs:  sums[socklbStatIndexSTAT_SENDMSG],
+		Reversed:  sums[socklbStatIndexSTAT_REVERSE],
+		NoBackend: sums[socklbStatIndexSTAT_NO_BACKEND],
+		NoStorage: sums[socklbStatIndexSTAT_NO_STORAGE],
 
-		Denied:       sums[statDenied],
-		Skipped:      sums[statSkipped],
-		AffinityFull: sums[statAffinityFull],
+		Denied:       sums[socklbStatIndexSTAT_DENIED],
+		Skipped:      sums[socklbStatIndexSTAT_SKIPPED],
+		AffinityFull: sums[socklbStatIndexSTAT_AFFINITY_FULL],
 
-		Untracked:         sums[statUntracked],
-		UntrackedReleased: sums[statUntrackedReleased],
+		Untracked:         sums[socklbStatIndexSTAT_UNTRACKED],
+		UntrackedReleased: sums[socklbStatIndexSTAT_UNTRACKED_RELEASED],
 	}, nil
 }
 

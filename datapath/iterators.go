@@ -277,7 +277,7 @@ func (it *sockIter) backfillCounts() (int, error) {
 
 func (it *sockIter) backfilled() (int, error) {
 	var n uint64
-	if err := it.maps.PodsockDestroyCount.Lookup(uint32(countBackfilled), &n); err != nil {
+	if err := it.maps.PodsockDestroyCount.Lookup(uint32(sockiterDestroyCountBACKFILLED), &n); err != nil {
 		return 0, fmt.Errorf("read backfill count: %w", err)
 	}
 	return int(n), nil

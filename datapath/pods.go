@@ -16,14 +16,6 @@ import (
 // podIDSpace bounds pod IDs, whatever limits.pods is (which it bounds).
 const podIDSpace = 1 << 20
 
-// Pod flags and node settings, as in bpf/socklb.h.
-const (
-	podFlagSkipLB = 1
-
-	cfgHostnsOnly = 1
-	cfgAnySkip    = 2
-)
-
 // Pod is what the datapath needs to know of a pod to recognise its sockets: the exact
 // cgroup IDs and netns cookie the runtime reported, and the pod's policy.
 type Pod struct {
@@ -41,7 +33,7 @@ type Pod struct {
 type installedPod struct {
 	id        uint32
 	sandboxID string
-	flags     uint32
+	flags     socklbPodFlags
 	// identity holds the keys this pod owns in the container-cgroup, pod-cgroup and netns
 	// maps.
 	ctrCgroups []uint64
@@ -88,9 +80,9 @@ func (dp *Datapath) setPod(p Pod) (added bool, err error) {
 		cur = &installedPod{id: id, sandboxID: p.SandboxID, allowedIn: map[uint32]*installed{}}
 		added = true
 	}
-	var flags uint32
+	var flags socklbPodFlags
 	if p.SkipLB {
-		flags |= podFlagSkipLB
+		flags |= socklbPodFlagsPOD_F_SKIP_LB
 	}
 	for i := range len(p.SandboxID) {
 		meta.SandboxId[i] = int8(p.SandboxID[i])
@@ -108,7 +100,7 @@ func (dp *Datapath) setPod(p Pod) (added bool, err error) {
 	var errs []error
 	allowed := map[uint32]bool{}
 	for _, name := range p.AllowedServices {
-		if svc := dp.byName[name]; svc != nil && svc.flags&svcFlagRestrict != 0 {
+		if svc := dp.byName[name]; svc != nil && svc.flags&socklbSvcFlagsSVC_F_RESTRICT != 0 {
 			allowed[svc.id] = true
 			if !svc.allowed[cur.id] {
 				errs = append(errs, dp.writeAllow(svc, cur.id))
@@ -122,7 +114,7 @@ func (dp *Datapath) setPod(p Pod) (added bool, err error) {
 			dp.deleteAllow(svc, cur.id)
 		}
 	}
-	if flags&podFlagSkipLB != 0 {
+	if flags&socklbPodFlagsPOD_F_SKIP_LB != 0 {
 		dp.skipPods[cur.id] = true
 		errs = append(errs, dp.writeCfg())
 	}
@@ -157,7 +149,7 @@ func (dp *Datapath) setPod(p Pod) (added bool, err error) {
 		dp.latePods[cur.id] = cur
 	}
 
-	if flags&podFlagSkipLB == 0 && dp.skipPods[cur.id] {
+	if flags&socklbPodFlagsPOD_F_SKIP_LB == 0 && dp.skipPods[cur.id] {
 		delete(dp.skipPods, cur.id)
 		errs = append(errs, dp.writeCfg())
 	}
@@ -303,12 +295,12 @@ func (dp *Datapath) SetHostnsOnly(on bool) error {
 // writes only when that changes what the map says: every event of a skip-LB pod, and every
 // apply, calls it.
 func (dp *Datapath) writeCfg() error {
-	var flags uint32
+	var flags socklbCfgFlags
 	if dp.hostnsOnly {
-		flags |= cfgHostnsOnly
+		flags |= socklbCfgFlagsCFG_HOSTNS_ONLY
 	}
 	if len(dp.skipPods) > 0 {
-		flags |= cfgAnySkip
+		flags |= socklbCfgFlagsCFG_ANY_SKIP
 	}
 	v := socklbDatapathCfg{HostNetnsCookie: dp.hostNetns, Flags: flags, CountEpoch: dp.countEpoch}
 	if dp.cfgWritten != nil && *dp.cfgWritten == v {
@@ -487,7 +479,7 @@ func (dp *Datapath) migrateAffinityV1() {
 	it := old.Iterate()
 	for it.Next(&k, &be) {
 		svc := byID[k.SvcId]
-		if svc == nil || svc.flags&svcFlagAffinityPod == 0 || dp.podIDs[k.PodId] == nil ||
+		if svc == nil || svc.flags&socklbSvcFlagsSVC_F_AFFINITY_POD == 0 || dp.podIDs[k.PodId] == nil ||
 			!slices.Contains(svc.slots, backendAddrPort(be)) {
 			continue
 		}
@@ -566,7 +558,7 @@ func (dp *Datapath) readPods() error {
 		p := &installedPod{id: id, sandboxID: string(b), flags: meta.Flags, allowedIn: map[uint32]*installed{}}
 		dp.pods[p.sandboxID] = p
 		dp.podIDs[id] = p
-		if p.flags&podFlagSkipLB != 0 {
+		if p.flags&socklbPodFlagsPOD_F_SKIP_LB != 0 {
 			dp.skipPods[id] = true
 		}
 		dp.nextPodID = max(dp.nextPodID, id+1)
@@ -617,7 +609,7 @@ func (dp *Datapath) readPods() error {
 		keep func(svc *installed, k socklbPodSvcKey) bool
 	}{
 		{dp.objs.PodsockAllowV1, func(svc *installed, k socklbPodSvcKey) bool {
-			if svc.flags&svcFlagRestrict == 0 {
+			if svc.flags&socklbSvcFlagsSVC_F_RESTRICT == 0 {
 				return false
 			}
 			svc.allowed[k.PodId] = true
@@ -626,7 +618,7 @@ func (dp *Datapath) readPods() error {
 			}
 			return true
 		}},
-		{dp.objs.PodsockAffV2, func(svc *installed, _ socklbPodSvcKey) bool { return svc.flags&svcFlagAffinityPod != 0 }},
+		{dp.objs.PodsockAffV2, func(svc *installed, _ socklbPodSvcKey) bool { return svc.flags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 }},
 	} {
 		var k socklbPodSvcKey
 		var v []byte

@@ -12,12 +12,13 @@ import (
 	"strings"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 )
 
 // Protocol numbers as the kernel knows them.
 const (
-	ProtoTCP uint8 = 6
-	ProtoUDP uint8 = 17
+	ProtoTCP uint8 = unix.IPPROTO_TCP
+	ProtoUDP uint8 = unix.IPPROTO_UDP
 )
 
 // Service is one VIP:port/protocol and its weighted backends, as the datapath serves it.
@@ -41,26 +42,19 @@ type ServicePolicy struct {
 	AllowedPods []string // sandbox IDs; pods the datapath does not know yet are skipped
 }
 
-func (p ServicePolicy) flags() uint32 {
-	var f uint32
+func (p ServicePolicy) flags() socklbSvcFlags {
+	var f socklbSvcFlags
 	if p.AffinityPod {
-		f |= svcFlagAffinityPod
+		f |= socklbSvcFlagsSVC_F_AFFINITY_POD
 	}
 	if p.Restrict {
-		f |= svcFlagRestrict
+		f |= socklbSvcFlagsSVC_F_RESTRICT
 		if p.AllowHost {
-			f |= svcFlagAllowHost
+			f |= socklbSvcFlagsSVC_F_ALLOW_HOST
 		}
 	}
 	return f
 }
-
-// Service flags, as in bpf/socklb.h.
-const (
-	svcFlagAffinityPod = 1
-	svcFlagRestrict    = 2
-	svcFlagAllowHost   = 4
-)
 
 // Backend is a backend address and its relative weight (>= 1).
 type Backend struct {
@@ -85,7 +79,7 @@ type installed struct {
 	rev   uint32
 	name  string
 	slots []netip.AddrPort
-	flags uint32
+	flags socklbSvcFlags
 	// allowed are the pod IDs with an entry in the allow map for this service.
 	allowed map[uint32]bool
 }
@@ -233,7 +227,7 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		cur := dp.services[k]
 		// Pods are resolved now, not when planned: they may have come and gone since.
 		s.allowed = dp.podIDsOf(s.policy)
-		if s.flags&svcFlagRestrict != 0 {
+		if s.flags&socklbSvcFlagsSVC_F_RESTRICT != 0 {
 			dp.admitLatePods(s)
 		}
 		switch {
@@ -285,7 +279,7 @@ func (dp *Datapath) reindex() {
 // index and unindex keep the lookups current for one service.
 func (dp *Datapath) index(s *installed) {
 	dp.byName[s.name] = s
-	if s.flags&svcFlagAffinityPod != 0 {
+	if s.flags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 {
 		dp.affinitySvcs[s] = true
 	} else {
 		delete(dp.affinitySvcs, s)
@@ -304,7 +298,7 @@ func (dp *Datapath) unindex(s *installed) {
 type wanted struct {
 	name    string
 	slots   []netip.AddrPort
-	flags   uint32
+	flags   socklbSvcFlags
 	policy  ServicePolicy
 	allowed map[uint32]bool
 }
@@ -448,7 +442,7 @@ func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) erro
 		if err := dp.writeSlots(cur.id, rev, slots); err != nil {
 			return fmt.Errorf("service %s: %w", name, err)
 		}
-		if cur.flags&svcFlagAffinityPod != 0 && w.flags&svcFlagAffinityPod != 0 {
+		if cur.flags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 && w.flags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 {
 			carried = dp.carryAffinity(cur, rev, slots)
 		}
 	}
@@ -469,9 +463,9 @@ func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) erro
 	cur.rev, cur.slots, cur.flags = rev, slots, w.flags
 	dp.index(cur)
 	switch {
-	case oldFlags&svcFlagAffinityPod != 0 && w.flags&svcFlagAffinityPod == 0:
+	case oldFlags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 && w.flags&socklbSvcFlagsSVC_F_AFFINITY_POD == 0:
 		dp.dropAffinity(cur.id, nil)
-	case w.flags&svcFlagAffinityPod != 0 && len(gone) > 0:
+	case w.flags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 && len(gone) > 0:
 		// Their choices went stale at the switch, so no pod uses them any more; this only
 		// frees the entries.
 		dp.dropAffinity(cur.id, gone)
@@ -485,7 +479,7 @@ func (dp *Datapath) removeService(k socklbSvcKey, cur *installed) error {
 	}
 	dp.deleteSlots(cur.id, cur.rev, len(cur.slots))
 	dp.deleteAllowed(cur, nil)
-	if cur.flags&svcFlagAffinityPod != 0 {
+	if cur.flags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 {
 		// IDs are reused: a later service must not inherit these choices.
 		dp.dropAffinity(cur.id, nil)
 	}

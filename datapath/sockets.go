@@ -63,7 +63,7 @@ type Socket struct {
 // StateName names a socket state the way ss does.
 func StateName(proto, state uint8) string {
 	if proto == ProtoUDP {
-		if state == tcpEstablished {
+		if state == unix.BPF_TCP_ESTABLISHED {
 			return "ESTAB"
 		}
 		return "UNCONN"
@@ -75,8 +75,6 @@ func StateName(proto, state uint8) string {
 	}
 	return fmt.Sprintf("state-%d", state)
 }
-
-const tcpEstablished = 1
 
 // SocketFilter narrows a walk. The zero value matches every socket of every netns.
 type SocketFilter struct {
@@ -96,32 +94,6 @@ type WalkStats struct {
 	NetnsSkipped int
 	Sockets      int
 }
-
-// Record flags, as in bpf/sockiter.c.
-const (
-	recBalanced    = 1
-	recLBConnected = 2
-	recReleased    = 4
-)
-
-// Socket flags, as in bpf/socklb.h.
-const (
-	sockFlagConnected = 1
-	sockFlagTracked   = 2
-	sockFlagReleased  = 8
-	sockFlagKernel    = 16
-	sockFlagEpochMask = 3 << 5
-)
-
-// Indexes of podsock_destroy_count, as enum destroy_count in bpf/sockiter.c.
-const (
-	countDestroyed = iota
-	countDestroyFailed
-	countBackfilled
-	destroyCountMax
-)
-
-const filterBackend = 1
 
 // recordSize is the size of one record the iterators write.
 const recordSize = int(unsafe.Sizeof(sockiterSockRecord{}))
@@ -198,7 +170,7 @@ func (dp *Datapath) Sockets(ns NetnsSet, f SocketFilter, fn func(Socket) error) 
 	defer it.listMu.Unlock()
 	var filter sockiterListFilter
 	if f.Backend.IsValid() {
-		filter.Flags = filterBackend
+		filter.Flags = sockiterFilterFlagsFILTER_BACKEND
 		filter.Backend = addrWords(f.Backend.Addr())
 		filter.BackendPort = htons(f.Backend.Port())
 	}
@@ -361,10 +333,10 @@ func (n *serviceNames) socket(r *sockiterSockRecord) Socket {
 	if r.RemotePort != 0 {
 		s.Remote = netip.AddrPortFrom(wordsAddr(r.Remote), ntohs(r.RemotePort))
 	}
-	if r.Flags&recBalanced != 0 {
+	if r.Flags&sockiterRecFlagsREC_F_BALANCED != 0 {
 		s.Balanced = true
-		s.LBConnected = r.Flags&recLBConnected != 0
-		s.Released = r.Flags&recReleased != 0
+		s.LBConnected = r.Flags&sockiterRecFlagsREC_F_LB_CONNECTED != 0
+		s.Released = r.Flags&sockiterRecFlagsREC_F_RELEASED != 0
 		s.Translations = int(r.LbCount)
 		s.VIP = netip.AddrPortFrom(wordsAddr(r.Lb.Vip), ntohs(r.Lb.VipPort))
 		s.Backend = netip.AddrPortFrom(wordsAddr(r.Lb.Backend), ntohs(r.Lb.BackendPort))

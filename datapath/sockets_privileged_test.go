@@ -497,7 +497,7 @@ func TestPrivilegedLoadCountsSocketsBalancedBeforeCounts(t *testing.T) {
 	fd := heldTCP(t, ns, webVIP, "A")
 	lingering := heldTCP(t, ns, webVIP, "A")
 	// What an older agent left: the socket's state says connected, and nothing counts it.
-	forget := func(fd int, flags uint8) {
+	forget := func(fd int, flags socklbSockStateFlags) {
 		t.Helper()
 		var st socklbSockState
 		if err := dp.objs.PodsockSockV1.Lookup(int32(fd), &st); err != nil {
@@ -508,8 +508,8 @@ func TestPrivilegedLoadCountsSocketsBalancedBeforeCounts(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	forget(fd, sockFlagConnected)
-	forget(lingering, sockFlagConnected|sockFlagReleased)
+	forget(fd, socklbSockStateFlagsSOCK_F_CONNECTED)
+	forget(lingering, socklbSockStateFlagsSOCK_F_CONNECTED|socklbSockStateFlagsSOCK_F_RELEASED)
 	dp.Close()
 	if err := os.Remove(filepath.Join(f.bpffs, PinDirName, "podsock_svcnetns_v2")); err != nil {
 		t.Fatal(err)
@@ -521,13 +521,13 @@ func TestPrivilegedLoadCountsSocketsBalancedBeforeCounts(t *testing.T) {
 	}
 	defer dp.Close()
 	// The flags without the count epoch, which each new count map moves on.
-	flags := func(fd int) uint8 {
+	flags := func(fd int) socklbSockStateFlags {
 		t.Helper()
 		var st socklbSockState
 		if err := dp.objs.PodsockSockV1.Lookup(int32(fd), &st); err != nil {
 			t.Fatal(err)
 		}
-		return st.Flags &^ sockFlagEpochMask
+		return st.Flags &^ socklbSockStateFlagsSOCK_F_EPOCH_MASK
 	}
 	total := func() (n int64) {
 		t.Helper()
@@ -541,7 +541,7 @@ func TestPrivilegedLoadCountsSocketsBalancedBeforeCounts(t *testing.T) {
 	countsPin := filepath.Join(f.bpffs, PinDirName, "podsock_svcnetns_v2")
 	if dp.BackfillPending() {
 		t.Log("the kernel refused the map-element iterator: counting one netns at a time")
-		if got := flags(fd); got != sockFlagConnected {
+		if got := flags(fd); got != socklbSockStateFlagsSOCK_F_CONNECTED {
 			t.Fatalf("flags %#x before the fallback ran, want connected only", got)
 		}
 		// An agent that stops before the backfill ran leaves no count map pinned, so the
@@ -557,11 +557,11 @@ func TestPrivilegedLoadCountsSocketsBalancedBeforeCounts(t *testing.T) {
 		if !dp.BackfillPending() {
 			t.Fatal("a restart after a backfill that never ran did not count again")
 		}
-	} else if got := flags(fd); got != sockFlagConnected|sockFlagTracked {
+	} else if got := flags(fd); got != socklbSockStateFlagsSOCK_F_CONNECTED|socklbSockStateFlagsSOCK_F_TRACKED {
 		t.Fatalf("socket flags after load: %#x, want connected and counted", got)
 	}
 	// The fallback, whatever the kernel: forget the count again and walk the netns.
-	forget(fd, sockFlagConnected)
+	forget(fd, socklbSockStateFlagsSOCK_F_CONNECTED)
 	var keys []socklbSvcNetnsKey
 	if err := dp.readCounts(func(k socklbSvcNetnsKey, _ *socklbSvcNetnsCounts) { keys = append(keys, k) }); err != nil {
 		t.Fatal(err)
@@ -575,10 +575,10 @@ func TestPrivilegedLoadCountsSocketsBalancedBeforeCounts(t *testing.T) {
 	if _, err := os.Stat(countsPin); err != nil {
 		t.Fatalf("socket counts not pinned after the backfill: %v", err)
 	}
-	if got, want := flags(fd), uint8(sockFlagConnected|sockFlagTracked); got != want {
+	if got, want := flags(fd), socklbSockStateFlagsSOCK_F_CONNECTED|socklbSockStateFlagsSOCK_F_TRACKED; got != want {
 		t.Fatalf("socket flags after backfill: %#x, want %#x", got, want)
 	}
-	if got := flags(lingering); got&sockFlagTracked != 0 || total() != 1 {
+	if got := flags(lingering); got&socklbSockStateFlagsSOCK_F_TRACKED != 0 || total() != 1 {
 		t.Fatalf("a released socket was counted (flags %#x, total %d)", got, total())
 	}
 	res := apply(t, dp, tcpService("default/web", webVIP, be(beB, 1)))

@@ -82,7 +82,7 @@ func TestSocketFromRecord(t *testing.T) {
 		NetnsCookie: 4096, SockCookie: 99, Proto: ProtoTCP, State: 1, Family: unix.AF_INET,
 		Local: addrWords(netip.MustParseAddr("10.88.0.9")), LocalPort: htons(40000),
 		Remote: addrWords(netip.MustParseAddr("10.88.0.5")), RemotePort: htons(8080),
-		Flags: recBalanced | recLBConnected, LbCount: 1,
+		Flags: sockiterRecFlagsREC_F_BALANCED | sockiterRecFlagsREC_F_LB_CONNECTED, LbCount: 1,
 	}
 	r.Lb.Vip = addrWords(netip.MustParseAddr("10.96.0.20"))
 	r.Lb.VipPort = htons(80)

@@ -13,19 +13,42 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type sockiterDestroyCount uint32
+
+const (
+	sockiterDestroyCountDESTROYED         sockiterDestroyCount = 0
+	sockiterDestroyCountDESTROY_FAILED    sockiterDestroyCount = 1
+	sockiterDestroyCountBACKFILLED        sockiterDestroyCount = 2
+	sockiterDestroyCountDESTROY_COUNT_MAX sockiterDestroyCount = 3
+)
+
 type sockiterDoomedValue struct {
 	_               structs.HostLayout
 	SvcId           uint32
 	FirstRevWithout uint32
 }
 
+type sockiterFilterFlags uint32
+
+const (
+	sockiterFilterFlagsFILTER_BACKEND sockiterFilterFlags = 1
+)
+
 type sockiterListFilter struct {
 	_           structs.HostLayout
 	Backend     [4]uint32
 	BackendPort uint16
 	Pad         uint16
-	Flags       uint32
+	Flags       sockiterFilterFlags
 }
+
+type sockiterRecFlags uint8
+
+const (
+	sockiterRecFlagsREC_F_BALANCED     sockiterRecFlags = 1
+	sockiterRecFlagsREC_F_LB_CONNECTED sockiterRecFlags = 2
+	sockiterRecFlagsREC_F_RELEASED     sockiterRecFlags = 4
+)
 
 type sockiterSockRecord struct {
 	_           structs.HostLayout
@@ -38,7 +61,7 @@ type sockiterSockRecord struct {
 	Proto       uint8
 	State       uint8
 	Family      uint8
-	Flags       uint8
+	Flags       sockiterRecFlags
 	Uid         uint32
 	LbCount     uint32
 	Lb          struct {
@@ -114,6 +137,7 @@ const (
 	sockiterProgPodsockDestroyUdp     = "podsock_destroy_udp"
 	sockiterProgPodsockListTcp        = "podsock_list_tcp"
 	sockiterProgPodsockListUdp        = "podsock_list_udp"
+	sockiterVarBtfKeepDestroyCount    = "btf_keep_destroy_count"
 	sockiterVarCountEpochNow          = "count_epoch_now"
 )
 
@@ -183,7 +207,8 @@ type sockiterMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockiterVariableSpecs struct {
-	CountEpochNow *ebpf.VariableSpec `ebpf:"count_epoch_now"`
+	BtfKeepDestroyCount *ebpf.VariableSpec `ebpf:"btf_keep_destroy_count"`
+	CountEpochNow       *ebpf.VariableSpec `ebpf:"count_epoch_now"`
 }
 
 // sockiterObjects contains all objects after they have been loaded into the kernel.
@@ -227,7 +252,8 @@ func (m *sockiterMaps) Close() error {
 //
 // It can be passed to loadSockiterObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockiterVariables struct {
-	CountEpochNow *ebpf.Variable `ebpf:"count_epoch_now"`
+	BtfKeepDestroyCount *ebpf.Variable `ebpf:"btf_keep_destroy_count"`
+	CountEpochNow       *ebpf.Variable `ebpf:"count_epoch_now"`
 }
 
 // sockiterPrograms contains all programs after they have been loaded into the kernel.

@@ -26,10 +26,17 @@ type socklbBackend struct {
 	Pad  uint16
 }
 
+type socklbCfgFlags uint32
+
+const (
+	socklbCfgFlagsCFG_HOSTNS_ONLY socklbCfgFlags = 1
+	socklbCfgFlagsCFG_ANY_SKIP    socklbCfgFlags = 2
+)
+
 type socklbDatapathCfg struct {
 	_               structs.HostLayout
 	HostNetnsCookie uint64
-	Flags           uint32
+	Flags           socklbCfgFlags
 	CountEpoch      uint32
 }
 
@@ -43,17 +50,23 @@ type socklbLbEntry struct {
 	SvcRev      uint32
 }
 
+type socklbPodFlags uint32
+
+const (
+	socklbPodFlagsPOD_F_SKIP_LB socklbPodFlags = 1
+)
+
 type socklbPodMeta struct {
 	_         structs.HostLayout
 	SandboxId [64]int8
-	Flags     uint32
+	Flags     socklbPodFlags
 	Pad       uint32
 }
 
 type socklbPodRef struct {
 	_     structs.HostLayout
 	PodId uint32
-	Flags uint32
+	Flags socklbPodFlags
 }
 
 type socklbPodSvcKey struct {
@@ -72,11 +85,47 @@ type socklbSlotKey struct {
 type socklbSockState struct {
 	_       structs.HostLayout
 	Entries [4]socklbLbEntry
-	Flags   uint8
+	Flags   socklbSockStateFlags
 	Proto   uint8
 	Next    uint8
 	Count   uint8
 }
+
+type socklbSockStateFlags uint8
+
+const (
+	socklbSockStateFlagsSOCK_F_CONNECTED   socklbSockStateFlags = 1
+	socklbSockStateFlagsSOCK_F_TRACKED     socklbSockStateFlags = 2
+	socklbSockStateFlagsSOCK_F_UNTRACKED   socklbSockStateFlags = 4
+	socklbSockStateFlagsSOCK_F_RELEASED    socklbSockStateFlags = 8
+	socklbSockStateFlagsSOCK_F_KERNEL      socklbSockStateFlags = 16
+	socklbSockStateFlagsSOCK_F_EPOCH_SHIFT socklbSockStateFlags = 5
+	socklbSockStateFlagsSOCK_F_EPOCH_MASK  socklbSockStateFlags = 96
+)
+
+type socklbStatIndex uint32
+
+const (
+	socklbStatIndexSTAT_CONNECT            socklbStatIndex = 0
+	socklbStatIndexSTAT_SENDMSG            socklbStatIndex = 1
+	socklbStatIndexSTAT_REVERSE            socklbStatIndex = 2
+	socklbStatIndexSTAT_NO_BACKEND         socklbStatIndex = 3
+	socklbStatIndexSTAT_NO_STORAGE         socklbStatIndex = 4
+	socklbStatIndexSTAT_DENIED             socklbStatIndex = 5
+	socklbStatIndexSTAT_SKIPPED            socklbStatIndex = 6
+	socklbStatIndexSTAT_AFFINITY_FULL      socklbStatIndex = 7
+	socklbStatIndexSTAT_UNTRACKED          socklbStatIndex = 8
+	socklbStatIndexSTAT_UNTRACKED_RELEASED socklbStatIndex = 9
+	socklbStatIndexSTAT_MAX                socklbStatIndex = 10
+)
+
+type socklbSvcFlags uint32
+
+const (
+	socklbSvcFlagsSVC_F_AFFINITY_POD socklbSvcFlags = 1
+	socklbSvcFlagsSVC_F_RESTRICT     socklbSvcFlags = 2
+	socklbSvcFlagsSVC_F_ALLOW_HOST   socklbSvcFlags = 4
+)
 
 type socklbSvcKey struct {
 	_     structs.HostLayout
@@ -108,7 +157,7 @@ type socklbSvcValue struct {
 	Id        uint32
 	Rev       uint32
 	SlotCount uint32
-	Flags     uint32
+	Flags     socklbSvcFlags
 }
 
 // Names of all BPF objects in the ELF.
@@ -137,6 +186,7 @@ const (
 	socklbProgPodsockSendmsg4     = "podsock_sendmsg4"
 	socklbProgPodsockSendmsg6     = "podsock_sendmsg6"
 	socklbProgPodsockSockRelease  = "podsock_sock_release"
+	socklbVarBtfKeepStatIndex     = "btf_keep_stat_index"
 	socklbVarCountEpochNow        = "count_epoch_now"
 )
 
@@ -216,7 +266,8 @@ type socklbMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socklbVariableSpecs struct {
-	CountEpochNow *ebpf.VariableSpec `ebpf:"count_epoch_now"`
+	BtfKeepStatIndex *ebpf.VariableSpec `ebpf:"btf_keep_stat_index"`
+	CountEpochNow    *ebpf.VariableSpec `ebpf:"count_epoch_now"`
 }
 
 // socklbObjects contains all objects after they have been loaded into the kernel.
@@ -276,7 +327,8 @@ func (m *socklbMaps) Close() error {
 //
 // It can be passed to loadSocklbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socklbVariables struct {
-	CountEpochNow *ebpf.Variable `ebpf:"count_epoch_now"`
+	BtfKeepStatIndex *ebpf.Variable `ebpf:"btf_keep_stat_index"`
+	CountEpochNow    *ebpf.Variable `ebpf:"count_epoch_now"`
 }
 
 // socklbPrograms contains all programs after they have been loaded into the kernel.

@@ -82,7 +82,8 @@ func (dp *Datapath) Terminate(ns NetnsSet, gone []RemovedBackend, opts Terminate
 	defer it.destroyMu.Unlock()
 
 	var errs []error
-	for batch := range slices.Chunk(gone, maxDoomed) {
+	// A batch is what podsock_doomed holds.
+	for batch := range slices.Chunk(gone, int(it.maps.PodsockDoomed.MaxEntries())) {
 		r, err := dp.terminateBatch(it, ns, batch, opts.WalkAllNetns)
 		res.Backends += r.Backends
 		res.Destroyed += r.Destroyed
@@ -106,9 +107,6 @@ func (dp *Datapath) stillRemoved(gone []RemovedBackend) []RemovedBackend {
 		return svc != nil && slices.Contains(svc.slots, b.Backend)
 	})
 }
-
-// maxDoomed is PODSOCK_MAX_DOOMED in bpf/sockiter.c.
-const maxDoomed = 65536
 
 func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBackend, walkAll bool) (TerminateResult, error) {
 	res := TerminateResult{Backends: len(gone)}
@@ -240,7 +238,7 @@ func (it *sockIter) destroyIn(ns NetnsSet, cookie uint64, protos uint8) (entered
 // output; a pass zeroes the counts first and sums them at the end (passes are serialised
 // by destroyMu).
 func (it *sockIter) resetDestroyCounts() error {
-	for i := range uint32(destroyCountMax) {
+	for i := range uint32(sockiterDestroyCountDESTROY_COUNT_MAX) {
 		if err := it.maps.PodsockDestroyCount.Update(i, uint64(0), ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("reset destroy counts: %w", err)
 		}
@@ -249,13 +247,13 @@ func (it *sockIter) resetDestroyCounts() error {
 }
 
 func (it *sockIter) destroyCounts() (destroyed, failed int, err error) {
-	var n [destroyCountMax]uint64
+	var n [sockiterDestroyCountDESTROY_COUNT_MAX]uint64
 	for i := range n {
 		if err := it.maps.PodsockDestroyCount.Lookup(uint32(i), &n[i]); err != nil {
 			return 0, 0, fmt.Errorf("read destroy counts: %w", err)
 		}
 	}
-	return int(n[countDestroyed]), int(n[countDestroyFailed]), nil
+	return int(n[sockiterDestroyCountDESTROYED]), int(n[sockiterDestroyCountDESTROY_FAILED]), nil
 }
 
 const (

@@ -24,7 +24,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -134,7 +133,7 @@ func prerequisites() error {
 	if _, err := cgroupfs.Mount(); err != nil {
 		return err
 	}
-	root, err := repoRoot()
+	root, err := testenv.RepoRoot()
 	if err != nil {
 		return err
 	}
@@ -170,31 +169,6 @@ func runcPath() (string, error) {
 	return "/usr/sbin/runc", nil
 }
 
-// repoRoot finds the podsock checkout: from the working directory up (go test runs in the
-// package dir, programs from the repo), else from this source file.
-func repoRoot() (string, error) {
-	isRoot := func(dir string) bool {
-		b, err := os.ReadFile(filepath.Join(dir, "go.mod"))
-		return err == nil && bytes.HasPrefix(b, []byte("module github.com/podsock/podsock\n"))
-	}
-	if wd, err := os.Getwd(); err == nil {
-		for dir := wd; ; dir = filepath.Dir(dir) {
-			if isRoot(dir) {
-				return dir, nil
-			}
-			if dir == filepath.Dir(dir) {
-				break
-			}
-		}
-	}
-	if _, file, _, ok := runtime.Caller(0); ok {
-		if dir := filepath.Join(filepath.Dir(file), "..", ".."); isRoot(dir) {
-			return filepath.Clean(dir), nil
-		}
-	}
-	return "", errors.New("cannot find the podsock repository (run from inside it)")
-}
-
 // Start brings up a private containerd and registers the cleanup of everything it and
 // its pods create.
 func Start(t testenv.TB, opts Options) *Runtime {
@@ -202,7 +176,7 @@ func Start(t testenv.TB, opts Options) *Runtime {
 	if err := prerequisites(); err != nil {
 		t.Fatalf("start runtime: %v", err)
 	}
-	root, err := repoRoot()
+	root, err := testenv.RepoRoot()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,6 +13,8 @@ import (
 	"path/filepath"
 	"runtime"
 	"time"
+
+	"github.com/podsock/podsock/test/testenv"
 )
 
 // ImageName is the workload image: every container, and the pods' pause container, run
@@ -35,7 +37,7 @@ type descriptor struct {
 
 // BuildWorkload compiles test/workload statically into dir and returns the binary's path.
 func BuildWorkload(dir string) (string, error) {
-	root, err := repoRoot()
+	root, err := testenv.RepoRoot()
 	if err != nil {
 		return "", err
 	}

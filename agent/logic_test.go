@@ -319,7 +319,7 @@ func TestReconcileKeepsAnUnsyncedSourcesServices(t *testing.T) {
 	if got := serviceNames(applies[len(applies)-1]); !slices.Equal(got, want) {
 		t.Fatalf("with the source unsynced the datapath got %v, want the adopted %v", got, want)
 	}
-	synced := append(partial, kubeService("default/clash:http", "10.96.0.20", "10.88.0.4:80"))
+	synced := append(slices.Clone(partial), kubeService("default/clash:http", "10.96.0.20", "10.88.0.4:80"))
 	if err := <-a.sources.Publish(service.Snapshot{Source: service.SourceKubernetes, Services: synced, Synced: true}); err != nil {
 		t.Fatal(err)
 	}

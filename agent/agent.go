@@ -65,7 +65,7 @@ type Agent struct {
 
 	// sources merges what the service sources want; its loop is the only writer of
 	// services into the datapath.
-	sources *reconciler
+	sources *sourceReconciler
 
 	mu  sync.Mutex
 	cfg *config.Config
@@ -78,9 +78,9 @@ type Agent struct {
 }
 
 func newAgent(log *logrus.Logger) *Agent {
-	a := &Agent{log: log, podq: newPodQueue(), syncLearned: map[string]bool{}, sweepStop: make(chan struct{}), sources: newReconciler()}
+	a := &Agent{log: log, podq: newPodQueue(), syncLearned: map[string]bool{}, sweepStop: make(chan struct{})}
+	a.sources = service.NewReconciler(a.apply, a.logConflicts)
 	go a.podq.run()
-	go a.reconcileLoop()
 	go a.sweepVanishedPods(a.sweepStop)
 	return a
 }
@@ -238,7 +238,7 @@ func (a *Agent) applyInitial(cfg *config.Config) {
 	err := cfg.LoadServicesFile()
 	if err != nil {
 		a.log.WithError(err).Error("services not applied, keeping what the datapath serves")
-	} else if err = <-a.sources.publishConfig(cfg); err != nil {
+	} else if err = <-a.publishConfig(cfg); err != nil {
 		// The datapath keeps whatever it served before; the half-applied config is shown
 		// in status, with its error, until a reload succeeds.
 		a.log.WithError(err).Error("initial config not fully applied")
@@ -259,7 +259,7 @@ var errStopped = errors.New("stopped during start-up")
 func (a *Agent) stop() {
 	close(a.sweepStop)
 	// An apply in progress finishes first: it holds the datapath.
-	a.sources.close()
+	a.sources.Close()
 	if a.srv != nil {
 		// Let answers in flight finish before the datapath handles they read go away.
 		shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -347,7 +347,7 @@ func (a *Agent) reload(path string) {
 	if err := setLogLevel(a.log, cfg.Agent.LogLevel); err != nil {
 		a.log.WithError(err).Error("reload: log level")
 	}
-	if err := <-a.sources.publishConfig(cfg); err != nil {
+	if err := <-a.publishConfig(cfg); err != nil {
 		a.log.WithError(err).Error("reload not fully applied")
 		a.mu.Lock()
 		a.lastReloadError = err.Error()
@@ -366,11 +366,11 @@ func keepRestartOnly(log *logrus.Logger, key, running, next string) string {
 // pod policy and [lb] settings of the file config in force. A new file config becomes the
 // running one when it applies in full. Runtime events are not held up by it: opMu is taken
 // only to plan and to finish, and the datapath lets pod events in between its chunks. Pods
-// that arrive meanwhile get the new policy at once. Only the reconcile loop calls it.
-func (a *Agent) apply(w work) error {
-	cfg := w.cfg
+// that arrive meanwhile get the new policy at once. Only the reconciler calls it.
+func (a *Agent) apply(w service.Plan[*config.Config]) error {
+	cfg := w.Settings
 	a.opMu.Lock()
-	policies := servicePolicies(w.services, a.tracker.Pods())
+	policies := servicePolicies(w.Services, a.tracker.Pods())
 	if !a.podsSynced {
 		// Until the runtime's first Synchronize the tracker knows no pods, but the datapath
 		// may hold those a previous agent installed: keep admitting them.
@@ -383,13 +383,13 @@ func (a *Agent) apply(w work) error {
 	}
 	// Even a partly applied view is what the datapath serves, so pod policy follows it
 	// rather than the previous one.
-	pol := newPodPolicy(cfg.LB, w.services)
+	pol := newPodPolicy(cfg.LB, w.Services)
 	a.mu.Lock()
 	a.policy = pol
 	a.mu.Unlock()
 	// Pod events wait until the datapath counts them as late, so none falls between the
 	// policies planned here and the apply.
-	res, err := a.dp.ApplyWith(toDatapath(w.services, policies), datapath.ApplyOptions{Started: a.opMu.Unlock})
+	res, err := a.dp.ApplyWith(toDatapath(w.Services, policies), datapath.ApplyOptions{Started: a.opMu.Unlock})
 	a.log.WithFields(logrus.Fields{
 		"added": res.Added, "updated": res.Updated, "removed": res.Removed, "unchanged": res.Unchanged,
 	}).Info("services applied")
@@ -405,7 +405,7 @@ func (a *Agent) apply(w work) error {
 		_, serr := a.dp.SyncPods(datapathPods(a.tracker.Pods(), pol))
 		err = errors.Join(err, serr)
 	}
-	if err != nil || !w.newConfig {
+	if err != nil || !w.NewSettings {
 		return err
 	}
 	a.mu.Lock()

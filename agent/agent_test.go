@@ -173,7 +173,7 @@ func testAgent(t testing.TB, dp datapathOps, cgroup2 string, host *netns.Handle,
 	a.term = terminator.New(dp, ns, quietLog())
 	a.podsSynced = true
 	t.Cleanup(func() {
-		a.sources.close()
+		a.sources.Close()
 		a.term.Close()
 		close(a.sweepStop)
 		a.podq.close()

@@ -58,13 +58,13 @@ func TestPrivilegedAgentPodEventsDuringLargeReload(t *testing.T) {
 		}
 		return cfg
 	}
-	if err := <-a.sources.publishConfig(cfgWith(8080)); err != nil {
+	if err := <-a.publishConfig(cfgWith(8080)); err != nil {
 		t.Fatal(err)
 	}
 
 	next := cfgWith(8081)
 	applied := make(chan error, 1)
-	go func() { applied <- <-a.sources.publishConfig(next) }()
+	go func() { applied <- <-a.publishConfig(next) }()
 	// Wait until the apply holds the datapath, not just the plan.
 	time.Sleep(300 * time.Millisecond)
 	during, slowest := 0, time.Duration(0)

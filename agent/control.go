@@ -72,7 +72,7 @@ func (a *Agent) serveControl(ln net.Listener) *http.Server {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
 		}
-		writeJSON(w, serviceViews(svcs, a.sources.source))
+		writeJSON(w, serviceViews(svcs, a.sources.SourceOf))
 	})
 	mux.HandleFunc("GET /v1/pods", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, a.podViews())
@@ -142,7 +142,7 @@ func (a *Agent) status() api.Status {
 		}
 	}
 	st.Termination = a.term.Status()
-	st.Sources, st.Conflicts = a.sources.sourceStatus()
+	st.Sources, st.Conflicts = a.sourceStatus()
 	st.NRI.Events = a.events.snapshot()
 	if a.plugin != nil {
 		st.NRI.Connected = a.plugin.Connected()

@@ -233,7 +233,7 @@ namespace = "allowed"
 	if err != nil {
 		t.Fatal(err)
 	}
-	applied := a.sources.publishConfig(cfg)
+	applied := a.publishConfig(cfg)
 	<-fake.applying
 	sb, ctrs := podDirs(t, cgroup2, "allowed", "client", "ctr-client")
 	start := time.Now()
@@ -272,7 +272,7 @@ func TestReconcileCoalescesBursts(t *testing.T) {
 	a, fake, _ := fakeAgent(t)
 	fake.hold, fake.applying = make(chan struct{}), make(chan struct{}, 1)
 	release := releaseAtCleanup(t, fake)
-	first := a.sources.publishConfig(config.Default())
+	first := a.publishConfig(config.Default())
 	<-fake.applying
 	var done []<-chan error
 	for i := range 50 {
@@ -304,10 +304,10 @@ func TestReconcileCoalescesBursts(t *testing.T) {
 // replaces that. A frontend the file also claims stays the file's, and status says so.
 func TestReconcileKeepsAnUnsyncedSourcesServices(t *testing.T) {
 	a, fake, _ := fakeAgent(t)
-	a.sources.adopt(service.SourceKubernetes, []service.Service{kubeService("default/old:http", "10.96.0.21", "10.88.0.1:80")})
+	a.sources.Adopt(service.SourceKubernetes, []service.Service{kubeService("default/old:http", "10.96.0.21", "10.88.0.1:80")})
 	cfg := config.Default()
 	cfg.Services = []service.Service{kubeService("file/web", "10.96.0.20", "10.88.0.2:80")}
-	if err := <-a.sources.publishConfig(cfg); err != nil {
+	if err := <-a.publishConfig(cfg); err != nil {
 		t.Fatal(err)
 	}
 	partial := []service.Service{kubeService("default/new:http", "10.96.0.22", "10.88.0.3:80")}
@@ -336,7 +336,7 @@ func TestReconcileKeepsAnUnsyncedSourcesServices(t *testing.T) {
 		t.Fatalf("status sources %+v", st.Sources)
 	}
 	svcs, _ := fake.Services()
-	for _, v := range serviceViews(svcs, a.sources.source) {
+	for _, v := range serviceViews(svcs, a.sources.SourceOf) {
 		if wantSrc := map[string]string{"file/web": "file", "default/new:http": "kubernetes"}[v.Name]; v.Source != wantSrc {
 			t.Fatalf("services shows %s from %q, want %q", v.Name, v.Source, wantSrc)
 		}

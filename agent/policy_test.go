@@ -1,13 +1,8 @@
 package agent
 
 import (
-	"errors"
-	"fmt"
-	"io/fs"
 	"reflect"
-	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/podsock/podsock/config"
 	"github.com/podsock/podsock/datapath"
@@ -80,54 +75,5 @@ backends = ["10.88.0.5:8080"]
 	}
 	if !reflect.DeepEqual(pol, wantPol) {
 		t.Fatalf("policies:\n got %+v\nwant %+v", pol, wantPol)
-	}
-}
-
-func TestPodQueueKeepsOrderAndBoundsWaiting(t *testing.T) {
-	q := newPodQueue()
-	go q.run()
-	defer q.close()
-	release := make(chan struct{})
-	var order []int
-	if q.do(20*time.Millisecond, func() { <-release; order = append(order, 1) }) {
-		t.Fatal("a blocked op reported completion")
-	}
-	var ran atomic.Bool
-	start := time.Now()
-	if q.do(20*time.Millisecond, func() { order = append(order, 2); ran.Store(true) }) {
-		t.Fatal("an op queued behind a blocked one reported completion")
-	}
-	if waited := time.Since(start); waited > time.Second {
-		t.Fatalf("do waited %s, want about its 20ms budget", waited)
-	}
-	close(release)
-	if !q.do(time.Second, func() { order = append(order, 3) }) {
-		t.Fatal("op after the blocked ones did not complete")
-	}
-	if !ran.Load() || !reflect.DeepEqual(order, []int{1, 2, 3}) {
-		t.Fatalf("ops ran in order %v, want [1 2 3]", order)
-	}
-}
-
-func TestOnlyNotExist(t *testing.T) {
-	missing := fmt.Errorf("container c1 of pod a/b: %w", errors.Join(
-		fmt.Errorf("cgroup /x does not exist: %w", fs.ErrNotExist),
-		fmt.Errorf("pod cgroup /y: %w", fs.ErrNotExist)))
-	mixed := fmt.Errorf("container c1 of pod a/b: %w", errors.Join(
-		fmt.Errorf("cgroup /x does not exist: %w", fs.ErrNotExist),
-		errors.New("bad slice name")))
-	for _, c := range []struct {
-		err  error
-		want bool
-	}{
-		{nil, false},
-		{missing, true},
-		{mixed, false},
-		{errors.New("bad slice name"), false},
-		{fmt.Errorf("x: %w", fs.ErrNotExist), true},
-	} {
-		if got := onlyNotExist(c.err); got != c.want {
-			t.Errorf("onlyNotExist(%v) = %v, want %v", c.err, got, c.want)
-		}
 	}
 }

@@ -1,0 +1,213 @@
+package service
+
+import (
+	"cmp"
+	"errors"
+	"slices"
+	"sync"
+)
+
+// ErrClosed answers those waiting on an apply that will not run: the reconciler closed.
+var ErrClosed = errors.New("service reconciler closed")
+
+// Plan is one apply's input: the services merged from every source, and the settings
+// (the agent's file config) to apply them with.
+type Plan[S any] struct {
+	Settings S
+	// NewSettings says these settings were not in any apply before.
+	NewSettings bool
+	Services    []Service
+	Conflicts   []Conflict
+}
+
+// Reconciler is the one way services reach the datapath. Sources publish whole snapshots;
+// its loop merges the latest of each (Merge: the file first) and hands the result to
+// apply with the newest settings. Snapshots that arrive while an apply runs are coalesced
+// into the next one. Nothing is applied before the first settings.
+type Reconciler[S any] struct {
+	apply        func(Plan[S]) error
+	newConflicts func([]Conflict)
+
+	mu            sync.Mutex
+	settings      S
+	haveSettings  bool
+	settingsFresh bool
+	views         map[Source]Snapshot
+	// adopted is what was last applied for each source: an unsynced source keeps it.
+	adopted map[Source][]Service
+	// sourceOf says which source each served key came from.
+	sourceOf  map[string]Source
+	conflicts []Conflict
+	pending   bool
+	waiters   []chan error
+	closed    bool
+
+	wake chan struct{}
+	done chan struct{}
+}
+
+// NewReconciler starts a reconciler that writes with apply; newConflicts hears of the
+// conflicts an apply has that the one before it did not.
+func NewReconciler[S any](apply func(Plan[S]) error, newConflicts func([]Conflict)) *Reconciler[S] {
+	r := &Reconciler[S]{
+		apply: apply, newConflicts: newConflicts,
+		views: map[Source]Snapshot{}, adopted: map[Source][]Service{},
+		wake: make(chan struct{}, 1), done: make(chan struct{}),
+	}
+	go r.run()
+	return r
+}
+
+// Adopt records services found for a source before it has published (what a previous
+// agent served for it), so that they stay until it has synced.
+func (r *Reconciler[S]) Adopt(src Source, svcs []Service) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.adopted[src] = svcs
+}
+
+// PublishSettings hands over new settings together with the snapshot of the source they
+// carry (the file's services come with the file's settings).
+func (r *Reconciler[S]) PublishSettings(settings S, snap Snapshot) <-chan error {
+	return r.publish(&settings, snap)
+}
+
+// Publish replaces what snap's source wants. The channel says how the apply that took it
+// went (or a later one that took a newer snapshot in its place).
+func (r *Reconciler[S]) Publish(snap Snapshot) <-chan error { return r.publish(nil, snap) }
+
+func (r *Reconciler[S]) publish(settings *S, snap Snapshot) <-chan error {
+	done := make(chan error, 1)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		done <- ErrClosed
+		return done
+	}
+	if settings != nil {
+		r.settings, r.haveSettings, r.settingsFresh = *settings, true, true
+	}
+	r.views[snap.Source] = snap
+	r.pending = true
+	r.waiters = append(r.waiters, done)
+	// Under mu: Close closes wake.
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
+	return done
+}
+
+// take returns what the next apply should write, the services it takes from each synced
+// source, and those waiting on it; false when nothing is pending or no settings came yet.
+func (r *Reconciler[S]) take() (Plan[S], map[Source][]Service, []chan error, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.pending || !r.haveSettings {
+		return Plan[S]{}, nil, nil, false
+	}
+	views := map[Source][]Service{}
+	for src, svcs := range r.adopted {
+		views[src] = svcs
+	}
+	used := map[Source][]Service{}
+	for src, snap := range r.views {
+		if snap.Synced {
+			views[src], used[src] = snap.Services, snap.Services
+		}
+	}
+	p := Plan[S]{Settings: r.settings, NewSettings: r.settingsFresh}
+	p.Services, p.Conflicts = Merge(views)
+	waiters := r.waiters
+	r.pending, r.settingsFresh, r.waiters = false, false, nil
+	return p, used, waiters, true
+}
+
+// applied records what an apply wrote (a failed one changes nothing adopted) and returns
+// the conflicts the previous apply did not have.
+func (r *Reconciler[S]) applied(p Plan[S], used map[Source][]Service, err error) (fresh []Conflict) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err == nil {
+		for src, svcs := range used {
+			r.adopted[src] = svcs
+		}
+	}
+	r.sourceOf = make(map[string]Source, len(p.Services))
+	for _, s := range p.Services {
+		r.sourceOf[s.Key()] = s.Source
+	}
+	for _, c := range p.Conflicts {
+		if !slices.Contains(r.conflicts, c) {
+			fresh = append(fresh, c)
+		}
+	}
+	r.conflicts = p.Conflicts
+	return fresh
+}
+
+func (r *Reconciler[S]) run() {
+	defer close(r.done)
+	for range r.wake {
+		p, used, waiters, ok := r.take()
+		if !ok {
+			continue
+		}
+		err := r.apply(p)
+		if fresh := r.applied(p, used, err); len(fresh) > 0 && r.newConflicts != nil {
+			r.newConflicts(fresh)
+		}
+		for _, w := range waiters {
+			w <- err
+		}
+	}
+}
+
+// Close stops the loop after the apply in progress; those still waiting get ErrClosed.
+func (r *Reconciler[S]) Close() {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return
+	}
+	r.closed = true
+	waiters := r.waiters
+	r.waiters = nil
+	close(r.wake)
+	r.mu.Unlock()
+	<-r.done
+	for _, w := range waiters {
+		w <- ErrClosed
+	}
+}
+
+// SourceState is what one source has handed over.
+type SourceState struct {
+	Source   Source
+	Synced   bool
+	Services int
+}
+
+// Sources are the sources that have published, by name, and the conflicts of the last
+// apply.
+func (r *Reconciler[S]) Sources() ([]SourceState, []Conflict) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]SourceState, 0, len(r.views))
+	for src, snap := range r.views {
+		out = append(out, SourceState{Source: src, Synced: snap.Synced, Services: len(snap.Services)})
+	}
+	slices.SortFunc(out, func(a, b SourceState) int { return cmp.Compare(a.Source, b.Source) })
+	return out, slices.Clone(r.conflicts)
+}
+
+// SourceOf is where the served service with this key came from (SourceFile for a key
+// no apply wrote).
+func (r *Reconciler[S]) SourceOf(key string) Source {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if src, ok := r.sourceOf[key]; ok {
+		return src
+	}
+	return SourceFile
+}

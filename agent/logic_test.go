@@ -218,18 +218,8 @@ func TestPodEventDuringALongApply(t *testing.T) {
 	a, fake, cgroup2 := fakeAgent(t)
 	fake.hold, fake.applying = make(chan struct{}), make(chan struct{}, 1)
 	release := releaseAtCleanup(t, fake)
-	cfg, err := config.Parse("t.toml", []byte(`
-[nri]
-enabled = false
-
-[[service]]
-name = "default/api"
-vip = "10.96.0.30"
-port = 443
-backends = ["10.88.0.7:8443"]
-[[service.allow]]
-namespace = "allowed"
-`))
+	cfg, err := config.Parse("t.toml", []byte(serviceTOML("default/api", "10.96.0.30", 443, "tcp", "10.88.0.7:8443")+
+		"[[service.allow]]\nnamespace = \"allowed\"\n"))
 	if err != nil {
 		t.Fatal(err)
 	}

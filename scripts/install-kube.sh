@@ -25,11 +25,9 @@ want=$( {
   for b in "${bins[@]}"; do cat "$mod/cmd/$b/main.go"; done
 } | sha256sum | cut -d' ' -f1)
 
-built=1
-for b in "${bins[@]}"; do
-  [[ -x "$repo/bin/$b" ]] || built=0
-done
-if [[ $built -eq 1 && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+# shellcheck source=scripts/stamp.sh
+source "$repo/scripts/stamp.sh"
+if stamp_fresh "$stamp" "$want" "${bins[@]}"; then
   exit 0
 fi
 

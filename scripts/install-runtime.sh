@@ -23,11 +23,9 @@ want=$( {
   cat "$repo"/tools/go.mod "$repo"/tools/go.sum "$repo"/tools/crictl/go.mod "$repo"/tools/crictl/go.sum
 } | sha256sum | cut -d' ' -f1)
 
-built=1
-for b in "${bins[@]}"; do
-  [[ -x "$repo/bin/$b" ]] || built=0
-done
-if [[ $built -eq 1 && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+# shellcheck source=scripts/stamp.sh
+source "$repo/scripts/stamp.sh"
+if stamp_fresh "$stamp" "$want" "${bins[@]}"; then
   exit 0
 fi
 

@@ -318,11 +318,14 @@ func (dp *Datapath) removeObsoletePins() {
 
 // attach puts one link per hook on the cgroup root. Links already there are taken over
 // and switched to this run's programs (same maps, so they keep serving). Missing links are
-// attached unpinned first; only when every hook has its link are links of a previous
-// cgroup root detached and the new ones pinned. A failure before that point leaves the
-// node as it was, never forward translation without its reverse.
+// attached unpinned first; only when every hook has its link are the adopted ones
+// switched, links of a previous cgroup root detached and the new ones pinned. A failure
+// before that point leaves the node as it was, never forward translation without its
+// reverse, nor one hook on this run's programs and another on the last run's: a switch
+// that fails halfway is switched back.
 func (dp *Datapath) attach() error {
 	fresh := map[string]link.Link{}
+	adopted := map[string]adoptedLink{}
 	var stale []link.Link
 	rollback := func() {
 		for _, l := range fresh {
@@ -331,17 +334,20 @@ func (dp *Datapath) attach() error {
 		for _, l := range stale {
 			l.Close() // still pinned: keeps serving the old root
 		}
+		for _, a := range adopted {
+			a.close()
+		}
 	}
 	for _, ap := range attachPoints {
 		prog := ap.prog(&dp.objs.socklbPrograms)
 		pin := filepath.Join(dp.pinDir, "links", ap.name)
-		adopted, old, err := dp.adoptLink(pin, ap, prog)
+		own, old, err := dp.adoptLink(pin, ap)
 		if err != nil {
 			rollback()
 			return err
 		}
-		if adopted != nil {
-			dp.links[ap.name] = adopted
+		if own.link != nil {
+			adopted[ap.name] = own
 			continue
 		}
 		if old != nil {
@@ -353,6 +359,15 @@ func (dp *Datapath) attach() error {
 			return fmt.Errorf("attach %s to %s: %w", ap.name, dp.opts.CgroupRoot, err)
 		}
 		fresh[ap.name] = l
+	}
+	if err := dp.switchAdopted(adopted); err != nil {
+		rollback()
+		return err
+	}
+	for name, a := range adopted {
+		a.releaseOld()
+		dp.links[name] = a.link
+		dp.adoptedLinks++
 	}
 	for _, old := range stale {
 		if err := detachLink(old); err != nil {
@@ -372,34 +387,86 @@ func (dp *Datapath) attach() error {
 	return nil
 }
 
-// adoptLink looks at the pinned link of one hook. A link on our cgroup root is taken over
-// and switched to prog. A link on another cgroup (cgroup_root changed) is returned as old,
-// for attach to detach once its replacement is in place.
-func (dp *Datapath) adoptLink(pin string, ap attachPoint, prog *ebpf.Program) (adopted, old link.Link, err error) {
+// adoptedLink is a pinned link on our cgroup root, with the program it ran when adopted.
+type adoptedLink struct {
+	link link.Link
+	old  *ebpf.Program
+}
+
+func (a adoptedLink) releaseOld() {
+	if a.old != nil {
+		a.old.Close()
+	}
+}
+
+func (a adoptedLink) close() {
+	a.releaseOld()
+	a.link.Close()
+}
+
+// switchAdopted moves every adopted link to this run's program. If one refuses, those
+// already switched go back to the program they ran, so every hook stays on one version.
+func (dp *Datapath) switchAdopted(adopted map[string]adoptedLink) error {
+	var switched []string
+	for _, ap := range attachPoints {
+		a, ok := adopted[ap.name]
+		if !ok {
+			continue
+		}
+		err := updateLink(a.link, ap.prog(&dp.objs.socklbPrograms))
+		if err == nil {
+			switched = append(switched, ap.name)
+			continue
+		}
+		for _, name := range switched {
+			back := adopted[name]
+			if back.old == nil {
+				dp.log.WithField("hook", name).Error("cannot switch back: the program it ran is unknown")
+				continue
+			}
+			if berr := updateLink(back.link, back.old); berr != nil {
+				dp.log.WithError(berr).WithField("hook", name).Error("switch back to the running program")
+			}
+		}
+		return fmt.Errorf("update adopted %s link: %w", ap.name, err)
+	}
+	return nil
+}
+
+// updateLink switches a link's program; tests make it fail.
+var updateLink = func(l link.Link, prog *ebpf.Program) error { return l.Update(prog) }
+
+// adoptLink looks at the pinned link of one hook. A link on our cgroup root is returned
+// as ours to take over, with the program it runs now. A link on another cgroup
+// (cgroup_root changed) is returned as old, for attach to detach once its replacement is
+// in place.
+func (dp *Datapath) adoptLink(pin string, ap attachPoint) (own adoptedLink, old link.Link, err error) {
 	l, err := link.LoadPinnedLink(pin, nil)
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil, nil
+		return adoptedLink{}, nil, nil
 	}
 	if err != nil {
 		dp.log.WithError(err).Warnf("pinned %s link is unusable; removing it", ap.name)
-		return nil, nil, os.Remove(pin)
+		return adoptedLink{}, nil, os.Remove(pin)
 	}
 	info, err := l.Info()
 	if err != nil {
 		// Detaching a link we cannot inspect could open a gap in service; refuse instead.
 		l.Close()
-		return nil, nil, fmt.Errorf("inspect pinned %s link: %w", ap.name, err)
+		return adoptedLink{}, nil, fmt.Errorf("inspect pinned %s link: %w", ap.name, err)
 	}
 	if info.Cgroup() != nil && info.Cgroup().CgroupId == dp.cgroupID {
-		if err := l.Update(prog); err != nil {
-			l.Close()
-			return nil, nil, fmt.Errorf("update adopted %s link: %w", ap.name, err)
+		own = adoptedLink{link: l}
+		// Without the old program a failed switch cannot be undone; it is still adopted.
+		if prog, perr := ebpf.NewProgramFromID(info.Program); perr == nil {
+			own.old = prog
+		} else {
+			dp.log.WithError(perr).Warnf("open the program of the pinned %s link", ap.name)
 		}
-		dp.adoptedLinks++
-		return l, nil, nil
+		return own, nil, nil
 	}
 	dp.log.Infof("pinned %s link belongs to another cgroup; replacing it", ap.name)
-	return nil, l, nil
+	return adoptedLink{}, l, nil
 }
 
 // ErrPinDirBusy means another process (an agent, or a cleanup) holds the pin dir.

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -504,6 +505,78 @@ func TestPrivilegedReattachWhenCgroupRootChanges(t *testing.T) {
 		}
 		if n := attachedCount(t, other.Path, ap.attach); n != 1 {
 			t.Fatalf("%s: %d programs on the new cgroup root, want 1", ap.name, n)
+		}
+	}
+}
+
+// linkPrograms is the program each pinned link runs.
+func linkPrograms(t *testing.T, bpffs string) map[string]ebpf.ProgramID {
+	t.Helper()
+	out := map[string]ebpf.ProgramID{}
+	for _, ap := range attachPoints {
+		l, err := link.LoadPinnedLink(filepath.Join(bpffs, "podsock", "links", ap.name), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[ap.name] = info.Program
+	}
+	return out
+}
+
+// An agent whose switch of the adopted links fails halfway puts the links it switched
+// back: every hook keeps running the previous agent's programs, none this run's.
+func TestPrivilegedFailedSwitchOfAdoptedLinksIsUndone(t *testing.T) {
+	f := newFixture(t)
+	dp, err := Load(Options{CgroupRoot: f.cg.Path, BPFFS: f.bpffs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer Cleanup(f.bpffs)
+	dp.Close()
+	before := linkPrograms(t, f.bpffs)
+
+	update := updateLink
+	defer func() { updateLink = update }()
+	n := 0
+	updateLink = func(l link.Link, prog *ebpf.Program) error {
+		n++
+		if n == 3 {
+			return errors.New("injected: the kernel refused the update")
+		}
+		return update(l, prog)
+	}
+	if _, err := Load(Options{CgroupRoot: f.cg.Path, BPFFS: f.bpffs}); err == nil || !strings.Contains(err.Error(), "injected") {
+		t.Fatalf("load with a failing switch: %v, want the injected error", err)
+	}
+	if n < 3+2 {
+		t.Fatalf("%d link updates, want 2 switched, 1 refused and the 2 switched back", n)
+	}
+	if after := linkPrograms(t, f.bpffs); !maps.Equal(after, before) {
+		t.Fatalf("links run %v after the failed switch, want the previous programs %v", after, before)
+	}
+	for _, ap := range attachPoints {
+		if c := attachedCount(t, f.cg.Path, ap.attach); c != 1 {
+			t.Fatalf("%s: %d programs attached, want the one link", ap.name, c)
+		}
+	}
+
+	updateLink = update
+	dp2, err := Load(Options{CgroupRoot: f.cg.Path, BPFFS: f.bpffs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp2.Close()
+	if dp2.AdoptedLinks() != len(attachPoints) {
+		t.Fatalf("adopted %d links, want %d", dp2.AdoptedLinks(), len(attachPoints))
+	}
+	for name, id := range linkPrograms(t, f.bpffs) {
+		if id == before[name] {
+			t.Fatalf("%s still runs the previous program after a good switch", name)
 		}
 	}
 }

@@ -395,7 +395,7 @@ type adoptedLink struct {
 
 func (a adoptedLink) releaseOld() {
 	if a.old != nil {
-		a.old.Close()
+		_ = a.old.Close() // a handle only: the link keeps its own reference
 	}
 }
 

@@ -66,6 +66,8 @@ type Agent struct {
 	// sources merges what the service sources want; its loop is the only writer of
 	// services into the datapath.
 	sources *sourceReconciler
+	// recordedSources is what sourcesFile holds; only the reconciler touches it.
+	recordedSources string
 
 	mu  sync.Mutex
 	cfg *config.Config
@@ -79,7 +81,6 @@ type Agent struct {
 
 func newAgent(log *logrus.Logger) *Agent {
 	a := &Agent{log: log, podq: newPodQueue(), syncLearned: map[string]bool{}, sweepStop: make(chan struct{})}
-	a.sources = service.NewReconciler(a.apply, a.logConflicts)
 	go a.podq.run()
 	go a.sweepVanishedPods(a.sweepStop)
 	return a
@@ -198,6 +199,8 @@ func (a *Agent) start(cfg *config.Config, sigs <-chan os.Signal) (reloadPending 
 	}
 	a.opMu.Lock()
 	a.dp, a.ctl, a.cgroupRoot, a.settings, a.nri, a.limits = dp, ctl, cgroupRoot, cfg.Agent, cfg.NRI, cfg.Limits
+	a.sources = service.NewReconciler(a.apply, a.logConflicts, cfg.Limits.BackendsPerService)
+	a.adoptRecordedSources()
 	a.tracker = runtimehooks.NewTracker(cgroup2)
 	a.netns = nodeNetns{host: host, tracker: a.tracker}
 	a.term = terminator.New(dp, a.netns, log)
@@ -258,8 +261,10 @@ var errStopped = errors.New("stopped during start-up")
 // The pinned datapath keeps serving.
 func (a *Agent) stop() {
 	close(a.sweepStop)
-	// An apply in progress finishes first: it holds the datapath.
-	a.sources.Close()
+	if a.sources != nil {
+		// An apply in progress finishes first: it holds the datapath.
+		a.sources.Close()
+	}
 	if a.srv != nil {
 		// Let answers in flight finish before the datapath handles they read go away.
 		shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -405,8 +410,12 @@ func (a *Agent) apply(w service.Plan[*config.Config]) error {
 		_, serr := a.dp.SyncPods(datapathPods(a.tracker.Pods(), pol))
 		err = errors.Join(err, serr)
 	}
-	if err != nil || !w.NewSettings {
+	if err != nil {
 		return err
+	}
+	a.recordSources(w.Services)
+	if !w.NewSettings {
+		return nil
 	}
 	a.mu.Lock()
 	a.cfg = cfg

@@ -134,7 +134,7 @@ func TestStatusJSONShape(t *testing.T) {
 	if err := json.Unmarshal(b, &m); err != nil {
 		t.Fatal(err)
 	}
-	for _, k := range []string{"datapath", "nri", "services", "backends", "pods", "config_generation"} {
+	for _, k := range []string{"datapath", "nri", "services", "backends", "pods", "config_generation", "last_reload_error", "sources", "conflicts"} {
 		if _, ok := m[k]; !ok {
 			t.Errorf("status JSON lacks %q: %s", k, b)
 		}
@@ -171,6 +171,7 @@ func testAgent(t testing.TB, dp datapathOps, cgroup2 string, host *netns.Handle,
 		ns = a.netns
 	}
 	a.term = terminator.New(dp, ns, quietLog())
+	a.sources = service.NewReconciler(a.apply, a.logConflicts, 0)
 	a.podsSynced = true
 	t.Cleanup(func() {
 		a.sources.Close()

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -106,7 +107,8 @@ func TestReloadWithABadConfigChangesNothing(t *testing.T) {
 	if st.ConfigGeneration != 1 || !strings.HasPrefix(st.LastReloadError, path+":") || strings.Contains(st.LastReloadError, "\n") {
 		t.Fatalf("after a bad reload: generation %d, last error %q; want 1 and one line naming %s:LINE", st.ConfigGeneration, st.LastReloadError, path)
 	}
-	if got := serviceNames(applies[0]); len(got) != 2 || st.Services != 2 {
+	served, _ := fake.Services()
+	if got := serviceNames(served); !slices.Equal(got, serviceNames(applies[0])) || st.Services != 2 {
 		t.Fatalf("datapath serves %v (%d), want the two services of the running config", got, st.Services)
 	}
 	// A good file again clears the error.
@@ -322,7 +324,7 @@ func TestReconcileKeepsAnUnsyncedSourcesServices(t *testing.T) {
 	if len(st.Conflicts) != 1 || st.Conflicts[0].Key != "10.96.0.20:80/tcp" || st.Conflicts[0].Kept.Source != "file" || st.Conflicts[0].Dropped.Name != "default/clash:http" {
 		t.Fatalf("status conflicts %+v, want the file keeping 10.96.0.20:80/tcp", st.Conflicts)
 	}
-	if len(st.Sources) != 2 || !st.Sources[1].Synced || st.Sources[1].Name != "kubernetes" || st.Sources[1].Services != 2 {
+	if len(st.Sources) != 2 || !st.Sources[1].Synced || st.Sources[1].Name != "kubernetes" || st.Sources[1].Services != 1 {
 		t.Fatalf("status sources %+v", st.Sources)
 	}
 	svcs, _ := fake.Services()
@@ -330,5 +332,70 @@ func TestReconcileKeepsAnUnsyncedSourcesServices(t *testing.T) {
 		if wantSrc := map[string]string{"file/web": "file", "default/new:http": "kubernetes"}[v.Name]; v.Source != wantSrc {
 			t.Fatalf("services shows %s from %q, want %q", v.Name, v.Source, wantSrc)
 		}
+	}
+}
+
+// A config the datapath fails to apply stays the one wanted: the next apply that works,
+// whichever source asked for it, makes it the running config (+1 generation, error gone).
+func TestFailedApplyOfANewConfigIsRetried(t *testing.T) {
+	a, fake, _ := fakeAgent(t)
+	path := filepath.Join(t.TempDir(), "podsock.toml")
+	writeConfig(t, path, webAndDNS)
+	a.reload(path)
+	fake.mu.Lock()
+	fake.applyErr = errors.New("injected: map full")
+	fake.mu.Unlock()
+	writeConfig(t, path, terminateTCP+serviceTOML("default/web", "10.96.0.20", 80, "tcp", "10.88.0.5:8080"))
+	a.reload(path)
+	if st := a.status(); st.ConfigGeneration != 1 || !strings.Contains(st.LastReloadError, "injected") {
+		t.Fatalf("after a failed apply: generation %d, last error %q", st.ConfigGeneration, st.LastReloadError)
+	}
+	if err := <-a.sources.Publish(service.Snapshot{Source: service.SourceKubernetes, Synced: true}); err != nil {
+		t.Fatal(err)
+	}
+	st := a.status()
+	served, _ := fake.Services()
+	if st.ConfigGeneration != 2 || st.LastReloadError != "" || !slices.Equal(serviceNames(served), []string{"default/web 10.96.0.20:80/tcp 1"}) {
+		t.Fatalf("after the next apply: generation %d, last error %q, serving %v; want the new config in force", st.ConfigGeneration, st.LastReloadError, serviceNames(served))
+	}
+}
+
+// The services another source had are kept by the next agent until that source has
+// synced, though the datapath knows no sources: the agent records them in state_dir.
+func TestNextAgentKeepsAnotherSourcesServices(t *testing.T) {
+	stateDir := t.TempDir()
+	first, fake, _ := fakeAgent(t)
+	first.settings.StateDir = stateDir
+	cfg := config.Default()
+	cfg.Services = []service.Service{kubeService("file/web", "10.96.0.20", "10.88.0.2:80")}
+	if err := <-first.publishConfig(cfg); err != nil {
+		t.Fatal(err)
+	}
+	kube := []service.Service{kubeService("default/api:http", "10.96.0.22", "10.88.0.3:80")}
+	if err := <-first.sources.Publish(service.Snapshot{Source: service.SourceKubernetes, Services: kube, Synced: true}); err != nil {
+		t.Fatal(err)
+	}
+
+	next, _, _ := fakeAgent(t)
+	next.dp = fake
+	next.settings.StateDir = stateDir
+	next.adoptRecordedSources()
+	if err := <-next.publishConfig(cfg); err != nil {
+		t.Fatal(err)
+	}
+	served, _ := fake.Services()
+	want := []string{"default/api:http 10.96.0.22:80/tcp 1", "file/web 10.96.0.20:80/tcp 1"}
+	if got := serviceNames(served); !slices.Equal(got, want) {
+		t.Fatalf("the next agent serves %v, want the kubernetes service kept: %v", got, want)
+	}
+	st := next.status()
+	if len(st.Sources) != 2 || st.Sources[1].Name != "kubernetes" || st.Sources[1].Synced || st.Sources[1].Services != 1 {
+		t.Fatalf("sources %+v, want kubernetes unsynced with its 1 service kept", st.Sources)
+	}
+	if err := <-next.sources.Publish(service.Snapshot{Source: service.SourceKubernetes, Synced: true}); err != nil {
+		t.Fatal(err)
+	}
+	if served, _ := fake.Services(); len(served) != 1 {
+		t.Fatalf("once kubernetes synced with nothing, the datapath serves %v", serviceNames(served))
 	}
 }

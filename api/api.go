@@ -41,12 +41,14 @@ type SourceStatus struct {
 	Services int  `json:"services"`
 }
 
-// ServiceConflict is a frontend key ("10.96.0.20:80/tcp") or a name ("name default/web")
-// that two sources claim: Kept serves it, Dropped does not.
+// ServiceConflict is a service left out: Dropped claimed a frontend key
+// ("10.96.0.20:80/tcp") or a name ("name default/web") that Kept took first, or (key
+// "invalid", no Kept) the datapath could not serve it; Reason says which.
 type ServiceConflict struct {
 	Key     string     `json:"key"`
 	Kept    ServiceRef `json:"kept"`
 	Dropped ServiceRef `json:"dropped"`
+	Reason  string     `json:"reason"`
 }
 
 // ServiceRef names a service of one source.

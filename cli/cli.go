@@ -183,6 +183,9 @@ func (c *command) printJSON(v any) error {
 }
 
 func runAgent(c *command) error {
+	if c.agent.Run == nil {
+		return errors.New("this binary cannot run the agent")
+	}
 	return c.agent.Run(context.Background(), c.configPath, agentLogger(c.stderr))
 }
 
@@ -195,6 +198,10 @@ func agentLogger(w io.Writer) *logrus.Logger {
 
 // runPreRegistered is `podsock run` for a binary the runtime launched as an NRI plugin.
 func runPreRegistered(ag Agent, stderr io.Writer) int {
+	if ag.RunPreRegistered == nil {
+		fmt.Fprintln(stderr, "podsock: this binary cannot run the agent")
+		return exitFail
+	}
 	if err := ag.RunPreRegistered(context.Background(), agentLogger(stderr)); err != nil {
 		fmt.Fprintf(stderr, "podsock: %s\n", config.OneLine(err.Error()))
 		return exitFail

@@ -22,8 +22,8 @@ const DefaultPath = "/etc/podsock/podsock.toml"
 // Limits enforced by Validate that no setting changes: the weight range and the
 // fixed-size name field the datapath reports back.
 const (
-	MaxWeight         = 1000
-	MaxServiceNameLen = 127
+	MaxWeight         = service.MaxWeight
+	MaxServiceNameLen = service.MaxNameLen
 )
 
 // Limits is the [limits] section: the capacity of each datapath map, fixed when

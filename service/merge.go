@@ -22,12 +22,15 @@ type Ref struct {
 	Name   string
 }
 
-// Conflict is a frontend (or a name) that two sources claim. Kept serves it; Dropped is
-// left out until the claim goes away.
+// Conflict is a service Merge leaves out: a frontend key ("10.96.0.20:80/tcp") or a
+// name ("name default/web") that another claim took first (Kept), or one the datapath
+// could not serve (Key "invalid", Reason says why; Kept is empty). Dropped stays out until
+// the claim goes away or the service is fixed.
 type Conflict struct {
 	Key     string
 	Kept    Ref
 	Dropped Ref
+	Reason  string
 }
 
 // precedence orders sources for Merge: the file first (an operator's own config beats a
@@ -45,11 +48,11 @@ func precedence(a, b Source) int {
 }
 
 // Merge joins the sources' views into one list the datapath can serve: each frontend key
-// once, and each name owned by one source (a source may give several frontends one name).
-// Where two sources claim a key or a name, the one first in precedence keeps it and the
-// claim of the other is a Conflict. Within one source the first claim of a key wins.
-// Every service in the result has its Source set.
-func Merge(views map[Source][]Service) ([]Service, []Conflict) {
+// once, and each name once (the datapath keys a service's pod policy by its name). Where
+// two claims meet, the source first in precedence keeps it, and within one source the
+// first claim; the other is a Conflict. A service that fails Check(maxBackends) is left
+// out as one too. Every service in the result has its Source set.
+func Merge(views map[Source][]Service, maxBackends int) ([]Service, []Conflict) {
 	sources := make([]Source, 0, len(views))
 	for s := range views {
 		sources = append(sources, s)
@@ -61,22 +64,26 @@ func Merge(views map[Source][]Service) ([]Service, []Conflict) {
 	}
 	out := make([]Service, 0, n)
 	byKey := make(map[string]Ref, n)
-	nameOwner := make(map[string]Source, n)
+	byName := make(map[string]Ref, n)
 	var conflicts []Conflict
 	for _, src := range sources {
 		for _, svc := range views[src] {
 			svc.Source = src
 			ref := Ref{Source: src, Name: svc.Name}
+			if err := svc.Check(maxBackends); err != nil {
+				conflicts = append(conflicts, Conflict{Key: "invalid", Dropped: ref, Reason: err.Error()})
+				continue
+			}
 			key := svc.Key()
 			if kept, taken := byKey[key]; taken {
-				conflicts = append(conflicts, Conflict{Key: key, Kept: kept, Dropped: ref})
+				conflicts = append(conflicts, Conflict{Key: key, Kept: kept, Dropped: ref, Reason: "frontend already served"})
 				continue
 			}
-			if owner, taken := nameOwner[svc.Name]; taken && owner != src {
-				conflicts = append(conflicts, Conflict{Key: "name " + svc.Name, Kept: Ref{Source: owner, Name: svc.Name}, Dropped: ref})
+			if kept, taken := byName[svc.Name]; taken {
+				conflicts = append(conflicts, Conflict{Key: "name " + svc.Name, Kept: kept, Dropped: ref, Reason: "name already used"})
 				continue
 			}
-			byKey[key], nameOwner[svc.Name] = ref, src
+			byKey[key], byName[svc.Name] = ref, ref
 			out = append(out, svc)
 		}
 	}

@@ -18,6 +18,10 @@ type Plan[S any] struct {
 	NewSettings bool
 	Services    []Service
 	Conflicts   []Conflict
+
+	// seq is the settings' number; sources, those whose services the plan holds.
+	seq     uint64
+	sources []Source
 }
 
 // Reconciler is the one way services reach the datapath. Sources publish whole snapshots;
@@ -27,13 +31,18 @@ type Plan[S any] struct {
 type Reconciler[S any] struct {
 	apply        func(Plan[S]) error
 	newConflicts func([]Conflict)
+	maxBackends  int
 
 	mu            sync.Mutex
 	settings      S
 	haveSettings  bool
 	settingsFresh bool
+	settingsSeq   uint64
 	views         map[Source]Snapshot
-	// adopted is what was last applied for each source: an unsynced source keeps it.
+	// registered are sources that will publish: status shows them before they have.
+	registered map[Source]bool
+	// adopted is what the datapath serves for each source, as the last apply that worked
+	// wrote it (or as found at start): an unsynced source keeps it.
 	adopted map[Source][]Service
 	// sourceOf says which source each served key came from.
 	sourceOf  map[string]Source
@@ -47,11 +56,12 @@ type Reconciler[S any] struct {
 }
 
 // NewReconciler starts a reconciler that writes with apply; newConflicts hears of the
-// conflicts an apply has that the one before it did not.
-func NewReconciler[S any](apply func(Plan[S]) error, newConflicts func([]Conflict)) *Reconciler[S] {
+// conflicts an apply has that the one before it did not. Services with more than
+// maxBackends backends (0: no bound) are left out as conflicts.
+func NewReconciler[S any](apply func(Plan[S]) error, newConflicts func([]Conflict), maxBackends int) *Reconciler[S] {
 	r := &Reconciler[S]{
-		apply: apply, newConflicts: newConflicts,
-		views: map[Source]Snapshot{}, adopted: map[Source][]Service{},
+		apply: apply, newConflicts: newConflicts, maxBackends: maxBackends,
+		views: map[Source]Snapshot{}, adopted: map[Source][]Service{}, registered: map[Source]bool{},
 		wake: make(chan struct{}, 1), done: make(chan struct{}),
 	}
 	go r.run()
@@ -64,6 +74,14 @@ func (r *Reconciler[S]) Adopt(src Source, svcs []Service) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.adopted[src] = svcs
+}
+
+// Register announces a source that will publish, so that status shows it (unsynced, with
+// what was adopted for it) before its first snapshot.
+func (r *Reconciler[S]) Register(src Source) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.registered[src] = true
 }
 
 // PublishSettings hands over new settings together with the snapshot of the source they
@@ -86,6 +104,7 @@ func (r *Reconciler[S]) publish(settings *S, snap Snapshot) <-chan error {
 	}
 	if settings != nil {
 		r.settings, r.haveSettings, r.settingsFresh = *settings, true, true
+		r.settingsSeq++
 	}
 	r.views[snap.Source] = snap
 	r.pending = true
@@ -98,40 +117,51 @@ func (r *Reconciler[S]) publish(settings *S, snap Snapshot) <-chan error {
 	return done
 }
 
-// take returns what the next apply should write, the services it takes from each synced
-// source, and those waiting on it; false when nothing is pending or no settings came yet.
-func (r *Reconciler[S]) take() (Plan[S], map[Source][]Service, []chan error, bool) {
+// take returns what the next apply should write and those waiting on it; false when
+// nothing is pending, no settings came yet, or the reconciler closed.
+func (r *Reconciler[S]) take() (Plan[S], []chan error, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if !r.pending || !r.haveSettings {
-		return Plan[S]{}, nil, nil, false
+	if r.closed || !r.pending || !r.haveSettings {
+		return Plan[S]{}, nil, false
 	}
 	views := map[Source][]Service{}
 	for src, svcs := range r.adopted {
 		views[src] = svcs
 	}
-	used := map[Source][]Service{}
 	for src, snap := range r.views {
 		if snap.Synced {
-			views[src], used[src] = snap.Services, snap.Services
+			views[src] = snap.Services
 		}
 	}
-	p := Plan[S]{Settings: r.settings, NewSettings: r.settingsFresh}
-	p.Services, p.Conflicts = Merge(views)
+	p := Plan[S]{Settings: r.settings, NewSettings: r.settingsFresh, seq: r.settingsSeq}
+	for src := range views {
+		p.sources = append(p.sources, src)
+	}
+	p.Services, p.Conflicts = Merge(views, r.maxBackends)
 	waiters := r.waiters
 	r.pending, r.settingsFresh, r.waiters = false, false, nil
-	return p, used, waiters, true
+	return p, waiters, true
 }
 
-// applied records what an apply wrote (a failed one changes nothing adopted) and returns
-// the conflicts the previous apply did not have.
-func (r *Reconciler[S]) applied(p Plan[S], used map[Source][]Service, err error) (fresh []Conflict) {
+// applied records what an apply wrote and returns the conflicts the previous apply did
+// not have. A failed apply changes nothing recorded, and settings it failed to bring in
+// stay new for the next apply, unless newer ones came meanwhile: the next apply that
+// works makes them the running ones.
+func (r *Reconciler[S]) applied(p Plan[S], err error) (fresh []Conflict) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if err == nil {
-		for src, svcs := range used {
-			r.adopted[src] = svcs
+	if err != nil {
+		if p.NewSettings && p.seq == r.settingsSeq {
+			r.settingsFresh = true
 		}
+		return nil
+	}
+	for _, src := range p.sources {
+		r.adopted[src] = nil
+	}
+	for _, s := range p.Services {
+		r.adopted[s.Source] = append(r.adopted[s.Source], s)
 	}
 	r.sourceOf = make(map[string]Source, len(p.Services))
 	for _, s := range p.Services {
@@ -149,12 +179,12 @@ func (r *Reconciler[S]) applied(p Plan[S], used map[Source][]Service, err error)
 func (r *Reconciler[S]) run() {
 	defer close(r.done)
 	for range r.wake {
-		p, used, waiters, ok := r.take()
+		p, waiters, ok := r.take()
 		if !ok {
 			continue
 		}
 		err := r.apply(p)
-		if fresh := r.applied(p, used, err); len(fresh) > 0 && r.newConflicts != nil {
+		if fresh := r.applied(p, err); len(fresh) > 0 && r.newConflicts != nil {
 			r.newConflicts(fresh)
 		}
 		for _, w := range waiters {
@@ -181,21 +211,34 @@ func (r *Reconciler[S]) Close() {
 	}
 }
 
-// SourceState is what one source has handed over.
+// SourceState is one source: whether it has synced, and how many services the datapath
+// serves for it.
 type SourceState struct {
 	Source   Source
 	Synced   bool
 	Services int
 }
 
-// Sources are the sources that have published, by name, and the conflicts of the last
-// apply.
+// Sources are the sources known (published, registered, or with services adopted), by
+// name, and the conflicts of the last apply that worked.
 func (r *Reconciler[S]) Sources() ([]SourceState, []Conflict) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	out := make([]SourceState, 0, len(r.views))
-	for src, snap := range r.views {
-		out = append(out, SourceState{Source: src, Synced: snap.Synced, Services: len(snap.Services)})
+	known := map[Source]bool{}
+	for src := range r.views {
+		known[src] = true
+	}
+	for src := range r.registered {
+		known[src] = true
+	}
+	for src, svcs := range r.adopted {
+		known[src] = known[src] || len(svcs) > 0
+	}
+	out := make([]SourceState, 0, len(known))
+	for src, ok := range known {
+		if ok {
+			out = append(out, SourceState{Source: src, Synced: r.views[src].Synced, Services: len(r.adopted[src])})
+		}
 	}
 	slices.SortFunc(out, func(a, b SourceState) int { return cmp.Compare(a.Source, b.Source) })
 	return out, slices.Clone(r.conflicts)

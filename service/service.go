@@ -6,6 +6,8 @@
 package service
 
 import (
+	"errors"
+	"fmt"
 	"net/netip"
 	"slices"
 )
@@ -133,3 +135,39 @@ func (s Service) AllowsPod(namespace string, labels map[string]string) bool {
 // AllowsHost reports whether sockets of the host netns may connect to the service:
 // always when the service does not restrict clients, else when AllowHost is set.
 func (s Service) AllowsHost() bool { return !s.RestrictsClients() || s.AllowHost }
+
+// Bounds the datapath has whatever the limits: the weight range, and the fixed-size name
+// field it reports back.
+const (
+	MaxWeight  = 1000
+	MaxNameLen = 127
+)
+
+// Check says what keeps the datapath from serving s, or nil: a source hands over what it
+// is given (a file, an API object), and one bad service must not stop the others.
+// maxBackends is limits.backends_per_service; 0 means no bound.
+func (s Service) Check(maxBackends int) error {
+	switch {
+	case s.Name == "" || len(s.Name) > MaxNameLen:
+		return fmt.Errorf("name of %d bytes, want 1 to %d", len(s.Name), MaxNameLen)
+	case !s.VIP.IsValid() || s.VIP.Zone() != "" || s.VIP.Is4In6():
+		return fmt.Errorf("vip %v is not a plain IPv4 or IPv6 address", s.VIP)
+	case s.Port == 0:
+		return errors.New("port 0")
+	case !s.Protocol.Valid():
+		return fmt.Errorf("protocol %q is not tcp or udp", s.Protocol)
+	case maxBackends > 0 && len(s.Backends) > maxBackends:
+		return fmt.Errorf("%d backends exceed limits.backends_per_service = %d", len(s.Backends), maxBackends)
+	}
+	for _, b := range s.Backends {
+		switch {
+		case !b.Addr.IsValid() || b.Addr.Port() == 0 || b.Addr.Addr().Zone() != "":
+			return fmt.Errorf("backend %v is not a plain IP:PORT", b.Addr)
+		case b.Addr.Addr().Is4() != s.VIP.Is4():
+			return fmt.Errorf("backend %v is not of the vip's address family", b.Addr)
+		case b.Weight < 1 || b.Weight > MaxWeight:
+			return fmt.Errorf("backend %v: weight %d out of range (1..%d)", b.Addr, b.Weight, MaxWeight)
+		}
+	}
+	return nil
+}

@@ -13,6 +13,7 @@ all: build
 deps:
 	@scripts/install-deps.sh
 	@scripts/install-runtime.sh
+	@scripts/install-crio.sh
 
 build:
 	go build -o bin/podsock ./cmd/podsock

@@ -23,13 +23,9 @@ want=$( {
   cat "$repo"/tools/go.mod "$repo"/tools/go.sum "$repo"/tools/crictl/go.mod "$repo"/tools/crictl/go.sum
 } | sha256sum | cut -d' ' -f1)
 
-built=1
-for b in "${bins[@]}"; do
-  [[ -x "$repo/bin/$b" ]] || built=0
-done
-if [[ $built -eq 1 && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
-  exit 0
-fi
+# shellcheck source=scripts/stamp.sh
+. "$repo/scripts/stamp.sh"
+stamp_current "$stamp" "$want" "${bins[@]}" && exit 0
 
 echo "install-runtime: building ${bins[*]} into bin/ (a few minutes when cold)"
 mkdir -p "$repo/bin"

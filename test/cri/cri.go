@@ -76,7 +76,7 @@ type engine interface {
 
 func engineFor(k Kind) (engine, error) {
 	switch k {
-	case Containerd:
+	case Containerd, "":
 		return containerd{}, nil
 	case CRIO:
 		return crio{}, nil
@@ -721,7 +721,15 @@ func (r *Runtime) StartContainer(t testenv.TB, p *Pod, name string, args ...stri
 		"command":  []string{"/workload"},
 		"args":     args,
 		"log_path": name + ".log",
-		"linux":    map[string]any{},
+		// The labels a kubelet puts on every container. CRI-O's NRI takes the container's
+		// name from them (without them it reports none); containerd ignores them.
+		"labels": map[string]string{
+			"io.kubernetes.container.name": name,
+			"io.kubernetes.pod.name":       p.Name,
+			"io.kubernetes.pod.namespace":  p.Namespace,
+			"io.kubernetes.pod.uid":        p.UID,
+		},
+		"linux": map[string]any{},
 	}
 	r.eng.containerLinux(cfg["linux"].(map[string]any))
 	cfgPath := r.path("pods", p.UID+"-"+name+".json")

@@ -547,9 +547,16 @@ func (r *Runtime) stopDaemon() error {
 		return nil
 	case <-time.After(stopTimeout):
 	}
-	cmd.Process.Kill()
-	<-exited
-	return fmt.Errorf("stop %s: pid %d ignored SIGTERM for %v; killed", r.kind, cmd.Process.Pid, stopTimeout)
+	// Both are Go programs: SIGQUIT makes the runtime print every goroutine to the log
+	// and exit, which says where it hung.
+	cmd.Process.Signal(syscall.SIGQUIT)
+	select {
+	case <-exited:
+	case <-time.After(2 * time.Second):
+		cmd.Process.Kill()
+		<-exited
+	}
+	return fmt.Errorf("stop %s: pid %d ignored SIGTERM for %v; killed; log (tail):\n%s", r.kind, cmd.Process.Pid, stopTimeout, r.logTail(200))
 }
 
 // Restart stops the runtime and starts it again on the same state, as a runtime upgrade

@@ -79,8 +79,10 @@ soak: deps
 bench: deps build
 	go run ./test/bench
 
+# RUNTIME=crio runs it under CRI-O instead of containerd.
+RUNTIME ?= containerd
 demo: deps build
-	scripts/demo.sh
+	RUNTIME=$(RUNTIME) scripts/demo.sh
 
 clean:
 	rm -rf bin

@@ -13,6 +13,7 @@ all: build
 deps:
 	@scripts/install-deps.sh
 	@scripts/install-runtime.sh
+	@scripts/install-crio.sh
 	@scripts/install-kube.sh
 
 build:
@@ -79,8 +80,10 @@ soak: deps
 bench: deps build
 	go run ./test/bench
 
+# RUNTIME=crio runs it under CRI-O instead of containerd.
+RUNTIME ?= containerd
 demo: deps build
-	scripts/demo.sh
+	RUNTIME=$(RUNTIME) scripts/demo.sh
 
 clean:
 	rm -rf bin

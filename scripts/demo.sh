@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# `make demo`: podsock as the NRI plugin of a private containerd, balancing a service VIP
-# between two backend pods for a client pod, then torn down. Needs root; `make deps` installs
-# (pinned) what it needs.
+# `make demo`: podsock as the NRI plugin of a private containerd (`make demo RUNTIME=crio`:
+# CRI-O), balancing a service VIP between two backend pods for a client pod, then torn down.
+# Needs root; `make deps` installs (pinned) what it needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $(id -u) -ne 0 ]]; then
   echo "demo: run as root (it runs a private containerd, pods, a bridge and a bpffs mount, and removes them)" >&2
   exit 1
 fi
-exec go run ./test/demo -podsock bin/podsock
+exec go run ./test/demo -podsock bin/podsock -runtime "${RUNTIME:-containerd}"

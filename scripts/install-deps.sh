@@ -22,6 +22,14 @@ declare -A PINNED=(
   # the bridge/host-local/loopback CNI plugins in /usr/lib/cni.
   [runc]="1.1.5+ds1-1+deb12u1"
   [containernetworking-plugins]="1.1.1+ds1-3+b5"
+  # CRI-O (scripts/install-crio.sh): cgo against libseccomp and gpgme, pinns linked
+  # statically with gcc, and Debian's conmon as its container monitor.
+  [gcc]="4:12.2.0-3"
+  [libc6-dev]="2.36-9+deb12u14"
+  [pkgconf]="1.8.1-1"
+  [libseccomp-dev]="2.5.4-1+deb12u1"
+  [libgpgme-dev]="1.18.0-3+deb12u1"
+  [conmon]="2.1.6+ds1-1"
 )
 
 selected=("$@")

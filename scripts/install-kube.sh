@@ -27,7 +27,7 @@ want=$( {
 
 # shellcheck source=scripts/stamp.sh
 source "$repo/scripts/stamp.sh"
-if stamp_fresh "$stamp" "$want" "${bins[@]}"; then
+if stamp_current "$stamp" "$want" "${bins[@]}"; then
   exit 0
 fi
 

@@ -24,10 +24,8 @@ want=$( {
 } | sha256sum | cut -d' ' -f1)
 
 # shellcheck source=scripts/stamp.sh
-source "$repo/scripts/stamp.sh"
-if stamp_fresh "$stamp" "$want" "${bins[@]}"; then
-  exit 0
-fi
+. "$repo/scripts/stamp.sh"
+stamp_current "$stamp" "$want" "${bins[@]}" && exit 0
 
 echo "install-runtime: building ${bins[*]} into bin/ (a few minutes when cold)"
 mkdir -p "$repo/bin"

@@ -1,10 +1,8 @@
-# shellcheck shell=bash
-# Sourced by the install scripts. A build is skipped when all its binaries are in bin/ and
-# the stamp next to them records the same inputs (a hash of the Go version and the module
-# files that pin them).
+# Sourced by the install scripts: a build into bin/ is redone only when what it was built
+# from changes. The stamp holds the sha256 of that input.
 
-# stamp_fresh STAMP HASH BIN...: true when every BIN is in $repo/bin and STAMP holds HASH.
-stamp_fresh() {
+# stamp_current STAMP WANT BIN...: true when every BIN is in bin/ and STAMP holds WANT.
+stamp_current() {
   local stamp=$1 want=$2 b
   shift 2
   for b in "$@"; do

@@ -43,6 +43,7 @@ var (
 	podRounds   = flag.Int("podstart", 20, "pod start rounds, each starting one pod with podsock attached and one without")
 	only        = flag.String("only", "", `run one section only: "socklb", "podstart" or "sockets"`)
 	podServices = flag.Int("podstart-services", 10000, "services (one in ten with an allow-list) podsock serves during the pod start bench")
+	podRuntimes = flag.String("podstart-runtimes", "containerd,crio", "runtimes the pod start bench runs under, comma-separated")
 )
 
 var (
@@ -104,11 +105,17 @@ func (e *env) run() {
 }
 
 func (e *env) printPodStart() {
-	fmt.Printf("\npod start (crictl runp + create + start), %d rounds alternating a containerd with podsock as its NRI plugin (serving %d services) and one without...\n", *podRounds, *podServices+2)
-	r := e.podStart(*podRounds)
+	for _, k := range strings.Split(*podRuntimes, ",") {
+		e.printPodStartUnder(cri.Kind(strings.TrimSpace(k)))
+	}
+}
+
+func (e *env) printPodStartUnder(kind cri.Kind) {
+	fmt.Printf("\npod start under %s (crictl runp + create + start), %d rounds alternating a %s with podsock as its NRI plugin (serving %d services) and one without...\n", kind, *podRounds, kind, *podServices+2)
+	r := e.podStart(kind, *podRounds)
 	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "case\tpodsock\tbaseline\tratio\ttarget\t")
-	fmt.Fprintf(w, "pod start: with podsock vs without\t%v\t%v\t%.3fx\t<= 1.05x\t\n",
+	fmt.Fprintf(w, "pod start under %s: with podsock vs without\t%v\t%v\t%.3fx\t<= 1.05x\t\n", kind,
 		median(r.with).Round(time.Millisecond/10), median(r.without).Round(time.Millisecond/10), medianRatio(r.ratios))
 	w.Flush()
 	fmt.Println("\nNRI handler latency (time inside podsock's handlers), per event:")

@@ -15,20 +15,20 @@ import (
 	"github.com/podsock/podsock/test/testenv"
 )
 
-// podStartResult is the pod start comparison: the same pod started on a containerd with
-// podsock registered as its NRI plugin and on an identical containerd without it.
+// podStartResult is the pod start comparison: the same pod started on a runtime with
+// podsock registered as its NRI plugin and on an identical runtime without it.
 type podStartResult struct {
 	with, without []time.Duration // runp + create + start, one per round
 	ratios        []float64       // per round, with/without
 	latency       map[string]api.LatencySummary
 }
 
-// podStart runs rounds of "start a pod and its container" on two private containerds, one
-// with podsock attached over NRI and one without, alternating which goes first, and
-// removes the pods as it goes.
-func (e *env) podStart(rounds int) podStartResult {
-	withRT := cri.Start(e, cri.Options{})
-	withoutRT := cri.Start(e, cri.Options{})
+// podStart runs rounds of "start a pod and its container" on two private runtimes of one
+// kind, one with podsock attached over NRI and one without, alternating which goes first,
+// and removes the pods as it goes.
+func (e *env) podStart(kind cri.Kind, rounds int) podStartResult {
+	withRT := cri.Start(e, cri.Options{Runtime: kind})
+	withoutRT := cri.Start(e, cri.Options{Runtime: kind})
 	cfgPath := e.podsockFor(withRT)
 
 	start := func(rt *cri.Runtime, i int) time.Duration {

@@ -1,6 +1,6 @@
-// Package cri runs a real, private containerd (with NRI, runc and CNI bridge networking)
-// for end-to-end tests, benchmarks and the demo, and drives it with crictl like a kubelet
-// would.
+// Package cri runs a real, private container runtime, containerd or CRI-O (with NRI, runc
+// and CNI bridge networking), for end-to-end tests, benchmarks and the demo, and drives it
+// with crictl like a kubelet would.
 //
 // Everything it creates is private to one Runtime and removed by its cleanup, even when a
 // test fails: state dir, sockets, bridge, pod subnet, pod cgroups, CNI results, mounts.
@@ -38,21 +38,69 @@ import (
 	"github.com/podsock/podsock/test/testenv"
 )
 
-// Options configures a Runtime. The zero value is a runtime with NRI on a private socket
+// Kind names a container runtime the harness can run.
+type Kind string
+
+const (
+	Containerd Kind = "containerd" // containerd v2 with its runc shim
+	CRIO       Kind = "crio"       // CRI-O with conmon and runc
+)
+
+// Kinds are the runtimes every real-runtime scenario runs under.
+var Kinds = []Kind{Containerd, CRIO}
+
+// engine is what differs between the runtimes: their own configuration, daemon, image
+// import, pod and container settings and helper processes. Everything else (CNI, crictl,
+// pods, safety checks, cleanup) is the harness's, the same for both.
+type engine interface {
+	// tools are the binaries it needs in bin/.
+	tools() []string
+	// socket is the CRI socket the daemon serves.
+	socket(r *Runtime) string
+	// writeConfig writes the runtime's own configuration into the state dir.
+	writeConfig(r *Runtime) error
+	// command is the daemon, configured from the state dir only.
+	command(r *Runtime) *exec.Cmd
+	// loadImage makes the OCI archive usable by CRI. It is called once before the daemon
+	// starts and once after; each engine acts in the one it needs.
+	loadImage(r *Runtime, archive string, running bool) error
+	// podLinux and containerLinux adjust the "linux" section of the CRI pod sandbox and
+	// container configs.
+	podLinux(linux map[string]any)
+	containerLinux(linux map[string]any)
+	// helpers are the PIDs of this runtime's per-container helpers still alive (shims,
+	// monitors), which a failed teardown may leave behind.
+	helpers(r *Runtime) []int
+}
+
+func engineFor(k Kind) (engine, error) {
+	switch k {
+	case Containerd, "":
+		return containerd{}, nil
+	case CRIO:
+		return crio{}, nil
+	}
+	return nil, fmt.Errorf("unknown runtime %q (want %v)", k, Kinds)
+}
+
+// Options configures a Runtime. The zero value is a containerd with NRI on a private socket
 // and no pre-registered plugins.
 type Options struct {
-	NRISocket        string        // where containerd's NRI listens; default <state dir>/nri.sock
+	Runtime          Kind          // "" is Containerd
+	NRISocket        string        // where the runtime's NRI listens; default <state dir>/nri.sock
 	NRIPluginDir     string        // plugin_path for pre-registered plugins; "" = an empty private dir
 	NRIPluginConfDir string        // plugin_config_path; "" = an empty private dir
 	NRITimeout       time.Duration // plugin_request_timeout; default 2s
 	VIPRange         netip.Prefix  // blackholed inside every pod netns; default 10.96.0.0/16
-	// BeforeStart runs once the runtime's paths are chosen and just before containerd
+	// BeforeStart runs once the runtime's paths are chosen and just before the daemon
 	// starts, e.g. to install a pre-registered plugin that needs CgroupRoot.
 	BeforeStart func(*Runtime) error
 }
 
-// Runtime is one private containerd and everything it set up.
+// Runtime is one private containerd or CRI-O and everything it set up.
 type Runtime struct {
+	kind       Kind
+	eng        engine
 	id         string // 8 hex digits naming the bridge, the CNI network and the cgroup root
 	dir        string // state dir; every path below lives under it
 	bin        string // <repo>/bin
@@ -61,7 +109,7 @@ type Runtime struct {
 	bridge     string
 	cgroupRoot string
 	runc       string
-	// libcni caches results in /var/lib/cni whatever containerd is told; remove the
+	// libcni caches results in /var/lib/cni whatever the runtime is told; remove the
 	// (empty) directories at Stop only if this runtime created them.
 	cniCacheExisted bool
 
@@ -112,13 +160,21 @@ const (
 	cniCacheDir     = "/var/lib/cni"
 )
 
-var requiredTools = []string{"containerd", "containerd-shim-runc-v2", "ctr", "crictl"}
-
-// Require skips a test that needs the real runtime when it cannot run here (not root, no
-// cgroup v2, runtime not installed), and fails it instead when CI=true.
-func Require(t testing.TB) {
+// Require skips a test that needs the real runtime (containerd, or each kind given) when
+// it cannot run here (not root, no cgroup v2, runtime not installed), and fails it instead
+// when CI=true.
+func Require(t testing.TB, kinds ...Kind) {
 	t.Helper()
-	if err := prerequisites(); err != nil {
+	if len(kinds) == 0 {
+		kinds = []Kind{Containerd}
+	}
+	var err error
+	for _, k := range kinds {
+		if err = prerequisites(k); err != nil {
+			break
+		}
+	}
+	if err != nil {
 		if os.Getenv("CI") == "true" {
 			t.Fatalf("real-runtime test cannot run in CI: %v", err)
 		}
@@ -126,7 +182,11 @@ func Require(t testing.TB) {
 	}
 }
 
-func prerequisites() error {
+func prerequisites(k Kind) error {
+	eng, err := engineFor(k)
+	if err != nil {
+		return err
+	}
 	if os.Geteuid() != 0 {
 		return errors.New("needs root")
 	}
@@ -137,13 +197,21 @@ func prerequisites() error {
 	if err != nil {
 		return err
 	}
-	for _, b := range requiredTools {
+	for _, b := range eng.tools() {
 		if _, err := os.Stat(filepath.Join(root, "bin", b)); err != nil {
 			return fmt.Errorf("bin/%s not built: run make deps", b)
 		}
 	}
 	if _, err := runcPath(); err != nil {
 		return fmt.Errorf("runc not installed: run make deps")
+	}
+	if k == CRIO {
+		if _, err := os.Stat(conmonPath); err != nil {
+			return fmt.Errorf("conmon not installed: run make deps")
+		}
+		if _, err := exec.LookPath("unshare"); err != nil {
+			return errors.New("unshare not in PATH")
+		}
 	}
 	for _, p := range []string{"bridge", "host-local", "loopback"} {
 		if _, err := os.Stat(filepath.Join(cniBinDir, p)); err != nil {
@@ -169,11 +237,18 @@ func runcPath() (string, error) {
 	return "/usr/sbin/runc", nil
 }
 
-// Start brings up a private containerd and registers the cleanup of everything it and
-// its pods create.
+// Start brings up a private runtime of the kind opts names and registers the cleanup of
+// everything it and its pods create.
 func Start(t testenv.TB, opts Options) *Runtime {
 	t.Helper()
-	if err := prerequisites(); err != nil {
+	if opts.Runtime == "" {
+		opts.Runtime = Containerd
+	}
+	eng, err := engineFor(opts.Runtime)
+	if err != nil {
+		t.Fatalf("start runtime: %v", err)
+	}
+	if err := prerequisites(opts.Runtime); err != nil {
 		t.Fatalf("start runtime: %v", err)
 	}
 	root, err := testenv.RepoRoot()
@@ -191,13 +266,21 @@ func Start(t testenv.TB, opts Options) *Runtime {
 		opts.NRITimeout = 2 * time.Second
 	}
 	id := randomHex(4)
+	// Each kind names its own bridge, dirs and cgroups, so that a containerd and a CRI-O
+	// of one test never share one and a leftover says whose it is.
+	tag, bridge := "e2e", "psk"
+	if opts.Runtime == CRIO {
+		tag, bridge = "crio", "psc"
+	}
 	r := &Runtime{
+		kind:       opts.Runtime,
+		eng:        eng,
 		id:         id,
-		dir:        "/run/podsock-e2e-" + id,
+		dir:        "/run/podsock-" + tag + "-" + id,
 		bin:        filepath.Join(root, "bin"),
 		opts:       opts,
-		bridge:     "psk" + id,
-		cgroupRoot: "/podsock-e2e-" + id,
+		bridge:     bridge + id,
+		cgroupRoot: "/podsock-" + tag + "-" + id,
 		runc:       runc,
 		pods:       map[string]*Pod{},
 	}
@@ -223,7 +306,7 @@ func Start(t testenv.TB, opts Options) *Runtime {
 			t.Fatalf("start runtime: %v", err)
 		}
 	}
-	if r.subnet, err = pickSubnet(opts.VIPRange); err != nil {
+	if r.subnet, err = pickSubnet(opts.Runtime, opts.VIPRange); err != nil {
 		t.Fatalf("start runtime: %v", err)
 	}
 	if err := r.writeConfigs(); err != nil {
@@ -237,19 +320,21 @@ func Start(t testenv.TB, opts Options) *Runtime {
 	if err != nil {
 		t.Fatalf("start runtime: %v", err)
 	}
+	if err := r.eng.loadImage(r, image, false); err != nil {
+		t.Fatalf("start runtime: %v", err)
+	}
 	if r.opts.BeforeStart != nil {
 		if err := r.opts.BeforeStart(r); err != nil {
 			t.Fatalf("start runtime: %v", err)
 		}
 	}
-	if err := r.startContainerd(); err != nil {
+	if err := r.startDaemon(); err != nil {
 		r.fatalf(t, "start runtime: %v", err)
 	}
-	ctr := exec.Command(filepath.Join(r.bin, "ctr"), "-n", "k8s.io", "--address", r.path("containerd.sock"), "images", "import", image)
-	if out, err := ctr.CombinedOutput(); err != nil {
-		r.fatalf(t, "import workload image: %v\n%s", err, out)
+	if err := r.eng.loadImage(r, image, true); err != nil {
+		r.fatalf(t, "start runtime: %v", err)
 	}
-	// The CRI plugin learns of imported images from events; wait until it can use it.
+	// Wait until CRI can use the image (containerd's CRI plugin learns of it from events).
 	if err := r.poll(readyTimeout, func() error {
 		_, err := r.Crictl("inspecti", ImageName)
 		return err
@@ -263,7 +348,10 @@ func (r *Runtime) path(name ...string) string {
 	return filepath.Join(append([]string{r.dir}, name...)...)
 }
 
-// NRISocket is where containerd serves NRI: point the plugin under test here.
+// Kind is which runtime this is.
+func (r *Runtime) Kind() Kind { return r.kind }
+
+// NRISocket is where the runtime serves NRI: point the plugin under test here.
 func (r *Runtime) NRISocket() string { return r.opts.NRISocket }
 
 // CgroupRoot is the cgroup every pod of this runtime is below, absolute within the cgroup2
@@ -273,12 +361,17 @@ func (r *Runtime) CgroupRoot() string { return r.cgroupRoot }
 // Subnet is the pod network; nothing else is reachable from the pods.
 func (r *Runtime) Subnet() netip.Prefix { return r.subnet }
 
-// StateDir is the runtime's private directory (containerd log at containerd.log).
+// StateDir is the runtime's private directory (the daemon's log at <kind>.log).
 func (r *Runtime) StateDir() string { return r.dir }
 
-// pickSubnet chooses a /24 in 10.244.64.0–10.244.191.0 that no local route overlaps, so
-// that parallel runtimes and the host's own networks never share addresses.
-func pickSubnet(vips netip.Prefix) (netip.Prefix, error) {
+// pickSubnet chooses a /24 that no local route overlaps, so that parallel runtimes and the
+// host's own networks never share addresses: containerd's in 10.244.64.0–10.244.191.0,
+// CRI-O's in 10.244.192.0–10.244.255.0, so that the two kinds never share a range either.
+func pickSubnet(k Kind, vips netip.Prefix) (netip.Prefix, error) {
+	first, n := int64(64), int64(128)
+	if k == CRIO {
+		first, n = 192, 64
+	}
 	out, err := exec.Command("ip", "-4", "-o", "route", "show", "table", "all").Output()
 	if err != nil {
 		return netip.Prefix{}, fmt.Errorf("list routes: %w", err)
@@ -296,91 +389,24 @@ func pickSubnet(vips netip.Prefix) (netip.Prefix, error) {
 	}
 	used = append(used, vips)
 	for range 50 {
-		n, err := rand.Int(rand.Reader, big.NewInt(128))
+		i, err := rand.Int(rand.Reader, big.NewInt(n))
 		if err != nil {
 			return netip.Prefix{}, err
 		}
-		cand := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(64 + n.Int64()), 0}), 24)
+		cand := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(first + i.Int64()), 0}), 24)
 		if !slices.ContainsFunc(used, cand.Overlaps) {
 			return cand, nil
 		}
 	}
-	return netip.Prefix{}, errors.New("no free pod /24 in 10.244.64.0-10.244.191.255")
+	return netip.Prefix{}, fmt.Errorf("no free pod /24 in 10.244.%d.0-10.244.%d.255", first, first+n-1)
 }
 
+// writeConfigs writes the runtime's own configuration, and the CNI network and crictl
+// configuration the harness gives both kinds.
 func (r *Runtime) writeConfigs() error {
-	q := strconv.Quote
-	// Version 4 is what containerd 2.4 writes; an older version works but is migrated
-	// with a warning at every start. Only the files in imports are loaded (the default
-	// /etc/containerd/conf.d shows in "config dump" but is not read when imports is set).
-	config := fmt.Sprintf(`version = 4
-root = %s
-state = %s
-temp = %s
-imports = []
-# Plugins that would otherwise touch host-global paths or devices.
-disabled_plugins = [
-  'io.containerd.snapshotter.v1.btrfs', 'io.containerd.snapshotter.v1.zfs',
-  'io.containerd.snapshotter.v1.devmapper', 'io.containerd.snapshotter.v1.blockfile',
-  'io.containerd.snapshotter.v1.erofs', 'io.containerd.differ.v1.erofs',
-  'io.containerd.image-verifier.v1.bindir', 'io.containerd.tracing.processor.v1.otlp',
-  'io.containerd.internal.v1.tracing',
-]
-
-[plugins.'io.containerd.server.v1.grpc']
-  address = %s
-[plugins.'io.containerd.server.v1.ttrpc']
-  address = %s
-
-[plugins.'io.containerd.internal.v1.opt']
-  path = %s
-[plugins.'io.containerd.shim.v1.manager']
-  socket_dir = %s
-
-[plugins.'io.containerd.cri.v1.images']
-  snapshotter = 'overlayfs'
-  [plugins.'io.containerd.cri.v1.images'.pinned_images]
-    sandbox = %s
-
-[plugins.'io.containerd.cri.v1.runtime']
-  restrict_oom_score_adj = true
-  netns_mounts_under_state_dir = true
-  cdi_spec_dirs = []
-  [plugins.'io.containerd.cri.v1.runtime'.containerd]
-    default_runtime_name = 'runc'
-    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
-      runtime_type = 'io.containerd.runc.v2'
-      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
-        BinaryName = %s
-        # runc's own state, by default in /run/containerd/runc.
-        Root = %s
-        SystemdCgroup = false
-  [plugins.'io.containerd.cri.v1.runtime'.cni]
-    bin_dirs = [%s]
-    conf_dir = %s
-    max_conf_num = 1
-
-[plugins.'io.containerd.grpc.v1.cri']
-  disable_tcp_service = true
-  stream_server_address = '127.0.0.1'
-  stream_server_port = '0'
-
-[plugins.'io.containerd.nri.v1.nri']
-  disable = false
-  socket_path = %s
-  plugin_path = %s
-  plugin_config_path = %s
-  plugin_request_timeout = %s
-`,
-		q(r.path("root")), q(r.path("state")), q(r.path("tmp")),
-		q(r.path("containerd.sock")), q(r.path("containerd.sock.ttrpc")),
-		q(r.path("opt")), q(r.path("s")),
-		q(ImageName),
-		q(r.runc), q(r.path("runc")),
-		q(cniBinDir), q(r.path("net.d")),
-		q(r.opts.NRISocket), q(r.opts.NRIPluginDir), q(r.opts.NRIPluginConfDir),
-		q(r.opts.NRITimeout.String()),
-	)
+	if err := r.eng.writeConfig(r); err != nil {
+		return err
+	}
 	// Only the pod subnet is routed: no default route (isDefaultGateway), no masquerade,
 	// so nothing a pod sends can leave through the host. No gateway address either: pods
 	// talk to each other over the bridge, and a gateway would make the plugin switch on
@@ -407,10 +433,9 @@ disabled_plugins = [
 	if err != nil {
 		return err
 	}
-	endpoint := "unix://" + r.path("containerd.sock")
+	endpoint := "unix://" + r.eng.socket(r)
 	crictl := fmt.Sprintf("runtime-endpoint: %s\nimage-endpoint: %s\ntimeout: 30\npull-image-on-create: false\n", endpoint, endpoint)
 	for name, data := range map[string][]byte{
-		"containerd.toml":                    []byte(config),
 		"net.d/10-" + r.bridge + ".conflist": cniJSON,
 		"crictl.yaml":                        []byte(crictl),
 	} {
@@ -421,21 +446,21 @@ disabled_plugins = [
 	return nil
 }
 
-func (r *Runtime) startContainerd() error {
-	logf, err := os.OpenFile(r.path("containerd.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+func (r *Runtime) logPath() string { return r.path(string(r.kind) + ".log") }
+
+func (r *Runtime) startDaemon() error {
+	logf, err := os.OpenFile(r.logPath(), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
-		return fmt.Errorf("start containerd: %w", err)
+		return fmt.Errorf("start %s: %w", r.kind, err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(filepath.Join(r.bin, "containerd"), "--config", r.path("containerd.toml"))
+	cmd := r.eng.command(r)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	// The shim is found through PATH; runc and the CNI plugins are configured by path.
-	cmd.Env = append(os.Environ(), "PATH="+r.bin+":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-	// Its own process group: a ^C to the test must not kill containerd before the
+	// Its own process group: a ^C to the test must not kill the runtime before the
 	// cleanup has removed the pods through it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start containerd: %w", err)
+		return fmt.Errorf("start %s: %w", r.kind, err)
 	}
 	exited := make(chan struct{})
 	go func() {
@@ -448,14 +473,14 @@ func (r *Runtime) startContainerd() error {
 	err = r.poll(readyTimeout, func() error {
 		select {
 		case <-exited:
-			return errStop{fmt.Errorf("containerd exited: %v", cmd.ProcessState)}
+			return errStop{fmt.Errorf("%s exited: %v", r.kind, cmd.ProcessState)}
 		default:
 		}
 		_, err := r.Crictl("info")
 		return err
 	})
 	if err != nil {
-		return fmt.Errorf("containerd not ready: %w", err)
+		return fmt.Errorf("%s not ready: %w", r.kind, err)
 	}
 	return nil
 }
@@ -478,9 +503,9 @@ func (r *Runtime) poll(timeout time.Duration, fn func() error) error {
 	}
 }
 
-// stopContainerd sends SIGTERM to the containerd we started, and SIGKILL to that PID if
-// it has not exited in time. Shims and pods keep running.
-func (r *Runtime) stopContainerd() error {
+// stopDaemon sends SIGTERM to the runtime we started, and SIGKILL to that PID if it has
+// not exited in time. Shims (or conmons) and pods keep running.
+func (r *Runtime) stopDaemon() error {
 	r.mu.Lock()
 	cmd, exited := r.cmd, r.exited
 	r.cmd = nil
@@ -489,26 +514,33 @@ func (r *Runtime) stopContainerd() error {
 		return nil
 	}
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil && !errors.Is(err, os.ErrProcessDone) {
-		return fmt.Errorf("stop containerd: %w", err)
+		return fmt.Errorf("stop %s: %w", r.kind, err)
 	}
 	select {
 	case <-exited:
 		return nil
 	case <-time.After(stopTimeout):
 	}
-	cmd.Process.Kill()
-	<-exited
-	return fmt.Errorf("stop containerd: pid %d ignored SIGTERM for %v; killed", cmd.Process.Pid, stopTimeout)
+	// Both are Go programs: SIGQUIT makes the runtime print every goroutine to the log
+	// and exit, which says where it hung.
+	cmd.Process.Signal(syscall.SIGQUIT)
+	select {
+	case <-exited:
+	case <-time.After(2 * time.Second):
+		cmd.Process.Kill()
+		<-exited
+	}
+	return fmt.Errorf("stop %s: pid %d ignored SIGTERM for %v; killed; log (tail):\n%s", r.kind, cmd.Process.Pid, stopTimeout, r.logTail(200))
 }
 
-// Restart stops containerd and starts it again on the same state, as a runtime upgrade
+// Restart stops the runtime and starts it again on the same state, as a runtime upgrade
 // would: pods and containers keep running, NRI plugins must reconnect.
 func (r *Runtime) Restart(t testenv.TB) {
 	t.Helper()
-	if err := r.stopContainerd(); err != nil {
+	if err := r.stopDaemon(); err != nil {
 		r.fatalf(t, "restart: %v", err)
 	}
-	if err := r.startContainerd(); err != nil {
+	if err := r.startDaemon(); err != nil {
 		r.fatalf(t, "restart: %v", err)
 	}
 }
@@ -558,6 +590,7 @@ func (r *Runtime) RunPod(t testenv.TB, spec PodSpec) *Pod {
 		"annotations":   spec.Annotations,
 		"linux":         map[string]any{"cgroup_parent": p.CgroupParent},
 	}
+	r.eng.podLinux(cfg["linux"].(map[string]any))
 	if err := writeJSON(p.configPath, cfg); err != nil {
 		t.Fatalf("run pod %s: %v", spec.Name, err)
 	}
@@ -669,8 +702,17 @@ func (r *Runtime) StartContainer(t testenv.TB, p *Pod, name string, args ...stri
 		"command":  []string{"/workload"},
 		"args":     args,
 		"log_path": name + ".log",
-		"linux":    map[string]any{},
+		// The labels a kubelet puts on every container. CRI-O's NRI takes the container's
+		// name from them (without them it reports none); containerd ignores them.
+		"labels": map[string]string{
+			"io.kubernetes.container.name": name,
+			"io.kubernetes.pod.name":       p.Name,
+			"io.kubernetes.pod.namespace":  p.Namespace,
+			"io.kubernetes.pod.uid":        p.UID,
+		},
+		"linux": map[string]any{},
 	}
+	r.eng.containerLinux(cfg["linux"].(map[string]any))
 	cfgPath := r.path("pods", p.UID+"-"+name+".json")
 	if err := writeJSON(cfgPath, cfg); err != nil {
 		t.Fatalf("container %s: %v", name, err)
@@ -772,7 +814,7 @@ func (r *Runtime) removePod(p *Pod) error {
 	return nil
 }
 
-// Stop removes every pod, stops containerd and removes everything the runtime created:
+// Stop removes every pod, stops the runtime and removes everything it created:
 // mounts, bridge, cgroups, CNI results, state dir. It runs at cleanup; calling it earlier
 // (e.g. to time the teardown) is fine.
 func (r *Runtime) Stop(t testenv.TB) {
@@ -790,7 +832,7 @@ func (r *Runtime) Stop(t testenv.TB) {
 		Failed() bool
 		Logf(string, ...any)
 	}); ok && f.Failed() {
-		f.Logf("containerd log (tail):\n%s", r.logTail(60))
+		f.Logf("%s log (tail):\n%s", r.kind, r.logTail(60))
 	}
 	var errs []error
 	if running {
@@ -808,7 +850,7 @@ func (r *Runtime) Stop(t testenv.TB) {
 			}
 		}
 	}
-	if err := r.stopContainerd(); err != nil {
+	if err := r.stopDaemon(); err != nil {
 		errs = append(errs, err)
 	}
 	errs = append(errs, r.killLeftovers()...)
@@ -839,7 +881,7 @@ func (r *Runtime) Stop(t testenv.TB) {
 }
 
 // killLeftovers kills, by PID, what a failed teardown could leave running: container
-// processes in this runtime's cgroups and this runtime's shims.
+// processes in this runtime's cgroups and this runtime's shims or conmons.
 func (r *Runtime) killLeftovers() []error {
 	var errs []error
 	for _, mnt := range cgroupMounts() {
@@ -860,23 +902,10 @@ func (r *Runtime) killLeftovers() []error {
 			return nil
 		})
 	}
-	filepath.WalkDir(r.path("state"), func(p string, d os.DirEntry, err error) error {
-		if err != nil || d.Name() != "shim.pid" {
-			return nil //nolint:nilerr // nothing there, nothing to kill
-		}
-		b, _ := os.ReadFile(p)
-		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-		if err != nil {
-			return nil //nolint:nilerr // not a pid file we understand
-		}
-		// PIDs are reused: only a shim whose command line names this runtime's socket.
-		cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		if bytes.Contains(cmdline, []byte(r.dir+"/")) {
-			errs = append(errs, fmt.Errorf("shim %d still running; killed", pid))
-			unix.Kill(pid, unix.SIGKILL)
-		}
-		return nil
-	})
+	for _, pid := range r.eng.helpers(r) {
+		errs = append(errs, fmt.Errorf("%s helper %d still running; killed", r.kind, pid))
+		unix.Kill(pid, unix.SIGKILL)
+	}
 	return errs
 }
 
@@ -1000,24 +1029,27 @@ func (r *Runtime) Leftovers() []string {
 			left = append(left, filepath.Join(mnt.path, r.cgroupRoot))
 		}
 	}
+	for _, pid := range r.eng.helpers(r) {
+		left = append(left, fmt.Sprintf("%s helper pid %d", r.kind, pid))
+	}
 	results, _ := filepath.Glob(filepath.Join(cniCacheDir, "results", r.bridge+"-*"))
 	left = append(left, results...)
 	r.mu.Lock()
 	if r.cmd != nil {
-		left = append(left, fmt.Sprintf("containerd pid %d", r.cmd.Process.Pid))
+		left = append(left, fmt.Sprintf("%s pid %d", r.kind, r.cmd.Process.Pid))
 	}
 	r.mu.Unlock()
 	return left
 }
 
-// fatalf fails the test with the tail of the containerd log, which usually says why.
+// fatalf fails the test with the tail of the runtime's log, which usually says why.
 func (r *Runtime) fatalf(t testenv.TB, format string, args ...any) {
 	t.Helper()
-	t.Fatalf(format+"\ncontainerd log (tail):\n%s", append(args, r.logTail(30))...)
+	t.Fatalf(format+"\n%s log (tail):\n%s", append(args, r.kind, r.logTail(30))...)
 }
 
 func (r *Runtime) logTail(n int) string {
-	b, err := os.ReadFile(r.path("containerd.log"))
+	b, err := os.ReadFile(r.logPath())
 	if err != nil {
 		return fmt.Sprintf("(no log: %v)", err)
 	}

@@ -11,15 +11,21 @@ import (
 	"github.com/podsock/podsock/test/testenv"
 )
 
-// TestPrivilegedCRI drives a real containerd the way a kubelet would and checks what the
-// workloads see: replies from the right pod, the VIP range unreachable (blackholed), pods
-// surviving a containerd restart, and nothing left behind afterwards.
+// TestPrivilegedCRI drives a real containerd, and a real CRI-O, the way a kubelet would
+// and checks what the workloads see: replies from the right pod, the VIP range unreachable
+// (blackholed), pods surviving a runtime restart, and nothing left behind afterwards.
 func TestPrivilegedCRI(t *testing.T) {
-	Require(t)
+	for _, k := range Kinds {
+		t.Run(string(k), func(t *testing.T) { testCRI(t, k) })
+	}
+}
+
+func testCRI(t *testing.T, kind Kind) {
+	Require(t, kind)
 	begin := time.Now()
-	r := Start(t, Options{})
-	t.Logf("containerd ready with the image imported in %v (subnet %s, cgroup root %s)",
-		time.Since(begin).Round(time.Millisecond), r.Subnet(), r.CgroupRoot())
+	r := Start(t, Options{Runtime: kind})
+	t.Logf("%s ready with the image imported in %v (subnet %s, cgroup root %s)",
+		kind, time.Since(begin).Round(time.Millisecond), r.Subnet(), r.CgroupRoot())
 
 	podStart := time.Now()
 	a := r.RunPod(t, PodSpec{Name: "backend-a", Labels: map[string]string{"app": "web"}})
@@ -41,6 +47,15 @@ func TestPrivilegedCRI(t *testing.T) {
 		want := c.Pod.CgroupParent + "/"
 		if !strings.HasPrefix(c.CgroupPath, r.CgroupRoot()+"/pod"+c.Pod.UID+"/") || !strings.HasPrefix(c.CgroupPath, want) {
 			t.Errorf("container %s/%s cgroup %q, want below %s", c.Pod.Name, c.Name, c.CgroupPath, want)
+		}
+		// containerd names the container's cgroup by its ID; CRI-O's cgroupfs manager
+		// prefixes it with "crio-".
+		leaf := c.ID
+		if kind == CRIO {
+			leaf = "crio-" + c.ID
+		}
+		if c.CgroupPath != want+leaf {
+			t.Errorf("container %s/%s cgroup %q, want %s", c.Pod.Name, c.Name, c.CgroupPath, want+leaf)
 		}
 	}
 
@@ -72,7 +87,7 @@ func TestPrivilegedCRI(t *testing.T) {
 
 	restart := time.Now()
 	r.Restart(t)
-	t.Logf("containerd restart in %v", time.Since(restart).Round(time.Millisecond))
+	t.Logf("%s restart in %v", kind, time.Since(restart).Round(time.Millisecond))
 	for _, c := range []*Container{sa, sb, cc} {
 		if err := syscall.Kill(c.Pid, 0); err != nil {
 			t.Fatalf("container %s/%s (pid %d) gone after restart: %v", c.Pod.Name, c.Name, c.Pid, err)
@@ -107,7 +122,13 @@ func blackholed(out string) bool {
 // A program (bench, demo) gets the runtime through testenv.Standalone; when it dies half
 // way its cleanups alone, with pods still running, must remove everything.
 func TestPrivilegedCRICleanupWithRunningPods(t *testing.T) {
-	Require(t)
+	for _, k := range Kinds {
+		t.Run(string(k), func(t *testing.T) { testCleanupWithRunningPods(t, k) })
+	}
+}
+
+func testCleanupWithRunningPods(t *testing.T, kind Kind) {
+	Require(t, kind)
 	var s testenv.Standalone
 	var r *Runtime
 	func() {
@@ -117,7 +138,7 @@ func TestPrivilegedCRICleanupWithRunningPods(t *testing.T) {
 				t.Fatalf("set-up failed: %v", p)
 			}
 		}()
-		r = Start(&s, Options{})
+		r = Start(&s, Options{Runtime: kind})
 		p := r.RunPod(&s, PodSpec{Name: "left-running"})
 		c := r.StartContainer(&s, p, "server", "serve", "udp", "5353", "x")
 		r.WaitLog(&s, c, "listening", 5*time.Second)

@@ -1,5 +1,5 @@
 // Command demo shows podsock's main job end to end on this machine: a private containerd
-// with NRI, podsock registered as its NRI plugin, two backend pods and a client pod. The
+// (or, with -runtime crio, CRI-O) with NRI, podsock registered as its NRI plugin, two backend pods and a client pod. The
 // client reaches the service VIP, both backends answer, podsock reports the pods with their
 // exact cgroups and netns cookies and the client's sockets with their backend; a backend
 // leaving the service aborts the connection the client held to it; and everything is torn
@@ -23,7 +23,10 @@ import (
 	"github.com/podsock/podsock/test/testenv"
 )
 
-var podsockBin = flag.String("podsock", "bin/podsock", "podsock binary")
+var (
+	podsockBin  = flag.String("podsock", "bin/podsock", "podsock binary")
+	runtimeKind = flag.String("runtime", string(cri.Containerd), "container runtime: containerd or crio")
+)
 
 const (
 	vipRange = "10.96.0.0/16"
@@ -44,15 +47,20 @@ func main() {
 	}
 	d := &demo{}
 	d.Main("demo", d.run)
-	fmt.Println("\n==> demo done: containerd, pods, bridge, cgroups, netns, pins and processes removed")
+	fmt.Printf("\n==> demo done: %s, pods, bridge, cgroups, netns, pins and processes removed\n", *runtimeKind)
 }
 
 func step(format string, a ...any) { fmt.Printf("\n==> "+format+"\n", a...) }
 
 func (d *demo) run() {
 	start := time.Now()
-	step("private containerd v2 with NRI on; pods get no default route and a blackhole for %s", vipRange)
-	d.rt = cri.Start(d, cri.Options{VIPRange: netip.MustParsePrefix(vipRange)})
+	kind := cri.Kind(*runtimeKind)
+	name := map[cri.Kind]string{cri.Containerd: "containerd v2", cri.CRIO: "CRI-O"}[kind]
+	if name == "" {
+		d.Fatalf("-runtime %q: want containerd or crio", kind)
+	}
+	step("private %s with NRI on; pods get no default route and a blackhole for %s", name, vipRange)
+	d.rt = cri.Start(d, cri.Options{Runtime: kind, VIPRange: netip.MustParsePrefix(vipRange)})
 	d.Cleanup(func() {
 		d.rt.Stop(d)
 		if left := d.rt.Leftovers(); len(left) > 0 {

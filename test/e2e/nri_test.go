@@ -23,8 +23,9 @@ import (
 	"github.com/podsock/podsock/test/testenv"
 )
 
-// nriWorld is a private containerd with NRI and a podsock agent configuration pointed at
-// it: the LB programs attach to the runtime's own pod cgroup parent, never higher.
+// nriWorld is a private runtime (containerd or CRI-O) with NRI and a podsock agent
+// configuration pointed at it: the LB programs attach to the runtime's own pod cgroup
+// parent, never higher.
 type nriWorld struct {
 	t        *testing.T
 	rt       *cri.Runtime
@@ -34,9 +35,17 @@ type nriWorld struct {
 	cfgPath  string
 }
 
+// eachRuntime runs a scenario once under every runtime the harness has (cri.Kinds), as
+// subtests named after the runtime: TestX/containerd, TestX/crio.
+func eachRuntime(t *testing.T, scenario func(t *testing.T, kind cri.Kind)) {
+	for _, k := range cri.Kinds {
+		t.Run(string(k), func(t *testing.T) { scenario(t, k) })
+	}
+}
+
 func newNRIWorld(t *testing.T, opts cri.Options) *nriWorld {
 	testenv.RequirePrivileged(t)
-	cri.Require(t)
+	cri.Require(t, opts.Runtime)
 	w := &nriWorld{t: t}
 	var err error
 	if w.cgroup2, err = cgroupfs.Mount(); err != nil {
@@ -217,8 +226,10 @@ func nsGetID(t *testing.T, path string) uint64 {
 // TestPrivilegedNRIPodToVIP: podsock started after the pods exist learns them through
 // Synchronize, with the exact cgroup IDs and netns cookies; a client pod reaches both
 // backend pods through the VIP; and no connect fails while podsock is down.
-func TestPrivilegedNRIPodToVIP(t *testing.T) {
-	w := newNRIWorld(t, cri.Options{})
+func TestPrivilegedNRIPodToVIP(t *testing.T) { eachRuntime(t, testNRIPodToVIP) }
+
+func testNRIPodToVIP(t *testing.T, kind cri.Kind) {
+	w := newNRIWorld(t, cri.Options{Runtime: kind})
 	a, sa := servePod(t, w.rt, "backend-a", "a")
 	b, sb := servePod(t, w.rt, "backend-b", "b")
 	client, cc := clientPod(t, w.rt, cri.PodSpec{Name: "client", Namespace: "shop"})
@@ -242,6 +253,12 @@ func TestPrivilegedNRIPodToVIP(t *testing.T) {
 		got := p.Containers[0]
 		if got.ID != c.ID || got.CgroupPath != c.CgroupPath || got.CgroupID != testenv.Inode(t, filepath.Join(w.cgroup2, c.CgroupPath)) {
 			t.Errorf("pod %s container: %+v, want id %s cgroup %s (the 0:: line of its process) with its inode", want.Name, got, c.ID, c.CgroupPath)
+		}
+		// The runtimes name the container's cgroup differently (CRI-O's cgroupfs manager:
+		// crio-<id>), and CRI-O reports no container name in NRI, only the
+		// io.kubernetes.container.name label: podsock must show both the same way.
+		if leaf := containerCgroupLeaf(kind, c.ID); got.CgroupPath != want.CgroupParent+"/"+leaf || got.Name != c.Name {
+			t.Errorf("pod %s container: cgroup %s name %q, want %s/%s and %q", want.Name, got.CgroupPath, got.Name, want.CgroupParent, leaf, c.Name)
 		}
 		if p.NetnsPath != want.NetnsPath || p.NetnsCookie == 0 || p.NetnsCookie != nsGetID(t, want.NetnsPath) {
 			t.Errorf("pod %s: netns %s cookie %d, want %s with its NS_GET_ID", want.Name, p.NetnsPath, p.NetnsCookie, want.NetnsPath)
@@ -316,8 +333,10 @@ func TestPrivilegedNRIPodToVIP(t *testing.T) {
 
 // TestPrivilegedNRIPolicy: skip-LB (annotation and selector) and a client allow-list act on
 // exactly the pods they select, for pods podsock learns of live from RunPodSandbox.
-func TestPrivilegedNRIPolicy(t *testing.T) {
-	w := newNRIWorld(t, cri.Options{})
+func TestPrivilegedNRIPolicy(t *testing.T) { eachRuntime(t, testNRIPolicy) }
+
+func testNRIPolicy(t *testing.T, kind cri.Kind) {
+	w := newNRIWorld(t, cri.Options{Runtime: kind})
 	a, _ := servePod(t, w.rt, "backend-a", "a")
 	db := netip.MustParseAddrPort("10.96.0.30:80")
 	w.writeConfig(webServiceFor(a) + fmt.Sprintf(`
@@ -371,10 +390,12 @@ namespace = "mesh-system"
 	}
 }
 
-// TestPrivilegedNRIContainerdRestart: podsock reconnects to a restarted containerd and its
+// TestPrivilegedNRIRuntimeRestart: podsock reconnects to a restarted runtime and its
 // resync is exact, including pods created and removed around the restart.
-func TestPrivilegedNRIContainerdRestart(t *testing.T) {
-	w := newNRIWorld(t, cri.Options{})
+func TestPrivilegedNRIRuntimeRestart(t *testing.T) { eachRuntime(t, testNRIRuntimeRestart) }
+
+func testNRIRuntimeRestart(t *testing.T, kind cri.Kind) {
+	w := newNRIWorld(t, cri.Options{Runtime: kind})
 	a, _ := servePod(t, w.rt, "backend-a", "a")
 	w.writeConfig(webServiceFor(a))
 	w.startAgent()
@@ -386,9 +407,9 @@ func TestPrivilegedNRIContainerdRestart(t *testing.T) {
 		st, err := agentStatus(w.cfgPath)
 		return err == nil && st.NRI.Connected && st.NRI.Reconnects >= 1
 	}) {
-		t.Fatal("podsock did not reconnect to the restarted containerd")
+		t.Fatalf("podsock did not reconnect to the restarted %s", kind)
 	}
-	// The restarted containerd no longer knows that podsock knows this pod, and sends no
+	// The restarted runtime no longer knows that podsock knows this pod, and sends no
 	// RemovePodSandbox for it: podsock must notice on its own.
 	gonePod := w.pods()
 	w.rt.RemovePod(t, gone)
@@ -409,7 +430,7 @@ func TestPrivilegedNRIContainerdRestart(t *testing.T) {
 		t.Fatalf("status: %d netns held (%v), want 2", st.Netns, err)
 	}
 	if got := w.through(cc, e2eWeb, 5); got["a"] != 5 {
-		t.Fatalf("client after the containerd restart: %v", got)
+		t.Fatalf("client after the %s restart: %v", kind, got)
 	}
 }
 
@@ -418,10 +439,14 @@ func TestPrivilegedNRIContainerdRestart(t *testing.T) {
 // its request timeout, instead of failing pods), and the resync when podsock returns is
 // exact: new pods in, removed pods and their map entries out.
 func TestPrivilegedNRIKilledWhilePodsChange(t *testing.T) {
+	eachRuntime(t, testNRIKilledWhilePodsChange)
+}
+
+func testNRIKilledWhilePodsChange(t *testing.T, kind cri.Kind) {
 	for _, how := range []string{"killed", "hung"} {
 		t.Run(how, func(t *testing.T) {
 			const timeout = 2 * time.Second
-			w := newNRIWorld(t, cri.Options{NRITimeout: timeout})
+			w := newNRIWorld(t, cri.Options{Runtime: kind, NRITimeout: timeout})
 			a, _ := servePod(t, w.rt, "backend-a", "a")
 			w.writeConfig(webServiceFor(a))
 			agentProc := w.startAgent()
@@ -487,8 +512,10 @@ func pinnedKeys(t *testing.T, bpffs, name string) map[uint64]bool {
 
 // TestPrivilegedNRIPodChurn: 200 pod create/remove cycles leave the agent's open fds and
 // the pod maps where they started.
-func TestPrivilegedNRIPodChurn(t *testing.T) {
-	w := newNRIWorld(t, cri.Options{})
+func TestPrivilegedNRIPodChurn(t *testing.T) { eachRuntime(t, testNRIPodChurn) }
+
+func testNRIPodChurn(t *testing.T, kind cri.Kind) {
+	w := newNRIWorld(t, cri.Options{Runtime: kind})
 	a, _ := servePod(t, w.rt, "backend-a", "a")
 	w.writeConfig(webServiceFor(a))
 	agentProc := w.startAgent()
@@ -591,9 +618,12 @@ func pinnedEntries(t *testing.T, bpffs string) map[string]int {
 	return out
 }
 
-// TestPrivilegedNRIPreRegistered: containerd itself launches podsock from its plugin dir
-// and hands over the config from its conf dir; podsock serves pods as in external mode.
-func TestPrivilegedNRIPreRegistered(t *testing.T) { testPreRegistered(t, 0) }
+// TestPrivilegedNRIPreRegistered: the runtime itself launches podsock from its plugin dir
+// (containerd's plugin_path, CRI-O's nri_plugin_dir) and hands over the config from its
+// conf dir; podsock serves pods as in external mode.
+func TestPrivilegedNRIPreRegistered(t *testing.T) {
+	eachRuntime(t, func(t *testing.T, kind cri.Kind) { testPreRegistered(t, kind, 0) })
+}
 
 // preRegisteredServices is about as many services as a config NRI can carry: the runtime
 // sends the conf file's text in one ttrpc message, capped at 4 MiB. Applying them takes
@@ -605,7 +635,7 @@ const preRegisteredServices = 40_000
 // runtime's default timeouts, registration still succeeds, every service is served, and
 // pods are learned.
 func TestPrivilegedNRIPreRegisteredLargeConfig(t *testing.T) {
-	testPreRegistered(t, preRegisteredServices)
+	eachRuntime(t, func(t *testing.T, kind cri.Kind) { testPreRegistered(t, kind, preRegisteredServices) })
 }
 
 func bulkServices(n int) string {
@@ -628,14 +658,16 @@ func bulkServiceTables(n int) string {
 // NRI carries, come from agent.services_file; registration succeeds under the runtime's
 // default timeouts and every service is served after.
 func TestPrivilegedNRIPreRegistered100kServices(t *testing.T) {
-	testPreRegisteredWith(t, 100_000, true)
+	eachRuntime(t, func(t *testing.T, kind cri.Kind) { testPreRegisteredWith(t, kind, 100_000, true) })
 }
 
-func testPreRegistered(t *testing.T, services int) { testPreRegisteredWith(t, services, false) }
+func testPreRegistered(t *testing.T, kind cri.Kind, services int) {
+	testPreRegisteredWith(t, kind, services, false)
+}
 
-func testPreRegisteredWith(t *testing.T, services int, viaFile bool) {
+func testPreRegisteredWith(t *testing.T, kind cri.Kind, services int, viaFile bool) {
 	testenv.RequirePrivileged(t)
-	cri.Require(t)
+	cri.Require(t, kind)
 	cgroup2, err := cgroupfs.Mount()
 	if err != nil {
 		t.Fatal(err)
@@ -645,7 +677,7 @@ func testPreRegisteredWith(t *testing.T, services int, viaFile bool) {
 	bpffs := testenv.BPFFS(t)
 	cfgPath := filepath.Join(dir, "podsock.toml")
 	var cgroupRoot string
-	rt := cri.Start(t, cri.Options{NRIPluginDir: pluginDir, NRIPluginConfDir: confDir, BeforeStart: func(r *cri.Runtime) error {
+	rt := cri.Start(t, cri.Options{Runtime: kind, NRIPluginDir: pluginDir, NRIPluginConfDir: confDir, BeforeStart: func(r *cri.Runtime) error {
 		cgroupRoot = filepath.Join(cgroup2, r.CgroupRoot())
 		if err := os.MkdirAll(cgroupRoot, 0o755); err != nil {
 			return err
@@ -727,4 +759,13 @@ func testPreRegisteredWith(t *testing.T, services int, viaFile bool) {
 	if err != nil || !strings.HasPrefix(lines[0], "reply=a ") {
 		t.Fatalf("client to backend with podsock pre-registered: %q %v", lines, err)
 	}
+}
+
+// containerCgroupLeaf is the last element of a container's cgroup path as each runtime
+// names it with the cgroupfs driver: containerd the bare container ID, CRI-O "crio-<id>".
+func containerCgroupLeaf(kind cri.Kind, id string) string {
+	if kind == cri.CRIO {
+		return "crio-" + id
+	}
+	return id
 }

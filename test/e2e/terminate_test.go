@@ -76,7 +76,11 @@ func (w *nriWorld) sockets(args ...string) []api.SocketView {
 // were balanced to it, within 1 s, entering only the client pods' netns, and leaves the
 // clients of backend b alone.
 func TestPrivilegedNRITerminateRemovedBackend(t *testing.T) {
-	w := newNRIWorld(t, cri.Options{})
+	eachRuntime(t, testNRITerminateRemovedBackend)
+}
+
+func testNRITerminateRemovedBackend(t *testing.T, kind cri.Kind) {
+	w := newNRIWorld(t, cri.Options{Runtime: kind})
 	a, b := backendsWithDNS(t, w)
 	c1, probe := clientPod(t, w.rt, cri.PodSpec{Name: "client-1", Namespace: "shop"})
 	c2, _ := clientPod(t, w.rt, cri.PodSpec{Name: "client-2", Namespace: "shop"})

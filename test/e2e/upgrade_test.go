@@ -68,9 +68,12 @@ func buildRelease(t *testing.T, commit string) string {
 // pins of the old layout are gone.
 func TestPrivilegedNRIUpgradeWithLiveSockets(t *testing.T) {
 	testenv.RequirePrivileged(t)
-	cri.Require(t)
 	oldBin := buildRelease(t, previousRelease)
-	w := newNRIWorld(t, cri.Options{})
+	eachRuntime(t, func(t *testing.T, kind cri.Kind) { testNRIUpgradeWithLiveSockets(t, kind, oldBin) })
+}
+
+func testNRIUpgradeWithLiveSockets(t *testing.T, kind cri.Kind, oldBin string) {
+	w := newNRIWorld(t, cri.Options{Runtime: kind})
 	a, b := backendsWithDNS(t, w)
 	c, probe := clientPod(t, w.rt, cri.PodSpec{Name: "client", Namespace: "shop"})
 	requireBlackholed(t, w, probe, "before podsock runs")

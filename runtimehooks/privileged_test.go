@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -309,6 +310,35 @@ func TestPrivilegedTrackerSynchronize(t *testing.T) {
 	}
 	if n := fdsOnNetns(t, testenv.Inode(t, nsA.Path)); n != 1 {
 		t.Errorf("%d fds held on a's netns, want 1", n)
+	}
+}
+
+// A runtime that reports no IPs for a pod (CRI-O, for some pods that started before the
+// plugin connected) gets them read from the pod's netns: global addresses, IPv4 first, no
+// loopback or link-local; reported IPs are taken as they are.
+func TestPrivilegedPodIPsFromTheNetnsWhenNoneReported(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	mnt := cgroupMount(t)
+	_, podCg := testCgroup(t, mnt)
+	ns := testenv.NewNetns(t, nil)
+	// A veth pair with both ends in the test's netns: nothing reaches the host.
+	testenv.Run(t, "ip", "-n", ns.Name, "link", "add", "eth0", "type", "veth", "peer", "name", "peer0")
+	testenv.Run(t, "ip", "-n", ns.Name, "link", "set", "eth0", "up")
+	testenv.Run(t, "ip", "-n", ns.Name, "addr", "add", "fd00:244::7/64", "dev", "eth0", "nodad")
+	testenv.Run(t, "ip", "-n", ns.Name, "addr", "add", "10.244.9.7/24", "dev", "eth0")
+	tr := NewTracker(mnt)
+	defer tr.Close()
+	pod, err := tr.RunPodSandbox(Sandbox{ID: "quiet", Namespace: "ns", Name: "quiet", CgroupParent: podCg, NetnsPath: ns.Path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []netip.Addr{netip.MustParseAddr("10.244.9.7"), netip.MustParseAddr("fd00:244::7")}
+	if !slices.Equal(pod.IPs, want) {
+		t.Fatalf("IPs %v, want %v from the netns", pod.IPs, want)
+	}
+	pod, err = tr.RunPodSandbox(Sandbox{ID: "quiet", Namespace: "ns", Name: "quiet", CgroupParent: podCg, NetnsPath: ns.Path, IPs: []string{"10.244.9.8"}})
+	if err != nil || !slices.Equal(pod.IPs, []netip.Addr{netip.MustParseAddr("10.244.9.8")}) {
+		t.Fatalf("IPs %v (%v), want the runtime's own", pod.IPs, err)
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io/fs"
 	"maps"
+	"net"
 	"net/netip"
 	"os"
 	"path"
@@ -197,11 +198,61 @@ func (t *Tracker) upsertPod(s Sandbox) (*podState, error) {
 	if ps.netns != nil {
 		p.NetnsCookie = ps.netns.ns.Cookie()
 	}
+	if len(p.IPs) == 0 && ps.netns != nil {
+		// CRI-O sometimes hands over a pod that started before the plugin connected
+		// without its IPs: the pod's own netns says which they are.
+		ips, err := netnsAddrs(ps.netns.ns)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		p.IPs = ips
+	}
 
 	if err := errors.Join(errs...); err != nil {
 		return ps, fmt.Errorf("pod %s/%s (sandbox %s): %w", s.Namespace, s.Name, s.ID, err)
 	}
 	return ps, nil
+}
+
+// netnsAddrs are the global addresses of the interfaces in a netns, IPv4 first, as a
+// runtime reports a pod's IPs.
+func netnsAddrs(h *netns.Handle) ([]netip.Addr, error) {
+	var v4, v6 []netip.Addr
+	err := netns.Do(h.Fd(), func() error {
+		ifs, err := net.Interfaces()
+		if err != nil {
+			return err
+		}
+		for _, ifc := range ifs {
+			if ifc.Flags&net.FlagLoopback != 0 {
+				continue
+			}
+			addrs, err := ifc.Addrs()
+			if err != nil {
+				return err
+			}
+			for _, a := range addrs {
+				ipn, ok := a.(*net.IPNet)
+				if !ok {
+					continue
+				}
+				ip, ok := netip.AddrFromSlice(ipn.IP)
+				if !ok || !ip.Unmap().IsGlobalUnicast() {
+					continue
+				}
+				if ip = ip.Unmap(); ip.Is4() {
+					v4 = append(v4, ip)
+				} else {
+					v6 = append(v6, ip)
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read the pod's addresses in netns %s: %w", h.Path(), err)
+	}
+	return append(v4, v6...), nil
 }
 
 // podCgroupPath prefers the runtime's CgroupParent. Without one, the sandbox container's

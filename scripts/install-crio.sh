@@ -25,7 +25,7 @@ stamp="$repo/bin/.crio-stamp"
 want=$( {
   go version
   gcc --version | head -1
-  cat "$repo"/tools/crio/go.mod "$repo"/tools/crio/go.sum
+  cat "$0" "$repo"/tools/crio/go.mod "$repo"/tools/crio/go.sum
 } | sha256sum | cut -d' ' -f1)
 
 # shellcheck source=scripts/stamp.sh

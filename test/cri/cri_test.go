@@ -3,6 +3,8 @@ package cri
 import (
 	"fmt"
 	"net/netip"
+	"os"
+	"os/exec"
 	"strings"
 	"syscall"
 	"testing"
@@ -22,6 +24,7 @@ func TestPrivilegedCRI(t *testing.T) {
 
 func testCRI(t *testing.T, kind Kind) {
 	Require(t, kind)
+	host := hostState(t)
 	begin := time.Now()
 	r := Start(t, Options{Runtime: kind})
 	t.Logf("%s ready with the image imported in %v (subnet %s, cgroup root %s)",
@@ -112,6 +115,37 @@ func testCRI(t *testing.T, kind Kind) {
 	if left := r.Leftovers(); len(left) != 0 {
 		t.Fatalf("left behind after Stop: %v", left)
 	}
+	if after := hostState(t); after != host {
+		t.Fatalf("the host changed under %s:\nbefore:\n%s\nafter:\n%s", kind, host, after)
+	}
+}
+
+// hostState is what a runtime must leave as it found it on the host: the firewall rules
+// (without counters) and the runtimes' default state dirs, which a private runtime must
+// never create.
+func hostState(t *testing.T) string {
+	t.Helper()
+	var b strings.Builder
+	for _, cmd := range []string{"iptables-save", "ip6tables-save"} {
+		out, err := exec.Command(cmd).Output()
+		if err != nil {
+			t.Fatalf("%s: %v", cmd, err)
+		}
+		for _, line := range strings.Split(string(out), "\n") {
+			if strings.HasPrefix(line, "#") {
+				continue // the dump's time stamps
+			}
+			if i := strings.LastIndex(line, " ["); strings.HasPrefix(line, ":") && i > 0 {
+				line = line[:i] // a chain's packet and byte counters
+			}
+			b.WriteString(line + "\n")
+		}
+	}
+	for _, dir := range []string{"/var/lib/containers", "/run/containers", "/var/run/crio", "/var/lib/crio", "/var/log/crio", "/etc/crio", "/var/lib/containerd", "/run/containerd"} {
+		_, err := os.Stat(dir)
+		fmt.Fprintf(&b, "%s exists: %v\n", dir, err == nil)
+	}
+	return b.String()
 }
 
 // blackholed tells whether a dial failed the way the pod's blackhole route makes it fail.

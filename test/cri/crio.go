@@ -16,11 +16,14 @@ const conmonPath = "/usr/bin/conmon"
 // crio is the CRI-O engine: CRI-O v1.34 with NRI on, runc under conmon, cgroupfs, and an
 // image loaded into its storage by copyimg before it starts.
 //
-// Everything it reads or writes is under the state dir: CRI-O is given its config with
-// --config and an empty --config-dir, and the containers libraries (storage, registries,
-// containers.conf, signature policy) their files through the environment, so nothing in
-// /etc/crio or /etc/containers is read and nothing in /var is written. Hostport mapping is
-// off, so CRI-O creates no iptables or nftables chains on the host.
+// Everything it reads or writes is under the state dir, but for libcni's result cache in
+// /var/lib/cni (no option moves it; Start removes what it wrote): CRI-O is given its
+// config with --config and an empty --config-dir, its registries with the (hidden)
+// --registries-conf and an empty --registries-conf-dir, a private, empty
+// default_mounts_file, and the containers libraries (storage, registries, containers.conf,
+// signature policy) their files through the environment, so nothing in /etc/crio or
+// /etc/containers is read. Hostport mapping is off, so CRI-O creates no iptables or
+// nftables chains on the host.
 //
 // Pods run without an infra container: this machine's runc cannot set the pause
 // container's oom_score_adj of -998 (no CAP_SYS_RESOURCE in the VM), so pods and
@@ -46,7 +49,7 @@ func (crio) storageEnv(r *Runtime) []string {
 
 func (e crio) writeConfig(r *Runtime) error {
 	q := strconv.Quote
-	for _, d := range []string{"crio", "crio/conf.d", "crio/lib", "crio/run", "crio/keys", "crio/policies", "tmp"} {
+	for _, d := range []string{"crio", "crio/conf.d", "crio/registries.conf.d", "crio/lib", "crio/run", "crio/keys", "crio/policies", "tmp"} {
 		if err := os.MkdirAll(r.path(d), 0o700); err != nil {
 			return err
 		}
@@ -74,7 +77,7 @@ drop_infra_ctr = true
 disable_hostport_mapping = true
 log_to_journald = false
 hooks_dir = []
-default_mounts_file = ""
+default_mounts_file = %s
 cdi_spec_dirs = []
 decryption_keys_path = %s
 container_exits_dir = %s
@@ -122,6 +125,7 @@ nri_plugin_request_timeout = %s
 		q(r.path("crio", "run", "version")), q(r.path("crio", "lib", "version")),
 		q(r.path("crio", "lib", "clean.shutdown")),
 		q(e.socket(r)),
+		q(r.path("crio", "mounts.conf")),
 		q(r.path("crio", "keys")),
 		q(r.path("crio", "run", "exits")), q(r.path("crio", "run")),
 		q(r.path("ns")), q(filepath.Join(r.bin, "pinns")),
@@ -140,6 +144,7 @@ nri_plugin_request_timeout = %s
 		"crio/storage.conf":    storage,
 		"crio/registries.conf": "unqualified-search-registries = []\n",
 		"crio/containers.conf": "",
+		"crio/mounts.conf":     "",
 		// Only a local image is ever used; nothing is pulled.
 		"crio/policy.json": `{"default": [{"type": "insecureAcceptAnything"}]}` + "\n",
 	} {
@@ -153,6 +158,7 @@ nri_plugin_request_timeout = %s
 func (e crio) command(r *Runtime) *exec.Cmd {
 	cmd := exec.Command(filepath.Join(r.bin, "crio"),
 		"--config", r.path("crio", "crio.conf"), "--config-dir", r.path("crio", "conf.d"),
+		"--registries-conf", r.path("crio", "registries.conf"), "--registries-conf-dir", r.path("crio", "registries.conf.d"),
 		"--log-level", "info")
 	cmd.Env = append(os.Environ(), e.storageEnv(r)...)
 	cmd.Env = append(cmd.Env, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")

@@ -30,6 +30,8 @@ type nriRecorder struct {
 	pods    map[string]*api.PodSandbox // at RunPodSandbox, by sandbox ID
 	ctrs    map[string]ctrFact         // by "<event> <container ID>"
 	removed map[string]bool            // sandbox IDs of RemovePodSandbox events
+	// syncPods are the pods Synchronize handed over, by sandbox ID.
+	syncPods map[string]*api.PodSandbox
 }
 
 // ctrFact is one container event as the plugin saw it.
@@ -89,7 +91,13 @@ func startRecorder(t *testing.T, rt *cri.Runtime, cgroup2 string) *nriRecorder {
 	return rec
 }
 
-func (r *nriRecorder) Synchronize(context.Context, []*api.PodSandbox, []*api.Container) ([]*api.ContainerUpdate, error) {
+func (r *nriRecorder) Synchronize(_ context.Context, pods []*api.PodSandbox, _ []*api.Container) ([]*api.ContainerUpdate, error) {
+	r.mu.Lock()
+	r.syncPods = map[string]*api.PodSandbox{}
+	for _, p := range pods {
+		r.syncPods[p.GetId()] = p
+	}
+	r.mu.Unlock()
 	close(r.synced)
 	return nil, nil
 }
@@ -164,6 +172,12 @@ func testNRIWhatRuntimesReport(t *testing.T, kind cri.Kind) {
 	// which is why podsock watches the netns of the pods it learns from Synchronize.
 	rt.Restart(t)
 	after := startRecorder(t, rt, cgroup2)
+	after.mu.Lock()
+	synced := after.syncPods[p.ID]
+	after.mu.Unlock()
+	t.Logf("%s: RunPodSandbox ips %v; Synchronize after a restart ips %v", kind, rec.pods[p.ID].GetIps(), synced.GetIps())
+	again := startRecorder(t, rt, cgroup2)
+	t.Logf("%s: Synchronize of a second plugin ips %v", kind, again.syncPods[p.ID].GetIps())
 	fresh := rt.RunPod(t, cri.PodSpec{Name: "after-restart"})
 	rt.RemovePod(t, p)
 	rt.RemovePod(t, fresh)

@@ -3,6 +3,7 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -239,34 +240,7 @@ func testNRIPodToVIP(t *testing.T, kind cri.Kind) {
 	agentProc := w.startAgent()
 	pods := w.waitPods(map[string]int{a.ID: 1, b.ID: 1, client.ID: 1})
 
-	byID := map[string]*cri.Pod{a.ID: a, b.ID: b, client.ID: client}
-	ctrs := map[string]*cri.Container{a.ID: sa, b.ID: sb, client.ID: cc}
-	for _, p := range pods {
-		want := byID[p.SandboxID]
-		if p.Namespace != want.Namespace || p.Name != want.Name || p.UID != want.UID {
-			t.Errorf("pod %s: identity %s/%s uid %s, want %s/%s uid %s", p.SandboxID, p.Namespace, p.Name, p.UID, want.Namespace, want.Name, want.UID)
-		}
-		if p.CgroupPath != want.CgroupParent || p.CgroupID != testenv.Inode(t, filepath.Join(w.cgroup2, want.CgroupParent)) {
-			t.Errorf("pod %s: cgroup %s (%d), want %s with its inode", want.Name, p.CgroupPath, p.CgroupID, want.CgroupParent)
-		}
-		c := ctrs[p.SandboxID]
-		got := p.Containers[0]
-		if got.ID != c.ID || got.CgroupPath != c.CgroupPath || got.CgroupID != testenv.Inode(t, filepath.Join(w.cgroup2, c.CgroupPath)) {
-			t.Errorf("pod %s container: %+v, want id %s cgroup %s (the 0:: line of its process) with its inode", want.Name, got, c.ID, c.CgroupPath)
-		}
-		// The runtimes name the container's cgroup differently (CRI-O's cgroupfs manager:
-		// crio-<id>), and CRI-O reports no container name in NRI, only the
-		// io.kubernetes.container.name label: podsock must show both the same way.
-		if leaf := containerCgroupLeaf(kind, c.ID); got.CgroupPath != want.CgroupParent+"/"+leaf || got.Name != c.Name {
-			t.Errorf("pod %s container: cgroup %s name %q, want %s/%s and %q", want.Name, got.CgroupPath, got.Name, want.CgroupParent, leaf, c.Name)
-		}
-		if p.NetnsPath != want.NetnsPath || p.NetnsCookie == 0 || p.NetnsCookie != nsGetID(t, want.NetnsPath) {
-			t.Errorf("pod %s: netns %s cookie %d, want %s with its NS_GET_ID", want.Name, p.NetnsPath, p.NetnsCookie, want.NetnsPath)
-		}
-		if !slices.Equal(p.IPs, []string{want.IP.String()}) {
-			t.Errorf("pod %s: ips %v, want [%s]", want.Name, p.IPs, want.IP)
-		}
-	}
+	checkPodFacts(t, w, kind, pods, map[*cri.Pod]*cri.Container{a: sa, b: sb, client: cc})
 	// The cookie the agent reports is the one sockets inside the pod carry.
 	clientNS := &testenv.Netns{Name: client.Name, Path: client.NetnsPath}
 	if c, id := clientNS.Cookie(t), nsGetID(t, client.NetnsPath); c != id {
@@ -333,6 +307,69 @@ func testNRIPodToVIP(t *testing.T, kind cri.Kind) {
 
 // TestPrivilegedNRIPolicy: skip-LB (annotation and selector) and a client allow-list act on
 // exactly the pods they select, for pods podsock learns of live from RunPodSandbox.
+// checkPodFacts asserts what `pods --json` says of each pod against the runtime's own
+// facts: identity, the pod and container cgroups with their inodes, the container's name
+// (CRI-O's NRI has it only from the kubelet's label), the netns with its NS_GET_ID, and the
+// IPs. Each pod of want has the one container given.
+func checkPodFacts(t *testing.T, w *nriWorld, kind cri.Kind, pods []api.PodView, want map[*cri.Pod]*cri.Container) {
+	t.Helper()
+	byID := map[string]*cri.Pod{}
+	for p := range want {
+		byID[p.ID] = p
+	}
+	for _, p := range pods {
+		pod, ok := byID[p.SandboxID]
+		if !ok {
+			continue
+		}
+		delete(byID, p.SandboxID)
+		c := want[pod]
+		if p.Namespace != pod.Namespace || p.Name != pod.Name || p.UID != pod.UID {
+			t.Errorf("pod %s: identity %s/%s uid %s, want %s/%s uid %s", p.SandboxID, p.Namespace, p.Name, p.UID, pod.Namespace, pod.Name, pod.UID)
+		}
+		if p.CgroupPath != pod.CgroupParent || p.CgroupID != testenv.Inode(t, filepath.Join(w.cgroup2, pod.CgroupParent)) {
+			t.Errorf("pod %s: cgroup %s (%d), want %s with its inode", pod.Name, p.CgroupPath, p.CgroupID, pod.CgroupParent)
+		}
+		if len(p.Containers) != 1 {
+			t.Errorf("pod %s: containers %+v, want only %s", pod.Name, p.Containers, c.ID)
+			continue
+		}
+		got := p.Containers[0]
+		if got.ID != c.ID || got.CgroupPath != c.CgroupPath || got.CgroupID != testenv.Inode(t, filepath.Join(w.cgroup2, c.CgroupPath)) {
+			t.Errorf("pod %s container: %+v, want id %s cgroup %s (the 0:: line of its process) with its inode", pod.Name, got, c.ID, c.CgroupPath)
+		}
+		// The runtimes name the container's cgroup differently (CRI-O's cgroupfs manager:
+		// crio-<id>), and CRI-O reports no container name in NRI, only the
+		// io.kubernetes.container.name label: podsock must show both the same way.
+		if leaf := containerCgroupLeaf(kind, c.ID); got.CgroupPath != pod.CgroupParent+"/"+leaf || got.Name != c.Name {
+			t.Errorf("pod %s container: cgroup %s name %q, want %s/%s and %q", pod.Name, got.CgroupPath, got.Name, pod.CgroupParent, leaf, c.Name)
+		}
+		if p.NetnsPath != pod.NetnsPath || p.NetnsCookie == 0 || p.NetnsCookie != nsGetID(t, pod.NetnsPath) {
+			t.Errorf("pod %s: netns %s cookie %d, want %s with its NS_GET_ID", pod.Name, p.NetnsPath, p.NetnsCookie, pod.NetnsPath)
+		}
+		if !slices.Equal(p.IPs, []string{pod.IP.String()}) {
+			t.Errorf("pod %s: ips %v, want [%s]", pod.Name, p.IPs, pod.IP)
+		}
+	}
+	for id := range byID {
+		t.Errorf("pod %s: not in `pods`", id)
+	}
+}
+
+// pinnedContainerCgroups are the container cgroup IDs the datapath maps to pods.
+func pinnedContainerCgroups(t *testing.T, w *nriWorld) map[uint64]bool {
+	return pinnedKeys(t, w.bpffs, "podsock_ctrcg_v1")
+}
+
+// containerInodes are the cgroup inodes of the given containers.
+func containerInodes(t *testing.T, w *nriWorld, ctrs ...*cri.Container) map[uint64]bool {
+	out := map[uint64]bool{}
+	for _, c := range ctrs {
+		out[testenv.Inode(t, filepath.Join(w.cgroup2, c.CgroupPath))] = true
+	}
+	return out
+}
+
 func TestPrivilegedNRIPolicy(t *testing.T) { eachRuntime(t, testNRIPolicy) }
 
 func testNRIPolicy(t *testing.T, kind cri.Kind) {
@@ -361,6 +398,10 @@ namespace = "mesh-system"
 		Annotations: map[string]string{"podsock.io/skip-lb": "true"}})
 	meshNS, meshC := clientPod(t, w.rt, cri.PodSpec{Name: "gateway", Namespace: "mesh-system"})
 	pods := w.waitPods(map[string]int{a.ID: 1, api.ID: 1, other.ID: 1, annotated.ID: 1, meshNS.ID: 1})
+	// These pods started while podsock ran: their facts came from live events, whose
+	// timing differs between the runtimes (CRI-O's container cgroup exists at
+	// PostCreateContainer, containerd's only at StartContainer).
+	checkPodFacts(t, w, kind, pods, map[*cri.Pod]*cri.Container{api: apiC, other: otherC, annotated: annC, meshNS: meshC})
 	for _, p := range pods {
 		wantSkip := p.SandboxID == annotated.ID || p.SandboxID == meshNS.ID
 		if p.SkipLB != wantSkip {
@@ -396,11 +437,15 @@ func TestPrivilegedNRIRuntimeRestart(t *testing.T) { eachRuntime(t, testNRIRunti
 
 func testNRIRuntimeRestart(t *testing.T, kind cri.Kind) {
 	w := newNRIWorld(t, cri.Options{Runtime: kind})
-	a, _ := servePod(t, w.rt, "backend-a", "a")
+	a, sa := servePod(t, w.rt, "backend-a", "a")
 	w.writeConfig(webServiceFor(a))
 	w.startAgent()
-	gone, _ := clientPod(t, w.rt, cri.PodSpec{Name: "short-lived"})
-	w.waitPods(map[string]int{a.ID: 1, gone.ID: 1})
+	gone, goneC := clientPod(t, w.rt, cri.PodSpec{Name: "short-lived"})
+	before := w.waitPods(map[string]int{a.ID: 1, gone.ID: 1})
+	checkPodFacts(t, w, kind, before, map[*cri.Pod]*cri.Container{a: sa, gone: goneC})
+	if got, want := pinnedContainerCgroups(t, w), containerInodes(t, w, sa, goneC); !maps.Equal(got, want) {
+		t.Fatalf("container cgroups mapped before the restart: %v, want %v", got, want)
+	}
 
 	w.rt.Restart(t)
 	if !testenv.WaitFor(15*time.Second, func() bool {
@@ -409,9 +454,20 @@ func testNRIRuntimeRestart(t *testing.T, kind cri.Kind) {
 	}) {
 		t.Fatalf("podsock did not reconnect to the restarted %s", kind)
 	}
-	// The restarted runtime no longer knows that podsock knows this pod, and sends no
-	// RemovePodSandbox for it: podsock must notice on its own.
-	gonePod := w.pods()
+	// The resync right after the reconnect leaves the pods and their map entries as they
+	// were.
+	wantCgroups := containerInodes(t, w, sa, goneC)
+	var gonePod []api.PodView
+	if !testenv.WaitFor(2*time.Second, func() bool {
+		gonePod = w.pods()
+		return len(gonePod) == 2 && maps.Equal(pinnedContainerCgroups(t, w), wantCgroups)
+	}) {
+		t.Fatalf("after the resync: %d pods, container cgroups %v, want 2 pods and %v", len(gonePod), pinnedContainerCgroups(t, w), wantCgroups)
+	}
+	checkPodFacts(t, w, kind, gonePod, map[*cri.Pod]*cri.Container{a: sa, gone: goneC})
+	// A pod started before the restart is removed now. containerd's restarted NRI no
+	// longer knows that podsock knows it and sends no RemovePodSandbox (podsock notices on
+	// its own); CRI-O sends one. Either way it must go.
 	w.rt.RemovePod(t, gone)
 	client, cc := clientPod(t, w.rt, cri.PodSpec{Name: "client"})
 	w.waitPods(map[string]int{a.ID: 1, client.ID: 1})
@@ -428,6 +484,10 @@ func testNRIRuntimeRestart(t *testing.T, kind cri.Kind) {
 	st, err := agentStatus(w.cfgPath)
 	if err != nil || st.Netns != 2 {
 		t.Fatalf("status: %d netns held (%v), want 2", st.Netns, err)
+	}
+	checkPodFacts(t, w, kind, w.pods(), map[*cri.Pod]*cri.Container{a: sa, client: cc})
+	if !testenv.WaitFor(2*time.Second, func() bool { return maps.Equal(pinnedContainerCgroups(t, w), containerInodes(t, w, sa, cc)) }) {
+		t.Fatalf("container cgroups mapped: %v, want backend-a's and client's %v", pinnedContainerCgroups(t, w), containerInodes(t, w, sa, cc))
 	}
 	if got := w.through(cc, e2eWeb, 5); got["a"] != 5 {
 		t.Fatalf("client after the %s restart: %v", kind, got)

@@ -41,14 +41,20 @@ func (s *Standalone) Errorf(format string, a ...any) {
 	s.mu.Unlock()
 }
 
-// RunCleanups undoes everything registered so far, newest first.
+// RunCleanups undoes everything registered so far, newest first. The cleanups run without
+// the lock: they report with Errorf and may register more.
 func (s *Standalone) RunCleanups() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for i := len(s.cleanups) - 1; i >= 0; i-- {
-		s.cleanups[i]()
+	for {
+		s.mu.Lock()
+		if len(s.cleanups) == 0 {
+			s.mu.Unlock()
+			return
+		}
+		f := s.cleanups[len(s.cleanups)-1]
+		s.cleanups = s.cleanups[:len(s.cleanups)-1]
+		s.mu.Unlock()
+		f()
 	}
-	s.cleanups = nil
 }
 
 // Main runs fn, then the cleanups, whatever happens, and exits non-zero on failure.

@@ -1,11 +1,15 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
+	"os"
 	"reflect"
+	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -56,5 +60,34 @@ func TestOnlyNotExist(t *testing.T) {
 		if got := onlyNotExist(c.err); got != c.want {
 			t.Errorf("onlyNotExist(%v) = %v, want %v", c.err, got, c.want)
 		}
+	}
+}
+
+// Before the runtime has configured a pre-registered plugin, SIGHUP is ignored (it used to
+// end the agent), a stop signal ends it cleanly, and a failed Configure is its error.
+func TestAwaitConfigure(t *testing.T) {
+	sigs := make(chan os.Signal, 2)
+	started := make(chan error, 1)
+	sigs <- syscall.SIGHUP
+	go func() {
+		time.Sleep(20 * time.Millisecond)
+		started <- nil
+	}()
+	if ok, err := awaitConfigure(context.Background(), quietLog(), started, nil, sigs); !ok || err != nil {
+		t.Fatalf("SIGHUP then Configure: go on = %v (%v), want to go on", ok, err)
+	}
+	sigs <- syscall.SIGTERM
+	if ok, err := awaitConfigure(context.Background(), quietLog(), make(chan error), nil, sigs); ok || err != nil {
+		t.Fatalf("SIGTERM: go on = %v (%v), want a clean exit", ok, err)
+	}
+	failed := make(chan error, 1)
+	failed <- errors.New("config: bad")
+	if ok, err := awaitConfigure(context.Background(), quietLog(), failed, nil, sigs); ok || err == nil {
+		t.Fatalf("failed Configure: go on = %v (%v), want its error", ok, err)
+	}
+	done := make(chan error, 1)
+	done <- errors.New("connection closed")
+	if ok, err := awaitConfigure(context.Background(), quietLog(), make(chan error), done, sigs); ok || err == nil || !strings.Contains(err.Error(), "never configured") {
+		t.Fatalf("runtime gone: go on = %v (%v)", ok, err)
 	}
 }

@@ -61,20 +61,12 @@ func RunPreRegistered(ctx context.Context, log *logrus.Logger) error {
 	defer cancel()
 	pluginDone := a.runPlugin(pctx)
 
-	select {
-	case err := <-started:
-		if err != nil {
-			return err
-		}
-	case err := <-pluginDone:
-		return errors.Join(errors.New("the runtime never configured the plugin"), err)
-	case sig := <-sigs:
-		log.Infof("received %s before the runtime configured the plugin", sig)
-		return nil
-	case <-ctx.Done():
-		return nil
+	if ok, err := awaitConfigure(ctx, log, started, pluginDone, sigs); !ok {
+		return err
 	}
 	defer a.stop()
+	// Unregister before the datapath handles go: this runs before stop.
+	defer cancel()
 	a.applyInitial(startedWith)
 	for {
 		select {
@@ -90,6 +82,29 @@ func RunPreRegistered(ctx context.Context, log *logrus.Logger) error {
 			}
 			log.Infof("received %s", sig)
 			return nil
+		}
+	}
+}
+
+// awaitConfigure waits for the runtime's Configure to have started the agent. It says
+// whether to go on; when not, err is what to exit with (nil for a stop signal). A SIGHUP
+// meanwhile is ignored, as it is later: the runtime owns the configuration.
+func awaitConfigure(ctx context.Context, log logrus.FieldLogger, started <-chan error, pluginDone <-chan error, sigs <-chan os.Signal) (bool, error) {
+	for {
+		select {
+		case err := <-started:
+			return err == nil, err
+		case err := <-pluginDone:
+			return false, errors.Join(errors.New("the runtime never configured the plugin"), err)
+		case sig := <-sigs:
+			if sig == syscall.SIGHUP {
+				log.Warn("SIGHUP ignored: a pre-registered plugin gets its config from the runtime")
+				continue
+			}
+			log.Infof("received %s before the runtime configured the plugin", sig)
+			return false, nil
+		case <-ctx.Done():
+			return false, nil
 		}
 	}
 }

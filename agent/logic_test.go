@@ -3,6 +3,7 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -376,6 +377,9 @@ func TestNextAgentKeepsAnotherSourcesServices(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	if _, err := os.Stat(filepath.Join(stateDir, sourcesFile)); err != nil {
+		t.Fatalf("no record of the kubernetes service: %v", err)
+	}
 	next, _, _ := fakeAgent(t)
 	next.dp = fake
 	next.settings.StateDir = stateDir
@@ -397,5 +401,8 @@ func TestNextAgentKeepsAnotherSourcesServices(t *testing.T) {
 	}
 	if served, _ := fake.Services(); len(served) != 1 {
 		t.Fatalf("once kubernetes synced with nothing, the datapath serves %v", serviceNames(served))
+	}
+	if _, err := os.Stat(filepath.Join(stateDir, sourcesFile)); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("with only the file's services served, %s is left: %v", sourcesFile, err)
 	}
 }

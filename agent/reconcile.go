@@ -14,6 +14,7 @@ import (
 	"github.com/podsock/podsock/api"
 	"github.com/podsock/podsock/config"
 	"github.com/podsock/podsock/datapath"
+	"github.com/podsock/podsock/internal/statedir"
 	"github.com/podsock/podsock/service"
 )
 
@@ -61,7 +62,7 @@ func (a *Agent) sourceStatus() ([]api.SourceStatus, []api.ServiceConflict) {
 // sourcesFile, in state_dir, records which source each served service came from, other
 // than the file. The next agent reads it to keep another source's services until that
 // source has synced: the datapath itself does not know sources.
-const sourcesFile = "sources.json"
+const sourcesFile = statedir.SourcesName
 
 // recordSources writes sourcesFile after an apply that worked, when what it records
 // changed. Only the reconciler calls it.
@@ -78,11 +79,22 @@ func (a *Agent) recordSources(svcs []service.Service) {
 	for _, keys := range bySource {
 		slices.Sort(keys)
 	}
+	path := filepath.Join(a.settings.StateDir, sourcesFile)
+	if len(bySource) == 0 {
+		// Nothing but the file's: there is nothing to record, and no file to leave.
+		if a.recordedSources != "" {
+			if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				a.log.WithError(err).Warn("remove the record of the services' sources")
+				return
+			}
+			a.recordedSources = ""
+		}
+		return
+	}
 	data, err := json.Marshal(bySource)
 	if err != nil || string(data) == a.recordedSources {
 		return
 	}
-	path := filepath.Join(a.settings.StateDir, sourcesFile)
 	tmp := path + ".new"
 	err = os.WriteFile(tmp, data, 0o600)
 	if err == nil {

@@ -442,7 +442,7 @@ func cleanup(c *command) error {
 	if err := datapath.Cleanup(settings.BPFFS); err != nil {
 		return err
 	}
-	for _, name := range []string{api.SocketName, statedir.LockName} {
+	for _, name := range []string{api.SocketName, statedir.LockName, statedir.SourcesName} {
 		p := filepath.Join(settings.StateDir, name)
 		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("remove %s: %w", p, err)

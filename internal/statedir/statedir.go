@@ -14,6 +14,10 @@ import (
 // LockName is the lock file in state_dir.
 const LockName = "podsock.lock"
 
+// SourcesName is the file in state_dir where the agent records which source each service
+// it serves came from, for the next agent.
+const SourcesName = "sources.json"
+
 // Lock takes the state dir's lock file (created if missing), failing at once if an agent
 // holds it. Closing the file releases it.
 func Lock(stateDir string) (*os.File, error) {

@@ -19,6 +19,8 @@ import (
 	"github.com/podsock/podsock/datapath"
 	"github.com/podsock/podsock/internal/cgroupfs"
 	"github.com/podsock/podsock/internal/netns"
+	"github.com/podsock/podsock/internal/preflight"
+	"github.com/podsock/podsock/internal/statedir"
 	"github.com/podsock/podsock/internal/terminator"
 	"github.com/podsock/podsock/plugin"
 	"github.com/podsock/podsock/runtimehooks"
@@ -66,8 +68,9 @@ type Agent struct {
 	// sources merges what the service sources want; its loop is the only writer of
 	// services into the datapath.
 	sources *sourceReconciler
-	// recordedSources is what sourcesFile holds; only the reconciler touches it.
-	recordedSources string
+	// recordedSources is what state_dir records of the sources (nil: not known yet);
+	// only the reconciler touches it after start.
+	recordedSources statedir.Sources
 
 	mu  sync.Mutex
 	cfg *config.Config
@@ -163,17 +166,17 @@ func (a *Agent) start(cfg *config.Config, sigs <-chan os.Signal) (reloadPending 
 	if err := setLogLevel(log, cfg.Agent.LogLevel); err != nil {
 		return false, err
 	}
-	if err := checkPrivileges(); err != nil {
+	if err := preflight.CheckPrivileges(); err != nil {
 		return false, err
 	}
-	if err := checkBTF(); err != nil {
+	if err := preflight.CheckBTF(); err != nil {
 		return false, err
 	}
-	cgroupRoot, err := resolveCgroupRoot(cfg.Agent.CgroupRoot)
+	cgroupRoot, err := preflight.ResolveCgroupRoot(cfg.Agent.CgroupRoot)
 	if err != nil {
 		return false, err
 	}
-	if err := ensureBPFFS(cfg.Agent.BPFFS); err != nil {
+	if err := preflight.EnsureBPFFS(cfg.Agent.BPFFS); err != nil {
 		return false, err
 	}
 	if err := os.MkdirAll(cfg.Agent.StateDir, 0o700); err != nil {

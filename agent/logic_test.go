@@ -17,6 +17,7 @@ import (
 	"github.com/podsock/podsock/config"
 	"github.com/podsock/podsock/datapath"
 	"github.com/podsock/podsock/internal/netns"
+	"github.com/podsock/podsock/internal/statedir"
 	"github.com/podsock/podsock/runtimehooks"
 	"github.com/podsock/podsock/service"
 	"github.com/podsock/podsock/test/testenv"
@@ -377,7 +378,7 @@ func TestNextAgentKeepsAnotherSourcesServices(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	if _, err := os.Stat(filepath.Join(stateDir, sourcesFile)); err != nil {
+	if _, err := os.Stat(filepath.Join(stateDir, statedir.SourcesName)); err != nil {
 		t.Fatalf("no record of the kubernetes service: %v", err)
 	}
 	next, _, _ := fakeAgent(t)
@@ -402,7 +403,7 @@ func TestNextAgentKeepsAnotherSourcesServices(t *testing.T) {
 	if served, _ := fake.Services(); len(served) != 1 {
 		t.Fatalf("once kubernetes synced with nothing, the datapath serves %v", serviceNames(served))
 	}
-	if _, err := os.Stat(filepath.Join(stateDir, sourcesFile)); !errors.Is(err, fs.ErrNotExist) {
-		t.Fatalf("with only the file's services served, %s is left: %v", sourcesFile, err)
+	if _, err := os.Stat(filepath.Join(stateDir, statedir.SourcesName)); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("with only the file's services served, %s is left: %v", statedir.SourcesName, err)
 	}
 }

@@ -1,12 +1,8 @@
 package agent
 
 import (
-	"encoding/json"
-	"errors"
-	"io/fs"
+	"maps"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"slices"
 
 	"github.com/sirupsen/logrus"
@@ -59,68 +55,43 @@ func (a *Agent) sourceStatus() ([]api.SourceStatus, []api.ServiceConflict) {
 	return sources, out
 }
 
-// sourcesFile, in state_dir, records which source each served service came from, other
-// than the file. The next agent reads it to keep another source's services until that
-// source has synced: the datapath itself does not know sources.
-const sourcesFile = statedir.SourcesName
-
-// recordSources writes sourcesFile after an apply that worked, when what it records
-// changed. Only the reconciler calls it.
+// recordSources records in state_dir which services a source other than the file
+// serves, after an apply that worked, when that changed: the next agent keeps them until
+// their source has synced. Only the reconciler calls it.
 func (a *Agent) recordSources(svcs []service.Service) {
 	if a.settings.StateDir == "" {
 		return
 	}
-	bySource := map[service.Source][]string{}
+	bySource := statedir.Sources{}
 	for _, s := range svcs {
-		if s.From() != service.SourceFile {
-			bySource[s.From()] = append(bySource[s.From()], s.Key())
+		if src := string(s.From()); s.From() != service.SourceFile {
+			bySource[src] = append(bySource[src], s.Key())
 		}
 	}
 	for _, keys := range bySource {
 		slices.Sort(keys)
 	}
-	path := filepath.Join(a.settings.StateDir, sourcesFile)
-	if len(bySource) == 0 {
-		// Nothing but the file's: there is nothing to record, and no file to leave.
-		if a.recordedSources != "" {
-			if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-				a.log.WithError(err).Warn("remove the record of the services' sources")
-				return
-			}
-			a.recordedSources = ""
-		}
+	if maps.EqualFunc(bySource, a.recordedSources, slices.Equal) && a.recordedSources != nil {
 		return
 	}
-	data, err := json.Marshal(bySource)
-	if err != nil || string(data) == a.recordedSources {
-		return
-	}
-	tmp := path + ".new"
-	err = os.WriteFile(tmp, data, 0o600)
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
+	if err := statedir.WriteSources(a.settings.StateDir, bySource); err != nil {
 		a.log.WithError(err).Warn("record the sources of the services served")
 		return
 	}
-	a.recordedSources = string(data)
+	a.recordedSources = bySource
 }
 
 // adoptRecordedSources hands the reconciler the services a previous agent served for each
 // source other than the file, as the datapath still serves them, so that they stay until
 // their source has synced.
 func (a *Agent) adoptRecordedSources() {
-	data, err := os.ReadFile(filepath.Join(a.settings.StateDir, sourcesFile))
-	if errors.Is(err, fs.ErrNotExist) {
+	bySource, err := statedir.ReadSources(a.settings.StateDir)
+	if err != nil {
+		a.log.WithError(err).Warn("every service served counts as the file's")
 		return
 	}
-	var bySource map[service.Source][]string
-	if err == nil {
-		err = json.Unmarshal(data, &bySource)
-	}
-	if err != nil {
-		a.log.WithError(err).Warn("read the sources of the services served; every service counts as the file's")
+	a.recordedSources = bySource
+	if len(bySource) == 0 {
 		return
 	}
 	served, err := a.dp.Services()
@@ -136,13 +107,12 @@ func (a *Agent) adoptRecordedSources() {
 		var adopted []service.Service
 		for _, k := range keys {
 			if s, ok := byKey[k]; ok {
-				adopted = append(adopted, fromDatapath(s, src))
+				adopted = append(adopted, fromDatapath(s, service.Source(src)))
 			}
 		}
-		a.sources.Adopt(src, adopted)
+		a.sources.Adopt(service.Source(src), adopted)
 		a.log.WithFields(logrus.Fields{"source": src, "services": len(adopted)}).Info("kept until the source has synced")
 	}
-	a.recordedSources = string(data)
 }
 
 // fromDatapath is a served service as the model has it. Only what the datapath keeps

@@ -1,4 +1,7 @@
-package agent
+// Package preflight is what the agent checks before it touches the kernel, each failure one
+// clear line: the privileges to load and attach BPF, kernel BTF, the cgroup v2 root to
+// attach at, and a bpffs to pin in.
+package preflight
 
 import (
 	"errors"
@@ -11,9 +14,9 @@ import (
 	"github.com/podsock/podsock/internal/cgroupfs"
 )
 
-// checkPrivileges fails unless the process may load BPF programs and attach them to
+// CheckPrivileges fails unless the process may load BPF programs and attach them to
 // cgroups: root, or CAP_BPF + CAP_NET_ADMIN (+ CAP_SYS_ADMIN for setns and mounts).
-func checkPrivileges() error {
+func CheckPrivileges() error {
 	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
 	var data [2]unix.CapUserData
 	if err := unix.Capget(&hdr, &data[0]); err != nil {
@@ -35,16 +38,17 @@ func checkPrivileges() error {
 	return nil
 }
 
-func checkBTF() error {
+// CheckBTF fails unless the kernel exposes its BTF, which CO-RE relocations need.
+func CheckBTF() error {
 	if _, err := os.Stat("/sys/kernel/btf/vmlinux"); err != nil {
 		return errors.New("kernel has no BTF (/sys/kernel/btf/vmlinux missing); podsock needs CONFIG_DEBUG_INFO_BTF=y")
 	}
 	return nil
 }
 
-// resolveCgroupRoot picks the cgroup the LB programs attach to: the configured one, or
+// ResolveCgroupRoot picks the cgroup the LB programs attach to: the configured one, or
 // the root of the cgroup v2 mount.
-func resolveCgroupRoot(configured string) (string, error) {
+func ResolveCgroupRoot(configured string) (string, error) {
 	mnt, err := cgroupfs.Mount()
 	if err != nil {
 		return "", err
@@ -62,8 +66,8 @@ func resolveCgroupRoot(configured string) (string, error) {
 	return configured, nil
 }
 
-// ensureBPFFS mounts bpffs at dir unless one is already there.
-func ensureBPFFS(dir string) error {
+// EnsureBPFFS mounts bpffs at dir unless one is already there.
+func EnsureBPFFS(dir string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("create %s: %w", dir, err)
 	}

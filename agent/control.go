@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -187,9 +186,8 @@ func (a *Agent) podViews() []api.PodView {
 func serviceViews(svcs []datapath.Service, sourceOf func(key string) service.Source) []api.ServiceView {
 	out := make([]api.ServiceView, 0, len(svcs))
 	for _, s := range svcs {
-		proto := datapath.ProtoName(s.Proto)
-		v := api.ServiceView{Name: s.Name, VIP: s.VIP.String(), Port: s.Port, Protocol: proto,
-			Source:   string(sourceOf(netip.AddrPortFrom(s.VIP, s.Port).String() + "/" + proto)),
+		v := api.ServiceView{Name: s.Name, VIP: s.VIP.String(), Port: s.Port, Protocol: datapath.ProtoName(s.Proto),
+			Source:   string(sourceOf(s.Key())),
 			Backends: []string{}, Weights: []uint32{}}
 		for _, b := range s.Backends {
 			v.Backends = append(v.Backends, b.Addr.String())

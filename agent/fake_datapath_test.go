@@ -34,10 +34,6 @@ func newFakeDatapath() *fakeDatapath {
 	return &fakeDatapath{services: map[string]datapath.Service{}, pods: map[string]datapath.Pod{}}
 }
 
-func fakeKey(s datapath.Service) string {
-	return netip.AddrPortFrom(s.VIP, s.Port).String() + "/" + datapath.ProtoName(s.Proto)
-}
-
 func (f *fakeDatapath) ApplyWith(svcs []datapath.Service, opts datapath.ApplyOptions) (datapath.ApplyResult, error) {
 	f.mu.Lock()
 	hold, applying := f.hold, f.applying
@@ -61,7 +57,7 @@ func (f *fakeDatapath) ApplyWith(svcs []datapath.Service, opts datapath.ApplyOpt
 	var res datapath.ApplyResult
 	next := map[string]datapath.Service{}
 	for _, s := range svcs {
-		k := fakeKey(s)
+		k := s.Key()
 		next[k] = s
 		old, ok := f.services[k]
 		switch {
@@ -151,7 +147,7 @@ func (f *fakeDatapath) Services() ([]datapath.Service, error) {
 	for _, s := range f.services {
 		out = append(out, s)
 	}
-	slices.SortFunc(out, func(a, b datapath.Service) int { return cmp.Compare(fakeKey(a), fakeKey(b)) })
+	slices.SortFunc(out, func(a, b datapath.Service) int { return cmp.Compare(a.Key(), b.Key()) })
 	return out, nil
 }
 

@@ -2,7 +2,6 @@ package agent
 
 import (
 	"maps"
-	"net/netip"
 	"slices"
 
 	"github.com/sirupsen/logrus"
@@ -101,7 +100,7 @@ func (a *Agent) adoptRecordedSources() {
 	}
 	byKey := make(map[string]datapath.Service, len(served))
 	for _, s := range served {
-		byKey[netip.AddrPortFrom(s.VIP, s.Port).String()+"/"+datapath.ProtoName(s.Proto)] = s
+		byKey[s.Key()] = s
 	}
 	for src, keys := range bySource {
 		var adopted []service.Service

@@ -107,6 +107,12 @@ func removedBackends(k socklbSvcKey, name string, id, rev uint32, gone []netip.A
 	return out
 }
 
+// Key names the service's frontend as the model does ("10.96.0.20:80/tcp",
+// service.Service.Key): the name `services` and the agent's records use.
+func (s Service) Key() string {
+	return netip.AddrPortFrom(s.VIP, s.Port).String() + "/" + ProtoName(s.Proto)
+}
+
 func keyString(k socklbSvcKey) string {
 	return fmt.Sprintf("%s/%s", netip.AddrPortFrom(wordsAddr(k.Addr), ntohs(k.Port)), ProtoName(k.Proto))
 }

@@ -202,7 +202,7 @@ func (a *Agent) start(cfg *config.Config, sigs <-chan os.Signal) (reloadPending 
 	}
 	a.opMu.Lock()
 	a.dp, a.ctl, a.cgroupRoot, a.settings, a.nri, a.limits = dp, ctl, cgroupRoot, cfg.Agent, cfg.NRI, cfg.Limits
-	a.sources = service.NewReconciler(a.apply, a.logConflicts, cfg.Limits.BackendsPerService)
+	a.sources = service.NewReconciler(a.apply, a.logConflicts, serviceLimits(cfg.Limits))
 	a.adoptRecordedSources()
 	a.tracker = runtimehooks.NewTracker(cgroup2)
 	a.netns = nodeNetns{host: host, tracker: a.tracker}
@@ -462,6 +462,12 @@ func toDatapath(svcs []service.Service, policies map[string]datapath.ServicePoli
 		out = append(out, d)
 	}
 	return out
+}
+
+// serviceLimits are the bounds Merge keeps a view within, so that a view too large is
+// served as far as it fits instead of failing the apply.
+func serviceLimits(l config.Limits) service.Limits {
+	return service.Limits{Services: l.Services, BackendsPerService: l.BackendsPerService, Slots: l.Slots, SlotsPerService: l.SlotsPerService}
 }
 
 func datapathLimits(l config.Limits) datapath.Limits {

@@ -171,7 +171,7 @@ func testAgent(t testing.TB, dp datapathOps, cgroup2 string, host *netns.Handle,
 		ns = a.netns
 	}
 	a.term = terminator.New(dp, ns, quietLog())
-	a.sources = service.NewReconciler(a.apply, a.logConflicts, 0)
+	a.sources = service.NewReconciler(a.apply, a.logConflicts, service.Limits{})
 	a.podsSynced = true
 	t.Cleanup(func() {
 		a.sources.Close()

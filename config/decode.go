@@ -267,7 +267,7 @@ func (d *decoder) service(at keyPath, i int, t map[string]any) service.Service {
 			s.Backends = d.backends(kat, label, v)
 		case "affinity":
 			var a string
-			if d.str(kat, label+": affinity", v, &a) && !service.Affinity(a).Valid() {
+			if d.str(kat, label+": affinity", v, &a) && !fileAffinity(service.Affinity(a)) {
 				d.fail(kat, "%s", affinityMsg(label, service.Affinity(a)))
 			}
 			s.Affinity = service.Affinity(a)

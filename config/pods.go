@@ -27,6 +27,12 @@ func (l LB) SkipsLB(namespace string, labels, annotations map[string]string) boo
 	return (l.SkipAnnotation && annotations[SkipLBAnnotation] == "true") || service.AnyMatches(l.Skip, namespace, labels)
 }
 
+// fileAffinity reports whether a file may ask for a: "client" is Kubernetes' ClientIP
+// affinity, which only that source hands over.
+func fileAffinity(a service.Affinity) bool {
+	return a == service.AffinityNone || a == service.AffinityPod
+}
+
 func affinityMsg(label string, a service.Affinity) string {
 	return fmt.Sprintf("%s: affinity %q is not %q or %q", label, a, service.AffinityNone, service.AffinityPod)
 }

@@ -153,7 +153,7 @@ func (c *Config) checkServices(ps *problems, pos lineIndex) {
 
 		// The zero Affinity is AffinityNone for Services built in code; a
 		// file cannot say affinity = "" (the decoder rejects it).
-		if s.Affinity != "" && !s.Affinity.Valid() {
+		if s.Affinity != "" && !fileAffinity(s.Affinity) {
 			ps.add(at.key("affinity"), "%s", affinityMsg(label, s.Affinity))
 		}
 		for j, sel := range s.Allow {

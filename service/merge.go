@@ -2,6 +2,7 @@ package service
 
 import (
 	"cmp"
+	"fmt"
 	"slices"
 )
 
@@ -47,12 +48,22 @@ func precedence(a, b Source) int {
 	return cmp.Compare(a, b)
 }
 
+// Limits bound what Merge hands the datapath: [limits] of the config. 0 means no bound.
+type Limits struct {
+	Services           int // limits.services
+	BackendsPerService int // limits.backends_per_service
+	Slots              int // limits.slots, shared by all services
+	SlotsPerService    int // limits.slots_per_service
+}
+
 // Merge joins the sources' views into one list the datapath can serve: each frontend key
-// once, and each name once (the datapath keys a service's pod policy by its name). Where
-// two claims meet, the source first in precedence keeps it, and within one source the
-// first claim; the other is a Conflict. A service that fails Check(maxBackends) is left
-// out as one too. Every service in the result has its Source set.
-func Merge(views map[Source][]Service, maxBackends int) ([]Service, []Conflict) {
+// once, and each name in one source only (a source may give one name several frontends,
+// as a Kubernetes Service port has). Where two claims meet, the source first in
+// precedence keeps it, and within one source the first claim; the other is a Conflict. A
+// service that fails Check is left out as one too, and so is each service past what the
+// limits hold, in the sources' order: a view too large for the maps is served as far as
+// it fits rather than not at all. Every service in the result has its Source set.
+func Merge(views map[Source][]Service, limits Limits) ([]Service, []Conflict) {
 	sources := make([]Source, 0, len(views))
 	for s := range views {
 		sources = append(sources, s)
@@ -66,11 +77,14 @@ func Merge(views map[Source][]Service, maxBackends int) ([]Service, []Conflict) 
 	byKey := make(map[string]Ref, n)
 	byName := make(map[string]Ref, n)
 	var conflicts []Conflict
+	// A service switching revisions holds its old and new slots at once, one at a time.
+	slotBudget := limits.Slots - limits.SlotsPerService
+	slotsUsed := 0
 	for _, src := range sources {
 		for _, svc := range views[src] {
 			svc.Source = src
 			ref := Ref{Source: src, Name: svc.Name}
-			if err := svc.Check(maxBackends); err != nil {
+			if err := svc.Check(limits.BackendsPerService); err != nil {
 				conflicts = append(conflicts, Conflict{Key: "invalid", Dropped: ref, Reason: err.Error()})
 				continue
 			}
@@ -79,13 +93,47 @@ func Merge(views map[Source][]Service, maxBackends int) ([]Service, []Conflict) 
 				conflicts = append(conflicts, Conflict{Key: key, Kept: kept, Dropped: ref, Reason: "frontend already served"})
 				continue
 			}
-			if kept, taken := byName[svc.Name]; taken {
+			if kept, taken := byName[svc.Name]; taken && kept.Source != src {
 				conflicts = append(conflicts, Conflict{Key: "name " + svc.Name, Kept: kept, Dropped: ref, Reason: "name already used"})
 				continue
 			}
+			if limits.Services > 0 && len(out) >= limits.Services {
+				conflicts = append(conflicts, Conflict{Key: key, Dropped: ref, Reason: fmt.Sprintf("limits.services = %d reached", limits.Services)})
+				continue
+			}
+			slots := SlotCount(svc.Backends, limits.SlotsPerService)
+			if limits.Slots > 0 && slotsUsed+slots > slotBudget {
+				conflicts = append(conflicts, Conflict{Key: key, Dropped: ref, Reason: fmt.Sprintf("limits.slots = %d reached", limits.Slots)})
+				continue
+			}
+			slotsUsed += slots
 			byKey[key], byName[svc.Name] = ref, ref
 			out = append(out, svc)
 		}
 	}
 	return out, conflicts
+}
+
+// SlotCount is how many slots of the selection table the datapath gives these backends:
+// one per unit of weight, once the weights are divided by their greatest common divisor,
+// and at most perService (0: no bound), where each backend keeps at least one.
+func SlotCount(backends []Backend, perService int) int {
+	var g, total uint64
+	for _, b := range backends {
+		g = gcd(g, uint64(max(b.Weight, 1)))
+	}
+	for _, b := range backends {
+		total += uint64(max(b.Weight, 1)) / g
+	}
+	if perService > 0 && total > uint64(perService) {
+		return max(perService, len(backends))
+	}
+	return int(total)
+}
+
+func gcd(a, b uint64) uint64 {
+	for b != 0 {
+		a, b = b, a%b
+	}
+	return a
 }

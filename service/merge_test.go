@@ -16,7 +16,7 @@ func TestMergeFileWinsAConflict(t *testing.T) {
 	got, conflicts := Merge(map[Source][]Service{
 		SourceKubernetes: {svc("default/web:http", "10.96.0.20", 80), svc("default/web:https", "10.0.0.9", 80), svc("default/db:5432", "10.96.0.30", 5432)},
 		SourceFile:       {svc("web", "10.96.0.20", 80), svc("extra", "10.96.0.40", 80)},
-	}, 0)
+	}, Limits{})
 	var keys []string
 	for _, s := range got {
 		keys = append(keys, string(s.Source)+" "+s.Name+" "+s.Key())
@@ -41,19 +41,73 @@ func TestMergeFileWinsAConflict(t *testing.T) {
 	}
 }
 
-// A name is served once: a second claim of it, from another source or the same one, is
-// left out (the datapath keys pod policy by name).
-func TestMergeServesANameOnce(t *testing.T) {
+// A name belongs to the first source that uses it: another source's claim is left out,
+// while its own source may give it several frontends (a Service's ClusterIPs).
+func TestMergeKeepsANameInOneSource(t *testing.T) {
 	got, conflicts := Merge(map[Source][]Service{
 		SourceFile:       {svc("default/web", "10.96.0.20", 80)},
 		SourceKubernetes: {svc("default/web", "10.96.0.21", 80), svc("default/api", "10.96.0.22", 80), svc("default/api", "10.96.0.23", 80)},
-	}, 0)
-	if len(got) != 2 || got[0].Name != "default/web" || got[0].Source != SourceFile || got[1].Name != "default/api" || got[1].VIP != netip.MustParseAddr("10.96.0.22") {
+	}, Limits{})
+	var keys []string
+	for _, s := range got {
+		keys = append(keys, string(s.Source)+" "+s.Name+" "+s.Key())
+	}
+	want := []string{"file default/web 10.96.0.20:80/tcp", "kubernetes default/api 10.96.0.22:80/tcp", "kubernetes default/api 10.96.0.23:80/tcp"}
+	if !reflect.DeepEqual(keys, want) {
+		t.Fatalf("merged %q, want %q", keys, want)
+	}
+	if len(conflicts) != 1 || conflicts[0].Key != "name default/web" || conflicts[0].Dropped.Source != SourceKubernetes || conflicts[0].Kept.Source != SourceFile {
+		t.Fatalf("conflicts %+v, want only the kubernetes default/web", conflicts)
+	}
+}
+
+// A view larger than the limits is served as far as they hold, in the sources' order (the
+// file first), and each service past them is a conflict that says which limit it hit.
+func TestMergeServesWhatFitsTheLimits(t *testing.T) {
+	withBackends := func(s Service, n int) Service {
+		for i := range n {
+			s.Backends = append(s.Backends, Backend{Addr: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 88, 0, byte(i + 1)}), 80), Weight: 1})
+		}
+		return s
+	}
+	views := map[Source][]Service{
+		SourceKubernetes: {withBackends(svc("k/a:80", "10.96.0.1", 80), 2), withBackends(svc("k/b:80", "10.96.0.2", 80), 2), svc("k/c:80", "10.96.0.3", 80)},
+		SourceFile:       {withBackends(svc("f", "10.96.0.9", 80), 3)},
+	}
+	got, conflicts := Merge(views, Limits{Services: 3})
+	if len(got) != 3 || got[0].Name != "f" || got[1].Name != "k/a:80" || got[2].Name != "k/b:80" {
 		t.Fatalf("merged %+v", got)
 	}
-	if len(conflicts) != 2 || conflicts[0].Key != "name default/web" || conflicts[0].Dropped.Source != SourceKubernetes ||
-		conflicts[1].Key != "name default/api" || conflicts[1].Kept.Source != SourceKubernetes {
-		t.Fatalf("conflicts %+v, want the kubernetes default/web and the second default/api", conflicts)
+	if len(conflicts) != 1 || conflicts[0].Dropped.Name != "k/c:80" || conflicts[0].Reason != "limits.services = 3 reached" {
+		t.Fatalf("conflicts %+v", conflicts)
+	}
+	// 3 + 2 slots fit a budget of 8 - 2 (the overlap of one switch); the next 2 do not, the
+	// empty service does.
+	got, conflicts = Merge(views, Limits{Slots: 8, SlotsPerService: 2})
+	if len(got) != 3 || got[2].Name != "k/c:80" {
+		t.Fatalf("merged %+v", got)
+	}
+	if len(conflicts) != 1 || conflicts[0].Dropped.Name != "k/b:80" || conflicts[0].Reason != "limits.slots = 8 reached" {
+		t.Fatalf("conflicts %+v", conflicts)
+	}
+}
+
+func TestSlotCount(t *testing.T) {
+	b := func(w ...uint32) []Backend {
+		var out []Backend
+		for i, x := range w {
+			out = append(out, Backend{Addr: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, 0, byte(i + 1)}), 1), Weight: x})
+		}
+		return out
+	}
+	for _, c := range []struct {
+		backends   []Backend
+		perService int
+		want       int
+	}{{nil, 0, 0}, {b(1, 1, 1), 0, 3}, {b(2, 4), 0, 3}, {b(1, 999), 0, 1000}, {b(1, 999), 16, 16}, {b(1, 1, 1), 2, 3}} {
+		if got := SlotCount(c.backends, c.perService); got != c.want {
+			t.Errorf("SlotCount(%v, %d) = %d, want %d", c.backends, c.perService, got, c.want)
+		}
 	}
 }
 
@@ -67,7 +121,7 @@ func TestMergeLeavesOutInvalidServices(t *testing.T) {
 	mixed := svc("default/mixed", "10.96.0.31", 80)
 	mixed.Backends = []Backend{{Addr: netip.MustParseAddrPort("[fd00::1]:80"), Weight: 1}}
 	noPort := svc("default/noport", "10.96.0.32", 0)
-	got, conflicts := Merge(map[Source][]Service{SourceKubernetes: {big, mixed, noPort, svc("default/ok", "10.96.0.33", 80)}}, 2)
+	got, conflicts := Merge(map[Source][]Service{SourceKubernetes: {big, mixed, noPort, svc("default/ok", "10.96.0.33", 80)}}, Limits{BackendsPerService: 2})
 	if len(got) != 1 || got[0].Name != "default/ok" {
 		t.Fatalf("merged %+v, want only default/ok", got)
 	}
@@ -89,11 +143,11 @@ func TestMergeLeavesOutInvalidServices(t *testing.T) {
 // Views are never modified, and a merge of nothing is empty.
 func TestMergeLeavesViewsAlone(t *testing.T) {
 	view := []Service{svc("a", "10.96.0.1", 1)}
-	got, _ := Merge(map[Source][]Service{SourceFile: view}, 0)
+	got, _ := Merge(map[Source][]Service{SourceFile: view}, Limits{})
 	if view[0].Source != "" || got[0].Source != SourceFile {
 		t.Fatalf("view %+v, merged %+v", view, got)
 	}
-	if got, conflicts := Merge(nil, 0); len(got) != 0 || len(conflicts) != 0 {
+	if got, conflicts := Merge(nil, Limits{}); len(got) != 0 || len(conflicts) != 0 {
 		t.Fatalf("Merge(nil) = %v, %v", got, conflicts)
 	}
 }

@@ -31,7 +31,7 @@ type Plan[S any] struct {
 type Reconciler[S any] struct {
 	apply        func(Plan[S]) error
 	newConflicts func([]Conflict)
-	maxBackends  int
+	limits       Limits
 
 	mu            sync.Mutex
 	settings      S
@@ -56,11 +56,11 @@ type Reconciler[S any] struct {
 }
 
 // NewReconciler starts a reconciler that writes with apply; newConflicts hears of the
-// conflicts an apply has that the one before it did not. Services with more than
-// maxBackends backends (0: no bound) are left out as conflicts.
-func NewReconciler[S any](apply func(Plan[S]) error, newConflicts func([]Conflict), maxBackends int) *Reconciler[S] {
+// conflicts an apply has that the one before it did not. What the limits do not hold is
+// left out as conflicts (Merge).
+func NewReconciler[S any](apply func(Plan[S]) error, newConflicts func([]Conflict), limits Limits) *Reconciler[S] {
 	r := &Reconciler[S]{
-		apply: apply, newConflicts: newConflicts, maxBackends: maxBackends,
+		apply: apply, newConflicts: newConflicts, limits: limits,
 		views: map[Source]Snapshot{}, adopted: map[Source][]Service{}, registered: map[Source]bool{},
 		wake: make(chan struct{}, 1), done: make(chan struct{}),
 	}
@@ -138,7 +138,7 @@ func (r *Reconciler[S]) take() (Plan[S], []chan error, bool) {
 	for src := range views {
 		p.sources = append(p.sources, src)
 	}
-	p.Services, p.Conflicts = Merge(views, r.maxBackends)
+	p.Services, p.Conflicts = Merge(views, r.limits)
 	waiters := r.waiters
 	r.pending, r.settingsFresh, r.waiters = false, false, nil
 	return p, waiters, true

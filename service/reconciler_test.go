@@ -10,7 +10,7 @@ import (
 // Nothing is applied before the first settings; then one apply takes what came before.
 func TestReconcilerWaitsForSettings(t *testing.T) {
 	var applies atomic.Int32
-	r := NewReconciler(func(Plan[string]) error { applies.Add(1); return nil }, nil, 0)
+	r := NewReconciler(func(Plan[string]) error { applies.Add(1); return nil }, nil, Limits{})
 	defer r.Close()
 	early := r.Publish(Snapshot{Source: SourceKubernetes, Synced: true, Services: []Service{svc("a", "10.96.0.1", 80)}})
 	select {
@@ -36,7 +36,7 @@ func TestReconcilerCloseRunsNoMoreApplies(t *testing.T) {
 			<-release
 		}
 		return nil
-	}, nil, 0)
+	}, nil, Limits{})
 	first := r.PublishSettings("cfg", Snapshot{Source: SourceFile, Synced: true})
 	<-started
 	second := r.Publish(Snapshot{Source: SourceKubernetes, Synced: true})
@@ -70,7 +70,7 @@ func TestReconcilerFailedApplyChangesNothing(t *testing.T) {
 			return errors.New("injected")
 		}
 		return nil
-	}, nil, 0)
+	}, nil, Limits{})
 	defer r.Close()
 	if err := <-r.PublishSettings("one", Snapshot{Source: SourceFile, Synced: true, Services: []Service{svc("a", "10.96.0.1", 80)}}); err != nil {
 		t.Fatal(err)

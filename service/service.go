@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"time"
 )
 
 // Source names where a service came from, as `services --json` shows it.
@@ -44,10 +45,17 @@ const (
 	// that are not a pod's (the host's among them) have no affinity: each
 	// picks by weight.
 	AffinityPod Affinity = "pod"
+	// AffinityClient is Kubernetes' sessionAffinity ClientIP, with the pod as the client:
+	// AffinityPod, except that the host netns counts as one client too, and that a choice
+	// lapses once AffinityTimeout passes with no new socket of that client.
+	AffinityClient Affinity = "client"
 )
 
 // Valid reports whether a is a known affinity ("" is not: a source fills it in).
-func (a Affinity) Valid() bool { return a == AffinityNone || a == AffinityPod }
+func (a Affinity) Valid() bool { return a == AffinityNone || a == AffinityPod || a == AffinityClient }
+
+// Sticky reports whether a pod's sockets stick to one backend.
+func (a Affinity) Sticky() bool { return a == AffinityPod || a == AffinityClient }
 
 // Selector picks pods by namespace and labels, like a Kubernetes label
 // selector restricted to equality.
@@ -99,6 +107,41 @@ type Service struct {
 	// connect.
 	Allow     []Selector `toml:"allow,omitempty"`
 	AllowHost bool       `toml:"allow_host"`
+
+	// AffinityTimeout bounds an AffinityClient choice; 0 keeps it while its backend stays.
+	AffinityTimeout time.Duration `toml:"-"`
+	// HostOnly balances only the host netns' sockets and leaves every other client's
+	// alone: a NodePort on 127.0.0.1 is the host's, while a pod's loopback is its own.
+	HostOnly bool `toml:"-"`
+	// Endpoints are every endpoint the source knows behind the service, chosen as a
+	// backend or not (Kubernetes' terminating ones, for instance). Sockets already on an
+	// endpoint that is not a backend are kept; they end only when it leaves Endpoints. A
+	// source without the notion leaves it empty, and then only Backends count.
+	Endpoints []Endpoint `toml:"-"`
+}
+
+// Endpoint is one address a source knows behind a service, and the state it gave it.
+type Endpoint struct {
+	Addr                        netip.AddrPort
+	Ready, Serving, Terminating bool
+	Zone, Node                  string
+}
+
+// Retained are the endpoints that are not backends: no new socket goes to them, and the
+// sockets they have stay.
+func (s Service) Retained() []netip.AddrPort {
+	var out []netip.AddrPort
+	for _, e := range s.Endpoints {
+		if !s.HasBackend(e.Addr) && !slices.Contains(out, e.Addr) {
+			out = append(out, e.Addr)
+		}
+	}
+	return out
+}
+
+// HasBackend reports whether addr is one of the service's backends.
+func (s Service) HasBackend(addr netip.AddrPort) bool {
+	return slices.ContainsFunc(s.Backends, func(b Backend) bool { return b.Addr == addr })
 }
 
 // Backend is one address a service balances to, with its relative share of new sockets.
@@ -139,8 +182,9 @@ func (s Service) AllowsHost() bool { return !s.RestrictsClients() || s.AllowHost
 // Bounds the datapath has whatever the limits: the weight range, and the fixed-size name
 // field it reports back.
 const (
-	MaxWeight  = 1000
-	MaxNameLen = 127
+	MaxWeight = 1000
+	// MaxNameLen fits every Kubernetes name, namespace/name:port: 63+1+63+1+15 bytes.
+	MaxNameLen = 143
 )
 
 // Check says what keeps the datapath from serving s, or nil: a source hands over what it
@@ -168,6 +212,17 @@ func (s Service) Check(maxBackends int) error {
 		case b.Weight < 1 || b.Weight > MaxWeight:
 			return fmt.Errorf("backend %v: weight %d out of range (1..%d)", b.Addr, b.Weight, MaxWeight)
 		}
+	}
+	for _, e := range s.Endpoints {
+		if !e.Addr.IsValid() || e.Addr.Addr().Is4() != s.VIP.Is4() {
+			return fmt.Errorf("endpoint %v is not an IP:PORT of the vip's address family", e.Addr)
+		}
+	}
+	switch {
+	case !s.Affinity.Valid() && s.Affinity != "":
+		return fmt.Errorf("affinity %q is not none, pod or client", s.Affinity)
+	case s.AffinityTimeout < 0 || (s.AffinityTimeout > 0 && s.Affinity != AffinityClient):
+		return fmt.Errorf("affinity timeout %v needs affinity client", s.AffinityTimeout)
 	}
 	return nil
 }

@@ -108,18 +108,21 @@ func TestServicesJSONShape(t *testing.T) {
 		Name: "default/web", VIP: netip.MustParseAddr("fd00::20"), Port: 80, Proto: datapath.ProtoTCP,
 		Backends: []datapath.Backend{{Addr: netip.MustParseAddrPort("[fd00::5]:8080"), Weight: 3}},
 	}, {Name: "default/empty", VIP: netip.MustParseAddr("10.96.0.9"), Port: 53, Proto: datapath.ProtoUDP}},
-		func(key string) service.Source {
+		func(key string) (service.Service, bool) {
 			if key == "10.96.0.9:53/udp" {
-				return service.SourceKubernetes
+				return service.Service{Source: service.SourceKubernetes, Endpoints: []service.Endpoint{
+					{Addr: netip.MustParseAddrPort("10.88.0.7:53"), Serving: true, Terminating: true, Zone: "a", Node: "n1"},
+				}}, true
 			}
-			return service.SourceFile
+			return service.Service{}, false
 		})
 	b, err := json.Marshal(views)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := `[{"name":"default/web","vip":"fd00::20","port":80,"protocol":"tcp","source":"file","backends":["[fd00::5]:8080"],"weights":[3]},` +
-		`{"name":"default/empty","vip":"10.96.0.9","port":53,"protocol":"udp","source":"kubernetes","backends":[],"weights":[]}]`
+	want := `[{"name":"default/web","vip":"fd00::20","port":80,"protocol":"tcp","source":"file","backends":["[fd00::5]:8080"],"weights":[3],"endpoints":[]},` +
+		`{"name":"default/empty","vip":"10.96.0.9","port":53,"protocol":"udp","source":"kubernetes","backends":[],"weights":[],` +
+		`"endpoints":[{"addr":"10.88.0.7:53","ready":false,"serving":true,"terminating":true,"zone":"a","node":"n1","in_use":false}]}]`
 	if string(b) != want {
 		t.Fatalf("services JSON\n got %s\nwant %s", b, want)
 	}

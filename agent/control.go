@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -71,7 +72,7 @@ func (a *Agent) serveControl(ln net.Listener) *http.Server {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
 		}
-		writeJSON(w, serviceViews(svcs, a.sources.SourceOf))
+		writeJSON(w, serviceViews(svcs, a.sources.Served))
 	})
 	mux.HandleFunc("GET /v1/pods", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, a.podViews())
@@ -182,16 +183,34 @@ func (a *Agent) podViews() []api.PodView {
 	return out
 }
 
-// serviceViews shows the datapath's services; sourceOf says where the one with a key came from.
-func serviceViews(svcs []datapath.Service, sourceOf func(key string) service.Source) []api.ServiceView {
+// serviceViews shows the datapath's services; served says what a source wanted for the
+// one with a key: where it came from, and its endpoints. Backends stay what the datapath
+// has.
+func serviceViews(svcs []datapath.Service, served func(key string) (service.Service, bool)) []api.ServiceView {
 	out := make([]api.ServiceView, 0, len(svcs))
 	for _, s := range svcs {
+		want, ok := served(s.Key())
+		src := service.SourceFile
+		if ok {
+			src = want.From()
+		}
 		v := api.ServiceView{Name: s.Name, VIP: s.VIP.String(), Port: s.Port, Protocol: datapath.ProtoName(s.Proto),
-			Source:   string(sourceOf(s.Key())),
+			Source:   string(src),
 			Backends: []string{}, Weights: []uint32{}}
+		inUse := make(map[netip.AddrPort]bool, len(s.Backends))
 		for _, b := range s.Backends {
 			v.Backends = append(v.Backends, b.Addr.String())
 			v.Weights = append(v.Weights, b.Weight)
+			inUse[b.Addr] = true
+		}
+		for _, e := range want.Endpoints {
+			v.Endpoints = append(v.Endpoints, api.EndpointView{
+				Addr: e.Addr.String(), Ready: e.Ready, Serving: e.Serving, Terminating: e.Terminating,
+				Zone: e.Zone, Node: e.Node, InUse: inUse[e.Addr],
+			})
+		}
+		if v.Endpoints == nil {
+			v.Endpoints = []api.EndpointView{}
 		}
 		out = append(out, v)
 	}

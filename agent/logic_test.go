@@ -330,7 +330,7 @@ func TestReconcileKeepsAnUnsyncedSourcesServices(t *testing.T) {
 		t.Fatalf("status sources %+v", st.Sources)
 	}
 	svcs, _ := fake.Services()
-	for _, v := range serviceViews(svcs, a.sources.SourceOf) {
+	for _, v := range serviceViews(svcs, a.sources.Served) {
 		if wantSrc := map[string]string{"file/web": "file", "default/new:http": "kubernetes"}[v.Name]; v.Source != wantSrc {
 			t.Fatalf("services shows %s from %q, want %q", v.Name, v.Source, wantSrc)
 		}

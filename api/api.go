@@ -39,6 +39,17 @@ type SourceStatus struct {
 	// had before are kept.
 	Synced   bool `json:"synced"`
 	Services int  `json:"services"`
+	// What a watching source (Kubernetes) adds. State is "connecting" until its first
+	// sync, then "synced", or "unreachable" while its server does not answer (the last
+	// view keeps serving). Syncs counts its snapshots applied, as config_generation counts
+	// the file's configs. Warning says what it cannot do (no nodes access: no zone, no
+	// NodePort).
+	State               string     `json:"state,omitempty"`
+	LastSync            *time.Time `json:"last_sync,omitempty"`
+	LastSyncSeconds     float64    `json:"last_sync_seconds,omitempty"`
+	Syncs               uint64     `json:"syncs,omitempty"`
+	Warning             string     `json:"warning,omitempty"`
+	SkippedServicePorts int        `json:"skipped_service_ports,omitempty"`
 }
 
 // ServiceConflict is a service left out: Dropped claimed a frontend key
@@ -124,6 +135,21 @@ type ServiceView struct {
 	Source   string   `json:"source"`
 	Backends []string `json:"backends"`
 	Weights  []uint32 `json:"weights"`
+	// Endpoints are every endpoint a Kubernetes service knows, backend or not: in_use says
+	// it is one of Backends; the others keep the sockets they have and get no new ones.
+	// A file's service has none ([]).
+	Endpoints []EndpointView `json:"endpoints"`
+}
+
+// EndpointView is one endpoint of a Kubernetes service, as its EndpointSlices have it.
+type EndpointView struct {
+	Addr        string `json:"addr"`
+	Ready       bool   `json:"ready"`
+	Serving     bool   `json:"serving"`
+	Terminating bool   `json:"terminating"`
+	Zone        string `json:"zone"`
+	Node        string `json:"node"`
+	InUse       bool   `json:"in_use"`
 }
 
 // EventCount is how often one kind of runtime event arrived, how often its pod facts were

@@ -14,6 +14,7 @@ import (
 	"runtime/debug"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
@@ -231,6 +232,12 @@ func status(c *command) error {
 		fmt.Fprintf(w, "datapath\t%s, pinned in %s, cgroup root %s\n", attachedWord(st.Datapath.Attached), st.Datapath.PinDir, st.Datapath.CgroupRoot)
 		fmt.Fprintf(w, "nri\t%s\n", nriWord(st.NRI))
 		fmt.Fprintf(w, "services\t%d (%d backends)\n", st.Services, st.Backends)
+		for _, src := range st.Sources {
+			fmt.Fprintf(w, "source %s\t%s\n", src.Name, sourceLine(src))
+		}
+		if n := len(st.Conflicts); n > 0 {
+			fmt.Fprintf(w, "left out\t%d services (first: %s %s, %s)\n", n, st.Conflicts[0].Dropped.Source, st.Conflicts[0].Dropped.Name, st.Conflicts[0].Reason)
+		}
 		fmt.Fprintf(w, "pods\t%d (%d netns held)\n", st.Pods, st.Netns)
 		k := st.Datapath.Counters
 		fmt.Fprintf(w, "counters\t%d connects, %d sendmsgs, %d reversed, %d refused (no backend), %d without socket storage\n",
@@ -259,6 +266,25 @@ func status(c *command) error {
 		return unhealthy{}
 	}
 	return nil
+}
+
+// sourceLine says how far a source got: a watching source's state and last sync.
+func sourceLine(s api.SourceStatus) string {
+	state := s.State
+	if state == "" {
+		state = map[bool]string{true: "synced", false: "not synced"}[s.Synced]
+	}
+	line := fmt.Sprintf("%s, %d services", state, s.Services)
+	if s.LastSync != nil {
+		line += fmt.Sprintf(", %d syncs, last %s ago (%.0f ms)", s.Syncs, time.Since(*s.LastSync).Round(time.Second), s.LastSyncSeconds*1000)
+	}
+	if s.SkippedServicePorts > 0 {
+		line += fmt.Sprintf(", %d service ports skipped", s.SkippedServicePorts)
+	}
+	if s.Warning != "" {
+		line += "; " + s.Warning
+	}
+	return line
 }
 
 func terminationLine(t api.TerminationStatus) string {
@@ -310,7 +336,7 @@ func services(c *command) error {
 		return c.printJSON(svcs)
 	}
 	w := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(w, "NAME\tVIP\tPROTO\tBACKENDS")
+	fmt.Fprintln(w, "NAME\tVIP\tPROTO\tSOURCE\tBACKENDS")
 	for _, s := range svcs {
 		var bs []string
 		for i, b := range s.Backends {
@@ -323,9 +349,29 @@ func services(c *command) error {
 		if backends == "" {
 			backends = "(none: connects are refused)"
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", s.Name, joinHostPort(s.VIP, s.Port), s.Protocol, backends)
+		if kept := keptEndpoints(s.Endpoints); kept != "" {
+			backends += "; keeping sockets of " + kept
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", s.Name, joinHostPort(s.VIP, s.Port), s.Protocol, s.Source, backends)
 	}
 	return w.Flush()
+}
+
+// keptEndpoints names the endpoints that are no backend (terminating, not ready), whose
+// sockets stay.
+func keptEndpoints(eps []api.EndpointView) string {
+	var out []string
+	for _, e := range eps {
+		if e.InUse {
+			continue
+		}
+		state := "not ready"
+		if e.Terminating {
+			state = "terminating"
+		}
+		out = append(out, e.Addr+" ("+state+")")
+	}
+	return strings.Join(out, ", ")
 }
 
 func pods(c *command) error {

@@ -10,6 +10,7 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"time"
 
 	"github.com/BurntSushi/toml"
 
@@ -86,6 +87,9 @@ type Config struct {
 	NRI    NRI    `toml:"nri"`
 	LB     LB     `toml:"lb"`
 	Limits Limits `toml:"limits"`
+	// Kubernetes is the [kubernetes] section: Services and EndpointSlices of an API server
+	// as a second service source, beside the file's.
+	Kubernetes Kubernetes `toml:"kubernetes"`
 	// Services are the [[service]] tables. Parse fills in what a table leaves out:
 	// protocol "tcp", affinity "none", allow_host = true. A file may leave allow out but
 	// not give it empty (allow = []), and may set allow_host = false only with allow.
@@ -135,6 +139,30 @@ type LB struct {
 	SkipAnnotation bool `toml:"skip_annotation"`
 }
 
+// Kubernetes configures the Kubernetes service source (package kubesource).
+type Kubernetes struct {
+	Enabled bool `toml:"enabled"`
+	// Kubeconfig is a kubeconfig file; "" means the in-cluster service account.
+	Kubeconfig string `toml:"kubeconfig"`
+	// NodeName is this node's Node object; "" means $NODE_NAME, else the hostname.
+	NodeName string `toml:"node_name"`
+	// ServiceProxyName serves the Services labelled service.kubernetes.io/service-proxy-name
+	// with it; "" serves only those without the label, as kube-proxy does.
+	ServiceProxyName string `toml:"service_proxy_name"`
+	// QPS and Burst bound the client's requests to the API server (client-go's defaults
+	// when 0).
+	QPS   float64 `toml:"qps"`
+	Burst int     `toml:"burst"`
+	// MinSyncPeriod coalesces bursts of changes into one apply at most this often, as
+	// kube-proxy's --min-sync-period does.
+	MinSyncPeriod time.Duration `toml:"min_sync_period"`
+}
+
+// DefaultMinSyncPeriod is [kubernetes] min_sync_period when the file leaves it out: short
+// enough that a change is programmed well within a second, long enough that a rollout's
+// burst of slice updates costs a few applies.
+const DefaultMinSyncPeriod = 100 * time.Millisecond
+
 // Terminates reports whether sockets of protocol p to removed backends are
 // destroyed.
 func (l LB) Terminates(p service.Protocol) bool { return slices.Contains(l.Terminate, p) }
@@ -153,8 +181,9 @@ func Default() *Config {
 			PluginName:  "podsock",
 			PluginIndex: "10",
 		},
-		LB:     LB{Terminate: []service.Protocol{service.ProtocolTCP, service.ProtocolUDP}, SkipAnnotation: true},
-		Limits: DefaultLimits(),
+		LB:         LB{Terminate: []service.Protocol{service.ProtocolTCP, service.ProtocolUDP}, SkipAnnotation: true},
+		Limits:     DefaultLimits(),
+		Kubernetes: Kubernetes{MinSyncPeriod: DefaultMinSyncPeriod},
 	}
 }
 

@@ -55,6 +55,8 @@ func (d *decoder) document(doc map[string]any) {
 			d.lb(at, v)
 		case "limits":
 			d.limits(at, v)
+		case "kubernetes":
+			d.kubernetes(at, v)
 		case "service":
 			d.services(at, v)
 		default:
@@ -190,6 +192,65 @@ func (d *decoder) limits(at keyPath, v any) {
 			continue
 		}
 		*r.field(&d.c.Limits) = int(n)
+	}
+}
+
+func (d *decoder) kubernetes(at keyPath, v any) {
+	t, ok := d.table(at, "kubernetes", v)
+	if !ok {
+		return
+	}
+	k := &d.c.Kubernetes
+	for _, key := range sortedKeys(t) {
+		v, kat := t[key], at.key(key)
+		switch key {
+		case "enabled":
+			d.boolean(kat, "kubernetes.enabled", v, &k.Enabled)
+		case "kubeconfig":
+			d.str(kat, "kubernetes.kubeconfig", v, &k.Kubeconfig)
+		case "node_name":
+			d.str(kat, "kubernetes.node_name", v, &k.NodeName)
+		case "service_proxy_name":
+			d.str(kat, "kubernetes.service_proxy_name", v, &k.ServiceProxyName)
+		case "qps":
+			switch n := v.(type) {
+			case float64:
+				k.QPS = n
+			case int64:
+				k.QPS = float64(n)
+			default:
+				d.fail(kat, "kubernetes.qps must be a number, not %s", typeName(v))
+			}
+			if k.QPS < 0 {
+				d.fail(kat, "kubernetes.qps = %v is negative", k.QPS)
+			}
+		case "burst":
+			n, ok := v.(int64)
+			switch {
+			case !ok:
+				d.fail(kat, "kubernetes.burst must be an integer, not %s", typeName(v))
+			case n < 0 || n > 1<<20:
+				d.fail(kat, "kubernetes.burst = %d is out of range (0..%d)", n, 1<<20)
+			default:
+				k.Burst = int(n)
+			}
+		case "min_sync_period":
+			var s string
+			if !d.str(kat, "kubernetes.min_sync_period", v, &s) {
+				continue
+			}
+			p, err := time.ParseDuration(s)
+			switch {
+			case err != nil:
+				d.fail(kat, "kubernetes.min_sync_period %q is not a duration (e.g. \"100ms\", \"1s\")", s)
+			case p < 0 || p > time.Minute:
+				d.fail(kat, "kubernetes.min_sync_period = %s is out of range (0s..1m)", s)
+			default:
+				k.MinSyncPeriod = p
+			}
+		default:
+			d.unknown(kat, "kubernetes", key)
+		}
 	}
 }
 

@@ -44,8 +44,8 @@ type Reconciler[S any] struct {
 	// adopted is what the datapath serves for each source, as the last apply that worked
 	// wrote it (or as found at start): an unsynced source keeps it.
 	adopted map[Source][]Service
-	// sourceOf says which source each served key came from.
-	sourceOf  map[string]Source
+	// served is what the last apply that worked wrote, by key.
+	served    map[string]Service
 	conflicts []Conflict
 	pending   bool
 	waiters   []chan error
@@ -163,12 +163,18 @@ func (r *Reconciler[S]) applied(p Plan[S], err error) (fresh []Conflict) {
 	for _, s := range p.Services {
 		r.adopted[s.Source] = append(r.adopted[s.Source], s)
 	}
-	r.sourceOf = make(map[string]Source, len(p.Services))
+	r.served = make(map[string]Service, len(p.Services))
 	for _, s := range p.Services {
-		r.sourceOf[s.Key()] = s.Source
+		r.served[s.Key()] = s
+	}
+	// A cluster past the limits has as many conflicts as services left out: no quadratic
+	// compare.
+	known := make(map[Conflict]bool, len(r.conflicts))
+	for _, c := range r.conflicts {
+		known[c] = true
 	}
 	for _, c := range p.Conflicts {
-		if !slices.Contains(r.conflicts, c) {
+		if !known[c] {
 			fresh = append(fresh, c)
 		}
 	}
@@ -249,8 +255,17 @@ func (r *Reconciler[S]) Sources() ([]SourceState, []Conflict) {
 func (r *Reconciler[S]) SourceOf(key string) Source {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if src, ok := r.sourceOf[key]; ok {
-		return src
+	if s, ok := r.served[key]; ok {
+		return s.Source
 	}
 	return SourceFile
+}
+
+// Served is the service the last apply that worked wrote for key, as its source gave it
+// (its endpoints included).
+func (r *Reconciler[S]) Served(key string) (Service, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s, ok := r.served[key]
+	return s, ok
 }

@@ -122,6 +122,13 @@ func TestParseErrors(t *testing.T) {
 		{"plugin_index letters", doc(`[nri]`, `plugin_index = "a1"`), 2, `nri.plugin_index "a1" must be exactly two digits`},
 		{"plugin_name empty", doc(`[nri]`, `plugin_name = ""`), 2, "nri.plugin_name must not be empty"},
 		{"plugin_name bad char", doc(`[nri]`, `plugin_name = "pod sock"`), 2, `nri.plugin_name "pod sock" may only contain`},
+		{"kubernetes unknown key", doc(`[kubernetes]`, `enabled = true`, `kubeconfg = "/k"`), 3, `unknown key "kubeconfg" in [kubernetes]`},
+		{"kubernetes enabled string", doc(`[kubernetes]`, `enabled = "yes"`), 2, "kubernetes.enabled must be a boolean, not string"},
+		{"kubernetes qps negative", doc(`[kubernetes]`, `qps = -1.5`), 2, "kubernetes.qps = -1.5 is negative"},
+		{"kubernetes burst string", doc(`[kubernetes]`, `burst = "10"`), 2, "kubernetes.burst must be an integer, not string"},
+		{"kubernetes min_sync_period bad", doc(`[kubernetes]`, `min_sync_period = "fast"`), 2, `kubernetes.min_sync_period "fast" is not a duration`},
+		{"kubernetes min_sync_period long", doc(`[kubernetes]`, `min_sync_period = "2m"`), 2, "kubernetes.min_sync_period = 2m is out of range (0s..1m)"},
+		{"affinity client in a file", doc(`[[service]]`, svcName, svcVIP, svcPort, `affinity = "client"`), 5, `affinity "client" is not "none" or "pod"`},
 		{"terminate unknown protocol", doc(`[lb]`, `terminate = ["sctp"]`), 2, `lb.terminate: "sctp" is not tcp or udp`},
 		{"terminate duplicate", doc(`[lb]`, `terminate = [`, `  "udp",`, `  "tcp",  # both`, `  "udp",`, `]`), 5, `lb.terminate lists "udp" twice`},
 
@@ -893,5 +900,22 @@ func TestLoadServicesFile(t *testing.T) {
 	}
 	if _, err := Parse("x", []byte("[agent]\nservices_file = \"relative.toml\"\n")); err == nil || !strings.Contains(err.Error(), "must be an absolute path") {
 		t.Errorf("relative services_file: %v", err)
+	}
+}
+
+// The [kubernetes] keys land in the model as written; those left out keep their defaults.
+func TestParseKubernetes(t *testing.T) {
+	c, err := Parse("k.toml", []byte(doc(`[kubernetes]`, `enabled = true`, `kubeconfig = "/etc/podsock/kubeconfig"`,
+		`node_name = "node-a"`, `service_proxy_name = "podsock"`, `qps = 50`, `burst = 100`)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Kubernetes{Enabled: true, Kubeconfig: "/etc/podsock/kubeconfig", NodeName: "node-a", ServiceProxyName: "podsock",
+		QPS: 50, Burst: 100, MinSyncPeriod: DefaultMinSyncPeriod}
+	if c.Kubernetes != want {
+		t.Fatalf("kubernetes %+v, want %+v", c.Kubernetes, want)
+	}
+	if c, err = Parse("k.toml", []byte(doc(`[kubernetes]`, `min_sync_period = "0s"`, `qps = 2.5`))); err != nil || c.Kubernetes.MinSyncPeriod != 0 || c.Kubernetes.QPS != 2.5 {
+		t.Fatalf("parse: %+v, %v", c, err)
 	}
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/podsock/podsock/internal/preflight"
 	"github.com/podsock/podsock/internal/statedir"
 	"github.com/podsock/podsock/internal/terminator"
+	"github.com/podsock/podsock/kubesource"
 	"github.com/podsock/podsock/plugin"
 	"github.com/podsock/podsock/runtimehooks"
 	"github.com/podsock/podsock/service"
@@ -68,6 +69,10 @@ type Agent struct {
 	// sources merges what the service sources want; its loop is the only writer of
 	// services into the datapath.
 	sources *sourceReconciler
+	// kube is the Kubernetes source, nil when [kubernetes] is off; kubeCfg, the settings it
+	// started with (a change takes a restart).
+	kube    *kubesource.Source
+	kubeCfg config.Kubernetes
 	// recordedSources is what state_dir records of the sources (nil: not known yet);
 	// only the reconciler touches it after start.
 	recordedSources statedir.Sources
@@ -107,6 +112,9 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 	}
 	a := newAgent(log)
 	defer a.podq.close()
+	if err := a.newKubernetesSource(cfg.Kubernetes); err != nil {
+		return err
+	}
 	if cfg.NRI.Enabled {
 		a.plugin = plugin.New(plugin.Options{
 			Socket: cfg.NRI.Socket, Name: cfg.NRI.PluginName, Index: cfg.NRI.PluginIndex, Log: log,
@@ -120,6 +128,10 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 		return err
 	}
 	defer a.stop()
+	kctx, stopKube := context.WithCancel(ctx)
+	waitKube := a.runKubernetes(kctx)
+	// Before stop, which closes the reconciler the source publishes to.
+	defer func() { stopKube(); waitKube() }()
 	a.applyInitial(cfg)
 	if reloadPending {
 		a.reload(cfgPath)
@@ -346,6 +358,10 @@ func (a *Agent) reload(path string) {
 	if cfg.NRI != a.nri {
 		a.log.Warn("nri settings changed; that takes a restart, keeping the running ones")
 		cfg.NRI = a.nri
+	}
+	if cfg.Kubernetes != a.kubeCfg {
+		a.log.Warn("kubernetes settings changed; that takes a restart, keeping the running ones")
+		cfg.Kubernetes = a.kubeCfg
 	}
 	if cfg.Limits != a.limits {
 		// The maps are sized at load; the restart migrates them.

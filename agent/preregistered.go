@@ -47,6 +47,11 @@ func RunPreRegistered(ctx context.Context, log *logrus.Logger) error {
 		}
 		// The runtime already connected us; the [nri] socket is not used.
 		cfg.NRI.Enabled = true
+		if err := a.newKubernetesSource(cfg.Kubernetes); err != nil {
+			log.Error(err)
+			started <- err
+			return err
+		}
 		if _, err := a.start(cfg, nil); err != nil {
 			log.Error(err)
 			started <- err
@@ -67,6 +72,9 @@ func RunPreRegistered(ctx context.Context, log *logrus.Logger) error {
 	defer a.stop()
 	// Unregister before the datapath handles go: this runs before stop.
 	defer cancel()
+	kctx, stopKube := context.WithCancel(ctx)
+	waitKube := a.runKubernetes(kctx)
+	defer func() { stopKube(); waitKube() }()
 	a.applyInitial(startedWith)
 	for {
 		select {

@@ -40,7 +40,9 @@ func (a *Agent) sourceStatus() ([]api.SourceStatus, []api.ServiceConflict) {
 	states, conflicts := a.sources.Sources()
 	sources := make([]api.SourceStatus, 0, len(states))
 	for _, s := range states {
-		sources = append(sources, api.SourceStatus{Name: string(s.Source), Synced: s.Synced, Services: s.Services})
+		st := api.SourceStatus{Name: string(s.Source), Synced: s.Synced, Services: s.Services}
+		a.kubernetesStatus(&st)
+		sources = append(sources, st)
 	}
 	out := make([]api.ServiceConflict, 0, len(conflicts))
 	for _, c := range conflicts {

@@ -52,7 +52,7 @@ struct {
 	__type(key, __u32);
 	__type(value, struct svc_name);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} podsock_name_v1 SEC(".maps");
+} podsock_name_v2 SEC(".maps");
 
 // The counters of enum stat_index (socklb.h).
 struct {

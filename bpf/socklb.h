@@ -20,7 +20,8 @@
 // sets each map's size from the config before it creates the maps.
 #define PODSOCK_MAX_SERVICES 32768
 #define PODSOCK_MAX_SLOTS 262144
-#define PODSOCK_NAME_LEN 128
+// Kubernetes names a service port namespace/name:port: 63 + 1 + 63 + 1 + 15 bytes, and the NUL.
+#define PODSOCK_NAME_LEN 144
 #define LB_ENTRIES 4
 #define PODSOCK_MAX_PODS 4096
 #define PODSOCK_MAX_CONTAINERS 16384

@@ -127,7 +127,7 @@ func TestParseErrors(t *testing.T) {
 
 		{"name empty", doc(`[[service]]`, `name = ""`, svcVIP, svcPort), 2, "service #1: name must not be empty"},
 		{"name missing", doc(`[[service]]`, svcName, svcVIP, svcPort, `[[service]]`, `vip = "10.96.0.21"`, svcPort), 5, "service #2: name must not be empty"},
-		{"name too long", doc(`[[service]]`, `name = "`+strings.Repeat("n", 128)+`"`, svcVIP, svcPort), 2, "name is 128 bytes long, at most 127 allowed"},
+		{"name too long", doc(`[[service]]`, `name = "`+strings.Repeat("n", 144)+`"`, svcVIP, svcPort), 2, "name is 144 bytes long, at most 143 allowed"},
 		{"name with space", doc(`[[service]]`, `name = "web app"`, svcVIP, svcPort), 2, `service "web app": name must not contain spaces or unprintable characters`},
 		{"name with control", doc(`[[service]]`, `name = "web\u0007"`, svcVIP, svcPort), 2, `must not contain spaces or unprintable characters`},
 		{"name duplicate", doc(`[[service]]`, svcName, svcVIP, svcPort, `[[service]]`, svcName, svcVIP, `port = 81`), 6,

@@ -225,6 +225,9 @@ func Load(opts Options) (*Datapath, error) {
 		return nil, fmt.Errorf("load socket-LB programs: %w", err)
 	}
 	loaded = true
+	if err := dp.migrateNamesV1(); err != nil {
+		return nil, errors.Join(err, dp.closeAll())
+	}
 	if err := dp.readServices(); err != nil {
 		return nil, errors.Join(err, dp.closeAll())
 	}
@@ -307,8 +310,9 @@ func pinned(dir, name string) bool {
 // countEpochs is how many count epochs the socket flags tell apart.
 const countEpochs = uint32(socklbSockStateFlagsSOCK_F_EPOCH_MASK>>socklbSockStateFlagsSOCK_F_EPOCH_SHIFT) + 1
 
-// obsoletePins are maps earlier versions pinned that this one replaced.
-var obsoletePins = []string{"podsock_stat_v1", "podsock_stat_v2", "podsock_pairnetns_v1"}
+// obsoletePins are maps earlier versions pinned that this one replaced; those it carries
+// entries over from are migrated first (migrateNamesV1, migrateAffinityV1).
+var obsoletePins = []string{"podsock_stat_v1", "podsock_stat_v2", "podsock_pairnetns_v1", "podsock_name_v1"}
 
 func (dp *Datapath) removeObsoletePins() {
 	for _, name := range obsoletePins {

@@ -41,7 +41,7 @@ var limitMaps = []struct {
 	field func(*Limits) *int
 	maps  []string
 }{
-	{"services", func(l *Limits) *int { return &l.Services }, []string{"podsock_svc_v1", "podsock_name_v1"}},
+	{"services", func(l *Limits) *int { return &l.Services }, []string{"podsock_svc_v1", "podsock_name_v2"}},
 	{"slots", func(l *Limits) *int { return &l.Slots }, []string{"podsock_slot_v1"}},
 	{"pods", func(l *Limits) *int { return &l.Pods }, []string{"podsock_podcg_v1", "podsock_netns_v1", "podsock_pod_v1"}},
 	{"containers", func(l *Limits) *int { return &l.Containers }, []string{"podsock_ctrcg_v1"}},

@@ -57,10 +57,16 @@ func (w *podWorld) setPods(t *testing.T, pods ...Pod) {
 // dialFrom connects to the VIP from inside cgroup cg (nil: the attach cgroup) and netns ns.
 func (w *podWorld) dialFrom(t *testing.T, cg *testenv.Cgroup, ns *testenv.Netns) (res testenv.TCPResult, err error) {
 	t.Helper()
+	return w.dialTo(t, cg, ns, webVIP)
+}
+
+// dialTo connects to vip from inside cgroup cg (nil: the attach cgroup) and netns ns.
+func (w *podWorld) dialTo(t *testing.T, cg *testenv.Cgroup, ns *testenv.Netns, vip netip.AddrPort) (res testenv.TCPResult, err error) {
+	t.Helper()
 	if cg == nil {
-		return testenv.DialTCP(ns, 0, webVIP, false)
+		return testenv.DialTCP(ns, 0, vip, false)
 	}
-	cg.RunIn(t, w.cg, func() { res, err = testenv.DialTCP(ns, 0, webVIP, false) })
+	cg.RunIn(t, w.cg, func() { res, err = testenv.DialTCP(ns, 0, vip, false) })
 	return res, err
 }
 

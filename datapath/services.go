@@ -7,6 +7,8 @@ import (
 	"maps"
 	"math/rand/v2"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
@@ -388,7 +390,7 @@ func (dp *Datapath) addService(k socklbSvcKey, w wanted) error {
 		return fmt.Errorf("service %s: %w", name, err)
 	}
 	nv, _ := nameValue(name)
-	if err := dp.objs.PodsockNameV1.Update(&id, &nv, ebpf.UpdateAny); err != nil {
+	if err := dp.objs.PodsockNameV2.Update(&id, &nv, ebpf.UpdateAny); err != nil {
 		delete(dp.usedIDs, id)
 		return fmt.Errorf("service %s: write name: %w", name, err)
 	}
@@ -424,7 +426,7 @@ func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) erro
 	name, slots := w.name, w.slots
 	if name != cur.name {
 		nv, _ := nameValue(name)
-		if err := dp.objs.PodsockNameV1.Update(&cur.id, &nv, ebpf.UpdateAny); err != nil {
+		if err := dp.objs.PodsockNameV2.Update(&cur.id, &nv, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("service %s: write name: %w", name, err)
 		}
 		dp.unindex(cur)
@@ -498,7 +500,7 @@ func (dp *Datapath) removeService(k socklbSvcKey, cur *installed) error {
 // deleteName drops a service's name and frees its ID. A failure only leaves an orphan
 // name, which the next adoption removes.
 func (dp *Datapath) deleteName(id uint32) {
-	if err := dp.objs.PodsockNameV1.Delete(&id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	if err := dp.objs.PodsockNameV2.Delete(&id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		dp.log.WithError(err).Warnf("delete name of service %d", id)
 	}
 	delete(dp.usedIDs, id)
@@ -546,7 +548,7 @@ func (dp *Datapath) readServices() error {
 	var id uint32
 	var nv socklbSvcName
 	var orphans []uint32
-	nit := dp.objs.PodsockNameV1.Iterate()
+	nit := dp.objs.PodsockNameV2.Iterate()
 	for nit.Next(&id, &nv) {
 		svc, ok := byID[id]
 		if !ok {
@@ -583,7 +585,7 @@ func (dp *Datapath) Services() ([]Service, error) {
 	for it.Next(&k, &v) {
 		s := Service{VIP: wordsAddr(k.Addr), Port: ntohs(k.Port), Proto: k.Proto}
 		var nv socklbSvcName
-		if err := dp.objs.PodsockNameV1.Lookup(&v.Id, &nv); err == nil {
+		if err := dp.objs.PodsockNameV2.Lookup(&v.Id, &nv); err == nil {
 			s.Name = nameString(nv)
 		}
 		slots := make([]netip.AddrPort, 0, v.SlotCount)
@@ -603,6 +605,45 @@ func (dp *Datapath) Services() ([]Service, error) {
 	}
 	slices.SortFunc(out, func(a, b Service) int { return cmp.Compare(a.Name, b.Name) })
 	return out, nil
+}
+
+// migrateNamesV1 copies the names an older agent pinned (podsock_name_v1, of shorter
+// names) into the current map, before the services are read: only userspace reads names,
+// so nothing races the copy. Whatever the current map holds for an ID the old one names
+// is the old agent's to decide, as it ran last. The old pin goes with the other obsolete
+// ones once the programs are attached, so a failed start leaves it for the older agent.
+func (dp *Datapath) migrateNamesV1() error {
+	pin := filepath.Join(dp.pinDir, "podsock_name_v1")
+	old, err := ebpf.LoadPinnedMap(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("open the service names of an older agent (%s): %w", pin, err)
+	}
+	defer func() { _ = old.Close() }()
+	var id uint32
+	var raw []byte
+	n := 0
+	it := old.Iterate()
+	for it.Next(&id, &raw) {
+		var nv socklbSvcName
+		if len(raw) > len(nv.Name) {
+			return fmt.Errorf("service names of an older agent: entry of %d bytes, more than %d", len(raw), len(nv.Name))
+		}
+		for i, c := range raw {
+			nv.Name[i] = int8(c)
+		}
+		if err := dp.objs.PodsockNameV2.Update(&id, &nv, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("carry the name of service %d over from an older agent: %w", id, err)
+		}
+		n++
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read the service names of an older agent: %w", err)
+	}
+	dp.log.Infof("carried %d service names over from an older agent", n)
+	return nil
 }
 
 // Counts returns the number of services and of distinct backend addresses they use.

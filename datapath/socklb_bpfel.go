@@ -137,7 +137,7 @@ type socklbSvcKey struct {
 
 type socklbSvcName struct {
 	_    structs.HostLayout
-	Name [128]int8
+	Name [144]int8
 }
 
 type socklbSvcNetnsCounts struct {
@@ -168,7 +168,7 @@ const (
 	socklbMapPodsockAllowV1       = "podsock_allow_v1"
 	socklbMapPodsockCfgV1         = "podsock_cfg_v1"
 	socklbMapPodsockCtrcgV1       = "podsock_ctrcg_v1"
-	socklbMapPodsockNameV1        = "podsock_name_v1"
+	socklbMapPodsockNameV2        = "podsock_name_v2"
 	socklbMapPodsockNetnsV1       = "podsock_netns_v1"
 	socklbMapPodsockPodV1         = "podsock_pod_v1"
 	socklbMapPodsockPodcgV1       = "podsock_podcg_v1"
@@ -251,7 +251,7 @@ type socklbMapSpecs struct {
 	PodsockAllowV1    *ebpf.MapSpec `ebpf:"podsock_allow_v1"`
 	PodsockCfgV1      *ebpf.MapSpec `ebpf:"podsock_cfg_v1"`
 	PodsockCtrcgV1    *ebpf.MapSpec `ebpf:"podsock_ctrcg_v1"`
-	PodsockNameV1     *ebpf.MapSpec `ebpf:"podsock_name_v1"`
+	PodsockNameV2     *ebpf.MapSpec `ebpf:"podsock_name_v2"`
 	PodsockNetnsV1    *ebpf.MapSpec `ebpf:"podsock_netns_v1"`
 	PodsockPodV1      *ebpf.MapSpec `ebpf:"podsock_pod_v1"`
 	PodsockPodcgV1    *ebpf.MapSpec `ebpf:"podsock_podcg_v1"`
@@ -294,7 +294,7 @@ type socklbMaps struct {
 	PodsockAllowV1    *ebpf.Map `ebpf:"podsock_allow_v1"`
 	PodsockCfgV1      *ebpf.Map `ebpf:"podsock_cfg_v1"`
 	PodsockCtrcgV1    *ebpf.Map `ebpf:"podsock_ctrcg_v1"`
-	PodsockNameV1     *ebpf.Map `ebpf:"podsock_name_v1"`
+	PodsockNameV2     *ebpf.Map `ebpf:"podsock_name_v2"`
 	PodsockNetnsV1    *ebpf.Map `ebpf:"podsock_netns_v1"`
 	PodsockPodV1      *ebpf.Map `ebpf:"podsock_pod_v1"`
 	PodsockPodcgV1    *ebpf.Map `ebpf:"podsock_podcg_v1"`
@@ -311,7 +311,7 @@ func (m *socklbMaps) Close() error {
 		m.PodsockAllowV1,
 		m.PodsockCfgV1,
 		m.PodsockCtrcgV1,
-		m.PodsockNameV1,
+		m.PodsockNameV2,
 		m.PodsockNetnsV1,
 		m.PodsockPodV1,
 		m.PodsockPodcgV1,

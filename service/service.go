@@ -137,10 +137,11 @@ func (s Service) AllowsPod(namespace string, labels map[string]string) bool {
 func (s Service) AllowsHost() bool { return !s.RestrictsClients() || s.AllowHost }
 
 // Bounds the datapath has whatever the limits: the weight range, and the fixed-size name
-// field it reports back.
+// field it reports back, which holds a Kubernetes service port's namespace/name:port
+// (63 + 1 + 63 + 1 + 15 bytes).
 const (
 	MaxWeight  = 1000
-	MaxNameLen = 127
+	MaxNameLen = 143
 )
 
 // Check says what keeps the datapath from serving s, or nil: a source hands over what it

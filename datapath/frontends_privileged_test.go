@@ -1,0 +1,163 @@
+package datapath
+
+import (
+	"encoding/binary"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/podsock/podsock/test/testenv"
+)
+
+// What a Kubernetes service source asks of the datapath: names of namespace/name:port.
+
+// k8sName is the longest name a Kubernetes service port has: namespace and service name
+// of 63 bytes each, and a port name of 15.
+var k8sName = strings.Repeat("n", 63) + "/" + strings.Repeat("s", 63) + ":" + strings.Repeat("p", 15)
+
+func TestPrivilegedLongNameRoundTrips(t *testing.T) {
+	if len(k8sName) != 143 {
+		t.Fatalf("test name is %d bytes, want 143", len(k8sName))
+	}
+	f := newFixture(t)
+	testenv.StartTCPBackend(t, f.ns, "A", beA)
+	dp, err := Load(Options{CgroupRoot: f.cg.Path, BPFFS: f.bpffs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	apply(t, dp, tcpService(k8sName, webVIP, be(beA, 1)))
+	if got, err := dp.Services(); err != nil || len(got) != 1 || got[0].Name != k8sName {
+		t.Fatalf("services: %+v %v, want the one of the 143-byte name", got, err)
+	}
+	// One byte more is refused whole, and the service keeps serving.
+	if _, err := dp.Apply([]Service{tcpService(k8sName+"x", webVIP, be(beA, 1))}); err == nil {
+		t.Fatal("a 144-byte name was accepted")
+	}
+	if r, err := testenv.DialTCP(f.ns, 0, webVIP, false); err != nil || r.Backend != "A" {
+		t.Fatalf("connect after the refused apply: %+v %v, want A", r, err)
+	}
+	dp.Close()
+
+	dp2 := f.load()
+	if got, err := dp2.Services(); err != nil || len(got) != 1 || got[0].Name != k8sName {
+		t.Fatalf("adopted services: %+v %v, want the 143-byte name", got, err)
+	}
+	if res := apply(t, dp2, tcpService(k8sName, webVIP, be(beA, 1))); res.Unchanged != 1 {
+		t.Fatalf("the same service after adoption: %+v, want it unchanged", res)
+	}
+}
+
+// pinOldMap creates and pins a map of an older layout, with the given entries.
+func pinOldMap(t *testing.T, pin string, keySize, valueSize uint32, entries map[string][]byte) {
+	t.Helper()
+	m, err := ebpf.NewMap(&ebpf.MapSpec{
+		Name: filepath.Base(pin), Type: ebpf.Hash, KeySize: keySize, ValueSize: valueSize,
+		MaxEntries: 1024, Flags: unix.BPF_F_NO_PREALLOC,
+	})
+	if err != nil {
+		t.Fatalf("create %s: %v", pin, err)
+	}
+	defer m.Close()
+	for k, v := range entries {
+		if err := m.Update([]byte(k), v, ebpf.UpdateNoExist); err != nil {
+			t.Fatalf("fill %s: %v", pin, err)
+		}
+	}
+	if err := m.Pin(pin); err != nil {
+		t.Fatalf("pin %s: %v", pin, err)
+	}
+}
+
+func encode(t *testing.T, v any) []byte {
+	t.Helper()
+	b, err := binary.Append(nil, binary.NativeEndian, v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// oldNames is the names map an agent before names of 143 bytes pinned (podsock_name_v1),
+// holding the services dp serves now.
+func oldNames(t *testing.T, dp *Datapath) map[string][]byte {
+	t.Helper()
+	out := map[string][]byte{}
+	for _, s := range dp.services {
+		v := make([]byte, 128)
+		copy(v, s.name)
+		out[string(encode(t, s.id))] = v
+	}
+	return out
+}
+
+// replacePins puts maps of an older layout in place of the current ones, as an older
+// agent would have left them.
+func replacePins(t *testing.T, bpffs string, current []string, old map[string]func(pin string)) {
+	t.Helper()
+	pinDir := filepath.Join(bpffs, PinDirName)
+	for _, name := range current {
+		if err := os.Remove(filepath.Join(pinDir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for name, create := range old {
+		create(filepath.Join(pinDir, name))
+	}
+}
+
+// requireGone fails unless the pins are gone.
+func requireGone(t *testing.T, bpffs string, names ...string) {
+	t.Helper()
+	for _, name := range names {
+		if _, err := os.Stat(filepath.Join(bpffs, PinDirName, name)); !os.IsNotExist(err) {
+			t.Errorf("pin %s of the older agent still there (%v)", name, err)
+		}
+	}
+}
+
+// A new datapath adopting the pins of an older agent carries its names (podsock_name_v1, of
+// at most 127 bytes) over and removes the old pin: the services keep their names, and a
+// restricted service its allowed pods, which pod events and the agent find by name.
+func TestPrivilegedOlderAgentsNamesCarriedOver(t *testing.T) {
+	w := newPodWorld(t)
+	db := tcpService("default/db", apiVIP, be(beB, 1))
+	db.Policy = ServicePolicy{Restrict: true, AllowedPods: []string{"pod-a"}}
+	apply(t, w.dp, tcpService("default/web", webVIP, be(beA, 1)), db)
+	w.setPods(t, Pod{SandboxID: "pod-a", ContainerCgroups: []uint64{w.ctrA.ID(t)}, AllowedServices: []string{"default/db"}})
+	names := oldNames(t, w.dp)
+	w.dp.Close()
+	replacePins(t, w.bpffs, []string{"podsock_name_v2"}, map[string]func(string){
+		"podsock_name_v1": func(pin string) { pinOldMap(t, pin, 4, 128, names) },
+	})
+
+	dp, err := Load(Options{CgroupRoot: w.cg.Path, BPFFS: w.bpffs, HostNetns: w.ns.Cookie(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	requireGone(t, w.bpffs, "podsock_name_v1")
+	got, err := dp.Services()
+	if err != nil || len(got) != 2 || got[0].Name != "default/db" || got[1].Name != "default/web" {
+		t.Fatalf("services after the upgrade: %+v %v, want default/db and default/web", got, err)
+	}
+	if got := dp.AllowedSandboxes("default/db"); !slices.Equal(got, []string{"pod-a"}) {
+		t.Fatalf("allowed sandboxes of default/db after the upgrade: %v, want pod-a", got)
+	}
+	if err := dp.SetPod(Pod{SandboxID: "pod-b", ContainerCgroups: []uint64{w.ctrB.ID(t)}, AllowedServices: []string{"default/db"}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, cg := range []*testenv.Cgroup{w.ctrA, w.ctrB} {
+		if res, err := w.dialTo(t, cg, w.ns, apiVIP); err != nil || res.Backend != "B" {
+			t.Fatalf("allowed pod to default/db after the upgrade: %+v %v, want B", res, err)
+		}
+	}
+	db.Policy.AllowedPods = []string{"pod-a", "pod-b"}
+	if res := apply(t, dp, tcpService("default/web", webVIP, be(beA, 1)), db); res.Unchanged != 2 {
+		t.Fatalf("the same services after the upgrade: %+v, want both unchanged", res)
+	}
+}

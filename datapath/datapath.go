@@ -95,9 +95,11 @@ type Datapath struct {
 	services map[socklbSvcKey]*installed
 	usedIDs  map[uint32]bool
 	nextID   uint32
-	// byName and affinitySvcs index services for pod events. Apply keeps them current
-	// service by service, since pod events run between its chunks.
-	byName       map[string]*installed
+	// restricted (by name) and affinitySvcs (those with pod affinity) index services for
+	// pod events. Apply keeps them current service by service, since pod events run
+	// between its chunks. Names repeat (one per frontend of a Kubernetes service), so a
+	// name indexes every restricted service of that name.
+	restricted   map[string][]*installed
 	affinitySvcs map[*installed]bool
 	// applyMu makes Applies take turns; each holds mu only a chunk at a time. latePods are
 	// the pods set while the running Apply had mu released: the services it has yet to

@@ -2,6 +2,8 @@ package datapath
 
 import (
 	"encoding/binary"
+	"errors"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -14,7 +16,8 @@ import (
 	"github.com/podsock/podsock/test/testenv"
 )
 
-// What a Kubernetes service source asks of the datapath: names of namespace/name:port.
+// What a Kubernetes service source asks of the datapath: names of namespace/name:port,
+// and several frontends of one name.
 
 // k8sName is the longest name a Kubernetes service port has: namespace and service name
 // of 63 bytes each, and a port name of 15.
@@ -49,6 +52,85 @@ func TestPrivilegedLongNameRoundTrips(t *testing.T) {
 	}
 	if res := apply(t, dp2, tcpService(k8sName, webVIP, be(beA, 1))); res.Unchanged != 1 {
 		t.Fatalf("the same service after adoption: %+v, want it unchanged", res)
+	}
+}
+
+// A Kubernetes service's frontends (here an IPv4 and an IPv6 ClusterIP with an allow-list,
+// and an unrestricted one) are datapath services of one name: each is served, and pod
+// policy by name reaches every restricted frontend of that name.
+func TestPrivilegedFrontendsShareAName(t *testing.T) {
+	w := newPodWorld(t)
+	testenv.StartTCPBackend(t, w.ns, "A6", be6A)
+	const name = "default/web:http"
+	v4 := tcpService(name, webVIP, be(beA, 1))
+	v6 := tcpService(name, web6VIP, be(be6A, 1))
+	for _, s := range []*Service{&v4, &v6} {
+		s.Policy = ServicePolicy{Restrict: true, AllowedPods: []string{"pod-a"}}
+	}
+	open := tcpService(name, apiVIP, be(beB, 1))
+	if res := apply(t, w.dp, v4, v6, open); res.Added != 3 {
+		t.Fatalf("apply of three frontends of one name: %+v", res)
+	}
+	got, err := w.dp.Services()
+	if err != nil || len(got) != 3 {
+		t.Fatalf("services: %+v %v, want the three frontends", got, err)
+	}
+	for _, s := range got {
+		if s.Name != name {
+			t.Fatalf("frontend %s named %q, want %q", s.Key(), s.Name, name)
+		}
+	}
+	w.setPods(t,
+		Pod{SandboxID: "pod-a", ContainerCgroups: []uint64{w.ctrA.ID(t)}, AllowedServices: []string{name}},
+		Pod{SandboxID: "pod-b", ContainerCgroups: []uint64{w.ctrB.ID(t)}},
+	)
+	expect := func(when string, cg *testenv.Cgroup, vip netip.AddrPort, want string) {
+		t.Helper()
+		res, err := w.dialTo(t, cg, w.ns, vip)
+		if want == "EPERM" {
+			if !errors.Is(err, unix.EPERM) {
+				t.Fatalf("%s: connect to %s: %+v %v, want EPERM", when, vip, res, err)
+			}
+			return
+		}
+		if err != nil || res.Backend != want || res.Peer != vip {
+			t.Fatalf("%s: connect to %s: %+v %v, want %s through the VIP", when, vip, res, err, want)
+		}
+	}
+	expect("allowed pod", w.ctrA, webVIP, "A")
+	expect("allowed pod", w.ctrA, web6VIP, "A6")
+	expect("allowed pod", w.ctrA, apiVIP, "B")
+	expect("other pod", w.ctrB, webVIP, "EPERM")
+	expect("other pod", w.ctrB, web6VIP, "EPERM")
+	expect("other pod", w.ctrB, apiVIP, "B")
+	if got := w.dp.AllowedSandboxes(name); !slices.Equal(got, []string{"pod-a"}) {
+		t.Fatalf("allowed sandboxes of %s: %v, want pod-a once", name, got)
+	}
+
+	// One frontend goes: it reports its backend, and the others keep their policy.
+	res := apply(t, w.dp, v4, open)
+	if res.Removed != 1 || len(res.RemovedBackends) != 1 || res.RemovedBackends[0].Backend != be6A ||
+		res.RemovedBackends[0].VIP != web6VIP || res.RemovedBackends[0].Service != name {
+		t.Fatalf("apply without the IPv6 frontend: %+v, want %s of %s removed", res, be6A, web6VIP)
+	}
+	expect("allowed pod, one frontend fewer", w.ctrA, webVIP, "A")
+	if got := w.dp.AllowedSandboxes(name); !slices.Equal(got, []string{"pod-a"}) {
+		t.Fatalf("allowed sandboxes after a frontend went: %v, want pod-a", got)
+	}
+	// Pod events by name, and a frontend that comes back, reach every frontend again.
+	w.setPods(t,
+		Pod{SandboxID: "pod-a", ContainerCgroups: []uint64{w.ctrA.ID(t)}},
+		Pod{SandboxID: "pod-b", ContainerCgroups: []uint64{w.ctrB.ID(t)}, AllowedServices: []string{name}},
+	)
+	v4.Policy.AllowedPods = []string{"pod-b"}
+	v6.Policy.AllowedPods = []string{"pod-b"}
+	apply(t, w.dp, v4, v6, open)
+	expect("pod allowed later", w.ctrB, webVIP, "A")
+	expect("pod allowed later", w.ctrB, web6VIP, "A6")
+	expect("pod no longer allowed", w.ctrA, webVIP, "EPERM")
+	expect("pod no longer allowed", w.ctrA, web6VIP, "EPERM")
+	if got := w.dp.AllowedSandboxes(name); !slices.Equal(got, []string{"pod-b"}) {
+		t.Fatalf("allowed sandboxes after the change: %v, want pod-b", got)
 	}
 }
 

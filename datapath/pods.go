@@ -100,7 +100,7 @@ func (dp *Datapath) setPod(p Pod) (added bool, err error) {
 	var errs []error
 	allowed := map[uint32]bool{}
 	for _, name := range p.AllowedServices {
-		if svc := dp.byName[name]; svc != nil && svc.flags&socklbSvcFlagsSVC_F_RESTRICT != 0 {
+		for _, svc := range dp.restricted[name] {
 			allowed[svc.id] = true
 			if !svc.allowed[cur.id] {
 				errs = append(errs, dp.writeAllow(svc, cur.id))
@@ -525,12 +525,13 @@ func (dp *Datapath) dropAffinity(svcID uint32, gone []netip.AddrPort) {
 }
 
 // AllowedSandboxes lists the pods the datapath currently admits to a restricted service,
-// by sandbox ID. Before the runtime's first Synchronize, it is the only record of them.
+// by sandbox ID: to any of its frontends, should several share the name. Before the
+// runtime's first Synchronize, it is the only record of them.
 func (dp *Datapath) AllowedSandboxes(service string) []string {
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
 	var out []string
-	if svc := dp.byName[service]; svc != nil {
+	for _, svc := range dp.restricted[service] {
 		for id := range svc.allowed {
 			if p := dp.podIDs[id]; p != nil {
 				out = append(out, p.sandboxID)
@@ -538,7 +539,7 @@ func (dp *Datapath) AllowedSandboxes(service string) []string {
 		}
 	}
 	slices.Sort(out)
-	return out
+	return slices.Compact(out)
 }
 
 // readPods rebuilds the pod mirror from pinned maps left by a previous agent. Identity,

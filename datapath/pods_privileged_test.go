@@ -268,7 +268,7 @@ func TestPrivilegedPodAffinityNeverUsesAStaleChoice(t *testing.T) {
 	svc.Policy.AffinityPod = true
 	apply(t, w.dp, svc)
 	w.setPods(t, Pod{SandboxID: "pod-a", ContainerCgroups: []uint64{w.ctrA.ID(t)}})
-	key := socklbPodSvcKey{SvcId: w.dp.byName["default/web"].id, PodId: w.dp.pods["pod-a"].id}
+	key := socklbPodSvcKey{SvcId: w.dp.services[svcKey(webVIP.Addr(), webVIP.Port(), ProtoTCP)].id, PodId: w.dp.pods["pod-a"].id}
 	choice := func() socklbAffValue {
 		t.Helper()
 		var v socklbAffValue
@@ -308,8 +308,8 @@ func TestPrivilegedPodAffinityNeverUsesAStaleChoice(t *testing.T) {
 	// Adding a backend changes the revision; the pod keeps its backend.
 	svc.Backends = []Backend{be(addrOf[other], 1), be(beC, 1)}
 	apply(t, w.dp, svc)
-	if v := choice(); v.Rev != w.dp.byName["default/web"].rev {
-		t.Fatalf("affinity entry at revision %d, want it carried over to %d", v.Rev, w.dp.byName["default/web"].rev)
+	if v := choice(); v.Rev != w.dp.services[svcKey(webVIP.Addr(), webVIP.Port(), ProtoTCP)].rev {
+		t.Fatalf("affinity entry at revision %d, want it carried over to %d", v.Rev, w.dp.services[svcKey(webVIP.Addr(), webVIP.Port(), ProtoTCP)].rev)
 	}
 	for i := range 20 {
 		if got := dial(); got != other {

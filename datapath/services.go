@@ -23,7 +23,9 @@ const (
 	ProtoUDP uint8 = unix.IPPROTO_UDP
 )
 
-// Service is one VIP:port/protocol and its weighted backends, as the datapath serves it.
+// Service is one frontend (VIP:port/protocol) and its weighted backends, as the datapath
+// serves it. Several frontends may share a Name (a Kubernetes service's ClusterIPs, node
+// ports, external IPs); the frontend is what identifies a service here.
 type Service struct {
 	Name     string
 	VIP      netip.Addr
@@ -277,26 +279,34 @@ func (dp *Datapath) admitLatePods(w wanted) {
 // reindex rebuilds the lookups pod events use, so that a pod event costs what the pod
 // touches, not the number of services.
 func (dp *Datapath) reindex() {
-	dp.byName = make(map[string]*installed, len(dp.services))
+	dp.restricted = map[string][]*installed{}
 	dp.affinitySvcs = map[*installed]bool{}
 	for _, s := range dp.services {
 		dp.index(s)
 	}
 }
 
-// index and unindex keep the lookups current for one service.
+// index and unindex keep the lookups current for one service, under its current name and
+// flags; a change of either unindexes the service first.
 func (dp *Datapath) index(s *installed) {
-	dp.byName[s.name] = s
+	dp.unindex(s)
+	if s.flags&socklbSvcFlagsSVC_F_RESTRICT != 0 {
+		dp.restricted[s.name] = append(dp.restricted[s.name], s)
+	}
 	if s.flags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 {
 		dp.affinitySvcs[s] = true
-	} else {
-		delete(dp.affinitySvcs, s)
 	}
 }
 
 func (dp *Datapath) unindex(s *installed) {
-	if dp.byName[s.name] == s {
-		delete(dp.byName, s.name)
+	if list := dp.restricted[s.name]; slices.Contains(list, s) {
+		// A new slice: a caller may be ranging over the old one.
+		rest := slices.DeleteFunc(slices.Clone(list), func(o *installed) bool { return o == s })
+		if len(rest) == 0 {
+			delete(dp.restricted, s.name)
+		} else {
+			dp.restricted[s.name] = rest
+		}
 	}
 	delete(dp.affinitySvcs, s)
 }
@@ -603,7 +613,10 @@ func (dp *Datapath) Services() ([]Service, error) {
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("read services: %w", err)
 	}
-	slices.SortFunc(out, func(a, b Service) int { return cmp.Compare(a.Name, b.Name) })
+	// Frontends of one name in a stable order too.
+	slices.SortFunc(out, func(a, b Service) int {
+		return cmp.Or(cmp.Compare(a.Name, b.Name), compareKeys(svcKey(a.VIP, a.Port, a.Proto), svcKey(b.VIP, b.Port, b.Proto)))
+	})
 	return out, nil
 }
 

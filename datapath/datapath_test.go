@@ -239,3 +239,32 @@ func TestCapacityCountsOneOverlapAtATime(t *testing.T) {
 		t.Fatal("a config past the slot capacity was accepted")
 	}
 }
+
+func TestRetainedSet(t *testing.T) {
+	a, b, c := ap("10.0.0.1:80"), ap("10.0.0.2:80"), ap("10.0.0.3:80")
+	// Still in the slots means still picked: not retained. Order and repeats do not make
+	// two sets differ.
+	if got := retainedSet([]netip.AddrPort{c, a, b, c}, []netip.AddrPort{a, a}); !slices.Equal(got, []netip.AddrPort{b, c}) {
+		t.Fatalf("retained %v, want %v", got, []netip.AddrPort{b, c})
+	}
+	if got := retainedSet(nil, []netip.AddrPort{a}); got != nil {
+		t.Fatalf("nothing retained gave %v", got)
+	}
+}
+
+// A removal whose backend is back, in the slots or retained, ends nothing; one of a
+// backend still gone, or of a service gone, stays.
+func TestStillRemovedKeepsRetainedBackends(t *testing.T) {
+	a, b, c := ap("10.0.0.1:80"), ap("10.0.0.2:80"), ap("10.0.0.3:80")
+	vip, gone := ap("10.96.0.1:80"), ap("10.96.0.2:80")
+	dp := &Datapath{services: map[socklbSvcKey]*installed{
+		svcKey(vip.Addr(), vip.Port(), ProtoTCP): {slots: []netip.AddrPort{a}, retained: []netip.AddrPort{b}},
+	}}
+	removed := func(svc, backend netip.AddrPort) RemovedBackend {
+		return RemovedBackend{VIP: svc, Proto: ProtoTCP, Backend: backend}
+	}
+	got := dp.stillRemoved([]RemovedBackend{removed(vip, a), removed(vip, b), removed(vip, c), removed(gone, a)})
+	if want := []RemovedBackend{removed(vip, c), removed(gone, a)}; !slices.Equal(got, want) {
+		t.Fatalf("still removed %v, want %v", got, want)
+	}
+}

@@ -17,7 +17,7 @@ import (
 )
 
 // What a Kubernetes service source asks of the datapath: names of namespace/name:port,
-// and several frontends of one name.
+// several frontends of one name, and terminating backends that keep their sockets.
 
 // k8sName is the longest name a Kubernetes service port has: namespace and service name
 // of 63 bytes each, and a port name of 15.
@@ -131,6 +131,121 @@ func TestPrivilegedFrontendsShareAName(t *testing.T) {
 	expect("pod no longer allowed", w.ctrA, web6VIP, "EPERM")
 	if got := w.dp.AllowedSandboxes(name); !slices.Equal(got, []string{"pod-b"}) {
 		t.Fatalf("allowed sandboxes after the change: %v, want pod-b", got)
+	}
+}
+
+// heldOn dials the VIP until a socket reaches backend want, and keeps that one.
+func heldOn(t *testing.T, ns *testenv.Netns, vip netip.AddrPort, want string) int {
+	t.Helper()
+	for range 200 {
+		r, err := testenv.DialTCP(ns, 0, vip, true)
+		if err != nil {
+			t.Fatalf("dial %s: %v", vip, err)
+		}
+		if r.Backend == want {
+			keepOpen(t, r.FD)
+			return r.FD
+		}
+		unix.Close(r.FD)
+	}
+	t.Fatalf("200 connects to %s never reached %s", vip, want)
+	return -1
+}
+
+// Terminating endpoints: a backend moved to Retained gets no new sockets and keeps those it
+// has, whatever passes run; once it leaves Retained too, its sockets, and only those
+// balanced to it before, are destroyed.
+func TestPrivilegedRetainedBackendsKeepTheirSockets(t *testing.T) {
+	_, dp := loadWithIterators(t)
+	ns := clientNetns(t)
+	set := newTestNetns(t, ns)
+	tcp := TerminateOptions{Protocols: []uint8{ProtoTCP}}
+	const name = "default/web:http"
+	web := func(backends []netip.AddrPort, retained ...netip.AddrPort) ApplyResult {
+		t.Helper()
+		s := tcpService(name, webVIP)
+		for _, b := range backends {
+			s.Backends = append(s.Backends, be(b, 1))
+		}
+		s.Retained = retained
+		return apply(t, dp, s)
+	}
+	onlyA, both := []netip.AddrPort{beA}, []netip.AddrPort{beA, beB}
+	web(both)
+	sockA, sockB := heldOn(t, ns, webVIP, "A"), heldOn(t, ns, webVIP, "B")
+
+	if res := web(onlyA, beB); len(res.RemovedBackends) != 0 || res.Updated != 1 {
+		t.Fatalf("B moved to retained: %+v, want an update that removes nothing", res)
+	}
+	for i := range 40 {
+		if r, err := testenv.DialTCP(ns, 0, webVIP, false); err != nil || r.Backend != "A" {
+			t.Fatalf("connect %d with B retained: %+v %v, want A", i, r, err)
+		}
+	}
+	if res := web(onlyA, beB); res.Unchanged != 1 {
+		t.Fatalf("the same retained set again: %+v, want unchanged", res)
+	}
+	// B leaves and is back as retained before the pass: the pass ends nothing.
+	gone := web(onlyA).RemovedBackends
+	web(onlyA, beB)
+	if tr, err := dp.Terminate(set, gone, tcp); err != nil || tr.Destroyed != 0 || tr.Backends != 0 {
+		t.Fatalf("pass for B, retained again: %+v %v, want nothing done", tr, err)
+	}
+	if err := alive(sockB); err != nil {
+		t.Fatalf("socket to retained B after a pass: %v", err)
+	}
+
+	// B leaves for good while the slots stay [A]: it is reported, for the sockets balanced
+	// to it before. Before the pass runs, B comes back, gets a new socket, and leaves again.
+	svc := dp.services[svcKey(webVIP.Addr(), webVIP.Port(), ProtoTCP)]
+	first := web(onlyA).RemovedBackends
+	if len(first) != 1 || first[0].Backend != beB || first[0].Service != name || first[0].VIP != webVIP ||
+		first[0].Proto != ProtoTCP || first[0].ServiceID != svc.id {
+		t.Fatalf("B leaving retained: removed %+v, want B of %s (service %d)", first, name, svc.id)
+	}
+	web(both)
+	sockB2 := heldOn(t, ns, webVIP, "B")
+	second := web(onlyA).RemovedBackends
+	if tr, err := dp.Terminate(set, first, tcp); err != nil || tr.Destroyed != 1 {
+		t.Fatalf("late pass for B's first removal: %+v %v, want its older socket destroyed", tr, err)
+	}
+	if err := aborted(sockB); err != nil {
+		t.Fatalf("socket to B from before it was retained: %v", err)
+	}
+	closeClient(sockB)
+	for what, fd := range map[string]int{"B, connected after it came back": sockB2, "A": sockA} {
+		if err := alive(fd); err != nil {
+			t.Fatalf("socket to %s, ended by B's first removal: %v", what, err)
+		}
+	}
+	if tr, err := dp.Terminate(set, second, tcp); err != nil || tr.Destroyed != 1 {
+		t.Fatalf("pass for B's second removal: %+v %v, want its newer socket destroyed", tr, err)
+	}
+	if err := aborted(sockB2); err != nil {
+		t.Fatal(err)
+	}
+	closeClient(sockB2)
+
+	// A service that goes reports its backends and those it retains.
+	web(both)
+	sockB3 := heldOn(t, ns, webVIP, "B")
+	web(onlyA, beB)
+	res := apply(t, dp)
+	var removed []netip.AddrPort
+	for _, b := range res.RemovedBackends {
+		removed = append(removed, b.Backend)
+	}
+	slices.SortFunc(removed, func(a, b netip.AddrPort) int { return a.Compare(b) })
+	if res.Removed != 1 || !slices.Equal(removed, both) {
+		t.Fatalf("removing the service: %+v, want A and the retained B reported", res)
+	}
+	if tr, err := dp.Terminate(set, res.RemovedBackends, tcp); err != nil || tr.Destroyed != 2 {
+		t.Fatalf("pass for the removed service: %+v %v, want both sockets destroyed", tr, err)
+	}
+	for _, fd := range []int{sockA, sockB3} {
+		if err := aborted(fd); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
 

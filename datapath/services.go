@@ -32,6 +32,11 @@ type Service struct {
 	Port     uint16
 	Proto    uint8
 	Backends []Backend
+	// Retained are backends that get no new sockets but whose sockets stay (Kubernetes
+	// terminating endpoints): a backend that moves from Backends to Retained is not in
+	// ApplyResult.RemovedBackends; it is once it leaves both. Only this process knows
+	// them: a restarted agent learns them again from its first Apply.
+	Retained []netip.AddrPort
 	Policy   ServicePolicy
 }
 
@@ -83,16 +88,31 @@ type installed struct {
 	rev   uint32
 	name  string
 	slots []netip.AddrPort
-	flags socklbSvcFlags
+	// retained are the backends kept for the sockets they have, not in slots; sorted.
+	// Nothing in the maps holds them.
+	retained []netip.AddrPort
+	flags    socklbSvcFlags
 	// allowed are the pod IDs with an entry in the allow map for this service.
 	allowed map[uint32]bool
+}
+
+// serving lists what the service has sockets to keep for: its slots' backends and those it
+// retains.
+func (s *installed) serving() []netip.AddrPort {
+	return append(uniqueAddrs(s.slots), s.retained...)
+}
+
+// serves says whether the service still has b, in its slots or retained.
+func (s *installed) serves(b netip.AddrPort) bool {
+	return slices.Contains(s.slots, b) || slices.Contains(s.retained, b)
 }
 
 // ApplyResult says what Apply changed.
 type ApplyResult struct {
 	Added, Updated, Removed, Unchanged int
-	// RemovedBackends are backends that served a service before and no longer do (all of
-	// a removed service's); sockets still attached to them are stale (see Terminate).
+	// RemovedBackends are backends that served a service before, in its backends or
+	// retained, and now do neither (all of a removed service's); sockets still attached to
+	// them are stale (see Terminate). A backend that only moved to Retained is not here.
 	RemovedBackends []RemovedBackend
 }
 
@@ -191,7 +211,11 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		if max := dp.limits.BackendsPerService; len(s.Backends) > max {
 			return res, fmt.Errorf("service %s: %d backends exceed limits.backends_per_service = %d", s.Name, len(s.Backends), max)
 		}
-		desired[k] = wanted{name: s.Name, slots: expandSlots(s.Backends, dp.limits.SlotsPerService), flags: s.Policy.flags(), policy: s.Policy}
+		slots := expandSlots(s.Backends, dp.limits.SlotsPerService)
+		desired[k] = wanted{
+			name: s.Name, slots: slots, retained: retainedSet(s.Retained, slots),
+			flags: s.Policy.flags(), policy: s.Policy,
+		}
 	}
 	keys := make([]socklbSvcKey, 0, len(desired))
 	for k := range desired {
@@ -228,7 +252,7 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		}
 		res.Removed++
 		// No revision of this service comes after cur.rev: every choice it made is older.
-		res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, cur.name, cur.id, cur.rev+1, uniqueAddrs(cur.slots))...)
+		res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, cur.name, cur.id, cur.rev+1, cur.serving())...)
 	}
 	for _, k := range keys {
 		yield()
@@ -247,16 +271,21 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 				continue
 			}
 			res.Added++
-		case cur.name == s.name && slices.Equal(cur.slots, slots) && cur.flags == s.flags && maps.Equal(cur.allowed, s.allowed):
+		case cur.name == s.name && slices.Equal(cur.slots, slots) && slices.Equal(cur.retained, s.retained) &&
+			cur.flags == s.flags && maps.Equal(cur.allowed, s.allowed):
 			res.Unchanged++
 		default:
-			gone := missingFrom(cur.slots, slots)
+			gone := missingFrom(cur.serving(), append(slices.Clone(slots), s.retained...))
+			// Every socket balanced to a backend gone now was chosen at this revision or
+			// before: since it left the slots, or now, no revision picks it. One that comes
+			// back is picked at a later revision, whether the slots change now or not.
+			firstWithout := cur.rev + 1
 			if err := dp.updateService(k, cur, s); err != nil {
 				errs = append(errs, err)
 				continue
 			}
 			res.Updated++
-			res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, s.name, cur.id, cur.rev, gone)...)
+			res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, s.name, cur.id, firstWithout, gone)...)
 		}
 	}
 	return res, errors.Join(errs...)
@@ -314,11 +343,32 @@ func (dp *Datapath) unindex(s *installed) {
 // wanted is a service as Apply is asked for it, with its selection table expanded and its
 // allowed pods resolved to pod IDs.
 type wanted struct {
-	name    string
-	slots   []netip.AddrPort
-	flags   socklbSvcFlags
-	policy  ServicePolicy
-	allowed map[uint32]bool
+	name     string
+	slots    []netip.AddrPort
+	retained []netip.AddrPort
+	flags    socklbSvcFlags
+	policy   ServicePolicy
+	allowed  map[uint32]bool
+}
+
+// retainedSet is what a service retains: the addresses of retained that its slots do not
+// have (those still get new sockets), once each, sorted so that equal sets compare equal.
+func retainedSet(retained, slots []netip.AddrPort) []netip.AddrPort {
+	if len(retained) == 0 {
+		return nil
+	}
+	inSlots := make(map[netip.AddrPort]bool, len(slots))
+	for _, b := range slots {
+		inSlots[b] = true
+	}
+	var out []netip.AddrPort
+	for _, b := range retained {
+		if !inSlots[b] {
+			out = append(out, b)
+		}
+	}
+	slices.SortFunc(out, func(a, b netip.AddrPort) int { return a.Compare(b) })
+	return slices.Compact(out)
 }
 
 func compareKeys(a, b socklbSvcKey) int {
@@ -411,7 +461,7 @@ func (dp *Datapath) addService(k socklbSvcKey, w wanted) error {
 		dp.deleteName(id)
 		return fmt.Errorf("service %s: %w", name, err)
 	}
-	cur := &installed{id: id, rev: rev, name: name, slots: slots, allowed: map[uint32]bool{}}
+	cur := &installed{id: id, rev: rev, name: name, slots: slots, retained: w.retained, allowed: map[uint32]bool{}}
 	// The allow entries go in before the service does, so no allowed pod is ever refused.
 	if err := dp.writeAllowed(cur, w.allowed); err != nil {
 		dp.deleteAllowed(cur, nil)
@@ -451,6 +501,8 @@ func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) erro
 	sameSlots := slices.Equal(cur.slots, slots)
 	if sameSlots && cur.flags == w.flags {
 		dp.deleteAllowed(cur, w.allowed)
+		// Retained backends live here only: nothing to switch.
+		cur.retained = w.retained
 		return nil
 	}
 	rev := cur.rev
@@ -478,7 +530,7 @@ func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) erro
 	dp.deleteAllowed(cur, w.allowed)
 	gone := missingFrom(cur.slots, slots)
 	oldFlags := cur.flags
-	cur.rev, cur.slots, cur.flags = rev, slots, w.flags
+	cur.rev, cur.slots, cur.retained, cur.flags = rev, slots, w.retained, w.flags
 	dp.index(cur)
 	switch {
 	case oldFlags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 && w.flags&socklbSvcFlagsSVC_F_AFFINITY_POD == 0:
@@ -518,7 +570,8 @@ func (dp *Datapath) deleteName(id uint32) {
 
 // readServices rebuilds the mirror from pinned maps left by a previous agent, and drops
 // what an interrupted Apply may have left half-written (slots of a revision no service
-// points at, names of services that do not exist).
+// points at, names of services that do not exist). Retained backends are in no map: the
+// first Apply sets them.
 func (dp *Datapath) readServices() error {
 	byID := map[uint32]socklbSvcKey{}
 	var k socklbSvcKey

@@ -255,7 +255,7 @@ func Load(opts Options) (*Datapath, error) {
 		// The programs serve from the resized maps; only a restart would miss them.
 		dp.log.WithError(err).Error("resized maps are attached but not pinned; a restart loses what they hold")
 	}
-	dp.migrateAffinityV1()
+	dp.migrateAffinity()
 	if dp.iter, dp.iterErr = loadIterators(dp.objs.PodsockSockV1, dp.objs.PodsockSvcnetnsV2, dp.countEpoch, opts.Log); dp.iterErr != nil {
 		opts.Log.WithError(dp.iterErr).Warn("socket listing and termination are unavailable")
 	} else if needBackfill {
@@ -313,7 +313,7 @@ func pinned(dir, name string) bool {
 const countEpochs = uint32(socklbSockStateFlagsSOCK_F_EPOCH_MASK>>socklbSockStateFlagsSOCK_F_EPOCH_SHIFT) + 1
 
 // obsoletePins are maps earlier versions pinned that this one replaced; those it carries
-// entries over from are migrated first (migrateNamesV1, migrateAffinityV1).
+// entries over from are migrated first (migrateNamesV1, migrateAffinity).
 var obsoletePins = []string{"podsock_stat_v1", "podsock_stat_v2", "podsock_pairnetns_v1", "podsock_name_v1"}
 
 func (dp *Datapath) removeObsoletePins() {

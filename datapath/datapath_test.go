@@ -5,6 +5,7 @@ import (
 	"reflect"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf/btf"
 
@@ -249,6 +250,30 @@ func TestRetainedSet(t *testing.T) {
 	}
 	if got := retainedSet(nil, []netip.AddrPort{a}); got != nil {
 		t.Fatalf("nothing retained gave %v", got)
+	}
+}
+
+func TestServiceFlags(t *testing.T) {
+	for _, c := range []struct {
+		name    string
+		policy  ServicePolicy
+		want    socklbSvcFlags
+		timeout time.Duration
+	}{
+		{"none", ServicePolicy{}, 0, 0},
+		{"client IP", ServicePolicy{AffinityPod: true, AffinityHost: true, AffinityTimeout: time.Hour},
+			socklbSvcFlagsSVC_F_AFFINITY_POD | socklbSvcFlagsSVC_F_AFFINITY_HOST | socklbSvcFlagsSVC_F_AFFINITY_TIMEOUT, time.Hour},
+		{"host affinity alone", ServicePolicy{AffinityHost: true}, socklbSvcFlagsSVC_F_AFFINITY_HOST, 0},
+		// A timeout without affinity has nothing to time out: no flag, no entry.
+		{"timeout alone", ServicePolicy{AffinityTimeout: time.Hour}, 0, 0},
+		{"allow host needs restrict", ServicePolicy{AllowHost: true}, 0, 0},
+	} {
+		if got := c.policy.flags(); got != c.want {
+			t.Errorf("%s: flags %#x, want %#x", c.name, got, c.want)
+		}
+		if got := c.policy.affinityTimeout(); got != c.timeout {
+			t.Errorf("%s: timeout %v, want %v", c.name, got, c.timeout)
+		}
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -17,7 +18,8 @@ import (
 )
 
 // What a Kubernetes service source asks of the datapath: names of namespace/name:port,
-// several frontends of one name, and terminating backends that keep their sockets.
+// several frontends of one name, terminating backends that keep their sockets, and
+// client-IP affinity with a timeout.
 
 // k8sName is the longest name a Kubernetes service port has: namespace and service name
 // of 63 bytes each, and a port name of 15.
@@ -249,6 +251,139 @@ func TestPrivilegedRetainedBackendsKeepTheirSockets(t *testing.T) {
 	}
 }
 
+// affinityEntry reads the affinity choice of a client in the service at vip.
+func affinityEntry(t *testing.T, dp *Datapath, vip netip.AddrPort, client uint32) socklbAffValue {
+	t.Helper()
+	svc := dp.services[svcKey(vip.Addr(), vip.Port(), ProtoTCP)]
+	var v socklbAffValue
+	if err := dp.objs.PodsockAffV3.Lookup(&socklbPodSvcKey{SvcId: svc.id, PodId: client}, &v); err != nil {
+		t.Fatalf("affinity entry of client %#x: %v", client, err)
+	}
+	return v
+}
+
+// sessionAffinity ClientIP with timeoutSeconds: a pod's choice holds for as long as its
+// sockets keep using it, across a change of weights; left unused for the timeout, it
+// expires, and the next socket picks by weight.
+func TestPrivilegedAffinityTimeout(t *testing.T) {
+	w := newPodWorld(t)
+	const timeout = time.Second
+	addrOf := map[string]netip.AddrPort{"A": beA, "B": beB}
+	svc := tcpService("default/web:http", webVIP, be(beA, 1), be(beB, 1))
+	svc.Policy = ServicePolicy{AffinityPod: true, AffinityTimeout: timeout}
+	apply(t, w.dp, svc)
+	w.setPods(t, Pod{SandboxID: "pod-a", ContainerCgroups: []uint64{w.ctrA.ID(t)}})
+	var last time.Time
+	dial := func() string {
+		t.Helper()
+		res, err := w.dialFrom(t, w.ctrA, w.ns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = time.Now()
+		return res.Backend
+	}
+	first := dial()
+	other := map[string]string{"A": "B", "B": "A"}[first]
+	start := time.Now()
+	for n := 0; time.Since(start) < 2*timeout; n++ {
+		time.Sleep(timeout / 4)
+		if got := dial(); got != first {
+			t.Fatalf("connect %d, %v after the first, used every %v: went to %s, want %s still", n, time.Since(start), timeout/4, got, first)
+		}
+	}
+
+	// New weights make a new revision; the choice moves to it with its last use.
+	podID := w.dp.pods["pod-a"].id
+	before := affinityEntry(t, w.dp, webVIP, podID)
+	svc.Backends = []Backend{be(addrOf[first], 1), be(addrOf[other], 4000)}
+	apply(t, w.dp, svc)
+	after := affinityEntry(t, w.dp, webVIP, podID)
+	if after.LastUsed != before.LastUsed || after.Rev != w.dp.services[svcKey(webVIP.Addr(), webVIP.Port(), ProtoTCP)].rev {
+		t.Fatalf("choice after the new weights: %+v, want %+v carried to the new revision with its last use", after, before)
+	}
+	if got := dial(); got != first {
+		t.Fatalf("connect right after the new weights went to %s, want %s still", got, first)
+	}
+
+	// Unused for longer than the timeout, the choice goes: the next socket picks by
+	// weight, 4000 to 1 for the other backend. A pick that lands on the old one again is
+	// given another timeout.
+	repicked := false
+	for range 3 {
+		time.Sleep(time.Until(last.Add(timeout + 200*time.Millisecond)))
+		if dial() == other {
+			repicked = true
+			break
+		}
+	}
+	if !repicked {
+		t.Fatalf("after %v unused, three times over, the pod still went to %s: the choice never expired", timeout, first)
+	}
+	for i := range 10 {
+		if got := dial(); got != other {
+			t.Fatalf("connect %d after the new pick went to %s, want %s: the new choice must stick", i, got, other)
+		}
+	}
+}
+
+// With AffinityHost the host netns is one client: its sockets stick to one backend, its
+// choice survives a restart, and it goes when host affinity or the service does.
+func TestPrivilegedHostAffinity(t *testing.T) {
+	w := newPodWorld(t)
+	testenv.StartTCPBackend(t, w.ns, "C", beC)
+	svc := tcpService("default/web:http", webVIP, be(beA, 1), be(beB, 1), be(beC, 1))
+	svc.Policy = ServicePolicy{AffinityPod: true, AffinityHost: true}
+	apply(t, w.dp, svc)
+	w.setPods(t, Pod{SandboxID: "pod-a", ContainerCgroups: []uint64{w.ctrA.ID(t)}})
+	affinityEntries := func(dp *Datapath) int {
+		t.Helper()
+		n, err := dp.PodMapEntries()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n["affinity"]
+	}
+	host := w.stuck(t, nil)
+	w.stuck(t, w.ctrA)
+	if n := affinityEntries(w.dp); n != 2 {
+		t.Fatalf("%d affinity entries, want the pod's and the host's", n)
+	}
+	if v := affinityEntry(t, w.dp, webVIP, hostClientID); backendAddrPort(v.Be) != map[string]netip.AddrPort{"A": beA, "B": beB, "C": beC}[host] {
+		t.Fatalf("host's entry %+v, want %s", v, host)
+	}
+
+	w.dp.Close()
+	dp, err := Load(Options{CgroupRoot: w.cg.Path, BPFFS: w.bpffs, HostNetns: w.ns.Cookie(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	if got := w.stuck(t, nil); got != host {
+		t.Fatalf("after a restart the host went to %s, want its choice %s", got, host)
+	}
+
+	svc.Policy.AffinityHost = false
+	apply(t, dp, svc)
+	if n := affinityEntries(dp); n != 1 {
+		t.Fatalf("%d affinity entries without host affinity, want the pod's only", n)
+	}
+	if seen := w.spread(t); len(seen) < 2 {
+		t.Fatalf("without host affinity the host still went only to %v", seen)
+	}
+
+	svc.Policy.AffinityHost = true
+	apply(t, dp, svc)
+	w.stuck(t, nil)
+	if n := affinityEntries(dp); n != 2 {
+		t.Fatalf("%d affinity entries with host affinity back, want 2", n)
+	}
+	apply(t, dp)
+	if n := affinityEntries(dp); n != 0 {
+		t.Fatalf("%d affinity entries after the service went, want none", n)
+	}
+}
+
 // pinOldMap creates and pins a map of an older layout, with the given entries.
 func pinOldMap(t *testing.T, pin string, keySize, valueSize uint32, entries map[string][]byte) {
 	t.Helper()
@@ -356,5 +491,58 @@ func TestPrivilegedOlderAgentsNamesCarriedOver(t *testing.T) {
 	db.Policy.AllowedPods = []string{"pod-a", "pod-b"}
 	if res := apply(t, dp, tcpService("default/web", webVIP, be(beA, 1)), db); res.Unchanged != 2 {
 		t.Fatalf("the same services after the upgrade: %+v, want both unchanged", res)
+	}
+}
+
+// A new datapath adopting the pins of an older agent carries its affinity choices
+// (podsock_aff_v2 with revisions, or podsock_aff_v1 without) over and removes the old
+// pin. A carried choice counts as used at the upgrade, so a service with a timeout keeps
+// it too.
+func TestPrivilegedOlderAgentsAffinityCarriedOver(t *testing.T) {
+	for _, old := range oldAffinityMaps {
+		t.Run(old.name, func(t *testing.T) {
+			w := newPodWorld(t)
+			testenv.StartTCPBackend(t, w.ns, "C", beC)
+			// A fresh pick all but always goes to A: reaching C takes the carried choice.
+			web := tcpService("default/web", webVIP, be(beA, 1000), be(beC, 1))
+			web.Policy = ServicePolicy{AffinityPod: true, AffinityTimeout: time.Minute}
+			apply(t, w.dp, web)
+			w.setPods(t, Pod{SandboxID: "pod-a", ContainerCgroups: []uint64{w.ctrA.ID(t)}})
+			svc := w.dp.services[svcKey(webVIP.Addr(), webVIP.Port(), ProtoTCP)]
+			key := socklbPodSvcKey{SvcId: svc.id, PodId: w.dp.pods["pod-a"].id}
+			choice := encode(t, backendValue(beC))
+			if old.revisions {
+				choice = append(choice, encode(t, svc.rev)...)
+			}
+			w.dp.Close()
+			replacePins(t, w.bpffs, []string{"podsock_aff_v3"}, map[string]func(string){
+				old.name: func(pin string) {
+					pinOldMap(t, pin, 8, old.valueSize, map[string][]byte{string(encode(t, key)): choice})
+				},
+			})
+
+			dp, err := Load(Options{CgroupRoot: w.cg.Path, BPFFS: w.bpffs, HostNetns: w.ns.Cookie(t)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer dp.Close()
+			requireGone(t, w.bpffs, old.name)
+			now, err := monotonicNow()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var v socklbAffValue
+			if err := dp.objs.PodsockAffV3.Lookup(&key, &v); err != nil {
+				t.Fatalf("carried choice: %v", err)
+			}
+			if backendAddrPort(v.Be) != beC || v.Rev != svc.rev || now-v.LastUsed > uint64(10*time.Second) {
+				t.Fatalf("carried choice %+v, want %s at revision %d used just now (%d)", v, beC, svc.rev, now)
+			}
+			for i := range 10 {
+				if res, err := w.dialFrom(t, w.ctrA, w.ns); err != nil || res.Backend != "C" {
+					t.Fatalf("connect %d of the pod after the upgrade: %+v %v, want its carried choice C", i, res, err)
+				}
+			}
+		})
 	}
 }

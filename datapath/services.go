@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -44,6 +45,14 @@ type Service struct {
 type ServicePolicy struct {
 	// AffinityPod sends every socket of one pod to the same backend while it exists.
 	AffinityPod bool
+	// AffinityHost makes the host netns one client whose sockets all stick to one backend,
+	// as AffinityPod does for each pod (Kubernetes sessionAffinity ClientIP, where the
+	// node is one client IP). A host-network pod's sockets are the pod's.
+	AffinityHost bool
+	// AffinityTimeout lets a client's choice expire once no new socket of the client has
+	// used it for this long (timeoutSeconds); its next socket picks by weight again. 0
+	// keeps a choice for as long as its backend stays.
+	AffinityTimeout time.Duration
 	// Restrict admits only the pods in AllowedPods, and host-netns clients if AllowHost.
 	// Everything else gets EPERM.
 	Restrict    bool
@@ -51,10 +60,19 @@ type ServicePolicy struct {
 	AllowedPods []string // sandbox IDs; pods the datapath does not know yet are skipped
 }
 
+// affinityFlags are the flags that make a service keep clients' choices.
+const affinityFlags = socklbSvcFlagsSVC_F_AFFINITY_POD | socklbSvcFlagsSVC_F_AFFINITY_HOST
+
 func (p ServicePolicy) flags() socklbSvcFlags {
 	var f socklbSvcFlags
 	if p.AffinityPod {
 		f |= socklbSvcFlagsSVC_F_AFFINITY_POD
+	}
+	if p.AffinityHost {
+		f |= socklbSvcFlagsSVC_F_AFFINITY_HOST
+	}
+	if f&affinityFlags != 0 && p.AffinityTimeout > 0 {
+		f |= socklbSvcFlagsSVC_F_AFFINITY_TIMEOUT
 	}
 	if p.Restrict {
 		f |= socklbSvcFlagsSVC_F_RESTRICT
@@ -63,6 +81,14 @@ func (p ServicePolicy) flags() socklbSvcFlags {
 		}
 	}
 	return f
+}
+
+// affinityTimeout is the timeout the datapath keeps for the service: none without affinity.
+func (p ServicePolicy) affinityTimeout() time.Duration {
+	if p.flags()&socklbSvcFlagsSVC_F_AFFINITY_TIMEOUT == 0 {
+		return 0
+	}
+	return p.AffinityTimeout
 }
 
 // Backend is a backend address and its relative weight (>= 1).
@@ -92,6 +118,8 @@ type installed struct {
 	// Nothing in the maps holds them.
 	retained []netip.AddrPort
 	flags    socklbSvcFlags
+	// affTimeout is the service's entry in the affinity timeout map; 0 when it has none.
+	affTimeout time.Duration
 	// allowed are the pod IDs with an entry in the allow map for this service.
 	allowed map[uint32]bool
 }
@@ -211,10 +239,13 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		if max := dp.limits.BackendsPerService; len(s.Backends) > max {
 			return res, fmt.Errorf("service %s: %d backends exceed limits.backends_per_service = %d", s.Name, len(s.Backends), max)
 		}
+		if s.Policy.AffinityTimeout < 0 {
+			return res, fmt.Errorf("service %s: negative affinity timeout %v", s.Name, s.Policy.AffinityTimeout)
+		}
 		slots := expandSlots(s.Backends, dp.limits.SlotsPerService)
 		desired[k] = wanted{
 			name: s.Name, slots: slots, retained: retainedSet(s.Retained, slots),
-			flags: s.Policy.flags(), policy: s.Policy,
+			flags: s.Policy.flags(), affTimeout: s.Policy.affinityTimeout(), policy: s.Policy,
 		}
 	}
 	keys := make([]socklbSvcKey, 0, len(desired))
@@ -272,7 +303,7 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 			}
 			res.Added++
 		case cur.name == s.name && slices.Equal(cur.slots, slots) && slices.Equal(cur.retained, s.retained) &&
-			cur.flags == s.flags && maps.Equal(cur.allowed, s.allowed):
+			cur.flags == s.flags && cur.affTimeout == s.affTimeout && maps.Equal(cur.allowed, s.allowed):
 			res.Unchanged++
 		default:
 			gone := missingFrom(cur.serving(), append(slices.Clone(slots), s.retained...))
@@ -343,12 +374,13 @@ func (dp *Datapath) unindex(s *installed) {
 // wanted is a service as Apply is asked for it, with its selection table expanded and its
 // allowed pods resolved to pod IDs.
 type wanted struct {
-	name     string
-	slots    []netip.AddrPort
-	retained []netip.AddrPort
-	flags    socklbSvcFlags
-	policy   ServicePolicy
-	allowed  map[uint32]bool
+	name       string
+	slots      []netip.AddrPort
+	retained   []netip.AddrPort
+	flags      socklbSvcFlags
+	affTimeout time.Duration
+	policy     ServicePolicy
+	allowed    map[uint32]bool
 }
 
 // retainedSet is what a service retains: the addresses of retained that its slots do not
@@ -462,18 +494,25 @@ func (dp *Datapath) addService(k socklbSvcKey, w wanted) error {
 		return fmt.Errorf("service %s: %w", name, err)
 	}
 	cur := &installed{id: id, rev: rev, name: name, slots: slots, retained: w.retained, allowed: map[uint32]bool{}}
-	// The allow entries go in before the service does, so no allowed pod is ever refused.
-	if err := dp.writeAllowed(cur, w.allowed); err != nil {
+	undo := func() {
+		dp.deleteAffTimeout(cur)
 		dp.deleteAllowed(cur, nil)
 		dp.deleteSlots(id, rev, len(slots))
 		dp.deleteName(id)
+	}
+	// The allow entries and the timeout go in before the service does, so no allowed pod
+	// is ever refused and no choice outlives its timeout.
+	if err := dp.writeAllowed(cur, w.allowed); err != nil {
+		undo()
+		return fmt.Errorf("service %s: %w", name, err)
+	}
+	if err := dp.writeAffTimeout(cur, w.affTimeout); err != nil {
+		undo()
 		return fmt.Errorf("service %s: %w", name, err)
 	}
 	v := socklbSvcValue{Id: id, Rev: rev, SlotCount: uint32(len(slots)), Flags: w.flags}
 	if err := dp.objs.PodsockSvcV1.Update(&k, &v, ebpf.UpdateNoExist); err != nil {
-		dp.deleteAllowed(cur, nil)
-		dp.deleteSlots(id, rev, len(slots))
-		dp.deleteName(id)
+		undo()
 		return fmt.Errorf("service %s: write service entry: %w", name, err)
 	}
 	cur.flags = w.flags
@@ -494,9 +533,15 @@ func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) erro
 		dp.index(cur)
 	}
 	// Newly allowed pods get their entries before the switch, formerly allowed ones lose
-	// theirs after it: a pod allowed both before and after is never refused.
+	// theirs after it: a pod allowed both before and after is never refused. A timeout,
+	// new or changed, holds from the switch on; one that goes, from after it.
 	if err := dp.writeAllowed(cur, w.allowed); err != nil {
 		return fmt.Errorf("service %s: %w", name, err)
+	}
+	if w.affTimeout != 0 {
+		if err := dp.writeAffTimeout(cur, w.affTimeout); err != nil {
+			return fmt.Errorf("service %s: %w", name, err)
+		}
 	}
 	sameSlots := slices.Equal(cur.slots, slots)
 	if sameSlots && cur.flags == w.flags {
@@ -512,8 +557,8 @@ func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) erro
 		if err := dp.writeSlots(cur.id, rev, slots); err != nil {
 			return fmt.Errorf("service %s: %w", name, err)
 		}
-		if cur.flags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 && w.flags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 {
-			carried = dp.carryAffinity(cur, rev, slots)
+		if keep := cur.flags & w.flags & affinityFlags; keep != 0 {
+			carried = dp.carryAffinity(cur, keep, rev, slots)
 		}
 	}
 	v := socklbSvcValue{Id: cur.id, Rev: rev, SlotCount: uint32(len(slots)), Flags: w.flags}
@@ -528,17 +573,27 @@ func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) erro
 		dp.deleteSlots(cur.id, cur.rev, len(cur.slots))
 	}
 	dp.deleteAllowed(cur, w.allowed)
+	if w.affTimeout == 0 {
+		dp.deleteAffTimeout(cur)
+	}
 	gone := missingFrom(cur.slots, slots)
 	oldFlags := cur.flags
 	cur.rev, cur.slots, cur.retained, cur.flags = rev, slots, w.retained, w.flags
 	dp.index(cur)
+	lost := oldFlags & affinityFlags &^ w.flags
 	switch {
-	case oldFlags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 && w.flags&socklbSvcFlagsSVC_F_AFFINITY_POD == 0:
-		dp.dropAffinity(cur.id, nil)
-	case w.flags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 && len(gone) > 0:
-		// Their choices went stale at the switch, so no pod uses them any more; this only
-		// frees the entries.
-		dp.dropAffinity(cur.id, gone)
+	case lost != 0:
+		// Choices of the clients the service no longer keeps, and those of the backends
+		// gone, which went stale at the switch.
+		dp.dropAffinity(cur.id, func(k socklbPodSvcKey, v *socklbAffValue) bool {
+			return lost&clientFlag(k.PodId) != 0 || slices.Contains(gone, backendAddrPort(v.Be))
+		})
+	case w.flags&affinityFlags != 0 && len(gone) > 0:
+		// Their choices went stale at the switch, so no client uses them any more; this
+		// only frees the entries.
+		dp.dropAffinity(cur.id, func(_ socklbPodSvcKey, v *socklbAffValue) bool {
+			return slices.Contains(gone, backendAddrPort(v.Be))
+		})
 	}
 	return nil
 }
@@ -549,14 +604,42 @@ func (dp *Datapath) removeService(k socklbSvcKey, cur *installed) error {
 	}
 	dp.deleteSlots(cur.id, cur.rev, len(cur.slots))
 	dp.deleteAllowed(cur, nil)
-	if cur.flags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 {
-		// IDs are reused: a later service must not inherit these choices.
+	if cur.flags&affinityFlags != 0 {
+		// IDs are reused: a later service must not inherit these choices, the host's
+		// included.
 		dp.dropAffinity(cur.id, nil)
 	}
+	dp.deleteAffTimeout(cur)
 	dp.deleteName(cur.id)
 	delete(dp.services, k)
 	dp.unindex(cur)
 	return nil
+}
+
+// writeAffTimeout sets the service's affinity timeout, which only its connects read.
+func (dp *Datapath) writeAffTimeout(svc *installed, d time.Duration) error {
+	if svc.affTimeout == d {
+		return nil
+	}
+	ns := uint64(d.Nanoseconds())
+	if err := dp.objs.PodsockAfftimeV1.Update(&svc.id, &ns, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("write affinity timeout: %w", err)
+	}
+	svc.affTimeout = d
+	return nil
+}
+
+// deleteAffTimeout drops the service's affinity timeout. A failure leaves an entry that
+// only a service with this ID and the timeout flag would read; the next adoption drops it.
+func (dp *Datapath) deleteAffTimeout(svc *installed) {
+	if svc.affTimeout == 0 {
+		return
+	}
+	if err := dp.objs.PodsockAfftimeV1.Delete(&svc.id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		dp.log.WithError(err).Warnf("delete affinity timeout of service %s", svc.name)
+		return
+	}
+	svc.affTimeout = 0
 }
 
 // deleteName drops a service's name and frees its ID. A failure only leaves an orphan
@@ -570,8 +653,8 @@ func (dp *Datapath) deleteName(id uint32) {
 
 // readServices rebuilds the mirror from pinned maps left by a previous agent, and drops
 // what an interrupted Apply may have left half-written (slots of a revision no service
-// points at, names of services that do not exist). Retained backends are in no map: the
-// first Apply sets them.
+// points at, names and timeouts of services that do not exist). Retained backends are in
+// no map: the first Apply sets them.
 func (dp *Datapath) readServices() error {
 	byID := map[uint32]socklbSvcKey{}
 	var k socklbSvcKey
@@ -625,6 +708,26 @@ func (dp *Datapath) readServices() error {
 	}
 	for _, o := range orphans {
 		dp.deleteName(o)
+	}
+
+	var timeout uint64
+	var staleTimeouts []uint32
+	tit := dp.objs.PodsockAfftimeV1.Iterate()
+	for tit.Next(&id, &timeout) {
+		svc, ok := byID[id]
+		if !ok || timeout == 0 || dp.services[svc].flags&socklbSvcFlagsSVC_F_AFFINITY_TIMEOUT == 0 {
+			staleTimeouts = append(staleTimeouts, id)
+			continue
+		}
+		dp.services[svc].affTimeout = time.Duration(timeout)
+	}
+	if err := tit.Err(); err != nil {
+		return fmt.Errorf("read pinned affinity timeouts: %w", err)
+	}
+	for _, id := range staleTimeouts {
+		if err := dp.objs.PodsockAfftimeV1.Delete(&id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			dp.log.WithError(err).Warnf("drop stale affinity timeout of service %d", id)
+		}
 	}
 	for id := range dp.usedIDs {
 		dp.nextID = max(dp.nextID, id+1)

@@ -367,17 +367,15 @@ static __always_inline struct pod_ref *pod_by_cgroup(void)
 	return NULL;
 }
 
-static __always_inline void classify(struct bpf_sock_addr *ctx, const struct datapath_cfg *cfg,
-				     struct client *c)
+static __always_inline void classify(__u64 netns, __u8 host, struct client *c)
 {
-	__u64 netns = bpf_get_netns_cookie(ctx);
 	struct pod_ref *ref = pod_by_cgroup();
 
 	if (!ref)
 		ref = bpf_map_lookup_elem(&podsock_netns_v1, &netns);
 	c->pod_id = ref ? ref->pod_id : 0;
 	c->flags = ref ? ref->flags : 0;
-	c->host = cfg && netns == cfg->host_netns_cookie;
+	c->host = host;
 }
 
 enum verdict {
@@ -395,12 +393,19 @@ static __always_inline enum verdict policy(struct bpf_sock_addr *ctx, const stru
 	__u32 key = 0;
 	struct datapath_cfg *cfg = bpf_map_lookup_elem(&podsock_cfg_v1, &key);
 	__u32 cfg_flags = cfg ? cfg->flags : 0;
+	__u64 netns;
+	__u8 host;
 
 	__builtin_memset(c, 0, sizeof(*c));
 	if (!(cfg_flags & (CFG_HOSTNS_ONLY | CFG_ANY_SKIP)) &&
-	    !(svc->flags & (SVC_F_RESTRICT | SVC_F_AFFINITY_POD | SVC_F_AFFINITY_HOST)))
+	    !(svc->flags & (SVC_F_RESTRICT | SVC_F_AFFINITY_POD | SVC_F_AFFINITY_HOST | SVC_F_HOST_ONLY)))
 		return VERDICT_BALANCE;
-	classify(ctx, cfg, c);
+	netns = bpf_get_netns_cookie(ctx);
+	host = cfg && netns == cfg->host_netns_cookie;
+	// Before the pod lookup, which a socket of another netns then never pays for.
+	if ((svc->flags & SVC_F_HOST_ONLY) && !host)
+		return VERDICT_SKIP;
+	classify(netns, host, c);
 	if ((cfg_flags & CFG_HOSTNS_ONLY) && !c->host)
 		return VERDICT_SKIP;
 	if (c->flags & POD_F_SKIP_LB)

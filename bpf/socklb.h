@@ -47,6 +47,9 @@ enum svc_flags : __u32 {
 	SVC_F_ALLOW_HOST = 4,    // host-netns clients pass a restricted service
 	SVC_F_AFFINITY_HOST = 8, // the host netns is one client, whose sockets stick like a pod's
 	SVC_F_AFFINITY_TIMEOUT = 16, // choices expire: podsock_afftime_v1 has the service's timeout
+	// Only host-netns sockets are balanced: a frontend on 127.0.0.1 or ::1 (a node port)
+	// means the host's loopback, and a pod's loopback is its own.
+	SVC_F_HOST_ONLY = 32,
 };
 
 // The client ID the host netns has in podsock_aff_v3: pod IDs stay below 1 << 20.

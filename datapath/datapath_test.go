@@ -256,22 +256,23 @@ func TestRetainedSet(t *testing.T) {
 func TestServiceFlags(t *testing.T) {
 	for _, c := range []struct {
 		name    string
-		policy  ServicePolicy
+		svc     Service
 		want    socklbSvcFlags
 		timeout time.Duration
 	}{
-		{"none", ServicePolicy{}, 0, 0},
-		{"client IP", ServicePolicy{AffinityPod: true, AffinityHost: true, AffinityTimeout: time.Hour},
+		{"none", Service{}, 0, 0},
+		{"host only", Service{HostOnly: true}, socklbSvcFlagsSVC_F_HOST_ONLY, 0},
+		{"client IP", Service{Policy: ServicePolicy{AffinityPod: true, AffinityHost: true, AffinityTimeout: time.Hour}},
 			socklbSvcFlagsSVC_F_AFFINITY_POD | socklbSvcFlagsSVC_F_AFFINITY_HOST | socklbSvcFlagsSVC_F_AFFINITY_TIMEOUT, time.Hour},
-		{"host affinity alone", ServicePolicy{AffinityHost: true}, socklbSvcFlagsSVC_F_AFFINITY_HOST, 0},
+		{"host affinity alone", Service{Policy: ServicePolicy{AffinityHost: true}}, socklbSvcFlagsSVC_F_AFFINITY_HOST, 0},
 		// A timeout without affinity has nothing to time out: no flag, no entry.
-		{"timeout alone", ServicePolicy{AffinityTimeout: time.Hour}, 0, 0},
-		{"allow host needs restrict", ServicePolicy{AllowHost: true}, 0, 0},
+		{"timeout alone", Service{Policy: ServicePolicy{AffinityTimeout: time.Hour}}, 0, 0},
+		{"allow host needs restrict", Service{Policy: ServicePolicy{AllowHost: true}}, 0, 0},
 	} {
-		if got := c.policy.flags(); got != c.want {
+		if got := c.svc.flags(); got != c.want {
 			t.Errorf("%s: flags %#x, want %#x", c.name, got, c.want)
 		}
-		if got := c.policy.affinityTimeout(); got != c.timeout {
+		if got := c.svc.affinityTimeout(); got != c.timeout {
 			t.Errorf("%s: timeout %v, want %v", c.name, got, c.timeout)
 		}
 	}

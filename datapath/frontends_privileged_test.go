@@ -18,8 +18,8 @@ import (
 )
 
 // What a Kubernetes service source asks of the datapath: names of namespace/name:port,
-// several frontends of one name, terminating backends that keep their sockets, and
-// client-IP affinity with a timeout.
+// several frontends of one name, terminating backends that keep their sockets, client-IP
+// affinity with a timeout, and node ports on the host's loopback.
 
 // k8sName is the longest name a Kubernetes service port has: namespace and service name
 // of 63 bytes each, and a port name of 15.
@@ -381,6 +381,79 @@ func TestPrivilegedHostAffinity(t *testing.T) {
 	apply(t, dp)
 	if n := affinityEntries(dp); n != 0 {
 		t.Fatalf("%d affinity entries after the service went, want none", n)
+	}
+}
+
+// A node port on 127.0.0.1 is the host's: host sockets are balanced, a pod's connect to
+// its own 127.0.0.1 reaches its own listener untouched, and so does one from a netns
+// podsock does not know.
+func TestPrivilegedHostOnlyFrontend(t *testing.T) {
+	w := newPodWorld(t)
+	nodePort := netip.MustParseAddrPort("127.0.0.1:30080")
+	udpPort := netip.MustParseAddrPort("127.0.0.1:30053")
+	testenv.StartUDPBackend(t, w.ns, "dnsA", dnsA)
+	testenv.StartTCPBackend(t, w.podNS, "pod-loopback", nodePort)
+	testenv.StartUDPBackend(t, w.podNS, "pod-loopback-udp", udpPort)
+	stranger := testenv.NewNetns(t, vipRanges)
+	testenv.StartTCPBackend(t, stranger, "stranger-loopback", nodePort)
+	// Nothing listens on the host's loopback: a host connect that works was balanced.
+	if _, err := w.dialTo(t, nil, w.ns, nodePort); !errors.Is(err, unix.ECONNREFUSED) {
+		t.Fatalf("host connect to %s before the service: %v, want ECONNREFUSED", nodePort, err)
+	}
+	tcp := tcpService("default/web:http", nodePort, be(beA, 1))
+	tcp.HostOnly = true
+	udp := udpService("default/dns:dns", udpPort, be(dnsA, 1))
+	udp.HostOnly = true
+	apply(t, w.dp, tcp, udp)
+	// pod-h is a host-network pod: its netns is the host's, so it is balanced too.
+	w.setPods(t,
+		Pod{SandboxID: "pod-n", NetnsCookie: w.podNS.Cookie(t)},
+		Pod{SandboxID: "pod-h", ContainerCgroups: []uint64{w.ctrA.ID(t)}},
+	)
+	before, err := w.dp.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		who  string
+		cg   *testenv.Cgroup
+		ns   *testenv.Netns
+		want string
+	}{
+		{"host", nil, w.ns, "A"},
+		{"host-network pod", w.ctrA, w.ns, "A"},
+		{"pod netns", nil, w.podNS, "pod-loopback"},
+		{"unknown netns", nil, stranger, "stranger-loopback"},
+	} {
+		res, err := w.dialTo(t, c.cg, c.ns, nodePort)
+		if err != nil || res.Backend != c.want || res.Peer != nodePort {
+			t.Errorf("%s: connect to %s: %+v %v, want %s with the peer %s", c.who, nodePort, res, err, c.want, nodePort)
+		}
+	}
+	for _, c := range []struct {
+		who  string
+		ns   *testenv.Netns
+		want string
+	}{{"host", w.ns, "dnsA"}, {"pod netns", w.podNS, "pod-loopback-udp"}} {
+		fd, err := testenv.Socket(c.ns, unix.AF_INET, unix.SOCK_DGRAM)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res, err := testenv.UDPExchange(fd, unix.AF_INET, udpPort)
+		unix.Close(fd)
+		if err != nil || res.Backend != c.want || res.From != udpPort {
+			t.Errorf("%s: UDP to %s: %+v %v, want %s answering from %s", c.who, udpPort, res, err, c.want, udpPort)
+		}
+	}
+	after, err := w.dp.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := after.Skipped - before.Skipped; n < 3 {
+		t.Errorf("%d operations skipped, want the 3 of other netns at least", n)
+	}
+	if after.Denied != before.Denied {
+		t.Errorf("%d operations denied: a host-only frontend skips other netns, it does not deny them", after.Denied-before.Denied)
 	}
 }
 

@@ -38,6 +38,10 @@ type Service struct {
 	// ApplyResult.RemovedBackends; it is once it leaves both. Only this process knows
 	// them: a restarted agent learns them again from its first Apply.
 	Retained []netip.AddrPort
+	// HostOnly balances only sockets of the host netns; those of any other netns proceed
+	// untouched, to the address they asked for: a frontend on 127.0.0.1 or ::1 (a node
+	// port) is the host's loopback, and a pod's loopback is its own.
+	HostOnly bool
 	Policy   ServicePolicy
 }
 
@@ -63,8 +67,9 @@ type ServicePolicy struct {
 // affinityFlags are the flags that make a service keep clients' choices.
 const affinityFlags = socklbSvcFlagsSVC_F_AFFINITY_POD | socklbSvcFlagsSVC_F_AFFINITY_HOST
 
-func (p ServicePolicy) flags() socklbSvcFlags {
+func (s Service) flags() socklbSvcFlags {
 	var f socklbSvcFlags
+	p := s.Policy
 	if p.AffinityPod {
 		f |= socklbSvcFlagsSVC_F_AFFINITY_POD
 	}
@@ -80,15 +85,18 @@ func (p ServicePolicy) flags() socklbSvcFlags {
 			f |= socklbSvcFlagsSVC_F_ALLOW_HOST
 		}
 	}
+	if s.HostOnly {
+		f |= socklbSvcFlagsSVC_F_HOST_ONLY
+	}
 	return f
 }
 
 // affinityTimeout is the timeout the datapath keeps for the service: none without affinity.
-func (p ServicePolicy) affinityTimeout() time.Duration {
-	if p.flags()&socklbSvcFlagsSVC_F_AFFINITY_TIMEOUT == 0 {
+func (s Service) affinityTimeout() time.Duration {
+	if s.flags()&socklbSvcFlagsSVC_F_AFFINITY_TIMEOUT == 0 {
 		return 0
 	}
-	return p.AffinityTimeout
+	return s.Policy.AffinityTimeout
 }
 
 // Backend is a backend address and its relative weight (>= 1).
@@ -245,7 +253,7 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		slots := expandSlots(s.Backends, dp.limits.SlotsPerService)
 		desired[k] = wanted{
 			name: s.Name, slots: slots, retained: retainedSet(s.Retained, slots),
-			flags: s.Policy.flags(), affTimeout: s.Policy.affinityTimeout(), policy: s.Policy,
+			flags: s.flags(), affTimeout: s.affinityTimeout(), policy: s.Policy,
 		}
 	}
 	keys := make([]socklbSvcKey, 0, len(desired))

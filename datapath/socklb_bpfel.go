@@ -134,6 +134,7 @@ const (
 	socklbSvcFlagsSVC_F_ALLOW_HOST       socklbSvcFlags = 4
 	socklbSvcFlagsSVC_F_AFFINITY_HOST    socklbSvcFlags = 8
 	socklbSvcFlagsSVC_F_AFFINITY_TIMEOUT socklbSvcFlags = 16
+	socklbSvcFlagsSVC_F_HOST_ONLY        socklbSvcFlags = 32
 )
 
 type socklbSvcKey struct {

@@ -468,7 +468,8 @@ func terminatedProtos(cfg *config.Config) []uint8 {
 func toDatapath(svcs []service.Service, policies map[string]datapath.ServicePolicy) []datapath.Service {
 	out := make([]datapath.Service, 0, len(svcs))
 	for _, s := range svcs {
-		d := datapath.Service{Name: s.Name, VIP: s.VIP, Port: s.Port, Proto: datapath.ProtoTCP, Policy: policies[s.Name]}
+		d := datapath.Service{Name: s.Name, VIP: s.VIP, Port: s.Port, Proto: datapath.ProtoTCP, Policy: policies[s.Name],
+			HostOnly: s.HostOnly, Retained: s.Retained()}
 		if s.Protocol == service.ProtocolUDP {
 			d.Proto = datapath.ProtoUDP
 		}

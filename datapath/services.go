@@ -772,16 +772,36 @@ func (dp *Datapath) Services() ([]Service, error) {
 			slots = append(slots, backendAddrPort(be))
 		}
 		s.Backends = weightsFromSlots(slots)
+		s.Policy, s.HostOnly = policyOf(v.Flags), v.Flags&socklbSvcFlagsSVC_F_HOST_ONLY != 0
 		out = append(out, s)
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("read services: %w", err)
 	}
+	// The timeouts as this process wrote or adopted them; allowed pods are the agent's.
+	dp.mu.Lock()
+	for i := range out {
+		if cur := dp.services[svcKey(out[i].VIP, out[i].Port, out[i].Proto)]; cur != nil {
+			out[i].Policy.AffinityTimeout = cur.affTimeout
+		}
+	}
+	dp.mu.Unlock()
 	// Frontends of one name in a stable order too.
 	slices.SortFunc(out, func(a, b Service) int {
 		return cmp.Or(cmp.Compare(a.Name, b.Name), compareKeys(svcKey(a.VIP, a.Port, a.Proto), svcKey(b.VIP, b.Port, b.Proto)))
 	})
 	return out, nil
+}
+
+// policyOf is what a service's flags say of its policy, as Services reports it: all but
+// the allowed pods and the affinity timeout.
+func policyOf(f socklbSvcFlags) ServicePolicy {
+	return ServicePolicy{
+		AffinityPod:  f&socklbSvcFlagsSVC_F_AFFINITY_POD != 0,
+		AffinityHost: f&socklbSvcFlagsSVC_F_AFFINITY_HOST != 0,
+		Restrict:     f&socklbSvcFlagsSVC_F_RESTRICT != 0,
+		AllowHost:    f&socklbSvcFlagsSVC_F_ALLOW_HOST != 0,
+	}
 }
 
 // migrateNamesV1 copies the names an older agent pinned (podsock_name_v1, of shorter

@@ -181,44 +181,56 @@ func translateService(svc *corev1.Service, endpointSlices []*discoveryv1.Endpoin
 			s.Service = name
 			t.skips = append(t.skips, s)
 		}
+		base := service.Service{
+			Name: name, Source: service.SourceKubernetes, Protocol: proto,
+			Affinity: affinity, AffinityTimeout: timeout,
+		}
 		for _, family := range []corev1.IPFamily{corev1.IPv4Protocol, corev1.IPv6Protocol} {
 			ofFamily := slices.DeleteFunc(slices.Clone(frontends), func(fe frontend) bool { return familyOf(fe.addr) != family })
 			if len(ofFamily) == 0 {
 				continue
 			}
-			eps := endpointsOf(endpointSlices, port, family)
-			all := make([]service.Endpoint, len(eps))
-			for i, e := range eps {
-				all[i] = e.Endpoint
-			}
-			cluster := clusterBackends(eps, node)
-			var local []service.Backend
-			if itpLocal {
-				local = localBackends(eps, node.Name)
-			}
-			for _, fe := range ofFamily {
-				backends := cluster
-				if fe.clusterIP && itpLocal {
-					backends = local
-				}
-				s := service.Service{
-					Name: name, Source: service.SourceKubernetes,
-					VIP: fe.addr, Port: fe.port, Protocol: proto,
-					Backends: slices.Clone(backends), Endpoints: slices.Clone(all),
-					Affinity: affinity, AffinityTimeout: timeout, HostOnly: fe.hostOnly,
-				}
-				if err := s.Check(0); err != nil {
-					t.skips = append(t.skips, Skip{Service: name, Frontend: s.Key(), Reason: err.Error()})
-					continue
-				}
-				t.services = append(t.services, s)
-			}
+			svcs, skips := serve(base, ofFamily, endpointsOf(endpointSlices, port, family), node, itpLocal)
+			t.services = append(t.services, svcs...)
+			t.skips = append(t.skips, skips...)
 		}
 		if len(t.services) > before {
 			t.ports++
 		}
 	}
 	return t
+}
+
+// serve gives frontends of one family the endpoints of that family: each service base
+// with the frontend's address, and the backends chosen for it.
+func serve(base service.Service, frontends []frontend, eps []endpoint, node NodeInfo, itpLocal bool) ([]service.Service, []Skip) {
+	all := make([]service.Endpoint, len(eps))
+	for i, e := range eps {
+		all[i] = e.Endpoint
+	}
+	cluster := clusterBackends(eps, node)
+	var local []service.Backend
+	if itpLocal {
+		local = localBackends(eps, node.Name)
+	}
+	var out []service.Service
+	var skips []Skip
+	for _, fe := range frontends {
+		backends := cluster
+		if fe.clusterIP && itpLocal {
+			backends = local
+		}
+		s := base
+		s.VIP, s.Port, s.HostOnly = fe.addr, fe.port, fe.hostOnly
+		// Each its own: a consumer that sorts or trims one must not change another.
+		s.Backends, s.Endpoints = slices.Clone(backends), slices.Clone(all)
+		if err := s.Check(0); err != nil {
+			skips = append(skips, Skip{Service: s.Name, Frontend: s.Key(), Reason: err.Error()})
+			continue
+		}
+		out = append(out, s)
+	}
+	return out, skips
 }
 
 // proxied says whether a Service is meant to be proxied at all, as kube-proxy's

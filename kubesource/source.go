@@ -1,6 +1,7 @@
 package kubesource
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -729,18 +730,27 @@ func (s *Source) logNewSkips(old, cur []Skip) {
 	}
 }
 
+// snapshot joins the translations in Translate's order. Each translation is sorted
+// already, and two Services' names never interleave: "ns/a:port" and "ns/b:port" compare
+// on a character of "ns/a" or "ns/b", or on ':' against a character a name cannot have;
+// so sorting the Services by one of their names sorts the whole, at a fraction of the
+// cost of moving every frontend around.
 func (s *Source) snapshot() (snap service.Snapshot, ports, skipped int) {
 	n := 0
+	groups := make([]*translation, 0, len(s.translated))
 	for _, t := range s.translated {
 		n += len(t.services)
-	}
-	svcs := make([]service.Service, 0, n)
-	for _, t := range s.translated {
-		svcs = append(svcs, t.services...)
 		ports += t.ports
 		skipped += len(t.skips)
+		if len(t.services) > 0 {
+			groups = append(groups, &t)
+		}
 	}
-	sortServices(svcs)
+	slices.SortFunc(groups, func(a, b *translation) int { return cmp.Compare(a.services[0].Name, b.services[0].Name) })
+	svcs := make([]service.Service, 0, n)
+	for _, t := range groups {
+		svcs = append(svcs, t.services...)
+	}
 	return service.Snapshot{Source: sourceName, Services: svcs, Synced: true}, ports, skipped
 }
 

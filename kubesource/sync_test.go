@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -251,5 +253,36 @@ func BenchmarkTranslate10k(b *testing.B) {
 	b.ResetTimer()
 	for range b.N {
 		Translate(in)
+	}
+}
+
+// The snapshot is in Translate's order (name, then frontend key) though it sorts only
+// whole Services: names that are prefixes of others, ports around them, namespaces too.
+func TestSnapshotOrder(t *testing.T) {
+	f := newSyncFixture(t, 0)
+	i := 0
+	for _, ns := range []string{"n", "n-1", "n0", "na"} {
+		for _, name := range []string{"a", "a-b", "a0", "ab", "a-0"} {
+			i++
+			svc := webService(func(s *corev1.Service) {
+				s.Namespace, s.Name = ns, name
+				s.Spec.ClusterIPs = []string{fmt.Sprintf("10.96.0.%d", i)}
+				s.Spec.ExternalIPs = []string{fmt.Sprintf("203.0.113.%d", i)}
+				s.Spec.Ports = []corev1.ServicePort{{Name: "z", Port: 80}, {Name: "0", Port: 81}, {Name: "a-1", Port: 82}}
+			})
+			if err := f.services.Add(svc); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	f.sync()
+	got := f.rec.snaps[0].Services
+	want := slices.Clone(got)
+	sortServices(want)
+	if g, w := summary(got), summary(want); !slices.Equal(g, w) {
+		t.Errorf("snapshot order:\n got %s\nwant %s", strings.Join(g, "\n     "), strings.Join(w, "\n     "))
+	}
+	if len(got) != 4*5*3*2 {
+		t.Errorf("%d services, want %d", len(got), 4*5*3*2)
 	}
 }

@@ -198,6 +198,7 @@ func translateService(svc *corev1.Service, endpointSlices []*discoveryv1.Endpoin
 			t.ports++
 		}
 	}
+	sortServices(t.services)
 	return t
 }
 

@@ -15,11 +15,17 @@
 //     packets instead (the client waits for a timeout); podsock refuses at once too.
 //   - Endpoints that are not chosen as backends (not ready, terminating, on another node or
 //     zone) stay in service.Service.Endpoints, so the sockets they have survive; only an
-//     endpoint that leaves every slice ends them. kube-proxy leaves established flows to
-//     conntrack in the same way.
+//     endpoint that leaves every slice ends them. kube-proxy leaves established TCP flows
+//     to conntrack in much the same way.
 //   - SCTP is not balanced: such a service port is skipped and reported (Skip).
 //   - A NodePort needs this node's Node object (its addresses); without it (no access to
 //     nodes, or no such Node) no NodePort is served, nor topology by zone.
+//
+// As kube-proxy, the watches choose by label: no Service or EndpointSlice labelled
+// service.kubernetes.io/headless, and none labelled service.kubernetes.io/service-proxy-name
+// unless it names service_proxy_name. With service_proxy_name set, only the Services are
+// chosen by it, not their slices: the EndpointSlice controller copies a Service's labels
+// to its slices, but a slice written by hand may lack them.
 package kubesource
 
 import (
@@ -69,7 +75,7 @@ type Input struct {
 // Skip is a service port, or one frontend of it, that cannot be served.
 type Skip struct {
 	Service  string // namespace/name:port
-	Frontend string // e.g. "10.96.0.10:80/sctp"; "" when the whole port is skipped
+	Frontend string // the frontend's key, or the address that does not parse; "" for the whole port
 	Reason   string
 }
 

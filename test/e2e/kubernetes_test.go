@@ -134,7 +134,9 @@ type kubeEndpoint struct {
 	forNodes                    []string
 }
 
-func readyOn(p *cri.Pod, node string) kubeEndpoint { return kubeEndpoint{pod: p, ready: ptr.To(true), node: node} }
+func readyOn(p *cri.Pod, node string) kubeEndpoint {
+	return kubeEndpoint{pod: p, ready: ptr.To(true), node: node}
+}
 
 func terminatingOn(p *cri.Pod, node string) kubeEndpoint {
 	return kubeEndpoint{pod: p, ready: ptr.To(false), serving: ptr.To(true), terminating: ptr.To(true), node: node}

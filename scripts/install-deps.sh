@@ -30,6 +30,12 @@ declare -A PINNED=(
   [libseccomp-dev]="2.5.4-1+deb12u1"
   [libgpgme-dev]="1.18.0-3+deb12u1"
   [conmon]="2.1.6+ds1-1"
+  # The real kube-proxy (scripts/install-kube.sh, test/kubeenv): nftables mode drives the
+  # nft binary, and socat relays its netns to the API server on the host's loopback.
+  # kube-proxy 1.37 clears conntrack entries over netlink, so no conntrack tool; nsenter
+  # comes from util-linux, which is Essential and always there.
+  [nftables]="1.0.6-2+deb12u2"
+  [socat]="1.7.4.4-2"
 )
 
 selected=("$@")

@@ -106,17 +106,20 @@ func binDir() (string, error) {
 
 // Start runs etcd and kube-apiserver, waits until the API server is ready and its default
 // namespace exists, and registers their stop (and, if the test failed, the printing of their
-// logs) with t.Cleanup. It calls Require first.
-func Start(t testing.TB, opts Options) *Server {
+// logs) with t.Cleanup. Under `go test` it calls Require first; a program (the bench, with
+// testenv.Standalone) fails instead when the binaries are missing.
+func Start(t testenv.TB, opts Options) *Server {
 	t.Helper()
-	Require(t)
+	if tt, ok := t.(testing.TB); ok {
+		Require(tt)
+	}
 	bin, err := binDir()
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("kubeenv: %v", err)
 	}
 	s := &Server{Dir: opts.Dir, ServiceCIDR: opts.ServiceCIDR, bin: bin, apiserverArgs: opts.APIServerArgs}
 	if s.Dir == "" {
-		s.Dir = t.TempDir()
+		s.Dir = tempDir(t)
 	}
 	if !s.ServiceCIDR.IsValid() {
 		s.ServiceCIDR = netip.MustParsePrefix(defaultServiceCIDR)
@@ -125,8 +128,8 @@ func Start(t testing.TB, opts Options) *Server {
 		t.Fatalf("kubeenv: %v", err)
 	}
 	t.Cleanup(func() {
-		if t.Failed() {
-			s.printLogs(t)
+		if f, ok := t.(failureLog); ok && f.Failed() {
+			s.printLogs(f)
 		}
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), readyTimeout)
@@ -167,9 +170,34 @@ func Start(t testing.TB, opts Options) *Server {
 	return s
 }
 
+// tempDir is t.TempDir() under `go test`, and otherwise a directory removed at cleanup
+// (registered first, so it goes after the processes that write into it).
+func tempDir(t testenv.TB) string {
+	if tt, ok := t.(testing.TB); ok {
+		return tt.TempDir()
+	}
+	dir, err := os.MkdirTemp("", "kubeenv-")
+	if err != nil {
+		t.Fatalf("kubeenv: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := os.RemoveAll(dir); err != nil {
+			t.Errorf("kubeenv: %v", err)
+		}
+	})
+	return dir
+}
+
+// failureLog is the part of testing.TB that reports a failure with the logs; a program's
+// TB may not have it, and then the logs stay in Server.Dir until its cleanup.
+type failureLog interface {
+	Failed() bool
+	Logf(format string, args ...any)
+}
+
 // startWithFreshPorts starts a process on newly picked ports, again when it lost a port to
 // someone else, and registers its stop. Every process it started is stopped by its PID.
-func startWithFreshPorts(t testing.TB, start func() (*process, error)) (*process, error) {
+func startWithFreshPorts(t testenv.TB, start func() (*process, error)) (*process, error) {
 	var err error
 	for range startAttempts {
 		var p *process
@@ -417,7 +445,7 @@ func (s *Server) writeKubeconfig(path, user string, kp keyPair) error {
 	return nil
 }
 
-func (s *Server) printLogs(t testing.TB) {
+func (s *Server) printLogs(t failureLog) {
 	for _, p := range []*process{s.apiserver, s.etcd} {
 		if p != nil {
 			t.Logf("kubeenv: last lines of %s:\n%s", p.logPath, p.logTail(logTailLines))

@@ -6,6 +6,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -20,6 +22,8 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/utils/ptr"
+
+	"github.com/podsock/podsock/test/testenv"
 )
 
 // The agent may watch Services and EndpointSlices and read Nodes: exactly this, so a change
@@ -190,8 +194,14 @@ func createService(t *testing.T, admin kubernetes.Interface, serviceCIDR netip.P
 	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{
 		Name: "node-a", Labels: map[string]string{corev1.LabelTopologyZone: "zone-a"},
 	}}
-	if _, err := admin.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil {
+	node, err := admin.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{})
+	if err != nil {
 		t.Fatalf("create node: %v", err)
+	}
+	// As the kubelet reports it; kube-proxy waits for a node address.
+	node.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "10.88.0.1"}}
+	if _, err := admin.CoreV1().Nodes().UpdateStatus(ctx, node, metav1.UpdateOptions{}); err != nil {
+		t.Fatalf("node status: %v", err)
 	}
 	svc := &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: metav1.NamespaceDefault},
@@ -202,7 +212,7 @@ func createService(t *testing.T, admin kubernetes.Interface, serviceCIDR netip.P
 			}},
 		},
 	}
-	svc, err := admin.CoreV1().Services(svc.Namespace).Create(ctx, svc, metav1.CreateOptions{})
+	svc, err = admin.CoreV1().Services(svc.Namespace).Create(ctx, svc, metav1.CreateOptions{})
 	if err != nil {
 		t.Fatalf("create service: %v", err)
 	}
@@ -319,4 +329,77 @@ func hasObject(svcs []corev1.Service, namespace, name string) bool {
 		}
 	}
 	return false
+}
+
+// The real kube-proxy in nftables mode programs the netns it was given, and only that one,
+// from the API server it reaches through the relay; Stop leaves that netns as it found it.
+func TestPrivilegedKubeProxy(t *testing.T) {
+	RequireKubeProxy(t)
+	s := Start(t, Options{})
+	ns := testenv.NewNetns(t, []string{s.ServiceCIDR.String()})
+	web := createService(t, s.AdminClient(t), s.ServiceCIDR)
+	k := s.StartKubeProxy(t, KubeProxyOptions{Netns: ns, NodeName: "node-a"})
+	ctx := context.Background()
+
+	var n int
+	var err error
+	if !testenv.WaitFor(30*time.Second, func() bool {
+		n, err = k.MapElements(ctx, "ip", ServiceIPsMap)
+		return err == nil && n == 1
+	}) {
+		t.Fatalf("map %s has %d elements (%v), want 1: %s", ServiceIPsMap, n, err, k.proc.logTail(20))
+	}
+	out, err := k.NFT(ctx, "list", "map", "ip", kubeProxyTable, ServiceIPsMap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out, web.Spec.ClusterIP+" ") {
+		t.Errorf("map %s lacks ClusterIP %s:\n%s", ServiceIPsMap, web.Spec.ClusterIP, out)
+	}
+	host, err := exec.Command("nft", "list", "tables").CombinedOutput()
+	if err != nil {
+		t.Fatalf("nft list tables in the host netns: %v: %s", err, host)
+	}
+	if strings.Contains(string(host), kubeProxyTable) {
+		t.Errorf("the host netns has a %s table:\n%s", kubeProxyTable, host)
+	}
+
+	pid := k.Pid()
+	if err := k.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(pid, 0); err == nil {
+		t.Errorf("kube-proxy (pid %d) still runs after Stop", pid)
+	}
+	left, err := k.NFT(ctx, "list", "tables")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(left, kubeProxyTable) {
+		t.Errorf("after Stop, its netns still has:\n%s", left)
+	}
+}
+
+func TestMetricValue(t *testing.T) {
+	body := `# HELP kubeproxy_sync_proxy_rules_duration_seconds SyncProxyRules latency in seconds
+kubeproxy_sync_proxy_rules_duration_seconds_bucket{ip_family="IPv4",le="0.001"} 0
+kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv6"} 7
+kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv4"} 3
+kubeproxy_sync_proxy_rules_duration_seconds_count_total 9
+plain 5
+`
+	for _, c := range []struct {
+		name, label string
+		want        int
+	}{
+		{syncCountMetric, `ip_family="IPv4"`, 3},
+		{syncCountMetric, `ip_family="IPv6"`, 7},
+		{"plain", `ip_family="IPv4"`, 5},
+		{"absent", "", 0},
+	} {
+		got, err := metricValue(body, c.name, c.label)
+		if err != nil || got != c.want {
+			t.Errorf("metricValue(%s, %s) = %d, %v; want %d", c.name, c.label, got, err, c.want)
+		}
+	}
 }

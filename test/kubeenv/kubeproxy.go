@@ -3,6 +3,7 @@ package kubeenv
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -13,6 +14,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -23,9 +25,15 @@ import (
 type KubeProxyOptions struct {
 	// Netns is where kube-proxy runs and the only netns it programs: one the test made
 	// with testenv.NewNetns, with a blackhole route for the service range (checked).
-	Netns    *testenv.Netns
-	NodeName string   // --hostname-override; the Node object is the test's to create
+	Netns *testenv.Netns
+	// NodeName is --hostname-override. The Node object is the test's to create, with an
+	// address in its status: without one kube-proxy waits 30 s for it, then assumes
+	// loopback.
+	NodeName string
 	Args     []string // added last, so they override the defaults
+	// ReadyTimeout bounds the wait for the first sync; default 2 minutes. Its first sync
+	// of 10k Services took 75 s here, so larger clusters need more.
+	ReadyTimeout time.Duration
 }
 
 // KubeProxy is the real kube-proxy v1.37 in nftables mode inside one netns of the test's.
@@ -39,12 +47,18 @@ type KubeProxy struct {
 	MetricsAddr string // inside Netns
 
 	proc, relay *process
+	stopOnce    sync.Once
+	stopErr     error
 }
 
 const (
 	kubeProxyMetrics = "127.0.0.1:10249" // inside the netns, so no clash with the host
 	kubeProxyHealthz = "127.0.0.1:10256"
 	syncCountMetric  = "kubeproxy_sync_proxy_rules_duration_seconds_count"
+	kubeProxyTable   = "kube-proxy"
+	// ServiceIPsMap is the map of kube-proxy's nftables mode that sends each ClusterIP (of
+	// a Service with endpoints) to the Service's chain.
+	ServiceIPsMap = "service-ips"
 )
 
 // RequireKubeProxy skips a test that needs the real kube-proxy when it cannot run here
@@ -78,12 +92,16 @@ func kubeProxyPrerequisites() error {
 
 // StartKubeProxy runs kube-proxy (as system:kube-proxy, which the API server's bootstrap
 // RBAC binds to system:node-proxier) inside opts.Netns and waits for its first sync of the
-// nftables rules. Its cleanup stops kube-proxy, then the relay, by their PIDs.
+// nftables rules. Its cleanup calls Stop, for a test that did not.
 //
 // Privileged: run under `flock /tmp/podsock-priv.lock`, like every privileged suite here.
-func (s *Server) StartKubeProxy(t testing.TB, opts KubeProxyOptions) *KubeProxy {
+func (s *Server) StartKubeProxy(t testenv.TB, opts KubeProxyOptions) *KubeProxy {
 	t.Helper()
-	RequireKubeProxy(t)
+	if tt, ok := t.(testing.TB); ok {
+		RequireKubeProxy(tt)
+	} else if err := kubeProxyPrerequisites(); err != nil {
+		t.Fatalf("kubeenv: real kube-proxy: %v", err)
+	}
 	if opts.Netns == nil || opts.NodeName == "" {
 		t.Fatal("kubeenv: StartKubeProxy needs a Netns and a NodeName")
 	}
@@ -100,13 +118,15 @@ func (s *Server) StartKubeProxy(t testing.TB, opts KubeProxyOptions) *KubeProxy 
 	k.relay, err = startProcess("relay", "nsenter", filepath.Join(s.Dir, "kube-proxy-relay.log"),
 		"--net="+opts.Netns.Path, "socat",
 		"TCP-LISTEN:"+port(apiAddr)+",bind=127.0.0.1,reuseaddr,fork",
-		"EXEC:nsenter --net="+host+" socat STDIO TCP:"+apiAddr)
+		// Quoted, or socat splits the inner command at its colons.
+		`EXEC:"nsenter --net=`+host+` socat STDIO TCP:`+apiAddr+`"`)
 	if err != nil {
 		t.Fatalf("kubeenv: %v", err)
 	}
-	// Registered first, so it runs after kube-proxy's stop and its connections are gone.
+	// Registered before kube-proxy starts: a relay that started must stop even if
+	// kube-proxy does not.
 	t.Cleanup(func() {
-		if err := k.relay.stop(); err != nil {
+		if err := k.Stop(); err != nil {
 			t.Errorf("kubeenv: %v", err)
 		}
 	})
@@ -130,15 +150,16 @@ func (s *Server) StartKubeProxy(t testing.TB, opts KubeProxyOptions) *KubeProxy 
 		t.Fatalf("kubeenv: %v", err)
 	}
 	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("kubeenv: last lines of %s:\n%s", k.proc.logPath, k.proc.logTail(logTailLines))
-		}
-		if err := k.proc.stop(); err != nil {
-			t.Errorf("kubeenv: %v", err)
+		if f, ok := t.(failureLog); ok && f.Failed() {
+			f.Logf("kubeenv: last lines of %s:\n%s", k.proc.logPath, k.proc.logTail(logTailLines))
 		}
 	})
 
-	ctx, cancel := context.WithTimeout(context.Background(), readyTimeout)
+	timeout := opts.ReadyTimeout
+	if timeout == 0 {
+		timeout = readyTimeout
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	if err := k.proc.waitReady(ctx, func(ctx context.Context) error {
 		n, err := k.SyncCount(ctx)
@@ -152,6 +173,69 @@ func (s *Server) StartKubeProxy(t testing.TB, opts KubeProxyOptions) *KubeProxy 
 	return k
 }
 
+// Stop ends kube-proxy, then its relay, by their PIDs, and deletes the nftables tables
+// kube-proxy made in its netns, so that the next kube-proxy there starts from nothing, as
+// on a fresh node. Calling it again returns the first call's result; the cleanup
+// StartKubeProxy registered calls it too.
+func (k *KubeProxy) Stop() error {
+	k.stopOnce.Do(func() {
+		var errs []error
+		if k.proc != nil {
+			errs = append(errs, k.proc.stop())
+		}
+		errs = append(errs, k.relay.stop())
+		if k.proc != nil {
+			errs = append(errs, k.deleteTables())
+		}
+		k.stopErr = errors.Join(errs...)
+	})
+	return k.stopErr
+}
+
+// deleteTables deletes kube-proxy's own tables (one per IP family it ran) from its netns.
+func (k *KubeProxy) deleteTables() error {
+	out, err := k.NFT(context.Background(), "list", "tables")
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line) // "table ip kube-proxy"
+		if len(f) == 3 && f[0] == "table" && f[2] == kubeProxyTable {
+			if _, err := k.NFT(context.Background(), "delete", "table", f[1], f[2]); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// MapElements counts the elements of the nftables map name in kube-proxy's table of
+// family ("ip", "ip6"): ServiceIPsMap holds one per ClusterIP with endpoints, so it says
+// how many Services kube-proxy has programmed.
+func (k *KubeProxy) MapElements(ctx context.Context, family, name string) (int, error) {
+	out, err := k.NFT(ctx, "-j", "list", "map", family, kubeProxyTable, name)
+	if err != nil {
+		return 0, err
+	}
+	var doc struct {
+		Nftables []struct {
+			Map *struct {
+				Elem []json.RawMessage `json:"elem"`
+			} `json:"map"`
+		} `json:"nftables"`
+	}
+	if err := json.Unmarshal([]byte(out), &doc); err != nil {
+		return 0, fmt.Errorf("nft -j list map %s %s %s: %w", family, kubeProxyTable, name, err)
+	}
+	for _, o := range doc.Nftables {
+		if o.Map != nil {
+			return len(o.Map.Elem), nil
+		}
+	}
+	return 0, fmt.Errorf("nft -j list map %s %s %s: no map in the output", family, kubeProxyTable, name)
+}
+
 // Pid is kube-proxy's PID.
 func (k *KubeProxy) Pid() int { return k.proc.pid() }
 
@@ -161,13 +245,36 @@ func (k *KubeProxy) SyncCount(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	return metricValue(body, syncCountMetric, `ip_family="IPv4"`)
+}
+
+// metricValue is the value of metric name in a Prometheus text exposition: the sample
+// whose labels include label, or the unlabelled one. Absent is 0: kube-proxy exports a
+// histogram only once it has observed something.
+func metricValue(body, name, label string) (int, error) {
 	sc := bufio.NewScanner(strings.NewReader(body))
+	sc.Buffer(nil, 1<<20)
 	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), syncCountMetric+" "); ok {
-			return strconv.Atoi(strings.TrimSpace(v))
+		rest, ok := strings.CutPrefix(sc.Text(), name)
+		if !ok {
+			continue
 		}
+		if labels, after, ok := strings.Cut(rest, "}"); ok && strings.HasPrefix(labels, "{") {
+			if !strings.Contains(labels, label) {
+				continue
+			}
+			rest = after
+		}
+		if !strings.HasPrefix(rest, " ") {
+			continue // another metric whose name starts with this one
+		}
+		v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
+		if err != nil {
+			return 0, fmt.Errorf("metric %s: %w", name, err)
+		}
+		return int(v), nil
 	}
-	return 0, nil // not exported before the first sync
+	return 0, sc.Err()
 }
 
 // Metrics is kube-proxy's /metrics, fetched over a socket made inside its netns.

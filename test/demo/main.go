@@ -26,6 +26,7 @@ import (
 var (
 	podsockBin  = flag.String("podsock", "bin/podsock", "podsock binary")
 	runtimeKind = flag.String("runtime", string(cri.Containerd), "container runtime: containerd or crio")
+	kubernetes  = flag.Bool("kubernetes", false, "take the service from a private Kubernetes API server (make demo-kubernetes)")
 )
 
 const (
@@ -46,6 +47,11 @@ func main() {
 		os.Exit(1)
 	}
 	d := &demo{}
+	if *kubernetes {
+		d.Main("demo-kubernetes", d.runKubernetes)
+		fmt.Println("\n==> demo done: API server, etcd, containerd, pods, bridge, cgroups, netns, pins and processes removed")
+		return
+	}
 	d.Main("demo", d.run)
 	fmt.Printf("\n==> demo done: %s, pods, bridge, cgroups, netns, pins and processes removed\n", *runtimeKind)
 }

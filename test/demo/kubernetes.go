@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/podsock/podsock/api"
-	"github.com/podsock/podsock/internal/cgroupfs"
 	"github.com/podsock/podsock/test/cri"
 	"github.com/podsock/podsock/test/kubeenv"
 	"github.com/podsock/podsock/test/testenv"
@@ -54,19 +53,7 @@ func (d *demo) runKubernetes() {
 		replicas = append(replicas, p)
 	}
 	clientPod, client := d.pod("client", "client", "pause")
-	step("without podsock, the client cannot reach %s:80 (the blackhole answers)", vip)
-	if d.dial(client, 1) != nil {
-		d.Fatalf("the VIP answered before podsock ran: the demo would prove nothing")
-	}
-
-	cgroup2, err := cgroupfs.Mount()
-	if err != nil {
-		d.Fatal(err)
-	}
-	cgroupRoot := filepath.Join(cgroup2, d.rt.CgroupRoot())
-	if err := os.MkdirAll(cgroupRoot, 0o755); err != nil {
-		d.Fatal(err)
-	}
+	cgroupRoot := d.unreachedBeforePodsock(client)
 	d.cfgPath = filepath.Join(dir, "podsock.toml")
 	cfg := fmt.Sprintf(`[agent]
 cgroup_root = %q   # the runtime's pod cgroup parent, not the machine's root

@@ -35,6 +35,7 @@ func (a *Agent) newKubernetesSource(cfg config.Kubernetes) error {
 	if err != nil {
 		return fmt.Errorf("kubernetes source: %w", err)
 	}
+	routeKlog(a.log)
 	a.kube = src
 	return nil
 }

@@ -15,7 +15,6 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
-	"k8s.io/utils/ptr"
 
 	"github.com/podsock/podsock/test/kubeenv"
 	"github.com/podsock/podsock/test/testenv"
@@ -50,32 +49,14 @@ func TestPrivilegedKubernetesBesideKubeProxy(t *testing.T) {
 	if _, err := admin.CoreV1().Services("default").Create(ctx, svc, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	putSlice := func(addrs ...netip.AddrPort) {
-		t.Helper()
-		s := &discoveryv1.EndpointSlice{
-			ObjectMeta: metav1.ObjectMeta{Name: "web-1", Namespace: "default",
-				Labels: map[string]string{discoveryv1.LabelServiceName: "web", discoveryv1.LabelManagedBy: "podsock-e2e"}},
-			AddressType: discoveryv1.AddressTypeIPv4,
-			Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("http"), Port: ptr.To[int32](8080), Protocol: ptr.To(corev1.ProtocolTCP)}},
-			Endpoints:   []discoveryv1.Endpoint{},
-		}
+	slice := func(addrs ...netip.AddrPort) *discoveryv1.EndpointSlice {
+		var eps []kubeEndpoint
 		for _, a := range addrs {
-			s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{Addresses: []string{a.Addr().String()},
-				Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)}, NodeName: ptr.To("node-a")})
+			eps = append(eps, readyAt(a.Addr(), "node-a"))
 		}
-		c := admin.DiscoveryV1().EndpointSlices("default")
-		cur, err := c.Get(ctx, s.Name, metav1.GetOptions{})
-		if err == nil {
-			s.ResourceVersion = cur.ResourceVersion
-			_, err = c.Update(ctx, s, metav1.UpdateOptions{})
-		} else {
-			_, err = c.Create(ctx, s, metav1.CreateOptions{})
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
+		return endpointSlice("web", "web-1", eps...)
 	}
-	putSlice(beA, beB)
+	putSlice(t, admin, slice(beA, beB))
 
 	kp := srv.StartKubeProxy(t, kubeenv.KubeProxyOptions{Netns: node, NodeName: "node-a"})
 	routeServicesLocally(t, node, srv.ServiceCIDR)
@@ -160,7 +141,7 @@ func TestPrivilegedKubernetesBesideKubeProxy(t *testing.T) {
 	}
 
 	// Both follow the API server: b leaves.
-	putSlice(beA)
+	putSlice(t, admin, slice(beA))
 	waitBoth(true, "a")
 	waitBoth(false, "a")
 	if after := nftRules(t, kp); !strings.Contains(after, beA.Addr().String()) || strings.Contains(after, beB.Addr().String()) {

@@ -128,18 +128,20 @@ func (w *kubeWorld) kubeService(name, clusterIP string, edit func(*corev1.Servic
 // kubeEndpoint is one endpoint of a slice; nil conditions are left out, as a controller
 // may.
 type kubeEndpoint struct {
-	pod                         *cri.Pod
+	addr                        netip.Addr
 	ready, serving, terminating *bool
 	node                        string
 	forNodes                    []string
 }
 
-func readyOn(p *cri.Pod, node string) kubeEndpoint {
-	return kubeEndpoint{pod: p, ready: ptr.To(true), node: node}
+func readyOn(p *cri.Pod, node string) kubeEndpoint { return readyAt(p.IP, node) }
+
+func readyAt(addr netip.Addr, node string) kubeEndpoint {
+	return kubeEndpoint{addr: addr, ready: ptr.To(true), node: node}
 }
 
 func terminatingOn(p *cri.Pod, node string) kubeEndpoint {
-	return kubeEndpoint{pod: p, ready: ptr.To(false), serving: ptr.To(true), terminating: ptr.To(true), node: node}
+	return kubeEndpoint{addr: p.IP, ready: ptr.To(false), serving: ptr.To(true), terminating: ptr.To(true), node: node}
 }
 
 func endpointSlice(service, name string, eps ...kubeEndpoint) *discoveryv1.EndpointSlice {
@@ -155,7 +157,7 @@ func endpointSlice(service, name string, eps ...kubeEndpoint) *discoveryv1.Endpo
 	}
 	for _, e := range eps {
 		ep := discoveryv1.Endpoint{
-			Addresses:  []string{e.pod.IP.String()},
+			Addresses:  []string{e.addr.String()},
 			Conditions: discoveryv1.EndpointConditions{Ready: e.ready, Serving: e.serving, Terminating: e.terminating},
 		}
 		if e.node != "" {
@@ -172,10 +174,12 @@ func endpointSlice(service, name string, eps ...kubeEndpoint) *discoveryv1.Endpo
 	return s
 }
 
+func (w *kubeWorld) putSlice(s *discoveryv1.EndpointSlice) { w.t.Helper(); putSlice(w.t, w.admin, s) }
+
 // putSlice creates or replaces an EndpointSlice.
-func (w *kubeWorld) putSlice(s *discoveryv1.EndpointSlice) {
-	w.t.Helper()
-	c := w.admin.DiscoveryV1().EndpointSlices(kubeNamespace)
+func putSlice(t *testing.T, admin kubernetes.Interface, s *discoveryv1.EndpointSlice) {
+	t.Helper()
+	c := admin.DiscoveryV1().EndpointSlices(s.Namespace)
 	ctx := context.Background()
 	cur, err := c.Get(ctx, s.Name, metav1.GetOptions{})
 	if err == nil {
@@ -185,7 +189,7 @@ func (w *kubeWorld) putSlice(s *discoveryv1.EndpointSlice) {
 		_, err = c.Create(ctx, s, metav1.CreateOptions{})
 	}
 	if err != nil {
-		w.t.Fatalf("write endpoint slice %s: %v", s.Name, err)
+		t.Fatalf("write endpoint slice %s: %v", s.Name, err)
 	}
 }
 

@@ -39,6 +39,7 @@ commands:
   sockets   --config FILE [--json] [--pod NS/NAME] [--backend IP:PORT] [--proto tcp|udp]
                                       every TCP/UDP socket of the host and pod netns, with
                                       its pod and, when podsock balanced it, service and backend
+  check     --config FILE             validate a config as a reload would, touching nothing
   cleanup   --config FILE             detach and unpin everything podsock created
   version   [--json]                  version and the kernel features found
 
@@ -84,6 +85,8 @@ func Main(args []string, stdout, stderr io.Writer, ag Agent) int {
 		run = pods
 	case "sockets":
 		run = sockets
+	case "check":
+		run = check
 	case "cleanup":
 		run = cleanup
 	case "version":
@@ -466,6 +469,23 @@ func joinHostPort(ip string, port uint16) string {
 		return fmt.Sprintf("[%s]:%d", ip, port)
 	}
 	return fmt.Sprintf("%s:%d", ip, port)
+}
+
+// check validates a config the way the agent's reload does (the file, then its
+// services_file), and talks to no agent and touches no datapath: an operator or a config
+// pipeline runs it before SIGHUP. Its only failure line is the config's own
+// `FILE:LINE: what is wrong`, which is what a script greps for.
+func check(c *command) error {
+	cfg, err := config.Load(c.configPath)
+	if err == nil {
+		err = cfg.LoadServicesFile()
+	}
+	if err != nil {
+		fmt.Fprintln(c.stderr, config.OneLine(err.Error()))
+		return unhealthy{}
+	}
+	fmt.Fprintf(c.stdout, "%s: ok, %d services\n", c.configPath, len(cfg.Services))
+	return nil
 }
 
 func cleanup(c *command) error {

@@ -134,3 +134,44 @@ func TestCleanupRefusesWhileTheStateDirIsLocked(t *testing.T) {
 		t.Fatalf("cleanup removed the held lock file: %v", err)
 	}
 }
+
+// check validates as a reload would, the services file included: 0 and one line on
+// stdout for a good config; for a bad one exactly `FILE:LINE: what is wrong` on stderr
+// and exit 1. It talks to no agent: the state dir it names does not even exist.
+func TestCheck(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, text string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(text), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	svcs := write("svcs.toml", "[[service]]\nname = \"b\"\nvip = \"10.96.0.21\"\nport = 80\n")
+	good := write("good.toml", "[agent]\nstate_dir = \""+filepath.Join(dir, "nowhere")+"\"\nservices_file = \""+svcs+"\"\n"+
+		"[metrics]\nlisten = \"127.0.0.1:9965\"\n[[service]]\nname = \"a\"\nvip = \"10.96.0.20\"\nport = 80\n")
+	code, stdout, stderr := run("check", "--config", good)
+	if code != exitOK || stderr != "" || stdout != good+": ok, 2 services\n" {
+		t.Fatalf("good config: exit %d, stdout %q, stderr %q", code, stdout, stderr)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "nowhere")); !os.IsNotExist(err) {
+		t.Fatalf("check created the state dir: %v", err)
+	}
+	badSvcs := write("badsvcs.toml", "[[service]]\nname = \"a\"\nvip = \"10.96.0.22\"\nport = 80\n")
+	for _, tc := range []struct{ name, text, want string }{
+		{"bad.toml", "[agent]\nlog_level = \"info\"\n[metrics]\nlisten = \"9965\"\n",
+			`/bad.toml:4: metrics.listen "9965": must be host:port, e.g. "127.0.0.1:9965"`},
+		{"dup.toml", "[agent]\nservices_file = \"" + badSvcs + "\"\n[[service]]\nname = \"a\"\nvip = \"10.96.0.20\"\nport = 80\n",
+			"/badsvcs.toml:2: "},
+	} {
+		code, stdout, stderr := run("check", "--config", write(tc.name, tc.text))
+		if code != exitFail || stdout != "" || strings.Count(stderr, "\n") != 1 ||
+			!strings.HasPrefix(stderr, dir) || !strings.Contains(stderr, tc.want) {
+			t.Errorf("%s: exit %d, stdout %q, stderr %q; want exit 1 and one line FILE:LINE containing %q", tc.name, code, stdout, stderr, tc.want)
+		}
+	}
+	code, _, stderr = run("check", "--config", filepath.Join(dir, "missing.toml"))
+	if code != exitFail || !strings.HasPrefix(stderr, filepath.Join(dir, "missing.toml")+": ") {
+		t.Errorf("missing file: exit %d, stderr %q", code, stderr)
+	}
+}

@@ -90,6 +90,8 @@ type Config struct {
 	// Kubernetes is the [kubernetes] section: Services and EndpointSlices of an API server
 	// as a second service source, beside the file's.
 	Kubernetes Kubernetes `toml:"kubernetes"`
+	// Metrics is the [metrics] section: the Prometheus and health endpoints.
+	Metrics Metrics `toml:"metrics"`
 	// Services are the [[service]] tables. Parse fills in what a table leaves out:
 	// protocol "tcp", affinity "none", allow_host = true. A file may leave allow out but
 	// not give it empty (allow = []), and may set allow_host = false only with allow.
@@ -156,6 +158,18 @@ type Kubernetes struct {
 	// MinSyncPeriod coalesces bursts of changes into one apply at most this often, as
 	// kube-proxy's --min-sync-period does.
 	MinSyncPeriod time.Duration `toml:"min_sync_period"`
+}
+
+// Metrics is the [metrics] section.
+type Metrics struct {
+	// Listen is the host:port the agent serves /metrics, /healthz and /readyz on; "" is
+	// off. The host is an IP address, "localhost" or empty (every address): metrics name
+	// services and pods, so a node should keep them on loopback unless a scraper needs
+	// them.
+	Listen string `toml:"listen"`
+	// PerService turns on per-service connect counters, one series per service: off by
+	// default because 100,000 services would be 100,000 series.
+	PerService bool `toml:"per_service"`
 }
 
 // DefaultMinSyncPeriod is [kubernetes] min_sync_period when the file leaves it out: short

@@ -919,3 +919,39 @@ func TestParseKubernetes(t *testing.T) {
 		t.Fatalf("parse: %+v, %v", c, err)
 	}
 }
+
+// [metrics]: listen is host:port with a fixed port, off when empty; per_service is a
+// boolean; both are strict like every other key, with the line of the problem.
+func TestParseMetrics(t *testing.T) {
+	c, err := Parse("m.toml", []byte(doc(`[metrics]`, `listen = "127.0.0.1:9965"`, `per_service = true`)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Metrics != (Metrics{Listen: "127.0.0.1:9965", PerService: true}) {
+		t.Fatalf("metrics %+v", c.Metrics)
+	}
+	if Default().Metrics != (Metrics{}) {
+		t.Fatalf("default metrics %+v, want off", Default().Metrics)
+	}
+	for _, ok := range []string{"", "[::1]:9965", ":9965", "localhost:1", "0.0.0.0:65535"} {
+		if _, err := Parse("m.toml", []byte(doc(`[metrics]`, fmt.Sprintf("listen = %q", ok)))); err != nil {
+			t.Errorf("listen %q: %v", ok, err)
+		}
+	}
+	for _, tc := range []struct{ in, want string }{
+		{`listen = "127.0.0.1"`, `m.toml:2: metrics.listen "127.0.0.1": must be host:port, e.g. "127.0.0.1:9965"`},
+		{`listen = "127.0.0.1:0"`, `m.toml:2: metrics.listen "127.0.0.1:0": port "0" must be 1-65535`},
+		{`listen = "127.0.0.1:http"`, `port "http" must be 1-65535`},
+		{`listen = "127.0.0.1:70000"`, `port "70000" must be 1-65535`},
+		{`listen = "example.com:9965"`, `host "example.com" must be an IP address, "localhost" or empty (every address)`},
+		{`listen = "[fe80::1%eth0]:9965"`, `host "fe80::1%eth0" must be an IP address`},
+		{`listen = 9965`, `m.toml:2: metrics.listen must be a string, not integer`},
+		{`per_service = "yes"`, `m.toml:2: metrics.per_service must be a boolean, not string`},
+		{`port = 9965`, `m.toml:2: unknown key "port" in [metrics]`},
+	} {
+		_, err := Parse("m.toml", []byte(doc(`[metrics]`, tc.in)))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: error %v, want %q", tc.in, err, tc.want)
+		}
+	}
+}

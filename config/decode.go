@@ -1,8 +1,10 @@
 package config
 
 import (
+	"errors"
 	"fmt"
 	"maps"
+	"net"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -57,6 +59,8 @@ func (d *decoder) document(doc map[string]any) {
 			d.limits(at, v)
 		case "kubernetes":
 			d.kubernetes(at, v)
+		case "metrics":
+			d.metrics(at, v)
 		case "service":
 			d.services(at, v)
 		default:
@@ -252,6 +256,52 @@ func (d *decoder) kubernetes(at keyPath, v any) {
 			d.unknown(kat, "kubernetes", key)
 		}
 	}
+}
+
+func (d *decoder) metrics(at keyPath, v any) {
+	t, ok := d.table(at, "metrics", v)
+	if !ok {
+		return
+	}
+	m := &d.c.Metrics
+	for _, key := range sortedKeys(t) {
+		v, kat := t[key], at.key(key)
+		switch key {
+		case "listen":
+			if d.str(kat, "metrics.listen", v, &m.Listen) {
+				if err := checkListen(m.Listen); err != nil {
+					d.fail(kat, "metrics.listen %q: %v", m.Listen, err)
+				}
+			}
+		case "per_service":
+			d.boolean(kat, "metrics.per_service", v, &m.PerService)
+		default:
+			d.unknown(kat, "metrics", key)
+		}
+	}
+}
+
+// checkListen accepts "" (off) or host:port with a fixed port: probes and scrapers need
+// to know where to look, so port 0 is refused, and a host name other than localhost
+// would depend on the resolver at start.
+func checkListen(s string) error {
+	if s == "" {
+		return nil
+	}
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return errors.New(`must be host:port, e.g. "127.0.0.1:9965"`)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		return fmt.Errorf("port %q must be 1-65535", port)
+	}
+	if host == "" || host == "localhost" {
+		return nil
+	}
+	if a, err := netip.ParseAddr(host); err != nil || a.Zone() != "" {
+		return fmt.Errorf("host %q must be an IP address, \"localhost\" or empty (every address)", host)
+	}
+	return nil
 }
 
 // arrayElems returns the elements of an array, be it an array of tables

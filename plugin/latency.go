@@ -18,6 +18,8 @@ type LatencySummary = api.LatencySummary
 type latencies struct {
 	mu    sync.Mutex
 	kinds map[string]*ring
+	// observe, if set, gets every duration too.
+	observe func(kind string, d time.Duration)
 }
 
 type ring struct {
@@ -32,6 +34,9 @@ func newLatencies() *latencies { return &latencies{kinds: map[string]*ring{}} }
 func (l *latencies) since(kind string, start time.Time) { l.add(kind, time.Since(start)) }
 
 func (l *latencies) add(kind string, d time.Duration) {
+	if l.observe != nil {
+		l.observe(kind, d)
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	r := l.kinds[kind]

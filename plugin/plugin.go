@@ -51,6 +51,9 @@ type Options struct {
 	// /etc/nri/conf.d/NN-name.conf, for a pre-registered plugin). An error refuses the
 	// registration.
 	Configure func(config string) error
+	// Observe, if set, gets the time spent in each handler, as the latency summary does:
+	// the agent feeds its histogram with it.
+	Observe func(event string, d time.Duration)
 }
 
 // Plugin is one NRI registration, kept alive across runtime restarts.
@@ -67,7 +70,7 @@ func New(opts Options, h Handler) *Plugin {
 	if opts.Log == nil {
 		opts.Log = logrus.StandardLogger()
 	}
-	return &Plugin{opts: opts, h: h, latency: newLatencies()}
+	return &Plugin{opts: opts, h: h, latency: &latencies{kinds: map[string]*ring{}, observe: opts.Observe}}
 }
 
 // Connected reports whether the plugin is registered with the runtime right now.

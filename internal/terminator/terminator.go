@@ -4,6 +4,7 @@
 package terminator
 
 import (
+	"errors"
 	"slices"
 	"sync"
 	"time"
@@ -74,6 +75,8 @@ type Terminator struct {
 	wake      chan struct{}
 	stop      chan struct{}
 	done      chan struct{}
+	// observe, if set, gets every pass: its sockets destroyed per protocol and its time.
+	observe func(destroyed map[uint8]int, d time.Duration)
 }
 
 // New starts a Terminator over the netns ns reaches; passes wait for SetPodsKnown.
@@ -86,6 +89,14 @@ func New(dp Datapath, ns datapath.NetnsSet, log logrus.FieldLogger) *Terminator 
 	t.stats.Available = dp.TerminateErr(datapath.ProtoTCP) == nil || dp.TerminateErr(datapath.ProtoUDP) == nil
 	go t.run()
 	return t
+}
+
+// Observe hands every pass from now on, its sockets destroyed per protocol and its
+// duration, to fn (the agent's metrics). Call it before the first Remove.
+func (t *Terminator) Observe(fn func(destroyed map[uint8]int, d time.Duration)) {
+	t.mu.Lock()
+	t.observe = fn
+	t.mu.Unlock()
 }
 
 // SetPodsKnown lets passes run: the runtime's pods (and their netns) are known.
@@ -201,7 +212,7 @@ func (t *Terminator) pass() {
 		gone[i] = r.backend
 		late = late && r.late
 	}
-	res, err := t.dp.Terminate(t.ns, gone, datapath.TerminateOptions{Protocols: []uint8{datapath.ProtoTCP, datapath.ProtoUDP}})
+	res, destroyed, err := t.terminate(gone)
 	log := t.log.WithFields(logrus.Fields{
 		"backends": res.Backends, "destroyed": res.Destroyed, "failed": res.Failed,
 		"netns_entered": res.NetnsEntered, "full_walk": res.FullWalk, "late": late,
@@ -220,6 +231,9 @@ func (t *Terminator) pass() {
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if t.observe != nil {
+		t.observe(destroyed, res.Duration)
+	}
 	t.reschedule(due, err)
 	t.stats.Passes++
 	t.stats.Backends += uint64(res.Backends)
@@ -239,6 +253,35 @@ func (t *Terminator) pass() {
 	if err != nil {
 		t.stats.LastError = err.Error()
 	}
+}
+
+// terminate runs one pass over gone, one protocol at a time when it mixes them: the
+// destroy programs count what they ended in one counter for both, and the metrics say
+// which protocol's sockets went. A pass of one protocol (a Service port has one) is one
+// walk as before. netns entered is the larger of the walks' counts, exact when the same
+// netns hold both protocols' sockets (clients that use both) and a lower bound otherwise.
+func (t *Terminator) terminate(gone []datapath.RemovedBackend) (datapath.TerminateResult, map[uint8]int, error) {
+	start := time.Now()
+	var res datapath.TerminateResult
+	destroyed := map[uint8]int{}
+	var errs []error
+	for _, proto := range []uint8{datapath.ProtoTCP, datapath.ProtoUDP} {
+		part := slices.DeleteFunc(slices.Clone(gone), func(b datapath.RemovedBackend) bool { return b.Proto != proto })
+		if len(part) == 0 {
+			continue
+		}
+		r, err := t.dp.Terminate(t.ns, part, datapath.TerminateOptions{Protocols: []uint8{proto}})
+		res.Backends += r.Backends
+		res.Destroyed += r.Destroyed
+		res.Failed += r.Failed
+		res.NetnsEntered = max(res.NetnsEntered, r.NetnsEntered)
+		res.NetnsUnreachable = max(res.NetnsUnreachable, r.NetnsUnreachable)
+		res.FullWalk = res.FullWalk || r.FullWalk
+		destroyed[proto] += r.Destroyed
+		errs = append(errs, err)
+	}
+	res.Duration = time.Since(start)
+	return res, destroyed, errors.Join(errs...)
 }
 
 // reschedule decides what comes after a pass: a late pass after a first one that

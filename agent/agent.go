@@ -52,6 +52,10 @@ type Agent struct {
 	opMu sync.Mutex
 
 	srv *http.Server
+	// obs serves [metrics] listen, nil when it is off; ready is what /readyz waits for.
+	obs        *observer
+	ready      readiness
+	metricsCfg config.Metrics
 
 	// netns reaches the host's and every pod's netns for the socket iterators; term
 	// destroys the sockets of removed backends.
@@ -119,6 +123,7 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 	if cfg.NRI.Enabled {
 		a.plugin = plugin.New(plugin.Options{
 			Socket: cfg.NRI.Socket, Name: cfg.NRI.PluginName, Index: cfg.NRI.PluginIndex, Log: log,
+			Observe: a.metrics.observeNRIEvent,
 		}, a)
 	}
 	reloadPending, err := a.start(cfg, sigs)
@@ -203,14 +208,25 @@ func (a *Agent) start(cfg *config.Config, sigs <-chan os.Signal) (reloadPending 
 	if err != nil {
 		return false, err
 	}
-	dp, err := datapath.Load(datapath.Options{CgroupRoot: cgroupRoot, BPFFS: cfg.Agent.BPFFS, Limits: datapathLimits(cfg.Limits), Log: log})
+	mln, err := listenMetrics(cfg.Metrics.Listen)
 	if err != nil {
 		ctl.Close()
 		return false, err
 	}
+	closeListeners := func() {
+		ctl.Close()
+		if mln != nil {
+			mln.Close()
+		}
+	}
+	dp, err := datapath.Load(datapath.Options{CgroupRoot: cgroupRoot, BPFFS: cfg.Agent.BPFFS, Limits: datapathLimits(cfg.Limits), Log: log})
+	if err != nil {
+		closeListeners()
+		return false, err
+	}
 	host, err := netns.Open(hostNetnsPath)
 	if err != nil {
-		ctl.Close()
+		closeListeners()
 		return false, errors.Join(fmt.Errorf("hold the host netns: %w", err), dp.Close())
 	}
 	a.opMu.Lock()
@@ -220,6 +236,9 @@ func (a *Agent) start(cfg *config.Config, sigs <-chan os.Signal) (reloadPending 
 	a.tracker = runtimehooks.NewTracker(cgroup2)
 	a.netns = nodeNetns{host: host, tracker: a.tracker}
 	a.term = terminator.New(dp, a.netns, log)
+	a.term.Observe(a.metrics.observeTermination)
+	a.metricsCfg = cfg.Metrics
+	a.serveMetrics(mln)
 	a.opMu.Unlock()
 drain:
 	for sigs != nil {
@@ -291,6 +310,9 @@ func (a *Agent) stop() {
 			return
 		}
 	}
+	if a.obs != nil {
+		a.obs.close()
+	}
 	if a.term != nil {
 		// A pass in progress finishes before the handles it uses go.
 		a.term.Close()
@@ -346,6 +368,7 @@ func (a *Agent) reload(path string) {
 	}
 	if err != nil {
 		a.log.WithError(err).WithField("generation", a.Generation()).Error("reload rejected, keeping the running config")
+		a.metrics.observeReload(false)
 		a.mu.Lock()
 		a.lastReloadError = err.Error()
 		a.mu.Unlock()
@@ -360,6 +383,10 @@ func (a *Agent) reload(path string) {
 		a.log.Warn("nri settings changed; that takes a restart, keeping the running ones")
 		cfg.NRI = a.nri
 	}
+	if cfg.Metrics.Listen != a.metricsCfg.Listen {
+		a.log.Warnf("metrics.listen changed from %q to %q; that takes a restart, keeping %q", a.metricsCfg.Listen, cfg.Metrics.Listen, a.metricsCfg.Listen)
+		cfg.Metrics.Listen = a.metricsCfg.Listen
+	}
 	if cfg.Kubernetes != a.kubeCfg {
 		a.log.Warn("kubernetes settings changed; that takes a restart, keeping the running ones")
 		cfg.Kubernetes = a.kubeCfg
@@ -372,7 +399,9 @@ func (a *Agent) reload(path string) {
 	if err := setLogLevel(a.log, cfg.Agent.LogLevel); err != nil {
 		a.log.WithError(err).Error("reload: log level")
 	}
-	if err := <-a.publishConfig(cfg); err != nil {
+	err = <-a.publishConfig(cfg)
+	a.metrics.observeReload(err == nil)
+	if err != nil {
 		a.log.WithError(err).Error("reload not fully applied")
 		a.mu.Lock()
 		a.lastReloadError = err.Error()
@@ -436,6 +465,7 @@ func (a *Agent) apply(w service.Plan[*config.Config]) error {
 	}
 	a.recordSources(w.Services)
 	a.metrics.observeConflicts(w.Conflicts)
+	a.refreshSnapshot()
 	if !w.NewSettings {
 		return nil
 	}

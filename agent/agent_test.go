@@ -137,7 +137,7 @@ func TestStatusJSONShape(t *testing.T) {
 	if err := json.Unmarshal(b, &m); err != nil {
 		t.Fatal(err)
 	}
-	for _, k := range []string{"datapath", "nri", "services", "backends", "pods", "config_generation", "last_reload_error", "sources", "conflicts"} {
+	for _, k := range []string{"datapath", "nri", "services", "backends", "pods", "config_generation", "last_reload_error", "sources", "conflicts", "version", "ready", "metrics_listen"} {
 		if _, ok := m[k]; !ok {
 			t.Errorf("status JSON lacks %q: %s", k, b)
 		}

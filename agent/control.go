@@ -141,6 +141,12 @@ func (a *Agent) status() api.Status {
 			st.Datapath.MemoryBytes += m.MemoryBytes
 		}
 	}
+	st.Version, st.MetricsListen = Version, a.metricsCfg.Listen
+	if err := a.readiness(); err != nil {
+		st.ReadyReason = err.Error()
+	} else {
+		st.Ready = true
+	}
 	st.Termination = a.term.Status()
 	st.Sources, st.Conflicts = a.sourceStatus()
 	st.NRI.Events = a.events.snapshot()

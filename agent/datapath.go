@@ -23,6 +23,7 @@ type datapathOps interface {
 	Counts() (services, backends int)
 	Stats() (datapath.Stats, error)
 	Attached() bool
+	PinsOwned() error
 	PinDir() string
 	AdoptedLinks() int
 	IteratorFeatures() []datapath.Feature

@@ -160,6 +160,9 @@ func (a *Agent) Synchronize(sbs []runtimehooks.Sandbox, ctrs []runtimehooks.Cont
 		// Exact from now on: pods gone while no agent listened lose their entries, allow
 		// entries included.
 		res, serr := a.dp.SyncPods(datapathPods(pods, a.currentPolicy()))
+		// Ready even when some pods' facts were incomplete (counted as failed): the
+		// runtime sends no second Synchronize to wait for.
+		a.ready.podsSynced.Store(true)
 		a.log.WithFields(map[string]any{
 			"pods": len(pods), "forgotten": len(removed),
 			"added": res.Added, "updated": res.Updated, "removed": res.Removed,

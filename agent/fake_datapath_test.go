@@ -28,6 +28,8 @@ type fakeDatapath struct {
 	applying chan struct{}
 	// applyErr fails the next apply once.
 	applyErr error
+	// pinsErr is what PinsOwned answers.
+	pinsErr error
 }
 
 func newFakeDatapath() *fakeDatapath {
@@ -163,6 +165,7 @@ func (f *fakeDatapath) Counts() (int, int) {
 
 func (f *fakeDatapath) Stats() (datapath.Stats, error)        { return datapath.Stats{}, nil }
 func (f *fakeDatapath) Attached() bool                        { return true }
+func (f *fakeDatapath) PinsOwned() error                      { return f.pinsErr }
 func (f *fakeDatapath) PinDir() string                        { return "/sys/fs/bpf/podsock-fake" }
 func (f *fakeDatapath) AdoptedLinks() int                     { return 0 }
 func (f *fakeDatapath) IteratorFeatures() []datapath.Feature  { return nil }

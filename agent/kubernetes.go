@@ -28,7 +28,7 @@ func (a *Agent) newKubernetesSource(cfg config.Kubernetes) error {
 		Kubeconfig: cfg.Kubeconfig, NodeName: node, ServiceProxyName: cfg.ServiceProxyName,
 		QPS: float32(cfg.QPS), Burst: cfg.Burst, MinSyncPeriod: cfg.MinSyncPeriod,
 		// The reconciler exists only once start has run, which is before Run publishes.
-		Publish:    func(s service.Snapshot) <-chan error { return a.sources.Publish(s) },
+		Publish:    a.publishKubernetes,
 		Log:        a.log.WithField("source", "kubernetes"),
 		Registerer: a.metrics.registry,
 	})
@@ -38,6 +38,24 @@ func (a *Agent) newKubernetesSource(cfg config.Kubernetes) error {
 	routeKlog(a.log)
 	a.kube = src
 	return nil
+}
+
+// publishKubernetes hands the source's snapshot to the reconciler; the first synced one
+// that applies makes the agent ready, as far as Kubernetes goes.
+func (a *Agent) publishKubernetes(s service.Snapshot) <-chan error {
+	done := a.sources.Publish(s)
+	if !s.Synced || a.ready.kubeSynced.Load() {
+		return done
+	}
+	out := make(chan error, 1)
+	go func() {
+		err := <-done
+		if err == nil {
+			a.ready.kubeSynced.Store(true)
+		}
+		out <- err
+	}()
+	return out
 }
 
 // runKubernetes watches the API server until ctx ends; the returned func waits for the

@@ -34,7 +34,7 @@ func RunPreRegistered(ctx context.Context, log *logrus.Logger) error {
 	started := make(chan error, 1)
 	configured := false
 	var startedWith *config.Config
-	a.plugin = plugin.New(plugin.Options{Log: log, Configure: func(text string) error {
+	a.plugin = plugin.New(plugin.Options{Log: log, Observe: a.metrics.observeNRIEvent, Configure: func(text string) error {
 		if configured {
 			log.Warn("the runtime configured the plugin again; keeping the running configuration")
 			return nil

@@ -30,6 +30,12 @@ type Status struct {
 	// Sources are where services come from; Conflicts, the frontends two of them claim.
 	Sources   []SourceStatus    `json:"sources"`
 	Conflicts []ServiceConflict `json:"conflicts"`
+	// Version is the agent's build; Ready is what /readyz answers, and ReadyReason what
+	// it still waits for; MetricsListen is [metrics] listen ("" when off).
+	Version       string `json:"version"`
+	Ready         bool   `json:"ready"`
+	ReadyReason   string `json:"ready_reason,omitempty"`
+	MetricsListen string `json:"metrics_listen"`
 }
 
 // SourceStatus is one source of services: "file", "kubernetes".

@@ -551,6 +551,10 @@ func version(c *command) error {
 	return nil
 }
 
+// BuildVersion is the version `podsock version` prints: the agent reports the same in its
+// metrics and status.
+func BuildVersion() string { return buildVersion() }
+
 func buildVersion() string {
 	if Version != "" {
 		return Version

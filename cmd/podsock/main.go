@@ -15,5 +15,6 @@ import (
 func init() { runtime.LockOSThread() }
 
 func main() {
+	agent.Version = cli.BuildVersion()
 	os.Exit(cli.Main(os.Args[1:], os.Stdout, os.Stderr, cli.Agent{Run: agent.Run, RunPreRegistered: agent.RunPreRegistered}))
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/podsock/podsock/api"
 	"github.com/podsock/podsock/config"
 	"github.com/podsock/podsock/datapath"
+	"github.com/podsock/podsock/internal/preflight"
 	"github.com/podsock/podsock/internal/statedir"
 	"github.com/podsock/podsock/plugin"
 )
@@ -42,6 +43,7 @@ commands:
   check     --config FILE             validate a config as a reload would, touching nothing
   cleanup   --config FILE             detach and unpin everything podsock created
   version   [--json]                  version and the kernel features found
+  mount-bpffs DIR                     mount bpffs at DIR unless it is one (a DaemonSet's init container)
 
 --config defaults to ` + config.DefaultPath + `
 `
@@ -91,6 +93,8 @@ func Main(args []string, stdout, stderr io.Writer, ag Agent) int {
 		run = cleanup
 	case "version":
 		run = version
+	case "mount-bpffs":
+		return mountBPFFS(rest, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return exitOK
@@ -486,6 +490,21 @@ func check(c *command) error {
 	}
 	fmt.Fprintf(c.stdout, "%s: ok, %d services\n", c.configPath, len(cfg.Services))
 	return nil
+}
+
+// mountBPFFS is a DaemonSet's privileged init container: the agent's container cannot
+// propagate a mount to the host, and a bpffs mounted only in the pod would take the pins
+// with it when the pod goes.
+func mountBPFFS(args []string, stderr io.Writer) int {
+	if len(args) != 1 || !filepath.IsAbs(args[0]) {
+		fmt.Fprintln(stderr, "podsock mount-bpffs: want one absolute directory (try `podsock help`)")
+		return exitUsage
+	}
+	if err := preflight.EnsureBPFFS(args[0]); err != nil {
+		fmt.Fprintf(stderr, "podsock mount-bpffs: %s\n", config.OneLine(err.Error()))
+		return exitFail
+	}
+	return exitOK
 }
 
 func cleanup(c *command) error {

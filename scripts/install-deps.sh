@@ -36,6 +36,9 @@ declare -A PINNED=(
   # comes from util-linux, which is Essential and always there.
   [nftables]="1.0.6-2+deb12u2"
   [socat]="1.7.4.4-2"
+  # test/deploy: systemd-analyze verify of deploy/systemd/podsock.service (only verify:
+  # PID 1 of these machines is not systemd).
+  [systemd]="252.38-1~deb12u1"
 )
 
 selected=("$@")

@@ -45,6 +45,9 @@ func TestBadArgumentsAreOneLine(t *testing.T) {
 		{[]string{"sockets", "--backend", "10.0.0.1"}, `--backend "10.0.0.1": want IP:PORT`},
 		{[]string{"sockets", "--pod", "web"}, `--pod "web": want NAMESPACE/NAME`},
 		{[]string{"pods", "--pod", "a/b"}, "flag provided but not defined: -pod"},
+		{[]string{"mount-bpffs"}, "want one absolute directory"},
+		{[]string{"mount-bpffs", "sys/fs/bpf"}, "want one absolute directory"},
+		{[]string{"check", "extra"}, `unexpected argument "extra"`},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {

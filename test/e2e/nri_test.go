@@ -680,7 +680,9 @@ func pinnedEntries(t *testing.T, bpffs string) map[string]int {
 
 // TestPrivilegedNRIPreRegistered: the runtime itself launches podsock from its plugin dir
 // (containerd's plugin_path, CRI-O's nri_plugin_dir) and hands over the config from its
-// conf dir; podsock serves pods as in external mode.
+// conf dir; podsock serves pods as in external mode. Both files are the shipped ones
+// (deploy/nri), with only its paths and metrics port changed; /readyz answers 200 once
+// the runtime's Synchronize and the config are applied.
 func TestPrivilegedNRIPreRegistered(t *testing.T) {
 	eachRuntime(t, func(t *testing.T, kind cri.Kind) { testPreRegistered(t, kind, 0) })
 }
@@ -736,24 +738,32 @@ func testPreRegisteredWith(t *testing.T, kind cri.Kind, services int, viaFile bo
 	pluginDir, confDir := filepath.Join(dir, "plugins"), filepath.Join(dir, "conf.d")
 	bpffs := testenv.BPFFS(t)
 	cfgPath := filepath.Join(dir, "podsock.toml")
+	metricsAddr := freeLoopbackPort(t)
 	var cgroupRoot string
 	rt := cri.Start(t, cri.Options{Runtime: kind, NRIPluginDir: pluginDir, NRIPluginConfDir: confDir, BeforeStart: func(r *cri.Runtime) error {
 		cgroupRoot = filepath.Join(cgroup2, r.CgroupRoot())
 		if err := os.MkdirAll(cgroupRoot, 0o755); err != nil {
 			return err
 		}
-		// The runtime hands this file's text over in Configure; the CLI reads the same.
+		// The shipped deploy/nri/10-podsock.conf, with only what the test must change: its
+		// cgroup root, pins, state dir and a free metrics port; then its services. The
+		// runtime hands this file's text over in Configure; the CLI reads the same.
+		text := shippedFile(t, "nri", "10-podsock.conf")
+		text = setKey(t, text, "cgroup_root", quoted(cgroupRoot))
+		text = setKey(t, text, "bpffs", quoted(bpffs))
+		text = setKey(t, text, "state_dir", quoted(filepath.Join(dir, "state")))
+		text = setKey(t, text, "listen", quoted(metricsAddr))
 		rest := bulkServices(services)
 		if viaFile {
 			servicesFile := filepath.Join(dir, "services.toml")
 			if err := os.WriteFile(servicesFile, []byte(bulkServiceTables(services)), 0o644); err != nil {
 				return err
 			}
-			rest = fmt.Sprintf("services_file = %q\n\n[limits]\nservices = %d\n", servicesFile, 2*services)
+			text = setKey(t, text, "services_file", quoted(servicesFile))
+			rest = fmt.Sprintf("[limits]\nservices = %d\n", 2*services)
 		}
-		writeAgentConfig(t, cfgPath, cgroupRoot, bpffs, filepath.Join(dir, "state"), rest)
-		cfg, err := os.ReadFile(cfgPath)
-		if err != nil {
+		cfg := []byte(text + "\n" + rest)
+		if err := os.WriteFile(cfgPath, cfg, 0o644); err != nil {
 			return err
 		}
 		if len(cfg) > 4<<20 {
@@ -765,14 +775,17 @@ func testPreRegisteredWith(t *testing.T, kind cri.Kind, services int, viaFile bo
 		if err := os.WriteFile(filepath.Join(confDir, "10-podsock.conf"), cfg, 0o644); err != nil {
 			return err
 		}
-		bin, err := os.ReadFile(podsockBin)
-		if err != nil {
-			return err
+		// The shipped deploy/nri/10-podsock, running this build instead of
+		// /usr/local/bin/podsock.
+		plugin := shippedFile(t, "nri", "10-podsock")
+		if strings.Count(plugin, "exec /usr/local/bin/podsock") != 1 {
+			return fmt.Errorf("the shipped plugin does not exec /usr/local/bin/podsock once:\n%s", plugin)
 		}
+		plugin = strings.Replace(plugin, "exec /usr/local/bin/podsock", "exec "+podsockBin, 1)
 		if err := os.MkdirAll(pluginDir, 0o755); err != nil {
 			return err
 		}
-		return os.WriteFile(filepath.Join(pluginDir, "10-podsock"), bin, 0o755)
+		return os.WriteFile(filepath.Join(pluginDir, "10-podsock"), []byte(plugin), 0o755)
 	}})
 	var st api.Status
 	if !testenv.WaitFor(30*time.Second, func() bool {
@@ -804,6 +817,10 @@ func testPreRegisteredWith(t *testing.T, kind cri.Kind, services int, viaFile bo
 	if st.ConfigPath != agent.PreRegisteredConfigName || st.Datapath.CgroupRoot != cgroupRoot {
 		t.Fatalf("status: config %q cgroup root %q; want the runtime-handed config and %s", st.ConfigPath, st.Datapath.CgroupRoot, cgroupRoot)
 	}
+	// Ready: the runtime's Synchronize and the whole config applied; healthy on its pins.
+	waitHTTP(t, 10*time.Second, "http://"+metricsAddr+"/readyz", 200, "ok")
+	waitHTTP(t, time.Second, "http://"+metricsAddr+"/healthz", 200, "ok")
+	waitHTTP(t, time.Second, "http://"+metricsAddr+"/metrics", 200, `podsock_nri_event_duration_seconds_count{event="Synchronize"} 1`)
 
 	a, _ := servePod(t, rt, "backend-a", "a")
 	_, cc := clientPod(t, rt, cri.PodSpec{Name: "client"})

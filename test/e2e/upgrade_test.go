@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -158,4 +159,46 @@ func startAgentBin(t *testing.T, bin, cfgPath string) *agentProc {
 	podsockBin = bin
 	defer func() { podsockBin = saved }()
 	return startAgent(t, cfgPath)
+}
+
+// TestPrivilegedAgentRollbackOverNewPins: a rollback. The previous release (359d23c) is
+// started over the pins this one left (after SIGTERM, serving). It refuses, with one line
+// and exit 1, and leaves this release's datapath serving; never a half state. Connects
+// through the VIP keep reaching the backend throughout, and this release, started again,
+// adopts every link.
+func TestPrivilegedAgentRollbackOverNewPins(t *testing.T) {
+	w := newWorld(t)
+	oldBin := buildRelease(t, previousRelease)
+	testenv.StartTCPBackend(t, w.ns, "A", beA)
+	w.writeConfig(webService(`"10.88.0.5:8080"`))
+	a := w.startAgent()
+	a.cmd.Process.Signal(syscall.SIGTERM)
+	a.cmd.Wait()
+	if got := w.connects(20); got["A"] != 20 {
+		t.Fatalf("after SIGTERM: %v, want the pinned datapath serving A", got)
+	}
+
+	// 359d23c sizes its maps by constants that differ from this release's [limits]
+	// defaults, and cilium/ebpf refuses a pinned map of another size: it stops at load,
+	// before it attaches or unpins anything, with one line.
+	out, err := exec.Command(oldBin, "run", "--config", w.cfgPath).CombinedOutput()
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	last := lines[len(lines)-1]
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 1 || !strings.HasPrefix(last, "podsock run: pinned maps are incompatible with this podsock version in ") ||
+		!strings.Contains(last, "(run `podsock cleanup`)") {
+		t.Fatalf("release %s over this release's pins: %v, last line %q; want exit 1 and one line refusing the pinned maps\n%s", previousRelease, err, last, out)
+	}
+	t.Logf("release %s over this release's pins refused: %s", previousRelease, last)
+	if got := w.connects(20); got["A"] != 20 {
+		t.Fatalf("after the refused rollback: %v, want this release's datapath serving A", got)
+	}
+	w.startAgent()
+	// All 9 links still pinned as this release left them: the old one touched none.
+	if st, err := w.status(); err != nil || !st.Datapath.Attached || st.Services != 1 || st.Datapath.AdoptedLinks != 9 {
+		t.Fatalf("this release started again: attached %v, %d services, %d links adopted (%v); want 1 service and all 9 links", st.Datapath.Attached, st.Services, st.Datapath.AdoptedLinks, err)
+	}
+	if got := w.connects(20); got["A"] != 20 {
+		t.Fatalf("this release started again: %v, want A", got)
+	}
 }

@@ -31,6 +31,12 @@ type KubeProxyOptions struct {
 	// loopback.
 	NodeName string
 	Args     []string // added last, so they override the defaults
+	// ServiceRouteTo, when set, is the netns into which Netns routes the service range, in
+	// place of a blackhole in Netns: a test that connects through kube-proxy's DNAT needs a
+	// route to each ClusterIP (a blackhole fails connect() before netfilter sees the
+	// packet). That netns must blackhole the range (checked), so that whatever DNAT misses
+	// ends there; the test checks that nothing routes on from it.
+	ServiceRouteTo *testenv.Netns
 	// ReadyTimeout bounds the wait for the first sync; default 2 minutes. Its first sync
 	// of 10k Services took 75 s here, so larger clusters need more.
 	ReadyTimeout time.Duration
@@ -105,8 +111,13 @@ func (s *Server) StartKubeProxy(t testenv.TB, opts KubeProxyOptions) *KubeProxy 
 	if opts.Netns == nil || opts.NodeName == "" {
 		t.Fatal("kubeenv: StartKubeProxy needs a Netns and a NodeName")
 	}
-	// What kube-proxy programs would send to ClusterIPs: never out of this netns.
-	opts.Netns.RequireBlackholes(t, []string{s.ServiceCIDR.String()})
+	// What kube-proxy programs would send to ClusterIPs: never out of this netns, or of
+	// the one it routes them to.
+	if opts.ServiceRouteTo != nil {
+		opts.ServiceRouteTo.RequireBlackholes(t, []string{s.ServiceCIDR.String()})
+	} else {
+		opts.Netns.RequireBlackholes(t, []string{s.ServiceCIDR.String()})
+	}
 	bin, err := binDir()
 	if err != nil {
 		t.Fatal(err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"os"
@@ -37,7 +38,7 @@ var (
 	kubeSizes   = flag.String("kube-services", "1000,10000", "Service counts of the kube-proxy comparison, comma-separated, each Service with 10 endpoints")
 	kubeSamples = flag.Int("kube-latency", 20, "EndpointSlice updates per agent and size in the programming latency comparison")
 	kubeGap     = flag.Duration("kube-latency-gap", 1200*time.Millisecond,
-		"least time between two EndpointSlice updates: more than kube-proxy's --min-sync-period (1s), so that no sample waits out the one before")
+		"pause between latency samples once both agents have programmed the last update: more than kube-proxy's --min-sync-period (1s), so that no sample waits out the sync before")
 	kubeAgents  = flag.String("kube-agents", "podsock,kube-proxy", "agents of the kube-proxy comparison, comma-separated")
 	kubeTimeout = flag.Duration("kube-sync-timeout", 10*time.Minute, "how long an agent's first sync may take")
 )
@@ -98,17 +99,16 @@ type kubeWorld struct {
 	target  netip.AddrPort
 	direct  []netip.AddrPort // target's endpoints
 	lat     map[string]*latService
-	// last is when an EndpointSlice was last written, for kubeGap.
-	last time.Time
 }
 
 // latService is the Service an agent's latency samples update: its one endpoint is
 // replaced by the next backend of its pool each time.
 type latService struct {
-	vip   netip.AddrPort
-	pool  []*testenv.Backend
-	slice *discoveryv1.EndpointSlice // as last written, with its resourceVersion
-	n     int
+	vip     netip.AddrPort
+	pool    []*testenv.Backend
+	current *testenv.Backend           // the endpoint it has now
+	slice   *discoveryv1.EndpointSlice // as last written, with its resourceVersion
+	n       int
 }
 
 // kubeSide is one agent as the measurements see it: where its clients run.
@@ -118,6 +118,8 @@ type kubeSide struct {
 	cg   *testenv.Cgroup
 	pid  int
 	stop func()
+	// startup says where the cold start went, in the agent's own terms.
+	startup string
 }
 
 // kubeResult is what one size measured.
@@ -334,7 +336,8 @@ func (w *kubeWorld) createFixedServices() {
 			a := netip.AddrPortFrom(addrAt(first, i), kubeTarget)
 			l.pool = append(l.pool, testenv.StartTCPBackend(e, w.nsB, a.Addr().String(), a))
 		}
-		l.vip, l.slice = w.createService("latency-"+name, []netip.Addr{l.pool[0].Addr.Addr()})
+		l.current = l.pool[0]
+		l.vip, l.slice = w.createService("latency-"+name, []netip.Addr{l.current.Addr.Addr()})
 		w.lat[name] = l
 	}
 
@@ -471,7 +474,7 @@ func (w *kubeWorld) measure(n, index int, agents []string) kubeResult {
 			s, took = w.startKubeProxy()
 		}
 		res.coldStart[a] = took
-		fmt.Printf("  %s: cold start with %d Services x %d endpoints programmed in %v\n", a, n, kubeEndpoints, took.Round(time.Millisecond))
+		fmt.Printf("  %s: cold start with %d Services x %d endpoints programmed in %v (%s)\n", a, n, kubeEndpoints, took.Round(time.Millisecond), s.startup)
 		sides = append(sides, s)
 	}
 	defer func() {
@@ -489,6 +492,7 @@ func (w *kubeWorld) measure(n, index int, agents []string) kubeResult {
 	fmt.Printf("  programming latency: %d EndpointSlice updates per agent, interleaved...\n", *kubeSamples)
 	for range *kubeSamples {
 		for _, i := range rand.Perm(len(sides)) {
+			w.settle(sides)
 			s := sides[i]
 			res.latency[s.name] = append(res.latency[s.name], w.programmingLatency(s))
 		}
@@ -513,32 +517,49 @@ func (w *kubeWorld) programmingLatency(s *kubeSide) time.Duration {
 	l := w.lat[s.name]
 	l.n++
 	b := l.pool[l.n%len(l.pool)]
-	if wait := *kubeGap - time.Since(w.last); wait > 0 {
-		time.Sleep(wait)
-	}
 	enter(s.cg)
 	defer enter(w.home)
 	setEndpoints(l.slice, []netip.Addr{b.Addr.Addr()})
 	start := time.Now()
-	w.last = start
 	updated, err := w.admin.DiscoveryV1().EndpointSlices(kubeNamespace).Update(context.Background(), l.slice, metav1.UpdateOptions{})
 	if err != nil {
 		w.e.Fatalf("kube bench: update endpointslice %s: %v", l.slice.Name, err)
 	}
-	l.slice = updated
+	l.slice, l.current = updated, b
+	w.reach(s, l)
+	return time.Since(start)
+}
+
+// reach polls connects from s's client netns through l's ClusterIP until one reaches l's
+// current endpoint. The caller is in s's cgroup.
+func (w *kubeWorld) reach(s *kubeSide, l *latService) {
+	start := time.Now()
 	var last error
 	for time.Since(start) < *kubeTimeout {
 		id, err := dialID(s.ns, l.vip, 2*time.Second)
-		if err == nil && id == b.ID {
-			return time.Since(start)
+		if err == nil && id == l.current.ID {
+			return
 		}
 		last = err
 		// Every attempt through kube-proxy leaves a conntrack entry for 10 s: polling
 		// each millisecond keeps them to a few thousand.
 		time.Sleep(time.Millisecond)
 	}
-	w.e.Fatalf("kube bench: %s never sent %s to %s (last: %v)", s.name, l.vip, b.Addr, last)
-	return 0
+	w.e.Fatalf("kube bench: %s never sent %s to %s (last: %v)", s.name, l.vip, l.current.Addr, last)
+}
+
+// settle waits until every agent has programmed every latency Service's last update
+// (each agent programs the other's too), then kubeGap: a sample then times its own
+// update, not the end of a sync another update started.
+func (w *kubeWorld) settle(sides []*kubeSide) {
+	for _, s := range sides {
+		enter(s.cg)
+		for _, name := range slices.Sorted(maps.Keys(w.lat)) {
+			w.reach(s, w.lat[name])
+		}
+		enter(w.home)
+	}
+	time.Sleep(*kubeGap)
 }
 
 // dialID connects from ns to addr and reads the backend's ID; the socket is reset on
@@ -587,11 +608,15 @@ func (w *kubeWorld) startKubeProxy() (*kubeSide, time.Duration) {
 		w.e.Fatalf("kube bench: kube-proxy's %s has %d elements (%v), want %d", kubeenv.ServiceIPsMap, n, err, want)
 	}
 	took := time.Since(start)
+	first, err := k.Metric(context.Background(), "kubeproxy_sync_proxy_rules_duration_seconds_sum", kubeenv.IPv4Series)
+	if err != nil {
+		w.e.Fatalf("kube bench: %v", err)
+	}
 	return &kubeSide{name: agentKubeProxy, ns: w.nsK, cg: w.home, pid: k.Pid(), stop: func() {
 		if err := k.Stop(); err != nil {
 			w.e.Errorf("kube bench: %v", err)
 		}
-	}}, took
+	}, startup: fmt.Sprintf("its first IPv4 sync took %.3fs", first)}, took
 }
 
 // startPodsock starts the agent (bin/podsock run) in Kubernetes mode with NRI off, as the
@@ -655,9 +680,13 @@ func (w *kubeWorld) startPodsock() (*kubeSide, time.Duration) {
 
 	client := api.NewClient(stateDir)
 	var src api.SourceStatus
+	var answered time.Duration // the datapath is loaded by then
 	deadline := start.Add(*kubeTimeout)
 	for {
 		if st, err := client.Status(); err == nil {
+			if answered == 0 {
+				answered = time.Since(start)
+			}
 			for _, s := range st.Sources {
 				if s.Name == "kubernetes" {
 					src = s
@@ -678,7 +707,8 @@ func (w *kubeWorld) startPodsock() (*kubeSide, time.Duration) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	took := time.Since(start)
-	return &kubeSide{name: agentPodsock, ns: w.nsP, cg: w.client, pid: cmd.Process.Pid, stop: stop}, took
+	return &kubeSide{name: agentPodsock, ns: w.nsP, cg: w.client, pid: cmd.Process.Pid, stop: stop,
+		startup: fmt.Sprintf("its control socket answered after %v, its last sync took %.3fs", answered.Round(time.Millisecond), src.LastSyncSeconds)}, took
 }
 
 func bitsFor(n int) int {

@@ -256,13 +256,27 @@ func (k *KubeProxy) SyncCount(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	return metricValue(body, syncCountMetric, `ip_family="IPv4"`)
+	n, err := metricValue(body, syncCountMetric, IPv4Series)
+	return int(n), err
+}
+
+// IPv4Series selects the IPv4 sample of a metric kube-proxy keeps per IP family.
+const IPv4Series = `ip_family="IPv4"`
+
+// Metric is the value of one of kube-proxy's metrics: the sample whose labels include
+// label, or the unlabelled one; 0 while it is not exported.
+func (k *KubeProxy) Metric(ctx context.Context, name, label string) (float64, error) {
+	body, err := k.Metrics(ctx)
+	if err != nil {
+		return 0, err
+	}
+	return metricValue(body, name, label)
 }
 
 // metricValue is the value of metric name in a Prometheus text exposition: the sample
 // whose labels include label, or the unlabelled one. Absent is 0: kube-proxy exports a
 // histogram only once it has observed something.
-func metricValue(body, name, label string) (int, error) {
+func metricValue(body, name, label string) (float64, error) {
 	sc := bufio.NewScanner(strings.NewReader(body))
 	sc.Buffer(nil, 1<<20)
 	for sc.Scan() {
@@ -283,7 +297,7 @@ func metricValue(body, name, label string) (int, error) {
 		if err != nil {
 			return 0, fmt.Errorf("metric %s: %w", name, err)
 		}
-		return int(v), nil
+		return v, nil
 	}
 	return 0, sc.Err()
 }

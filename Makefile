@@ -6,7 +6,7 @@ export PATH := /usr/local/go/bin:$(CURDIR)/bin:$(PATH)
 GOLANGCI_LINT_VERSION := v2.15.0
 GENERATED := datapath/socklb_bpfel.go datapath/socklb_bpfel.o datapath/sockiter_bpfel.go datapath/sockiter_bpfel.o
 
-.PHONY: all deps build generate generate-check lint test test-privileged fuzz soak bench demo clean
+.PHONY: all deps build generate generate-check lint test test-privileged fuzz soak bench demo demo-kubernetes clean
 
 all: build
 
@@ -84,6 +84,10 @@ bench: deps build
 RUNTIME ?= containerd
 demo: deps build
 	RUNTIME=$(RUNTIME) scripts/demo.sh
+
+# The same node with its service from a private kube-apiserver (kubectl apply, scale down).
+demo-kubernetes: deps build
+	KUBERNETES=1 scripts/demo.sh
 
 clean:
 	rm -rf bin

@@ -69,6 +69,7 @@ type Agent struct {
 	// sources merges what the service sources want; its loop is the only writer of
 	// services into the datapath.
 	sources *sourceReconciler
+	metrics *agentMetrics
 	// kube is the Kubernetes source, nil when [kubernetes] is off; kubeCfg, the settings it
 	// started with (a change takes a restart).
 	kube    *kubesource.Source
@@ -88,7 +89,7 @@ type Agent struct {
 }
 
 func newAgent(log *logrus.Logger) *Agent {
-	a := &Agent{log: log, podq: newPodQueue(), syncLearned: map[string]bool{}, sweepStop: make(chan struct{})}
+	a := &Agent{log: log, podq: newPodQueue(), syncLearned: map[string]bool{}, sweepStop: make(chan struct{}), metrics: newAgentMetrics()}
 	go a.podq.run()
 	go a.sweepVanishedPods(a.sweepStop)
 	return a
@@ -392,6 +393,7 @@ func keepRestartOnly(log *logrus.Logger, key, running, next string) string {
 // only to plan and to finish, and the datapath lets pod events in between its chunks. Pods
 // that arrive meanwhile get the new policy at once. Only the reconciler calls it.
 func (a *Agent) apply(w service.Plan[*config.Config]) error {
+	started := time.Now()
 	cfg := w.Settings
 	a.opMu.Lock()
 	policies := servicePolicies(w.Services, a.tracker.Pods())
@@ -433,9 +435,11 @@ func (a *Agent) apply(w service.Plan[*config.Config]) error {
 		return err
 	}
 	a.recordSources(w.Services)
+	a.metrics.observeConflicts(w.Conflicts)
 	if !w.NewSettings {
 		return nil
 	}
+	a.metrics.sync.WithLabelValues(string(service.SourceFile)).Observe(time.Since(started).Seconds())
 	a.mu.Lock()
 	a.cfg = cfg
 	a.generation++
@@ -468,7 +472,8 @@ func terminatedProtos(cfg *config.Config) []uint8 {
 func toDatapath(svcs []service.Service, policies map[string]datapath.ServicePolicy) []datapath.Service {
 	out := make([]datapath.Service, 0, len(svcs))
 	for _, s := range svcs {
-		d := datapath.Service{Name: s.Name, VIP: s.VIP, Port: s.Port, Proto: datapath.ProtoTCP, Policy: policies[s.Name]}
+		d := datapath.Service{Name: s.Name, VIP: s.VIP, Port: s.Port, Proto: datapath.ProtoTCP, Policy: policies[s.Name],
+			HostOnly: s.HostOnly, Retained: s.Retained()}
 		if s.Protocol == service.ProtocolUDP {
 			d.Proto = datapath.ProtoUDP
 		}

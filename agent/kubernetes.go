@@ -28,12 +28,14 @@ func (a *Agent) newKubernetesSource(cfg config.Kubernetes) error {
 		Kubeconfig: cfg.Kubeconfig, NodeName: node, ServiceProxyName: cfg.ServiceProxyName,
 		QPS: float32(cfg.QPS), Burst: cfg.Burst, MinSyncPeriod: cfg.MinSyncPeriod,
 		// The reconciler exists only once start has run, which is before Run publishes.
-		Publish: func(s service.Snapshot) <-chan error { return a.sources.Publish(s) },
-		Log:     a.log.WithField("source", "kubernetes"),
+		Publish:    func(s service.Snapshot) <-chan error { return a.sources.Publish(s) },
+		Log:        a.log.WithField("source", "kubernetes"),
+		Registerer: a.metrics.registry,
 	})
 	if err != nil {
 		return fmt.Errorf("kubernetes source: %w", err)
 	}
+	routeKlog(a.log)
 	a.kube = src
 	return nil
 }

@@ -114,7 +114,10 @@ func ownsCgroup(p runtimehooks.Pod) bool {
 func servicePolicies(services []service.Service, pods []runtimehooks.Pod) map[string]datapath.ServicePolicy {
 	out := map[string]datapath.ServicePolicy{}
 	for _, s := range services {
-		p := datapath.ServicePolicy{AffinityPod: s.Affinity == service.AffinityPod}
+		p := datapath.ServicePolicy{AffinityPod: s.Affinity.Sticky()}
+		if s.Affinity == service.AffinityClient {
+			p.AffinityHost, p.AffinityTimeout = true, s.AffinityTimeout
+		}
 		if s.RestrictsClients() {
 			p.Restrict = true
 			p.AllowHost = s.AllowsHost()

@@ -123,9 +123,13 @@ func fromDatapath(s datapath.Service, src service.Source) service.Service {
 		Name: s.Name, Source: src, VIP: s.VIP, Port: s.Port, Protocol: service.Protocol(datapath.ProtoName(s.Proto)),
 		Affinity: service.AffinityNone,
 	}
-	if s.Policy.AffinityPod {
+	switch {
+	case s.Policy.AffinityPod && s.Policy.AffinityHost:
+		out.Affinity, out.AffinityTimeout = service.AffinityClient, s.Policy.AffinityTimeout
+	case s.Policy.AffinityPod:
 		out.Affinity = service.AffinityPod
 	}
+	out.HostOnly = s.HostOnly
 	for _, b := range s.Backends {
 		out.Backends = append(out.Backends, service.Backend{Addr: b.Addr, Weight: b.Weight})
 	}

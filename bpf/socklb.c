@@ -52,7 +52,7 @@ struct {
 	__type(key, __u32);
 	__type(value, struct svc_name);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} podsock_name_v1 SEC(".maps");
+} podsock_name_v2 SEC(".maps");
 
 // The counters of enum stat_index (socklb.h).
 struct {
@@ -64,6 +64,7 @@ struct {
 } podsock_stat_v3 SEC(".maps");
 
 KEEP_BTF_ENUM(stat_index);
+KEEP_BTF_ENUM(client_id);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -121,9 +122,10 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podsock_allow_v1 SEC(".maps");
 
-// The backend each pod sticks to, per service with affinity = "pod". Written here on a
-// pod's first connect, and again when the choice is stale; userspace carries choices over
-// to a service's new revision and removes entries when the backend or the pod goes.
+// The backend each client (a pod, or the host as HOST_CLIENT_ID) sticks to, per service
+// with affinity. Written here on a client's first connect, and again when the choice is
+// stale or expired; userspace carries choices over to a service's new revision and removes
+// entries when the backend, the pod or the service goes.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -131,7 +133,19 @@ struct {
 	__type(key, struct pod_svc_key);
 	__type(value, struct aff_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} podsock_aff_v2 SEC(".maps");
+} podsock_aff_v3 SEC(".maps");
+
+// The affinity timeout of each service with SVC_F_AFFINITY_TIMEOUT, in nanoseconds, by
+// service ID. Apart from struct svc_value, so that services without affinity, which
+// never look here, keep their entry and their connect path as they were.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, PODSOCK_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podsock_afftime_v1 SEC(".maps");
 
 static __always_inline void count(__u32 stat)
 {
@@ -353,17 +367,15 @@ static __always_inline struct pod_ref *pod_by_cgroup(void)
 	return NULL;
 }
 
-static __always_inline void classify(struct bpf_sock_addr *ctx, const struct datapath_cfg *cfg,
-				     struct client *c)
+static __always_inline void classify(__u64 netns, __u8 host, struct client *c)
 {
-	__u64 netns = bpf_get_netns_cookie(ctx);
 	struct pod_ref *ref = pod_by_cgroup();
 
 	if (!ref)
 		ref = bpf_map_lookup_elem(&podsock_netns_v1, &netns);
 	c->pod_id = ref ? ref->pod_id : 0;
 	c->flags = ref ? ref->flags : 0;
-	c->host = cfg && netns == cfg->host_netns_cookie;
+	c->host = host;
 }
 
 enum verdict {
@@ -381,12 +393,19 @@ static __always_inline enum verdict policy(struct bpf_sock_addr *ctx, const stru
 	__u32 key = 0;
 	struct datapath_cfg *cfg = bpf_map_lookup_elem(&podsock_cfg_v1, &key);
 	__u32 cfg_flags = cfg ? cfg->flags : 0;
+	__u64 netns;
+	__u8 host;
 
 	__builtin_memset(c, 0, sizeof(*c));
 	if (!(cfg_flags & (CFG_HOSTNS_ONLY | CFG_ANY_SKIP)) &&
-	    !(svc->flags & (SVC_F_RESTRICT | SVC_F_AFFINITY_POD)))
+	    !(svc->flags & (SVC_F_RESTRICT | SVC_F_AFFINITY_POD | SVC_F_AFFINITY_HOST | SVC_F_HOST_ONLY)))
 		return VERDICT_BALANCE;
-	classify(ctx, cfg, c);
+	netns = bpf_get_netns_cookie(ctx);
+	host = cfg && netns == cfg->host_netns_cookie;
+	// Before the pod lookup, which a socket of another netns then never pays for.
+	if ((svc->flags & SVC_F_HOST_ONLY) && !host)
+		return VERDICT_SKIP;
+	classify(netns, host, c);
 	if ((cfg_flags & CFG_HOSTNS_ONLY) && !c->host)
 		return VERDICT_SKIP;
 	if (c->flags & POD_F_SKIP_LB)
@@ -413,10 +432,38 @@ static __always_inline int deny(void)
 	return SYS_REJECT;
 }
 
-// pick_for_client is pick_backend, except that a pod of a service with pod affinity
-// reuses the backend it was given first, for as long as that choice is current (see
-// struct aff_value): a choice of a backend the service dropped never is, whether or not
-// userspace has removed it yet.
+// affinity_client is the ID a client's choices in this service are kept under, 0 for a
+// client whose sockets each pick on their own. A pod in the host netns (host network) is
+// its pod, not the host.
+static __always_inline __u32 affinity_client(const struct svc_value *svc, const struct client *c)
+{
+	if (c->pod_id)
+		return (svc->flags & SVC_F_AFFINITY_POD) ? c->pod_id : 0;
+	if (c->host && (svc->flags & SVC_F_AFFINITY_HOST))
+		return HOST_CLIENT_ID;
+	return 0;
+}
+
+// A choice's last use is written at most this often: every connect of a busy client would
+// otherwise write the one cache line its choice sits in, from every CPU. Timeouts are
+// whole seconds.
+#define AFF_TOUCH_NS 1000000ULL
+
+// choice_current says whether a choice may still be used: made for the service's backend
+// set (see struct aff_value), and used within the service's timeout, if it has one.
+static __always_inline int choice_current(const struct aff_value *cur, const struct svc_value *svc,
+					  __u64 timeout, __u64 now)
+{
+	if (cur->rev != svc->rev && cur->rev != svc->rev + 1)
+		return 0;
+	// Signed: a use stamped by userspace may be a little ahead of this program's now.
+	return !timeout || (__s64)(now - cur->last_used) < (__s64)timeout;
+}
+
+// pick_for_client is pick_backend, except that a client of a service with affinity reuses
+// the backend it was given first, for as long as that choice is current: a choice of a
+// backend the service dropped never is, whether or not userspace has removed it yet, nor
+// one left unused for longer than the service's timeout.
 static __always_inline struct backend *pick_for_client(struct svc_key *key, struct svc_value **svcp,
 						       const struct client *c, __u32 hash,
 						       struct backend *scratch)
@@ -424,28 +471,42 @@ static __always_inline struct backend *pick_for_client(struct svc_key *key, stru
 	struct aff_value *cur, fresh = {};
 	struct pod_svc_key ak;
 	struct backend *be;
+	__u64 timeout = 0, now, *t;
 	long err;
 
-	if (!((*svcp)->flags & SVC_F_AFFINITY_POD) || !c->pod_id)
+	if (!((*svcp)->flags & (SVC_F_AFFINITY_POD | SVC_F_AFFINITY_HOST)))
+		return pick_backend(key, svcp, hash);
+	ak.pod_id = affinity_client(*svcp, c);
+	if (!ak.pod_id)
 		return pick_backend(key, svcp, hash);
 	if ((*svcp)->slot_count == 0)
 		return NULL;
 	ak.svc_id = (*svcp)->id;
-	ak.pod_id = c->pod_id;
-	cur = bpf_map_lookup_elem(&podsock_aff_v2, &ak);
-	if (cur && (cur->rev == (*svcp)->rev || cur->rev == (*svcp)->rev + 1))
+	if ((*svcp)->flags & SVC_F_AFFINITY_TIMEOUT) {
+		t = bpf_map_lookup_elem(&podsock_afftime_v1, &ak.svc_id);
+		if (t)
+			timeout = *t;
+	}
+	now = bpf_ktime_get_ns();
+	cur = bpf_map_lookup_elem(&podsock_aff_v3, &ak);
+	if (cur && choice_current(cur, *svcp, timeout, now)) {
+		// Unsigned: a stamp ahead of now is written over too, which is harmless.
+		if (now - cur->last_used >= AFF_TOUCH_NS)
+			cur->last_used = now;
 		return &cur->be;
+	}
 	be = pick_backend(key, svcp, hash);
 	if (!be)
 		return NULL;
 	fresh.be = *be;
 	fresh.rev = (*svcp)->rev;
+	fresh.last_used = now;
 	*scratch = *be;
-	// A stale choice is replaced; a first one is added only if no other socket of the
-	// pod has just made it, and then that socket's choice is followed.
-	err = bpf_map_update_elem(&podsock_aff_v2, &ak, &fresh, cur ? BPF_ANY : BPF_NOEXIST);
+	// A stale or expired choice is replaced; a first one is added only if no other socket
+	// of the client has just made it, and then that socket's choice is followed.
+	err = bpf_map_update_elem(&podsock_aff_v3, &ak, &fresh, cur ? BPF_ANY : BPF_NOEXIST);
 	if (err == -EEXIST) {
-		cur = bpf_map_lookup_elem(&podsock_aff_v2, &ak);
+		cur = bpf_map_lookup_elem(&podsock_aff_v3, &ak);
 		if (cur && cur->rev == fresh.rev)
 			return &cur->be;
 		return scratch;

@@ -20,7 +20,8 @@
 // sets each map's size from the config before it creates the maps.
 #define PODSOCK_MAX_SERVICES 32768
 #define PODSOCK_MAX_SLOTS 262144
-#define PODSOCK_NAME_LEN 128
+// Kubernetes names a service port namespace/name:port: 63 + 1 + 63 + 1 + 15 bytes, and the NUL.
+#define PODSOCK_NAME_LEN 144
 #define LB_ENTRIES 4
 #define PODSOCK_MAX_PODS 4096
 #define PODSOCK_MAX_CONTAINERS 16384
@@ -41,9 +42,19 @@ struct svc_key {
 };
 
 enum svc_flags : __u32 {
-	SVC_F_AFFINITY_POD = 1, // every socket of one pod goes to the same backend
-	SVC_F_RESTRICT = 2,     // only clients in podsock_allow_v1 (and the host, with ALLOW_HOST)
-	SVC_F_ALLOW_HOST = 4,   // host-netns clients pass a restricted service
+	SVC_F_AFFINITY_POD = 1,  // every socket of one pod goes to the same backend
+	SVC_F_RESTRICT = 2,      // only clients in podsock_allow_v1 (and the host, with ALLOW_HOST)
+	SVC_F_ALLOW_HOST = 4,    // host-netns clients pass a restricted service
+	SVC_F_AFFINITY_HOST = 8, // the host netns is one client, whose sockets stick like a pod's
+	SVC_F_AFFINITY_TIMEOUT = 16, // choices expire: podsock_afftime_v1 has the service's timeout
+	// Only host-netns sockets are balanced: a frontend on 127.0.0.1 or ::1 (a node port)
+	// means the host's loopback, and a pod's loopback is its own.
+	SVC_F_HOST_ONLY = 32,
+};
+
+// The client ID the host netns has in podsock_aff_v3: pod IDs stay below 1 << 20.
+enum client_id : __u32 {
+	HOST_CLIENT_ID = 0xffffffff,
 };
 
 struct svc_value {
@@ -161,13 +172,19 @@ struct pod_svc_key {
 	__u32 pod_id;
 };
 
-// A pod's affinity choice and the revision of the backend set it is good for. Userspace
-// moves the choices whose backend stays to the new revision before it switches the
-// service, so a choice is current at the service's revision or the one after it; any
-// other is stale, and can never send a socket to a backend the service dropped.
+// A client's affinity choice (a pod's, or the host's under HOST_CLIENT_ID) and the revision
+// of the backend set it is good for. Userspace moves the choices whose backend stays to
+// the new revision before it switches the service, so a choice is current at the
+// service's revision or the one after it; any other is stale, and can never send a socket
+// to a backend the service dropped.
+//
+// last_used is when a connect or sendmsg of the client last used the choice
+// (bpf_ktime_get_ns): a service with an affinity timeout (podsock_afftime_v1) lets a choice
+// unused for that long expire, and the client's next socket picks by weight again.
 struct aff_value {
 	struct backend be;
 	__u32 rev;
+	__u64 last_used;
 };
 
 // Node-wide settings.

@@ -276,7 +276,7 @@ func sourceLine(s api.SourceStatus) string {
 	}
 	line := fmt.Sprintf("%s, %d services", state, s.Services)
 	if s.LastSync != nil {
-		line += fmt.Sprintf(", %d syncs, last %s ago (%.0f ms)", s.Syncs, time.Since(*s.LastSync).Round(time.Second), s.LastSyncSeconds*1000)
+		line += fmt.Sprintf(", %d syncs, last %s ago (%.1f ms)", s.Syncs, time.Since(*s.LastSync).Round(time.Second), s.LastSyncSeconds*1000)
 	}
 	if s.SkippedServicePorts > 0 {
 		line += fmt.Sprintf(", %d service ports skipped", s.SkippedServicePorts)

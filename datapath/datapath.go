@@ -95,9 +95,11 @@ type Datapath struct {
 	services map[socklbSvcKey]*installed
 	usedIDs  map[uint32]bool
 	nextID   uint32
-	// byName and affinitySvcs index services for pod events. Apply keeps them current
-	// service by service, since pod events run between its chunks.
-	byName       map[string]*installed
+	// restricted (by name) and affinitySvcs (those with pod affinity) index services for
+	// pod events. Apply keeps them current service by service, since pod events run
+	// between its chunks. Names repeat (one per frontend of a Kubernetes service), so a
+	// name indexes every restricted service of that name.
+	restricted   map[string][]*installed
 	affinitySvcs map[*installed]bool
 	// applyMu makes Applies take turns; each holds mu only a chunk at a time. latePods are
 	// the pods set while the running Apply had mu released: the services it has yet to
@@ -225,6 +227,9 @@ func Load(opts Options) (*Datapath, error) {
 		return nil, fmt.Errorf("load socket-LB programs: %w", err)
 	}
 	loaded = true
+	if err := dp.migrateNamesV1(); err != nil {
+		return nil, errors.Join(err, dp.closeAll())
+	}
 	if err := dp.readServices(); err != nil {
 		return nil, errors.Join(err, dp.closeAll())
 	}
@@ -250,7 +255,7 @@ func Load(opts Options) (*Datapath, error) {
 		// The programs serve from the resized maps; only a restart would miss them.
 		dp.log.WithError(err).Error("resized maps are attached but not pinned; a restart loses what they hold")
 	}
-	dp.migrateAffinityV1()
+	dp.migrateAffinity()
 	if dp.iter, dp.iterErr = loadIterators(dp.objs.PodsockSockV1, dp.objs.PodsockSvcnetnsV2, dp.countEpoch, opts.Log); dp.iterErr != nil {
 		opts.Log.WithError(dp.iterErr).Warn("socket listing and termination are unavailable")
 	} else if needBackfill {
@@ -307,8 +312,9 @@ func pinned(dir, name string) bool {
 // countEpochs is how many count epochs the socket flags tell apart.
 const countEpochs = uint32(socklbSockStateFlagsSOCK_F_EPOCH_MASK>>socklbSockStateFlagsSOCK_F_EPOCH_SHIFT) + 1
 
-// obsoletePins are maps earlier versions pinned that this one replaced.
-var obsoletePins = []string{"podsock_stat_v1", "podsock_stat_v2", "podsock_pairnetns_v1"}
+// obsoletePins are maps earlier versions pinned that this one replaced; those it carries
+// entries over from are migrated first (migrateNamesV1, migrateAffinity).
+var obsoletePins = []string{"podsock_stat_v1", "podsock_stat_v2", "podsock_pairnetns_v1", "podsock_name_v1"}
 
 func (dp *Datapath) removeObsoletePins() {
 	for _, name := range obsoletePins {

@@ -5,6 +5,7 @@ import (
 	"reflect"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf/btf"
 
@@ -237,5 +238,59 @@ func TestCapacityCountsOneOverlapAtATime(t *testing.T) {
 	desired[svcKey(extra, 80, ProtoTCP)] = wanted{slots: slots}
 	if err := dp.checkCapacity(desired, func() {}); err == nil {
 		t.Fatal("a config past the slot capacity was accepted")
+	}
+}
+
+func TestRetainedSet(t *testing.T) {
+	a, b, c := ap("10.0.0.1:80"), ap("10.0.0.2:80"), ap("10.0.0.3:80")
+	// Still in the slots means still picked: not retained. Order and repeats do not make
+	// two sets differ.
+	if got := retainedSet([]netip.AddrPort{c, a, b, c}, []netip.AddrPort{a, a}); !slices.Equal(got, []netip.AddrPort{b, c}) {
+		t.Fatalf("retained %v, want %v", got, []netip.AddrPort{b, c})
+	}
+	if got := retainedSet(nil, []netip.AddrPort{a}); got != nil {
+		t.Fatalf("nothing retained gave %v", got)
+	}
+}
+
+func TestServiceFlags(t *testing.T) {
+	for _, c := range []struct {
+		name    string
+		svc     Service
+		want    socklbSvcFlags
+		timeout time.Duration
+	}{
+		{"none", Service{}, 0, 0},
+		{"host only", Service{HostOnly: true}, socklbSvcFlagsSVC_F_HOST_ONLY, 0},
+		{"client IP", Service{Policy: ServicePolicy{AffinityPod: true, AffinityHost: true, AffinityTimeout: time.Hour}},
+			socklbSvcFlagsSVC_F_AFFINITY_POD | socklbSvcFlagsSVC_F_AFFINITY_HOST | socklbSvcFlagsSVC_F_AFFINITY_TIMEOUT, time.Hour},
+		{"host affinity alone", Service{Policy: ServicePolicy{AffinityHost: true}}, socklbSvcFlagsSVC_F_AFFINITY_HOST, 0},
+		// A timeout without affinity has nothing to time out: no flag, no entry.
+		{"timeout alone", Service{Policy: ServicePolicy{AffinityTimeout: time.Hour}}, 0, 0},
+		{"allow host needs restrict", Service{Policy: ServicePolicy{AllowHost: true}}, 0, 0},
+	} {
+		if got := c.svc.flags(); got != c.want {
+			t.Errorf("%s: flags %#x, want %#x", c.name, got, c.want)
+		}
+		if got := c.svc.affinityTimeout(); got != c.timeout {
+			t.Errorf("%s: timeout %v, want %v", c.name, got, c.timeout)
+		}
+	}
+}
+
+// A removal whose backend is back, in the slots or retained, ends nothing; one of a
+// backend still gone, or of a service gone, stays.
+func TestStillRemovedKeepsRetainedBackends(t *testing.T) {
+	a, b, c := ap("10.0.0.1:80"), ap("10.0.0.2:80"), ap("10.0.0.3:80")
+	vip, gone := ap("10.96.0.1:80"), ap("10.96.0.2:80")
+	dp := &Datapath{services: map[socklbSvcKey]*installed{
+		svcKey(vip.Addr(), vip.Port(), ProtoTCP): {slots: []netip.AddrPort{a}, retained: []netip.AddrPort{b}},
+	}}
+	removed := func(svc, backend netip.AddrPort) RemovedBackend {
+		return RemovedBackend{VIP: svc, Proto: ProtoTCP, Backend: backend}
+	}
+	got := dp.stillRemoved([]RemovedBackend{removed(vip, a), removed(vip, b), removed(vip, c), removed(gone, a)})
+	if want := []RemovedBackend{removed(vip, c), removed(gone, a)}; !slices.Equal(got, want) {
+		t.Fatalf("still removed %v, want %v", got, want)
 	}
 }

@@ -41,11 +41,11 @@ var limitMaps = []struct {
 	field func(*Limits) *int
 	maps  []string
 }{
-	{"services", func(l *Limits) *int { return &l.Services }, []string{"podsock_svc_v1", "podsock_name_v1"}},
+	{"services", func(l *Limits) *int { return &l.Services }, []string{"podsock_svc_v1", "podsock_name_v2", "podsock_afftime_v1"}},
 	{"slots", func(l *Limits) *int { return &l.Slots }, []string{"podsock_slot_v1"}},
 	{"pods", func(l *Limits) *int { return &l.Pods }, []string{"podsock_podcg_v1", "podsock_netns_v1", "podsock_pod_v1"}},
 	{"containers", func(l *Limits) *int { return &l.Containers }, []string{"podsock_ctrcg_v1"}},
-	{"pod_services", func(l *Limits) *int { return &l.PodServices }, []string{"podsock_allow_v1", "podsock_aff_v2"}},
+	{"pod_services", func(l *Limits) *int { return &l.PodServices }, []string{"podsock_allow_v1", "podsock_aff_v3"}},
 	{"socket_counts", func(l *Limits) *int { return &l.SocketCounts }, []string{"podsock_svcnetns_v2"}},
 }
 

@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -9,6 +10,7 @@ import (
 	"slices"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/podsock/podsock/internal/netns"
 )
@@ -100,7 +102,7 @@ func (dp *Datapath) setPod(p Pod) (added bool, err error) {
 	var errs []error
 	allowed := map[uint32]bool{}
 	for _, name := range p.AllowedServices {
-		if svc := dp.byName[name]; svc != nil && svc.flags&socklbSvcFlagsSVC_F_RESTRICT != 0 {
+		for _, svc := range dp.restricted[name] {
 			allowed[svc.id] = true
 			if !svc.allowed[cur.id] {
 				errs = append(errs, dp.writeAllow(svc, cur.id))
@@ -189,7 +191,7 @@ func (dp *Datapath) removePod(cur *installedPod) error {
 	// millisecond per pod removal. Services that lose the flag drop all their entries then.
 	for svc := range dp.affinitySvcs {
 		k := socklbPodSvcKey{SvcId: svc.id, PodId: cur.id}
-		if err := dp.objs.PodsockAffV2.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		if err := dp.objs.PodsockAffV3.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			// Keep the ID reserved: a reuse must not inherit this pod's choice.
 			return fmt.Errorf("pod %s: delete affinity entry for service %s: %w", cur.sandboxID, svc.name, err)
 		}
@@ -262,7 +264,7 @@ func (dp *Datapath) PodMapEntries() (map[string]int, error) {
 		"netns":             dp.objs.PodsockNetnsV1,
 		"pods":              dp.objs.PodsockPodV1,
 		"allow":             dp.objs.PodsockAllowV1,
-		"affinity":          dp.objs.PodsockAffV2,
+		"affinity":          dp.objs.PodsockAffV3,
 	} {
 		n, err := countEntries(m)
 		if err != nil {
@@ -408,25 +410,54 @@ func (dp *Datapath) podIDsOf(p ServicePolicy) map[uint32]bool {
 	return out
 }
 
-// carryAffinity moves the affinity choices of a service whose backend is still among
-// slots to revision to, before the service switches to it: those pods keep their backend,
-// and every other choice goes stale at the switch. One lookup per pod, not a walk of the
-// map (a walk visits every bucket).
-func (dp *Datapath) carryAffinity(svc *installed, to uint32, slots []netip.AddrPort) (moved []socklbPodSvcKey) {
-	for podID := range dp.podIDs {
-		k := socklbPodSvcKey{SvcId: svc.id, PodId: podID}
+// hostClientID is the client ID of the host netns in a service with host affinity.
+const hostClientID = uint32(socklbClientIdHOST_CLIENT_ID)
+
+// clientFlag is the affinity flag under which a service keeps the choices of a client.
+func clientFlag(clientID uint32) socklbSvcFlags {
+	if clientID == hostClientID {
+		return socklbSvcFlagsSVC_F_AFFINITY_HOST
+	}
+	return socklbSvcFlagsSVC_F_AFFINITY_POD
+}
+
+// affinityClients are the clients that may have choices under these affinity flags: the
+// known pods, and the host.
+func (dp *Datapath) affinityClients(flags socklbSvcFlags) []uint32 {
+	var out []uint32
+	if flags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 {
+		out = make([]uint32, 0, len(dp.podIDs)+1)
+		for id := range dp.podIDs {
+			out = append(out, id)
+		}
+	}
+	if flags&socklbSvcFlagsSVC_F_AFFINITY_HOST != 0 {
+		out = append(out, hostClientID)
+	}
+	return out
+}
+
+// carryAffinity moves the affinity choices of a service (those of the clients the flags
+// keep) whose backend is still among slots to revision to, before the service switches to
+// it: those clients keep their backend, and every other choice goes stale at the switch.
+// A choice keeps its last use, so its timeout runs on. One lookup per client, not a walk
+// of the map (a walk visits every bucket).
+func (dp *Datapath) carryAffinity(svc *installed, flags socklbSvcFlags, to uint32, slots []netip.AddrPort) (moved []socklbPodSvcKey) {
+	for _, client := range dp.affinityClients(flags) {
+		k := socklbPodSvcKey{SvcId: svc.id, PodId: client}
 		var v socklbAffValue
-		if err := dp.objs.PodsockAffV2.Lookup(&k, &v); err != nil {
+		if err := dp.objs.PodsockAffV3.Lookup(&k, &v); err != nil {
 			continue
 		}
 		if v.Rev != svc.rev || !slices.Contains(slots, backendAddrPort(v.Be)) {
 			continue
 		}
 		v.Rev = to
-		if err := dp.objs.PodsockAffV2.Update(&k, &v, ebpf.UpdateExist); err != nil {
+		if err := dp.objs.PodsockAffV3.Update(&k, &v, ebpf.UpdateExist); err != nil {
 			if !errors.Is(err, ebpf.ErrKeyNotExist) {
-				// The pod picks again on its next connect: affinity moves once, nothing breaks.
-				dp.log.WithError(err).Warnf("carry affinity of pod %d in service %s over", podID, svc.name)
+				// The client picks again on its next connect: affinity moves once, nothing
+				// breaks.
+				dp.log.WithError(err).Warnf("carry affinity of client %#x in service %s over", client, svc.name)
 			}
 			continue
 		}
@@ -441,59 +472,117 @@ func (dp *Datapath) carryAffinity(svc *installed, to uint32, slots []netip.AddrP
 func (dp *Datapath) uncarryAffinity(svc *installed, moved []socklbPodSvcKey) {
 	for _, k := range moved {
 		var v socklbAffValue
-		if err := dp.objs.PodsockAffV2.Lookup(&k, &v); err != nil {
+		if err := dp.objs.PodsockAffV3.Lookup(&k, &v); err != nil {
 			continue
 		}
 		v.Rev = svc.rev
-		if err := dp.objs.PodsockAffV2.Update(&k, &v, ebpf.UpdateExist); err != nil {
-			// Dropped instead: the pod picks again, never from a stale choice.
-			_ = dp.objs.PodsockAffV2.Delete(&k)
+		if err := dp.objs.PodsockAffV3.Update(&k, &v, ebpf.UpdateExist); err != nil {
+			// Dropped instead: the client picks again, never from a stale choice.
+			_ = dp.objs.PodsockAffV3.Delete(&k)
 		}
 	}
 }
 
-// migrateAffinityV1 carries the affinity choices an older agent pinned (podsock_aff_v1,
-// without revisions) over to the current map, stamped with their service's revision, and
-// removes the old pin. It runs once the new programs are attached: a pod that connects
-// in between chooses afresh, and its new choice is kept.
-func (dp *Datapath) migrateAffinityV1() {
-	pin := filepath.Join(dp.pinDir, "podsock_aff_v1")
+// oldAffinityMaps are the affinity maps older agents pinned, oldest first: podsock_aff_v1
+// held a bare backend, podsock_aff_v2 a backend and its revision, neither a last use.
+var oldAffinityMaps = []struct {
+	name      string
+	valueSize uint32
+	revisions bool
+}{
+	{"podsock_aff_v1", uint32(binary.Size(socklbBackend{})), false},
+	{"podsock_aff_v2", uint32(binary.Size(socklbBackend{})) + 4, true},
+}
+
+// migrateAffinity carries the affinity choices an older agent pinned over to the current
+// map, and removes the old pins. It runs once the new programs are attached, so the old
+// programs, which wrote the old map until then, are done with it; a client that connects
+// in between chooses afresh, and its new choice is kept. A carried choice counts as used
+// now: its last use was never recorded.
+func (dp *Datapath) migrateAffinity() {
+	for _, old := range oldAffinityMaps {
+		dp.migrateAffinityFrom(old.name, old.valueSize, old.revisions)
+	}
+}
+
+func (dp *Datapath) migrateAffinityFrom(name string, valueSize uint32, revisions bool) {
+	pin := filepath.Join(dp.pinDir, name)
 	old, err := ebpf.LoadPinnedMap(pin, nil)
 	if errors.Is(err, os.ErrNotExist) {
 		return
 	}
 	if err != nil {
-		dp.log.WithError(err).Warn("open the affinity map of an older agent; its pods choose again")
+		dp.log.WithError(err).Warnf("open the affinity map of an older agent (%s); its clients choose again", name)
 		dp.removePin(pin)
 		return
 	}
 	defer func() { _ = old.Close() }()
+	if old.ValueSize() != valueSize {
+		dp.log.Warnf("the affinity map of an older agent (%s) has values of %d bytes, not %d; its clients choose again", name, old.ValueSize(), valueSize)
+		dp.removePin(pin)
+		return
+	}
+	now, err := monotonicNow()
+	if err != nil {
+		dp.log.WithError(err).Warn("read the clock the datapath stamps choices with; the older agent's clients choose again")
+		dp.removePin(pin)
+		return
+	}
 	dp.mu.Lock()
 	byID := map[uint32]*installed{}
 	for _, svc := range dp.services {
 		byID[svc.id] = svc
 	}
 	var k socklbPodSvcKey
-	var be socklbBackend
+	var raw []byte
 	carried := 0
 	it := old.Iterate()
-	for it.Next(&k, &be) {
-		svc := byID[k.SvcId]
-		if svc == nil || svc.flags&socklbSvcFlagsSVC_F_AFFINITY_POD == 0 || dp.podIDs[k.PodId] == nil ||
-			!slices.Contains(svc.slots, backendAddrPort(be)) {
+	for it.Next(&k, &raw) {
+		var v socklbAffValue
+		if _, err := binary.Decode(raw, binary.NativeEndian, &v.Be); err != nil {
 			continue
 		}
-		v := socklbAffValue{Be: be, Rev: svc.rev}
-		if err := dp.objs.PodsockAffV2.Update(&k, &v, ebpf.UpdateNoExist); err == nil {
+		svc := byID[k.SvcId]
+		if svc == nil || !dp.keepsChoicesOf(svc, k.PodId) || !slices.Contains(svc.slots, backendAddrPort(v.Be)) {
+			continue
+		}
+		// Without revisions every choice was made for the backend set it is in now.
+		v.Rev = svc.rev
+		if revisions {
+			v.Rev = binary.NativeEndian.Uint32(raw[len(raw)-4:])
+			if v.Rev != svc.rev && v.Rev != svc.rev+1 {
+				continue // stale: the programs would not use it either
+			}
+		}
+		v.LastUsed = now
+		if err := dp.objs.PodsockAffV3.Update(&k, &v, ebpf.UpdateNoExist); err == nil {
 			carried++
 		}
 	}
 	dp.mu.Unlock()
 	if err := it.Err(); err != nil {
-		dp.log.WithError(err).Warn("read the affinity map of an older agent")
+		dp.log.WithError(err).Warnf("read the affinity map of an older agent (%s)", name)
 	}
-	dp.log.Infof("carried %d pod affinity choices over from an older agent", carried)
+	dp.log.Infof("carried %d affinity choices over from an older agent (%s)", carried, name)
 	dp.removePin(pin)
+}
+
+// keepsChoicesOf says whether the service keeps affinity choices of this client, and the
+// client is one the datapath knows.
+func (dp *Datapath) keepsChoicesOf(svc *installed, clientID uint32) bool {
+	if svc.flags&clientFlag(clientID) == 0 {
+		return false
+	}
+	return clientID == hostClientID || dp.podIDs[clientID] != nil
+}
+
+// monotonicNow is the clock bpf_ktime_get_ns reads, in nanoseconds.
+func monotonicNow() (uint64, error) {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return 0, fmt.Errorf("clock_gettime(CLOCK_MONOTONIC): %w", err)
+	}
+	return uint64(ts.Nano()), nil
 }
 
 func (dp *Datapath) removePin(pin string) {
@@ -502,35 +591,36 @@ func (dp *Datapath) removePin(pin string) {
 	}
 }
 
-// dropAffinity removes a service's affinity entries that point at one of gone (all of
-// them, for nil).
-func (dp *Datapath) dropAffinity(svcID uint32, gone []netip.AddrPort) {
+// dropAffinity removes the affinity entries of a service that drop selects (all of them,
+// for nil).
+func (dp *Datapath) dropAffinity(svcID uint32, drop func(socklbPodSvcKey, *socklbAffValue) bool) {
 	var k socklbPodSvcKey
 	var v socklbAffValue
-	var drop []socklbPodSvcKey
-	it := dp.objs.PodsockAffV2.Iterate()
+	var doomed []socklbPodSvcKey
+	it := dp.objs.PodsockAffV3.Iterate()
 	for it.Next(&k, &v) {
-		if k.SvcId == svcID && (gone == nil || slices.Contains(gone, backendAddrPort(v.Be))) {
-			drop = append(drop, k)
+		if k.SvcId == svcID && (drop == nil || drop(k, &v)) {
+			doomed = append(doomed, k)
 		}
 	}
 	if err := it.Err(); err != nil {
 		dp.log.WithError(err).Warnf("read affinity entries of service %d", svcID)
 	}
-	for _, k := range drop {
-		if err := dp.objs.PodsockAffV2.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	for _, k := range doomed {
+		if err := dp.objs.PodsockAffV3.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			dp.log.WithError(err).Warnf("delete affinity entry %+v", k)
 		}
 	}
 }
 
 // AllowedSandboxes lists the pods the datapath currently admits to a restricted service,
-// by sandbox ID. Before the runtime's first Synchronize, it is the only record of them.
+// by sandbox ID: to any of its frontends, should several share the name. Before the
+// runtime's first Synchronize, it is the only record of them.
 func (dp *Datapath) AllowedSandboxes(service string) []string {
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
 	var out []string
-	if svc := dp.byName[service]; svc != nil {
+	for _, svc := range dp.restricted[service] {
 		for id := range svc.allowed {
 			if p := dp.podIDs[id]; p != nil {
 				out = append(out, p.sandboxID)
@@ -538,11 +628,12 @@ func (dp *Datapath) AllowedSandboxes(service string) []string {
 		}
 	}
 	slices.Sort(out)
-	return out
+	return slices.Compact(out)
 }
 
 // readPods rebuilds the pod mirror from pinned maps left by a previous agent. Identity,
-// allow and affinity entries of pods without a record are dropped.
+// allow and affinity entries of pods without a record are dropped; the host's affinity
+// entries stay while their service has host affinity.
 func (dp *Datapath) readPods() error {
 	var id uint32
 	var meta socklbPodMeta
@@ -609,16 +700,15 @@ func (dp *Datapath) readPods() error {
 		keep func(svc *installed, k socklbPodSvcKey) bool
 	}{
 		{dp.objs.PodsockAllowV1, func(svc *installed, k socklbPodSvcKey) bool {
-			if svc.flags&socklbSvcFlagsSVC_F_RESTRICT == 0 {
+			p := dp.podIDs[k.PodId]
+			if p == nil || svc.flags&socklbSvcFlagsSVC_F_RESTRICT == 0 {
 				return false
 			}
 			svc.allowed[k.PodId] = true
-			if p := dp.podIDs[k.PodId]; p != nil {
-				p.allowedIn[svc.id] = svc
-			}
+			p.allowedIn[svc.id] = svc
 			return true
 		}},
-		{dp.objs.PodsockAffV2, func(svc *installed, _ socklbPodSvcKey) bool { return svc.flags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 }},
+		{dp.objs.PodsockAffV3, func(svc *installed, k socklbPodSvcKey) bool { return dp.keepsChoicesOf(svc, k.PodId) }},
 	} {
 		var k socklbPodSvcKey
 		var v []byte
@@ -626,7 +716,7 @@ func (dp *Datapath) readPods() error {
 		it := m.m.Iterate()
 		for it.Next(&k, &v) {
 			svc := byID[k.SvcId]
-			if svc == nil || dp.podIDs[k.PodId] == nil || !m.keep(svc, k) {
+			if svc == nil || !m.keep(svc, k) {
 				stale = append(stale, k)
 			}
 		}

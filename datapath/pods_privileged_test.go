@@ -57,11 +57,51 @@ func (w *podWorld) setPods(t *testing.T, pods ...Pod) {
 // dialFrom connects to the VIP from inside cgroup cg (nil: the attach cgroup) and netns ns.
 func (w *podWorld) dialFrom(t *testing.T, cg *testenv.Cgroup, ns *testenv.Netns) (res testenv.TCPResult, err error) {
 	t.Helper()
+	return w.dialTo(t, cg, ns, webVIP)
+}
+
+// dialTo connects to vip from inside cgroup cg (nil: the attach cgroup) and netns ns.
+func (w *podWorld) dialTo(t *testing.T, cg *testenv.Cgroup, ns *testenv.Netns, vip netip.AddrPort) (res testenv.TCPResult, err error) {
+	t.Helper()
 	if cg == nil {
-		return testenv.DialTCP(ns, 0, webVIP, false)
+		return testenv.DialTCP(ns, 0, vip, false)
 	}
-	cg.RunIn(t, w.cg, func() { res, err = testenv.DialTCP(ns, 0, webVIP, false) })
+	cg.RunIn(t, w.cg, func() { res, err = testenv.DialTCP(ns, 0, vip, false) })
 	return res, err
+}
+
+// stuck connects to the VIP 30 times from cgroup cg in the world's netns, and returns the
+// one backend every connect reached: the client's affinity choice.
+func (w *podWorld) stuck(t *testing.T, cg *testenv.Cgroup) string {
+	t.Helper()
+	first := ""
+	for i := range 30 {
+		res, err := w.dialFrom(t, cg, w.ns)
+		if err != nil {
+			t.Fatalf("connect %d: %v", i, err)
+		}
+		if first == "" {
+			first = res.Backend
+		} else if res.Backend != first {
+			t.Fatalf("client with affinity went to %s after %s", res.Backend, first)
+		}
+	}
+	return first
+}
+
+// spread is the set of backends 60 connects of the host (the world's netns, the attach
+// cgroup) reach through the VIP.
+func (w *podWorld) spread(t *testing.T) map[string]bool {
+	t.Helper()
+	seen := map[string]bool{}
+	for range 60 {
+		res, err := w.dialFrom(t, nil, w.ns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen[res.Backend] = true
+	}
+	return seen
 }
 
 func TestPrivilegedAllowListByPodIdentity(t *testing.T) {
@@ -192,34 +232,10 @@ func TestPrivilegedPodAffinity(t *testing.T) {
 		Pod{SandboxID: "pod-a", ContainerCgroups: []uint64{w.ctrA.ID(t)}},
 		Pod{SandboxID: "pod-b", ContainerCgroups: []uint64{w.ctrB.ID(t)}},
 	)
-	stuck := func(cg *testenv.Cgroup) string {
-		t.Helper()
-		first := ""
-		for i := range 30 {
-			res, err := w.dialFrom(t, cg, w.ns)
-			if err != nil {
-				t.Fatalf("connect %d: %v", i, err)
-			}
-			if first == "" {
-				first = res.Backend
-			} else if res.Backend != first {
-				t.Fatalf("pod with affinity went to %s after %s", res.Backend, first)
-			}
-		}
-		return first
-	}
-	chosenA := stuck(w.ctrA)
-	stuck(w.ctrB)
+	chosenA := w.stuck(t, w.ctrA)
+	w.stuck(t, w.ctrB)
 	// Without a pod (the host here), connects still spread over the backends.
-	seen := map[string]bool{}
-	for range 60 {
-		res, err := w.dialFrom(t, nil, w.ns)
-		if err != nil {
-			t.Fatal(err)
-		}
-		seen[res.Backend] = true
-	}
-	if len(seen) < 2 {
+	if seen := w.spread(t); len(seen) < 2 {
 		t.Fatalf("host connects all went to %v: affinity must apply to pods only", seen)
 	}
 
@@ -233,10 +249,10 @@ func TestPrivilegedPodAffinity(t *testing.T) {
 	}
 	svc.Backends = rest
 	apply(t, w.dp, svc)
-	if again := stuck(w.ctrA); again == chosenA {
+	if again := w.stuck(t, w.ctrA); again == chosenA {
 		t.Fatalf("pod A still reaches removed backend %s", chosenA)
 	}
-	stuck(w.ctrB)
+	w.stuck(t, w.ctrB)
 
 	// Removing the pod removes its entries.
 	if err := w.dp.RemovePod("pod-a"); err != nil {
@@ -262,11 +278,11 @@ func TestPrivilegedPodAffinityNeverUsesAStaleChoice(t *testing.T) {
 	svc.Policy.AffinityPod = true
 	apply(t, w.dp, svc)
 	w.setPods(t, Pod{SandboxID: "pod-a", ContainerCgroups: []uint64{w.ctrA.ID(t)}})
-	key := socklbPodSvcKey{SvcId: w.dp.byName["default/web"].id, PodId: w.dp.pods["pod-a"].id}
+	key := socklbPodSvcKey{SvcId: w.dp.services[svcKey(webVIP.Addr(), webVIP.Port(), ProtoTCP)].id, PodId: w.dp.pods["pod-a"].id}
 	choice := func() socklbAffValue {
 		t.Helper()
 		var v socklbAffValue
-		if err := w.dp.objs.PodsockAffV2.Lookup(&key, &v); err != nil {
+		if err := w.dp.objs.PodsockAffV3.Lookup(&key, &v); err != nil {
 			t.Fatalf("affinity entry: %v", err)
 		}
 		return v
@@ -287,7 +303,7 @@ func TestPrivilegedPodAffinityNeverUsesAStaleChoice(t *testing.T) {
 	svc.Backends = []Backend{be(addrOf[other], 1)}
 	apply(t, w.dp, svc)
 	// The sweep has not run yet: the old choice is still there.
-	if err := w.dp.objs.PodsockAffV2.Update(&key, &stale, ebpf.UpdateAny); err != nil {
+	if err := w.dp.objs.PodsockAffV3.Update(&key, &stale, ebpf.UpdateAny); err != nil {
 		t.Fatal(err)
 	}
 	for i := range 20 {
@@ -302,8 +318,8 @@ func TestPrivilegedPodAffinityNeverUsesAStaleChoice(t *testing.T) {
 	// Adding a backend changes the revision; the pod keeps its backend.
 	svc.Backends = []Backend{be(addrOf[other], 1), be(beC, 1)}
 	apply(t, w.dp, svc)
-	if v := choice(); v.Rev != w.dp.byName["default/web"].rev {
-		t.Fatalf("affinity entry at revision %d, want it carried over to %d", v.Rev, w.dp.byName["default/web"].rev)
+	if v := choice(); v.Rev != w.dp.services[svcKey(webVIP.Addr(), webVIP.Port(), ProtoTCP)].rev {
+		t.Fatalf("affinity entry at revision %d, want it carried over to %d", v.Rev, w.dp.services[svcKey(webVIP.Addr(), webVIP.Port(), ProtoTCP)].rev)
 	}
 	for i := range 20 {
 		if got := dial(); got != other {

@@ -7,9 +7,12 @@ import (
 	"maps"
 	"math/rand/v2"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -21,13 +24,24 @@ const (
 	ProtoUDP uint8 = unix.IPPROTO_UDP
 )
 
-// Service is one VIP:port/protocol and its weighted backends, as the datapath serves it.
+// Service is one frontend (VIP:port/protocol) and its weighted backends, as the datapath
+// serves it. Several frontends may share a Name (a Kubernetes service's ClusterIPs, node
+// ports, external IPs); the frontend is what identifies a service here.
 type Service struct {
 	Name     string
 	VIP      netip.Addr
 	Port     uint16
 	Proto    uint8
 	Backends []Backend
+	// Retained are backends that get no new sockets but whose sockets stay (Kubernetes
+	// terminating endpoints): a backend that moves from Backends to Retained is not in
+	// ApplyResult.RemovedBackends; it is once it leaves both. Only this process knows
+	// them: a restarted agent learns them again from its first Apply.
+	Retained []netip.AddrPort
+	// HostOnly balances only sockets of the host netns; those of any other netns proceed
+	// untouched, to the address they asked for: a frontend on 127.0.0.1 or ::1 (a node
+	// port) is the host's loopback, and a pod's loopback is its own.
+	HostOnly bool
 	Policy   ServicePolicy
 }
 
@@ -35,6 +49,14 @@ type Service struct {
 type ServicePolicy struct {
 	// AffinityPod sends every socket of one pod to the same backend while it exists.
 	AffinityPod bool
+	// AffinityHost makes the host netns one client whose sockets all stick to one backend,
+	// as AffinityPod does for each pod (Kubernetes sessionAffinity ClientIP, where the
+	// node is one client IP). A host-network pod's sockets are the pod's.
+	AffinityHost bool
+	// AffinityTimeout lets a client's choice expire once no new socket of the client has
+	// used it for this long (timeoutSeconds); its next socket picks by weight again. 0
+	// keeps a choice for as long as its backend stays.
+	AffinityTimeout time.Duration
 	// Restrict admits only the pods in AllowedPods, and host-netns clients if AllowHost.
 	// Everything else gets EPERM.
 	Restrict    bool
@@ -42,10 +64,20 @@ type ServicePolicy struct {
 	AllowedPods []string // sandbox IDs; pods the datapath does not know yet are skipped
 }
 
-func (p ServicePolicy) flags() socklbSvcFlags {
+// affinityFlags are the flags that make a service keep clients' choices.
+const affinityFlags = socklbSvcFlagsSVC_F_AFFINITY_POD | socklbSvcFlagsSVC_F_AFFINITY_HOST
+
+func (s Service) flags() socklbSvcFlags {
 	var f socklbSvcFlags
+	p := s.Policy
 	if p.AffinityPod {
 		f |= socklbSvcFlagsSVC_F_AFFINITY_POD
+	}
+	if p.AffinityHost {
+		f |= socklbSvcFlagsSVC_F_AFFINITY_HOST
+	}
+	if f&affinityFlags != 0 && p.AffinityTimeout > 0 {
+		f |= socklbSvcFlagsSVC_F_AFFINITY_TIMEOUT
 	}
 	if p.Restrict {
 		f |= socklbSvcFlagsSVC_F_RESTRICT
@@ -53,7 +85,18 @@ func (p ServicePolicy) flags() socklbSvcFlags {
 			f |= socklbSvcFlagsSVC_F_ALLOW_HOST
 		}
 	}
+	if s.HostOnly {
+		f |= socklbSvcFlagsSVC_F_HOST_ONLY
+	}
 	return f
+}
+
+// affinityTimeout is the timeout the datapath keeps for the service: none without affinity.
+func (s Service) affinityTimeout() time.Duration {
+	if s.flags()&socklbSvcFlagsSVC_F_AFFINITY_TIMEOUT == 0 {
+		return 0
+	}
+	return s.Policy.AffinityTimeout
 }
 
 // Backend is a backend address and its relative weight (>= 1).
@@ -79,16 +122,33 @@ type installed struct {
 	rev   uint32
 	name  string
 	slots []netip.AddrPort
-	flags socklbSvcFlags
+	// retained are the backends kept for the sockets they have, not in slots; sorted.
+	// Nothing in the maps holds them.
+	retained []netip.AddrPort
+	flags    socklbSvcFlags
+	// affTimeout is the service's entry in the affinity timeout map; 0 when it has none.
+	affTimeout time.Duration
 	// allowed are the pod IDs with an entry in the allow map for this service.
 	allowed map[uint32]bool
+}
+
+// serving lists what the service has sockets to keep for: its slots' backends and those it
+// retains.
+func (s *installed) serving() []netip.AddrPort {
+	return append(uniqueAddrs(s.slots), s.retained...)
+}
+
+// serves says whether the service still has b, in its slots or retained.
+func (s *installed) serves(b netip.AddrPort) bool {
+	return slices.Contains(s.slots, b) || slices.Contains(s.retained, b)
 }
 
 // ApplyResult says what Apply changed.
 type ApplyResult struct {
 	Added, Updated, Removed, Unchanged int
-	// RemovedBackends are backends that served a service before and no longer do (all of
-	// a removed service's); sockets still attached to them are stale (see Terminate).
+	// RemovedBackends are backends that served a service before, in its backends or
+	// retained, and now do neither (all of a removed service's); sockets still attached to
+	// them are stale (see Terminate). A backend that only moved to Retained is not here.
 	RemovedBackends []RemovedBackend
 }
 
@@ -187,7 +247,14 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		if max := dp.limits.BackendsPerService; len(s.Backends) > max {
 			return res, fmt.Errorf("service %s: %d backends exceed limits.backends_per_service = %d", s.Name, len(s.Backends), max)
 		}
-		desired[k] = wanted{name: s.Name, slots: expandSlots(s.Backends, dp.limits.SlotsPerService), flags: s.Policy.flags(), policy: s.Policy}
+		if s.Policy.AffinityTimeout < 0 {
+			return res, fmt.Errorf("service %s: negative affinity timeout %v", s.Name, s.Policy.AffinityTimeout)
+		}
+		slots := expandSlots(s.Backends, dp.limits.SlotsPerService)
+		desired[k] = wanted{
+			name: s.Name, slots: slots, retained: retainedSet(s.Retained, slots),
+			flags: s.flags(), affTimeout: s.affinityTimeout(), policy: s.Policy,
+		}
 	}
 	keys := make([]socklbSvcKey, 0, len(desired))
 	for k := range desired {
@@ -224,7 +291,7 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		}
 		res.Removed++
 		// No revision of this service comes after cur.rev: every choice it made is older.
-		res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, cur.name, cur.id, cur.rev+1, uniqueAddrs(cur.slots))...)
+		res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, cur.name, cur.id, cur.rev+1, cur.serving())...)
 	}
 	for _, k := range keys {
 		yield()
@@ -243,16 +310,21 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 				continue
 			}
 			res.Added++
-		case cur.name == s.name && slices.Equal(cur.slots, slots) && cur.flags == s.flags && maps.Equal(cur.allowed, s.allowed):
+		case cur.name == s.name && slices.Equal(cur.slots, slots) && slices.Equal(cur.retained, s.retained) &&
+			cur.flags == s.flags && cur.affTimeout == s.affTimeout && maps.Equal(cur.allowed, s.allowed):
 			res.Unchanged++
 		default:
-			gone := missingFrom(cur.slots, slots)
+			gone := missingFrom(cur.serving(), append(slices.Clone(slots), s.retained...))
+			// Every socket balanced to a backend gone now was chosen at this revision or
+			// before: since it left the slots, or now, no revision picks it. One that comes
+			// back is picked at a later revision, whether the slots change now or not.
+			firstWithout := cur.rev + 1
 			if err := dp.updateService(k, cur, s); err != nil {
 				errs = append(errs, err)
 				continue
 			}
 			res.Updated++
-			res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, s.name, cur.id, cur.rev, gone)...)
+			res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, s.name, cur.id, firstWithout, gone)...)
 		}
 	}
 	return res, errors.Join(errs...)
@@ -275,26 +347,34 @@ func (dp *Datapath) admitLatePods(w wanted) {
 // reindex rebuilds the lookups pod events use, so that a pod event costs what the pod
 // touches, not the number of services.
 func (dp *Datapath) reindex() {
-	dp.byName = make(map[string]*installed, len(dp.services))
+	dp.restricted = map[string][]*installed{}
 	dp.affinitySvcs = map[*installed]bool{}
 	for _, s := range dp.services {
 		dp.index(s)
 	}
 }
 
-// index and unindex keep the lookups current for one service.
+// index and unindex keep the lookups current for one service, under its current name and
+// flags; a change of either unindexes the service first.
 func (dp *Datapath) index(s *installed) {
-	dp.byName[s.name] = s
+	dp.unindex(s)
+	if s.flags&socklbSvcFlagsSVC_F_RESTRICT != 0 {
+		dp.restricted[s.name] = append(dp.restricted[s.name], s)
+	}
 	if s.flags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 {
 		dp.affinitySvcs[s] = true
-	} else {
-		delete(dp.affinitySvcs, s)
 	}
 }
 
 func (dp *Datapath) unindex(s *installed) {
-	if dp.byName[s.name] == s {
-		delete(dp.byName, s.name)
+	if list := dp.restricted[s.name]; slices.Contains(list, s) {
+		// A new slice: a caller may be ranging over the old one.
+		rest := slices.DeleteFunc(slices.Clone(list), func(o *installed) bool { return o == s })
+		if len(rest) == 0 {
+			delete(dp.restricted, s.name)
+		} else {
+			dp.restricted[s.name] = rest
+		}
 	}
 	delete(dp.affinitySvcs, s)
 }
@@ -302,11 +382,33 @@ func (dp *Datapath) unindex(s *installed) {
 // wanted is a service as Apply is asked for it, with its selection table expanded and its
 // allowed pods resolved to pod IDs.
 type wanted struct {
-	name    string
-	slots   []netip.AddrPort
-	flags   socklbSvcFlags
-	policy  ServicePolicy
-	allowed map[uint32]bool
+	name       string
+	slots      []netip.AddrPort
+	retained   []netip.AddrPort
+	flags      socklbSvcFlags
+	affTimeout time.Duration
+	policy     ServicePolicy
+	allowed    map[uint32]bool
+}
+
+// retainedSet is what a service retains: the addresses of retained that its slots do not
+// have (those still get new sockets), once each, sorted so that equal sets compare equal.
+func retainedSet(retained, slots []netip.AddrPort) []netip.AddrPort {
+	if len(retained) == 0 {
+		return nil
+	}
+	inSlots := make(map[netip.AddrPort]bool, len(slots))
+	for _, b := range slots {
+		inSlots[b] = true
+	}
+	var out []netip.AddrPort
+	for _, b := range retained {
+		if !inSlots[b] {
+			out = append(out, b)
+		}
+	}
+	slices.SortFunc(out, func(a, b netip.AddrPort) int { return a.Compare(b) })
+	return slices.Compact(out)
 }
 
 func compareKeys(a, b socklbSvcKey) int {
@@ -388,7 +490,7 @@ func (dp *Datapath) addService(k socklbSvcKey, w wanted) error {
 		return fmt.Errorf("service %s: %w", name, err)
 	}
 	nv, _ := nameValue(name)
-	if err := dp.objs.PodsockNameV1.Update(&id, &nv, ebpf.UpdateAny); err != nil {
+	if err := dp.objs.PodsockNameV2.Update(&id, &nv, ebpf.UpdateAny); err != nil {
 		delete(dp.usedIDs, id)
 		return fmt.Errorf("service %s: write name: %w", name, err)
 	}
@@ -399,19 +501,26 @@ func (dp *Datapath) addService(k socklbSvcKey, w wanted) error {
 		dp.deleteName(id)
 		return fmt.Errorf("service %s: %w", name, err)
 	}
-	cur := &installed{id: id, rev: rev, name: name, slots: slots, allowed: map[uint32]bool{}}
-	// The allow entries go in before the service does, so no allowed pod is ever refused.
-	if err := dp.writeAllowed(cur, w.allowed); err != nil {
+	cur := &installed{id: id, rev: rev, name: name, slots: slots, retained: w.retained, allowed: map[uint32]bool{}}
+	undo := func() {
+		dp.deleteAffTimeout(cur)
 		dp.deleteAllowed(cur, nil)
 		dp.deleteSlots(id, rev, len(slots))
 		dp.deleteName(id)
+	}
+	// The allow entries and the timeout go in before the service does, so no allowed pod
+	// is ever refused and no choice outlives its timeout.
+	if err := dp.writeAllowed(cur, w.allowed); err != nil {
+		undo()
+		return fmt.Errorf("service %s: %w", name, err)
+	}
+	if err := dp.writeAffTimeout(cur, w.affTimeout); err != nil {
+		undo()
 		return fmt.Errorf("service %s: %w", name, err)
 	}
 	v := socklbSvcValue{Id: id, Rev: rev, SlotCount: uint32(len(slots)), Flags: w.flags}
 	if err := dp.objs.PodsockSvcV1.Update(&k, &v, ebpf.UpdateNoExist); err != nil {
-		dp.deleteAllowed(cur, nil)
-		dp.deleteSlots(id, rev, len(slots))
-		dp.deleteName(id)
+		undo()
 		return fmt.Errorf("service %s: write service entry: %w", name, err)
 	}
 	cur.flags = w.flags
@@ -424,7 +533,7 @@ func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) erro
 	name, slots := w.name, w.slots
 	if name != cur.name {
 		nv, _ := nameValue(name)
-		if err := dp.objs.PodsockNameV1.Update(&cur.id, &nv, ebpf.UpdateAny); err != nil {
+		if err := dp.objs.PodsockNameV2.Update(&cur.id, &nv, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("service %s: write name: %w", name, err)
 		}
 		dp.unindex(cur)
@@ -432,13 +541,21 @@ func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) erro
 		dp.index(cur)
 	}
 	// Newly allowed pods get their entries before the switch, formerly allowed ones lose
-	// theirs after it: a pod allowed both before and after is never refused.
+	// theirs after it: a pod allowed both before and after is never refused. A timeout,
+	// new or changed, holds from the switch on; one that goes, from after it.
 	if err := dp.writeAllowed(cur, w.allowed); err != nil {
 		return fmt.Errorf("service %s: %w", name, err)
+	}
+	if w.affTimeout != 0 {
+		if err := dp.writeAffTimeout(cur, w.affTimeout); err != nil {
+			return fmt.Errorf("service %s: %w", name, err)
+		}
 	}
 	sameSlots := slices.Equal(cur.slots, slots)
 	if sameSlots && cur.flags == w.flags {
 		dp.deleteAllowed(cur, w.allowed)
+		// Retained backends live here only: nothing to switch.
+		cur.retained = w.retained
 		return nil
 	}
 	rev := cur.rev
@@ -448,8 +565,8 @@ func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) erro
 		if err := dp.writeSlots(cur.id, rev, slots); err != nil {
 			return fmt.Errorf("service %s: %w", name, err)
 		}
-		if cur.flags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 && w.flags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 {
-			carried = dp.carryAffinity(cur, rev, slots)
+		if keep := cur.flags & w.flags & affinityFlags; keep != 0 {
+			carried = dp.carryAffinity(cur, keep, rev, slots)
 		}
 	}
 	v := socklbSvcValue{Id: cur.id, Rev: rev, SlotCount: uint32(len(slots)), Flags: w.flags}
@@ -464,17 +581,27 @@ func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) erro
 		dp.deleteSlots(cur.id, cur.rev, len(cur.slots))
 	}
 	dp.deleteAllowed(cur, w.allowed)
+	if w.affTimeout == 0 {
+		dp.deleteAffTimeout(cur)
+	}
 	gone := missingFrom(cur.slots, slots)
 	oldFlags := cur.flags
-	cur.rev, cur.slots, cur.flags = rev, slots, w.flags
+	cur.rev, cur.slots, cur.retained, cur.flags = rev, slots, w.retained, w.flags
 	dp.index(cur)
+	lost := oldFlags & affinityFlags &^ w.flags
 	switch {
-	case oldFlags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 && w.flags&socklbSvcFlagsSVC_F_AFFINITY_POD == 0:
-		dp.dropAffinity(cur.id, nil)
-	case w.flags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 && len(gone) > 0:
-		// Their choices went stale at the switch, so no pod uses them any more; this only
-		// frees the entries.
-		dp.dropAffinity(cur.id, gone)
+	case lost != 0:
+		// Choices of the clients the service no longer keeps, and those of the backends
+		// gone, which went stale at the switch.
+		dp.dropAffinity(cur.id, func(k socklbPodSvcKey, v *socklbAffValue) bool {
+			return lost&clientFlag(k.PodId) != 0 || slices.Contains(gone, backendAddrPort(v.Be))
+		})
+	case w.flags&affinityFlags != 0 && len(gone) > 0:
+		// Their choices went stale at the switch, so no client uses them any more; this
+		// only frees the entries.
+		dp.dropAffinity(cur.id, func(_ socklbPodSvcKey, v *socklbAffValue) bool {
+			return slices.Contains(gone, backendAddrPort(v.Be))
+		})
 	}
 	return nil
 }
@@ -485,20 +612,48 @@ func (dp *Datapath) removeService(k socklbSvcKey, cur *installed) error {
 	}
 	dp.deleteSlots(cur.id, cur.rev, len(cur.slots))
 	dp.deleteAllowed(cur, nil)
-	if cur.flags&socklbSvcFlagsSVC_F_AFFINITY_POD != 0 {
-		// IDs are reused: a later service must not inherit these choices.
+	if cur.flags&affinityFlags != 0 {
+		// IDs are reused: a later service must not inherit these choices, the host's
+		// included.
 		dp.dropAffinity(cur.id, nil)
 	}
+	dp.deleteAffTimeout(cur)
 	dp.deleteName(cur.id)
 	delete(dp.services, k)
 	dp.unindex(cur)
 	return nil
 }
 
+// writeAffTimeout sets the service's affinity timeout, which only its connects read.
+func (dp *Datapath) writeAffTimeout(svc *installed, d time.Duration) error {
+	if svc.affTimeout == d {
+		return nil
+	}
+	ns := uint64(d.Nanoseconds())
+	if err := dp.objs.PodsockAfftimeV1.Update(&svc.id, &ns, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("write affinity timeout: %w", err)
+	}
+	svc.affTimeout = d
+	return nil
+}
+
+// deleteAffTimeout drops the service's affinity timeout. A failure leaves an entry that
+// only a service with this ID and the timeout flag would read; the next adoption drops it.
+func (dp *Datapath) deleteAffTimeout(svc *installed) {
+	if svc.affTimeout == 0 {
+		return
+	}
+	if err := dp.objs.PodsockAfftimeV1.Delete(&svc.id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		dp.log.WithError(err).Warnf("delete affinity timeout of service %s", svc.name)
+		return
+	}
+	svc.affTimeout = 0
+}
+
 // deleteName drops a service's name and frees its ID. A failure only leaves an orphan
 // name, which the next adoption removes.
 func (dp *Datapath) deleteName(id uint32) {
-	if err := dp.objs.PodsockNameV1.Delete(&id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	if err := dp.objs.PodsockNameV2.Delete(&id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		dp.log.WithError(err).Warnf("delete name of service %d", id)
 	}
 	delete(dp.usedIDs, id)
@@ -506,7 +661,8 @@ func (dp *Datapath) deleteName(id uint32) {
 
 // readServices rebuilds the mirror from pinned maps left by a previous agent, and drops
 // what an interrupted Apply may have left half-written (slots of a revision no service
-// points at, names of services that do not exist).
+// points at, names and timeouts of services that do not exist). Retained backends are in
+// no map: the first Apply sets them.
 func (dp *Datapath) readServices() error {
 	byID := map[uint32]socklbSvcKey{}
 	var k socklbSvcKey
@@ -546,7 +702,7 @@ func (dp *Datapath) readServices() error {
 	var id uint32
 	var nv socklbSvcName
 	var orphans []uint32
-	nit := dp.objs.PodsockNameV1.Iterate()
+	nit := dp.objs.PodsockNameV2.Iterate()
 	for nit.Next(&id, &nv) {
 		svc, ok := byID[id]
 		if !ok {
@@ -560,6 +716,26 @@ func (dp *Datapath) readServices() error {
 	}
 	for _, o := range orphans {
 		dp.deleteName(o)
+	}
+
+	var timeout uint64
+	var staleTimeouts []uint32
+	tit := dp.objs.PodsockAfftimeV1.Iterate()
+	for tit.Next(&id, &timeout) {
+		svc, ok := byID[id]
+		if !ok || timeout == 0 || dp.services[svc].flags&socklbSvcFlagsSVC_F_AFFINITY_TIMEOUT == 0 {
+			staleTimeouts = append(staleTimeouts, id)
+			continue
+		}
+		dp.services[svc].affTimeout = time.Duration(timeout)
+	}
+	if err := tit.Err(); err != nil {
+		return fmt.Errorf("read pinned affinity timeouts: %w", err)
+	}
+	for _, id := range staleTimeouts {
+		if err := dp.objs.PodsockAfftimeV1.Delete(&id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			dp.log.WithError(err).Warnf("drop stale affinity timeout of service %d", id)
+		}
 	}
 	for id := range dp.usedIDs {
 		dp.nextID = max(dp.nextID, id+1)
@@ -583,7 +759,7 @@ func (dp *Datapath) Services() ([]Service, error) {
 	for it.Next(&k, &v) {
 		s := Service{VIP: wordsAddr(k.Addr), Port: ntohs(k.Port), Proto: k.Proto}
 		var nv socklbSvcName
-		if err := dp.objs.PodsockNameV1.Lookup(&v.Id, &nv); err == nil {
+		if err := dp.objs.PodsockNameV2.Lookup(&v.Id, &nv); err == nil {
 			s.Name = nameString(nv)
 		}
 		slots := make([]netip.AddrPort, 0, v.SlotCount)
@@ -596,13 +772,75 @@ func (dp *Datapath) Services() ([]Service, error) {
 			slots = append(slots, backendAddrPort(be))
 		}
 		s.Backends = weightsFromSlots(slots)
+		s.Policy, s.HostOnly = policyOf(v.Flags), v.Flags&socklbSvcFlagsSVC_F_HOST_ONLY != 0
 		out = append(out, s)
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("read services: %w", err)
 	}
-	slices.SortFunc(out, func(a, b Service) int { return cmp.Compare(a.Name, b.Name) })
+	// The timeouts as this process wrote or adopted them; allowed pods are the agent's.
+	dp.mu.Lock()
+	for i := range out {
+		if cur := dp.services[svcKey(out[i].VIP, out[i].Port, out[i].Proto)]; cur != nil {
+			out[i].Policy.AffinityTimeout = cur.affTimeout
+		}
+	}
+	dp.mu.Unlock()
+	// Frontends of one name in a stable order too.
+	slices.SortFunc(out, func(a, b Service) int {
+		return cmp.Or(cmp.Compare(a.Name, b.Name), compareKeys(svcKey(a.VIP, a.Port, a.Proto), svcKey(b.VIP, b.Port, b.Proto)))
+	})
 	return out, nil
+}
+
+// policyOf is what a service's flags say of its policy, as Services reports it: all but
+// the allowed pods and the affinity timeout.
+func policyOf(f socklbSvcFlags) ServicePolicy {
+	return ServicePolicy{
+		AffinityPod:  f&socklbSvcFlagsSVC_F_AFFINITY_POD != 0,
+		AffinityHost: f&socklbSvcFlagsSVC_F_AFFINITY_HOST != 0,
+		Restrict:     f&socklbSvcFlagsSVC_F_RESTRICT != 0,
+		AllowHost:    f&socklbSvcFlagsSVC_F_ALLOW_HOST != 0,
+	}
+}
+
+// migrateNamesV1 copies the names an older agent pinned (podsock_name_v1, of shorter
+// names) into the current map, before the services are read: only userspace reads names,
+// so nothing races the copy. Whatever the current map holds for an ID the old one names
+// is the old agent's to decide, as it ran last. The old pin goes with the other obsolete
+// ones once the programs are attached, so a failed start leaves it for the older agent.
+func (dp *Datapath) migrateNamesV1() error {
+	pin := filepath.Join(dp.pinDir, "podsock_name_v1")
+	old, err := ebpf.LoadPinnedMap(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("open the service names of an older agent (%s): %w", pin, err)
+	}
+	defer func() { _ = old.Close() }()
+	var id uint32
+	var raw []byte
+	n := 0
+	it := old.Iterate()
+	for it.Next(&id, &raw) {
+		var nv socklbSvcName
+		if len(raw) > len(nv.Name) {
+			return fmt.Errorf("service names of an older agent: entry of %d bytes, more than %d", len(raw), len(nv.Name))
+		}
+		for i, c := range raw {
+			nv.Name[i] = int8(c)
+		}
+		if err := dp.objs.PodsockNameV2.Update(&id, &nv, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("carry the name of service %d over from an older agent: %w", id, err)
+		}
+		n++
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read the service names of an older agent: %w", err)
+	}
+	dp.log.Infof("carried %d service names over from an older agent", n)
+	return nil
 }
 
 // Counts returns the number of services and of distinct backend addresses they use.

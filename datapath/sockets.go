@@ -181,7 +181,7 @@ func (dp *Datapath) Sockets(ns NetnsSet, f SocketFilter, fn func(Socket) error) 
 	if cookies == nil {
 		cookies = ns.Cookies()
 	}
-	names := serviceNames{m: dp.objs.PodsockNameV1, cache: map[uint32]string{}}
+	names := serviceNames{m: dp.objs.PodsockNameV2, cache: map[uint32]string{}}
 	// Workers walk netns in parallel; records reach fn from this goroutine only.
 	out := make(chan recordBatch, walkWorkers)
 	stop := make(chan struct{})

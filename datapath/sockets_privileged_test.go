@@ -855,7 +855,7 @@ func TestPrivilegedLimitsResizePinnedMaps(t *testing.T) {
 		capacity[s.Name] = s.Capacity
 	}
 	for name, want := range map[string]int{"podsock_svc_v1": 4096, "podsock_slot_v1": 16384, "podsock_pod_v1": 512,
-		"podsock_ctrcg_v1": 1024, "podsock_aff_v2": 8192, "podsock_svcnetns_v2": 2048} {
+		"podsock_ctrcg_v1": 1024, "podsock_aff_v3": 8192, "podsock_svcnetns_v2": 2048} {
 		if capacity[name] != want {
 			t.Errorf("%s holds %d entries after the resize, want %d", name, capacity[name], want)
 		}
@@ -889,7 +889,7 @@ func TestPrivilegedLimitsResizePinnedMaps(t *testing.T) {
 		t.Fatalf("socket counts after the resize: %v, want the held TCP and UDP sockets", got)
 	}
 	// The pins now hold the resized maps, the counts included once the backfill ran.
-	for name, want := range map[string]uint32{"podsock_svc_v1": 4096, "podsock_aff_v2": 8192, "podsock_svcnetns_v2": 2048} {
+	for name, want := range map[string]uint32{"podsock_svc_v1": 4096, "podsock_aff_v3": 8192, "podsock_svcnetns_v2": 2048} {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(f.bpffs, PinDirName, name), nil)
 		if err != nil {
 			t.Fatalf("pin %s after the resize: %v", name, err)

@@ -14,9 +14,10 @@ import (
 )
 
 type socklbAffValue struct {
-	_   structs.HostLayout
-	Be  socklbBackend
-	Rev uint32
+	_        structs.HostLayout
+	Be       socklbBackend
+	Rev      uint32
+	LastUsed uint64
 }
 
 type socklbBackend struct {
@@ -31,6 +32,12 @@ type socklbCfgFlags uint32
 const (
 	socklbCfgFlagsCFG_HOSTNS_ONLY socklbCfgFlags = 1
 	socklbCfgFlagsCFG_ANY_SKIP    socklbCfgFlags = 2
+)
+
+type socklbClientId uint32
+
+const (
+	socklbClientIdHOST_CLIENT_ID socklbClientId = 4294967295
 )
 
 type socklbDatapathCfg struct {
@@ -122,9 +129,12 @@ const (
 type socklbSvcFlags uint32
 
 const (
-	socklbSvcFlagsSVC_F_AFFINITY_POD socklbSvcFlags = 1
-	socklbSvcFlagsSVC_F_RESTRICT     socklbSvcFlags = 2
-	socklbSvcFlagsSVC_F_ALLOW_HOST   socklbSvcFlags = 4
+	socklbSvcFlagsSVC_F_AFFINITY_POD     socklbSvcFlags = 1
+	socklbSvcFlagsSVC_F_RESTRICT         socklbSvcFlags = 2
+	socklbSvcFlagsSVC_F_ALLOW_HOST       socklbSvcFlags = 4
+	socklbSvcFlagsSVC_F_AFFINITY_HOST    socklbSvcFlags = 8
+	socklbSvcFlagsSVC_F_AFFINITY_TIMEOUT socklbSvcFlags = 16
+	socklbSvcFlagsSVC_F_HOST_ONLY        socklbSvcFlags = 32
 )
 
 type socklbSvcKey struct {
@@ -137,7 +147,7 @@ type socklbSvcKey struct {
 
 type socklbSvcName struct {
 	_    structs.HostLayout
-	Name [128]int8
+	Name [144]int8
 }
 
 type socklbSvcNetnsCounts struct {
@@ -164,11 +174,12 @@ type socklbSvcValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	socklbMapPodsockAffV2         = "podsock_aff_v2"
+	socklbMapPodsockAffV3         = "podsock_aff_v3"
+	socklbMapPodsockAfftimeV1     = "podsock_afftime_v1"
 	socklbMapPodsockAllowV1       = "podsock_allow_v1"
 	socklbMapPodsockCfgV1         = "podsock_cfg_v1"
 	socklbMapPodsockCtrcgV1       = "podsock_ctrcg_v1"
-	socklbMapPodsockNameV1        = "podsock_name_v1"
+	socklbMapPodsockNameV2        = "podsock_name_v2"
 	socklbMapPodsockNetnsV1       = "podsock_netns_v1"
 	socklbMapPodsockPodV1         = "podsock_pod_v1"
 	socklbMapPodsockPodcgV1       = "podsock_podcg_v1"
@@ -186,6 +197,7 @@ const (
 	socklbProgPodsockSendmsg4     = "podsock_sendmsg4"
 	socklbProgPodsockSendmsg6     = "podsock_sendmsg6"
 	socklbProgPodsockSockRelease  = "podsock_sock_release"
+	socklbVarBtfKeepClientId      = "btf_keep_client_id"
 	socklbVarBtfKeepStatIndex     = "btf_keep_stat_index"
 	socklbVarCountEpochNow        = "count_epoch_now"
 )
@@ -247,11 +259,12 @@ type socklbProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socklbMapSpecs struct {
-	PodsockAffV2      *ebpf.MapSpec `ebpf:"podsock_aff_v2"`
+	PodsockAffV3      *ebpf.MapSpec `ebpf:"podsock_aff_v3"`
+	PodsockAfftimeV1  *ebpf.MapSpec `ebpf:"podsock_afftime_v1"`
 	PodsockAllowV1    *ebpf.MapSpec `ebpf:"podsock_allow_v1"`
 	PodsockCfgV1      *ebpf.MapSpec `ebpf:"podsock_cfg_v1"`
 	PodsockCtrcgV1    *ebpf.MapSpec `ebpf:"podsock_ctrcg_v1"`
-	PodsockNameV1     *ebpf.MapSpec `ebpf:"podsock_name_v1"`
+	PodsockNameV2     *ebpf.MapSpec `ebpf:"podsock_name_v2"`
 	PodsockNetnsV1    *ebpf.MapSpec `ebpf:"podsock_netns_v1"`
 	PodsockPodV1      *ebpf.MapSpec `ebpf:"podsock_pod_v1"`
 	PodsockPodcgV1    *ebpf.MapSpec `ebpf:"podsock_podcg_v1"`
@@ -266,6 +279,7 @@ type socklbMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socklbVariableSpecs struct {
+	BtfKeepClientId  *ebpf.VariableSpec `ebpf:"btf_keep_client_id"`
 	BtfKeepStatIndex *ebpf.VariableSpec `ebpf:"btf_keep_stat_index"`
 	CountEpochNow    *ebpf.VariableSpec `ebpf:"count_epoch_now"`
 }
@@ -290,11 +304,12 @@ func (o *socklbObjects) Close() error {
 //
 // It can be passed to loadSocklbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socklbMaps struct {
-	PodsockAffV2      *ebpf.Map `ebpf:"podsock_aff_v2"`
+	PodsockAffV3      *ebpf.Map `ebpf:"podsock_aff_v3"`
+	PodsockAfftimeV1  *ebpf.Map `ebpf:"podsock_afftime_v1"`
 	PodsockAllowV1    *ebpf.Map `ebpf:"podsock_allow_v1"`
 	PodsockCfgV1      *ebpf.Map `ebpf:"podsock_cfg_v1"`
 	PodsockCtrcgV1    *ebpf.Map `ebpf:"podsock_ctrcg_v1"`
-	PodsockNameV1     *ebpf.Map `ebpf:"podsock_name_v1"`
+	PodsockNameV2     *ebpf.Map `ebpf:"podsock_name_v2"`
 	PodsockNetnsV1    *ebpf.Map `ebpf:"podsock_netns_v1"`
 	PodsockPodV1      *ebpf.Map `ebpf:"podsock_pod_v1"`
 	PodsockPodcgV1    *ebpf.Map `ebpf:"podsock_podcg_v1"`
@@ -307,11 +322,12 @@ type socklbMaps struct {
 
 func (m *socklbMaps) Close() error {
 	return _SocklbClose(
-		m.PodsockAffV2,
+		m.PodsockAffV3,
+		m.PodsockAfftimeV1,
 		m.PodsockAllowV1,
 		m.PodsockCfgV1,
 		m.PodsockCtrcgV1,
-		m.PodsockNameV1,
+		m.PodsockNameV2,
 		m.PodsockNetnsV1,
 		m.PodsockPodV1,
 		m.PodsockPodcgV1,
@@ -327,6 +343,7 @@ func (m *socklbMaps) Close() error {
 //
 // It can be passed to loadSocklbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socklbVariables struct {
+	BtfKeepClientId  *ebpf.Variable `ebpf:"btf_keep_client_id"`
 	BtfKeepStatIndex *ebpf.Variable `ebpf:"btf_keep_stat_index"`
 	CountEpochNow    *ebpf.Variable `ebpf:"count_epoch_now"`
 }

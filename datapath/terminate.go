@@ -97,14 +97,15 @@ func (dp *Datapath) Terminate(ns NetnsSet, gone []RemovedBackend, opts Terminate
 	return res, errors.Join(append(errs, unable...)...)
 }
 
-// stillRemoved drops the backends their service has again: a removal undone before its
-// pass must not end the sockets connected since.
+// stillRemoved drops the backends their service has again, among its backends or
+// retained: a removal undone before its pass must not end the sockets connected since, nor
+// those a retained backend keeps.
 func (dp *Datapath) stillRemoved(gone []RemovedBackend) []RemovedBackend {
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
 	return slices.DeleteFunc(gone, func(b RemovedBackend) bool {
 		svc := dp.services[svcKey(b.VIP.Addr(), b.VIP.Port(), b.Proto)]
-		return svc != nil && slices.Contains(svc.slots, b.Backend)
+		return svc != nil && svc.serves(b.Backend)
 	})
 }
 

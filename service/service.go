@@ -180,10 +180,10 @@ func (s Service) AllowsPod(namespace string, labels map[string]string) bool {
 func (s Service) AllowsHost() bool { return !s.RestrictsClients() || s.AllowHost }
 
 // Bounds the datapath has whatever the limits: the weight range, and the fixed-size name
-// field it reports back.
+// field it reports back, which holds a Kubernetes service port's namespace/name:port
+// (63 + 1 + 63 + 1 + 15 bytes).
 const (
-	MaxWeight = 1000
-	// MaxNameLen fits every Kubernetes name, namespace/name:port: 63+1+63+1+15 bytes.
+	MaxWeight  = 1000
 	MaxNameLen = 143
 )
 

@@ -26,6 +26,7 @@ import (
 var (
 	podsockBin  = flag.String("podsock", "bin/podsock", "podsock binary")
 	runtimeKind = flag.String("runtime", string(cri.Containerd), "container runtime: containerd or crio")
+	kubernetes  = flag.Bool("kubernetes", false, "take the service from a private Kubernetes API server (make demo-kubernetes)")
 )
 
 const (
@@ -46,6 +47,11 @@ func main() {
 		os.Exit(1)
 	}
 	d := &demo{}
+	if *kubernetes {
+		d.Main("demo-kubernetes", d.runKubernetes)
+		fmt.Println("\n==> demo done: API server, etcd, containerd, pods, bridge, cgroups, netns, pins and processes removed")
+		return
+	}
 	d.Main("demo", d.run)
 	fmt.Printf("\n==> demo done: %s, pods, bridge, cgroups, netns, pins and processes removed\n", *runtimeKind)
 }
@@ -80,19 +86,7 @@ func (d *demo) run() {
 		fmt.Printf("    %s at %s\n", p.Name, p.IP)
 	}
 
-	step("without podsock, the client cannot reach %s:80 (the blackhole answers)", vip)
-	if d.dial(client, 1) != nil {
-		d.Fatalf("the VIP answered before podsock ran: the demo would prove nothing")
-	}
-
-	cgroup2, err := cgroupfs.Mount()
-	if err != nil {
-		d.Fatal(err)
-	}
-	cgroupRoot := filepath.Join(cgroup2, d.rt.CgroupRoot())
-	if err := os.MkdirAll(cgroupRoot, 0o755); err != nil {
-		d.Fatal(err)
-	}
+	cgroupRoot := d.unreachedBeforePodsock(client)
 	bpffs := testenv.BPFFS(d)
 	dir, err := os.MkdirTemp("", "podsock-demo-")
 	if err != nil {
@@ -184,6 +178,25 @@ backends = [%s]
 	if d.dial(client, 1) != nil {
 		d.Errorf("the VIP still answers after podsock cleanup")
 	}
+}
+
+// unreachedBeforePodsock checks that the client cannot reach the VIP without podsock (a
+// demo that passes without it proves nothing), and makes the runtime's pod cgroup parent,
+// which podsock attaches to.
+func (d *demo) unreachedBeforePodsock(client *cri.Container) (cgroupRoot string) {
+	step("without podsock, the client cannot reach %s:80 (the blackhole answers)", vip)
+	if d.dial(client, 1) != nil {
+		d.Fatalf("the VIP answered before podsock ran: the demo would prove nothing")
+	}
+	cgroup2, err := cgroupfs.Mount()
+	if err != nil {
+		d.Fatal(err)
+	}
+	cgroupRoot = filepath.Join(cgroup2, d.rt.CgroupRoot())
+	if err := os.MkdirAll(cgroupRoot, 0o755); err != nil {
+		d.Fatal(err)
+	}
+	return cgroupRoot
 }
 
 func (d *demo) pod(name, role string, args ...string) (*cri.Pod, *cri.Container) {

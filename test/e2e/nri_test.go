@@ -658,7 +658,7 @@ func mapsEqual(a, b map[string]int) bool {
 func pinnedEntries(t *testing.T, bpffs string) map[string]int {
 	t.Helper()
 	out := map[string]int{}
-	for _, name := range []string{"podsock_ctrcg_v1", "podsock_podcg_v1", "podsock_netns_v1", "podsock_pod_v1", "podsock_allow_v1", "podsock_aff_v2"} {
+	for _, name := range []string{"podsock_ctrcg_v1", "podsock_podcg_v1", "podsock_netns_v1", "podsock_pod_v1", "podsock_allow_v1", "podsock_aff_v3"} {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(bpffs, "podsock", name), &ebpf.LoadPinOptions{ReadOnly: true})
 		if err != nil {
 			t.Fatalf("open pinned %s: %v", name, err)

@@ -114,9 +114,9 @@ func testNRIUpgradeWithLiveSockets(t *testing.T, kind cri.Kind, oldBin string) {
 			}
 		}
 	}
-	// Pins of the old layout go once nothing needs them: the pair counts and the
-	// affinity map without revisions.
-	for _, name := range []string{"podsock_pairnetns_v1", "podsock_aff_v1"} {
+	// Pins of the old layout go once nothing needs them: the pair counts, the affinity
+	// map without revisions and the names of at most 127 bytes.
+	for _, name := range []string{"podsock_pairnetns_v1", "podsock_aff_v1", "podsock_name_v1"} {
 		if _, err := os.Stat(filepath.Join(w.bpffs, "podsock", name)); !os.IsNotExist(err) {
 			t.Errorf("pin %s of the old layout is still there (%v)", name, err)
 		}

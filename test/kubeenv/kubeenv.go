@@ -23,6 +23,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -58,6 +59,12 @@ type Server struct {
 	admin     keyPair
 	etcd      *process
 	apiserver *process
+	// What the API server was started with, to start it again as it was.
+	bin           string
+	apiserverPort int
+	apiserverArgs []string
+	restartsMu    sync.Mutex
+	restarts      []*process // the API servers StartAPIServer started
 }
 
 // AdminUser is the user of AdminKubeconfig and AdminConfig; it is in system:masters.
@@ -110,7 +117,7 @@ func Start(t testenv.TB, opts Options) *Server {
 	if err != nil {
 		t.Fatalf("kubeenv: %v", err)
 	}
-	s := &Server{Dir: opts.Dir, ServiceCIDR: opts.ServiceCIDR}
+	s := &Server{Dir: opts.Dir, ServiceCIDR: opts.ServiceCIDR, bin: bin, apiserverArgs: opts.APIServerArgs}
 	if s.Dir == "" {
 		s.Dir = tempDir(t)
 	}
@@ -133,11 +140,27 @@ func Start(t testenv.TB, opts Options) *Server {
 		t.Fatalf("kubeenv: %v", err)
 	}
 	s.apiserver, err = startWithFreshPorts(t, func() (*process, error) {
-		return s.startAPIServer(ctx, bin, opts.APIServerArgs)
+		ports, err := freePorts(1)
+		if err != nil {
+			return nil, err
+		}
+		s.apiserverPort = ports[0]
+		return s.startAPIServer(ctx)
 	})
 	if err != nil {
 		t.Fatalf("kubeenv: %v", err)
 	}
+	// With the Server, not with the (sub)test that restarted them: its clients may
+	// still be watching then.
+	t.Cleanup(func() {
+		s.restartsMu.Lock()
+		defer s.restartsMu.Unlock()
+		for _, p := range s.restarts {
+			if err := p.stop(); err != nil {
+				t.Errorf("kubeenv: %v", err)
+			}
+		}
+	})
 	if err := s.writeKubeconfig(s.AdminKubeconfig, AdminUser, s.admin); err != nil {
 		t.Fatalf("kubeenv: %v", err)
 	}
@@ -257,14 +280,10 @@ func (s *Server) startEtcd(ctx context.Context, bin string) (*process, error) {
 	})
 }
 
-func (s *Server) startAPIServer(ctx context.Context, bin string, extra []string) (*process, error) {
-	ports, err := freePorts(1)
-	if err != nil {
-		return nil, err
-	}
+func (s *Server) startAPIServer(ctx context.Context) (*process, error) {
 	args := []string{
 		"--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-		"--secure-port=" + strconv.Itoa(ports[0]),
+		"--secure-port=" + strconv.Itoa(s.apiserverPort),
 		"--etcd-servers=" + s.EtcdURL,
 		"--service-cluster-ip-range=" + s.ServiceCIDR.String(),
 		"--authorization-mode=RBAC",
@@ -280,12 +299,12 @@ func (s *Server) startAPIServer(ctx context.Context, bin string, extra []string)
 		"--cert-dir=" + filepath.Join(s.Dir, "apiserver-certs"), // else /var/run/kubernetes
 		"--profiling=false",
 	}
-	p, err := startProcess("kube-apiserver", filepath.Join(bin, "kube-apiserver"),
-		filepath.Join(s.Dir, "kube-apiserver.log"), append(args, extra...)...)
+	p, err := startProcess("kube-apiserver", filepath.Join(s.bin, "kube-apiserver"),
+		filepath.Join(s.Dir, "kube-apiserver.log"), append(args, s.apiserverArgs...)...)
 	if err != nil {
 		return nil, err
 	}
-	s.URL = "https://" + loopback(ports[0])
+	s.URL = "https://" + loopback(s.apiserverPort)
 	client, err := rest.HTTPClientFor(s.AdminConfig())
 	if err != nil {
 		return p, err
@@ -315,6 +334,42 @@ func (s *Server) waitDefaultNamespace(ctx context.Context) error {
 			return fmt.Errorf("namespace %s never created: %w", metav1.NamespaceDefault, ctx.Err())
 		case <-time.After(100 * time.Millisecond):
 		}
+	}
+}
+
+// StopAPIServer kills kube-apiserver (SIGKILL, by its PID) and leaves etcd running, so
+// that a test sees what its clients do while the API server is away: as abrupt as a
+// crash, and at once (with watches open, its graceful stop takes longer than stopTimeout).
+// StartAPIServer brings it back.
+func (s *Server) StopAPIServer(t testenv.TB) {
+	t.Helper()
+	if err := s.apiserver.kill(); err != nil {
+		t.Fatalf("kubeenv: %v", err)
+	}
+}
+
+// StartAPIServer starts kube-apiserver again after StopAPIServer, on the same address,
+// with the same flags and certificates, so kubeconfigs written before work again, and
+// waits until it is ready. It is stopped with the Server.
+func (s *Server) StartAPIServer(t testenv.TB) {
+	t.Helper()
+	select {
+	case <-s.apiserver.exited:
+	default:
+		t.Fatalf("kubeenv: kube-apiserver (pid %d) still runs: StopAPIServer first", s.apiserver.pid())
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), readyTimeout)
+	defer cancel()
+	p, err := s.startAPIServer(ctx)
+	if p != nil {
+		s.apiserver = p
+		s.restartsMu.Lock()
+		s.restarts = append(s.restarts, p)
+		s.restartsMu.Unlock()
+	}
+	if err != nil {
+		// The port was free a moment ago; someone may have taken it since.
+		t.Fatalf("kubeenv: start kube-apiserver again on port %d: %v", s.apiserverPort, err)
 	}
 }
 
@@ -513,6 +568,15 @@ func (p *process) stop() error {
 	}
 	<-p.exited
 	return fmt.Errorf("stop %s: pid %d ignored SIGTERM for %v; killed", p.name, p.pid(), stopTimeout)
+}
+
+// kill ends the process by its PID with SIGKILL and waits for it.
+func (p *process) kill() error {
+	if err := p.cmd.Process.Kill(); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return fmt.Errorf("kill %s: %w", p.name, err)
+	}
+	<-p.exited
+	return nil
 }
 
 func (p *process) logContains(s string) bool {

@@ -167,6 +167,23 @@ func TestRealAPIServer(t *testing.T) {
 			t.Errorf("list services as nobody: %v, want 403", err)
 		}
 	})
+
+	// Last: the API server goes away and comes back where it was, with etcd's data.
+	t.Run("stops and starts again on the same address", func(t *testing.T) {
+		url, etcdPid := s.URL, s.Pids()["etcd"]
+		s.StopAPIServer(t)
+		if _, err := admin.CoreV1().Services("").List(ctx, metav1.ListOptions{}); err == nil || apierrors.ReasonForError(err) != metav1.StatusReasonUnknown {
+			t.Errorf("list services with the API server stopped: %v, want a connection error", err)
+		}
+		s.StartAPIServer(t)
+		if s.URL != url || s.Pids()["etcd"] != etcdPid {
+			t.Errorf("after the restart: URL %s (was %s), etcd pid %d (was %d)", s.URL, url, s.Pids()["etcd"], etcdPid)
+		}
+		got, err := admin.CoreV1().Services(web.Namespace).Get(ctx, web.Name, metav1.GetOptions{})
+		if err != nil || got.Spec.ClusterIP != web.Spec.ClusterIP {
+			t.Errorf("service %s after the restart: %v, %v", web.Name, got, err)
+		}
+	})
 }
 
 // createService creates a Node, a Service and its EndpointSlice as the controllers would,

@@ -148,19 +148,27 @@ func (s *Server) ApplyAgentRBAC(t testenv.TB) *AgentRBAC {
 // bound to that user by a ClusterRoleBinding of its own.
 func (s *Server) GrantAgentRole(t testenv.TB, user string) {
 	t.Helper()
-	r, c := s.loadAgentRBAC(t)
+	r, _ := s.loadAgentRBAC(t)
+	s.GrantRole(t, user, r.ClusterRole)
+}
+
+// GrantRole creates role (unless it exists) and binds it to user with a
+// ClusterRoleBinding of its own: for a test of what a narrower or other role does.
+func (s *Server) GrantRole(t testenv.TB, user string, role *rbacv1.ClusterRole) {
+	t.Helper()
+	c := s.AdminClient(t)
 	ctx := context.Background()
 	binding := &rbacv1.ClusterRoleBinding{
-		ObjectMeta: metav1.ObjectMeta{Name: r.ClusterRole.Name + ":" + user},
-		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: r.ClusterRole.Name},
+		ObjectMeta: metav1.ObjectMeta{Name: role.Name + ":" + user},
+		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: role.Name},
 		Subjects:   []rbacv1.Subject{{APIGroup: rbacv1.GroupName, Kind: rbacv1.UserKind, Name: user}},
 	}
-	err := create(ctx, c.RbacV1().ClusterRoles(), r.ClusterRole)
+	err := create(ctx, c.RbacV1().ClusterRoles(), role)
 	if err == nil {
 		err = create(ctx, c.RbacV1().ClusterRoleBindings(), binding)
 	}
 	if err != nil {
-		t.Fatalf("kubeenv: grant %s to %s: %v", r.ClusterRole.Name, user, err)
+		t.Fatalf("kubeenv: grant %s to %s: %v", role.Name, user, err)
 	}
 }
 

@@ -20,6 +20,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -30,6 +32,7 @@ import (
 
 	"github.com/podsock/podsock/api"
 	"github.com/podsock/podsock/config"
+	"github.com/podsock/podsock/datapath"
 	"github.com/podsock/podsock/test/kubeenv"
 	"github.com/podsock/podsock/test/testenv"
 )
@@ -129,6 +132,8 @@ type kubeResult struct {
 	rss, hwm  map[string]int64
 	latency   map[string][]time.Duration
 	connect   samples
+	// programs is what podsock's programs ran during the connect rounds (VIP and direct).
+	programs map[string]datapath.ProgramCost
 }
 
 func (e *env) printKube() {
@@ -505,9 +510,70 @@ func (w *kubeWorld) measure(n, index int, agents []string) kubeResult {
 			benchCase{name: s.name + "-direct", cg: s.cg, ns: s.ns, spread: w.direct})
 	}
 	fmt.Printf("  connect: %d rounds of %d per case, ClusterIP and direct for each agent, interleaved...\n", *rounds, *perRound)
+	// Run-time statistics cost a little on every program run: on for this phase only.
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		w.e.Fatalf("kube bench: enable BPF run-time stats: %v", err)
+	}
+	before := w.podsockCosts()
 	res.connect = interleave(*rounds, *perRound, cases)
 	enter(w.home)
+	res.programs = costsSince(before, w.podsockCosts())
+	stats.Close()
 	return res
+}
+
+// podsockAttach are the cgroup hooks a TCP connect of podsock's clients runs.
+var podsockAttach = []ebpf.AttachType{
+	ebpf.AttachCGroupInetSockCreate, ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps, ebpf.AttachCgroupInetSockRelease,
+}
+
+// podsockCosts reads the run-time statistics of the programs attached to podsock's
+// cgroup root (the agent's; nothing else attaches there), by program name.
+func (w *kubeWorld) podsockCosts() map[string]datapath.ProgramCost {
+	out := map[string]datapath.ProgramCost{}
+	cg, err := os.Open(w.cgRoot.Path)
+	if err != nil {
+		w.e.Fatalf("kube bench: %v", err)
+	}
+	defer cg.Close()
+	for _, at := range podsockAttach {
+		q, err := link.QueryPrograms(link.QueryOptions{Target: int(cg.Fd()), Attach: at})
+		if err != nil {
+			w.e.Fatalf("kube bench: programs attached to %s (%v): %v", w.cgRoot.Path, at, err)
+		}
+		for _, ap := range q.Programs {
+			p, err := ebpf.NewProgramFromID(ap.ID)
+			if err != nil {
+				w.e.Fatalf("kube bench: program %d: %v", ap.ID, err)
+			}
+			info, err := p.Info()
+			var st *ebpf.ProgramStats
+			if err == nil {
+				st, err = p.Stats()
+			}
+			p.Close()
+			if err != nil {
+				w.e.Fatalf("kube bench: program %d: %v", ap.ID, err)
+			}
+			c := out[info.Name]
+			c.Runs += st.RunCount
+			c.Runtime += st.Runtime
+			out[info.Name] = c
+		}
+	}
+	return out
+}
+
+func costsSince(before, after map[string]datapath.ProgramCost) map[string]datapath.ProgramCost {
+	out := map[string]datapath.ProgramCost{}
+	for name, a := range after {
+		b := before[name]
+		if a.Runs > b.Runs {
+			out[name] = datapath.ProgramCost{Runs: a.Runs - b.Runs, Runtime: a.Runtime - b.Runtime}
+		}
+	}
+	return out
 }
 
 // programmingLatency replaces the endpoint of the agent's latency Service by the next
@@ -833,6 +899,18 @@ func printKubeTable(results []kubeResult, agents []string) {
 		}
 	}
 	tw.Flush()
+	for _, r := range results {
+		if len(r.programs) == 0 {
+			continue
+		}
+		var parts []string
+		for _, name := range slices.Sorted(maps.Keys(r.programs)) {
+			c := r.programs[name]
+			parts = append(parts, fmt.Sprintf("%s %v x %d", name, c.Runtime/time.Duration(c.Runs), c.Runs))
+		}
+		fmt.Printf("podsock's programs during the connect rounds at %d Services (bpf_stats, per run x runs, ClusterIP and direct): %s\n",
+			r.services, strings.Join(parts, ", "))
+	}
 	fmt.Printf("(cold start: from exec until every Service with endpoints is programmed: podsock's status shows its Kubernetes source synced with them, kube-proxy's %s map holds them; latency: from the EndpointSlice update until a connect from the agent's client netns through the ClusterIP reaches the new endpoint, kube-proxy --min-sync-period 1s (its default), podsock min_sync_period %v (its default); connect: median per-operation cost, ratio: median of per-round ratios)\n",
 		kubeenv.ServiceIPsMap, config.DefaultMinSyncPeriod)
 }

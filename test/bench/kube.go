@@ -141,7 +141,7 @@ func (e *env) printKube() {
 	agents := parseAgents(e, *kubeAgents)
 	fmt.Printf("\npodsock beside kube-proxy %s (nftables mode): %v Services x %d endpoints, one API server; agents %v...\n",
 		kubeProxyVersion, sizes, kubeEndpoints, agents)
-	w := e.newKubeWorld()
+	w := e.newKubeWorld(sizes[len(sizes)-1])
 	var results []kubeResult
 	for i, n := range sizes {
 		w.createServices(n)
@@ -177,10 +177,18 @@ func parseAgents(e *env, s string) []string {
 	return out
 }
 
-func (e *env) newKubeWorld() *kubeWorld {
+func (e *env) newKubeWorld(most int) *kubeWorld {
 	w := &kubeWorld{e: e, lat: map[string]*latService{}, dir: e.tempDir("podsock-bench-kube-")}
 	start := time.Now()
-	w.srv = kubeenv.Start(e, kubeenv.Options{})
+	var opts kubeenv.Options
+	if most > 60000 {
+		// kubeenv's /16 holds 65k ClusterIPs; /12 is the most the API server takes.
+		opts.ServiceCIDR = netip.MustParsePrefix("10.96.0.0/12")
+	}
+	if most*kubeEndpoints >= 1<<(32-kubePodRange.Bits()) {
+		e.Fatalf("-kube-services %d: more endpoints than %v holds", most, kubePodRange)
+	}
+	w.srv = kubeenv.Start(e, opts)
 	cfg := w.srv.AdminConfig()
 	cfg.QPS, cfg.Burst = 1000, 2000 // the workers, not client-go, set the pace
 	var err error

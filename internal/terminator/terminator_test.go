@@ -24,20 +24,22 @@ type fakeTerminator struct {
 }
 
 type fakePass struct {
-	at   time.Time
-	gone []datapath.RemovedBackend
-	err  error
+	at     time.Time
+	gone   []datapath.RemovedBackend
+	protos []uint8
+	err    error
 }
 
-func (f *fakeTerminator) Terminate(_ datapath.NetnsSet, gone []datapath.RemovedBackend, _ datapath.TerminateOptions) (datapath.TerminateResult, error) {
+func (f *fakeTerminator) Terminate(_ datapath.NetnsSet, gone []datapath.RemovedBackend, opts datapath.TerminateOptions) (datapath.TerminateResult, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	p := fakePass{at: time.Now(), gone: gone}
+	p := fakePass{at: time.Now(), gone: gone, protos: opts.Protocols}
 	if len(f.passes) < f.failFirst {
 		p.err = errors.New("netns 7: read iterator: injected failure")
 	}
 	f.passes = append(f.passes, p)
-	return datapath.TerminateResult{Backends: len(gone)}, p.err
+	// One socket per removed pair, in two netns.
+	return datapath.TerminateResult{Backends: len(gone), Destroyed: len(gone), NetnsEntered: 2}, p.err
 }
 
 func (f *fakeTerminator) TerminateErr(uint8) error                  { return nil }
@@ -124,5 +126,59 @@ func TestTerminatorWaitsForPods(t *testing.T) {
 	term.SetPodsKnown()
 	if !testenv.WaitFor(time.Second, func() bool { return fake.count() == 1 }) {
 		t.Fatal("no pass once the pods were known")
+	}
+}
+
+// A pass that removes TCP and UDP pairs runs one walk per protocol, each asked for its
+// own protocol only, so the sockets each destroyed are known per protocol; status still
+// counts it as one pass, and netns entered as the larger walk's.
+func TestTerminatorSplitsAMixedPassByProtocol(t *testing.T) {
+	fake := &fakeTerminator{}
+	term := New(fake, nil, quietLog())
+	defer term.Close()
+	var mu sync.Mutex
+	seen := map[uint8]int{}
+	passes := 0
+	term.Observe(func(destroyed map[uint8]int, d time.Duration) {
+		mu.Lock()
+		defer mu.Unlock()
+		passes++
+		for p, n := range destroyed {
+			seen[p] += n
+		}
+	})
+	term.SetPodsKnown()
+	dns := datapath.RemovedBackend{Service: "kube-system/dns", VIP: netip.MustParseAddrPort("10.96.0.10:53"), Proto: datapath.ProtoUDP,
+		Backend: netip.MustParseAddrPort("10.88.0.9:53"), ServiceID: 2, Revision: 2}
+	web2 := removedWeb
+	web2.Backend = netip.MustParseAddrPort("10.88.0.6:8080")
+	term.Remove([]datapath.RemovedBackend{removedWeb, dns, web2}, []uint8{datapath.ProtoTCP, datapath.ProtoUDP})
+	if !testenv.WaitFor(2*time.Second, func() bool { return term.Status().Passes == 2 }) {
+		t.Fatalf("status %+v, want a first and a late pass", term.Status())
+	}
+	if fake.count() != 4 {
+		t.Fatalf("%d walks, want 2 per pass (tcp, udp)", fake.count())
+	}
+	for i, want := range []struct {
+		proto uint8
+		n     int
+	}{{datapath.ProtoTCP, 2}, {datapath.ProtoUDP, 1}} {
+		p := fake.pass(i)
+		if len(p.protos) != 1 || p.protos[0] != want.proto || len(p.gone) != want.n {
+			t.Fatalf("walk %d: protocols %v, %d pairs; want only %d with %d", i, p.protos, len(p.gone), want.proto, want.n)
+		}
+		for _, g := range p.gone {
+			if g.Proto != want.proto {
+				t.Fatalf("walk %d for protocol %d got %v", i, want.proto, g)
+			}
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if passes != 2 || seen[datapath.ProtoTCP] != 4 || seen[datapath.ProtoUDP] != 2 {
+		t.Fatalf("observed %d passes, destroyed %v; want 2 passes, tcp 4 and udp 2", passes, seen)
+	}
+	if st := term.Status(); st.Destroyed != 6 || st.NetnsEntered != 4 {
+		t.Fatalf("status destroyed %d netns entered %d, want 6 and 2 per pass", st.Destroyed, st.NetnsEntered)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 
 	"github.com/cilium/ebpf"
@@ -276,6 +277,9 @@ func (dp *Datapath) PodMapEntries() (map[string]int, error) {
 }
 
 func countEntries(m *ebpf.Map) (int, error) {
+	if n, err := countEntriesBatched(m); err == nil {
+		return n, nil
+	}
 	n := 0
 	var k, v []byte
 	it := m.Iterate()
@@ -283,6 +287,30 @@ func countEntries(m *ebpf.Map) (int, error) {
 		n++
 	}
 	return n, it.Err()
+}
+
+// countEntriesBatched counts with batch lookups, 4,096 entries a syscall instead of two
+// syscalls an entry: at 100,000 services the walk of Iterate costs a second of CPU, which
+// a metrics snapshot takes from the applies running beside it.
+func countEntriesBatched(m *ebpf.Map) (int, error) {
+	const batch = 4096
+	// Fixed-size elements of the map's own sizes, as the batch calls want them.
+	elems := func(size uint32) any {
+		return reflect.MakeSlice(reflect.SliceOf(reflect.ArrayOf(int(size), reflect.TypeFor[byte]())), batch, batch).Interface()
+	}
+	keys, vals := elems(m.KeySize()), elems(m.ValueSize())
+	var cursor ebpf.MapBatchCursor
+	total := 0
+	for {
+		n, err := m.BatchLookup(&cursor, keys, vals, nil)
+		total += n
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return total, nil
+		}
+		if err != nil {
+			return 0, err
+		}
+	}
 }
 
 // SetHostnsOnly switches socket-LB to host-netns sockets only, or back to all.

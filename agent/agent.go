@@ -460,12 +460,12 @@ func (a *Agent) apply(w service.Plan[*config.Config]) error {
 		_, serr := a.dp.SyncPods(datapathPods(a.tracker.Pods(), pol))
 		err = errors.Join(err, serr)
 	}
+	a.refreshSnapshot(w.Services, err == nil)
 	if err != nil {
 		return err
 	}
 	a.recordSources(w.Services)
 	a.metrics.observeConflicts(w.Conflicts)
-	a.refreshSnapshot()
 	if !w.NewSettings {
 		return nil
 	}

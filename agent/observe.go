@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -14,13 +15,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/podsock/podsock/datapath"
+	"github.com/podsock/podsock/service"
 )
 
-// snapshotInterval is how often the datapath's contents (counts, map entries) are read
-// for /metrics when no apply asks sooner. Reading every map's entries walks them with
-// one syscall per key (about a second at 100,000 services), so a scrape never does it:
-// it reports the latest snapshot, at most this old, and after an apply at most the
-// apply's own time old.
+// snapshotInterval is how often the map entries are read for /metrics. Counting a map's
+// entries walks it with one syscall per key (about a second at 100,000 services), so a
+// scrape never does it: it reports the latest snapshot, at most this old, and after an
+// apply at most the time it takes to read them again.
 const snapshotInterval = 10 * time.Second
 
 // snapshot is what /metrics reports of the datapath's contents.
@@ -28,6 +29,11 @@ type snapshot struct {
 	services, backends int
 	maps               []datapath.MapStat
 }
+
+// served counts what an apply that worked wrote: exactly its services, so the count needs
+// neither the datapath nor its lock, which the datapath's own count holds through a walk
+// of every service (tens of milliseconds at 100,000, in the way of scrapes and applies).
+type served struct{ services, backends int }
 
 // observer serves [metrics] listen: /metrics from the agent's registry, /healthz and
 // /readyz. It holds no lock of the agent or the datapath while it answers except the
@@ -37,7 +43,10 @@ type observer struct {
 	ln  net.Listener
 	srv *http.Server
 
-	snap    atomic.Pointer[snapshot]
+	snap atomic.Pointer[snapshot]
+	// counts is what the last apply served; nil after one that failed part-way, when
+	// only the datapath knows.
+	counts  atomic.Pointer[served]
 	refresh chan struct{}
 	stop    chan struct{}
 	done    chan struct{}
@@ -137,10 +146,22 @@ func (a *Agent) readiness() error {
 	return nil
 }
 
-// refreshSnapshot asks for a new snapshot soon, without waiting for it.
-func (a *Agent) refreshSnapshot() {
+// refreshSnapshot records what an apply served (fully: ok) and asks for the map entries
+// to be read again soon, without waiting for it.
+func (a *Agent) refreshSnapshot(svcs []service.Service, ok bool) {
 	if a.obs == nil {
 		return
+	}
+	if ok {
+		seen := map[netip.AddrPort]bool{}
+		for _, s := range svcs {
+			for _, b := range s.Backends {
+				seen[b.Addr] = true
+			}
+		}
+		a.obs.counts.Store(&served{services: len(svcs), backends: len(seen)})
+	} else {
+		a.obs.counts.Store(nil)
 	}
 	select {
 	case a.obs.refresh <- struct{}{}:
@@ -169,7 +190,11 @@ func (o *observer) take() {
 		return
 	}
 	s := &snapshot{}
-	s.services, s.backends = dp.Counts()
+	if c := o.counts.Load(); c != nil {
+		s.services, s.backends = c.services, c.backends
+	} else {
+		s.services, s.backends = dp.Counts()
+	}
 	maps, err := dp.MapStats()
 	if err != nil {
 		o.a.log.WithError(err).Warn("metrics: read map sizes")

@@ -88,10 +88,11 @@ scrape:
 	if !testenv.WaitFor(5*time.Second, func() bool {
 		_, body := get(t, url+"/metrics")
 		return strings.Contains(body, fmt.Sprintf("\npodsock_services %d\n", nServices)) &&
-			strings.Contains(body, fmt.Sprintf("podsock_bpf_map_capacity{map=\"podsock_svc_v1\"} %d", 2*nServices))
+			strings.Contains(body, fmt.Sprintf("podsock_bpf_map_capacity{map=\"podsock_svc_v1\"} %d", 2*nServices)) &&
+			strings.Contains(body, fmt.Sprintf("podsock_bpf_map_entries{map=\"podsock_svc_v1\"} %d", nServices))
 	}) {
 		_, body := get(t, url+"/metrics")
-		t.Fatalf("after the apply, /metrics does not show %d services and the services map's capacity:\n%s", nServices, grepLines(body, "podsock_services ", "podsock_bpf_map_capacity"))
+		t.Fatalf("after the apply, /metrics does not show %d services and the services map's capacity:\n%s", nServices, grepLines(body, "podsock_services ", "podsock_bpf_map_"))
 	}
 
 	pin := filepath.Join(dp.PinDir(), "links", "connect4")

@@ -520,7 +520,7 @@ type versionInfo struct {
 }
 
 func version(c *command) error {
-	v := versionInfo{Version: buildVersion(), Kernel: kernelRelease(), Features: append(datapath.ProbeFeatures(), datapath.ProbeIterators()...)}
+	v := versionInfo{Version: buildVersion(), Kernel: kernelRelease(), Features: append(append(datapath.ProbeFeatures(), datapath.ProbeIterators()...), datapath.ProbeTrace())}
 	if c.json {
 		return c.printJSON(v)
 	}

@@ -270,6 +270,7 @@ const (
 	socklbVarBtfKeepStatIndex     = "btf_keep_stat_index"
 	socklbVarCountEpochNow        = "count_epoch_now"
 	socklbVarTraceReady           = "trace_ready"
+	socklbVarTraceWakeBytes       = "trace_wake_bytes"
 )
 
 // loadSocklb returns the embedded CollectionSpec for socklb.
@@ -360,6 +361,7 @@ type socklbVariableSpecs struct {
 	BtfKeepStatIndex  *ebpf.VariableSpec `ebpf:"btf_keep_stat_index"`
 	CountEpochNow     *ebpf.VariableSpec `ebpf:"count_epoch_now"`
 	TraceReady        *ebpf.VariableSpec `ebpf:"trace_ready"`
+	TraceWakeBytes    *ebpf.VariableSpec `ebpf:"trace_wake_bytes"`
 }
 
 // socklbObjects contains all objects after they have been loaded into the kernel.
@@ -438,6 +440,7 @@ type socklbVariables struct {
 	BtfKeepStatIndex  *ebpf.Variable `ebpf:"btf_keep_stat_index"`
 	CountEpochNow     *ebpf.Variable `ebpf:"count_epoch_now"`
 	TraceReady        *ebpf.Variable `ebpf:"trace_ready"`
+	TraceWakeBytes    *ebpf.Variable `ebpf:"trace_wake_bytes"`
 }
 
 // socklbPrograms contains all programs after they have been loaded into the kernel.

@@ -26,6 +26,9 @@ const (
 	traceLease  = 10 * time.Second
 	traceRenew  = 2 * time.Second
 	tracerQueue = 4096
+	// tracePoll bounds how long a decision waits in the ring while it is too empty to wake
+	// the reader (trace_wake_bytes).
+	tracePoll = 100 * time.Millisecond
 )
 
 // ErrTraceUnavailable says the kernel refused the trace ring: balancing works, tracing does
@@ -165,6 +168,9 @@ func prepareTrace(spec *ebpf.CollectionSpec, size int) error {
 	ring.MaxEntries = uint32(size)
 	err := probeRing(ring)
 	if err == nil {
+		if err := spec.Variables["trace_wake_bytes"].Set(uint32(size / 4)); err != nil {
+			return fmt.Errorf("set trace_wake_bytes: %w", err)
+		}
 		return nil
 	}
 	spec.Maps["podsock_trace_ring"] = &ebpf.MapSpec{Name: ring.Name, Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1}
@@ -398,7 +404,11 @@ func (dp *Datapath) readTrace(r *ringbuf.Reader) {
 	defer dp.trace.wg.Done()
 	var rec ringbuf.Record
 	for {
+		r.SetDeadline(time.Now().Add(tracePoll))
 		if err := r.ReadInto(&rec); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				continue
+			}
 			if !errors.Is(err, os.ErrClosed) {
 				dp.log.WithError(err).Error("trace ring reader stopped")
 			}

@@ -41,7 +41,7 @@ var (
 	iptCount    = flag.Int("iptables", 10000, "rules/services in the kube-proxy comparison")
 	podsockBin  = flag.String("podsock", "bin/podsock", "podsock binary for the agent apply benchmark")
 	podRounds   = flag.Int("podstart", 20, "pod start rounds, each starting one pod with podsock attached and one without")
-	only        = flag.String("only", "", `run one section only: "socklb", "trace", "podstart" or "sockets"`)
+	only        = flag.String("only", "", `run one section only: "socklb", "trace", "podstart", "sockets" or "kube"`)
 	podServices = flag.Int("podstart-services", 10000, "services (one in ten with an allow-list) podsock serves during the pod start bench")
 	podRuntimes = flag.String("podstart-runtimes", "containerd,crio", "runtimes the pod start bench runs under, comma-separated")
 )
@@ -94,6 +94,7 @@ func (e *env) run() {
 		e.traceCost()
 		e.printPodStart()
 		e.printSockets()
+		e.printKube()
 	case "socklb":
 		e.socketLB()
 	case "trace":
@@ -102,8 +103,10 @@ func (e *env) run() {
 		e.printPodStart()
 	case "sockets":
 		e.printSockets()
+	case "kube":
+		e.printKube()
 	default:
-		e.Fatalf("-only %q: want socklb, trace, podstart or sockets", *only)
+		e.Fatalf("-only %q: want socklb, trace, podstart, sockets or kube", *only)
 	}
 }
 
@@ -297,6 +300,10 @@ type benchCase struct {
 	ns   *testenv.Netns
 	udp  bool
 	addr netip.AddrPort
+	// spread, when set, replaces addr: TCP operation i connects to spread[i%len], so a
+	// direct baseline spreads over the backends as the balanced case does (one listener
+	// taking every connection wakes its acceptor less often than ten taking a tenth each).
+	spread []netip.AddrPort
 }
 
 // samples holds each case's per-operation cost, one value per round.
@@ -342,7 +349,11 @@ func interleave(rounds, ops int, cases []benchCase) samples {
 				if c.udp {
 					totals[ci] += udpRoundTrip(fds[ci][0], c.addr)
 				} else {
-					totals[ci] += connectOnce(fds[ci][i], c.addr)
+					addr := c.addr
+					if len(c.spread) > 0 {
+						addr = c.spread[i%len(c.spread)]
+					}
+					totals[ci] += connectOnce(fds[ci][i], addr)
 				}
 			}
 		}

@@ -390,7 +390,7 @@ plain 5
 `
 	for _, c := range []struct {
 		name, label string
-		want        int
+		want        float64
 	}{
 		{syncCountMetric, `ip_family="IPv4"`, 3},
 		{syncCountMetric, `ip_family="IPv6"`, 7},
@@ -399,7 +399,7 @@ plain 5
 	} {
 		got, err := metricValue(body, c.name, c.label)
 		if err != nil || got != c.want {
-			t.Errorf("metricValue(%s, %s) = %d, %v; want %d", c.name, c.label, got, err, c.want)
+			t.Errorf("metricValue(%s, %s) = %v, %v; want %v", c.name, c.label, got, err, c.want)
 		}
 	}
 }

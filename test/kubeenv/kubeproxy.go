@@ -31,6 +31,12 @@ type KubeProxyOptions struct {
 	// loopback.
 	NodeName string
 	Args     []string // added last, so they override the defaults
+	// ServiceRouteTo, when set, is the netns into which Netns routes the service range, in
+	// place of a blackhole in Netns: a test that connects through kube-proxy's DNAT needs a
+	// route to each ClusterIP (a blackhole fails connect() before netfilter sees the
+	// packet). That netns must blackhole the range (checked), so that whatever DNAT misses
+	// ends there; the test checks that nothing routes on from it.
+	ServiceRouteTo *testenv.Netns
 	// ReadyTimeout bounds the wait for the first sync; default 2 minutes. Its first sync
 	// of 10k Services took 75 s here, so larger clusters need more.
 	ReadyTimeout time.Duration
@@ -105,8 +111,13 @@ func (s *Server) StartKubeProxy(t testenv.TB, opts KubeProxyOptions) *KubeProxy 
 	if opts.Netns == nil || opts.NodeName == "" {
 		t.Fatal("kubeenv: StartKubeProxy needs a Netns and a NodeName")
 	}
-	// What kube-proxy programs would send to ClusterIPs: never out of this netns.
-	opts.Netns.RequireBlackholes(t, []string{s.ServiceCIDR.String()})
+	// What kube-proxy programs would send to ClusterIPs: never out of this netns, or of
+	// the one it routes them to.
+	if opts.ServiceRouteTo != nil {
+		opts.ServiceRouteTo.RequireBlackholes(t, []string{s.ServiceCIDR.String()})
+	} else {
+		opts.Netns.RequireBlackholes(t, []string{s.ServiceCIDR.String()})
+	}
 	bin, err := binDir()
 	if err != nil {
 		t.Fatal(err)
@@ -245,13 +256,27 @@ func (k *KubeProxy) SyncCount(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	return metricValue(body, syncCountMetric, `ip_family="IPv4"`)
+	n, err := metricValue(body, syncCountMetric, IPv4Series)
+	return int(n), err
+}
+
+// IPv4Series selects the IPv4 sample of a metric kube-proxy keeps per IP family.
+const IPv4Series = `ip_family="IPv4"`
+
+// Metric is the value of one of kube-proxy's metrics: the sample whose labels include
+// label, or the unlabelled one; 0 while it is not exported.
+func (k *KubeProxy) Metric(ctx context.Context, name, label string) (float64, error) {
+	body, err := k.Metrics(ctx)
+	if err != nil {
+		return 0, err
+	}
+	return metricValue(body, name, label)
 }
 
 // metricValue is the value of metric name in a Prometheus text exposition: the sample
 // whose labels include label, or the unlabelled one. Absent is 0: kube-proxy exports a
 // histogram only once it has observed something.
-func metricValue(body, name, label string) (int, error) {
+func metricValue(body, name, label string) (float64, error) {
 	sc := bufio.NewScanner(strings.NewReader(body))
 	sc.Buffer(nil, 1<<20)
 	for sc.Scan() {
@@ -272,7 +297,7 @@ func metricValue(body, name, label string) (int, error) {
 		if err != nil {
 			return 0, fmt.Errorf("metric %s: %w", name, err)
 		}
-		return int(v), nil
+		return v, nil
 	}
 	return 0, sc.Err()
 }

@@ -454,7 +454,7 @@ func (a *Agent) apply(w service.Plan[*config.Config]) error {
 	a.term.Remove(res.RemovedBackends, terminatedProtos(cfg))
 	a.opMu.Lock()
 	defer a.opMu.Unlock()
-	err = errors.Join(err, a.dp.SetHostnsOnly(cfg.LB.HostnsOnly))
+	err = errors.Join(err, a.dp.SetHostnsOnly(cfg.LB.HostnsOnly), a.dp.SetServiceCounters(cfg.Metrics.PerService))
 	if a.podsSynced {
 		// The pods as they are now, those started during the apply included.
 		_, serr := a.dp.SyncPods(datapathPods(a.tracker.Pods(), pol))

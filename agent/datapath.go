@@ -13,6 +13,7 @@ type datapathOps interface {
 	ApplyWith([]datapath.Service, datapath.ApplyOptions) (datapath.ApplyResult, error)
 	AllowedSandboxes(service string) []string
 	SetHostnsOnly(bool) error
+	SetServiceCounters(bool) error
 	SyncPods([]datapath.Pod) (datapath.PodSyncResult, error)
 	SetPod(datapath.Pod) error
 	RemovePod(sandboxID string) error
@@ -22,6 +23,7 @@ type datapathOps interface {
 	Services() ([]datapath.Service, error)
 	Counts() (services, backends int)
 	Stats() (datapath.Stats, error)
+	ServiceCounts() ([]datapath.ServiceCount, error)
 	Attached() bool
 	PinsOwned() error
 	PinDir() string
@@ -30,6 +32,9 @@ type datapathOps interface {
 	MapStats() ([]datapath.MapStat, error)
 	ListErr(proto uint8) error
 	Sockets(datapath.NetnsSet, datapath.SocketFilter, func(datapath.Socket) error) (datapath.WalkStats, error)
+	// Tracing of LB decisions.
+	Trace(datapath.TraceFilter) (*datapath.Tracer, error)
+	TraceFeature() datapath.Feature
 	Close() error
 }
 

@@ -28,8 +28,9 @@ type fakeDatapath struct {
 	applying chan struct{}
 	// applyErr fails the next apply once.
 	applyErr error
-	// pinsErr is what PinsOwned answers.
-	pinsErr error
+	// pinsErr is what PinsOwned answers; svcCounts, whether per-service counters are on.
+	pinsErr   error
+	svcCounts bool
 }
 
 func newFakeDatapath() *fakeDatapath {
@@ -163,9 +164,29 @@ func (f *fakeDatapath) Counts() (int, int) {
 	return len(f.services), n
 }
 
-func (f *fakeDatapath) Stats() (datapath.Stats, error)        { return datapath.Stats{}, nil }
-func (f *fakeDatapath) Attached() bool                        { return true }
-func (f *fakeDatapath) PinsOwned() error                      { return f.pinsErr }
+func (f *fakeDatapath) Stats() (datapath.Stats, error) { return datapath.Stats{}, nil }
+func (f *fakeDatapath) Attached() bool                 { return true }
+func (f *fakeDatapath) PinsOwned() error               { return f.pinsErr }
+func (f *fakeDatapath) SetServiceCounters(on bool) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.svcCounts = on
+	return nil
+}
+
+// ServiceCounts answers, while on, one connect per service served, as if each was used once.
+func (f *fakeDatapath) ServiceCounts() ([]datapath.ServiceCount, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.svcCounts {
+		return nil, nil
+	}
+	var out []datapath.ServiceCount
+	for _, s := range f.services {
+		out = append(out, datapath.ServiceCount{Name: s.Name, VIP: netip.AddrPortFrom(s.VIP, s.Port), Proto: s.Proto, Connects: 1})
+	}
+	return out, nil
+}
 func (f *fakeDatapath) PinDir() string                        { return "/sys/fs/bpf/podsock-fake" }
 func (f *fakeDatapath) AdoptedLinks() int                     { return 0 }
 func (f *fakeDatapath) IteratorFeatures() []datapath.Feature  { return nil }
@@ -187,4 +208,12 @@ func (f *fakeDatapath) state() (applies [][]datapath.Service, pods map[string]da
 		pods[k] = v
 	}
 	return slices.Clone(f.applies), pods, slices.Clone(f.syncs), slices.Clone(f.terminated)
+}
+
+func (f *fakeDatapath) Trace(datapath.TraceFilter) (*datapath.Tracer, error) {
+	return nil, datapath.ErrTraceUnavailable
+}
+
+func (f *fakeDatapath) TraceFeature() datapath.Feature {
+	return datapath.Feature{Name: "trace_ringbuf", Detail: "fake datapath"}
 }

@@ -223,6 +223,8 @@ type datapathCollector struct {
 	o *observer
 
 	ops, events, services, backends, pods, netns, entries, capacity, ready, nriConnected, generation *prometheus.Desc
+	// Per-service counters, only while [metrics] per_service is on.
+	svcConnects, svcDatagrams *prometheus.Desc
 }
 
 func newDatapathCollector(a *Agent, o *observer) *datapathCollector {
@@ -244,11 +246,15 @@ func newDatapathCollector(a *Agent, o *observer) *datapathCollector {
 		ready:        d("podsock_ready", "1 when /readyz answers 200."),
 		nriConnected: d("podsock_nri_connected", "1 while the NRI connection to the runtime is up."),
 		generation:   d("podsock_config_generation", "File configs applied since the agent started."),
+		svcConnects: d("podsock_service_connects_total", "Balanced connects (TCP, connected UDP) per service frontend, summed over CPUs; only with [metrics] per_service.",
+			"service", "vip", "proto"),
+		svcDatagrams: d("podsock_service_datagrams_total", "Balanced unconnected UDP datagrams per service frontend, summed over CPUs; only with [metrics] per_service.",
+			"service", "vip", "proto"),
 	}
 }
 
 func (c *datapathCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.ops, c.events, c.services, c.backends, c.pods, c.netns, c.entries, c.capacity, c.ready, c.nriConnected, c.generation} {
+	for _, d := range []*prometheus.Desc{c.ops, c.events, c.services, c.backends, c.pods, c.netns, c.entries, c.capacity, c.ready, c.nriConnected, c.generation, c.svcConnects, c.svcDatagrams} {
 		ch <- d
 	}
 }
@@ -275,6 +281,17 @@ func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
 			counter(c.events, st.AffinityFull, "affinity_full")
 			counter(c.events, st.Untracked, "untracked")
 			counter(c.events, st.UntrackedReleased, "untracked_released")
+		}
+		// Read without the datapath's lock but for naming the services: the map is walked
+		// (one series per service), which is why per_service is off by default.
+		if counts, err := dp.ServiceCounts(); err != nil {
+			ch <- prometheus.NewInvalidMetric(c.svcConnects, err)
+		} else {
+			for _, sc := range counts {
+				labels := []string{sc.Name, sc.VIP.String(), datapath.ProtoName(sc.Proto)}
+				ch <- prometheus.MustNewConstMetric(c.svcConnects, prometheus.CounterValue, float64(sc.Connects), labels...)
+				ch <- prometheus.MustNewConstMetric(c.svcDatagrams, prometheus.CounterValue, float64(sc.Sendmsgs), labels...)
+			}
 		}
 	}
 	s := c.o.snap.Load()

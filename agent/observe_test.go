@@ -167,3 +167,34 @@ func TestMetricsListenTaken(t *testing.T) {
 		t.Fatalf("metrics off by default: %v, %v", ln, err)
 	}
 }
+
+// [metrics] per_service turns the datapath's per-service counters on, on reload too, and
+// /metrics then has one series per service frontend; off, none.
+func TestMetricsPerService(t *testing.T) {
+	a, fake, _ := fakeAgent(t)
+	url := serveTestMetrics(t, a)
+	path := filepath.Join(t.TempDir(), "podsock.toml")
+	writeConfig(t, path, webAndDNS)
+	a.reload(path)
+	if _, body := get(t, url+"/metrics"); strings.Contains(body, "podsock_service_connects_total") {
+		t.Fatalf("per-service series while per_service is off")
+	}
+	writeConfig(t, path, "[metrics]\nper_service = true\n"+webAndDNS)
+	a.reload(path)
+	fake.mu.Lock()
+	on := fake.svcCounts
+	fake.mu.Unlock()
+	_, body := get(t, url+"/metrics")
+	for _, want := range []string{
+		`podsock_service_connects_total{proto="tcp",service="default/web",vip="10.96.0.20:80"} 1`,
+		`podsock_service_datagrams_total{proto="udp",service="kube-system/dns",vip="10.96.0.10:53"} 0`,
+	} {
+		if !on || !strings.Contains(body, want) {
+			t.Errorf("per_service on (datapath counting %v): /metrics lacks %q", on, want)
+		}
+	}
+	problems, err := testutil.GatherAndLint(a.metrics.registry)
+	if err != nil || len(problems) > 0 {
+		t.Fatalf("lint: %v %v", problems, err)
+	}
+}

@@ -295,10 +295,19 @@ func countEntries(m *ebpf.Map) (int, error) {
 func countEntriesBatched(m *ebpf.Map) (int, error) {
 	const batch = 4096
 	// Fixed-size elements of the map's own sizes, as the batch calls want them.
-	elems := func(size uint32) any {
-		return reflect.MakeSlice(reflect.SliceOf(reflect.ArrayOf(int(size), reflect.TypeFor[byte]())), batch, batch).Interface()
+	elems := func(size uint32, n int) any {
+		return reflect.MakeSlice(reflect.SliceOf(reflect.ArrayOf(int(size), reflect.TypeFor[byte]())), n, n).Interface()
 	}
-	keys, vals := elems(m.KeySize()), elems(m.ValueSize())
+	perValue := 1
+	if m.Type() == ebpf.PerCPUHash || m.Type() == ebpf.LRUCPUHash {
+		// A value per possible CPU.
+		cpus, err := ebpf.PossibleCPU()
+		if err != nil {
+			return 0, err
+		}
+		perValue = cpus
+	}
+	keys, vals := elems(m.KeySize(), batch), elems(m.ValueSize(), batch*perValue)
 	var cursor ebpf.MapBatchCursor
 	total := 0
 	for {

@@ -15,6 +15,7 @@ import (
 	"math/bits"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -39,6 +40,7 @@ var (
 	perRound    = flag.Int("ops", 500, "operations per case per round")
 	manyCount   = flag.Int("many", 100000, "services in the 'many services' datapath")
 	iptCount    = flag.Int("iptables", 10000, "rules/services in the kube-proxy comparison")
+	scrapeCount = flag.Int("scrape-services", 100000, "services of the reload the /metrics scrapes run during")
 	podsockBin  = flag.String("podsock", "bin/podsock", "podsock binary for the agent apply benchmark")
 	podRounds   = flag.Int("podstart", 20, "pod start rounds, each starting one pod with podsock attached and one without")
 	only        = flag.String("only", "", `run one section only: "socklb", "trace", "podstart", "sockets" or "kube"`)
@@ -201,7 +203,8 @@ func (e *env) socketLB() {
 	connect4.Runs -= costBefore["connect4"].Runs
 	connect4.Runtime -= costBefore["connect4"].Runtime
 
-	applyTime, reloadTime, rss, hwm := e.agentApply(*iptCount)
+	applyTime, reloadTime, rss, hwm, _ := e.agentApply(*iptCount)
+	_, bigReload, _, _, scrapes := e.agentApply(*scrapeCount)
 
 	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "case\tpodsock\tbaseline\tratio\ttarget\t")
@@ -222,6 +225,17 @@ func (e *env) socketLB() {
 	fmt.Printf("\nUDP throughput via VIP: %.3fx of direct\n", 1/res.ratio("udp-vip", "udp-direct"))
 	fmt.Printf("agent: %d-service config applied in %v from start (reload changing every backend: %v); RSS %d MiB, peak %d MiB\n",
 		*iptCount, applyTime.Round(time.Millisecond), reloadTime.Round(time.Millisecond), rss>>20, hwm>>20)
+	if len(scrapes) > 0 {
+		slices.Sort(scrapes)
+		worst := scrapes[len(scrapes)-1]
+		verdict := "met"
+		if worst > 100*time.Millisecond {
+			verdict = "missed"
+		}
+		fmt.Printf("/metrics scrape during a %d-service reload (%v, %d scrapes): p50 %v, max %v (target <= 100ms: %s)\n",
+			*scrapeCount, bigReload.Round(time.Millisecond), len(scrapes), scrapes[len(scrapes)/2].Round(10*time.Microsecond),
+			worst.Round(10*time.Microsecond), verdict)
+	}
 	fmt.Printf("iptables-restore of %d DNAT rules took %v\n", *iptCount, iptLoad.Round(time.Millisecond))
 	if connect4.Runs > 0 {
 		fmt.Printf("connect4 program on the VIP path (bpf_stats, %d runs): %v per connect\n",
@@ -523,16 +537,18 @@ func startUDPEcho(e *env, ns *testenv.Netns, addr netip.AddrPort) {
 }
 
 // agentApply starts the real agent with an n-service config and measures how long until
-// it serves all of them, how long a reload that changes every backend takes, and its RSS.
-func (e *env) agentApply(n int) (applied, reloaded time.Duration, rss, hwm int64) {
+// it serves all of them, how long a reload that changes every backend takes, its RSS, and
+// what each /metrics scrape during that reload took (one every 20 ms).
+func (e *env) agentApply(n int) (applied, reloaded time.Duration, rss, hwm int64, scrapes []time.Duration) {
+	metricsAddr := freeLoopbackAddr(e)
 	cg := testenv.NewCgroup(e)
 	bpffs := testenv.BPFFS(e)
 	dir := e.tempDir("podsock-bench-")
 	cfgPath := filepath.Join(dir, "podsock.toml")
 	write := func(port int) {
 		var b strings.Builder
-		fmt.Fprintf(&b, "[agent]\ncgroup_root = %q\nbpffs = %q\nstate_dir = %q\nlog_level = \"warn\"\n[nri]\nenabled = false\n",
-			cg.Path, bpffs, filepath.Join(dir, "state"))
+		fmt.Fprintf(&b, "[agent]\ncgroup_root = %q\nbpffs = %q\nstate_dir = %q\nlog_level = \"warn\"\n[nri]\nenabled = false\n[metrics]\nlisten = %q\n",
+			cg.Path, bpffs, filepath.Join(dir, "state"), metricsAddr)
 		l := limitsFor(n)
 		fmt.Fprintf(&b, "[limits]\nservices = %d\nslots = %d\n", l.Services, l.Slots)
 		for i := range n {
@@ -559,11 +575,50 @@ func (e *env) agentApply(n int) (applied, reloaded time.Duration, rss, hwm int64
 	applied = time.Since(start)
 	write(8081)
 	start = time.Now()
+	stop := make(chan struct{})
+	scraped := make(chan []time.Duration)
+	go func() { scraped <- scrapeUntil("http://"+metricsAddr+"/metrics", stop) }()
 	cmd.Process.Signal(unix.SIGHUP)
 	waitGeneration(2)
 	reloaded = time.Since(start)
+	close(stop)
+	scrapes = <-scraped
 	rss, hwm = procMem(cmd.Process.Pid)
-	return applied, reloaded, rss, hwm
+	return applied, reloaded, rss, hwm, scrapes
+}
+
+// scrapeUntil scrapes url every 20 ms until stop closes, and returns how long each
+// answered scrape took.
+func scrapeUntil(url string, stop <-chan struct{}) []time.Duration {
+	client := &http.Client{Timeout: 5 * time.Second}
+	var out []time.Duration
+	for {
+		select {
+		case <-stop:
+			return out
+		case <-time.After(20 * time.Millisecond):
+		}
+		t0 := time.Now()
+		resp, err := client.Get(url)
+		if err != nil {
+			continue
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			out = append(out, time.Since(t0))
+		}
+	}
+}
+
+// freeLoopbackAddr is a 127.0.0.1 address with a port free now, for an agent's metrics.
+func freeLoopbackAddr(e *env) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		e.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
 }
 
 func procMem(pid int) (rss, hwm int64) {

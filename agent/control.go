@@ -78,6 +78,7 @@ func (a *Agent) serveControl(ln net.Listener) *http.Server {
 		writeJSON(w, a.podViews())
 	})
 	mux.HandleFunc("GET /v1/sockets", a.serveSockets)
+	mux.HandleFunc("GET /v1/trace", a.serveTrace)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -110,7 +111,7 @@ func (a *Agent) status() api.Status {
 			AdoptedLinks: a.dp.AdoptedLinks(),
 			Counters:     counters,
 
-			Features:        a.dp.IteratorFeatures(),
+			Features:        append(a.dp.IteratorFeatures(), a.dp.TraceFeature()),
 			BackfillPending: a.dp.BackfillPending(),
 		},
 		Services:         nSvc,

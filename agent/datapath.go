@@ -29,6 +29,9 @@ type datapathOps interface {
 	MapStats() ([]datapath.MapStat, error)
 	ListErr(proto uint8) error
 	Sockets(datapath.NetnsSet, datapath.SocketFilter, func(datapath.Socket) error) (datapath.WalkStats, error)
+	// Tracing of LB decisions.
+	Trace(datapath.TraceFilter) (*datapath.Tracer, error)
+	TraceFeature() datapath.Feature
 	Close() error
 }
 

@@ -185,3 +185,11 @@ func (f *fakeDatapath) state() (applies [][]datapath.Service, pods map[string]da
 	}
 	return slices.Clone(f.applies), pods, slices.Clone(f.syncs), slices.Clone(f.terminated)
 }
+
+func (f *fakeDatapath) Trace(datapath.TraceFilter) (*datapath.Tracer, error) {
+	return nil, datapath.ErrTraceUnavailable
+}
+
+func (f *fakeDatapath) TraceFeature() datapath.Feature {
+	return datapath.Feature{Name: "trace_ringbuf", Detail: "fake datapath"}
+}

@@ -298,3 +298,39 @@ type LatencySummary struct {
 	P99   time.Duration `json:"p99_ns"`
 	Max   time.Duration `json:"max_ns"`
 }
+
+// TraceTimeFormat is RFC 3339 with all nine digits of the nanoseconds, so times sort as
+// strings and line up.
+const TraceTimeFormat = "2006-01-02T15:04:05.000000000Z07:00"
+
+// TraceView is one line of `podsock trace --json`: one socket-LB decision.
+type TraceView struct {
+	Time  string `json:"time"`
+	Op    string `json:"op"`
+	Proto string `json:"proto"`
+	// Pod is "namespace/name", "" for the host or a netns podsock does not know;
+	// Container is the workload container whose task made the call, "" when not one.
+	Pod          string `json:"pod"`
+	Container    string `json:"container"`
+	CgroupID     uint64 `json:"cgroup_id"`
+	NetnsCookie  uint64 `json:"netns_cookie"`
+	SocketCookie uint64 `json:"socket_cookie"`
+	VIP          string `json:"vip"`
+	Service      string `json:"service"`
+	Backend      string `json:"backend"`
+	Verdict      string `json:"verdict"`
+	Errno        int    `json:"errno"`
+}
+
+// TraceQuery is what `podsock trace` can filter on.
+type TraceQuery struct {
+	Pod     string // "namespace/name"
+	Service string // a service's name
+}
+
+// TraceLine is one line of the control socket's trace stream: a decision, or (Lost set)
+// how many decisions the tracer has lost so far.
+type TraceLine struct {
+	TraceView
+	Lost *uint64 `json:"lost,omitempty"`
+}

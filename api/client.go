@@ -45,7 +45,16 @@ func (c *Client) get(path string, v any) error {
 
 // stream sends a GET and hands the answer's body to read.
 func (c *Client) stream(path string, read func(*json.Decoder) error) error {
-	resp, err := c.http.Get("http://podsock" + path)
+	req, err := http.NewRequest(http.MethodGet, "http://podsock"+path, nil)
+	if err != nil {
+		return fmt.Errorf("request %s: %w", path, err)
+	}
+	return c.do(c.http, req, read)
+}
+
+// do sends req with hc and hands the answer's body to read.
+func (c *Client) do(hc *http.Client, req *http.Request, read func(*json.Decoder) error) error {
+	resp, err := hc.Do(req)
 	if err != nil {
 		switch {
 		case errors.Is(err, unix.ENOENT), errors.Is(err, unix.ECONNREFUSED):
@@ -112,4 +121,42 @@ func (c *Client) Sockets(q SocketQuery, fn func(SocketView) error) error {
 func (c *Client) Services() ([]ServiceView, error) {
 	var out []ServiceView
 	return out, c.get("/v1/services", &out)
+}
+
+// Trace streams the decisions q asks for to fn, and each new count of lost decisions to
+// lost, until ctx ends (which returns nil) or the agent stops.
+func (c *Client) Trace(ctx context.Context, q TraceQuery, fn func(TraceView) error, lost func(uint64)) error {
+	v := url.Values{}
+	if q.Pod != "" {
+		v.Set("pod", q.Pod)
+	}
+	if q.Service != "" {
+		v.Set("service", q.Service)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://podsock/v1/trace?"+v.Encode(), nil)
+	if err != nil {
+		return fmt.Errorf("trace request: %w", err)
+	}
+	// A stream has no deadline: it lasts until ctx ends.
+	streaming := &http.Client{Transport: c.http.Transport}
+	err = c.do(streaming, req, func(dec *json.Decoder) error {
+		for {
+			var l TraceLine
+			if err := dec.Decode(&l); err != nil {
+				return fmt.Errorf("read trace: %w", err)
+			}
+			if l.Lost != nil {
+				lost(*l.Lost)
+				continue
+			}
+			if err := fn(l.TraceView); err != nil {
+				return err
+			}
+		}
+	})
+	if errors.Is(err, context.Canceled) || ctx.Err() != nil {
+		// Interrupted: the stream ended as asked.
+		return nil //nolint:nilerr // the caller's own cancellation is no failure
+	}
+	return err
 }

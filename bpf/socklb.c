@@ -147,6 +147,68 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podsock_afftime_v1 SEC(".maps");
 
+// Tracing. None of it is pinned: only this agent's tracers read it, and the next agent
+// starts with CFG_TRACE clear. The loader sizes the ring (Options.TraceRing).
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} podsock_trace_ring SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct trace_cfg);
+} podsock_trace_v1 SEC(".maps");
+
+// The pod IDs and service IDs a tracer filters on, when podsock_trace_v1 says so.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, PODSOCK_MAX_PODS);
+	__type(key, __u32);
+	__type(value, __u8);
+} podsock_tracepod SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, PODSOCK_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, __u8);
+} podsock_tracesvc SEC(".maps");
+
+// Decisions a full ring had no room for.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} podsock_tracelost SEC(".maps");
+
+// Per-service counters while CFG_SVC_COUNTS is set, by service ID. Userspace creates each
+// service's entry (the programs never insert), so an ID reused starts from zero.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, PODSOCK_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, struct svc_counters);
+} podsock_svccount_v1 SEC(".maps");
+
+// Only the ring holds trace events, and a ring has no value type: this keeps the struct
+// (and its enums) in BTF for bpf2go.
+const struct lb_decision *const btf_keep_lb_decision = 0;
+
+// Cleared by the loader when the kernel refuses a ring buffer: the verifier then drops
+// the tracing code as dead, and the ring is a placeholder map, so only tracing is lost.
+const volatile __u8 trace_ready = 1;
+
+// A decision wakes the reader only once the ring holds this many bytes (the loader sets a
+// quarter of the ring): a wakeup per decision cost each traced connect several
+// microseconds. The reader polls for the rest.
+const volatile __u32 trace_wake_bytes = 1 << 18;
+
 static __always_inline void count(__u32 stat)
 {
 	counter_add(&podsock_stat_v3, stat);
@@ -340,9 +402,10 @@ static __always_inline void untrack(struct sock_state *state, __u64 netns)
 
 // Who is calling: a known pod, the host, or neither (a netns the runtime never told us of).
 struct client {
-	__u32 pod_id; // 0: not a known pod
-	__u32 flags;  // pod flags
-	__u8 host;    // the socket lives in the host netns
+	__u32 pod_id;    // 0: not a known pod
+	__u32 flags;     // pod flags
+	__u8 host;       // the socket lives in the host netns
+	__u8 classified; // the fields above are known; policy() skips it when nothing needs it
 };
 
 static __always_inline struct pod_ref *pod_by_cgroup(void)
@@ -376,6 +439,14 @@ static __always_inline void classify(__u64 netns, __u8 host, struct client *c)
 	c->pod_id = ref ? ref->pod_id : 0;
 	c->flags = ref ? ref->flags : 0;
 	c->host = host;
+	c->classified = 1;
+}
+
+static __always_inline struct datapath_cfg *settings(void)
+{
+	__u32 key = 0;
+
+	return bpf_map_lookup_elem(&podsock_cfg_v1, &key);
 }
 
 enum verdict {
@@ -388,15 +459,12 @@ enum verdict {
 // are only classified when a node setting or the service needs it, so services without
 // pod policy pay nothing for it.
 static __always_inline enum verdict policy(struct bpf_sock_addr *ctx, const struct svc_value *svc,
-					   struct client *c)
+					   const struct datapath_cfg *cfg, struct client *c)
 {
-	__u32 key = 0;
-	struct datapath_cfg *cfg = bpf_map_lookup_elem(&podsock_cfg_v1, &key);
 	__u32 cfg_flags = cfg ? cfg->flags : 0;
 	__u64 netns;
 	__u8 host;
 
-	__builtin_memset(c, 0, sizeof(*c));
 	if (!(cfg_flags & (CFG_HOSTNS_ONLY | CFG_ANY_SKIP)) &&
 	    !(svc->flags & (SVC_F_RESTRICT | SVC_F_AFFINITY_POD | SVC_F_AFFINITY_HOST | SVC_F_HOST_ONLY)))
 		return VERDICT_BALANCE;
@@ -423,6 +491,88 @@ static __always_inline enum verdict policy(struct bpf_sock_addr *ctx, const stru
 		}
 	}
 	return VERDICT_BALANCE;
+}
+
+// trace writes one decision to the ring, if a tracer's lease is current and the filters
+// pass it. Callers test CFG_TRACE first: that test is all tracing costs while it is off.
+static __always_inline void trace(struct bpf_sock_addr *ctx, const struct datapath_cfg *cfg,
+				  struct client *c, const __u32 *vip, __u16 vip_port, __u8 proto,
+				  __u32 svc_id, const __u32 *be_addr, __u16 be_port, __u8 op,
+				  __u8 verdict, __u16 err)
+{
+	struct lb_decision *e;
+	struct trace_cfg *tc;
+	__u32 zero = 0;
+	__u64 now, netns;
+
+	if (!trace_ready)
+		return;
+	tc = bpf_map_lookup_elem(&podsock_trace_v1, &zero);
+	if (!tc)
+		return;
+	now = bpf_ktime_get_ns();
+	if (now > tc->until)
+		return;
+	netns = bpf_get_netns_cookie(ctx);
+	if (!c->classified)
+		classify(netns, cfg && netns == cfg->host_netns_cookie, c);
+	if ((tc->flags & TRACE_F_PODS) && !bpf_map_lookup_elem(&podsock_tracepod, &c->pod_id))
+		return;
+	if ((tc->flags & TRACE_F_SERVICES) && !bpf_map_lookup_elem(&podsock_tracesvc, &svc_id))
+		return;
+	e = bpf_ringbuf_reserve(&podsock_trace_ring, sizeof(*e), 0);
+	if (!e) {
+		counter_add(&podsock_tracelost, 0);
+		return;
+	}
+	e->time_ns = now;
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->netns_cookie = netns;
+	e->socket_cookie = bpf_get_socket_cookie(ctx);
+	addr_copy(e->vip, vip);
+	e->vip_port = vip_port;
+	if (be_addr) {
+		addr_copy(e->backend, be_addr);
+		e->backend_port = be_port;
+	} else {
+		__builtin_memset(e->backend, 0, sizeof(e->backend));
+		e->backend_port = 0;
+	}
+	e->svc_id = svc_id;
+	e->pod_id = c->pod_id;
+	e->err = err;
+	e->proto = proto;
+	e->op = op;
+	e->verdict = verdict;
+	e->host = c->host;
+	e->pad[0] = 0;
+	e->pad[1] = 0;
+	bpf_ringbuf_submit(e, bpf_ringbuf_query(&podsock_trace_ring, BPF_RB_AVAIL_DATA) >= trace_wake_bytes ?
+				      BPF_RB_FORCE_WAKEUP :
+				      BPF_RB_NO_WAKEUP);
+}
+
+#define TRACE(cfg_flags, ...)                  \
+	do {                                   \
+		if ((cfg_flags) & CFG_TRACE)   \
+			trace(__VA_ARGS__);    \
+	} while (0)
+
+// count_service counts a balanced connect (connects) or datagram under its service.
+static __always_inline void count_service(__u32 cfg_flags, __u32 svc_id, int datagram)
+{
+	struct svc_counters *n;
+
+	if (!(cfg_flags & CFG_SVC_COUNTS))
+		return;
+	n = bpf_map_lookup_elem(&podsock_svccount_v1, &svc_id);
+	if (!n)
+		return;
+	// Atomic even per CPU: a preempted program can share its CPU with another.
+	if (datagram)
+		__sync_fetch_and_add(&n->sendmsgs, 1);
+	else
+		__sync_fetch_and_add(&n->connects, 1);
 }
 
 static __always_inline int deny(void)
@@ -530,9 +680,10 @@ static __always_inline int sock_connect(struct bpf_sock_addr *ctx, int v6)
 	struct svc_value *svc;
 	struct backend *be = NULL, chosen_be = {}, scratch = {};
 	struct svc_key key;
-	struct client client;
+	struct client client = {};
+	struct datapath_cfg *cfg = NULL;
 	enum verdict verdict;
-	__u32 hash;
+	__u32 hash, cfg_flags = 0;
 	// Read ctx->sk once, up front: clang otherwise folds the offset into a derived ctx
 	// pointer, which the verifier rejects.
 	struct bpf_sock *sk = ctx->sk;
@@ -540,11 +691,18 @@ static __always_inline int sock_connect(struct bpf_sock_addr *ctx, int v6)
 	if (!sk)
 		return SYS_PROCEED;
 	svc = lookup_service(ctx, v6, &key);
-	verdict = svc ? policy(ctx, svc, &client) : VERDICT_SKIP;
+	if (svc) {
+		cfg = settings();
+		cfg_flags = cfg ? cfg->flags : 0;
+	}
+	verdict = svc ? policy(ctx, svc, cfg, &client) : VERDICT_SKIP;
 	// A denied connect fails, and the kernel keeps the socket's old peer (a connected UDP
 	// socket stays connected): so does its state.
-	if (verdict == VERDICT_DENY)
+	if (verdict == VERDICT_DENY) {
+		TRACE(cfg_flags, ctx, cfg, &client, key.addr, key.port, key.proto, svc->id, NULL, 0,
+		      TRACE_OP_CONNECT, TRACE_DENIED, EPERM);
 		return deny();
+	}
 	if (verdict != VERDICT_BALANCE) {
 		// A balanced socket re-connected elsewhere must not keep claiming its old backend.
 		state = bpf_sk_storage_get(&podsock_sock_v1, sk, 0, 0);
@@ -552,8 +710,11 @@ static __always_inline int sock_connect(struct bpf_sock_addr *ctx, int v6)
 			untrack(state, bpf_get_netns_cookie(ctx));
 			bpf_sk_storage_delete(&podsock_sock_v1, sk);
 		}
-		if (svc)
+		if (svc) {
 			count(STAT_SKIPPED);
+			TRACE(cfg_flags, ctx, cfg, &client, key.addr, key.port, key.proto, svc->id, NULL,
+			      0, TRACE_OP_CONNECT, TRACE_SKIPPED, 0);
+		}
 		return SYS_PROCEED;
 	}
 
@@ -574,8 +735,11 @@ static __always_inline int sock_connect(struct bpf_sock_addr *ctx, int v6)
 						  cookie_hash(bpf_get_socket_cookie(ctx));
 		be = pick_for_client(&key, &svc, &client, hash, &scratch);
 	}
-	if (!be)
+	if (!be) {
+		TRACE(cfg_flags, ctx, cfg, &client, key.addr, key.port, key.proto, svc->id, NULL, 0,
+		      TRACE_OP_CONNECT, TRACE_REFUSED, ECONNREFUSED);
 		return refuse(STAT_NO_BACKEND);
+	}
 
 	if (state) {
 		__u64 netns = bpf_get_netns_cookie(ctx);
@@ -592,6 +756,9 @@ static __always_inline int sock_connect(struct bpf_sock_addr *ctx, int v6)
 	}
 	write_user_addr(ctx, v6, be->addr, be->port);
 	count(STAT_CONNECT);
+	count_service(cfg_flags, svc->id, 0);
+	TRACE(cfg_flags, ctx, cfg, &client, key.addr, key.port, key.proto, svc->id, be->addr,
+	      be->port, TRACE_OP_CONNECT, TRACE_BALANCED, 0);
 	return SYS_PROCEED;
 }
 
@@ -602,9 +769,10 @@ static __always_inline int sock_sendmsg(struct bpf_sock_addr *ctx, int v6)
 	struct svc_value *svc;
 	struct backend *be, scratch = {};
 	struct svc_key key;
-	struct client client;
+	struct client client = {};
+	struct datapath_cfg *cfg;
 	enum verdict verdict;
-	__u32 first;
+	__u32 first, cfg_flags;
 	struct bpf_sock *sk = ctx->sk;
 
 	if (!sk)
@@ -612,11 +780,18 @@ static __always_inline int sock_sendmsg(struct bpf_sock_addr *ctx, int v6)
 	svc = lookup_service(ctx, v6, &key);
 	if (!svc || key.proto != IPPROTO_UDP)
 		return SYS_PROCEED;
-	verdict = policy(ctx, svc, &client);
-	if (verdict == VERDICT_DENY)
+	cfg = settings();
+	cfg_flags = cfg ? cfg->flags : 0;
+	verdict = policy(ctx, svc, cfg, &client);
+	if (verdict == VERDICT_DENY) {
+		TRACE(cfg_flags, ctx, cfg, &client, key.addr, key.port, key.proto, svc->id, NULL, 0,
+		      TRACE_OP_SENDMSG, TRACE_DENIED, EPERM);
 		return deny();
+	}
 	if (verdict == VERDICT_SKIP) {
 		count(STAT_SKIPPED);
+		TRACE(cfg_flags, ctx, cfg, &client, key.addr, key.port, key.proto, svc->id, NULL, 0,
+		      TRACE_OP_SENDMSG, TRACE_SKIPPED, 0);
 		return SYS_PROCEED;
 	}
 
@@ -626,10 +801,9 @@ static __always_inline int sock_sendmsg(struct bpf_sock_addr *ctx, int v6)
 		be = pick_for_client(&key, &svc, &client, cookie_hash(bpf_get_socket_cookie(ctx)),
 				     &scratch);
 		if (!be)
-			return refuse(STAT_NO_BACKEND);
+			goto refused;
 		write_user_addr(ctx, v6, be->addr, be->port);
-		count(STAT_SENDMSG);
-		return SYS_PROCEED;
+		goto balanced;
 	}
 
 	// Entry 0 belongs to the connected peer, if any; datagrams to other services rotate
@@ -639,12 +813,15 @@ static __always_inline int sock_sendmsg(struct bpf_sock_addr *ctx, int v6)
 	if (e) {
 		write_user_addr(ctx, v6, e->backend, e->backend_port);
 		count(STAT_SENDMSG);
+		count_service(cfg_flags, svc->id, 1);
+		TRACE(cfg_flags, ctx, cfg, &client, key.addr, key.port, key.proto, svc->id, e->backend,
+		      e->backend_port, TRACE_OP_SENDMSG, TRACE_BALANCED, 0);
 		return SYS_PROCEED;
 	}
 
 	be = pick_for_client(&key, &svc, &client, cookie_hash(bpf_get_socket_cookie(ctx)), &scratch);
 	if (!be)
-		return refuse(STAT_NO_BACKEND);
+		goto refused;
 	// Keep one entry per backend, so a reply can mean only one VIP: the one this socket
 	// used last with that backend. A backend new to the socket takes a fresh entry, and
 	// the service's previous translation stays, so replies still in flight from a
@@ -664,8 +841,16 @@ static __always_inline int sock_sendmsg(struct bpf_sock_addr *ctx, int v6)
 	}
 	fill_entry(e, &key, svc, be);
 	write_user_addr(ctx, v6, be->addr, be->port);
+balanced:
 	count(STAT_SENDMSG);
+	count_service(cfg_flags, svc->id, 1);
+	TRACE(cfg_flags, ctx, cfg, &client, key.addr, key.port, key.proto, svc->id, be->addr, be->port,
+	      TRACE_OP_SENDMSG, TRACE_BALANCED, 0);
 	return SYS_PROCEED;
+refused:
+	TRACE(cfg_flags, ctx, cfg, &client, key.addr, key.port, key.proto, svc->id, NULL, 0,
+	      TRACE_OP_SENDMSG, TRACE_REFUSED, ECONNREFUSED);
+	return refuse(STAT_NO_BACKEND);
 }
 
 // Replace the backend with the VIP it stands for, in the address that recvmsg() or
@@ -673,8 +858,12 @@ static __always_inline int sock_sendmsg(struct bpf_sock_addr *ctx, int v6)
 static __always_inline int sock_reverse(struct bpf_sock_addr *ctx, int v6, int connected_only)
 {
 	struct sock_state *state;
-	struct backend peer = {};
+	struct backend peer = {}, vip;
+	struct datapath_cfg *cfg;
+	struct client client = {};
 	struct lb_entry *e;
+	__u32 svc_id;
+	__u8 proto;
 	struct bpf_sock *sk = ctx->sk;
 
 	if (!sk)
@@ -687,15 +876,31 @@ static __always_inline int sock_reverse(struct bpf_sock_addr *ctx, int v6, int c
 
 	read_user_addr(ctx, v6, peer.addr);
 	peer.port = (__u16)ctx->user_port;
-	if (connected_only)
+	if (connected_only) {
 		// A connected socket's peer is entry 0.
-		e = entry_has_backend(&state->entries[0], &peer) ? &state->entries[0] : NULL;
-	else
+		if (!entry_has_backend(&state->entries[0], &peer))
+			return SYS_PROCEED;
+		e = &state->entries[0];
+	} else {
 		e = find_backend(state, &peer, 0);
-	if (e) {
-		write_user_addr(ctx, v6, e->vip, e->vip_port);
-		count(STAT_REVERSE);
+		if (!e)
+			return SYS_PROCEED;
 	}
+	// Copied before any helper call: the verifier does not follow the entry pointer
+	// through the spill that the calls force.
+	addr_copy(vip.addr, e->vip);
+	vip.port = e->vip_port;
+	svc_id = e->svc_id;
+	proto = state->proto;
+	write_user_addr(ctx, v6, vip.addr, vip.port);
+	count(STAT_REVERSE);
+	// Only a reversal reads the settings: the other recvmsg()s and getpeername()s pay
+	// nothing for tracing.
+	cfg = settings();
+	if (cfg)
+		TRACE(cfg->flags, ctx, cfg, &client, vip.addr, vip.port, proto, svc_id, peer.addr,
+		      peer.port, connected_only ? TRACE_OP_GETPEERNAME : TRACE_OP_RECVMSG,
+		      TRACE_REVERSED, 0);
 	return SYS_PROCEED;
 }
 

@@ -191,6 +191,11 @@ struct aff_value {
 enum cfg_flags : __u32 {
 	CFG_HOSTNS_ONLY = 1, // balance only sockets of the host netns
 	CFG_ANY_SKIP = 2,    // some pod has POD_F_SKIP_LB: clients must be classified
+	// A tracer is attached: decisions go to podsock_trace_ring, while podsock_trace_v1's
+	// lease lasts and its filters pass them. Off, tracing costs the test of this bit.
+	CFG_TRACE = 4,
+	// Balanced connects and datagrams are counted per service in podsock_svccount_v1.
+	CFG_SVC_COUNTS = 8,
 };
 
 struct datapath_cfg {
@@ -214,6 +219,63 @@ enum stat_index {
 	STAT_UNTRACKED,
 	STAT_UNTRACKED_RELEASED,
 	STAT_MAX,
+};
+
+// One LB decision, as `podsock trace` shows it. Userspace names the pod (pod_id), the
+// container (cgroup_id), the service (svc_id) and converts the time to wall clock.
+enum trace_op : __u8 {
+	TRACE_OP_CONNECT = 1,
+	TRACE_OP_SENDMSG = 2,
+	TRACE_OP_RECVMSG = 3,
+	TRACE_OP_GETPEERNAME = 4,
+};
+
+enum trace_verdict : __u8 {
+	TRACE_BALANCED = 1,
+	TRACE_SKIPPED = 2,
+	TRACE_DENIED = 3,
+	TRACE_REFUSED = 4,
+	TRACE_REVERSED = 5,
+};
+
+struct lb_decision {
+	__u64 time_ns; // bpf_ktime_get_ns
+	__u64 cgroup_id;
+	__u64 netns_cookie;
+	__u64 socket_cookie;
+	__u32 vip[4];
+	__u32 backend[4]; // zero when no backend was chosen
+	__u16 vip_port;
+	__u16 backend_port;
+	__u32 svc_id;
+	__u32 pod_id; // 0: the host, or a netns podsock does not know
+	__u16 err;    // the errno the application sees, 0 if none
+	__u8 proto;
+	enum trace_op op;
+	enum trace_verdict verdict;
+	__u8 host;
+	__u8 pad[2];
+};
+
+// Which of the filter maps apply: each is the union of what the tracers asked for, and
+// is on only when every tracer filters that way, so no tracer misses a decision it wants;
+// each tracer then keeps its own in userspace.
+enum trace_filter_flags : __u32 {
+	TRACE_F_PODS = 1,     // only pods in podsock_tracepod
+	TRACE_F_SERVICES = 2, // only services in podsock_tracesvc
+};
+
+// until is a lease (bpf_ktime_get_ns) the agent renews while a tracer is attached: an agent
+// that dies with CFG_TRACE set stops the writes once it lapses.
+struct trace_cfg {
+	__u64 until;
+	enum trace_filter_flags flags;
+	__u32 pad;
+};
+
+struct svc_counters {
+	__u64 connects; // balanced connects (TCP, connected UDP)
+	__u64 sendmsgs; // balanced datagrams of unconnected UDP
 };
 
 #endif

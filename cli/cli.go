@@ -39,6 +39,9 @@ commands:
   sockets   --config FILE [--json] [--pod NS/NAME] [--backend IP:PORT] [--proto tcp|udp]
                                       every TCP/UDP socket of the host and pod netns, with
                                       its pod and, when podsock balanced it, service and backend
+  trace     --config FILE [--json] [--pod NS/NAME] [--service NAME]
+                                      socket-LB decisions as they happen, until interrupted;
+                                      decisions lost (ring full, slow reader) go to stderr
   cleanup   --config FILE             detach and unpin everything podsock created
   version   [--json]                  version and the kernel features found
 
@@ -84,6 +87,8 @@ func Main(args []string, stdout, stderr io.Writer, ag Agent) int {
 		run = pods
 	case "sockets":
 		run = sockets
+	case "trace":
+		run = trace
 	case "cleanup":
 		run = cleanup
 	case "version":
@@ -101,13 +106,17 @@ func Main(args []string, stdout, stderr io.Writer, ag Agent) int {
 	if cmd != "version" {
 		fs.StringVar(&c.configPath, "config", config.DefaultPath, "config file")
 	}
-	if cmd == "status" || cmd == "services" || cmd == "pods" || cmd == "sockets" || cmd == "version" {
+	if cmd == "status" || cmd == "services" || cmd == "pods" || cmd == "sockets" || cmd == "trace" || cmd == "version" {
 		fs.BoolVar(&c.json, "json", false, "print JSON")
 	}
 	if cmd == "sockets" {
 		fs.StringVar(&c.sockets.Pod, "pod", "", "only this pod's netns (NAMESPACE/NAME)")
 		fs.StringVar(&c.sockets.Backend, "backend", "", "only sockets whose backend or remote is IP:PORT")
 		fs.StringVar(&c.sockets.Proto, "proto", "", "tcp or udp")
+	}
+	if cmd == "trace" {
+		fs.StringVar(&c.trace.Pod, "pod", "", "only this pod's decisions (NAMESPACE/NAME)")
+		fs.StringVar(&c.trace.Service, "service", "", "only this service's decisions (its name)")
 	}
 	if err := fs.Parse(rest); err != nil {
 		fmt.Fprintf(stderr, "podsock %s: %v (try `podsock help`)\n", cmd, err)
@@ -138,6 +147,7 @@ type command struct {
 	configPath     string
 	json           bool
 	sockets        api.SocketQuery
+	trace          api.TraceQuery
 	stdout, stderr io.Writer
 }
 
@@ -510,7 +520,7 @@ type versionInfo struct {
 }
 
 func version(c *command) error {
-	v := versionInfo{Version: buildVersion(), Kernel: kernelRelease(), Features: append(datapath.ProbeFeatures(), datapath.ProbeIterators()...)}
+	v := versionInfo{Version: buildVersion(), Kernel: kernelRelease(), Features: append(append(datapath.ProbeFeatures(), datapath.ProbeIterators()...), datapath.ProbeTrace())}
 	if c.json {
 		return c.printJSON(v)
 	}

@@ -42,7 +42,10 @@ type Options struct {
 	HostNetns uint64
 	// Limits size the maps; pinned maps of another size are migrated at load.
 	Limits Limits
-	Log    logrus.FieldLogger
+	// TraceRing is the trace ring's size in bytes, a power of two of at least a page;
+	// 0 means DefaultTraceRing.
+	TraceRing int
+	Log       logrus.FieldLogger
 }
 
 // attachPoint ties a program to its cgroup hook and the name of its pinned link.
@@ -125,6 +128,13 @@ type Datapath struct {
 	limits    Limits
 	// cfgWritten is what the settings map holds, as last written; nil when unknown.
 	cfgWritten *socklbDatapathCfg
+	// traceOn (a tracer is attached) and svcCounts (per-service counters) are settings
+	// flags; a new agent starts with both off, whatever the last one left.
+	traceOn   bool
+	svcCounts bool
+	trace     tracing
+	// possibleCPUs is how many values a per-CPU map holds.
+	possibleCPUs int
 }
 
 // Load loads the programs, reusing the pinned maps when they are compatible, and attaches
@@ -215,6 +225,15 @@ func Load(opts Options) (*Datapath, error) {
 	}
 	if err := setCountEpoch(spec, dp.countEpoch); err != nil {
 		return nil, err
+	}
+	if dp.possibleCPUs, err = ebpf.PossibleCPU(); err != nil {
+		return nil, fmt.Errorf("count possible CPUs: %w", err)
+	}
+	if dp.trace.err = prepareTrace(spec, opts.TraceRing); dp.trace.err != nil {
+		if !errors.Is(dp.trace.err, ErrTraceUnavailable) {
+			return nil, dp.trace.err
+		}
+		opts.Log.WithError(dp.trace.err).Warn("podsock trace is unavailable; balancing is not affected")
 	}
 	err = spec.LoadAndAssign(&dp.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}, MapReplacements: replacements})
 	if err != nil {
@@ -512,6 +531,7 @@ func detachLink(l link.Link) error {
 
 // Close releases this process's handles. Pinned maps and links stay, and keep serving.
 func (dp *Datapath) Close() error {
+	dp.stopTracing()
 	return dp.closeAll()
 }
 

@@ -41,9 +41,9 @@ var limitMaps = []struct {
 	field func(*Limits) *int
 	maps  []string
 }{
-	{"services", func(l *Limits) *int { return &l.Services }, []string{"podsock_svc_v1", "podsock_name_v2", "podsock_afftime_v1"}},
+	{"services", func(l *Limits) *int { return &l.Services }, []string{"podsock_svc_v1", "podsock_name_v2", "podsock_afftime_v1", "podsock_svccount_v1", "podsock_tracesvc"}},
 	{"slots", func(l *Limits) *int { return &l.Slots }, []string{"podsock_slot_v1"}},
-	{"pods", func(l *Limits) *int { return &l.Pods }, []string{"podsock_podcg_v1", "podsock_netns_v1", "podsock_pod_v1"}},
+	{"pods", func(l *Limits) *int { return &l.Pods }, []string{"podsock_podcg_v1", "podsock_netns_v1", "podsock_pod_v1", "podsock_tracepod"}},
 	{"containers", func(l *Limits) *int { return &l.Containers }, []string{"podsock_ctrcg_v1"}},
 	{"pod_services", func(l *Limits) *int { return &l.PodServices }, []string{"podsock_allow_v1", "podsock_aff_v3"}},
 	{"socket_counts", func(l *Limits) *int { return &l.SocketCounts }, []string{"podsock_svcnetns_v2"}},
@@ -226,7 +226,7 @@ type MapStat = api.MapStat
 // MapStats reads every pinned map's entries, capacity and kernel memory. It walks the
 // maps' keys, so it costs in proportion to what they hold.
 func (dp *Datapath) MapStats() ([]MapStat, error) {
-	// Every map of socklb.o is pinned.
+	// Every map of socklb.o, the unpinned trace and per-service counters included.
 	coll := mapsByName(&dp.objs.socklbMaps)
 	var out []MapStat
 	for _, name := range slices.Sorted(maps.Keys(coll)) {
@@ -247,6 +247,8 @@ func (dp *Datapath) MapStats() ([]MapStat, error) {
 					st.Entries += int(n)
 				}
 			})
+		case m.Type() == ebpf.RingBuf:
+			// A ring has no entries to count: its capacity is its size in bytes.
 		case m.Type() == ebpf.Array || m.Type() == ebpf.PerCPUArray:
 			st.Entries = st.Capacity
 		default:

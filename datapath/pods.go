@@ -345,6 +345,12 @@ func (dp *Datapath) writeCfg() error {
 	if len(dp.skipPods) > 0 {
 		flags |= socklbCfgFlagsCFG_ANY_SKIP
 	}
+	if dp.traceOn {
+		flags |= socklbCfgFlagsCFG_TRACE
+	}
+	if dp.svcCounts {
+		flags |= socklbCfgFlagsCFG_SVC_COUNTS
+	}
 	v := socklbDatapathCfg{HostNetnsCookie: dp.hostNetns, Flags: flags, CountEpoch: dp.countEpoch}
 	if dp.cfgWritten != nil && *dp.cfgWritten == v {
 		return nil

@@ -541,14 +541,22 @@ func (dp *Datapath) addService(k socklbSvcKey, w wanted) error {
 		undo()
 		return fmt.Errorf("service %s: %w", name, err)
 	}
+	if dp.svcCounts {
+		if err := dp.addServiceCounter(id); err != nil {
+			undo()
+			return fmt.Errorf("service %s: %w", name, err)
+		}
+	}
 	v := socklbSvcValue{Id: id, Rev: rev, SlotCount: uint32(len(slots)), Flags: w.flags}
 	if err := dp.objs.PodsockSvcV1.Update(&k, &v, ebpf.UpdateNoExist); err != nil {
 		undo()
+		dp.deleteServiceCounter(id)
 		return fmt.Errorf("service %s: write service entry: %w", name, err)
 	}
 	cur.flags = w.flags
 	dp.services[k] = cur
 	dp.index(cur)
+	dp.traceServiceAdded(cur)
 	return nil
 }
 
@@ -641,6 +649,10 @@ func (dp *Datapath) removeService(k socklbSvcKey, cur *installed) error {
 		dp.dropAffinity(cur.id, nil)
 	}
 	dp.deleteAffTimeout(cur)
+	// IDs are reused: a later service starts its counts from zero, and traces only when
+	// asked for.
+	dp.deleteServiceCounter(cur.id)
+	dp.traceServiceRemoved(cur)
 	dp.deleteName(cur.id)
 	delete(dp.services, k)
 	dp.unindex(cur)

@@ -32,6 +32,8 @@ type socklbCfgFlags uint32
 const (
 	socklbCfgFlagsCFG_HOSTNS_ONLY socklbCfgFlags = 1
 	socklbCfgFlagsCFG_ANY_SKIP    socklbCfgFlags = 2
+	socklbCfgFlagsCFG_TRACE       socklbCfgFlags = 4
+	socklbCfgFlagsCFG_SVC_COUNTS  socklbCfgFlags = 8
 )
 
 type socklbClientId uint32
@@ -45,6 +47,27 @@ type socklbDatapathCfg struct {
 	HostNetnsCookie uint64
 	Flags           socklbCfgFlags
 	CountEpoch      uint32
+}
+
+type socklbLbDecision struct {
+	_            structs.HostLayout
+	TimeNs       uint64
+	CgroupId     uint64
+	NetnsCookie  uint64
+	SocketCookie uint64
+	Vip          [4]uint32
+	Backend      [4]uint32
+	VipPort      uint16
+	BackendPort  uint16
+	SvcId        uint32
+	PodId        uint32
+	Err          uint16
+	Proto        uint8
+	Op           socklbTraceOp
+	Verdict      socklbTraceVerdict
+	Host         uint8
+	Pad          [2]uint8
+	_            [4]byte
 }
 
 type socklbLbEntry struct {
@@ -126,6 +149,12 @@ const (
 	socklbStatIndexSTAT_MAX                socklbStatIndex = 10
 )
 
+type socklbSvcCounters struct {
+	_        structs.HostLayout
+	Connects uint64
+	Sendmsgs uint64
+}
+
 type socklbSvcFlags uint32
 
 const (
@@ -170,6 +199,39 @@ type socklbSvcValue struct {
 	Flags     socklbSvcFlags
 }
 
+type socklbTraceCfg struct {
+	_     structs.HostLayout
+	Until uint64
+	Flags socklbTraceFilterFlags
+	Pad   uint32
+}
+
+type socklbTraceFilterFlags uint32
+
+const (
+	socklbTraceFilterFlagsTRACE_F_PODS     socklbTraceFilterFlags = 1
+	socklbTraceFilterFlagsTRACE_F_SERVICES socklbTraceFilterFlags = 2
+)
+
+type socklbTraceOp uint8
+
+const (
+	socklbTraceOpTRACE_OP_CONNECT     socklbTraceOp = 1
+	socklbTraceOpTRACE_OP_SENDMSG     socklbTraceOp = 2
+	socklbTraceOpTRACE_OP_RECVMSG     socklbTraceOp = 3
+	socklbTraceOpTRACE_OP_GETPEERNAME socklbTraceOp = 4
+)
+
+type socklbTraceVerdict uint8
+
+const (
+	socklbTraceVerdictTRACE_BALANCED socklbTraceVerdict = 1
+	socklbTraceVerdictTRACE_SKIPPED  socklbTraceVerdict = 2
+	socklbTraceVerdictTRACE_DENIED   socklbTraceVerdict = 3
+	socklbTraceVerdictTRACE_REFUSED  socklbTraceVerdict = 4
+	socklbTraceVerdictTRACE_REVERSED socklbTraceVerdict = 5
+)
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -187,7 +249,13 @@ const (
 	socklbMapPodsockSockV1        = "podsock_sock_v1"
 	socklbMapPodsockStatV3        = "podsock_stat_v3"
 	socklbMapPodsockSvcV1         = "podsock_svc_v1"
+	socklbMapPodsockSvccountV1    = "podsock_svccount_v1"
 	socklbMapPodsockSvcnetnsV2    = "podsock_svcnetns_v2"
+	socklbMapPodsockTraceRing     = "podsock_trace_ring"
+	socklbMapPodsockTraceV1       = "podsock_trace_v1"
+	socklbMapPodsockTracelost     = "podsock_tracelost"
+	socklbMapPodsockTracepod      = "podsock_tracepod"
+	socklbMapPodsockTracesvc      = "podsock_tracesvc"
 	socklbProgPodsockConnect4     = "podsock_connect4"
 	socklbProgPodsockConnect6     = "podsock_connect6"
 	socklbProgPodsockGetpeername4 = "podsock_getpeername4"
@@ -198,8 +266,11 @@ const (
 	socklbProgPodsockSendmsg6     = "podsock_sendmsg6"
 	socklbProgPodsockSockRelease  = "podsock_sock_release"
 	socklbVarBtfKeepClientId      = "btf_keep_client_id"
+	socklbVarBtfKeepLbDecision    = "btf_keep_lb_decision"
 	socklbVarBtfKeepStatIndex     = "btf_keep_stat_index"
 	socklbVarCountEpochNow        = "count_epoch_now"
+	socklbVarTraceReady           = "trace_ready"
+	socklbVarTraceWakeBytes       = "trace_wake_bytes"
 )
 
 // loadSocklb returns the embedded CollectionSpec for socklb.
@@ -272,16 +343,25 @@ type socklbMapSpecs struct {
 	PodsockSockV1     *ebpf.MapSpec `ebpf:"podsock_sock_v1"`
 	PodsockStatV3     *ebpf.MapSpec `ebpf:"podsock_stat_v3"`
 	PodsockSvcV1      *ebpf.MapSpec `ebpf:"podsock_svc_v1"`
+	PodsockSvccountV1 *ebpf.MapSpec `ebpf:"podsock_svccount_v1"`
 	PodsockSvcnetnsV2 *ebpf.MapSpec `ebpf:"podsock_svcnetns_v2"`
+	PodsockTraceRing  *ebpf.MapSpec `ebpf:"podsock_trace_ring"`
+	PodsockTraceV1    *ebpf.MapSpec `ebpf:"podsock_trace_v1"`
+	PodsockTracelost  *ebpf.MapSpec `ebpf:"podsock_tracelost"`
+	PodsockTracepod   *ebpf.MapSpec `ebpf:"podsock_tracepod"`
+	PodsockTracesvc   *ebpf.MapSpec `ebpf:"podsock_tracesvc"`
 }
 
 // socklbVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type socklbVariableSpecs struct {
-	BtfKeepClientId  *ebpf.VariableSpec `ebpf:"btf_keep_client_id"`
-	BtfKeepStatIndex *ebpf.VariableSpec `ebpf:"btf_keep_stat_index"`
-	CountEpochNow    *ebpf.VariableSpec `ebpf:"count_epoch_now"`
+	BtfKeepClientId   *ebpf.VariableSpec `ebpf:"btf_keep_client_id"`
+	BtfKeepLbDecision *ebpf.VariableSpec `ebpf:"btf_keep_lb_decision"`
+	BtfKeepStatIndex  *ebpf.VariableSpec `ebpf:"btf_keep_stat_index"`
+	CountEpochNow     *ebpf.VariableSpec `ebpf:"count_epoch_now"`
+	TraceReady        *ebpf.VariableSpec `ebpf:"trace_ready"`
+	TraceWakeBytes    *ebpf.VariableSpec `ebpf:"trace_wake_bytes"`
 }
 
 // socklbObjects contains all objects after they have been loaded into the kernel.
@@ -317,7 +397,13 @@ type socklbMaps struct {
 	PodsockSockV1     *ebpf.Map `ebpf:"podsock_sock_v1"`
 	PodsockStatV3     *ebpf.Map `ebpf:"podsock_stat_v3"`
 	PodsockSvcV1      *ebpf.Map `ebpf:"podsock_svc_v1"`
+	PodsockSvccountV1 *ebpf.Map `ebpf:"podsock_svccount_v1"`
 	PodsockSvcnetnsV2 *ebpf.Map `ebpf:"podsock_svcnetns_v2"`
+	PodsockTraceRing  *ebpf.Map `ebpf:"podsock_trace_ring"`
+	PodsockTraceV1    *ebpf.Map `ebpf:"podsock_trace_v1"`
+	PodsockTracelost  *ebpf.Map `ebpf:"podsock_tracelost"`
+	PodsockTracepod   *ebpf.Map `ebpf:"podsock_tracepod"`
+	PodsockTracesvc   *ebpf.Map `ebpf:"podsock_tracesvc"`
 }
 
 func (m *socklbMaps) Close() error {
@@ -335,7 +421,13 @@ func (m *socklbMaps) Close() error {
 		m.PodsockSockV1,
 		m.PodsockStatV3,
 		m.PodsockSvcV1,
+		m.PodsockSvccountV1,
 		m.PodsockSvcnetnsV2,
+		m.PodsockTraceRing,
+		m.PodsockTraceV1,
+		m.PodsockTracelost,
+		m.PodsockTracepod,
+		m.PodsockTracesvc,
 	)
 }
 
@@ -343,9 +435,12 @@ func (m *socklbMaps) Close() error {
 //
 // It can be passed to loadSocklbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socklbVariables struct {
-	BtfKeepClientId  *ebpf.Variable `ebpf:"btf_keep_client_id"`
-	BtfKeepStatIndex *ebpf.Variable `ebpf:"btf_keep_stat_index"`
-	CountEpochNow    *ebpf.Variable `ebpf:"count_epoch_now"`
+	BtfKeepClientId   *ebpf.Variable `ebpf:"btf_keep_client_id"`
+	BtfKeepLbDecision *ebpf.Variable `ebpf:"btf_keep_lb_decision"`
+	BtfKeepStatIndex  *ebpf.Variable `ebpf:"btf_keep_stat_index"`
+	CountEpochNow     *ebpf.Variable `ebpf:"count_epoch_now"`
+	TraceReady        *ebpf.Variable `ebpf:"trace_ready"`
+	TraceWakeBytes    *ebpf.Variable `ebpf:"trace_wake_bytes"`
 }
 
 // socklbPrograms contains all programs after they have been loaded into the kernel.

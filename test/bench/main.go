@@ -41,7 +41,7 @@ var (
 	iptCount    = flag.Int("iptables", 10000, "rules/services in the kube-proxy comparison")
 	podsockBin  = flag.String("podsock", "bin/podsock", "podsock binary for the agent apply benchmark")
 	podRounds   = flag.Int("podstart", 20, "pod start rounds, each starting one pod with podsock attached and one without")
-	only        = flag.String("only", "", `run one section only: "socklb", "podstart", "sockets" or "kube"`)
+	only        = flag.String("only", "", `run one section only: "socklb", "trace", "podstart", "sockets" or "kube"`)
 	podServices = flag.Int("podstart-services", 10000, "services (one in ten with an allow-list) podsock serves during the pod start bench")
 	podRuntimes = flag.String("podstart-runtimes", "containerd,crio", "runtimes the pod start bench runs under, comma-separated")
 )
@@ -60,11 +60,11 @@ func vip(i int) netip.AddrPort {
 	return netip.AddrPortFrom(netip.AddrFrom4([4]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)}), 80)
 }
 
-func services(n int, proto uint8, be netip.AddrPort) []datapath.Service {
+func services(n int, be netip.AddrPort) []datapath.Service {
 	out := make([]datapath.Service, n)
 	for i := range out {
 		v := vip(i)
-		out[i] = datapath.Service{Name: fmt.Sprintf("bench/svc-%d", i), VIP: v.Addr(), Port: v.Port(), Proto: proto,
+		out[i] = datapath.Service{Name: fmt.Sprintf("bench/svc-%d", i), VIP: v.Addr(), Port: v.Port(), Proto: datapath.ProtoTCP,
 			Backends: []datapath.Backend{{Addr: be, Weight: 1}}}
 	}
 	return out
@@ -91,11 +91,14 @@ func (e *env) run() {
 	switch *only {
 	case "":
 		e.socketLB()
+		e.traceCost()
 		e.printPodStart()
 		e.printSockets()
 		e.printKube()
 	case "socklb":
 		e.socketLB()
+	case "trace":
+		e.traceCost()
 	case "podstart":
 		e.printPodStart()
 	case "sockets":
@@ -103,7 +106,7 @@ func (e *env) run() {
 	case "kube":
 		e.printKube()
 	default:
-		e.Fatalf("-only %q: want socklb, podstart, sockets or kube", *only)
+		e.Fatalf("-only %q: want socklb, trace, podstart, sockets or kube", *only)
 	}
 }
 
@@ -146,16 +149,16 @@ func (e *env) socketLB() {
 	}
 	e.Cleanup(func() { enter(home) })
 	one := e.datapath(cgOne, 2)
-	apply(one, append(services(1, datapath.ProtoTCP, backendTCP), datapath.Service{
+	apply(one, append(services(1, backendTCP), datapath.Service{
 		Name: "bench/udp", VIP: vip(0).Addr(), Port: 53, Proto: datapath.ProtoUDP,
 		Backends: []datapath.Backend{{Addr: backendUDP, Weight: 1}},
 	}))
 	many := e.datapath(cgMany, *manyCount)
 	start := time.Now()
-	apply(many, services(*manyCount, datapath.ProtoTCP, backendTCP))
+	apply(many, services(*manyCount, backendTCP))
 	fmt.Printf("loaded %d services into a datapath in %v\n", *manyCount, time.Since(start).Round(time.Millisecond))
 	ipt := e.datapath(cgIPT, *iptCount)
-	apply(ipt, services(*iptCount, datapath.ProtoTCP, backendTCP))
+	apply(ipt, services(*iptCount, backendTCP))
 	nsIPT, iptLoad := e.kubeProxyNetns(*iptCount)
 
 	// Run-time statistics cost a little on every program run; they are on only for this

@@ -184,6 +184,21 @@ func (w *nriWorld) through(c *cri.Container, vip netip.AddrPort, count int) map[
 	return got
 }
 
+// dbServiceFor is shop/db at vip, served by backend, admitting only shop's pods labelled
+// role=api.
+func dbServiceFor(vip netip.AddrPort, backend *cri.Pod) string {
+	return fmt.Sprintf(`
+[[service]]
+name = "shop/db"
+vip = %q
+port = %d
+backends = ["%s"]
+[[service.allow]]
+namespace = "shop"
+labels = { role = "api" }
+`, vip.Addr(), vip.Port(), netip.AddrPortFrom(backend.IP, 8080))
+}
+
 func servePod(t *testing.T, rt *cri.Runtime, name, reply string) (*cri.Pod, *cri.Container) {
 	t.Helper()
 	p := rt.RunPod(t, cri.PodSpec{Name: name, Labels: map[string]string{"app": "web"}})
@@ -376,20 +391,11 @@ func testNRIPolicy(t *testing.T, kind cri.Kind) {
 	w := newNRIWorld(t, cri.Options{Runtime: kind})
 	a, _ := servePod(t, w.rt, "backend-a", "a")
 	db := netip.MustParseAddrPort("10.96.0.30:80")
-	w.writeConfig(webServiceFor(a) + fmt.Sprintf(`
-[[service]]
-name = "shop/db"
-vip = %q
-port = 80
-backends = ["%s"]
-[[service.allow]]
-namespace = "shop"
-labels = { role = "api" }
-
+	w.writeConfig(webServiceFor(a) + dbServiceFor(db, a) + `
 [lb]
 [[lb.skip]]
 namespace = "mesh-system"
-`, db.Addr(), netip.AddrPortFrom(a.IP, 8080)))
+`)
 	w.startAgent()
 
 	api, apiC := clientPod(t, w.rt, cri.PodSpec{Name: "api", Namespace: "shop", Labels: map[string]string{"role": "api"}})

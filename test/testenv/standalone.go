@@ -19,6 +19,9 @@ type Standalone struct {
 	mu       sync.Mutex
 	cleanups []func()
 	failed   bool
+	// running counts the cleanups some goroutine is in; done is signalled as it falls.
+	running int
+	done    *sync.Cond
 }
 
 func (s *Standalone) Helper() {}
@@ -42,18 +45,32 @@ func (s *Standalone) Errorf(format string, a ...any) {
 }
 
 // RunCleanups undoes everything registered so far, newest first. The cleanups run without
-// the lock: they report with Errorf and may register more.
+// the lock: they report with Errorf and may register more. It returns only once no
+// cleanup runs anywhere: a signal and a fatal error both run them, and the first to exit
+// the process would otherwise cut the other's cleanup short (an API server's directory
+// left half removed).
 func (s *Standalone) RunCleanups() {
-	for {
-		s.mu.Lock()
-		if len(s.cleanups) == 0 {
-			s.mu.Unlock()
-			return
-		}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done == nil {
+		s.done = sync.NewCond(&s.mu)
+	}
+	for len(s.cleanups) > 0 {
 		f := s.cleanups[len(s.cleanups)-1]
 		s.cleanups = s.cleanups[:len(s.cleanups)-1]
+		s.running++
 		s.mu.Unlock()
-		f()
+		func() {
+			defer func() {
+				s.mu.Lock()
+				s.running--
+				s.done.Broadcast()
+			}()
+			f()
+		}()
+	}
+	for s.running > 0 {
+		s.done.Wait()
 	}
 }
 

@@ -78,6 +78,11 @@ type Agent struct {
 	// started with (a change takes a restart).
 	kube    *kubesource.Source
 	kubeCfg config.Kubernetes
+	// reconcilerUp is closed once start has made sources (and what apply uses): the
+	// Kubernetes source may list before that, and its first snapshot waits for it.
+	reconcilerUp chan struct{}
+	// kubeStopped is done once the Kubernetes source is told to stop.
+	kubeStopped <-chan struct{}
 	// recordedSources is what state_dir records of the sources (nil: not known yet);
 	// only the reconciler touches it after start.
 	recordedSources statedir.Sources
@@ -93,7 +98,7 @@ type Agent struct {
 }
 
 func newAgent(log *logrus.Logger) *Agent {
-	a := &Agent{log: log, podq: newPodQueue(), syncLearned: map[string]bool{}, sweepStop: make(chan struct{}), metrics: newAgentMetrics()}
+	a := &Agent{log: log, podq: newPodQueue(), reconcilerUp: make(chan struct{}), syncLearned: map[string]bool{}, sweepStop: make(chan struct{}), metrics: newAgentMetrics()}
 	go a.podq.run()
 	go a.sweepVanishedPods(a.sweepStop)
 	return a
@@ -107,6 +112,7 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
+	serveProfiles(ctx, log)
 
 	cfg, err := config.Load(cfgPath)
 	if err != nil {
@@ -126,18 +132,22 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 			Observe: a.metrics.observeNRIEvent,
 		}, a)
 	}
+	// The first list of a large cluster takes longer than loading the datapath: it runs
+	// meanwhile, and its first snapshot waits for the reconciler that start makes.
+	kctx, stopKube := context.WithCancel(ctx)
+	waitKube := a.runKubernetes(kctx)
+	stopKubernetes := func() { stopKube(); waitKube() }
 	reloadPending, err := a.start(cfg, sigs)
-	if errors.Is(err, errStopped) {
-		return nil
-	}
 	if err != nil {
+		stopKubernetes()
+		if errors.Is(err, errStopped) {
+			return nil
+		}
 		return err
 	}
 	defer a.stop()
-	kctx, stopKube := context.WithCancel(ctx)
-	waitKube := a.runKubernetes(kctx)
 	// Before stop, which closes the reconciler the source publishes to.
-	defer func() { stopKube(); waitKube() }()
+	defer stopKubernetes()
 	a.applyInitial(cfg)
 	if reloadPending {
 		a.reload(cfgPath)
@@ -232,6 +242,9 @@ func (a *Agent) start(cfg *config.Config, sigs <-chan os.Signal) (reloadPending 
 	a.opMu.Lock()
 	a.dp, a.ctl, a.cgroupRoot, a.settings, a.nri, a.limits = dp, ctl, cgroupRoot, cfg.Agent, cfg.NRI, cfg.Limits
 	a.sources = service.NewReconciler(a.apply, a.logConflicts, serviceLimits(cfg.Limits))
+	if a.kube != nil {
+		a.sources.Register(service.SourceKubernetes)
+	}
 	a.adoptRecordedSources()
 	a.tracker = runtimehooks.NewTracker(cgroup2)
 	a.netns = nodeNetns{host: host, tracker: a.tracker}
@@ -240,6 +253,7 @@ func (a *Agent) start(cfg *config.Config, sigs <-chan os.Signal) (reloadPending 
 	a.metricsCfg = cfg.Metrics
 	a.serveMetrics(mln)
 	a.opMu.Unlock()
+	close(a.reconcilerUp)
 drain:
 	for sigs != nil {
 		select {

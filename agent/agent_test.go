@@ -175,6 +175,7 @@ func testAgent(t testing.TB, dp datapathOps, cgroup2 string, host *netns.Handle,
 	}
 	a.term = terminator.New(dp, ns, quietLog())
 	a.sources = service.NewReconciler(a.apply, a.logConflicts, service.Limits{})
+	close(a.reconcilerUp)
 	a.podsSynced = true
 	t.Cleanup(func() {
 		a.sources.Close()

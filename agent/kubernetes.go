@@ -27,7 +27,6 @@ func (a *Agent) newKubernetesSource(cfg config.Kubernetes) error {
 	src, err := kubesource.New(kubesource.Options{
 		Kubeconfig: cfg.Kubeconfig, NodeName: node, ServiceProxyName: cfg.ServiceProxyName,
 		QPS: float32(cfg.QPS), Burst: cfg.Burst, MinSyncPeriod: cfg.MinSyncPeriod,
-		// The reconciler exists only once start has run, which is before Run publishes.
 		Publish:    a.publishKubernetes,
 		Log:        a.log.WithField("source", "kubernetes"),
 		Registerer: a.metrics.registry,
@@ -43,7 +42,7 @@ func (a *Agent) newKubernetesSource(cfg config.Kubernetes) error {
 // publishKubernetes hands the source's snapshot to the reconciler; the first synced one
 // that applies makes the agent ready, as far as Kubernetes goes.
 func (a *Agent) publishKubernetes(s service.Snapshot) <-chan error {
-	done := a.sources.Publish(s)
+	done := a.publishOnceUp(s)
 	if !s.Synced || a.ready.kubeSynced.Load() {
 		return done
 	}
@@ -65,7 +64,7 @@ func (a *Agent) runKubernetes(ctx context.Context) (wait func()) {
 	if a.kube == nil {
 		return func() {}
 	}
-	a.sources.Register(service.SourceKubernetes)
+	a.kubeStopped = ctx.Done()
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -80,6 +79,27 @@ func (a *Agent) runKubernetes(ctx context.Context) (wait func()) {
 			a.log.Warn("kubernetes source still winding down")
 		}
 	}
+}
+
+// publishOnceUp hands a snapshot of the Kubernetes source to the reconciler, once start
+// has made it: the source may have listed the cluster before the datapath loaded.
+func (a *Agent) publishOnceUp(s service.Snapshot) <-chan error {
+	select {
+	case <-a.reconcilerUp:
+		return a.sources.Publish(s)
+	default:
+	}
+	out := make(chan error, 1)
+	go func() {
+		select {
+		case <-a.reconcilerUp:
+			out <- <-a.sources.Publish(s)
+		case <-a.kubeStopped:
+			// The source stops too: it no longer waits for this.
+			out <- service.ErrClosed
+		}
+	}()
+	return out
 }
 
 // nodeName is [kubernetes] node_name, else $NODE_NAME (a DaemonSet's downward API), else
@@ -105,6 +125,7 @@ func (a *Agent) kubernetesStatus(s *api.SourceStatus) {
 	}
 	st := a.kube.Status()
 	s.State, s.Syncs, s.Warning, s.SkippedServicePorts = st.State, st.Syncs, st.Warning, st.Skipped
+	s.CachesSyncedSeconds = st.CachesSynced.Seconds()
 	if !st.LastSync.IsZero() {
 		last := st.LastSync
 		s.LastSync, s.LastSyncSeconds = &last, st.LastSyncDuration.Seconds()

@@ -50,12 +50,15 @@ type SourceStatus struct {
 	// view keeps serving). Syncs counts its snapshots applied, as config_generation counts
 	// the file's configs. Warning says what it cannot do (no nodes access: no zone, no
 	// NodePort).
-	State               string     `json:"state,omitempty"`
-	LastSync            *time.Time `json:"last_sync,omitempty"`
-	LastSyncSeconds     float64    `json:"last_sync_seconds,omitempty"`
-	Syncs               uint64     `json:"syncs,omitempty"`
-	Warning             string     `json:"warning,omitempty"`
-	SkippedServicePorts int        `json:"skipped_service_ports,omitempty"`
+	State           string     `json:"state,omitempty"`
+	LastSync        *time.Time `json:"last_sync,omitempty"`
+	LastSyncSeconds float64    `json:"last_sync_seconds,omitempty"`
+	// CachesSyncedSeconds is how long the source's first list took, until its caches
+	// had synced.
+	CachesSyncedSeconds float64 `json:"caches_synced_seconds,omitempty"`
+	Syncs               uint64  `json:"syncs,omitempty"`
+	Warning             string  `json:"warning,omitempty"`
+	SkippedServicePorts int     `json:"skipped_service_ports,omitempty"`
 }
 
 // ServiceConflict is a service left out: Dropped claimed a frontend key

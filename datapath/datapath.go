@@ -98,6 +98,9 @@ type Datapath struct {
 	services map[socklbSvcKey]*installed
 	usedIDs  map[uint32]bool
 	nextID   uint32
+	// slotsOneByOne: the kernel has no batch map updates (before 5.6), so writeSlots
+	// writes each slot on its own.
+	slotsOneByOne bool
 	// restricted (by name) and affinitySvcs (those with pod affinity) index services for
 	// pod events. Apply keeps them current service by service, since pod events run
 	// between its chunks. Names repeat (one per frontend of a Kubernetes service), so a

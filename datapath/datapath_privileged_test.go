@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -795,5 +796,31 @@ func TestPrivilegedBackendChurnUnderConnects(t *testing.T) {
 	t.Logf("%d backend updates, %d concurrent connects: %d reached a backend removed before they started, %d refused", updates, len(dials), stale, refused)
 	if stale != 0 || refused != 0 || len(dials) < updates {
 		t.Fatalf("%d stale, %d refused of %d connects, want 0 and 0 (and at least %d connects)", stale, refused, len(dials), updates)
+	}
+}
+
+// Slots are written in one batch per service where the kernel can, else one by one; both
+// must leave the same tables, and a revision's switch must drop the old ones either way.
+func TestPrivilegedSlotsWithAndWithoutBatches(t *testing.T) {
+	for _, oneByOne := range []bool{false, true} {
+		t.Run(fmt.Sprintf("one by one %v", oneByOne), func(t *testing.T) {
+			f := newFixture(t)
+			dp := f.load()
+			dp.slotsOneByOne = oneByOne
+			for _, backends := range [][]Backend{{be(beA, 1), be(beB, 3)}, {be(beB, 2)}, {be(beA, 1), be(beB, 1)}} {
+				want := tcpService("default/web", webVIP, backends...)
+				apply(t, dp, want)
+				got, err := dp.Services()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if len(got) != 1 || !slices.Equal(got[0].Backends, weightsFromSlots(expandSlots(backends, 4096))) {
+					t.Fatalf("services read back %+v, want the backends %v", got, backends)
+				}
+				if n, err := countEntries(dp.objs.PodsockSlotV1); err != nil || n != len(expandSlots(backends, 4096)) {
+					t.Fatalf("%d slots in the map (%v), want only the current revision's %d", n, err, len(expandSlots(backends, 4096)))
+				}
+			}
+		})
 	}
 }

@@ -463,6 +463,29 @@ func (dp *Datapath) allocID() (uint32, error) {
 }
 
 func (dp *Datapath) writeSlots(id, rev uint32, slots []netip.AddrPort) error {
+	if len(slots) == 0 {
+		return nil
+	}
+	if !dp.slotsOneByOne {
+		// One syscall for a service's table rather than one per slot: most of a cold
+		// start's map writes are slots.
+		keys := make([]socklbSlotKey, len(slots))
+		values := make([]socklbBackend, len(slots))
+		for i, s := range slots {
+			keys[i], values[i] = socklbSlotKey{SvcId: id, Rev: rev, Slot: uint32(i)}, backendValue(s)
+		}
+		_, err := dp.objs.PodsockSlotV1.BatchUpdate(keys, values, &ebpf.BatchOptions{ElemFlags: uint64(ebpf.UpdateAny)})
+		switch {
+		case err == nil:
+			return nil
+		case errors.Is(err, ebpf.ErrNotSupported):
+			dp.slotsOneByOne = true
+			dp.log.Info("the kernel has no batch map updates: writing backend slots one by one")
+		default:
+			dp.deleteSlots(id, rev, len(slots))
+			return fmt.Errorf("write slots: %w", err)
+		}
+	}
 	for i, s := range slots {
 		k := socklbSlotKey{SvcId: id, Rev: rev, Slot: uint32(i)}
 		v := backendValue(s)

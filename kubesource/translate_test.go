@@ -157,6 +157,17 @@ func runTranslateCases(t *testing.T, cases []translateCase) {
 				node = *c.node
 			}
 			got, skips := Translate(Input{Services: c.services, EndpointSlices: c.slices, Node: node, ServiceProxyName: c.proxy})
+			// The informers cache the slim forms: they must translate the same.
+			slimIn := Input{Node: node, ServiceProxyName: c.proxy}
+			for _, svc := range c.services {
+				slimIn.Services = append(slimIn.Services, slimService(svc))
+			}
+			for _, slice := range c.slices {
+				slimIn.EndpointSlices = append(slimIn.EndpointSlices, slimSlice(slice))
+			}
+			if slimGot, slimSkips := Translate(slimIn); !reflect.DeepEqual(slimGot, got) || !reflect.DeepEqual(slimSkips, skips) {
+				t.Errorf("the slim objects translate otherwise:\n got %s\nwant %s", strings.Join(summary(slimGot), "\n     "), strings.Join(summary(got), "\n     "))
+			}
 			if lines := summary(got); !slices.Equal(lines, c.want) {
 				t.Errorf("services:\n got %s\nwant %s", strings.Join(lines, "\n     "), strings.Join(c.want, "\n     "))
 			}

@@ -30,6 +30,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/ptr"
 
+	"github.com/podsock/podsock/agent"
 	"github.com/podsock/podsock/api"
 	"github.com/podsock/podsock/config"
 	"github.com/podsock/podsock/datapath"
@@ -44,6 +45,10 @@ var (
 		"pause between latency samples once both agents have programmed the last update: more than kube-proxy's --min-sync-period (1s), so that no sample waits out the sync before")
 	kubeAgents  = flag.String("kube-agents", "podsock,kube-proxy", "agents of the kube-proxy comparison, comma-separated")
 	kubeTimeout = flag.Duration("kube-sync-timeout", 10*time.Minute, "how long an agent's first sync may take")
+	kubeBefore  = flag.String("kube-podsock-before", "",
+		"a second podsock binary (a build of an earlier commit) whose cold start and RSS are measured too at each size, just before the others: a before/after in one run")
+	kubeProfile = flag.String("kube-profile", "", "directory for each podsock agent's profiles: CPU from exec until synced and idle, heap then ("+
+		agent.CPUProfileEnv+", "+agent.HeapProfileEnv+", SIGUSR1)")
 )
 
 const (
@@ -123,6 +128,8 @@ type kubeSide struct {
 	stop func()
 	// startup says where the cold start went, in the agent's own terms.
 	startup string
+	// label and profileDir: a podsock agent's, for its profiles.
+	label, profileDir string
 }
 
 // kubeResult is what one size measured.
@@ -134,6 +141,13 @@ type kubeResult struct {
 	connect   samples
 	// programs is what podsock's programs ran during the connect rounds (VIP and direct).
 	programs map[string]datapath.ProgramCost
+	// before is the -kube-podsock-before binary's cold start and RSS, when measured.
+	before *kubeBeforeResult
+}
+
+type kubeBeforeResult struct {
+	coldStart time.Duration
+	rss, hwm  int64
 }
 
 func (e *env) printKube() {
@@ -476,13 +490,23 @@ func (w *kubeWorld) measure(n, index int, agents []string) kubeResult {
 	if index%2 == 1 {
 		slices.Reverse(order)
 	}
+	if *kubeBefore != "" {
+		s, took := w.startPodsock(*kubeBefore, "podsock-before")
+		fmt.Printf("  podsock-before (%s): cold start with %d Services x %d endpoints programmed in %v (%s)\n", *kubeBefore, n, kubeEndpoints, took.Round(time.Millisecond), s.startup)
+		time.Sleep(3 * time.Second)
+		b := &kubeBeforeResult{coldStart: took}
+		b.rss, b.hwm = procMem(s.pid)
+		w.profile(s, n)
+		s.stop()
+		res.before = b
+	}
 	var sides []*kubeSide
 	for _, a := range order {
 		var s *kubeSide
 		var took time.Duration
 		switch a {
 		case agentPodsock:
-			s, took = w.startPodsock()
+			s, took = w.startPodsock(*podsockBin, agentPodsock)
 		case agentKubeProxy:
 			s, took = w.startKubeProxy()
 		}
@@ -500,6 +524,9 @@ func (w *kubeWorld) measure(n, index int, agents []string) kubeResult {
 	time.Sleep(3 * time.Second)
 	for _, s := range sides {
 		res.rss[s.name], res.hwm[s.name] = procMem(s.pid)
+		if s.name == agentPodsock {
+			w.profile(s, n)
+		}
 	}
 
 	fmt.Printf("  programming latency: %d EndpointSlice updates per agent, interleaved...\n", *kubeSamples)
@@ -693,13 +720,32 @@ func (w *kubeWorld) startKubeProxy() (*kubeSide, time.Duration) {
 	}, startup: fmt.Sprintf("its first IPv4 sync took %.3fs", first)}, took
 }
 
-// startPodsock starts the agent (bin/podsock run) in Kubernetes mode with NRI off, as the
-// shipped service account, and times it until its Kubernetes source has synced every
-// Service with endpoints. Its stop also runs `podsock cleanup`, so that the next start is
-// cold too.
-func (w *kubeWorld) startPodsock() (*kubeSide, time.Duration) {
+// profile has a podsock agent end its CPU profile and write its heap profile, and moves
+// them into -kube-profile as <label>-<services>-{cpu,heap}.pprof.
+func (w *kubeWorld) profile(s *kubeSide, services int) {
+	if *kubeProfile == "" {
+		return
+	}
+	if err := syscall.Kill(s.pid, syscall.SIGUSR1); err != nil {
+		w.e.Fatalf("kube bench: ask %s (pid %d) for its profiles: %v", s.label, s.pid, err)
+	}
+	for _, kind := range []string{"cpu", "heap"} {
+		from := filepath.Join(s.profileDir, kind+".pprof")
+		to := filepath.Join(*kubeProfile, fmt.Sprintf("%s-%d-%s.pprof", s.label, services, kind))
+		if !testenv.WaitFor(30*time.Second, func() bool { return os.Rename(from, to) == nil }) {
+			w.e.Fatalf("kube bench: %s wrote no %s profile to %s", s.label, kind, from)
+		}
+		fmt.Printf("  %s: %s profile in %s\n", s.label, kind, to)
+	}
+}
+
+// startPodsock starts the agent (bin, label naming its dir) in Kubernetes mode with NRI
+// off, as the shipped service account, and times it until its Kubernetes source has
+// synced every Service with endpoints. Its stop also runs `podsock cleanup`, so that the
+// next start is cold too.
+func (w *kubeWorld) startPodsock(bin, label string) (*kubeSide, time.Duration) {
 	e := w.e
-	dir := filepath.Join(w.dir, "podsock")
+	dir := filepath.Join(w.dir, label)
 	stateDir := filepath.Join(dir, "state")
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		e.Fatal(err)
@@ -725,8 +771,11 @@ func (w *kubeWorld) startPodsock() (*kubeSide, time.Duration) {
 	defer log.Close()
 
 	start := time.Now()
-	cmd := exec.Command(*podsockBin, "run", "--config", cfgPath)
+	cmd := exec.Command(bin, "run", "--config", cfgPath)
 	cmd.Stdout, cmd.Stderr = log, log
+	if *kubeProfile != "" {
+		cmd.Env = append(os.Environ(), agent.CPUProfileEnv+"="+filepath.Join(dir, "cpu.pprof"), agent.HeapProfileEnv+"="+filepath.Join(dir, "heap.pprof"))
+	}
 	// Ends with the bench if it dies before its cleanup (the main thread starts it).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -745,7 +794,7 @@ func (w *kubeWorld) startPodsock() (*kubeSide, time.Duration) {
 				cmd.Process.Kill()
 				<-exited
 			}
-			if out, err := exec.Command(*podsockBin, "cleanup", "--config", cfgPath).CombinedOutput(); err != nil {
+			if out, err := exec.Command(bin, "cleanup", "--config", cfgPath).CombinedOutput(); err != nil {
 				e.Errorf("kube bench: podsock cleanup: %v: %s", err, out)
 			}
 		})
@@ -781,8 +830,9 @@ func (w *kubeWorld) startPodsock() (*kubeSide, time.Duration) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	took := time.Since(start)
-	return &kubeSide{name: agentPodsock, ns: w.nsP, cg: w.client, pid: cmd.Process.Pid, stop: stop,
-		startup: fmt.Sprintf("its control socket answered after %v, its last sync took %.3fs", answered.Round(time.Millisecond), src.LastSyncSeconds)}, took
+	return &kubeSide{name: agentPodsock, label: label, profileDir: dir, ns: w.nsP, cg: w.client, pid: cmd.Process.Pid, stop: stop,
+		startup: fmt.Sprintf("its control socket answered after %v, its caches synced %.3fs after its source started, its last sync took %.3fs",
+			answered.Round(time.Millisecond), src.CachesSyncedSeconds, src.LastSyncSeconds)}, took
 }
 
 func bitsFor(n int) int {
@@ -907,6 +957,13 @@ func printKubeTable(results []kubeResult, agents []string) {
 		}
 	}
 	tw.Flush()
+	for _, r := range results {
+		if b := r.before; b != nil {
+			fmt.Printf("podsock before/after at %d Services (-kube-podsock-before %s, then %s): cold start %v -> %v, RSS %d MiB (%d) -> %d MiB (%d)\n",
+				r.services, *kubeBefore, *podsockBin, b.coldStart.Round(time.Millisecond), r.coldStart[agentPodsock].Round(time.Millisecond),
+				b.rss>>20, b.hwm>>20, r.rss[agentPodsock]>>20, r.hwm[agentPodsock]>>20)
+		}
+	}
 	for _, r := range results {
 		if len(r.programs) == 0 {
 			continue

@@ -206,8 +206,10 @@ func (w *kubeWorld) services() []api.ServiceView {
 	return svcs
 }
 
-// waitBackends waits until the service with this name serves exactly these backends on
-// every frontend it has, and returns its views.
+// waitBackends waits until the Kubernetes service with this name serves exactly these
+// backends on every frontend it has, and the apply that wrote them has recorded them (the
+// maps show the backends a moment before: until then services names the frontend's
+// source "file" and lists no endpoints), and returns its views.
 func (w *kubeWorld) waitBackends(name string, want ...netip.AddrPort) []api.ServiceView {
 	w.t.Helper()
 	wantStr := make([]string, 0, len(want))
@@ -220,7 +222,7 @@ func (w *kubeWorld) waitBackends(name string, want ...netip.AddrPort) []api.Serv
 		views = slices.DeleteFunc(w.services(), func(v api.ServiceView) bool { return v.Name != name })
 		for _, v := range views {
 			got := slices.Sorted(slices.Values(v.Backends))
-			if !slices.Equal(got, wantStr) {
+			if !slices.Equal(got, wantStr) || v.Source != "kubernetes" {
 				return false
 			}
 		}

@@ -237,17 +237,24 @@ func backendOf(p *cri.Pod) netip.AddrPort { return netip.AddrPortFrom(p.IP, 8080
 
 var kubeWeb = netip.MustParseAddrPort("10.96.0.20:80")
 
+// oneNodeScene is node-a of a private API server, with two backend pods (replying "a" and
+// "b") and a client pod whose probe container cannot reach the VIP before podsock runs.
+func oneNodeScene(t *testing.T) (w *kubeWorld, a, b *cri.Pod, client *cri.Pod, probe *cri.Container) {
+	t.Helper()
+	w = newKubeWorld(t, startKubeServer(t, "node-a"), "node-a")
+	a, _ = servePod(t, w.rt, "web-a", "a")
+	b, _ = servePod(t, w.rt, "web-b", "b")
+	client, probe = clientPod(t, w.rt, cri.PodSpec{Name: "client", Namespace: "shop"})
+	requireBlackholed(t, w.nriWorld, probe, "before podsock runs")
+	return w, a, b, client, probe
+}
+
 // TestPrivilegedKubernetesClusterIP: a Service and its EndpointSlice of two backend pods,
 // both from the real API server, reach a client pod through the ClusterIP, which is the
 // peer the client sees. Services podsock must not serve (another service-proxy-name,
 // headless) stay unserved, and a Service without endpoints refuses at once.
 func TestPrivilegedKubernetesClusterIP(t *testing.T) {
-	srv := startKubeServer(t, "node-a")
-	w := newKubeWorld(t, srv, "node-a")
-	a, _ := servePod(t, w.rt, "web-a", "a")
-	b, _ := servePod(t, w.rt, "web-b", "b")
-	_, probe := clientPod(t, w.rt, cri.PodSpec{Name: "client", Namespace: "shop"})
-	requireBlackholed(t, w.nriWorld, probe, "before podsock runs")
+	w, a, b, _, probe := oneNodeScene(t)
 	w.startKubeAgent()
 
 	w.kubeService("web", kubeWeb.Addr().String(), nil)
@@ -300,12 +307,7 @@ func TestPrivilegedKubernetesClusterIP(t *testing.T) {
 // endpoint left, the serving terminating ones take connects; only when the endpoint leaves
 // the slice is its connection aborted.
 func TestPrivilegedKubernetesTerminatingEndpoint(t *testing.T) {
-	srv := startKubeServer(t, "node-a")
-	w := newKubeWorld(t, srv, "node-a")
-	a, _ := servePod(t, w.rt, "web-a", "a")
-	b, _ := servePod(t, w.rt, "web-b", "b")
-	client, probe := clientPod(t, w.rt, cri.PodSpec{Name: "client", Namespace: "shop"})
-	requireBlackholed(t, w.nriWorld, probe, "before podsock runs")
+	w, a, b, client, probe := oneNodeScene(t)
 	w.startKubeAgent()
 
 	w.kubeService("web", kubeWeb.Addr().String(), nil)
@@ -355,12 +357,7 @@ func TestPrivilegedKubernetesTerminatingEndpoint(t *testing.T) {
 // the client pod goes to one backend while it keeps connecting; once the timeout passes
 // without a connect, it picks again.
 func TestPrivilegedKubernetesSessionAffinity(t *testing.T) {
-	srv := startKubeServer(t, "node-a")
-	w := newKubeWorld(t, srv, "node-a")
-	a, _ := servePod(t, w.rt, "web-a", "a")
-	b, _ := servePod(t, w.rt, "web-b", "b")
-	_, probe := clientPod(t, w.rt, cri.PodSpec{Name: "client", Namespace: "shop"})
-	requireBlackholed(t, w.nriWorld, probe, "before podsock runs")
+	w, a, b, _, probe := oneNodeScene(t)
 	w.startKubeAgent()
 
 	w.kubeService("web", kubeWeb.Addr().String(), func(s *corev1.Service) {
@@ -395,18 +392,13 @@ func TestPrivilegedKubernetesSessionAffinity(t *testing.T) {
 // reach it; once it is back, the view resyncs exactly. An agent restarted while the API
 // server is down keeps serving the pinned services until it is back.
 func TestPrivilegedKubernetesAPIServerDown(t *testing.T) {
-	srv := startKubeServer(t, "node-a")
-	w := newKubeWorld(t, srv, "node-a")
-	a, _ := servePod(t, w.rt, "web-a", "a")
-	b, _ := servePod(t, w.rt, "web-b", "b")
-	_, probe := clientPod(t, w.rt, cri.PodSpec{Name: "client", Namespace: "shop"})
-	requireBlackholed(t, w.nriWorld, probe, "before podsock runs")
+	w, a, b, _, probe := oneNodeScene(t)
 	agentProc := w.startKubeAgent()
 	w.kubeService("web", kubeWeb.Addr().String(), nil)
 	w.putSlice(endpointSlice("web", "web-1", readyOn(a, "node-a"), readyOn(b, "node-a")))
 	w.waitBackends("default/web:http", backendOf(a), backendOf(b))
 
-	srv.StopAPIServer(t)
+	w.srv.StopAPIServer(t)
 	downUntil := time.Now().Add(30 * time.Second)
 	connects, failed := 0, 0
 	for time.Now().Before(downUntil) {
@@ -436,7 +428,7 @@ func TestPrivilegedKubernetesAPIServerDown(t *testing.T) {
 		t.Fatalf("restarted agent serves nothing: %+v", st)
 	}
 
-	srv.StartAPIServer(t)
+	w.srv.StartAPIServer(t)
 	w.waitSource(func(s api.SourceStatus) bool { return s.Synced && s.State == "synced" })
 	// The resync is exact: a change made after it is the whole truth.
 	w.putSlice(endpointSlice("web", "web-1", readyOn(b, "node-a")))

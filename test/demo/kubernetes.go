@@ -112,16 +112,7 @@ node_name = %q
 	step("scale down to one replica (%s): kubectl apply of the smaller EndpointSlice", keep.Name)
 	begin := time.Now()
 	kubectl(webManifest(node, keep), "apply", "-f", "-")
-	if !testenv.WaitFor(3*time.Second, func() bool {
-		out, _ := d.rt.Logs(hold)
-		return strings.Contains(out, "read-error=ECONNABORTED")
-	}) {
-		out, _ := d.rt.Logs(hold)
-		d.Fatalf("the held connection to a removed replica was not aborted:\n%s", out)
-	}
-	out, _ := d.rt.Logs(hold)
-	fmt.Print(indent(lastLine(out)))
-	fmt.Printf("    aborted %v after kubectl apply (API server, watch, apply and container log polling included)\n", time.Since(begin).Round(time.Millisecond))
+	d.awaitAborted(hold, 3*time.Second, begin, "kubectl apply (API server, watch, apply and container log polling included)")
 	if seen := d.dial(client, 4); seen[keep.Name] != 4 {
 		d.Fatalf("after the scale-down only %s should answer; got %v", keep.Name, seen)
 	}

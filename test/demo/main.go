@@ -150,16 +150,7 @@ backends = [%s]
 	writeConfig(stays)
 	begin := time.Now()
 	agent.Process.Signal(syscall.SIGHUP)
-	if !testenv.WaitFor(time.Second, func() bool {
-		out, _ := d.rt.Logs(hold)
-		return strings.Contains(out, "read-error=ECONNABORTED")
-	}) {
-		out, _ := d.rt.Logs(hold)
-		d.Fatalf("the client held to %s was not aborted within 1 s:\n%s", held.Name, out)
-	}
-	out, _ := d.rt.Logs(hold)
-	fmt.Print(indent(lastLine(out)))
-	fmt.Printf("    aborted %v after the reload (container log polling included)\n", time.Since(begin).Round(time.Millisecond))
+	d.awaitAborted(hold, time.Second, begin, "the reload (container log polling included)")
 	if seen := d.dial(client, 4); seen[stays.Name] != 4 {
 		d.Fatalf("after the reload only %s should answer; got %v", stays.Name, seen)
 	}
@@ -226,6 +217,21 @@ func (d *demo) dial(c *cri.Container, n int) map[string]int {
 	sort.Strings(names)
 	fmt.Printf("    answered by: %s\n", strings.Join(names, ", "))
 	return seen
+}
+
+// awaitAborted waits up to within for the client in hold to see its connection aborted,
+// prints its last line and how long after begin (the change named by after) it came.
+func (d *demo) awaitAborted(hold *cri.Container, within time.Duration, begin time.Time, after string) {
+	if !testenv.WaitFor(within, func() bool {
+		out, _ := d.rt.Logs(hold)
+		return strings.Contains(out, "read-error=ECONNABORTED")
+	}) {
+		out, _ := d.rt.Logs(hold)
+		d.Fatalf("the held connection was not aborted within %v of %s:\n%s", within, after, out)
+	}
+	out, _ := d.rt.Logs(hold)
+	fmt.Print(indent(lastLine(out)))
+	fmt.Printf("    aborted %v after %s\n", time.Since(begin).Round(time.Millisecond), after)
 }
 
 // lastLine is the last line a container printed.

@@ -94,10 +94,17 @@ type Datapath struct {
 	// AdoptedLinks counts links that a previous agent pinned and this one took over.
 	adoptedLinks int
 
+	// handlesMu lets readers of counters and map sizes (scrapes, status) skip mu, which an
+	// Apply holds chunk after chunk: they only need the handles to stay open.
+	handlesMu sync.RWMutex
+
 	mu       sync.Mutex
 	services map[socklbSvcKey]*installed
-	usedIDs  map[uint32]bool
-	nextID   uint32
+	// backendCount is how many distinct backends the last fully applied set has; -1 when
+	// unknown (adopted pins, a failed Apply).
+	backendCount int
+	usedIDs      map[uint32]bool
+	nextID       uint32
 	// slotsOneByOne: the kernel has no batch map updates (before 5.6), so writeSlots
 	// writes each slot on its own.
 	slotsOneByOne bool
@@ -164,15 +171,16 @@ func Load(opts Options) (*Datapath, error) {
 		}
 	}()
 	dp := &Datapath{
-		lock:     lock,
-		opts:     opts,
-		pinDir:   pinDir,
-		cgroupID: cgroupID,
-		log:      opts.Log,
-		links:    map[string]link.Link{},
-		services: map[socklbSvcKey]*installed{},
-		usedIDs:  map[uint32]bool{},
-		nextID:   1,
+		lock:         lock,
+		opts:         opts,
+		pinDir:       pinDir,
+		cgroupID:     cgroupID,
+		log:          opts.Log,
+		links:        map[string]link.Link{},
+		services:     map[socklbSvcKey]*installed{},
+		backendCount: -1,
+		usedIDs:      map[uint32]bool{},
+		nextID:       1,
 
 		pods:      map[string]*installedPod{},
 		podIDs:    map[uint32]*installedPod{},
@@ -536,6 +544,8 @@ func (dp *Datapath) Close() error {
 }
 
 func (dp *Datapath) closeAll() error {
+	dp.handlesMu.Lock()
+	defer dp.handlesMu.Unlock()
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
 	defer dp.lock.Close()
@@ -586,8 +596,8 @@ type Stats = api.Counters
 
 // Stats reads the datapath counters.
 func (dp *Datapath) Stats() (Stats, error) {
-	dp.mu.Lock()
-	defer dp.mu.Unlock()
+	dp.handlesMu.RLock()
+	defer dp.handlesMu.RUnlock()
 	var sums [socklbStatIndexSTAT_MAX]uint64
 	for i := range sums {
 		var perCPU []uint64

@@ -226,6 +226,8 @@ type MapStat = api.MapStat
 // MapStats reads every pinned map's entries, capacity and kernel memory. It walks the
 // maps' keys, so it costs in proportion to what they hold.
 func (dp *Datapath) MapStats() ([]MapStat, error) {
+	dp.handlesMu.RLock()
+	defer dp.handlesMu.RUnlock()
 	// Every map of socklb.o, the unpinned trace and per-service counters included.
 	coll := mapsByName(&dp.objs.socklbMaps)
 	var out []MapStat

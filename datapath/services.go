@@ -260,6 +260,7 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 	for k := range desired {
 		keys = append(keys, k)
 	}
+	backends := distinctBackends(desired)
 	// A stable order keeps ID assignment reproducible.
 	slices.SortFunc(keys, compareKeys)
 
@@ -326,6 +327,10 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 			res.Updated++
 			res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, s.name, cur.id, firstWithout, gone)...)
 		}
+	}
+	dp.backendCount = backends
+	if len(errs) > 0 {
+		dp.backendCount = -1
 	}
 	return res, errors.Join(errs...)
 }
@@ -882,6 +887,11 @@ func (dp *Datapath) migrateNamesV1() error {
 func (dp *Datapath) Counts() (services, backends int) {
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
+	// Walking 100k services' slots would hold the datapath from pod events and scrapes:
+	// a fully applied set was counted when it was planned.
+	if dp.backendCount >= 0 {
+		return len(dp.services), dp.backendCount
+	}
 	seen := map[netip.AddrPort]bool{}
 	for _, s := range dp.services {
 		for _, a := range s.slots {
@@ -889,6 +899,17 @@ func (dp *Datapath) Counts() (services, backends int) {
 		}
 	}
 	return len(dp.services), len(seen)
+}
+
+// distinctBackends counts the addresses the planned services balance to.
+func distinctBackends(desired map[socklbSvcKey]wanted) int {
+	seen := map[netip.AddrPort]bool{}
+	for _, w := range desired {
+		for _, a := range w.slots {
+			seen[a] = true
+		}
+	}
+	return len(seen)
 }
 
 func uniqueAddrs(slots []netip.AddrPort) []netip.AddrPort {

@@ -43,6 +43,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podsock_slot_v1 SEC(".maps");
 
+// Not pinned: every agent fills its own from the services before its programs attach.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2 * PORT_WORDS_PER_PROTO);
+	__type(key, __u32);
+	__type(value, __u64);
+} podsock_svcport_v1 SEC(".maps");
+
 // Service names are only read by userspace; keeping them next to the services lets a
 // restarted agent (or a human with bpftool) see exactly what the datapath serves.
 struct {
@@ -242,15 +250,34 @@ static __always_inline void write_user_addr(struct bpf_sock_addr *ctx, int v6, c
 	ctx->user_port = (__u32)port;
 }
 
+// port_served says whether some service uses this port (network byte order) and
+// protocol. The verifier inlines the array read, so the node's other connects pay a few
+// instructions instead of a hash of their address.
+static __always_inline int port_served(__u16 port, __u8 proto)
+{
+	__u32 word = port >> 6;
+	__u64 *bits;
+
+	if (proto == IPPROTO_UDP)
+		word += PORT_WORDS_PER_PROTO;
+	else if (proto != IPPROTO_TCP)
+		return 0;
+	bits = bpf_map_lookup_elem(&podsock_svcport_v1, &word);
+	return bits && (*bits & (1ULL << (port & 63)));
+}
+
 static __always_inline struct svc_value *lookup_service(struct bpf_sock_addr *ctx, int v6,
 							 struct svc_key *key)
 {
+	__u16 port = (__u16)ctx->user_port;
+	__u8 proto = (__u8)ctx->protocol;
+
+	if (!port_served(port, proto))
+		return NULL;
 	__builtin_memset(key, 0, sizeof(*key));
 	read_user_addr(ctx, v6, key->addr);
-	key->port = (__u16)ctx->user_port;
-	key->proto = (__u8)ctx->protocol;
-	if (key->proto != IPPROTO_TCP && key->proto != IPPROTO_UDP)
-		return NULL;
+	key->port = port;
+	key->proto = proto;
 	return bpf_map_lookup_elem(&podsock_svc_v1, key);
 }
 

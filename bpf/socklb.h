@@ -149,6 +149,11 @@ struct svc_netns_counts {
 
 #define PODSOCK_MAX_SVC_NETNS 65536
 
+// The ports some service listens on, one bit per port (in network byte order, as in
+// struct svc_key) and protocol: a connect or datagram to any other port leaves with one
+// array read, without hashing its address. Words 0..1023 are TCP's, 1024..2047 UDP's.
+#define PORT_WORDS_PER_PROTO 1024
+
 enum pod_flags : __u32 {
 	POD_F_SKIP_LB = 1, // socket-LB leaves this pod's sockets alone (service meshes)
 };

@@ -100,6 +100,8 @@ type Datapath struct {
 
 	mu       sync.Mutex
 	services map[socklbSvcKey]*installed
+	// ports mirrors the port filter (podsock_svcport_v1).
+	ports portSet
 	// backendCount is how many distinct backends the last fully applied set has; -1 when
 	// unknown (adopted pins, a failed Apply).
 	backendCount int
@@ -261,6 +263,10 @@ func Load(opts Options) (*Datapath, error) {
 		return nil, errors.Join(err, dp.closeAll())
 	}
 	if err := dp.readServices(); err != nil {
+		return nil, errors.Join(err, dp.closeAll())
+	}
+	// Before the programs attach: an empty filter would pass every pinned service by.
+	if err := dp.writePorts(portsOf(dp.services)); err != nil {
 		return nil, errors.Join(err, dp.closeAll())
 	}
 	if err := dp.readPods(); err != nil {
@@ -664,6 +670,14 @@ func Cleanup(bpffs string) error {
 type ProgramCost struct {
 	Runs    uint64
 	Runtime time.Duration
+}
+
+// PerRun is the mean time of one run, 0 without runs.
+func (c ProgramCost) PerRun() time.Duration {
+	if c.Runs == 0 {
+		return 0
+	}
+	return c.Runtime / time.Duration(c.Runs)
 }
 
 // ProgramCosts reads the kernel's run-time statistics of each socket-LB program.

@@ -434,6 +434,11 @@ func TestPrivilegedPinsSurviveAndAreAdopted(t *testing.T) {
 	}
 
 	dp2 := f.load()
+	// The new programs read a port filter of their own, filled from the pins before they
+	// attached: the service serves before any Apply.
+	if r, err := testenv.DialTCP(f.ns, 0, webVIP, false); err != nil || r.Backend != "A" {
+		t.Fatalf("connect after a new loader adopted the pins: %+v %v", r, err)
+	}
 	if dp2.AdoptedLinks() != len(attachPoints) {
 		t.Fatalf("reload adopted %d links, want %d", dp2.AdoptedLinks(), len(attachPoints))
 	}
@@ -455,6 +460,49 @@ func TestPrivilegedPinsSurviveAndAreAdopted(t *testing.T) {
 	}
 	if !dp2.Attached() {
 		t.Fatal("adopted datapath reports not attached")
+	}
+}
+
+// The port filter lets connects to ports no service uses skip the service lookup: it
+// must follow every change of ports, or a service on a new port would be passed by.
+func TestPrivilegedPortFilterFollowsServices(t *testing.T) {
+	f := newFixture(t)
+	testenv.StartTCPBackend(t, f.ns, "A", beA)
+	alt := netip.MustParseAddrPort("10.88.0.5:8081")
+	testenv.StartTCPBackend(t, f.ns, "alt", alt)
+	dp := f.load()
+	moved := netip.AddrPortFrom(webVIP.Addr(), 8443)
+	apply(t, dp, tcpService("default/web", webVIP, be(beA, 1)), udpService("default/dns", dnsVIP, be(dnsA, 1)))
+	wantPorts(t, dp, map[socklbSvcKey]bool{svcKey(webVIP.Addr(), 80, ProtoTCP): true, svcKey(dnsVIP.Addr(), 53, ProtoUDP): true})
+	if r, err := testenv.DialTCP(f.ns, 0, webVIP, false); err != nil || r.Backend != "A" {
+		t.Fatalf("connect to %s: %+v %v", webVIP, r, err)
+	}
+
+	// The service moves to another port: the new one serves at once, the old one is gone.
+	apply(t, dp, tcpService("default/web", moved, be(alt, 1)))
+	wantPorts(t, dp, map[socklbSvcKey]bool{svcKey(moved.Addr(), moved.Port(), ProtoTCP): true})
+	if r, err := testenv.DialTCP(f.ns, 0, moved, false); err != nil || r.Backend != "alt" {
+		t.Fatalf("connect to %s after the move: %+v %v", moved, r, err)
+	}
+	if _, err := testenv.DialTCP(f.ns, 0, webVIP, false); !testenv.IsUnreachable(err) {
+		t.Fatalf("connect to the old port %s: %v, want the blackhole's error", webVIP, err)
+	}
+	apply(t, dp)
+	wantPorts(t, dp, nil)
+}
+
+// wantPorts checks that the port filter in the kernel holds exactly the ports of want.
+func wantPorts(t *testing.T, dp *Datapath, want map[socklbSvcKey]bool) {
+	t.Helper()
+	exp := portsOf(want)
+	for i := range exp {
+		var got uint64
+		if err := dp.objs.PodsockSvcportV1.Lookup(uint32(i), &got); err != nil {
+			t.Fatal(err)
+		}
+		if got != exp[i] {
+			t.Fatalf("port filter word %d = %#x, want %#x", i, got, exp[i])
+		}
 	}
 }
 

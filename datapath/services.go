@@ -279,6 +279,14 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		return res, err
 	}
 
+	// Ports of both the old and the new services while the services change.
+	during := portsOf(dp.services)
+	for k := range desired {
+		during.add(k)
+	}
+	if err := dp.writePorts(during); err != nil {
+		return res, err
+	}
 	var errs []error
 	// Removals first: they free IDs and slots for what comes next.
 	for k, cur := range dp.services {
@@ -327,6 +335,9 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 			res.Updated++
 			res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, s.name, cur.id, firstWithout, gone)...)
 		}
+	}
+	if err := dp.writePorts(portsOf(dp.services)); err != nil {
+		errs = append(errs, err)
 	}
 	dp.backendCount = backends
 	if len(errs) > 0 {

@@ -251,6 +251,7 @@ const (
 	socklbMapPodsockSvcV1         = "podsock_svc_v1"
 	socklbMapPodsockSvccountV1    = "podsock_svccount_v1"
 	socklbMapPodsockSvcnetnsV2    = "podsock_svcnetns_v2"
+	socklbMapPodsockSvcportV1     = "podsock_svcport_v1"
 	socklbMapPodsockTraceRing     = "podsock_trace_ring"
 	socklbMapPodsockTraceV1       = "podsock_trace_v1"
 	socklbMapPodsockTracelost     = "podsock_tracelost"
@@ -345,6 +346,7 @@ type socklbMapSpecs struct {
 	PodsockSvcV1      *ebpf.MapSpec `ebpf:"podsock_svc_v1"`
 	PodsockSvccountV1 *ebpf.MapSpec `ebpf:"podsock_svccount_v1"`
 	PodsockSvcnetnsV2 *ebpf.MapSpec `ebpf:"podsock_svcnetns_v2"`
+	PodsockSvcportV1  *ebpf.MapSpec `ebpf:"podsock_svcport_v1"`
 	PodsockTraceRing  *ebpf.MapSpec `ebpf:"podsock_trace_ring"`
 	PodsockTraceV1    *ebpf.MapSpec `ebpf:"podsock_trace_v1"`
 	PodsockTracelost  *ebpf.MapSpec `ebpf:"podsock_tracelost"`
@@ -399,6 +401,7 @@ type socklbMaps struct {
 	PodsockSvcV1      *ebpf.Map `ebpf:"podsock_svc_v1"`
 	PodsockSvccountV1 *ebpf.Map `ebpf:"podsock_svccount_v1"`
 	PodsockSvcnetnsV2 *ebpf.Map `ebpf:"podsock_svcnetns_v2"`
+	PodsockSvcportV1  *ebpf.Map `ebpf:"podsock_svcport_v1"`
 	PodsockTraceRing  *ebpf.Map `ebpf:"podsock_trace_ring"`
 	PodsockTraceV1    *ebpf.Map `ebpf:"podsock_trace_v1"`
 	PodsockTracelost  *ebpf.Map `ebpf:"podsock_tracelost"`
@@ -423,6 +426,7 @@ func (m *socklbMaps) Close() error {
 		m.PodsockSvcV1,
 		m.PodsockSvccountV1,
 		m.PodsockSvcnetnsV2,
+		m.PodsockSvcportV1,
 		m.PodsockTraceRing,
 		m.PodsockTraceV1,
 		m.PodsockTracelost,

@@ -771,8 +771,11 @@ static __always_inline int sock_connect(struct bpf_sock_addr *ctx, int v6)
 	if (state) {
 		__u64 netns = bpf_get_netns_cookie(ctx);
 
-		untrack(state, netns);
-		__builtin_memset(state, 0, sizeof(*state));
+		// Storage the kernel just created is zeroed: only an earlier use needs undoing.
+		if (state->flags || state->count) {
+			untrack(state, netns);
+			__builtin_memset(state, 0, sizeof(*state));
+		}
 		fill_entry(&state->entries[0], &key, svc, be);
 		state->flags = SOCK_F_CONNECTED;
 		state->proto = key.proto;

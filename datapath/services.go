@@ -261,6 +261,13 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		keys = append(keys, k)
 	}
 	backends := distinctBackends(desired)
+	// Only Apply writes dp.services, and Applies take turns: it can be read without mu,
+	// which pod events then need not wait for.
+	wantPorts := portsOf(desired)
+	during := portsOf(dp.services)
+	for i := range during {
+		during[i] |= wantPorts[i]
+	}
 	// A stable order keeps ID assignment reproducible.
 	slices.SortFunc(keys, compareKeys)
 
@@ -280,10 +287,6 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 	}
 
 	// Ports of both the old and the new services while the services change.
-	during := portsOf(dp.services)
-	for k := range desired {
-		during.add(k)
-	}
 	if err := dp.writePorts(during); err != nil {
 		return res, err
 	}
@@ -336,7 +339,10 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 			res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, s.name, cur.id, firstWithout, gone)...)
 		}
 	}
-	if err := dp.writePorts(portsOf(dp.services)); err != nil {
+	if len(errs) > 0 {
+		wantPorts = portsOf(dp.services)
+	}
+	if err := dp.writePorts(wantPorts); err != nil {
 		errs = append(errs, err)
 	}
 	dp.backendCount = backends

@@ -166,6 +166,7 @@ func (e *env) socketLB() {
 	ipt := e.datapath(cgIPT, *iptCount)
 	apply(ipt, services(*iptCount, backendTCP))
 	nsIPT, iptLoad := e.kubeProxyNetns(*iptCount)
+	nsNFT, nftLoad := e.nftablesNetns(*iptCount)
 
 	lastIPT := vip(*iptCount - 1)
 	fmt.Printf("running %d rounds of %d operations per case, cases alternating op by op...\n\n", *rounds, *perRound)
@@ -177,7 +178,9 @@ func (e *env) socketLB() {
 	})
 	maps.Copy(res, interleave(*rounds, *perRound, []benchCase{
 		{name: "vip-10k", cg: cgIPT, ns: ns, addr: lastIPT},
+		{name: "direct-10k", cg: cgIPT, ns: ns, addr: backendTCP},
 		{name: "iptables-10k", cg: cgNone, ns: nsIPT, addr: lastIPT},
+		{name: "nftables-10k", cg: cgNone, ns: nsNFT, addr: lastIPT},
 	}))
 	// UDP round trips wait for the echo server; measured apart so their wake-ups do not
 	// land on the connect() timings.
@@ -208,11 +211,15 @@ func (e *env) socketLB() {
 	row("TCP connect to no service: podsock attached vs not", "direct", "direct-no-podsock", "<= 1.01x", false)
 	row(fmt.Sprintf("TCP connect: VIP with %d services vs 1", *manyCount), "vip-many", "vip", "<= 1.05x", false)
 	row(fmt.Sprintf("TCP connect: podsock %d svcs vs iptables DNAT %d rules", *iptCount, *iptCount), "vip-10k", "iptables-10k", ">= 5x faster", true)
+	row(fmt.Sprintf("TCP connect: podsock %d svcs vs nftables verdict map %d", *iptCount, *iptCount), "vip-10k", "nftables-10k", ">= 1.3x faster", true)
+	fmt.Fprintf(w, "TCP connect: share of the most podsock could gain over iptables, %d svcs\t\t\t%.1f%%\t>= 95%%\t\n",
+		*iptCount, 100*(1/res.ratio("vip-10k", "direct-10k")))
 	row("UDP sendmsg+recvmsg round trip: VIP vs direct", "udp-vip", "udp-direct", "<= 1.11x (>= 0.9x throughput)", false)
 	row("UDP round trip to no service: podsock attached vs not", "udp-direct", "udp-direct-no-podsock", "<= 1.01x", false)
 	w.Flush()
 	fmt.Printf("\nUDP throughput via VIP: %.3fx of direct\n", 1/res.ratio("udp-vip", "udp-direct"))
-	fmt.Printf("iptables-restore of %d DNAT rules took %v\n", *iptCount, iptLoad.Round(time.Millisecond))
+	fmt.Printf("iptables-restore of %d DNAT rules took %v (%s), nft -f of %d services %v\n", *iptCount, iptLoad.Round(time.Millisecond),
+		iptablesVersion(), *iptCount, nftLoad.Round(time.Millisecond))
 	fmt.Printf("connect4 program (bpf_stats, in rounds of their own): VIP path %v per connect (%d runs), no-service path %v (%d runs)\n",
 		vipCost.PerRun(), vipCost.Runs, otherCost.PerRun(), otherCost.Runs)
 	fmt.Println("(podsock/baseline: median per-operation cost; ratio: median of per-round ratios)")
@@ -299,6 +306,54 @@ func (e *env) kubeProxyNetns(n int) (*testenv.Netns, time.Duration) {
 	// The backend must be reachable in this netns too.
 	startAcceptor(e, ns, backendTCP)
 	return ns, took
+}
+
+// nftablesNetns builds the baseline of kube-proxy's nftables mode, routed like
+// kubeProxyNetns: one verdict map from VIP, protocol and port to the service's chain,
+// which picks an endpoint chain by a random number, which DNATs.
+func (e *env) nftablesNetns(n int) (*testenv.Netns, time.Duration) {
+	ns := testenv.NewNetns(e, nil, "10.88.0.5/32")
+	testenv.Run(e, "ip", "-n", ns.Name, "route", "add", "local", vipRange, "dev", "lo")
+	links, _ := exec.Command("ip", "-n", ns.Name, "-o", "link", "show").Output()
+	if got := strings.Count(strings.TrimSpace(string(links)), "\n") + 1; got != 1 {
+		e.Fatalf("nftables baseline netns has %d links, want only lo:\n%s", got, links)
+	}
+	var rules strings.Builder
+	rules.WriteString("table ip kube-proxy {\n")
+	for i := range n {
+		fmt.Fprintf(&rules, "chain endpoint-%d {\nmeta l4proto tcp dnat to %s\n}\n", i, backendTCP)
+		fmt.Fprintf(&rules, "chain service-%d {\nnumgen random mod 1 vmap { 0 : goto endpoint-%d }\n}\n", i, i)
+	}
+	rules.WriteString("map service-ips { type ipv4_addr . inet_proto . inet_service : verdict; elements = {\n")
+	for i := range n {
+		v := vip(i)
+		sep := ","
+		if i == n-1 {
+			sep = ""
+		}
+		fmt.Fprintf(&rules, "%s . tcp . %d : goto service-%d%s\n", v.Addr(), v.Port(), i, sep)
+	}
+	rules.WriteString("}\n}\n")
+	rules.WriteString("chain services {\nip daddr . meta l4proto . th dport vmap @service-ips\n}\n")
+	rules.WriteString("chain nat-output {\ntype nat hook output priority -100; policy accept;\njump services\n}\n}\n")
+	cmd := exec.Command("ip", "netns", "exec", ns.Name, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(rules.String())
+	start := time.Now()
+	if out, err := cmd.CombinedOutput(); err != nil {
+		e.Fatalf("nft -f: %v: %s", err, out)
+	}
+	took := time.Since(start)
+	startAcceptor(e, ns, backendTCP)
+	return ns, took
+}
+
+// iptablesVersion says which iptables the baseline ran: Debian's default is nf_tables.
+func iptablesVersion() string {
+	out, err := exec.Command("iptables", "-V").Output()
+	if err != nil {
+		return "iptables -V: " + err.Error()
+	}
+	return strings.TrimSpace(string(out))
 }
 
 // benchCase is one kind of operation: a TCP connect() or a UDP round trip to addr from a

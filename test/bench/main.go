@@ -178,6 +178,7 @@ func (e *env) socketLB() {
 		{name: "direct", cg: cgOne, ns: ns, addr: backendTCP},
 		{name: "direct-no-podsock", cg: cgNone, ns: ns, addr: backendTCP},
 		{name: "vip-many", cg: cgMany, ns: ns, addr: vip(*manyCount - 1)},
+		{name: "direct-many", cg: cgMany, ns: ns, addr: backendTCP},
 	})
 	maps.Copy(res, interleave(*rounds, *perRound, []benchCase{
 		{name: "vip-10k", cg: cgIPT, ns: ns, addr: lastIPT},
@@ -215,6 +216,8 @@ func (e *env) socketLB() {
 	row("TCP connect: VIP vs direct, no podsock at all", "vip", "direct-no-podsock", "(info)", false)
 	row("TCP connect to no service: podsock attached vs not", "direct", "direct-no-podsock", "<= 1.01x", false)
 	row(fmt.Sprintf("TCP connect: VIP with %d services vs 1", *manyCount), "vip-many", "vip", "<= 1.05x", false)
+	row(fmt.Sprintf("TCP connect: VIP vs direct, %d services", *iptCount+1), "vip-10k", "direct-10k", "<= 1.05x", false)
+	row(fmt.Sprintf("TCP connect: VIP vs direct, %d services", *manyCount), "vip-many", "direct-many", "<= 1.05x", false)
 	row(fmt.Sprintf("TCP connect: podsock %d svcs vs iptables DNAT %d rules", *iptCount, *iptCount), "vip-10k", "iptables-10k", ">= 5x faster", true)
 	row(fmt.Sprintf("TCP connect: podsock %d svcs vs nftables verdict map %d", *iptCount, *iptCount), "vip-10k", "nftables-10k", ">= 1.3x faster", true)
 	fmt.Fprintf(w, "TCP connect: share of the most podsock could gain over iptables, %d svcs\t\t\t%.1f%%\t>= 95%%\t\n",

@@ -102,11 +102,11 @@ type Datapath struct {
 	services map[socklbSvcKey]*installed
 	// ports mirrors the port filter (podsock_svcport_v1).
 	ports portSet
-	// backendCount is how many distinct backends the last fully applied set has; -1 when
-	// unknown (adopted pins, a failed Apply).
-	backendCount int
-	usedIDs      map[uint32]bool
-	nextID       uint32
+	// tally counts the backends of the last fully applied set; nil when unknown (adopted
+	// pins, a failed Apply).
+	tally   *backendTally
+	usedIDs map[uint32]bool
+	nextID  uint32
 	// slotsOneByOne: the kernel has no batch map updates (before 5.6), so writeSlots
 	// writes each slot on its own.
 	slotsOneByOne bool
@@ -173,16 +173,15 @@ func Load(opts Options) (*Datapath, error) {
 		}
 	}()
 	dp := &Datapath{
-		lock:         lock,
-		opts:         opts,
-		pinDir:       pinDir,
-		cgroupID:     cgroupID,
-		log:          opts.Log,
-		links:        map[string]link.Link{},
-		services:     map[socklbSvcKey]*installed{},
-		backendCount: -1,
-		usedIDs:      map[uint32]bool{},
-		nextID:       1,
+		lock:     lock,
+		opts:     opts,
+		pinDir:   pinDir,
+		cgroupID: cgroupID,
+		log:      opts.Log,
+		links:    map[string]link.Link{},
+		services: map[socklbSvcKey]*installed{},
+		usedIDs:  map[uint32]bool{},
+		nextID:   1,
 
 		pods:      map[string]*installedPod{},
 		podIDs:    map[uint32]*installedPod{},

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"sync"
 	"strings"
 	"time"
 
@@ -260,7 +261,6 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 	for k := range desired {
 		keys = append(keys, k)
 	}
-	backends := distinctBackends(desired)
 	// Only Apply writes dp.services, and Applies take turns: it can be read without mu,
 	// which pod events then need not wait for.
 	wantPorts := portsOf(desired)
@@ -345,9 +345,9 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 	if err := dp.writePorts(wantPorts); err != nil {
 		errs = append(errs, err)
 	}
-	dp.backendCount = backends
-	if len(errs) > 0 {
-		dp.backendCount = -1
+	dp.tally = nil
+	if len(errs) == 0 {
+		dp.tally = &backendTally{plan: desired}
 	}
 	return res, errors.Join(errs...)
 }
@@ -903,19 +903,33 @@ func (dp *Datapath) migrateNamesV1() error {
 // Counts returns the number of services and of distinct backend addresses they use.
 func (dp *Datapath) Counts() (services, backends int) {
 	dp.mu.Lock()
-	defer dp.mu.Unlock()
-	// Walking 100k services' slots would hold the datapath from pod events and scrapes:
-	// a fully applied set was counted when it was planned.
-	if dp.backendCount >= 0 {
-		return len(dp.services), dp.backendCount
-	}
-	seen := map[netip.AddrPort]bool{}
-	for _, s := range dp.services {
-		for _, a := range s.slots {
-			seen[a] = true
+	n, t := len(dp.services), dp.tally
+	if t == nil {
+		defer dp.mu.Unlock()
+		seen := map[netip.AddrPort]bool{}
+		for _, s := range dp.services {
+			for _, a := range s.slots {
+				seen[a] = true
+			}
 		}
+		return n, len(seen)
 	}
-	return len(dp.services), len(seen)
+	dp.mu.Unlock()
+	// Walking 100k services' slots would hold the datapath from pod events and scrapes:
+	// a fully applied set is counted from its plan, once, by the first who asks.
+	t.once.Do(func() {
+		t.count = distinctBackends(t.plan)
+		t.plan = nil
+	})
+	return n, t.count
+}
+
+// backendTally counts the distinct backends of a fully applied plan, which no one
+// changes once applied.
+type backendTally struct {
+	once  sync.Once
+	plan  map[socklbSvcKey]wanted
+	count int
 }
 
 // distinctBackends counts the addresses the planned services balance to.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"reflect"
+	"runtime"
 	"runtime/debug"
 	"slices"
 	"sync"
@@ -646,8 +647,10 @@ func (s *Source) sync(ctx context.Context, st stores) {
 			keys.Insert(types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name})
 		}
 	}
-	for key := range keys {
-		t := s.translate(st, key, node)
+	keyList := keys.UnsortedList()
+	translations := s.translateAll(st, keyList, node)
+	for i, key := range keyList {
+		t := translations[i]
 		old := s.translated[key]
 		if reflect.DeepEqual(old, t) {
 			continue
@@ -717,6 +720,28 @@ func (s *Source) takeChanges() (pendingChanges, NodeInfo) {
 	return c, s.node
 }
 
+// parallelTranslations is how many Services make it worth translating them on every
+// CPU: the first sync of a large cluster translates them all, on the critical path of
+// the agent's start.
+const parallelTranslations = 512
+
+// translateAll translates keys, result i being key i's.
+func (s *Source) translateAll(st stores, keys []types.NamespacedName, node NodeInfo) []translation {
+	out := make([]translation, len(keys))
+	workers := min(runtime.GOMAXPROCS(0), len(keys)/parallelTranslations+1)
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			for i := w; i < len(keys); i += workers {
+				out[i] = s.translate(st, keys[i], node)
+			}
+		})
+	}
+	wg.Wait()
+	return out
+}
+
+// translate is safe to call concurrently: it only reads the informers' caches.
 func (s *Source) translate(st stores, key types.NamespacedName, node NodeInfo) translation {
 	svc, err := st.services.Services(key.Namespace).Get(key.Name)
 	if err != nil {

@@ -833,11 +833,11 @@ func (w *kubeWorld) startPodsock(bin, label string) (*kubeSide, time.Duration) {
 		if !ready {
 			select {
 			case <-exited:
-				e.Fatalf("kube bench: podsock exited before it synced; %s:\n%s", logPath, tail(logPath, 30))
+				e.Fatalf("kube bench: podsock exited before it synced; %s:\n%s", logPath, logTail(logPath))
 			default:
 			}
 			if time.Now().After(deadline) {
-				e.Fatalf("kube bench: podsock not ready after %v; %s:\n%s", *kubeTimeout, logPath, tail(logPath, 30))
+				e.Fatalf("kube bench: podsock not ready after %v; %s:\n%s", *kubeTimeout, logPath, logTail(logPath))
 			}
 			time.Sleep(5 * time.Millisecond)
 			continue
@@ -857,11 +857,11 @@ func (w *kubeWorld) startPodsock(bin, label string) (*kubeSide, time.Duration) {
 		}
 		select {
 		case <-exited:
-			e.Fatalf("kube bench: podsock exited before it synced; %s:\n%s", logPath, tail(logPath, 30))
+			e.Fatalf("kube bench: podsock exited before it synced; %s:\n%s", logPath, logTail(logPath))
 		default:
 		}
 		if time.Now().After(deadline) {
-			e.Fatalf("kube bench: podsock's Kubernetes source %+v, want synced with %d services; %s:\n%s", src, want, logPath, tail(logPath, 30))
+			e.Fatalf("kube bench: podsock's Kubernetes source %+v, want synced with %d services; %s:\n%s", src, want, logPath, logTail(logPath))
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -879,7 +879,9 @@ func bitsFor(n int) int {
 	return b
 }
 
-func tail(path string, n int) string {
+// logTail is the end of an agent's log, for a failure message.
+func logTail(path string) string {
+	const n = 30
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return err.Error()

@@ -8,7 +8,8 @@
 // evicts translations that are still needed, and the application then sees a reply from
 // the backend rather than from the VIP it sent to; the bench counts those replies.
 //
-// IPv4 only: the comparison needs one family, and IPv4 is what Cilium's map does first.
+// IPv4 only: the comparison needs one family. Cilium also checks, on a reply, that the
+// service still exists; the bench's services never change, so that check is left out.
 
 #include "vmlinux.h"
 #include "bpf_helpers.h"

@@ -4,7 +4,10 @@ SHELL := /bin/bash
 export PATH := /usr/local/go/bin:$(CURDIR)/bin:$(PATH)
 
 GOLANGCI_LINT_VERSION := v2.15.0
-GENERATED := datapath/socklb_bpfel.go datapath/socklb_bpfel.o datapath/sockiter_bpfel.go datapath/sockiter_bpfel.o
+GENERATED := datapath/socklb_bpfel.go datapath/socklb_bpfel.o datapath/sockiter_bpfel.go datapath/sockiter_bpfel.o \
+	test/revnat/lrubase_bpfel.go test/revnat/lrubase_bpfel.o
+# Directories that hold generated files (an untracked file there is a stale one).
+GENERATED_DIRS := datapath/ test/revnat/
 
 .PHONY: all deps build generate generate-check lint test test-privileged fuzz soak bench demo demo-kubernetes clean
 
@@ -26,17 +29,20 @@ GENERATE_DIR := /tmp/podsock-generate
 
 generate: deps
 	@flock $(GENERATE_DIR).lock sh -ec '\
-		rm -rf $(GENERATE_DIR); mkdir -p $(GENERATE_DIR); \
+		rm -rf $(GENERATE_DIR); mkdir -p $(GENERATE_DIR)/test; \
 		cp -r bpf datapath go.mod go.sum $(GENERATE_DIR)/; \
-		cd $(GENERATE_DIR)/datapath && go generate ./...; \
+		cp -r test/revnat $(GENERATE_DIR)/test/; \
+		(cd $(GENERATE_DIR)/datapath && go generate ./...); \
+		(cd $(GENERATE_DIR)/test/revnat && go generate .); \
 		cp $(GENERATE_DIR)/datapath/*_bpfel.go $(GENERATE_DIR)/datapath/*_bpfel.o $(CURDIR)/datapath/; \
+		cp $(GENERATE_DIR)/test/revnat/*_bpfel.go $(GENERATE_DIR)/test/revnat/*_bpfel.o $(CURDIR)/test/revnat/; \
 		rm -rf $(GENERATE_DIR)'
 
 # Fails when the committed BPF objects differ from what the pinned clang builds now.
 generate-check: generate
-	@if ! git diff --quiet -- $(GENERATED) || [ -n "$$(git status --porcelain -- datapath/ | grep '^??')" ]; then \
+	@if ! git diff --quiet -- $(GENERATED) || [ -n "$$(git status --porcelain -- $(GENERATED_DIRS) | grep '^??')" ]; then \
 		echo "generate-check: generated BPF files are stale; run 'make generate' and commit them" >&2; \
-		git status --short -- datapath/ >&2; exit 1; \
+		git status --short -- $(GENERATED_DIRS) >&2; exit 1; \
 	fi
 
 bin/golangci-lint:

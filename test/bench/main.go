@@ -43,7 +43,7 @@ var (
 	scrapeCount = flag.Int("scrape-services", 100000, "services of the reload the /metrics scrapes run during")
 	podsockBin  = flag.String("podsock", "bin/podsock", "podsock binary for the agent apply benchmark")
 	podRounds   = flag.Int("podstart", 20, "pod start rounds, each starting one pod with podsock attached and one without")
-	only        = flag.String("only", "", `run one section only: "socklb", "agent" (also part of socklb), "trace", "podstart", "sockets" or "kube"`)
+	only        = flag.String("only", "", `run one section only: "socklb", "agent" (also part of socklb), "revnat", "trace", "podstart", "sockets" or "kube"`)
 	podServices = flag.Int("podstart-services", 10000, "services (one in ten with an allow-list) podsock serves during the pod start bench")
 	podRuntimes = flag.String("podstart-runtimes", "containerd,crio", "runtimes the pod start bench runs under, comma-separated")
 )
@@ -94,6 +94,7 @@ func (e *env) run() {
 	case "":
 		e.socketLB()
 		e.printAgent()
+		e.printRevNAT()
 		e.traceCost()
 		e.printPodStart()
 		e.printSockets()
@@ -103,6 +104,8 @@ func (e *env) run() {
 		e.printAgent()
 	case "agent":
 		e.printAgent()
+	case "revnat":
+		e.printRevNAT()
 	case "trace":
 		e.traceCost()
 	case "podstart":
@@ -112,7 +115,7 @@ func (e *env) run() {
 	case "kube":
 		e.printKube()
 	default:
-		e.Fatalf("-only %q: want socklb, agent, trace, podstart, sockets or kube", *only)
+		e.Fatalf("-only %q: want socklb, agent, revnat, trace, podstart, sockets or kube", *only)
 	}
 }
 

@@ -55,4 +55,25 @@ func TestGenerateCheckCatchesStaleObjects(t *testing.T) {
 	if err == nil || !strings.Contains(out, "generated BPF files are stale") || !strings.Contains(out, "socklb_bpfel.o") {
 		t.Fatalf("generate-check with a changed BPF header: %v\n%s\nwant a failure naming socklb_bpfel.o", err, out)
 	}
+
+	// The bench's own object (test/revnat) is generated and checked the same way.
+	if out, err := exec.Command("git", "-C", dir, "checkout", "--", ".").CombinedOutput(); err != nil {
+		t.Fatalf("git checkout: %v: %s", err, out)
+	}
+	lru := filepath.Join(dir, "bpf", "lrubase.c")
+	src, err = os.ReadFile(lru)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale = strings.Replace(string(src), "__uint(max_entries, 1024);", "__uint(max_entries, 1023);", 1)
+	if stale == string(src) {
+		t.Fatal("lrubase.c no longer sizes its LRU at 1024 entries; update this test")
+	}
+	if err := os.WriteFile(lru, []byte(stale), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err = check()
+	if err == nil || !strings.Contains(out, "lrubase_bpfel.o") || strings.Contains(out, "socklb_bpfel.o") {
+		t.Fatalf("generate-check with a changed bench BPF source: %v\n%s\nwant a failure naming lrubase_bpfel.o only", err, out)
+	}
 }

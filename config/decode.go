@@ -326,6 +326,8 @@ func (d *decoder) services(at keyPath, v any) {
 		d.fail(at, "service must be an array of tables ([[service]]), not %s", typeName(v))
 		return
 	}
+	tables, _ := v.([]map[string]any)
+	d.c.Services = slices.Grow(d.c.Services, len(elems))
 	for i, e := range elems {
 		sat := at.index(i)
 		t, ok := e.(map[string]any)
@@ -335,6 +337,12 @@ func (d *decoder) services(at keyPath, v any) {
 			continue
 		}
 		d.c.Services = append(d.c.Services, d.service(sat, i, t))
+		// The document's table is garbage once decoded: letting it go as the decode goes
+		// keeps a large file's document and config from both being live at the peak.
+		elems[i] = nil
+		if tables != nil {
+			tables[i] = nil
+		}
 	}
 }
 

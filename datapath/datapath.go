@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
 	"github.com/sirupsen/logrus"
 
@@ -245,7 +246,10 @@ func Load(opts Options) (*Datapath, error) {
 		}
 		opts.Log.WithError(dp.trace.err).Warn("podsock trace is unavailable; balancing is not affected")
 	}
-	err = spec.LoadAndAssign(&dp.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}, MapReplacements: replacements})
+	// One decode of the kernel's BTF for every object and program loaded here: each load
+	// decoded it anew, about a quarter of a cold start.
+	kernelTypes := btf.NewCache()
+	err = spec.LoadAndAssign(&dp.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}, MapReplacements: replacements, Cache: kernelTypes})
 	if err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
@@ -292,7 +296,7 @@ func Load(opts Options) (*Datapath, error) {
 		dp.log.WithError(err).Error("resized maps are attached but not pinned; a restart loses what they hold")
 	}
 	dp.migrateAffinity()
-	if dp.iter, dp.iterErr = loadIterators(dp.objs.PodsockSockV1, dp.objs.PodsockSvcnetnsV2, dp.countEpoch, opts.Log); dp.iterErr != nil {
+	if dp.iter, dp.iterErr = loadIterators(dp.objs.PodsockSockV1, dp.objs.PodsockSvcnetnsV2, dp.countEpoch, kernelTypes, opts.Log); dp.iterErr != nil {
 		opts.Log.WithError(dp.iterErr).Warn("socket listing and termination are unavailable")
 	} else if needBackfill {
 		dp.backfill()

@@ -72,7 +72,7 @@ func ProbeIterators() []Feature {
 	defer func() { _ = maps.Storage.Close(); _ = maps.Counts.Close() }()
 	log := logrus.New()
 	log.SetOutput(io.Discard)
-	it, err := loadIterators(maps.Storage, maps.Counts, 0, log)
+	it, err := loadIterators(maps.Storage, maps.Counts, 0, btf.NewCache(), log)
 	if err != nil {
 		return allRefused(err)
 	}

@@ -7,6 +7,7 @@ import (
 	"sync"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
 	"github.com/sirupsen/logrus"
 )
@@ -59,7 +60,7 @@ type sockIter struct {
 // socket counts, counting in the given epoch. Programs the kernel refuses are recorded
 // with its reason; only an error that leaves no program usable (the shared maps) is
 // returned.
-func loadIterators(storage, counts *ebpf.Map, epoch uint32, log logrus.FieldLogger) (*sockIter, error) {
+func loadIterators(storage, counts *ebpf.Map, epoch uint32, kernelTypes *btf.Cache, log logrus.FieldLogger) (*sockIter, error) {
 	spec, err := loadSockiter()
 	if err != nil {
 		return nil, fmt.Errorf("load iterator spec: %w", err)
@@ -73,7 +74,7 @@ func loadIterators(storage, counts *ebpf.Map, epoch uint32, log logrus.FieldLogg
 		// The datapath's maps are sized by [limits], not as this object was built.
 		spec.Maps[name].MaxEntries = m.MaxEntries()
 	}
-	if err := spec.LoadAndAssign(&it.maps, &ebpf.CollectionOptions{MapReplacements: shared}); err != nil {
+	if err := spec.LoadAndAssign(&it.maps, &ebpf.CollectionOptions{MapReplacements: shared, Cache: kernelTypes}); err != nil {
 		return nil, fmt.Errorf("create iterator maps: %w", err)
 	}
 	all := map[string]*ebpf.Map{
@@ -82,7 +83,7 @@ func loadIterators(storage, counts *ebpf.Map, epoch uint32, log logrus.FieldLogg
 		"podsock_destroy_count": it.maps.PodsockDestroyCount,
 	}
 	for _, p := range iterPrograms {
-		prog, err := loadOneProgram(spec, p.name, all)
+		prog, err := loadOneProgram(spec, p.name, all, kernelTypes)
 		if err == nil && !p.mapIter {
 			var l *link.Iter
 			if l, err = link.AttachIter(link.IterOptions{Program: prog}); err == nil {
@@ -120,7 +121,7 @@ func setCountEpoch(spec *ebpf.CollectionSpec, epoch uint32) error {
 }
 
 // loadOneProgram loads one program of spec, with every map it uses taken from maps.
-func loadOneProgram(spec *ebpf.CollectionSpec, name string, maps map[string]*ebpf.Map) (*ebpf.Program, error) {
+func loadOneProgram(spec *ebpf.CollectionSpec, name string, maps map[string]*ebpf.Map, kernelTypes *btf.Cache) (*ebpf.Program, error) {
 	ps, ok := spec.Programs[name]
 	if !ok {
 		return nil, fmt.Errorf("program %s is not in the object", name)
@@ -138,7 +139,7 @@ func loadOneProgram(spec *ebpf.CollectionSpec, name string, maps map[string]*ebp
 			delete(one.Maps, m)
 		}
 	}
-	coll, err := ebpf.NewCollectionWithOptions(one, ebpf.CollectionOptions{MapReplacements: repl})
+	coll, err := ebpf.NewCollectionWithOptions(one, ebpf.CollectionOptions{MapReplacements: repl, Cache: kernelTypes})
 	if err != nil {
 		return nil, err
 	}

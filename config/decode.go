@@ -40,6 +40,24 @@ func (d *decoder) covers(at keyPath) bool {
 	return false
 }
 
+// serviceKeys are a [[service]]'s keys, sorted.
+var serviceKeys = []string{"affinity", "allow", "allow_host", "backends", "name", "port", "protocol", "vip"}
+
+// serviceKeysOf is sortedKeys(t) for a [[service]] table, without sorting when t has only
+// keys of serviceKeys: sorting each of 100k services' keys was a third of their decode.
+func serviceKeysOf(t map[string]any) []string {
+	out := make([]string, 0, len(t))
+	for _, k := range serviceKeys {
+		if _, ok := t[k]; ok {
+			out = append(out, k)
+		}
+	}
+	if len(out) != len(t) {
+		return sortedKeys(t)
+	}
+	return out
+}
+
 // Maps are walked in key order so that two problems on one line (an inline
 // table) are always reported the same way.
 func sortedKeys(m map[string]any) []string { return slices.Sorted(maps.Keys(m)) }
@@ -350,7 +368,7 @@ func (d *decoder) service(at keyPath, i int, t map[string]any) service.Service {
 	s := service.Service{Protocol: service.ProtocolTCP, Affinity: service.AffinityNone, AllowHost: true}
 	name, _ := t["name"].(string)
 	label := serviceLabel(i, name)
-	for _, k := range sortedKeys(t) {
+	for _, k := range serviceKeysOf(t) {
 		v, kat := t[k], at.key(k)
 		switch k {
 		case "name":

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"sync"
 	"syscall"
 	"time"
@@ -491,6 +492,11 @@ func (a *Agent) apply(w service.Plan[*config.Config]) error {
 	gen := a.generation
 	a.mu.Unlock()
 	a.log.WithField("generation", gen).Infof("config %s in force", cfg.Path)
+	// Decoding and applying a config leaves garbage of several times the config's size,
+	// which the runtime would hand back to the kernel only over minutes: a node's agent
+	// would sit at its peak. A config change is rare (start, SIGHUP), so one forced
+	// collection for it is cheap; it runs after the config is in force, not before.
+	go debug.FreeOSMemory()
 	return nil
 }
 

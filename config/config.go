@@ -227,6 +227,9 @@ func readFile(path string) ([]byte, error) {
 
 // decode parses TOML; its error is an *Error with the file name and line.
 func decode(name string, data []byte) (map[string]any, error) {
+	if doc, ok := fastDecode(data); ok {
+		return doc, nil
+	}
 	var doc map[string]any
 	if _, err := toml.Decode(string(data), &doc); err != nil {
 		var pe toml.ParseError
@@ -249,14 +252,14 @@ func Parse(name string, data []byte) (*Config, error) {
 
 	c := Default()
 	c.Path = name
-	if err := c.decodeAndCheck(doc, indexLines(data)); err != nil {
+	if err := c.decodeAndCheck(doc, newPositions(data)); err != nil {
 		return nil, err
 	}
 	return c, nil
 }
 
 // decodeAndCheck fills c from doc and checks it, reporting the first problem.
-func (c *Config) decodeAndCheck(doc map[string]any, pos lineIndex) error {
+func (c *Config) decodeAndCheck(doc map[string]any, pos *positions) error {
 	d := decoder{c: c, bad: map[string]bool{}}
 	d.document(doc)
 	// Values that failed to decode were left at their zero value; checking
@@ -286,7 +289,7 @@ func (c *Config) LoadServicesFile() error {
 	if err != nil {
 		return err
 	}
-	pos := indexLines(data)
+	pos := newPositions(data)
 	for _, k := range sortedKeys(doc) {
 		if k != "service" {
 			return &Error{File: path, Line: pos.line(keyPath{}.key(k)), Msg: fmt.Sprintf("%q: a services file holds only [[service]] tables", k)}
@@ -329,7 +332,7 @@ func (c *Config) Validate() error {
 
 // report turns the problems into one error: the one earliest in the file, as
 // later ones are often consequences of it and one clear line beats a list.
-func (c *Config) report(problems []problem, pos lineIndex) error {
+func (c *Config) report(problems []problem, pos *positions) error {
 	if len(problems) == 0 {
 		return nil
 	}

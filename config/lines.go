@@ -42,6 +42,30 @@ func (ix lineIndex) lineOf(at keyPath) string {
 	return ""
 }
 
+// positions is a document's line index, built the first time a line is asked for: only
+// problems need lines, and indexing every key of a 100k-service file cost as much as
+// decoding it (most of a reload that changes nothing). A nil *positions knows no lines.
+type positions struct {
+	src []byte
+	ix  lineIndex
+}
+
+func newPositions(src []byte) *positions { return &positions{src: src} }
+
+func (p *positions) index() lineIndex {
+	if p == nil {
+		return nil
+	}
+	if p.ix == nil {
+		p.ix = indexLines(p.src)
+		p.src = nil
+	}
+	return p.ix
+}
+
+func (p *positions) line(at keyPath) int      { return p.index().line(at) }
+func (p *positions) lineOf(at keyPath) string { return p.index().lineOf(at) }
+
 // maxDepth bounds the paths indexed. podsock's own keys are at most six
 // levels deep (service, index, allow, index, labels, key); deeper keys are
 // unknown anyway and are reported at an indexed ancestor. Without a bound a

@@ -19,7 +19,7 @@ func (ps *problems) add(at keyPath, format string, args ...any) {
 
 // check finds everything wrong with c's values, in document order. pos, when
 // the config was parsed, locates the other party of a conflict.
-func (c *Config) check(pos lineIndex) []problem {
+func (c *Config) check(pos *positions) []problem {
 	var ps problems
 	var root keyPath
 
@@ -82,18 +82,20 @@ func (c *Config) check(pos lineIndex) []problem {
 	return ps
 }
 
-func (c *Config) checkServices(ps *problems, pos lineIndex) {
+func (c *Config) checkServices(ps *problems, pos *positions) {
 	svcs := keyPath{}.key("service")
 	names := map[string]int{} // name -> index of the service that has it
 	keys := map[string]int{}  // Key() -> index of the service that has it
 	for i, s := range c.Services {
-		at := svcs.index(i)
-		label := serviceLabel(i, s.Name)
+		// Paths and labels are only built for a problem: most services have none, and
+		// building them for each of 100k services was most of the check's time.
+		at := func() keyPath { return svcs.index(i) }
+		label := lazyLabel{i: i, name: s.Name}
 
 		if msg := checkName(s.Name); msg != "" {
-			ps.add(at.key("name"), "%s: %s", label, msg)
+			ps.add(at().key("name"), "%s: %s", label, msg)
 		} else if first, dup := names[s.Name]; dup {
-			ps.add(at.key("name"), "%s: name already used by service #%d%s", label, first+1, pos.lineOf(svcs.index(first).key("name")))
+			ps.add(at().key("name"), "%s: name already used by service #%d%s", label, first+1, pos.lineOf(svcs.index(first).key("name")))
 		} else {
 			names[s.Name] = i
 		}
@@ -101,22 +103,22 @@ func (c *Config) checkServices(ps *problems, pos lineIndex) {
 		vipOK := false
 		if s.VIP.IsValid() {
 			if msg := checkAddr(s.VIP); msg != "" {
-				ps.add(at.key("vip"), "%s: vip %s", label, msg)
+				ps.add(at().key("vip"), "%s: vip %s", label, msg)
 			} else {
 				vipOK = true
 			}
 		} else {
-			ps.add(at.key("vip"), "%s: vip is required", label)
+			ps.add(at().key("vip"), "%s: vip is required", label)
 		}
 		if s.Port == 0 {
-			ps.add(at.key("port"), "%s: port is required (1..65535)", label)
+			ps.add(at().key("port"), "%s: port is required (1..65535)", label)
 		}
 		if !s.Protocol.Valid() {
-			ps.add(at.key("protocol"), "%s: protocol %q is not tcp or udp", label, s.Protocol)
+			ps.add(at().key("protocol"), "%s: protocol %q is not tcp or udp", label, s.Protocol)
 		}
 		if vipOK && s.Port != 0 && s.Protocol.Valid() {
 			if first, dup := keys[s.Key()]; dup {
-				ps.add(at.key("vip"), "%s: %s already used by %s%s",
+				ps.add(at().key("vip"), "%s: %s already used by %s%s",
 					label, s.Key(), serviceLabel(first, c.Services[first].Name), pos.lineOf(svcs.index(first).key("vip")))
 			} else {
 				keys[s.Key()] = i
@@ -124,42 +126,65 @@ func (c *Config) checkServices(ps *problems, pos lineIndex) {
 		}
 
 		if max := c.Limits.BackendsPerService; len(s.Backends) > max {
-			ps.add(at.key("backends"), "%s: %d backends exceed limits.backends_per_service = %d", label, len(s.Backends), max)
+			ps.add(at().key("backends"), "%s: %d backends exceed limits.backends_per_service = %d", label, len(s.Backends), max)
 		}
 		seen := map[netip.AddrPort]bool{}
 		for j, b := range s.Backends {
-			bat := at.key("backends").index(j)
-			addr := bat.key("addr")
-			what := fmt.Sprintf("%s: backend %q", label, b.Addr)
+			bat := func() keyPath { return at().key("backends").index(j) }
+			addr := func() keyPath { return bat().key("addr") }
+			what := backendLabel{svc: label, addr: b.Addr}
 			a := b.Addr.Addr()
 			switch {
 			case !a.IsValid():
-				what = fmt.Sprintf("%s: backend #%d", label, j+1)
-				ps.add(addr, "%s: address is required", what)
+				what.index = j + 1
+				ps.add(addr(), "%s: address is required", what)
 			case checkAddr(a) != "":
-				ps.add(addr, "%s: address %s", what, checkAddr(a))
+				ps.add(addr(), "%s: address %s", what, checkAddr(a))
 			case b.Addr.Port() == 0:
-				ps.add(addr, "%s: port out of range (1..65535)", what)
+				ps.add(addr(), "%s: port out of range (1..65535)", what)
 			case vipOK && a.Is4() != s.VIP.Is4():
-				ps.add(addr, "%s: address family differs from vip %s", what, s.VIP)
+				ps.add(addr(), "%s: address family differs from vip %s", what, s.VIP)
 			case seen[b.Addr]:
-				ps.add(addr, "%s: listed twice", what)
+				ps.add(addr(), "%s: listed twice", what)
 			}
 			seen[b.Addr] = true
 			if b.Weight < 1 || b.Weight > MaxWeight {
-				ps.add(bat.key("weight"), "%s: weight %d out of range (1..%d)", what, b.Weight, MaxWeight)
+				ps.add(bat().key("weight"), "%s: weight %d out of range (1..%d)", what, b.Weight, MaxWeight)
 			}
 		}
 
 		// The zero Affinity is AffinityNone for Services built in code; a
 		// file cannot say affinity = "" (the decoder rejects it).
 		if s.Affinity != "" && !fileAffinity(s.Affinity) {
-			ps.add(at.key("affinity"), "%s", affinityMsg(label, s.Affinity))
+			ps.add(at().key("affinity"), "%s", affinityMsg(label.String(), s.Affinity))
 		}
 		for j, sel := range s.Allow {
-			ps.checkSelector(at.key("allow").index(j), fmt.Sprintf("%s: allow #%d", label, j+1), sel)
+			ps.checkSelector(at().key("allow").index(j), fmt.Sprintf("%s: allow #%d", label, j+1), sel)
 		}
 	}
+}
+
+// lazyLabel is serviceLabel, formatted only when a problem is.
+type lazyLabel struct {
+	i    int
+	name string
+}
+
+func (l lazyLabel) String() string { return serviceLabel(l.i, l.name) }
+
+// backendLabel names a backend in a problem: by address, or by position (index, from 1)
+// when it has none.
+type backendLabel struct {
+	svc   lazyLabel
+	addr  netip.AddrPort
+	index int
+}
+
+func (b backendLabel) String() string {
+	if b.index > 0 {
+		return fmt.Sprintf("%s: backend #%d", b.svc, b.index)
+	}
+	return fmt.Sprintf("%s: backend %q", b.svc, b.addr)
 }
 
 func (ps *problems) absPath(at keyPath, what, p string, emptyOK bool) {

@@ -441,10 +441,11 @@ func (dp *Datapath) deleteAllowed(svc *installed, keep map[uint32]bool) {
 
 // podIDsOf resolves a policy's allowed sandbox IDs to the IDs of pods the datapath knows.
 func (dp *Datapath) podIDsOf(p ServicePolicy) map[uint32]bool {
-	out := map[uint32]bool{}
 	if !p.Restrict {
-		return out
+		// No map for a service that admits everyone: an Apply asks for one per service.
+		return nil
 	}
+	out := map[uint32]bool{}
 	for _, sb := range p.AllowedPods {
 		if cur := dp.pods[sb]; cur != nil {
 			out[cur.id] = true

@@ -40,7 +40,6 @@ var (
 	perRound    = flag.Int("ops", 500, "operations per case per round")
 	manyCount   = flag.Int("many", 100000, "services in the 'many services' datapath")
 	iptCount    = flag.Int("iptables", 10000, "rules/services in the kube-proxy comparison")
-	scrapeCount = flag.Int("scrape-services", 100000, "services of the reload the /metrics scrapes run during")
 	podsockBin  = flag.String("podsock", "bin/podsock", "podsock binary for the agent apply benchmark")
 	podRounds   = flag.Int("podstart", 20, "pod start rounds, each starting one pod with podsock attached and one without")
 	only        = flag.String("only", "", `run one section only: "socklb", "agent" (also part of socklb), "revnat", "trace", "podstart", "sockets" or "kube"`)
@@ -235,27 +234,6 @@ func (e *env) socketLB() {
 	fmt.Printf("connect4 program (bpf_stats, in rounds of their own): VIP path %v per connect (%d runs), no-service path %v (%d runs)\n",
 		vipCost.PerRun(), vipCost.Runs, otherCost.PerRun(), otherCost.Runs)
 	fmt.Println("(podsock/baseline: median per-operation cost; ratio: median of per-round ratios)")
-}
-
-// printAgent measures the real agent: applying and reloading a large config, and the
-// /metrics scrapes answered meanwhile.
-func (e *env) printAgent() {
-	fmt.Println()
-	applyTime, reloadTime, rss, hwm, _ := e.agentApply(*iptCount)
-	_, bigReload, _, _, scrapes := e.agentApply(*scrapeCount)
-	fmt.Printf("agent: %d-service config applied in %v from start (reload changing every backend: %v); RSS %d MiB, peak %d MiB\n",
-		*iptCount, applyTime.Round(time.Millisecond), reloadTime.Round(time.Millisecond), rss>>20, hwm>>20)
-	if len(scrapes) > 0 {
-		slices.Sort(scrapes)
-		worst := scrapes[len(scrapes)-1]
-		verdict := "met"
-		if worst > 100*time.Millisecond {
-			verdict = "missed"
-		}
-		fmt.Printf("/metrics scrape during a %d-service reload (%v, %d scrapes): p50 %v, max %v (target <= 100ms: %s)\n",
-			*scrapeCount, bigReload.Round(time.Millisecond), len(scrapes), scrapes[len(scrapes)/2].Round(10*time.Microsecond),
-			worst.Round(10*time.Microsecond), verdict)
-	}
 }
 
 // limitsFor sizes the maps as an operator would for this many services of one or two
@@ -622,57 +600,6 @@ func startUDPEcho(e *env, ns *testenv.Netns, addr netip.AddrPort) {
 		}
 	}()
 	e.Cleanup(func() { pc.Close() })
-}
-
-// agentApply starts the real agent with an n-service config and measures how long until
-// it serves all of them, how long a reload that changes every backend takes, its RSS, and
-// what each /metrics scrape during that reload took (one every 20 ms).
-func (e *env) agentApply(n int) (applied, reloaded time.Duration, rss, hwm int64, scrapes []time.Duration) {
-	metricsAddr := freeLoopbackAddr(e)
-	cg := testenv.NewCgroup(e)
-	bpffs := testenv.BPFFS(e)
-	dir := e.tempDir("podsock-bench-")
-	cfgPath := filepath.Join(dir, "podsock.toml")
-	write := func(port int) {
-		var b strings.Builder
-		fmt.Fprintf(&b, "[agent]\ncgroup_root = %q\nbpffs = %q\nstate_dir = %q\nlog_level = \"warn\"\n[nri]\nenabled = false\n[metrics]\nlisten = %q\n",
-			cg.Path, bpffs, filepath.Join(dir, "state"), metricsAddr)
-		l := limitsFor(n)
-		fmt.Fprintf(&b, "[limits]\nservices = %d\nslots = %d\n", l.Services, l.Slots)
-		for i := range n {
-			v := vip(i)
-			fmt.Fprintf(&b, "[[service]]\nname = \"bench/svc-%d\"\nvip = \"%s\"\nport = %d\nbackends = [\"10.88.0.5:%d\"]\n", i, v.Addr(), v.Port(), port)
-		}
-		if err := os.WriteFile(cfgPath, []byte(b.String()), 0o644); err != nil {
-			e.Fatal(err)
-		}
-	}
-	write(8080)
-	start := time.Now()
-	cmd := e.runAgent(cfgPath, os.Stderr)
-	waitGeneration := func(gen uint64) {
-		ok := testenv.WaitFor(60*time.Second, func() bool {
-			st, err := podsockStatus(cfgPath)
-			return err == nil && st.Services == n && st.ConfigGeneration == gen
-		})
-		if !ok {
-			e.Fatalf("agent did not reach config generation %d", gen)
-		}
-	}
-	waitGeneration(1)
-	applied = time.Since(start)
-	write(8081)
-	start = time.Now()
-	stop := make(chan struct{})
-	scraped := make(chan []time.Duration)
-	go func() { scraped <- scrapeUntil("http://"+metricsAddr+"/metrics", stop) }()
-	cmd.Process.Signal(unix.SIGHUP)
-	waitGeneration(2)
-	reloaded = time.Since(start)
-	close(stop)
-	scrapes = <-scraped
-	rss, hwm = procMem(cmd.Process.Pid)
-	return applied, reloaded, rss, hwm, scrapes
 }
 
 // scrapeUntil scrapes url every 20 ms until stop closes, and returns how long each

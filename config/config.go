@@ -227,9 +227,6 @@ func readFile(path string) ([]byte, error) {
 
 // decode parses TOML; its error is an *Error with the file name and line.
 func decode(name string, data []byte) (map[string]any, error) {
-	if doc, ok := fastDecode(data); ok {
-		return doc, nil
-	}
 	var doc map[string]any
 	if _, err := toml.Decode(string(data), &doc); err != nil {
 		var pe toml.ParseError

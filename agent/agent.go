@@ -463,9 +463,7 @@ func (a *Agent) apply(w service.Plan[*config.Config]) error {
 	a.log.WithFields(logrus.Fields{
 		"added": res.Added, "updated": res.Updated, "removed": res.Removed, "unchanged": res.Unchanged,
 	}).Info("services applied")
-	for _, gone := range res.RemovedBackends {
-		a.log.WithField("service", gone.Service).Infof("backend removed: %s", gone)
-	}
+	logRemovedBackends(a.log, res.RemovedBackends)
 	a.term.Remove(res.RemovedBackends, terminatedProtos(cfg))
 	a.opMu.Lock()
 	defer a.opMu.Unlock()
@@ -498,6 +496,25 @@ func (a *Agent) apply(w service.Plan[*config.Config]) error {
 	// collection for it is cheap; it runs after the config is in force, not before.
 	go debug.FreeOSMemory()
 	return nil
+}
+
+// removedLogLimit is how many removed backends an apply names at info level: a reload
+// that changes every backend of 100k services would otherwise write 100k lines.
+const removedLogLimit = 20
+
+// logRemovedBackends names the first removed backends, and the rest at debug level.
+func logRemovedBackends(log logrus.FieldLogger, gone []datapath.RemovedBackend) {
+	for i, b := range gone {
+		entry := log.WithField("service", b.Service)
+		if i < removedLogLimit {
+			entry.Infof("backend removed: %s", b)
+		} else {
+			entry.Debugf("backend removed: %s", b)
+		}
+	}
+	if n := len(gone) - removedLogLimit; n > 0 {
+		log.Infof("%d more backends removed (each logged at debug level)", n)
+	}
 }
 
 // Generation counts the configs applied since the agent started.

@@ -793,6 +793,12 @@ func (r *Runtime) Logs(c *Container) (string, error) {
 // WaitLog waits until the container's log contains substr (e.g. "listening").
 func (r *Runtime) WaitLog(t testenv.TB, c *Container, substr string, timeout time.Duration) {
 	t.Helper()
+	r.WaitLogAny(t, c, []string{substr}, timeout)
+}
+
+// WaitLogAny is WaitLog for a log that may show any one of substrs.
+func (r *Runtime) WaitLogAny(t testenv.TB, c *Container, substrs []string, timeout time.Duration) {
+	t.Helper()
 	var last string
 	err := r.poll(timeout, func() error {
 		out, err := r.Logs(c)
@@ -800,10 +806,12 @@ func (r *Runtime) WaitLog(t testenv.TB, c *Container, substr string, timeout tim
 		if err != nil {
 			return err
 		}
-		if !strings.Contains(out, substr) {
-			return fmt.Errorf("no %q in the log yet", substr)
+		for _, s := range substrs {
+			if strings.Contains(out, s) {
+				return nil
+			}
 		}
-		return nil
+		return fmt.Errorf("none of %q in the log yet", substrs)
 	})
 	if err != nil {
 		r.fatalf(t, "container %s: %v; log:\n%s", c.Name, err, last)

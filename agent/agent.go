@@ -473,7 +473,7 @@ func (a *Agent) apply(w service.Plan[*config.Config]) error {
 		_, serr := a.dp.SyncPods(datapathPods(a.tracker.Pods(), pol))
 		err = errors.Join(err, serr)
 	}
-	a.refreshSnapshot(w.Services, err == nil)
+	a.refreshSnapshot()
 	if err != nil {
 		return err
 	}

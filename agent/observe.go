@@ -6,9 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"net/netip"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -16,7 +14,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/podsock/podsock/datapath"
-	"github.com/podsock/podsock/service"
 )
 
 // snapshotInterval is how often the map entries are read for /metrics. Counting a map's
@@ -31,30 +28,6 @@ type snapshot struct {
 	maps               []datapath.MapStat
 }
 
-// served counts what an apply that worked wrote: exactly its services, so the count needs
-// neither the datapath nor its lock, which the datapath's own count holds through a walk
-// of every service (tens of milliseconds at 100,000, in the way of scrapes and applies).
-// served is what an apply served in full. Its backends are counted by the observer, off
-// the apply's path: at 10,000 Services that is 100,000 addresses.
-type served struct {
-	services []service.Service
-	once     sync.Once
-	backends int
-}
-
-func (s *served) counts() (services, backends int) {
-	s.once.Do(func() {
-		seen := map[netip.AddrPort]bool{}
-		for _, svc := range s.services {
-			for _, b := range svc.Backends {
-				seen[b.Addr] = true
-			}
-		}
-		s.backends = len(seen)
-	})
-	return len(s.services), s.backends
-}
-
 // observer serves [metrics] listen: /metrics from the agent's registry, /healthz and
 // /readyz. It holds no lock an apply holds while it answers: the datapath's counters are
 // read under the lock that only guards their handles against a close.
@@ -63,10 +36,7 @@ type observer struct {
 	ln  net.Listener
 	srv *http.Server
 
-	snap atomic.Pointer[snapshot]
-	// counts is what the last apply served; nil after one that failed part-way, when
-	// only the datapath knows.
-	counts  atomic.Pointer[served]
+	snap    atomic.Pointer[snapshot]
 	refresh chan struct{}
 	stop    chan struct{}
 	done    chan struct{}
@@ -166,16 +136,11 @@ func (a *Agent) readiness() error {
 	return nil
 }
 
-// refreshSnapshot records what an apply served (fully: ok) and asks for the map entries
-// to be read again soon, without waiting for it.
-func (a *Agent) refreshSnapshot(svcs []service.Service, ok bool) {
+// refreshSnapshot asks for the datapath's contents to be read again soon, without
+// waiting for it.
+func (a *Agent) refreshSnapshot() {
 	if a.obs == nil {
 		return
-	}
-	if ok {
-		a.obs.counts.Store(&served{services: svcs})
-	} else {
-		a.obs.counts.Store(nil)
 	}
 	select {
 	case a.obs.refresh <- struct{}{}:
@@ -203,12 +168,9 @@ func (o *observer) take() {
 	if dp == nil {
 		return
 	}
+	// The datapath counts an Apply that worked from its plan, without holding its lock.
 	s := &snapshot{}
-	if c := o.counts.Load(); c != nil {
-		s.services, s.backends = c.counts()
-	} else {
-		s.services, s.backends = dp.Counts()
-	}
+	s.services, s.backends = dp.Counts()
 	maps, err := dp.MapStats()
 	if err != nil {
 		o.a.log.WithError(err).Warn("metrics: read map sizes")

@@ -825,34 +825,16 @@ func (w *kubeWorld) startPodsock(bin, label string) (*kubeSide, time.Duration) {
 				answered = time.Since(start)
 			}
 		}
-		ready := false
-		if resp, err := httpc.Get(readyz); err == nil {
-			resp.Body.Close()
-			ready = resp.StatusCode == http.StatusOK
-		}
-		if !ready {
-			select {
-			case <-exited:
-				e.Fatalf("kube bench: podsock exited before it synced; %s:\n%s", logPath, logTail(logPath))
-			default:
-			}
-			if time.Now().After(deadline) {
-				e.Fatalf("kube bench: podsock not ready after %v; %s:\n%s", *kubeTimeout, logPath, logTail(logPath))
-			}
-			time.Sleep(5 * time.Millisecond)
-			continue
-		}
-		if st, err := client.Status(); err == nil {
-			if answered == 0 {
-				answered = time.Since(start)
-			}
-			for _, s := range st.Sources {
-				if s.Name == "kubernetes" {
-					src = s
+		if kubeenv.HTTPOK(context.Background(), httpc, readyz) == nil {
+			if st, err := client.Status(); err == nil {
+				for _, s := range st.Sources {
+					if s.Name == "kubernetes" {
+						src = s
+					}
 				}
-			}
-			if src.Synced && src.Services >= want {
-				break
+				if src.Synced && src.Services >= want {
+					break
+				}
 			}
 		}
 		select {
@@ -861,9 +843,9 @@ func (w *kubeWorld) startPodsock(bin, label string) (*kubeSide, time.Duration) {
 		default:
 		}
 		if time.Now().After(deadline) {
-			e.Fatalf("kube bench: podsock's Kubernetes source %+v, want synced with %d services; %s:\n%s", src, want, logPath, logTail(logPath))
+			e.Fatalf("kube bench: podsock's Kubernetes source %+v, want ready and synced with %d services; %s:\n%s", src, want, logPath, logTail(logPath))
 		}
-		time.Sleep(10 * time.Millisecond)
+		time.Sleep(5 * time.Millisecond)
 	}
 	took := time.Since(start)
 	return &kubeSide{name: agentPodsock, label: label, profileDir: dir, ns: w.nsP, cg: w.client, pid: cmd.Process.Pid, stop: stop,

@@ -266,18 +266,9 @@ func apply(dp *datapath.Datapath, svcs []datapath.Service) {
 	}
 }
 
-// kubeProxyNetns builds the iptables baseline: a netns with no uplink whose OUTPUT nat
-// chain holds one DNAT rule per service, as kube-proxy's iptables mode does. DNAT needs a
-// route for the VIP, and a blackhole would fail connect() before netfilter sees it, so the
-// VIP range is routed as local to lo: whatever DNAT misses stays inside this netns, which
-// has no other interface at all.
+// kubeProxyNetns builds the iptables baseline: one DNAT rule per service in the OUTPUT
+// nat chain, as kube-proxy's iptables mode does.
 func (e *env) kubeProxyNetns(n int) (*testenv.Netns, time.Duration) {
-	ns := testenv.NewNetns(e, nil, "10.88.0.5/32")
-	testenv.Run(e, "ip", "-n", ns.Name, "route", "add", "local", vipRange, "dev", "lo")
-	links, _ := exec.Command("ip", "-n", ns.Name, "-o", "link", "show").Output()
-	if got := strings.Count(strings.TrimSpace(string(links)), "\n") + 1; got != 1 {
-		e.Fatalf("iptables baseline netns has %d links, want only lo:\n%s", got, links)
-	}
 	var rules strings.Builder
 	rules.WriteString("*nat\n:KUBE-SERVICES - [0:0]\n-A OUTPUT -j KUBE-SERVICES\n")
 	for i := range n {
@@ -286,28 +277,13 @@ func (e *env) kubeProxyNetns(n int) (*testenv.Netns, time.Duration) {
 			v.Addr(), v.Port(), backendTCP)
 	}
 	rules.WriteString("COMMIT\n")
-	cmd := exec.Command("ip", "netns", "exec", ns.Name, "iptables-restore")
-	cmd.Stdin = strings.NewReader(rules.String())
-	start := time.Now()
-	if out, err := cmd.CombinedOutput(); err != nil {
-		e.Fatalf("iptables-restore: %v: %s", err, out)
-	}
-	took := time.Since(start)
-	// The backend must be reachable in this netns too.
-	startAcceptor(e, ns, backendTCP)
-	return ns, took
+	return e.natNetns("iptables-restore", rules.String(), "iptables-restore")
 }
 
-// nftablesNetns builds the baseline of kube-proxy's nftables mode, routed like
-// kubeProxyNetns: one verdict map from VIP, protocol and port to the service's chain,
-// which picks an endpoint chain by a random number, which DNATs.
+// nftablesNetns builds the baseline of kube-proxy's nftables mode: one verdict map from
+// VIP, protocol and port to the service's chain, which picks an endpoint chain by a
+// random number, which DNATs.
 func (e *env) nftablesNetns(n int) (*testenv.Netns, time.Duration) {
-	ns := testenv.NewNetns(e, nil, "10.88.0.5/32")
-	testenv.Run(e, "ip", "-n", ns.Name, "route", "add", "local", vipRange, "dev", "lo")
-	links, _ := exec.Command("ip", "-n", ns.Name, "-o", "link", "show").Output()
-	if got := strings.Count(strings.TrimSpace(string(links)), "\n") + 1; got != 1 {
-		e.Fatalf("nftables baseline netns has %d links, want only lo:\n%s", got, links)
-	}
 	var rules strings.Builder
 	rules.WriteString("table ip kube-proxy {\n")
 	for i := range n {
@@ -326,13 +302,29 @@ func (e *env) nftablesNetns(n int) (*testenv.Netns, time.Duration) {
 	rules.WriteString("}\n}\n")
 	rules.WriteString("chain services {\nip daddr . meta l4proto . th dport vmap @service-ips\n}\n")
 	rules.WriteString("chain nat-output {\ntype nat hook output priority -100; policy accept;\njump services\n}\n}\n")
-	cmd := exec.Command("ip", "netns", "exec", ns.Name, "nft", "-f", "-")
-	cmd.Stdin = strings.NewReader(rules.String())
+	return e.natNetns("nft -f", rules.String(), "nft", "-f", "-")
+}
+
+// natNetns is a kube-proxy baseline: a netns with no uplink, the backend on its lo, and
+// the rules that load (a command reading them on stdin) installs; it returns how long the
+// load took. DNAT needs a route for the VIP, and a blackhole would fail connect() before
+// netfilter sees it, so the VIP range is routed as local to lo: whatever DNAT misses stays
+// inside this netns, which has no other interface at all.
+func (e *env) natNetns(what, rules string, load ...string) (*testenv.Netns, time.Duration) {
+	ns := testenv.NewNetns(e, nil, "10.88.0.5/32")
+	testenv.Run(e, "ip", "-n", ns.Name, "route", "add", "local", vipRange, "dev", "lo")
+	links, _ := exec.Command("ip", "-n", ns.Name, "-o", "link", "show").Output()
+	if got := strings.Count(strings.TrimSpace(string(links)), "\n") + 1; got != 1 {
+		e.Fatalf("%s baseline netns has %d links, want only lo:\n%s", what, got, links)
+	}
+	cmd := exec.Command("ip", append([]string{"netns", "exec", ns.Name}, load...)...)
+	cmd.Stdin = strings.NewReader(rules)
 	start := time.Now()
 	if out, err := cmd.CombinedOutput(); err != nil {
-		e.Fatalf("nft -f: %v: %s", err, out)
+		e.Fatalf("%s: %v: %s", what, err, out)
 	}
 	took := time.Since(start)
+	// The backend must be reachable in this netns too.
 	startAcceptor(e, ns, backendTCP)
 	return ns, took
 }

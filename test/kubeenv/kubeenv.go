@@ -276,7 +276,7 @@ func (s *Server) startEtcd(ctx context.Context, bin string) (*process, error) {
 	}
 	s.EtcdURL = client
 	return p, p.waitReady(ctx, func(ctx context.Context) error {
-		return httpOK(ctx, http.DefaultClient, client+"/health")
+		return HTTPOK(ctx, http.DefaultClient, client+"/health")
 	})
 }
 
@@ -310,7 +310,7 @@ func (s *Server) startAPIServer(ctx context.Context) (*process, error) {
 		return p, err
 	}
 	return p, p.waitReady(ctx, func(ctx context.Context) error {
-		return httpOK(ctx, client, s.URL+"/readyz")
+		return HTTPOK(ctx, client, s.URL+"/readyz")
 	})
 }
 
@@ -462,8 +462,8 @@ func clientset(t testenv.TB, cfg *rest.Config) *kubernetes.Clientset {
 	return c
 }
 
-// httpOK is nil once url answers 200.
-func httpOK(ctx context.Context, client *http.Client, url string) error {
+// HTTPOK is nil once url answers 200.
+func HTTPOK(ctx context.Context, client *http.Client, url string) error {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return err

@@ -26,7 +26,7 @@ func (a *Agent) newKubernetesSource(cfg config.Kubernetes) error {
 	}
 	src, err := kubesource.New(kubesource.Options{
 		Kubeconfig: cfg.Kubeconfig, NodeName: node, ServiceProxyName: cfg.ServiceProxyName,
-		QPS: float32(cfg.QPS), Burst: cfg.Burst, MinSyncPeriod: cfg.MinSyncPeriod,
+		QPS: float32(cfg.QPS), Burst: cfg.Burst, MinSyncPeriod: time.Duration(cfg.MinSyncPeriod),
 		Publish:    a.publishKubernetes,
 		Log:        a.log.WithField("source", "kubernetes"),
 		Registerer: a.metrics.registry,

@@ -4,15 +4,17 @@
 package config
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
-	"github.com/BurntSushi/toml"
+	"github.com/pelletier/go-toml/v2"
 
 	"github.com/podsock/podsock/service"
 )
@@ -157,7 +159,7 @@ type Kubernetes struct {
 	Burst int     `toml:"burst"`
 	// MinSyncPeriod coalesces bursts of changes into one apply at most this often, as
 	// kube-proxy's --min-sync-period does.
-	MinSyncPeriod time.Duration `toml:"min_sync_period"`
+	MinSyncPeriod Duration `toml:"min_sync_period"`
 }
 
 // Metrics is the [metrics] section.
@@ -175,7 +177,13 @@ type Metrics struct {
 // DefaultMinSyncPeriod is [kubernetes] min_sync_period when the file leaves it out: short
 // enough that a change is programmed well within a second, long enough that a rollout's
 // burst of slice updates costs a few applies.
-const DefaultMinSyncPeriod = 100 * time.Millisecond
+const DefaultMinSyncPeriod = Duration(100 * time.Millisecond)
+
+// Duration is a time.Duration that a TOML encoder writes as the file does, a duration
+// string ("100ms"), rather than as an integer of nanoseconds.
+type Duration time.Duration
+
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
 
 // Terminates reports whether sockets of protocol p to removed backends are
 // destroyed.
@@ -228,10 +236,13 @@ func readFile(path string) ([]byte, error) {
 // decode parses TOML; its error is an *Error with the file name and line.
 func decode(name string, data []byte) (map[string]any, error) {
 	var doc map[string]any
-	if _, err := toml.Decode(string(data), &doc); err != nil {
-		var pe toml.ParseError
-		if errors.As(err, &pe) {
-			return nil, &Error{File: name, Line: pe.Position.Line, Msg: pe.Message, Err: err}
+	// An editor's byte order mark is not TOML; the file's first key follows it.
+	data = bytes.TrimPrefix(data, []byte("\xef\xbb\xbf"))
+	if err := toml.Unmarshal(data, &doc); err != nil {
+		var de *toml.DecodeError
+		if errors.As(err, &de) {
+			line, _ := de.Position()
+			return nil, &Error{File: name, Line: line, Msg: strings.TrimPrefix(de.Error(), "toml: "), Err: err}
 		}
 		return nil, &Error{File: name, Msg: err.Error(), Err: err}
 	}
@@ -391,8 +402,12 @@ func AgentSettings(path string) (Agent, error) {
 		Agent Agent `toml:"agent"`
 	}
 	doc.Agent = Default().Agent
-	if _, err := toml.DecodeFile(path, &doc); err != nil {
+	data, err := os.ReadFile(path)
+	if err != nil {
 		return Agent{}, err
+	}
+	if err := toml.Unmarshal(data, &doc); err != nil {
+		return Agent{}, fmt.Errorf("%s: %w", path, err)
 	}
 	return doc.Agent, nil
 }

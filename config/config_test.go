@@ -13,7 +13,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/BurntSushi/toml"
+	"github.com/pelletier/go-toml/v2"
 
 	"github.com/podsock/podsock/service"
 )
@@ -42,10 +42,10 @@ func TestParseErrors(t *testing.T) {
 		want string
 	}{
 		// Syntax errors come from the TOML library.
-		{"syntax/unterminated string", doc(`[agent]`, `log_level = "info`), 2, "strings cannot contain newlines"},
-		{"syntax/trailing garbage", doc(`[nri]`, `enabled = true false`), 2, "expected a top-level item to end with a newline"},
-		{"syntax/duplicate key", doc(`[agent]`, `bpffs = "/a"`, `bpffs = "/b"`), 3, "has already been defined"},
-		{"syntax/duplicate table", doc(`[agent]`, `[nri]`, `[agent]`), 3, "has already been defined"},
+		{"syntax/unterminated string", doc(`[agent]`, `log_level = "info`), 2, "basic strings cannot have new lines"},
+		{"syntax/trailing garbage", doc(`[nri]`, `enabled = true false`), 2, "expected newline but got"},
+		{"syntax/duplicate key", doc(`[agent]`, `bpffs = "/a"`, `bpffs = "/b"`), 3, "key bpffs is already defined"},
+		{"syntax/duplicate table", doc(`[agent]`, `[nri]`, `[agent]`), 3, "table agent already exists"},
 
 		// Structure and types.
 		{"unknown top-level key", doc(`# podsock`, `foo = 1`), 2, `unknown key "foo"`},
@@ -888,7 +888,7 @@ func TestLoadServicesFile(t *testing.T) {
 		{"name used in the main file", "\n" + svc("default/web", "10.96.1.1"), sf + ":3: service \"default/web\": name already used in"},
 		{"key used in the main file", svc("gen/a", "10.96.0.20"), sf + ":3: service \"gen/a\": 10.96.0.20:80/tcp already served"},
 		{"over the limit", svc("gen/a", "10.96.1.1") + svc("gen/b", "10.96.1.2") + svc("gen/c", "10.96.1.3"), sf + ":11: 4 services (with"},
-		{"syntax", "[[service]\n", sf + ":2: "},
+		{"syntax", "[[service]\n", sf + ":1: "},
 	} {
 		c, err := load(tt.services, "")
 		if err == nil || !strings.HasPrefix(err.Error(), tt.want[:strings.LastIndex(tt.want, ":")+1]) || !strings.Contains(err.Error(), tt.want[strings.LastIndex(tt.want, ":")+1:]) {

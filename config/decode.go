@@ -11,6 +11,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/pelletier/go-toml/v2"
+
 	"github.com/podsock/podsock/service"
 )
 
@@ -268,7 +270,7 @@ func (d *decoder) kubernetes(at keyPath, v any) {
 			case p < 0 || p > time.Minute:
 				d.fail(kat, "kubernetes.min_sync_period = %s is out of range (0s..1m)", s)
 			default:
-				k.MinSyncPeriod = p
+				k.MinSyncPeriod = Duration(p)
 			}
 		default:
 			d.unknown(kat, "kubernetes", key)
@@ -682,7 +684,7 @@ func typeName(v any) string {
 		return "float"
 	case bool:
 		return "boolean"
-	case time.Time:
+	case time.Time, toml.LocalDateTime, toml.LocalDate, toml.LocalTime:
 		return "datetime"
 	case []any, []map[string]any:
 		return "array"

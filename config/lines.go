@@ -17,9 +17,8 @@ func (p keyPath) String() string          { return strings.Join(p, "\x00") }
 
 // lineIndex maps keyPath.String() to the 1-based line a node is defined on.
 //
-// BurntSushi/toml keeps key positions private, and keys its own position table
-// without array indexes, so it would blame an error in the first [[service]]
-// on the last one. Hence this small scanner. It only has to understand what
+// go-toml reports positions only for syntax errors: a document decoded into maps
+// carries none, and we check values after decoding. Hence this small scanner. It only has to understand what
 // the real parser already accepted; anything it cannot place falls back to the
 // enclosing node (see line).
 type lineIndex map[string]int

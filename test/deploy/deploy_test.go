@@ -6,15 +6,17 @@ package deploy
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
-	"github.com/BurntSushi/toml"
+	"github.com/pelletier/go-toml/v2"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	"sigs.k8s.io/yaml"
@@ -142,7 +144,7 @@ func TestContainerdSnippet(t *testing.T) {
 	var want struct {
 		Plugins map[string]map[string]any `toml:"plugins"`
 	}
-	if _, err := toml.DecodeFile(snippet, &want); err != nil {
+	if err := toml.Unmarshal([]byte(read(t, snippet)), &want); err != nil {
 		t.Fatal(err)
 	}
 	nri := want.Plugins["io.containerd.nri.v1.nri"]
@@ -160,7 +162,7 @@ func TestContainerdSnippet(t *testing.T) {
 	var got struct {
 		Plugins map[string]map[string]any `toml:"plugins"`
 	}
-	if _, err := toml.Decode(string(out), &got); err != nil {
+	if err := toml.Unmarshal(out, &got); err != nil {
 		t.Fatal(err)
 	}
 	for k, v := range nri {
@@ -184,7 +186,7 @@ func TestCRIOSnippet(t *testing.T) {
 			NRI map[string]any `toml:"nri"`
 		} `toml:"crio"`
 	}
-	if _, err := toml.Decode(text, &snippet); err != nil {
+	if err := toml.Unmarshal([]byte(text), &snippet); err != nil {
 		t.Fatal(err)
 	}
 	if snippet.Crio.NRI["enable_nri"] != true {
@@ -207,13 +209,15 @@ func TestCRIOSnippet(t *testing.T) {
 	}
 	out := dump(text)
 	for k, v := range snippet.Crio.NRI {
-		var b strings.Builder
-		if err := toml.NewEncoder(&b).Encode(map[string]any{k: v}); err != nil {
-			t.Fatal(err)
+		// As CRI-O prints it: strings in basic quotes (the snippet's are plain paths and
+		// durations, which strconv.Quote writes the same way).
+		want := fmt.Sprintf("%s = %v", k, v)
+		if s, ok := v.(string); ok {
+			want = k + " = " + strconv.Quote(s)
 		}
-		line := regexp.MustCompile(`(?m)^#? ?` + regexp.QuoteMeta(strings.TrimSpace(b.String())) + `$`)
+		line := regexp.MustCompile(`(?m)^#? ?` + regexp.QuoteMeta(want) + `$`)
 		if !line.MatchString(out) {
-			t.Errorf("crio config lacks %s as the snippet sets it", strings.TrimSpace(b.String()))
+			t.Errorf("crio config lacks %s as the snippet sets it", want)
 		}
 	}
 	moved := strings.Replace(text, `nri_listen = "/var/run/nri/nri.sock"`, `nri_listen = "/tmp/podsock-test-nri.sock"`, 1)

@@ -5,6 +5,7 @@ export PATH := /usr/local/go/bin:$(CURDIR)/bin:$(PATH)
 
 GOLANGCI_LINT_VERSION := v2.15.0
 GENERATED := datapath/socklb_bpfel.go datapath/socklb_bpfel.o datapath/sockiter_bpfel.go datapath/sockiter_bpfel.o \
+	datapath/mapcount_bpfel.go datapath/mapcount_bpfel.o \
 	test/revnat/lrubase_bpfel.go test/revnat/lrubase_bpfel.o
 # Directories that hold generated files (an untracked file there is a stale one).
 GENERATED_DIRS := datapath/ test/revnat/

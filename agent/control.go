@@ -111,7 +111,7 @@ func (a *Agent) status() api.Status {
 			AdoptedLinks: a.dp.AdoptedLinks(),
 			Counters:     counters,
 
-			Features:        append(a.dp.IteratorFeatures(), a.dp.TraceFeature()),
+			Features:        append(a.dp.IteratorFeatures(), a.dp.TraceFeature(), a.dp.MapCountFeature()),
 			BackfillPending: a.dp.BackfillPending(),
 		},
 		Services:         nSvc,

@@ -35,6 +35,7 @@ type datapathOps interface {
 	// Tracing of LB decisions.
 	Trace(datapath.TraceFilter) (*datapath.Tracer, error)
 	TraceFeature() datapath.Feature
+	MapCountFeature() datapath.Feature
 	Close() error
 }
 

@@ -217,3 +217,7 @@ func (f *fakeDatapath) Trace(datapath.TraceFilter) (*datapath.Tracer, error) {
 func (f *fakeDatapath) TraceFeature() datapath.Feature {
 	return datapath.Feature{Name: "trace_ringbuf", Detail: "fake datapath"}
 }
+
+func (f *fakeDatapath) MapCountFeature() datapath.Feature {
+	return datapath.Feature{Name: "map_elem_count", Detail: "fake datapath"}
+}

@@ -559,7 +559,7 @@ type versionInfo struct {
 }
 
 func version(c *command) error {
-	v := versionInfo{Version: buildVersion(), Kernel: kernelRelease(), Features: append(append(datapath.ProbeFeatures(), datapath.ProbeIterators()...), datapath.ProbeTrace())}
+	v := versionInfo{Version: buildVersion(), Kernel: kernelRelease(), Features: append(append(datapath.ProbeFeatures(), datapath.ProbeIterators()...), datapath.ProbeTrace(), datapath.ProbeMapCounts())}
 	if c.json {
 		return c.printJSON(v)
 	}

@@ -84,6 +84,10 @@ type Datapath struct {
 	// iter/tcp, iter/udp or bpf_sock_destroy.
 	iter    *sockIter
 	iterErr error
+	// mapCounts reads the kernel's entry counts of the hash maps; nil (with mapCountsErr
+	// saying why) where the kernel refuses it, and MapStats walks the maps instead.
+	mapCounts    *mapCounter
+	mapCountsErr error
 	// backfillPending is set when socket state was adopted without socket counts, and the
 	// kernel refused the one-pass backfill: Backfill must walk every netns first.
 	backfillMu      sync.Mutex
@@ -295,6 +299,9 @@ func Load(opts Options) (*Datapath, error) {
 		dp.log.WithError(err).Error("resized maps are attached but not pinned; a restart loses what they hold")
 	}
 	dp.migrateAffinity()
+	if dp.mapCounts, dp.mapCountsErr = loadMapCounter(kernelBTF); dp.mapCountsErr != nil {
+		opts.Log.WithError(dp.mapCountsErr).Warn("the kernel keeps no map entry counts for podsock; status and metrics count entries by walking the maps")
+	}
 	if dp.iter, dp.iterErr = loadIterators(dp.objs.PodsockSockV1, dp.objs.PodsockSvcnetnsV2, dp.countEpoch, opts.Log, kernelBTF); dp.iterErr != nil {
 		opts.Log.WithError(dp.iterErr).Warn("socket listing and termination are unavailable")
 	} else if needBackfill {
@@ -571,6 +578,10 @@ func (dp *Datapath) closeAll() error {
 		}
 		dp.iter = nil
 	}
+	if err := dp.mapCounts.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("close map count iterator: %w", err))
+	}
+	dp.mapCounts = nil
 	if err := dp.objs.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("close BPF objects: %w", err))
 	}

@@ -872,3 +872,75 @@ func TestPrivilegedSlotsWithAndWithoutBatches(t *testing.T) {
 		})
 	}
 }
+
+// The entries status and /metrics report come from the kernel's own counts, and agree with
+// a walk of each map, for maps written by the agent and by the programs alike; where the
+// kernel keeps no counts, the walk gives the same figures.
+func TestPrivilegedMapStatsAgreeWithTheMaps(t *testing.T) {
+	f := newFixture(t)
+	testenv.StartTCPBackend(t, f.ns, "A", beA)
+	testenv.StartTCPBackend(t, f.ns, "B", beB)
+	dp := f.load()
+	if dp.mapCounts == nil {
+		testenv.SkipOrFail(t, "kernel keeps no map entry counts for podsock: "+dp.mapCountsErr.Error())
+	}
+	webBackends := []Backend{be(beA, 1), be(beB, 3)}
+	apply(t, dp, tcpService("default/web", webVIP, webBackends...), udpService("kube-system/dns", dnsVIP, be(beA, 1)))
+	// A balanced connect makes the programs write a {service, backend, netns} count.
+	r, err := testenv.DialTCP(f.ns, 0, webVIP, true)
+	if err != nil {
+		t.Fatalf("connect through the VIP: %v", err)
+	}
+	keepOpen(t, r.FD)
+
+	entries := func() map[string]int {
+		t.Helper()
+		stats, err := dp.MapStats()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]int{}
+		for _, s := range stats {
+			out[s.Name] = s.Entries
+		}
+		return out
+	}
+	fromKernel := entries()
+	for name, want := range map[string]int{
+		"podsock_svc_v1":  2,
+		"podsock_slot_v1": len(expandSlots(webBackends, 4096)) + len(expandSlots([]Backend{be(beA, 1)}, 4096)),
+	} {
+		if fromKernel[name] != want {
+			t.Errorf("%s: %d entries from the kernel's count, want %d", name, fromKernel[name], want)
+		}
+	}
+	coll := mapsByName(&dp.objs.socklbMaps)
+	written := 0
+	for name, m := range coll {
+		if !isHash(m.Type()) {
+			continue
+		}
+		walked, err := countEntries(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fromKernel[name] != walked {
+			t.Errorf("%s: %d entries from the kernel's count, %d walked", name, fromKernel[name], walked)
+		}
+		if name == "podsock_svcnetns_v2" {
+			written = walked
+		}
+	}
+	if written == 0 {
+		t.Errorf("podsock_svcnetns_v2 holds no count of the balanced connect: the test proves nothing of what the programs write")
+	}
+
+	// The fallback, as on a kernel that refuses the iterator: the same figures.
+	counter := dp.mapCounts
+	dp.mapCounts = nil
+	walked := entries()
+	dp.mapCounts = counter
+	if !maps.Equal(walked, fromKernel) {
+		t.Errorf("entries walked %v, from the kernel's counts %v", walked, fromKernel)
+	}
+}

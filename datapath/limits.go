@@ -223,11 +223,19 @@ func replacePin(m *ebpf.Map, pin string) error {
 // MapStat is one pinned map's use, as status shows it.
 type MapStat = api.MapStat
 
-// MapStats reads every pinned map's entries, capacity and kernel memory. It walks the
-// maps' keys, so it costs in proportion to what they hold.
+// MapStats reads every pinned map's entries, capacity and kernel memory. The hash maps'
+// entries come from the kernel's own counts where it keeps them (mapCounter); without
+// them the maps are walked, at a cost in proportion to what they hold.
 func (dp *Datapath) MapStats() ([]MapStat, error) {
 	dp.handlesMu.RLock()
 	defer dp.handlesMu.RUnlock()
+	var kernelCounts map[ebpf.MapID]int
+	if dp.mapCounts != nil {
+		var err error
+		if kernelCounts, err = dp.mapCounts.counts(); err != nil {
+			return nil, err
+		}
+	}
 	// Every map of socklb.o, the unpinned trace and per-service counters included.
 	coll := mapsByName(&dp.objs.socklbMaps)
 	var out []MapStat
@@ -238,9 +246,12 @@ func (dp *Datapath) MapStats() ([]MapStat, error) {
 		if k := limitKey(name); k != name {
 			st.Limit = k
 		}
+		var id ebpf.MapID
 		if info, err := m.Info(); err == nil {
 			st.MemoryBytes, _ = info.Memlock()
+			id, _ = info.ID()
 		}
+		counted, haveCount := kernelCounts[id]
 		switch {
 		case name == "podsock_sock_v1":
 			st.Capacity = 0
@@ -253,6 +264,8 @@ func (dp *Datapath) MapStats() ([]MapStat, error) {
 			// A ring has no entries to count: its capacity is its size in bytes.
 		case m.Type() == ebpf.Array || m.Type() == ebpf.PerCPUArray:
 			st.Entries = st.Capacity
+		case haveCount && isHash(m.Type()):
+			st.Entries = counted
 		default:
 			st.Entries, err = countEntries(m)
 		}
@@ -262,6 +275,15 @@ func (dp *Datapath) MapStats() ([]MapStat, error) {
 		out = append(out, st)
 	}
 	return out, nil
+}
+
+// isHash says whether the kernel keeps an entry count for maps of type t.
+func isHash(t ebpf.MapType) bool {
+	switch t {
+	case ebpf.Hash, ebpf.PerCPUHash, ebpf.LRUHash, ebpf.LRUCPUHash:
+		return true
+	}
+	return false
 }
 
 // mapsByName lists the maps of a bpf2go maps struct by their names in the object.

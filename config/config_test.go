@@ -850,6 +850,20 @@ func TestAgentSettingsSurviveErrorsElsewhere(t *testing.T) {
 	if _, err := AgentSettings(path); err == nil {
 		t.Fatal("AgentSettings accepted a file that is not TOML")
 	}
+	// Only what comes before the services is read when it holds [agent]: broken TOML
+	// among the services does not matter; an [agent] after them is found all the same.
+	for _, data := range []string{
+		"[agent]\nstate_dir = \"/run/other\"\n[[service]]\nname = = \"x\"\n",
+		"[nri]\nenabled = false\n[[ service ]]\nname = \"x\"\n[agent]\nstate_dir = \"/run/other\"\n",
+		"agent.state_dir = \"/run/other\"\n[[service]]\nname = \"x\"\n",
+	} {
+		if err := os.WriteFile(path, []byte(data), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if a, err := AgentSettings(path); err != nil || a.StateDir != "/run/other" {
+			t.Errorf("AgentSettings of %q = %+v, %v: want state_dir /run/other", data, a, err)
+		}
+	}
 }
 
 // agent.services_file adds its [[service]] tables to the config's, checked together;

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"flag"
 	"fmt"
 	"os"
@@ -223,12 +222,15 @@ func (e *env) agentApply(bin string, n int, current, scrape bool) agentRun {
 	}
 	start := time.Now()
 	cmd := e.runAgentBin(bin, cfgPath, env)
-	// Each poll is a `status` process and, in this build, a count of every map's entries:
-	// polled every 10 ms they took a CPU of this 2-vCPU VM from the agent they time. The
-	// interval grows with the wait instead, so it stays within 5% of what it measures.
+	// Each poll asks the agent's control socket, as `podsock status` does, but without a
+	// CLI process that reads the whole config file first (a quarter of a second of CPU
+	// at 100k services, taken from the agent it times). Polled every 10 ms, even that took
+	// a CPU of this 2-vCPU VM; the interval grows with the wait instead, so it stays within
+	// 5% of what it measures.
+	control := api.NewClient(filepath.Join(dir, "state"))
 	waitGeneration := func(gen uint64, since time.Time) {
 		for deadline := time.Now().Add(120 * time.Second); time.Now().Before(deadline); {
-			st, err := statusOf(bin, cfgPath)
+			st, err := control.Status()
 			if err == nil && st.Services == n && st.ConfigGeneration == gen {
 				run.memoryBytes = st.Datapath.MemoryBytes
 				return
@@ -260,7 +262,7 @@ func (e *env) agentApply(bin string, n int, current, scrape bool) agentRun {
 	cmd.Process.Signal(unix.SIGHUP)
 	waitGeneration(3, start)
 	run.oneReload = time.Since(start)
-	run.rss, run.hwm = procMem(cmd.Process.Pid)
+	run.rss, run.hwm = settledMem(cmd.Process.Pid)
 	if len(env) > 0 {
 		cmd.Process.Signal(unix.SIGUSR1)
 		prof := filepath.Join(*agentProf, fmt.Sprintf("heap-%d.pprof", n))
@@ -270,13 +272,19 @@ func (e *env) agentApply(bin string, n int, current, scrape bool) agentRun {
 	return run
 }
 
-// statusOf is `bin status --json`; the old release's JSON has the fields the bench reads.
-func statusOf(bin, cfgPath string) (st api.Status, err error) {
-	out, err := exec.Command(bin, "status", "--json", "--config", cfgPath).Output()
-	if err != nil {
-		return st, fmt.Errorf("%s status: %w", bin, err)
+// settledMem is procMem once RSS stops falling: an agent hands a config's garbage back
+// to the kernel just after the config is in force, which status already shows.
+func settledMem(pid int) (rss, hwm int64) {
+	rss, hwm = procMem(pid)
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
+		time.Sleep(250 * time.Millisecond)
+		next, nextHWM := procMem(pid)
+		if next >= rss {
+			return rss, nextHWM
+		}
+		rss, hwm = next, nextHWM
 	}
-	return st, json.Unmarshal(out, &st)
+	return rss, hwm
 }
 
 // runAgentBin starts `bin run --config cfgPath` with env added, its output to stderr.

@@ -400,9 +400,9 @@ type problem struct {
 // (which is exactly when an operator asks for `podsock status`).
 //
 // The [agent] table of a config comes before its services, which are most of a large
-// file's bytes: the part before the first [[service]] is read alone when it holds [agent]
-// (at 100k services that is 2 ms instead of a quarter of a second of parsing for each
-// `podsock status`). TOML cannot add to [agent] after that point, so nothing is missed.
+// file's bytes and where it is most likely broken: the part before the first [[service]]
+// is read alone when it holds [agent]. TOML cannot add to [agent] after that point, so
+// nothing is missed.
 func AgentSettings(path string) (Agent, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {

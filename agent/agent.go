@@ -544,8 +544,11 @@ func toDatapath(svcs []service.Service, policies map[string]datapath.ServicePoli
 		if s.Protocol == service.ProtocolUDP {
 			d.Proto = datapath.ProtoUDP
 		}
-		for _, b := range s.Backends {
-			d.Backends = append(d.Backends, datapath.Backend{Addr: b.Addr, Weight: b.Weight})
+		if len(s.Backends) > 0 {
+			d.Backends = make([]datapath.Backend, len(s.Backends))
+		}
+		for i, b := range s.Backends {
+			d.Backends[i] = datapath.Backend{Addr: b.Addr, Weight: b.Weight}
 		}
 		out = append(out, d)
 	}

@@ -128,7 +128,11 @@ func servicePolicies(services []service.Service, pods []runtimehooks.Pod) map[st
 			}
 			slices.Sort(p.AllowedPods)
 		}
-		out[s.Name] = p
+		// A service without affinity or an allow-list has the zero policy, which a missing
+		// entry reads as: most of a large config, kept out of the map.
+		if p.AffinityPod || p.AffinityHost || p.Restrict {
+			out[s.Name] = p
+		}
 	}
 	return out
 }

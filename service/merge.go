@@ -3,6 +3,7 @@ package service
 import (
 	"cmp"
 	"fmt"
+	"net/netip"
 	"slices"
 )
 
@@ -74,7 +75,12 @@ func Merge(views map[Source][]Service, limits Limits) ([]Service, []Conflict) {
 		n += len(views[s])
 	}
 	out := make([]Service, 0, n)
-	byKey := make(map[string]Ref, n)
+	// Keyed by the frontend itself: its string (Key) is built only for a conflict.
+	type frontend struct {
+		addr  netip.AddrPort
+		proto Protocol
+	}
+	byKey := make(map[frontend]Ref, n)
 	byName := make(map[string]Ref, n)
 	var conflicts []Conflict
 	// A service switching revisions holds its old and new slots at once, one at a time.
@@ -88,9 +94,9 @@ func Merge(views map[Source][]Service, limits Limits) ([]Service, []Conflict) {
 				conflicts = append(conflicts, Conflict{Key: "invalid", Dropped: ref, Reason: err.Error()})
 				continue
 			}
-			key := svc.Key()
-			if kept, taken := byKey[key]; taken {
-				conflicts = append(conflicts, Conflict{Key: key, Kept: kept, Dropped: ref, Reason: "frontend already served"})
+			fe := frontend{netip.AddrPortFrom(svc.VIP, svc.Port), svc.Protocol}
+			if kept, taken := byKey[fe]; taken {
+				conflicts = append(conflicts, Conflict{Key: svc.Key(), Kept: kept, Dropped: ref, Reason: "frontend already served"})
 				continue
 			}
 			if kept, taken := byName[svc.Name]; taken && kept.Source != src {
@@ -98,16 +104,16 @@ func Merge(views map[Source][]Service, limits Limits) ([]Service, []Conflict) {
 				continue
 			}
 			if limits.Services > 0 && len(out) >= limits.Services {
-				conflicts = append(conflicts, Conflict{Key: key, Dropped: ref, Reason: fmt.Sprintf("limits.services = %d reached", limits.Services)})
+				conflicts = append(conflicts, Conflict{Key: svc.Key(), Dropped: ref, Reason: fmt.Sprintf("limits.services = %d reached", limits.Services)})
 				continue
 			}
 			slots := SlotCount(svc.Backends, limits.SlotsPerService)
 			if limits.Slots > 0 && slotsUsed+slots > slotBudget {
-				conflicts = append(conflicts, Conflict{Key: key, Dropped: ref, Reason: fmt.Sprintf("limits.slots = %d reached", limits.Slots)})
+				conflicts = append(conflicts, Conflict{Key: svc.Key(), Dropped: ref, Reason: fmt.Sprintf("limits.slots = %d reached", limits.Slots)})
 				continue
 			}
 			slotsUsed += slots
-			byKey[key], byName[svc.Name] = ref, ref
+			byKey[fe], byName[svc.Name] = ref, ref
 			out = append(out, svc)
 		}
 	}

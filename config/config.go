@@ -184,7 +184,9 @@ const DefaultMinSyncPeriod = Duration(100 * time.Millisecond)
 // string ("100ms"), rather than as an integer of nanoseconds.
 type Duration time.Duration
 
-func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
+func (d Duration) String() string { return time.Duration(d).String() }
 
 // Terminates reports whether sockets of protocol p to removed backends are
 // destroyed.

@@ -944,3 +944,73 @@ func TestPrivilegedMapStatsAgreeWithTheMaps(t *testing.T) {
 		t.Errorf("entries walked %v, from the kernel's counts %v", walked, fromKernel)
 	}
 }
+
+// New services are written in batches of map writes. A frontend that holds a stray entry
+// (one the agent's mirror does not know) gets the service asked for, in the batch as
+// one by one, and nothing of the stray is left to claim its ID.
+func TestPrivilegedAddReplacesStrayEntries(t *testing.T) {
+	f := newFixture(t)
+	testenv.StartTCPBackend(t, f.ns, "A", beA)
+	dp := f.load()
+	stray := svcKey(dnsVIP.Addr(), dnsVIP.Port(), ProtoTCP)
+	other := netip.MustParseAddrPort("10.96.0.21:80")
+	for _, oneByOne := range []bool{false, true} {
+		apply(t, dp)
+		if err := dp.objs.PodsockSvcV1.Update(&stray, &socklbSvcValue{Id: 4000, Rev: 1}, ebpf.UpdateNoExist); err != nil {
+			t.Fatal(err)
+		}
+		dp.slotsOneByOne = oneByOne
+		apply(t, dp, tcpService("default/web", webVIP, be(beA, 1)), tcpService("default/dns-tcp", dnsVIP, be(beA, 1)),
+			tcpService("default/other", other, be(beA, 1)))
+		for _, vip := range []netip.AddrPort{webVIP, dnsVIP, other} {
+			if r, err := testenv.DialTCP(f.ns, 0, vip, false); err != nil || r.Peer != vip || r.Backend != "A" {
+				t.Fatalf("one by one %v: connect to %s: %+v %v, want A through the VIP", oneByOne, vip, r, err)
+			}
+		}
+		var v socklbSvcValue
+		if err := dp.objs.PodsockSvcV1.Lookup(&stray, &v); err != nil || v.Id == 4000 || v.Id != dp.services[stray].id {
+			t.Errorf("one by one %v: the frontend holds %+v (%v), want default/dns-tcp's entry", oneByOne, v, err)
+		}
+		for name, want := range map[string]int{"podsock_svc_v1": 3, "podsock_name_v2": 3, "podsock_slot_v1": 3} {
+			if n, err := countEntries(mapsByName(&dp.objs.socklbMaps)[name]); err != nil || n != want {
+				t.Errorf("one by one %v: %s holds %d entries (%v), want %d", oneByOne, name, n, err, want)
+			}
+		}
+	}
+}
+
+// A batch of service entries the kernel stops writing part way: the entries it wrote
+// serve, the others are written one by one, and nothing is left twice.
+func TestPrivilegedBatchedAddRecoversFromPartialWrite(t *testing.T) {
+	f := newFixture(t)
+	testenv.StartTCPBackend(t, f.ns, "A", beA)
+	dp := f.load()
+	write := batchUpdateServices
+	t.Cleanup(func() { batchUpdateServices = write })
+	batchUpdateServices = func(m *ebpf.Map, keys []socklbSvcKey, values []socklbSvcValue, opts *ebpf.BatchOptions) (int, error) {
+		n, err := write(m, keys[:1], values[:1], opts)
+		if err != nil {
+			return n, err
+		}
+		return n, unix.ENOSPC
+	}
+	vips := []netip.AddrPort{webVIP, netip.MustParseAddrPort("10.96.0.21:80"), netip.MustParseAddrPort("10.96.0.22:80")}
+	var svcs []Service
+	for i, vip := range vips {
+		svcs = append(svcs, tcpService(fmt.Sprintf("default/svc-%d", i), vip, be(beA, 1)))
+	}
+	apply(t, dp, svcs...)
+	for _, vip := range vips {
+		if r, err := testenv.DialTCP(f.ns, 0, vip, false); err != nil || r.Peer != vip || r.Backend != "A" {
+			t.Fatalf("connect to %s after a partial batch: %+v %v, want A through the VIP", vip, r, err)
+		}
+	}
+	for name, want := range map[string]int{"podsock_svc_v1": 3, "podsock_name_v2": 3, "podsock_slot_v1": 3} {
+		if n, err := countEntries(mapsByName(&dp.objs.socklbMaps)[name]); err != nil || n != want {
+			t.Errorf("%s holds %d entries (%v), want %d", name, n, err, want)
+		}
+	}
+	if len(dp.usedIDs) != 3 {
+		t.Errorf("%d service IDs in use, want 3: the undone writes kept theirs", len(dp.usedIDs))
+	}
+}

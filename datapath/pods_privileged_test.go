@@ -454,7 +454,10 @@ func TestPrivilegedPodEventsDuringLargeApply(t *testing.T) {
 	if during < len(pods)/2 {
 		t.Fatalf("only %d pods were set during the apply: the test did not exercise the overlap", during)
 	}
-	if slowest > 50*time.Millisecond {
+	// 100 ms is well under the budget, and above what a garbage collection or a
+	// descheduled apply goroutine holding the lock costs a write on a 2-vCPU VM (up to
+	// about 60 ms seen, with and without the batched adds).
+	if slowest > 100*time.Millisecond {
 		t.Fatalf("a pod write took %v during the apply, want well under the 250 ms handler budget", slowest)
 	}
 	// After the apply, the late pods keep what they asked for.

@@ -305,6 +305,13 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		// No revision of this service comes after cur.rev: every choice it made is older.
 		res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, cur.name, cur.id, cur.rev+1, cur.serving())...)
 	}
+	// New services that need no allow entries, timeout or counter are written in batches
+	// of map writes (batchAdd) rather than 3 syscalls each.
+	var batch []pendingAdd
+	flush := func() {
+		res.Added += dp.batchAdd(batch, &errs)
+		batch = batch[:0]
+	}
 	for _, k := range keys {
 		yield()
 		s := desired[k]
@@ -316,6 +323,10 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 			dp.admitLatePods(s)
 		}
 		switch {
+		case cur == nil && dp.batchable(s):
+			if batch = append(batch, pendingAdd{key: k, w: s}); len(batch) == applyChunk {
+				flush()
+			}
 		case cur == nil:
 			if err := dp.addService(k, s); err != nil {
 				errs = append(errs, err)
@@ -339,6 +350,7 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 			res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, s.name, cur.id, firstWithout, gone)...)
 		}
 	}
+	flush()
 	if len(errs) > 0 {
 		wantPorts = portsOf(dp.services)
 	}
@@ -570,7 +582,9 @@ func (dp *Datapath) addService(k socklbSvcKey, w wanted) error {
 		}
 	}
 	v := socklbSvcValue{Id: id, Rev: rev, SlotCount: uint32(len(slots)), Flags: w.flags}
-	if err := dp.objs.PodsockSvcV1.Update(&k, &v, ebpf.UpdateNoExist); err != nil {
+	// UpdateAny, as batchAdd must (batch writes take no NOEXIST): an entry the mirror
+	// does not know is not the agent's to keep, and the service it is asked for replaces it.
+	if err := dp.objs.PodsockSvcV1.Update(&k, &v, ebpf.UpdateAny); err != nil {
 		undo()
 		dp.deleteServiceCounter(id)
 		return fmt.Errorf("service %s: write service entry: %w", name, err)
@@ -580,6 +594,118 @@ func (dp *Datapath) addService(k socklbSvcKey, w wanted) error {
 	dp.index(cur)
 	dp.traceServiceAdded(cur)
 	return nil
+}
+
+// batchUpdateServices writes service entries in one batch; tests replace it with one that
+// stops part way, as the kernel does at an entry it cannot write.
+var batchUpdateServices = func(m *ebpf.Map, keys []socklbSvcKey, values []socklbSvcValue, opts *ebpf.BatchOptions) (int, error) {
+	return m.BatchUpdate(keys, values, opts)
+}
+
+// pendingAdd is a new service waiting in a batch.
+type pendingAdd struct {
+	key socklbSvcKey
+	w   wanted
+}
+
+// batchable says whether adding w takes only a name, slots and a service entry, which
+// batchAdd writes for many services at once.
+func (dp *Datapath) batchable(w wanted) bool {
+	return len(w.allowed) == 0 && w.affTimeout == 0 && !dp.svcCounts && !dp.slotsOneByOne && len(w.slots) > 0
+}
+
+// batchAdd adds the services of batch as addService would, in three map writes for all
+// of them: names, then slots, then the service entries that make them reachable, so no
+// connect sees a service before its slots. It returns how many it added and appends an
+// error for each it could not. A batch write that fails undoes what the batch wrote and
+// adds those services one by one, which names each failure.
+func (dp *Datapath) batchAdd(batch []pendingAdd, errs *[]error) int {
+	if len(batch) == 0 {
+		return 0
+	}
+	type written struct {
+		key socklbSvcKey
+		w   wanted
+		id  uint32
+		rev uint32
+	}
+	var ws []written
+	var nameKeys []uint32
+	var nameValues []socklbSvcName
+	var slotKeys []socklbSlotKey
+	var slotValues []socklbBackend
+	for _, p := range batch {
+		id, err := dp.allocID()
+		if err != nil {
+			*errs = append(*errs, fmt.Errorf("service %s: %w", p.w.name, err))
+			continue
+		}
+		nv, _ := nameValue(p.w.name)
+		// A fresh random revision, as addService gives.
+		rev := rand.Uint32()
+		ws = append(ws, written{key: p.key, w: p.w, id: id, rev: rev})
+		nameKeys, nameValues = append(nameKeys, id), append(nameValues, nv)
+		for i, a := range p.w.slots {
+			slotKeys = append(slotKeys, socklbSlotKey{SvcId: id, Rev: rev, Slot: uint32(i)})
+			slotValues = append(slotValues, backendValue(a))
+		}
+	}
+	if len(ws) == 0 {
+		return 0
+	}
+	// retry undoes what the batch wrote of these services and adds them one by one.
+	retry := func(these []written) int {
+		added := 0
+		for _, x := range these {
+			dp.deleteSlots(x.id, x.rev, len(x.w.slots))
+			dp.deleteName(x.id)
+		}
+		for _, x := range these {
+			if err := dp.addService(x.key, x.w); err != nil {
+				*errs = append(*errs, err)
+				continue
+			}
+			added++
+		}
+		return added
+	}
+	opts := &ebpf.BatchOptions{ElemFlags: uint64(ebpf.UpdateAny)}
+	if _, err := dp.objs.PodsockNameV2.BatchUpdate(nameKeys, nameValues, opts); err != nil {
+		return retry(ws)
+	}
+	if _, err := dp.objs.PodsockSlotV1.BatchUpdate(slotKeys, slotValues, opts); err != nil {
+		return retry(ws)
+	}
+	svcKeys := make([]socklbSvcKey, len(ws))
+	svcValues := make([]socklbSvcValue, len(ws))
+	for i, x := range ws {
+		svcKeys[i] = x.key
+		svcValues[i] = socklbSvcValue{Id: x.id, Rev: x.rev, SlotCount: uint32(len(x.w.slots)), Flags: x.w.flags}
+	}
+	// The kernel takes no NOEXIST for a batch; a stray entry at one of these keys is
+	// replaced, as addService replaces it.
+	_, err := batchUpdateServices(dp.objs.PodsockSvcV1, svcKeys, svcValues, opts)
+	var failed []written
+	added := 0
+	for i, x := range ws {
+		if err != nil {
+			// The kernel stops at the first entry it cannot write; which ones it wrote is
+			// read back rather than trusted from the count. Those serve; the rest are
+			// undone and retried one by one.
+			var v socklbSvcValue
+			if lerr := dp.objs.PodsockSvcV1.Lookup(&svcKeys[i], &v); lerr != nil || v.Id != x.id || v.Rev != x.rev {
+				failed = append(failed, x)
+				continue
+			}
+		}
+		cur := &installed{id: x.id, rev: x.rev, name: x.w.name, slots: x.w.slots, retained: x.w.retained,
+			allowed: map[uint32]bool{}, flags: x.w.flags}
+		dp.services[x.key] = cur
+		dp.index(cur)
+		dp.traceServiceAdded(cur)
+		added++
+	}
+	return added + retry(failed)
 }
 
 func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) error {

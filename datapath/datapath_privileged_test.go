@@ -1014,3 +1014,43 @@ func TestPrivilegedBatchedAddRecoversFromPartialWrite(t *testing.T) {
 		t.Errorf("%d service IDs in use, want 3: the undone writes kept theirs", len(dp.usedIDs))
 	}
 }
+
+// Services whose only change is their slots switch in batches; a batch the kernel stops
+// part way still switches every service, removes each old backend once, and leaves only
+// the new revision's slots.
+func TestPrivilegedBatchedUpdateRecoversFromPartialWrite(t *testing.T) {
+	f := newFixture(t)
+	testenv.StartTCPBackend(t, f.ns, "A", beA)
+	testenv.StartTCPBackend(t, f.ns, "B", beB)
+	dp := f.load()
+	vips := []netip.AddrPort{webVIP, netip.MustParseAddrPort("10.96.0.21:80"), netip.MustParseAddrPort("10.96.0.22:80")}
+	services := func(b netip.AddrPort) []Service {
+		var out []Service
+		for i, vip := range vips {
+			out = append(out, tcpService(fmt.Sprintf("default/svc-%d", i), vip, be(b, 1)))
+		}
+		return out
+	}
+	apply(t, dp, services(beA)...)
+	write := batchUpdateServices
+	t.Cleanup(func() { batchUpdateServices = write })
+	batchUpdateServices = func(m *ebpf.Map, keys []socklbSvcKey, values []socklbSvcValue, opts *ebpf.BatchOptions) (int, error) {
+		n, err := write(m, keys[:1], values[:1], opts)
+		if err != nil {
+			return n, err
+		}
+		return n, unix.ENOSPC
+	}
+	res := apply(t, dp, services(beB)...)
+	if res.Updated != 3 || len(res.RemovedBackends) != 3 {
+		t.Fatalf("apply result %+v, want 3 updated and A removed from each", res)
+	}
+	for _, vip := range vips {
+		if r, err := testenv.DialTCP(f.ns, 0, vip, false); err != nil || r.Peer != vip || r.Backend != "B" {
+			t.Fatalf("connect to %s after the switch: %+v %v, want B through the VIP", vip, r, err)
+		}
+	}
+	if n, err := countEntries(dp.objs.PodsockSlotV1); err != nil || n != 3 {
+		t.Errorf("%d slots in the map (%v), want only the new revision's 3", n, err)
+	}
+}

@@ -312,6 +312,15 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		res.Added += dp.batchAdd(batch, &errs)
 		batch = batch[:0]
 	}
+	// Likewise services whose only change is their slots (batchUpdate).
+	var updates []pendingUpdate
+	flushUpdates := func() {
+		for _, u := range dp.batchUpdate(updates, &errs) {
+			res.Updated++
+			res.RemovedBackends = append(res.RemovedBackends, removedBackends(u.key, u.w.name, u.cur.id, u.firstWithout, u.gone)...)
+		}
+		updates = updates[:0]
+	}
 	for _, k := range keys {
 		yield()
 		s := desired[k]
@@ -342,6 +351,12 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 			// before: since it left the slots, or now, no revision picks it. One that comes
 			// back is picked at a later revision, whether the slots change now or not.
 			firstWithout := cur.rev + 1
+			if dp.batchableUpdate(cur, s) {
+				if updates = append(updates, pendingUpdate{key: k, cur: cur, w: s, gone: gone, firstWithout: firstWithout}); len(updates) == applyChunk {
+					flushUpdates()
+				}
+				continue
+			}
 			if err := dp.updateService(k, cur, s); err != nil {
 				errs = append(errs, err)
 				continue
@@ -351,6 +366,7 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		}
 	}
 	flush()
+	flushUpdates()
 	if len(errs) > 0 {
 		wantPorts = portsOf(dp.services)
 	}
@@ -706,6 +722,98 @@ func (dp *Datapath) batchAdd(batch []pendingAdd, errs *[]error) int {
 		added++
 	}
 	return added + retry(failed)
+}
+
+// pendingUpdate is a service waiting in a batch for its new slots.
+type pendingUpdate struct {
+	key          socklbSvcKey
+	cur          *installed
+	w            wanted
+	gone         []netip.AddrPort
+	firstWithout uint32
+}
+
+// batchableUpdate says whether updating cur to w only switches its slots: the same name
+// and flags, no affinity to carry, no allow entries or timeout. batchUpdate writes those
+// for many services at once.
+func (dp *Datapath) batchableUpdate(cur *installed, w wanted) bool {
+	return w.name == cur.name && w.flags == cur.flags && w.flags&affinityFlags == 0 &&
+		len(w.allowed) == 0 && len(cur.allowed) == 0 && w.affTimeout == 0 && cur.affTimeout == 0 &&
+		len(w.slots) > 0 && !slices.Equal(cur.slots, w.slots) && !dp.slotsOneByOne
+}
+
+// batchUpdate switches the services of batch to their new slots as updateService would,
+// in three map writes for all of them: the new revision's slots, the service entries
+// that switch to it, then the old revision's slots deleted. It returns the updates that
+// took; a batch write that fails is undone for what it did not switch, and those
+// services are updated one by one, which names each failure.
+func (dp *Datapath) batchUpdate(batch []pendingUpdate, errs *[]error) []pendingUpdate {
+	if len(batch) == 0 {
+		return nil
+	}
+	var slotKeys []socklbSlotKey
+	var slotValues []socklbBackend
+	svcKeys := make([]socklbSvcKey, len(batch))
+	svcValues := make([]socklbSvcValue, len(batch))
+	for i, u := range batch {
+		rev := u.cur.rev + 1
+		for j, a := range u.w.slots {
+			slotKeys = append(slotKeys, socklbSlotKey{SvcId: u.cur.id, Rev: rev, Slot: uint32(j)})
+			slotValues = append(slotValues, backendValue(a))
+		}
+		svcKeys[i] = u.key
+		svcValues[i] = socklbSvcValue{Id: u.cur.id, Rev: rev, SlotCount: uint32(len(u.w.slots)), Flags: u.w.flags}
+	}
+	// retry drops the new slots of these services and updates them one by one.
+	retry := func(these []pendingUpdate) []pendingUpdate {
+		var done []pendingUpdate
+		for _, u := range these {
+			dp.deleteSlots(u.cur.id, u.cur.rev+1, len(u.w.slots))
+		}
+		for _, u := range these {
+			if err := dp.updateService(u.key, u.cur, u.w); err != nil {
+				*errs = append(*errs, err)
+				continue
+			}
+			done = append(done, u)
+		}
+		return done
+	}
+	opts := &ebpf.BatchOptions{ElemFlags: uint64(ebpf.UpdateAny)}
+	if _, err := dp.objs.PodsockSlotV1.BatchUpdate(slotKeys, slotValues, opts); err != nil {
+		return retry(batch)
+	}
+	_, err := batchUpdateServices(dp.objs.PodsockSvcV1, svcKeys, svcValues, opts)
+	var switched, failed []pendingUpdate
+	var oldSlots []socklbSlotKey
+	for i, u := range batch {
+		if err != nil {
+			// As in batchAdd: which entries switched is read back.
+			var v socklbSvcValue
+			if lerr := dp.objs.PodsockSvcV1.Lookup(&svcKeys[i], &v); lerr != nil || v != svcValues[i] {
+				failed = append(failed, u)
+				continue
+			}
+		}
+		for j := range u.cur.slots {
+			oldSlots = append(oldSlots, socklbSlotKey{SvcId: u.cur.id, Rev: u.cur.rev, Slot: uint32(j)})
+		}
+		switched = append(switched, u)
+	}
+	// Services that had no backends have no old slots.
+	if len(oldSlots) > 0 {
+		if _, derr := dp.objs.PodsockSlotV1.BatchDelete(oldSlots, nil); derr != nil {
+			// Some were deleted before the error: the rest one by one, missing ones ignored.
+			for _, u := range switched {
+				dp.deleteSlots(u.cur.id, u.cur.rev, len(u.cur.slots))
+			}
+		}
+	}
+	for _, u := range switched {
+		u.cur.rev, u.cur.slots, u.cur.retained = u.cur.rev+1, u.w.slots, u.w.retained
+		dp.index(u.cur)
+	}
+	return append(switched, retry(failed)...)
 }
 
 func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) error {

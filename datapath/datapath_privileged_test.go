@@ -985,15 +985,7 @@ func TestPrivilegedBatchedAddRecoversFromPartialWrite(t *testing.T) {
 	f := newFixture(t)
 	testenv.StartTCPBackend(t, f.ns, "A", beA)
 	dp := f.load()
-	write := batchUpdateServices
-	t.Cleanup(func() { batchUpdateServices = write })
-	batchUpdateServices = func(m *ebpf.Map, keys []socklbSvcKey, values []socklbSvcValue, opts *ebpf.BatchOptions) (int, error) {
-		n, err := write(m, keys[:1], values[:1], opts)
-		if err != nil {
-			return n, err
-		}
-		return n, unix.ENOSPC
-	}
+	stopServiceBatchesAfterOne(t)
 	vips := []netip.AddrPort{webVIP, netip.MustParseAddrPort("10.96.0.21:80"), netip.MustParseAddrPort("10.96.0.22:80")}
 	var svcs []Service
 	for i, vip := range vips {
@@ -1032,15 +1024,7 @@ func TestPrivilegedBatchedUpdateRecoversFromPartialWrite(t *testing.T) {
 		return out
 	}
 	apply(t, dp, services(beA)...)
-	write := batchUpdateServices
-	t.Cleanup(func() { batchUpdateServices = write })
-	batchUpdateServices = func(m *ebpf.Map, keys []socklbSvcKey, values []socklbSvcValue, opts *ebpf.BatchOptions) (int, error) {
-		n, err := write(m, keys[:1], values[:1], opts)
-		if err != nil {
-			return n, err
-		}
-		return n, unix.ENOSPC
-	}
+	stopServiceBatchesAfterOne(t)
 	res := apply(t, dp, services(beB)...)
 	if res.Updated != 3 || len(res.RemovedBackends) != 3 {
 		t.Fatalf("apply result %+v, want 3 updated and A removed from each", res)
@@ -1052,5 +1036,19 @@ func TestPrivilegedBatchedUpdateRecoversFromPartialWrite(t *testing.T) {
 	}
 	if n, err := countEntries(dp.objs.PodsockSlotV1); err != nil || n != 3 {
 		t.Errorf("%d slots in the map (%v), want only the new revision's 3", n, err)
+	}
+}
+
+// stopServiceBatchesAfterOne makes every batch of service entries stop after its first,
+// as the kernel stops at an entry it cannot write, until the test ends.
+func stopServiceBatchesAfterOne(t *testing.T) {
+	write := batchUpdateServices
+	t.Cleanup(func() { batchUpdateServices = write })
+	batchUpdateServices = func(m *ebpf.Map, keys []socklbSvcKey, values []socklbSvcValue, opts *ebpf.BatchOptions) (int, error) {
+		n, err := write(m, keys[:1], values[:1], opts)
+		if err != nil {
+			return n, err
+		}
+		return n, unix.ENOSPC
 	}
 }

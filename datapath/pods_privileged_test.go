@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -466,5 +467,70 @@ func TestPrivilegedPodEventsDuringLargeApply(t *testing.T) {
 	}
 	if _, err := w.dialFrom(t, pods[1], w.ns); !errors.Is(err, unix.EPERM) {
 		t.Fatalf("denied pod after the apply: %v, want EPERM", err)
+	}
+}
+
+// TestPrivilegedPodsSetDuringBatchesReachRestrictedServices: a pod set, and per-service
+// counters switched on, where Apply lets go of the lock reach every service of that
+// Apply, including those it was still gathering into a batch: a restricted service added
+// with no pod allowed yet admits a pod allowed into it mid-Apply, and every service ends
+// with its counters.
+func TestPrivilegedPodsSetDuringBatchesReachRestrictedServices(t *testing.T) {
+	w := newPodWorld(t)
+	const n = 512
+	var services []Service
+	for i := range n {
+		vip := netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 100, byte(i >> 8), byte(i)}), 80)
+		services = append(services, tcpService(fmt.Sprintf("bulk/s%d", i), vip, be(beA, 1), be(beB, 1)))
+	}
+	// The restricted service is the one Apply reaches first among its keys.
+	keys := make([]socklbSvcKey, n)
+	for i, s := range services {
+		keys[i] = svcKey(s.VIP, s.Port, s.Proto)
+	}
+	first := slices.IndexFunc(keys, func(k socklbSvcKey) bool { return slices.MinFunc(keys, compareKeys) == k })
+	gated := &services[first]
+	gated.Name, gated.Policy = "gated/added", ServicePolicy{Restrict: true}
+	gatedVIP := netip.AddrPortFrom(gated.VIP, gated.Port)
+
+	// Apply yields every 64 steps: n capacity checks, then one step per service, all of
+	// them added here. Its next yield after those, at the start of the 64th service,
+	// comes while the first batch, gated/added in it, waits for its last entry.
+	const midBatch = n/64 + 1
+	cg := w.cg.NewChild(t, "ctr-mid")
+	yields := 0
+	var hookErr error
+	applyYielded = func() {
+		if yields++; yields != midBatch {
+			return
+		}
+		hookErr = errors.Join(
+			w.dp.SetPod(Pod{SandboxID: "mid", ContainerCgroups: []uint64{cg.ID(t)}, AllowedServices: []string{gated.Name}}),
+			w.dp.SetServiceCounters(true))
+	}
+	t.Cleanup(func() { applyYielded = nil })
+	res := apply(t, w.dp, services...)
+	applyYielded = nil
+	if hookErr != nil {
+		t.Fatal(hookErr)
+	}
+	if res.Added != n {
+		t.Fatalf("apply: %+v, want %d added", res, n)
+	}
+	if yields < midBatch {
+		t.Fatalf("the apply yielded %d times, not the %d the test sets the pod at", yields, midBatch)
+	}
+	if res, err := w.dialTo(t, cg, w.ns, gatedVIP); err != nil || (res.Backend != "A" && res.Backend != "B") {
+		t.Fatalf("pod set mid-Apply, to the restricted service it is allowed into: %+v %v, want A or B", res, err)
+	}
+	if _, err := w.dialTo(t, w.ctrA, w.ns, gatedVIP); !errors.Is(err, unix.EPERM) {
+		t.Fatalf("a pod not allowed, to the restricted service: %v, want EPERM", err)
+	}
+	counts, err := w.dp.ServiceCounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(counts) != n {
+		t.Fatalf("%d services have counters after they were switched on mid-Apply, want all %d", len(counts), n)
 	}
 }

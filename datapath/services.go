@@ -277,6 +277,9 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 	yield := func() {
 		if steps++; steps%applyChunk == 0 {
 			dp.mu.Unlock()
+			if applyYielded != nil {
+				applyYielded()
+			}
 			runtime.Gosched()
 			dp.mu.Lock()
 		}
@@ -384,6 +387,10 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 // milliseconds of map writes.
 const applyChunk = 64
 
+// applyYielded, when set, runs each time Apply lets go of the datapath lock: tests set
+// pods and settings there, exactly where a runtime event would come in.
+var applyYielded func()
+
 // admitLatePods adds to a restricted service's allowed pods those set during this Apply
 // that asked for it: the policy the Apply was planned with did not know them yet.
 func (dp *Datapath) admitLatePods(w wanted) {
@@ -479,7 +486,9 @@ func (dp *Datapath) checkCapacity(desired map[socklbSvcKey]wanted, yield func())
 	}
 	// Removals run first. After that, a service keeps the larger of its old and new
 	// tables until it is processed, and while it switches revisions its old and new
-	// tables coexist: at most one such overlap at a time.
+	// tables coexist: one such overlap at a time. A batch of switches (batchUpdate) holds
+	// up to applyChunk at once; one that does not fit fails in the kernel and goes one
+	// service at a time, which this bound guarantees.
 	slots, overlap := 0, 0
 	for k, s := range desired {
 		yield()
@@ -625,9 +634,12 @@ type pendingAdd struct {
 }
 
 // batchable says whether adding w takes only a name, slots and a service entry, which
-// batchAdd writes for many services at once.
+// batchAdd writes for many services at once. A restricted service is never batched, even
+// with no pod allowed yet: a pod set while it waits in a batch would find no installed
+// service to be allowed into.
 func (dp *Datapath) batchable(w wanted) bool {
-	return len(w.allowed) == 0 && w.affTimeout == 0 && !dp.svcCounts && !dp.slotsOneByOne && len(w.slots) > 0
+	return len(w.allowed) == 0 && w.flags&socklbSvcFlagsSVC_F_RESTRICT == 0 && w.affTimeout == 0 &&
+		!dp.svcCounts && !dp.slotsOneByOne && len(w.slots) > 0
 }
 
 // batchAdd adds the services of batch as addService would, in three map writes for all
@@ -638,6 +650,19 @@ func (dp *Datapath) batchable(w wanted) bool {
 func (dp *Datapath) batchAdd(batch []pendingAdd, errs *[]error) int {
 	if len(batch) == 0 {
 		return 0
+	}
+	if dp.svcCounts {
+		// Per-service counters were switched on while the batch waited: it found only the
+		// installed services to give counters to, so these get theirs from addService.
+		added := 0
+		for _, p := range batch {
+			if err := dp.addService(p.key, p.w); err != nil {
+				*errs = append(*errs, err)
+				continue
+			}
+			added++
+		}
+		return added
 	}
 	type written struct {
 		key socklbSvcKey
@@ -734,10 +759,11 @@ type pendingUpdate struct {
 }
 
 // batchableUpdate says whether updating cur to w only switches its slots: the same name
-// and flags, no affinity to carry, no allow entries or timeout. batchUpdate writes those
-// for many services at once.
+// and flags, no affinity to carry, not restricted, no timeout. batchUpdate writes those
+// for many services at once. A restricted one is left out because a pod set while it
+// waits is allowed into cur, which the wanted allow list, resolved before, would undo.
 func (dp *Datapath) batchableUpdate(cur *installed, w wanted) bool {
-	return w.name == cur.name && w.flags == cur.flags && w.flags&affinityFlags == 0 &&
+	return w.name == cur.name && w.flags == cur.flags && w.flags&(affinityFlags|socklbSvcFlagsSVC_F_RESTRICT) == 0 &&
 		len(w.allowed) == 0 && len(cur.allowed) == 0 && w.affTimeout == 0 && cur.affTimeout == 0 &&
 		len(w.slots) > 0 && !slices.Equal(cur.slots, w.slots) && !dp.slotsOneByOne
 }

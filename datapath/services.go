@@ -695,7 +695,10 @@ func (dp *Datapath) batchAdd(batch []pendingAdd, errs *[]error) int {
 		return 0
 	}
 	// retry undoes what the batch wrote of these services and adds them one by one.
-	retry := func(these []written) int {
+	retry := func(these []written, cause error) int {
+		if len(these) > 0 {
+			dp.log.WithError(cause).Debugf("a batch write stopped; adding %d services one by one", len(these))
+		}
 		added := 0
 		for _, x := range these {
 			dp.deleteSlots(x.id, x.rev, len(x.w.slots))
@@ -712,10 +715,10 @@ func (dp *Datapath) batchAdd(batch []pendingAdd, errs *[]error) int {
 	}
 	opts := &ebpf.BatchOptions{ElemFlags: uint64(ebpf.UpdateAny)}
 	if _, err := dp.objs.PodsockNameV2.BatchUpdate(nameKeys, nameValues, opts); err != nil {
-		return retry(ws)
+		return retry(ws, err)
 	}
 	if _, err := dp.objs.PodsockSlotV1.BatchUpdate(slotKeys, slotValues, opts); err != nil {
-		return retry(ws)
+		return retry(ws, err)
 	}
 	svcKeys := make([]socklbSvcKey, len(ws))
 	svcValues := make([]socklbSvcValue, len(ws))
@@ -746,7 +749,7 @@ func (dp *Datapath) batchAdd(batch []pendingAdd, errs *[]error) int {
 		dp.traceServiceAdded(cur)
 		added++
 	}
-	return added + retry(failed)
+	return added + retry(failed, err)
 }
 
 // pendingUpdate is a service waiting in a batch for its new slots.
@@ -791,7 +794,10 @@ func (dp *Datapath) batchUpdate(batch []pendingUpdate, errs *[]error) []pendingU
 		svcValues[i] = socklbSvcValue{Id: u.cur.id, Rev: rev, SlotCount: uint32(len(u.w.slots)), Flags: u.w.flags}
 	}
 	// retry drops the new slots of these services and updates them one by one.
-	retry := func(these []pendingUpdate) []pendingUpdate {
+	retry := func(these []pendingUpdate, cause error) []pendingUpdate {
+		if len(these) > 0 {
+			dp.log.WithError(cause).Debugf("a batch write stopped; updating %d services one by one", len(these))
+		}
 		var done []pendingUpdate
 		for _, u := range these {
 			dp.deleteSlots(u.cur.id, u.cur.rev+1, len(u.w.slots))
@@ -807,7 +813,7 @@ func (dp *Datapath) batchUpdate(batch []pendingUpdate, errs *[]error) []pendingU
 	}
 	opts := &ebpf.BatchOptions{ElemFlags: uint64(ebpf.UpdateAny)}
 	if _, err := dp.objs.PodsockSlotV1.BatchUpdate(slotKeys, slotValues, opts); err != nil {
-		return retry(batch)
+		return retry(batch, err)
 	}
 	_, err := batchUpdateServices(dp.objs.PodsockSvcV1, svcKeys, svcValues, opts)
 	var switched, failed []pendingUpdate
@@ -839,7 +845,7 @@ func (dp *Datapath) batchUpdate(batch []pendingUpdate, errs *[]error) []pendingU
 		u.cur.rev, u.cur.slots, u.cur.retained = u.cur.rev+1, u.w.slots, u.w.retained
 		dp.index(u.cur)
 	}
-	return append(switched, retry(failed)...)
+	return append(switched, retry(failed, err)...)
 }
 
 func (dp *Datapath) updateService(k socklbSvcKey, cur *installed, w wanted) error {

@@ -309,6 +309,7 @@ func Start(t testenv.TB, opts Options) *Runtime {
 	if r.subnet, err = pickSubnet(opts.Runtime, opts.VIPRange); err != nil {
 		t.Fatalf("start runtime: %v", err)
 	}
+	t.Cleanup(func() { releaseSubnet(r.subnet) })
 	if err := r.writeConfigs(); err != nil {
 		t.Fatalf("start runtime: %v", err)
 	}
@@ -364,9 +365,24 @@ func (r *Runtime) Subnet() netip.Prefix { return r.subnet }
 // StateDir is the runtime's private directory (the daemon's log at <kind>.log).
 func (r *Runtime) StateDir() string { return r.dir }
 
-// pickSubnet chooses a /24 that no local route overlaps, so that parallel runtimes and the
-// host's own networks never share addresses: containerd's in 10.244.64.0–10.244.191.0,
-// CRI-O's in 10.244.192.0–10.244.255.0, so that the two kinds never share a range either.
+// claimedSubnets are the pod subnets of this process's runtimes. A runtime's bridge route
+// appears only with its first pod, so two runtimes started before either runs a pod (two
+// nodes of one test) would otherwise both find the same /24 free.
+var claimedSubnets = struct {
+	sync.Mutex
+	set map[netip.Prefix]bool
+}{set: map[netip.Prefix]bool{}}
+
+func releaseSubnet(p netip.Prefix) {
+	claimedSubnets.Lock()
+	defer claimedSubnets.Unlock()
+	delete(claimedSubnets.set, p)
+}
+
+// pickSubnet chooses and claims a /24 that no local route overlaps and no runtime of this
+// process holds, so that parallel runtimes and the host's own networks never share
+// addresses: containerd's in 10.244.64.0–10.244.191.0, CRI-O's in 10.244.192.0–10.244.255.0,
+// so that the two kinds never share a range either.
 func pickSubnet(k Kind, vips netip.Prefix) (netip.Prefix, error) {
 	first, n := int64(64), int64(128)
 	if k == CRIO {
@@ -388,6 +404,11 @@ func pickSubnet(k Kind, vips netip.Prefix) (netip.Prefix, error) {
 		}
 	}
 	used = append(used, vips)
+	claimedSubnets.Lock()
+	defer claimedSubnets.Unlock()
+	for p := range claimedSubnets.set {
+		used = append(used, p)
+	}
 	for range 50 {
 		i, err := rand.Int(rand.Reader, big.NewInt(n))
 		if err != nil {
@@ -395,6 +416,7 @@ func pickSubnet(k Kind, vips netip.Prefix) (netip.Prefix, error) {
 		}
 		cand := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(first + i.Int64()), 0}), 24)
 		if !slices.ContainsFunc(used, cand.Overlaps) {
+			claimedSubnets.set[cand] = true
 			return cand, nil
 		}
 	}

@@ -84,6 +84,10 @@ type Datapath struct {
 	// iter/tcp, iter/udp or bpf_sock_destroy.
 	iter    *sockIter
 	iterErr error
+	// iterLoaded is closed once iter and iterErr are set. The iterators load while the
+	// first services are applied: a third of a start's program loads, which nothing on
+	// the connect path needs.
+	iterLoaded chan struct{}
 	// mapCounts reads the kernel's entry counts of the hash maps; nil (with mapCountsErr
 	// saying why) where the kernel refuses it, and MapStats walks the maps instead.
 	mapCounts    *mapCounter
@@ -302,10 +306,21 @@ func Load(opts Options) (*Datapath, error) {
 	if dp.mapCounts, dp.mapCountsErr = loadMapCounter(kernelBTF); dp.mapCountsErr != nil {
 		opts.Log.WithError(dp.mapCountsErr).Warn("the kernel keeps no map entry counts for podsock; status and metrics count entries by walking the maps")
 	}
-	if dp.iter, dp.iterErr = loadIterators(dp.objs.PodsockSockV1, dp.objs.PodsockSvcnetnsV2, dp.countEpoch, opts.Log, kernelBTF); dp.iterErr != nil {
-		opts.Log.WithError(dp.iterErr).Warn("socket listing and termination are unavailable")
-	} else if needBackfill {
-		dp.backfill()
+	dp.iterLoaded = make(chan struct{})
+	loadIter := func() {
+		defer close(dp.iterLoaded)
+		if dp.iter, dp.iterErr = loadIterators(dp.objs.PodsockSockV1, dp.objs.PodsockSvcnetnsV2, dp.countEpoch, opts.Log, kernelBTF); dp.iterErr != nil {
+			opts.Log.WithError(dp.iterErr).Warn("socket listing and termination are unavailable")
+		} else if needBackfill {
+			dp.backfill()
+		}
+	}
+	if needBackfill {
+		// Rare (an upgrade, a map resized): the counts are complete before anything is
+		// served that terminates by them.
+		loadIter()
+	} else {
+		go loadIter()
 	}
 	return dp, nil
 }
@@ -571,6 +586,9 @@ func (dp *Datapath) closeAll() error {
 			errs = append(errs, fmt.Errorf("close %s link: %w", name, err))
 		}
 		delete(dp.links, name)
+	}
+	if dp.iterLoaded != nil {
+		<-dp.iterLoaded
 	}
 	if dp.iter != nil {
 		if err := dp.iter.Close(); err != nil {

@@ -183,6 +183,7 @@ func (it *sockIter) features() []Feature {
 
 // iterators returns the loaded iterators, or why there are none.
 func (dp *Datapath) iterators() (*sockIter, error) {
+	<-dp.iterLoaded
 	if dp.iter == nil {
 		return nil, fmt.Errorf("%w: %w", ErrNoIterators, dp.iterErr)
 	}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"strings"
 	"unicode"
 	"unicode/utf8"
@@ -84,8 +85,13 @@ func (c *Config) check(pos *positions) []problem {
 
 func (c *Config) checkServices(ps *problems, pos *positions) {
 	svcs := keyPath{}.key("service")
-	names := map[string]int{} // name -> index of the service that has it
-	keys := map[string]int{}  // Key() -> index of the service that has it
+	// Keyed by value: a frontend's string (Key) is built only for a problem.
+	type frontend struct {
+		addr  netip.AddrPort
+		proto service.Protocol
+	}
+	names := make(map[string]int, len(c.Services))  // name -> index of the service that has it
+	keys := make(map[frontend]int, len(c.Services)) // frontend -> index of the service that has it
 	for i, s := range c.Services {
 		// Paths and labels are only built for a problem: most services have none, and
 		// building them for each of 100k services was most of the check's time.
@@ -117,18 +123,30 @@ func (c *Config) checkServices(ps *problems, pos *positions) {
 			ps.add(at().key("protocol"), "%s: protocol %q is not tcp or udp", label, s.Protocol)
 		}
 		if vipOK && s.Port != 0 && s.Protocol.Valid() {
-			if first, dup := keys[s.Key()]; dup {
+			fe := frontend{netip.AddrPortFrom(s.VIP, s.Port), s.Protocol}
+			if first, dup := keys[fe]; dup {
 				ps.add(at().key("vip"), "%s: %s already used by %s%s",
 					label, s.Key(), serviceLabel(first, c.Services[first].Name), pos.lineOf(svcs.index(first).key("vip")))
 			} else {
-				keys[s.Key()] = i
+				keys[fe] = i
 			}
 		}
 
 		if max := c.Limits.BackendsPerService; len(s.Backends) > max {
 			ps.add(at().key("backends"), "%s: %d backends exceed limits.backends_per_service = %d", label, len(s.Backends), max)
 		}
-		seen := map[netip.AddrPort]bool{}
+		// Most services have a handful of backends: a map for each would cost more than
+		// looking back through them.
+		var seen map[netip.AddrPort]bool
+		if len(s.Backends) > smallBackendList {
+			seen = make(map[netip.AddrPort]bool, len(s.Backends))
+		}
+		listedBefore := func(j int, a netip.AddrPort) bool {
+			if seen != nil {
+				return seen[a]
+			}
+			return slices.ContainsFunc(s.Backends[:j], func(b service.Backend) bool { return b.Addr == a })
+		}
 		for j, b := range s.Backends {
 			bat := func() keyPath { return at().key("backends").index(j) }
 			addr := func() keyPath { return bat().key("addr") }
@@ -144,10 +162,12 @@ func (c *Config) checkServices(ps *problems, pos *positions) {
 				ps.add(addr(), "%s: port out of range (1..65535)", what)
 			case vipOK && a.Is4() != s.VIP.Is4():
 				ps.add(addr(), "%s: address family differs from vip %s", what, s.VIP)
-			case seen[b.Addr]:
+			case listedBefore(j, b.Addr):
 				ps.add(addr(), "%s: listed twice", what)
 			}
-			seen[b.Addr] = true
+			if seen != nil {
+				seen[b.Addr] = true
+			}
 			if b.Weight < 1 || b.Weight > MaxWeight {
 				ps.add(bat().key("weight"), "%s: weight %d out of range (1..%d)", what, b.Weight, MaxWeight)
 			}
@@ -163,6 +183,10 @@ func (c *Config) checkServices(ps *problems, pos *positions) {
 		}
 	}
 }
+
+// smallBackendList is how many backends checkServices checks for repeats by looking back
+// rather than with a map.
+const smallBackendList = 16
 
 // lazyLabel is serviceLabel, formatted only when a problem is.
 type lazyLabel struct {
@@ -208,12 +232,26 @@ func checkName(n string) string {
 	case !utf8.ValidString(n):
 		return "name must be valid UTF-8"
 	}
+	if printableASCII(n) {
+		return ""
+	}
 	for _, r := range n {
 		if unicode.IsSpace(r) || !unicode.IsPrint(r) {
 			return "name must not contain spaces or unprintable characters"
 		}
 	}
 	return ""
+}
+
+// printableASCII says every byte of n is a printable ASCII character other than space:
+// most names, which need no look at Unicode's tables.
+func printableASCII(n string) bool {
+	for i := 0; i < len(n); i++ {
+		if n[i] <= ' ' || n[i] > '~' {
+			return false
+		}
+	}
+	return true
 }
 
 // checkAddr returns what is wrong with a VIP or backend address, or "".

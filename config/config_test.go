@@ -154,6 +154,8 @@ func TestParseErrors(t *testing.T) {
 			`backend "10.88.0.5:80": address family differs from vip fd00::1`},
 		{"backend duplicate", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = [`, `  "10.88.0.5:80",`, `  "10.88.0.6:80",`,
 			`  {addr = "[::ffff:10.88.0.5]:80", weight = 2},`, `]`), 8, `backend "10.88.0.5:80": listed twice`},
+		{"backend duplicate in a long list", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = [`+strings.Join(manyBackends[:20], ", ")+`,`,
+			`  "10.88.0.7:80",`, `]`), 6, `backend "10.88.0.7:80": listed twice`},
 		{"backend unspecified", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = ["0.0.0.0:80"]`), 5, "address 0.0.0.0 is unspecified"},
 		{"backend multicast", doc(`[[service]]`, svcName, svcVIP, svcPort, `backends = ["224.0.0.1:80"]`), 5, "address 224.0.0.1 is multicast"},
 		{"backend zone", doc(`[[service]]`, `name = "v6"`, `vip = "fd00::1"`, svcPort, `backends = ["[fe80::5%eth0]:80"]`), 5, "must not have a zone"},

@@ -220,23 +220,27 @@ func TestExpandSlots(t *testing.T) {
 func TestCapacityCountsOneOverlapAtATime(t *testing.T) {
 	const maxSlots = 1 << 20
 	dp := &Datapath{services: map[socklbSvcKey]*installed{}, limits: Limits{Services: 1 << 20, Slots: maxSlots}}
-	desired := map[socklbSvcKey]wanted{}
+	var order []plannedKey
 	big := []Backend{{ap("10.0.0.1:80"), 1}, {ap("10.0.0.2:80"), defaultSlotsPerService - 1}}
 	slots := expandSlots(big, defaultSlotsPerService)
 	n := maxSlots/len(slots) - 1 // fills the map but for one table's worth
 	for i := range n {
 		vip := netip.AddrFrom4([4]byte{10, 96, byte(i >> 8), byte(i)})
 		k := svcKey(vip, 80, ProtoTCP)
-		desired[k] = wanted{slots: slots}
+		order = append(order, plannedKey{key: k, w: &wanted{slots: slots}})
 		dp.services[k] = &installed{slots: slots}
 	}
-	if err := dp.checkCapacity(desired, func() {}); err != nil {
+	kept, err := dp.checkCapacity(order, func() {})
+	if err != nil {
 		t.Fatalf("re-applying %d installed slots: %v", n*len(slots), err)
+	}
+	if kept != n {
+		t.Fatalf("%d of the %d planned services counted as installed, want all", kept, n)
 	}
 	// One more service of the same size no longer fits next to the overlap.
 	extra := netip.MustParseAddr("10.97.0.1")
-	desired[svcKey(extra, 80, ProtoTCP)] = wanted{slots: slots}
-	if err := dp.checkCapacity(desired, func() {}); err == nil {
+	order = append(order, plannedKey{key: svcKey(extra, 80, ProtoTCP), w: &wanted{slots: slots}})
+	if _, err := dp.checkCapacity(order, func() {}); err == nil {
 		t.Fatal("a config past the slot capacity was accepted")
 	}
 }

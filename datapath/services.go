@@ -236,7 +236,11 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 	var res ApplyResult
 	// Plan without the datapath: expanding the selection tables of a large config takes a
 	// while, and needs nothing of it.
-	desired := make(map[socklbSvcKey]wanted, len(services))
+	// The wanted services live in one slice, in the order they are written; the map,
+	// which the backend tally keeps, points into it.
+	plan := make([]wanted, 0, len(services))
+	order := make([]plannedKey, 0, len(services))
+	desired := make(map[socklbSvcKey]*wanted, len(services))
 	for _, s := range services {
 		k := svcKey(s.VIP, s.Port, s.Proto)
 		if _, dup := desired[k]; dup {
@@ -252,14 +256,13 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 			return res, fmt.Errorf("service %s: negative affinity timeout %v", s.Name, s.Policy.AffinityTimeout)
 		}
 		slots := expandSlots(s.Backends, dp.limits.SlotsPerService)
-		desired[k] = wanted{
+		plan = append(plan, wanted{
 			name: s.Name, slots: slots, retained: retainedSet(s.Retained, slots),
 			flags: s.flags(), affTimeout: s.affinityTimeout(), policy: s.Policy,
-		}
-	}
-	keys := make([]socklbSvcKey, 0, len(desired))
-	for k := range desired {
-		keys = append(keys, k)
+		})
+		w := &plan[len(plan)-1]
+		desired[k] = w
+		order = append(order, plannedKey{key: k, w: w})
 	}
 	// Only Apply writes dp.services, and Applies take turns: it can be read without mu,
 	// which pod events then need not wait for.
@@ -269,7 +272,7 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		during[i] |= wantPorts[i]
 	}
 	// A stable order keeps ID assignment reproducible.
-	slices.SortFunc(keys, compareKeys)
+	slices.SortFunc(order, func(a, b plannedKey) int { return compareKeys(a.key, b.key) })
 
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
@@ -285,7 +288,8 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		}
 	}
 	// Only Apply changes services, so the check holds across its yields.
-	if err := dp.checkCapacity(desired, yield); err != nil {
+	kept, err := dp.checkCapacity(order, yield)
+	if err != nil {
 		return res, err
 	}
 
@@ -294,8 +298,12 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		return res, err
 	}
 	var errs []error
-	// Removals first: they free IDs and slots for what comes next.
+	// Removals first: they free IDs and slots for what comes next. When every installed
+	// service is kept there are none, and no need to look each one up.
 	for k, cur := range dp.services {
+		if kept == len(dp.services) {
+			break
+		}
 		if _, keep := desired[k]; keep {
 			continue
 		}
@@ -324,9 +332,9 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		}
 		updates = updates[:0]
 	}
-	for _, k := range keys {
+	for _, p := range order {
 		yield()
-		s := desired[k]
+		k, s := p.key, *p.w
 		slots := s.slots
 		cur := dp.services[k]
 		// Pods are resolved now, not when planned: they may have come and gone since.
@@ -480,9 +488,17 @@ func compareKeys(a, b socklbSvcKey) int {
 	return cmp.Compare(a.Proto, b.Proto)
 }
 
-func (dp *Datapath) checkCapacity(desired map[socklbSvcKey]wanted, yield func()) error {
-	if len(desired) > dp.limits.Services {
-		return fmt.Errorf("%d services exceed limits.services = %d", len(desired), dp.limits.Services)
+// plannedKey is a service of an Apply's plan, by key.
+type plannedKey struct {
+	key socklbSvcKey
+	w   *wanted
+}
+
+// checkCapacity says whether the planned services fit the maps, and how many of them are
+// installed already.
+func (dp *Datapath) checkCapacity(order []plannedKey, yield func()) (kept int, err error) {
+	if len(order) > dp.limits.Services {
+		return 0, fmt.Errorf("%d services exceed limits.services = %d", len(order), dp.limits.Services)
 	}
 	// Removals run first. After that, a service keeps the larger of its old and new
 	// tables until it is processed, and while it switches revisions its old and new
@@ -490,20 +506,21 @@ func (dp *Datapath) checkCapacity(desired map[socklbSvcKey]wanted, yield func())
 	// up to applyChunk at once; one that does not fit fails in the kernel and goes one
 	// service at a time, which this bound guarantees.
 	slots, overlap := 0, 0
-	for k, s := range desired {
+	for _, p := range order {
 		yield()
-		n := len(s.slots)
+		n := len(p.w.slots)
 		old := 0
-		if cur := dp.services[k]; cur != nil {
+		if cur := dp.services[p.key]; cur != nil {
+			kept++
 			old = len(cur.slots)
 			overlap = max(overlap, min(old, n))
 		}
 		slots += max(old, n)
 	}
 	if slots+overlap > dp.limits.Slots {
-		return fmt.Errorf("services need %d backend slots, more than limits.slots = %d", slots+overlap, dp.limits.Slots)
+		return 0, fmt.Errorf("services need %d backend slots, more than limits.slots = %d", slots+overlap, dp.limits.Slots)
 	}
-	return nil
+	return kept, nil
 }
 
 func (dp *Datapath) allocID() (uint32, error) {
@@ -1194,12 +1211,12 @@ func (dp *Datapath) Counts() (services, backends int) {
 // changes once applied.
 type backendTally struct {
 	once  sync.Once
-	plan  map[socklbSvcKey]wanted
+	plan  map[socklbSvcKey]*wanted
 	count int
 }
 
 // distinctBackends counts the addresses the planned services balance to.
-func distinctBackends(desired map[socklbSvcKey]wanted) int {
+func distinctBackends(desired map[socklbSvcKey]*wanted) int {
 	seen := map[netip.AddrPort]bool{}
 	for _, w := range desired {
 		for _, a := range w.slots {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"flag"
 	"fmt"
 	"os"
@@ -23,6 +24,7 @@ var (
 	agentRounds       = flag.Int("agent-rounds", 3, "agent apply rounds per size; each starts the old release and this build, in alternating order")
 	agentScrapeRounds = flag.Int("agent-scrape-rounds", 3, "rounds per size of this build alone, untimed, that scrape /metrics every 20 ms during the reload changing every backend")
 	agentOld          = flag.String("agent-old", "359d23c", `commit of the release the agent apply bench compares against ("" = none)`)
+	agentOldCurrent   = flag.Bool("agent-old-current", false, "the -agent-old commit is of this build's era: give it the same config, [limits] and [metrics] included (359d23c knows neither)")
 	agentLog          = flag.String("agent-log-level", "warn", "log_level of the agents of the agent apply bench")
 	agentProf         = flag.String("agent-profile", "", "directory for CPU (start until idle after the reloads) and heap profiles of this build's agent")
 )
@@ -215,7 +217,7 @@ func (e *env) agentApply(bin string, n int, current, scrape bool) agentRun {
 		var b strings.Builder
 		fmt.Fprintf(&b, "[agent]\ncgroup_root = %q\nbpffs = %q\nstate_dir = %q\nlog_level = %q\n[nri]\nenabled = false\n",
 			cg.Path, bpffs, filepath.Join(dir, "state"), *agentLog)
-		if current {
+		if current || *agentOldCurrent {
 			l := limitsFor(n)
 			fmt.Fprintf(&b, "[metrics]\nlisten = %q\n[limits]\nservices = %d\nslots = %d\n", metricsAddr, l.Services, l.Slots)
 		}
@@ -250,6 +252,9 @@ func (e *env) agentApply(bin string, n int, current, scrape bool) agentRun {
 			if err == nil && st.Services == n && st.ConfigGeneration == gen {
 				run.memoryBytes = st.Datapath.MemoryBytes
 				return
+			}
+			if exited(cmd) {
+				e.Fatalf("agent %s exited before config generation %d (its last words are above)", bin, gen)
 			}
 			time.Sleep(max(10*time.Millisecond, time.Since(since)/20))
 		}
@@ -313,6 +318,19 @@ func (e *env) runAgentBin(bin, cfgPath string, env []string) *exec.Cmd {
 	}
 	e.Cleanup(func() { e.stopAgent(cmd, bin, cfgPath) })
 	return cmd
+}
+
+// exited says the agent's process has ended (a zombie until stopAgent reaps it).
+func exited(cmd *exec.Cmd) bool {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", cmd.Process.Pid))
+	if err != nil {
+		return true
+	}
+	// The state follows the command, which is in parentheses and may hold spaces.
+	if i := bytes.LastIndexByte(stat, ')'); i >= 0 && i+2 < len(stat) {
+		return stat[i+2] == 'Z' || stat[i+2] == 'X'
+	}
+	return false
 }
 
 // stopAgent stops the agent and removes what it pinned, at once rather than at exit: the

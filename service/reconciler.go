@@ -44,9 +44,11 @@ type Reconciler[S any] struct {
 	// adopted is what the datapath serves for each source, as the last apply that worked
 	// wrote it (or as found at start): an unsynced source keeps it.
 	adopted map[Source][]Service
-	// served indexes servedList, what the last apply that worked wrote, by key.
-	served     map[string]int
+	// servedList is what the last apply that worked wrote; served indexes it by key,
+	// built by the first Served after that apply: only a service listing asks, and
+	// building it for each apply was 100k strings at 100k services.
 	servedList []Service
+	served     map[string]int
 	conflicts  []Conflict
 	pending    bool
 	waiters    []chan error
@@ -170,11 +172,7 @@ func (r *Reconciler[S]) applied(p Plan[S], err error) (fresh []Conflict) {
 			r.adopted[s.Source] = append(r.adopted[s.Source], s)
 		}
 	}
-	r.served = make(map[string]int, len(p.Services))
-	for i, s := range p.Services {
-		r.served[s.Key()] = i
-	}
-	r.servedList = p.Services
+	r.servedList, r.served = p.Services, nil
 	// A cluster past the limits has as many conflicts as services left out: no quadratic
 	// compare.
 	known := make(map[Conflict]bool, len(r.conflicts))
@@ -258,22 +256,17 @@ func (r *Reconciler[S]) Sources() ([]SourceState, []Conflict) {
 	return out, slices.Clone(r.conflicts)
 }
 
-// SourceOf is where the served service with this key came from (SourceFile for a key
-// no apply wrote).
-func (r *Reconciler[S]) SourceOf(key string) Source {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if i, ok := r.served[key]; ok {
-		return r.servedList[i].Source
-	}
-	return SourceFile
-}
-
 // Served is the service the last apply that worked wrote for key, as its source gave it
 // (its endpoints included).
 func (r *Reconciler[S]) Served(key string) (Service, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.served == nil {
+		r.served = make(map[string]int, len(r.servedList))
+		for i, s := range r.servedList {
+			r.served[s.Key()] = i
+		}
+	}
 	i, ok := r.served[key]
 	if !ok {
 		return Service{}, false

@@ -83,7 +83,7 @@ func TestReconcilerFailedApplyChangesNothing(t *testing.T) {
 	if err := <-r.Publish(clash); err == nil || !last.NewSettings || last.Settings != "two" {
 		t.Fatalf("retry: %v, plan %+v; want the failed settings still new", err, last)
 	}
-	if _, conflicts := r.Sources(); len(conflicts) != 0 || r.SourceOf("10.96.0.1:80/tcp") != SourceFile {
+	if _, conflicts := r.Sources(); len(conflicts) != 0 || servedSource(r, "10.96.0.1:80/tcp") != SourceFile {
 		t.Fatalf("after failed applies: conflicts %+v", conflicts)
 	}
 	fail.Store(false)
@@ -93,7 +93,14 @@ func TestReconcilerFailedApplyChangesNothing(t *testing.T) {
 	if err := <-r.Publish(clash); err != nil || last.NewSettings {
 		t.Fatalf("after it worked the settings are still new: %+v", last)
 	}
-	if src := r.SourceOf("10.96.0.1:80/tcp"); src != SourceKubernetes {
+	if src := servedSource(r, "10.96.0.1:80/tcp"); src != SourceKubernetes {
 		t.Fatalf("10.96.0.1:80/tcp from %q, want kubernetes once the file no longer has it", src)
 	}
+}
+
+// servedSource is where the service the last apply that worked wrote for key came from
+// ("" for none).
+func servedSource[S any](r *Reconciler[S], key string) Source {
+	s, _ := r.Served(key)
+	return s.Source
 }

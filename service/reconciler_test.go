@@ -104,3 +104,25 @@ func servedSource[S any](r *Reconciler[S], key string) Source {
 	s, _ := r.Served(key)
 	return s.Source
 }
+
+// TestReconcilerServedFollowsTheLastApply: Served answers from the last apply that worked,
+// its index built on the first ask after that apply, never from an older one.
+func TestReconcilerServedFollowsTheLastApply(t *testing.T) {
+	r := NewReconciler(func(Plan[string]) error { return nil }, nil, Limits{})
+	defer r.Close()
+	if err := <-r.PublishSettings("s", Snapshot{Source: SourceFile, Synced: true, Services: []Service{svc("a", "10.96.0.1", 80)}}); err != nil {
+		t.Fatal(err)
+	}
+	if s, ok := r.Served("10.96.0.1:80/tcp"); !ok || s.Name != "a" {
+		t.Fatalf("served after the first apply: %+v %v, want a", s, ok)
+	}
+	if err := <-r.Publish(Snapshot{Source: SourceFile, Synced: true, Services: []Service{svc("b", "10.96.0.2", 80)}}); err != nil {
+		t.Fatal(err)
+	}
+	if s, ok := r.Served("10.96.0.1:80/tcp"); ok {
+		t.Fatalf("a service the last apply dropped is still served: %+v", s)
+	}
+	if s, ok := r.Served("10.96.0.2:80/tcp"); !ok || s.Name != "b" {
+		t.Fatalf("served after the second apply: %+v %v, want b", s, ok)
+	}
+}

@@ -21,13 +21,9 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/sets"
-	coreinformers "k8s.io/client-go/informers/core/v1"
-	discoveryinformers "k8s.io/client-go/informers/discovery/v1"
-	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
@@ -98,7 +94,7 @@ type Status struct {
 type Source struct {
 	opts             Options
 	log              logrus.FieldLogger
-	client           kubernetes.Interface
+	client           *client
 	metrics          *metrics
 	servicesSelector labels.Selector
 	slicesSelector   labels.Selector
@@ -176,7 +172,7 @@ func New(opts Options) (*Source, error) {
 	// As kube-proxy: protobuf is much cheaper to decode for large lists.
 	cfg.AcceptContentTypes = "application/vnd.kubernetes.protobuf,application/json"
 	cfg.ContentType = "application/vnd.kubernetes.protobuf"
-	client, err := kubernetes.NewForConfig(cfg)
+	client, err := newClient(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes source: client: %w", err)
 	}
@@ -270,14 +266,11 @@ func (s *Source) informers() (informers, error) {
 	withLabels := func(sel labels.Selector) func(*metav1.ListOptions) {
 		return func(o *metav1.ListOptions) { o.LabelSelector = sel.String() }
 	}
-	thisNode := fields.OneTermEqualSelector(metav1.ObjectNameField, s.opts.NodeName).String()
 	inf := informers{
-		services: coreinformers.NewFilteredServiceInformer(s.client, metav1.NamespaceAll, 0, cache.Indexers{},
-			withLabels(s.servicesSelector)),
-		slices: discoveryinformers.NewFilteredEndpointSliceInformer(s.client, metav1.NamespaceAll, 0,
+		services: informer(s.client.core, "services", &corev1.Service{}, cache.Indexers{}, withLabels(s.servicesSelector)),
+		slices: informer(s.client.discovery, "endpointslices", &discoveryv1.EndpointSlice{},
 			cache.Indexers{sliceServiceIndex: indexByService}, withLabels(s.slicesSelector)),
-		nodes: coreinformers.NewFilteredNodeInformer(s.client, 0, cache.Indexers{},
-			func(o *metav1.ListOptions) { o.FieldSelector = thisNode }),
+		nodes: informer(s.client.core, "nodes", &corev1.Node{}, cache.Indexers{}, onlyNode(s.opts.NodeName)),
 	}
 	errs := []error{
 		inf.services.SetWatchErrorHandlerWithContext(s.watchErrors("services", nil)),
@@ -597,7 +590,7 @@ func (s *Source) probe(ctx context.Context) {
 		case <-tick.C:
 		}
 		pctx, cancel := context.WithTimeout(ctx, probeTimeout)
-		err := s.client.Discovery().RESTClient().Get().AbsPath("/readyz").Do(pctx).Error()
+		err := s.client.core.Get().AbsPath("/readyz").Do(pctx).Error()
 		cancel()
 		var status apierrors.APIStatus
 		switch {

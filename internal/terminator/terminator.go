@@ -197,6 +197,10 @@ func (t *Terminator) take() []removal {
 		due = append(due, r)
 		return true
 	})
+	if len(t.scheduled) == 0 {
+		// A reload that removed every backend left it holding that many: let them go.
+		t.scheduled = nil
+	}
 	return due
 }
 

@@ -94,6 +94,33 @@ func TestTerminatorRetriesAndRunsALatePass(t *testing.T) {
 	}
 }
 
+// A reload that removes many backends schedules as many late passes; once they ran, the
+// terminator keeps nothing of them (it held megabytes at 100k services until the next).
+func TestTerminatorLetsLatePassesGo(t *testing.T) {
+	fake := &fakeTerminator{}
+	term := New(fake, nil, quietLog())
+	defer term.Close()
+	term.SetPodsKnown()
+	gone := make([]datapath.RemovedBackend, 10000)
+	for i := range gone {
+		gone[i] = removedWeb
+		gone[i].Backend = netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 88, byte(i >> 8), byte(i)}), 8080)
+	}
+	term.Remove(gone, []uint8{datapath.ProtoTCP})
+	if !testenv.WaitFor(2*time.Second, func() bool { return fake.count() == 2 }) {
+		t.Fatalf("%d passes, want a first and a late one", fake.count())
+	}
+	if late := fake.pass(1); len(late.gone) != len(gone) {
+		t.Fatalf("late pass of %d removals, want %d", len(late.gone), len(gone))
+	}
+	term.mu.Lock()
+	held := cap(term.scheduled)
+	term.mu.Unlock()
+	if held != 0 {
+		t.Fatalf("after the late passes the terminator holds room for %d removals, want none", held)
+	}
+}
+
 // A removal whose passes keep failing is given up after maxPassAttempts, and said so.
 func TestTerminatorGivesUpAfterMaxAttempts(t *testing.T) {
 	fake := &fakeTerminator{failFirst: 1000}

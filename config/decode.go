@@ -369,7 +369,7 @@ func (d *decoder) services(at keyPath, v any) {
 // for a problem: building one for every key of a 100k-service file was a fifth of the
 // decode's allocations.
 func (d *decoder) service(at keyPath, i int, t map[string]any) service.Service {
-	s := service.Service{Protocol: service.ProtocolTCP, Affinity: service.AffinityNone, AllowHost: true}
+	s := service.Service{Source: service.SourceFile, Protocol: service.ProtocolTCP, Affinity: service.AffinityNone, AllowHost: true}
 	name, _ := t["name"].(string)
 	// Formatted only for a problem: most services have none.
 	label := lazyLabel{i: i, name: name}

@@ -3,6 +3,7 @@ package service
 import (
 	"net/netip"
 	"reflect"
+	"slices"
 	"testing"
 )
 
@@ -149,5 +150,54 @@ func TestMergeLeavesViewsAlone(t *testing.T) {
 	}
 	if got, conflicts := Merge(nil, Limits{}); len(got) != 0 || len(conflicts) != 0 {
 		t.Fatalf("Merge(nil) = %v, %v", got, conflicts)
+	}
+}
+
+// One source whose every service is kept is served as it came, without a copy; one with a
+// service left out, early or late, gets its own list, and its view stays as it was.
+func TestMergeOneWholeViewIsTheResult(t *testing.T) {
+	view := func() []Service {
+		out := []Service{svc("a", "10.96.0.1", 1), svc("b", "10.96.0.2", 1), svc("c", "10.96.0.3", 1)}
+		for i := range out {
+			out[i].Source = SourceKubernetes
+		}
+		return out
+	}
+	whole := view()
+	got, conflicts := Merge(map[Source][]Service{SourceKubernetes: whole}, Limits{})
+	if len(conflicts) != 0 || len(got) != 3 || &got[0] != &whole[0] {
+		t.Fatalf("a whole view was not served as it came: %+v %+v", got, conflicts)
+	}
+	names := func(svcs []Service) (out []string) {
+		for _, s := range svcs {
+			out = append(out, s.Name)
+		}
+		return out
+	}
+	for _, c := range []struct {
+		name   string
+		edit   func([]Service)
+		limits Limits
+		want   []string
+	}{
+		{"limit", nil, Limits{Services: 2}, []string{"a", "b"}},
+		{"first invalid", func(v []Service) { v[0].Port = 0 }, Limits{}, []string{"b", "c"}},
+		{"middle repeats a frontend", func(v []Service) { v[1].VIP = v[0].VIP }, Limits{}, []string{"a", "c"}},
+	} {
+		v := view()
+		if c.edit != nil {
+			c.edit(v)
+		}
+		before := slices.Clone(v)
+		got, conflicts := Merge(map[Source][]Service{SourceKubernetes: v}, c.limits)
+		if !slices.Equal(names(got), c.want) || len(conflicts) != 1 {
+			t.Errorf("%s: merged %v with %d conflicts, want %v and 1", c.name, names(got), len(conflicts), c.want)
+		}
+		if !reflect.DeepEqual(v, before) {
+			t.Errorf("%s: the view changed: %+v", c.name, v)
+		}
+		if len(got) > 0 && &got[0] == &v[0] {
+			t.Errorf("%s: a view with a service left out was served in place", c.name)
+		}
 	}
 }

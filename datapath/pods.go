@@ -398,7 +398,7 @@ func (dp *Datapath) writeAllow(svc *installed, podID uint32) error {
 	if err := dp.objs.PodsockAllowV1.Update(&k, uint32(1), ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("allow pod %d for service %s: %w", podID, svc.name, err)
 	}
-	svc.allowed[podID] = true
+	svc.allow(podID)
 	if p := dp.podIDs[podID]; p != nil {
 		p.allowedIn[svc.id] = svc
 	}
@@ -748,7 +748,7 @@ func (dp *Datapath) readPods() error {
 			if p == nil || svc.flags&socklbSvcFlagsSVC_F_RESTRICT == 0 {
 				return false
 			}
-			svc.allowed[k.PodId] = true
+			svc.allow(k.PodId)
 			p.allowedIn[svc.id] = svc
 			return true
 		}},

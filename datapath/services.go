@@ -129,8 +129,16 @@ type installed struct {
 	flags    socklbSvcFlags
 	// affTimeout is the service's entry in the affinity timeout map; 0 when it has none.
 	affTimeout time.Duration
-	// allowed are the pod IDs with an entry in the allow map for this service.
+	// allowed are the pod IDs with an entry in the allow map for this service; nil for
+	// most, which restrict nothing.
 	allowed map[uint32]bool
+}
+
+func (s *installed) allow(podID uint32) {
+	if s.allowed == nil {
+		s.allowed = map[uint32]bool{}
+	}
+	s.allowed[podID] = true
 }
 
 // serving lists what the service has sockets to keep for: its slots' backends and those it
@@ -600,7 +608,7 @@ func (dp *Datapath) addService(k socklbSvcKey, w wanted) error {
 		dp.deleteName(id)
 		return fmt.Errorf("service %s: %w", name, err)
 	}
-	cur := &installed{id: id, rev: rev, name: name, slots: slots, retained: w.retained, allowed: map[uint32]bool{}}
+	cur := &installed{id: id, rev: rev, name: name, slots: slots, retained: w.retained}
 	undo := func() {
 		dp.deleteAffTimeout(cur)
 		dp.deleteAllowed(cur, nil)
@@ -759,8 +767,7 @@ func (dp *Datapath) batchAdd(batch []pendingAdd, errs *[]error) int {
 				continue
 			}
 		}
-		cur := &installed{id: x.id, rev: x.rev, name: x.w.name, slots: x.w.slots, retained: x.w.retained,
-			allowed: map[uint32]bool{}, flags: x.w.flags}
+		cur := &installed{id: x.id, rev: x.rev, name: x.w.name, slots: x.w.slots, retained: x.w.retained, flags: x.w.flags}
 		dp.services[x.key] = cur
 		dp.index(cur)
 		dp.traceServiceAdded(cur)
@@ -1009,7 +1016,7 @@ func (dp *Datapath) readServices() error {
 	var v socklbSvcValue
 	it := dp.objs.PodsockSvcV1.Iterate()
 	for it.Next(&k, &v) {
-		dp.services[k] = &installed{id: v.Id, rev: v.Rev, slots: make([]netip.AddrPort, v.SlotCount), flags: v.Flags, allowed: map[uint32]bool{}}
+		dp.services[k] = &installed{id: v.Id, rev: v.Rev, slots: make([]netip.AddrPort, v.SlotCount), flags: v.Flags}
 		dp.usedIDs[v.Id] = true
 		byID[v.Id] = k
 	}

@@ -114,6 +114,7 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
 	serveProfiles(ctx, log)
+	datapath.Warm()
 
 	cfg, err := config.Load(cfgPath)
 	if err != nil {

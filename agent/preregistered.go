@@ -10,6 +10,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/podsock/podsock/config"
+	"github.com/podsock/podsock/datapath"
 	"github.com/podsock/podsock/plugin"
 )
 
@@ -28,6 +29,9 @@ func RunPreRegistered(ctx context.Context, log *logrus.Logger) error {
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
+	// What the datapath needs whatever the config says is read while the runtime
+	// registers the plugin and sends the config.
+	datapath.Warm()
 
 	a := newAgent(log)
 	defer a.podq.close()

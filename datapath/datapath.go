@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
 	"github.com/sirupsen/logrus"
 
@@ -203,7 +202,7 @@ func Load(opts Options) (*Datapath, error) {
 			return nil, err
 		}
 	}
-	spec, err := loadSocklb()
+	spec, kernelBTF, err := takeWarm()
 	if err != nil {
 		return nil, fmt.Errorf("load BPF spec: %w", err)
 	}
@@ -253,9 +252,7 @@ func Load(opts Options) (*Datapath, error) {
 		}
 		opts.Log.WithError(dp.trace.err).Warn("podsock trace is unavailable; balancing is not affected")
 	}
-	// Each load would decode the kernel's BTF (tens of milliseconds) on its own; the
-	// cache goes with this function, so its memory does not stay.
-	kernelBTF := btf.NewCache()
+	// One decode of the kernel's BTF (tens of milliseconds) serves every object loaded.
 	err = spec.LoadAndAssign(&dp.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}, MapReplacements: replacements, Cache: kernelBTF})
 	if err != nil {
 		var verr *ebpf.VerifierError

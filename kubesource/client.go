@@ -21,8 +21,9 @@ import (
 // 9 MiB of every agent's RSS (file source included). Its REST client and informers are
 // used directly instead, with a scheme of these kinds alone.
 
-// client holds one REST client per API group read, sharing one HTTP client (and so its
-// connections and rate limiter's QPS budget is per group, as with the clientset).
+// client holds one REST client per API group read. They share one HTTP client, so its
+// connections; each has its own rate limiter of [kubernetes] qps and burst, as each group
+// of the clientset had.
 type client struct {
 	core, discovery *rest.RESTClient
 }

@@ -70,11 +70,12 @@ type Terminator struct {
 	// podsKnown is set once the runtime has said which pods exist: until then the pod
 	// netns are not held yet, and a pass would find them unreachable and leave their
 	// sockets for good, so removals wait.
-	podsKnown bool
-	stats     api.TerminationStatus
-	wake      chan struct{}
-	stop      chan struct{}
-	done      chan struct{}
+	podsKnown    bool
+	stats        api.TerminationStatus
+	availability sync.Once // sets stats.Available and stats.Error
+	wake         chan struct{}
+	stop         chan struct{}
+	done         chan struct{}
 	// observe, if set, gets every pass: its sockets destroyed per protocol and its time.
 	observe func(destroyed map[uint8]int, d time.Duration)
 }
@@ -82,13 +83,25 @@ type Terminator struct {
 // New starts a Terminator over the netns ns reaches; passes wait for SetPodsKnown.
 func New(dp Datapath, ns datapath.NetnsSet, log logrus.FieldLogger) *Terminator {
 	t := &Terminator{dp: dp, ns: ns, log: log, now: time.Now, wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
-	if err := dp.TerminateErr(0); err != nil {
-		t.stats.Error = err.Error()
-	}
-	// Available when at least one protocol can be terminated; Error names what cannot.
-	t.stats.Available = dp.TerminateErr(datapath.ProtoTCP) == nil || dp.TerminateErr(datapath.ProtoUDP) == nil
 	go t.run()
 	return t
+}
+
+// checkAvailable records what termination can do. The datapath knows once its socket
+// iterators are loaded, which it does in the background while the first services are
+// applied: asking in New made the agent's start wait for them (30-50 ms at 10k services).
+func (t *Terminator) checkAvailable() {
+	t.availability.Do(func() {
+		errAll := t.dp.TerminateErr(0)
+		// Available when at least one protocol can be terminated; Error names what cannot.
+		available := t.dp.TerminateErr(datapath.ProtoTCP) == nil || t.dp.TerminateErr(datapath.ProtoUDP) == nil
+		t.mu.Lock()
+		defer t.mu.Unlock()
+		if errAll != nil {
+			t.stats.Error = errAll.Error()
+		}
+		t.stats.Available = available
+	})
 }
 
 // Observe hands every pass from now on, its sockets destroyed per protocol and its
@@ -136,6 +149,7 @@ func (t *Terminator) Remove(gone []datapath.RemovedBackend, protos []uint8) {
 
 func (t *Terminator) run() {
 	defer close(t.done)
+	t.checkAvailable()
 	prune := time.NewTicker(pruneInterval)
 	defer prune.Stop()
 	timer := time.NewTimer(time.Hour)
@@ -327,6 +341,7 @@ func (t *Terminator) backfill() {
 
 // Status is what `status` shows of termination.
 func (t *Terminator) Status() api.TerminationStatus {
+	t.checkAvailable()
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	st := t.stats

@@ -82,16 +82,16 @@ func Merge(views map[Source][]Service, limits Limits) ([]Service, []Conflict) {
 	if len(sources) == 1 {
 		whole = views[sources[0]]
 	}
-	kept, count := 0, 0
+	prefix, count := 0, 0 // the view's first services kept as they came; all kept
 	keep := func(i int, svc Service, changed bool) {
 		count++
-		if whole != nil && !changed && i == kept {
-			kept++
+		if whole != nil && !changed && i == prefix {
+			prefix++
 			return
 		}
 		if out == nil {
 			out = make([]Service, 0, n)
-			out = append(out, whole[:kept]...)
+			out = append(out, whole[:prefix]...)
 			whole = nil
 		}
 		out = append(out, svc)
@@ -139,11 +139,11 @@ func Merge(views map[Source][]Service, limits Limits) ([]Service, []Conflict) {
 			keep(i, svc, changed)
 		}
 	}
-	if whole != nil && kept == len(whole) {
+	if whole != nil && prefix == len(whole) {
 		return whole, conflicts
 	}
 	if out == nil {
-		out = append(make([]Service, 0, n), whole[:kept]...)
+		out = append(make([]Service, 0, n), whole[:prefix]...)
 	}
 	return out, conflicts
 }

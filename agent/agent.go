@@ -504,8 +504,12 @@ func (a *Agent) apply(w service.Plan[*config.Config]) error {
 const removedLogLimit = 20
 
 // logRemovedBackends names the first removed backends, and the rest at debug level.
-func logRemovedBackends(log logrus.FieldLogger, gone []datapath.RemovedBackend) {
+func logRemovedBackends(log *logrus.Logger, gone []datapath.RemovedBackend) {
 	for i, b := range gone {
+		if i >= removedLogLimit && !log.IsLevelEnabled(logrus.DebugLevel) {
+			// An entry made for a line never written was 600 B of garbage a backend.
+			break
+		}
 		entry := log.WithField("service", b.Service)
 		if i < removedLogLimit {
 			entry.Infof("backend removed: %s", b)

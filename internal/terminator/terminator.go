@@ -5,6 +5,7 @@ package terminator
 
 import (
 	"errors"
+	"runtime/debug"
 	"slices"
 	"sync"
 	"time"
@@ -24,6 +25,9 @@ const terminationBatchWindow = 2 * time.Millisecond
 // first pass walks them; by then it is. First pass, delay and late pass stay within the 1 s
 // that SPEC promises.
 const latePassDelay = 300 * time.Millisecond
+
+// largePass is how many removals make a late pass large enough to hand its garbage back.
+const largePass = 1000
 
 // A failed pass is retried after retryBackoff, doubling up to maxRetryBackoff, at most
 // maxPassAttempts times in all.
@@ -199,7 +203,7 @@ func (t *Terminator) take() []removal {
 		return nil
 	}
 	now := t.now()
-	var due []removal
+	due := make([]removal, 0, len(t.pending)+len(t.scheduled))
 	for _, b := range t.pending {
 		due = append(due, removal{backend: b})
 	}
@@ -265,6 +269,12 @@ func (t *Terminator) pass() {
 	if late {
 		t.stats.LatePasses++
 		t.stats.LateDestroyed += uint64(res.Destroyed)
+		if len(due) >= largePass {
+			// The last work of a large reload: its garbage (several megabytes per 10k
+			// backends) would keep the agent above its idle size until a collection
+			// minutes later. The agent returns a config's garbage the same way.
+			go debug.FreeOSMemory()
+		}
 	}
 	t.stats.LastPassMillis = float64(res.Duration.Microseconds()) / 1000
 	t.stats.LastError = ""
@@ -306,6 +316,13 @@ func (t *Terminator) terminate(gone []datapath.RemovedBackend) (datapath.Termina
 // worked, a retry with backoff after one that failed, until the attempts run out.
 func (t *Terminator) reschedule(due []removal, err error) {
 	now := t.now()
+	again := 0
+	for _, r := range due {
+		if err != nil || !r.late {
+			again++
+		}
+	}
+	t.scheduled = slices.Grow(t.scheduled, again)
 	for _, r := range due {
 		switch {
 		case err == nil && r.late:

@@ -29,6 +29,7 @@ type datapathOps interface {
 	PinDir() string
 	AdoptedLinks() int
 	IteratorFeatures() []datapath.Feature
+	WaitLoaded()
 	MapStats() ([]datapath.MapStat, error)
 	ListErr(proto uint8) error
 	Sockets(datapath.NetnsSet, datapath.SocketFilter, func(datapath.Socket) error) (datapath.WalkStats, error)

@@ -190,6 +190,7 @@ func (f *fakeDatapath) ServiceCounts() ([]datapath.ServiceCount, error) {
 func (f *fakeDatapath) PinDir() string                        { return "/sys/fs/bpf/podsock-fake" }
 func (f *fakeDatapath) AdoptedLinks() int                     { return 0 }
 func (f *fakeDatapath) IteratorFeatures() []datapath.Feature  { return nil }
+func (f *fakeDatapath) WaitLoaded()                           {}
 func (f *fakeDatapath) MapStats() ([]datapath.MapStat, error) { return nil, nil }
 func (f *fakeDatapath) ListErr(uint8) error                   { return errNoSocketsInFake }
 func (f *fakeDatapath) Close() error                          { return nil }

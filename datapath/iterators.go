@@ -182,6 +182,14 @@ func (it *sockIter) features() []Feature {
 }
 
 // iterators returns the loaded iterators, or why there are none.
+// WaitLoaded returns once what Load left loading in the background, the socket iterators,
+// has loaded or failed to.
+func (dp *Datapath) WaitLoaded() {
+	if dp.iterLoaded != nil {
+		<-dp.iterLoaded
+	}
+}
+
 func (dp *Datapath) iterators() (*sockIter, error) {
 	<-dp.iterLoaded
 	if dp.iter == nil {

@@ -584,9 +584,7 @@ func (dp *Datapath) closeAll() error {
 		}
 		delete(dp.links, name)
 	}
-	if dp.iterLoaded != nil {
-		<-dp.iterLoaded
-	}
+	dp.WaitLoaded()
 	if dp.iter != nil {
 		if err := dp.iter.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close socket iterators: %w", err))

@@ -181,7 +181,6 @@ func (it *sockIter) features() []Feature {
 	return out
 }
 
-// iterators returns the loaded iterators, or why there are none.
 // WaitLoaded returns once what Load left loading in the background, the socket iterators,
 // has loaded or failed to.
 func (dp *Datapath) WaitLoaded() {
@@ -190,8 +189,9 @@ func (dp *Datapath) WaitLoaded() {
 	}
 }
 
+// iterators returns the loaded iterators, or why there are none.
 func (dp *Datapath) iterators() (*sockIter, error) {
-	<-dp.iterLoaded
+	dp.WaitLoaded()
 	if dp.iter == nil {
 		return nil, fmt.Errorf("%w: %w", ErrNoIterators, dp.iterErr)
 	}

@@ -316,13 +316,6 @@ func (t *Terminator) terminate(gone []datapath.RemovedBackend) (datapath.Termina
 // worked, a retry with backoff after one that failed, until the attempts run out.
 func (t *Terminator) reschedule(due []removal, err error) {
 	now := t.now()
-	again := 0
-	for _, r := range due {
-		if err != nil || !r.late {
-			again++
-		}
-	}
-	t.scheduled = slices.Grow(t.scheduled, again)
 	for _, r := range due {
 		switch {
 		case err == nil && r.late:

@@ -28,27 +28,20 @@ type client struct {
 	core, discovery *rest.RESTClient
 }
 
-var (
-	schemeOnce sync.Once
-	scheme     *runtime.Scheme
-	codecs     serializer.CodecFactory
-	schemeErr  error
-)
-
-// kinds builds the scheme on first use, so the file source never pays for it.
-func kinds() (*runtime.Scheme, serializer.CodecFactory, error) {
-	schemeOnce.Do(func() {
-		scheme = runtime.NewScheme()
-		builder := runtime.NewSchemeBuilder(corev1.AddToScheme, discoveryv1.AddToScheme)
-		schemeErr = builder.AddToScheme(scheme)
-		metav1.AddToGroupVersion(scheme, schema.GroupVersion{Version: "v1"})
-		codecs = rest.CodecFactoryForGeneratedClient(scheme, serializer.NewCodecFactory(scheme))
-	})
-	return scheme, codecs, schemeErr
-}
+// kinds is the codecs of the kinds the source reads, built on first use, so the file
+// source never pays for them.
+var kinds = sync.OnceValues(func() (serializer.CodecFactory, error) {
+	scheme := runtime.NewScheme()
+	builder := runtime.NewSchemeBuilder(corev1.AddToScheme, discoveryv1.AddToScheme)
+	if err := builder.AddToScheme(scheme); err != nil {
+		return serializer.CodecFactory{}, err
+	}
+	metav1.AddToGroupVersion(scheme, schema.GroupVersion{Version: "v1"})
+	return rest.CodecFactoryForGeneratedClient(scheme, serializer.NewCodecFactory(scheme)), nil
+})
 
 func newClient(cfg *rest.Config) (*client, error) {
-	_, codecs, err := kinds()
+	codecs, err := kinds()
 	if err != nil {
 		return nil, fmt.Errorf("scheme: %w", err)
 	}

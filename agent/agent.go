@@ -88,6 +88,9 @@ type Agent struct {
 	// only the reconciler touches it after start.
 	recordedSources statedir.Sources
 
+	// loader loads the config file at start and at each reload.
+	loader *config.Loader
+
 	mu  sync.Mutex
 	cfg *config.Config
 	// policy is the pod policy of the config last pushed to the datapath, even if only
@@ -116,14 +119,15 @@ func Run(ctx context.Context, cfgPath string, log *logrus.Logger) error {
 	serveProfiles(ctx, log)
 	datapath.Warm()
 
-	cfg, err := config.Load(cfgPath)
+	// The loader remembers the file's services, so that a reload decodes only those that
+	// changed.
+	loader := config.NewLoader()
+	cfg, err := loader.Load(cfgPath)
 	if err != nil {
 		return err
 	}
-	if err := cfg.LoadServicesFile(); err != nil {
-		return err
-	}
 	a := newAgent(log)
+	a.loader = loader
 	defer a.podq.close()
 	if err := a.newKubernetesSource(cfg.Kubernetes); err != nil {
 		return err
@@ -378,10 +382,10 @@ func setLogLevel(log *logrus.Logger, level string) error {
 // reload re-reads the config. A file that fails to parse or validate is logged and the
 // running config stays in force.
 func (a *Agent) reload(path string) {
-	cfg, err := config.Load(path)
-	if err == nil {
-		err = cfg.LoadServicesFile()
+	if a.loader == nil {
+		a.loader = config.NewLoader()
 	}
+	cfg, err := a.loader.Load(path)
 	if err != nil {
 		a.log.WithError(err).WithField("generation", a.Generation()).Error("reload rejected, keeping the running config")
 		a.metrics.observeReload(false)

@@ -296,6 +296,11 @@ func (c *Config) LoadServicesFile() error {
 	if err != nil {
 		return err
 	}
+	return c.addServicesFile(path, data)
+}
+
+// addServicesFile is LoadServicesFile with the file's text read.
+func (c *Config) addServicesFile(path string, data []byte) error {
 	doc, err := decode(path, data)
 	if err != nil {
 		return err

@@ -21,6 +21,13 @@ func (ps *problems) add(at keyPath, format string, args ...any) {
 // check finds everything wrong with c's values, in document order. pos, when
 // the config was parsed, locates the other party of a conflict.
 func (c *Config) check(pos *positions) []problem {
+	ps := c.checkSettings()
+	c.checkServices(&ps, pos, knownServices{})
+	return ps
+}
+
+// checkSettings checks everything but the services themselves.
+func (c *Config) checkSettings() problems {
 	var ps problems
 	var root keyPath
 
@@ -78,32 +85,66 @@ func (c *Config) check(pos *positions) []problem {
 		// One line for the whole config, at the first service that does not fit.
 		ps.add(keyPath{}.key("service").index(c.Limits.Services), "%d services exceed limits.services = %d", n, c.Limits.Services)
 	}
-
-	c.checkServices(&ps, pos)
 	return ps
 }
 
-func (c *Config) checkServices(ps *problems, pos *positions) {
+// knownServices is what a check may take as already shown of a config's services: a
+// reload's Loader knows those decoded from unchanged text, and whether the names and
+// frontends are those of the config before, position by position.
+type knownServices struct {
+	valid  func(i int) bool // the i-th service passes its own checks; nil: none known
+	unique bool             // no two services share a name or a frontend
+}
+
+func (c *Config) checkServices(ps *problems, pos *positions, known knownServices) {
 	svcs := keyPath{}.key("service")
 	// Keyed by value: a frontend's string (Key) is built only for a problem.
 	type frontend struct {
 		addr  netip.AddrPort
 		proto service.Protocol
 	}
-	names := make(map[string]int, len(c.Services))  // name -> index of the service that has it
-	keys := make(map[frontend]int, len(c.Services)) // frontend -> index of the service that has it
+	var names map[string]int  // name -> index of the service that has it
+	var keys map[frontend]int // frontend -> index of the service that has it
+	if !known.unique {
+		names, keys = make(map[string]int, len(c.Services)), make(map[frontend]int, len(c.Services))
+	}
 	for i, s := range c.Services {
 		// Paths and labels are only built for a problem: most services have none, and
 		// building them for each of 100k services was most of the check's time.
 		at := func() keyPath { return svcs.index(i) }
 		label := lazyLabel{i: i, name: s.Name}
+		claimName := func() {
+			if known.unique {
+				return
+			}
+			if first, dup := names[s.Name]; dup {
+				ps.add(at().key("name"), "%s: name already used by service #%d%s", label, first+1, pos.lineOf(svcs.index(first).key("name")))
+			} else {
+				names[s.Name] = i
+			}
+		}
+		claimFrontend := func() {
+			if known.unique {
+				return
+			}
+			fe := frontend{netip.AddrPortFrom(s.VIP, s.Port), s.Protocol}
+			if first, dup := keys[fe]; dup {
+				ps.add(at().key("vip"), "%s: %s already used by %s%s",
+					label, s.Key(), serviceLabel(first, c.Services[first].Name), pos.lineOf(svcs.index(first).key("vip")))
+			} else {
+				keys[fe] = i
+			}
+		}
+		if known.valid != nil && known.valid(i) {
+			claimName()
+			claimFrontend()
+			continue
+		}
 
 		if msg := checkName(s.Name); msg != "" {
 			ps.add(at().key("name"), "%s: %s", label, msg)
-		} else if first, dup := names[s.Name]; dup {
-			ps.add(at().key("name"), "%s: name already used by service #%d%s", label, first+1, pos.lineOf(svcs.index(first).key("name")))
 		} else {
-			names[s.Name] = i
+			claimName()
 		}
 
 		vipOK := false
@@ -123,13 +164,7 @@ func (c *Config) checkServices(ps *problems, pos *positions) {
 			ps.add(at().key("protocol"), "%s: protocol %q is not tcp or udp", label, s.Protocol)
 		}
 		if vipOK && s.Port != 0 && s.Protocol.Valid() {
-			fe := frontend{netip.AddrPortFrom(s.VIP, s.Port), s.Protocol}
-			if first, dup := keys[fe]; dup {
-				ps.add(at().key("vip"), "%s: %s already used by %s%s",
-					label, s.Key(), serviceLabel(first, c.Services[first].Name), pos.lineOf(svcs.index(first).key("vip")))
-			} else {
-				keys[fe] = i
-			}
+			claimFrontend()
 		}
 
 		if max := c.Limits.BackendsPerService; len(s.Backends) > max {

@@ -112,9 +112,11 @@ type Datapath struct {
 	ports portSet
 	// tally counts the backends of the last fully applied set; nil when unknown (adopted
 	// pins, a failed Apply).
-	tally   *backendTally
-	usedIDs map[uint32]bool
-	nextID  uint32
+	tally *backendTally
+	// applySeq numbers the Applies that look for what changed (changedOnly).
+	applySeq uint64
+	usedIDs  map[uint32]bool
+	nextID   uint32
 	// slotsOneByOne: the kernel has no batch map updates (before 5.6), so writeSlots
 	// writes each slot on its own.
 	slotsOneByOne bool

@@ -132,6 +132,8 @@ type installed struct {
 	// allowed are the pod IDs with an entry in the allow map for this service; nil for
 	// most, which restrict nothing.
 	allowed map[uint32]bool
+	// seenBy is the Apply that last found the service in its input (changedOnly).
+	seenBy uint64
 }
 
 func (s *installed) allow(podID uint32) {
@@ -241,6 +243,9 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		dp.latePods = nil
 		dp.mu.Unlock()
 	}()
+	if changed, installedSlots, ok := dp.changedOnly(services); ok {
+		return dp.applyChanged(services, changed, installedSlots)
+	}
 	var res ApplyResult
 	// Plan without the datapath: expanding the selection tables of a large config takes a
 	// while, and needs nothing of it.
@@ -254,23 +259,13 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		if _, dup := desired[k]; dup {
 			return res, fmt.Errorf("service %s: duplicate %s", s.Name, keyString(k))
 		}
-		if _, err := nameValue(s.Name); err != nil {
+		w, err := dp.plan(s)
+		if err != nil {
 			return res, err
 		}
-		if max := dp.limits.BackendsPerService; len(s.Backends) > max {
-			return res, fmt.Errorf("service %s: %d backends exceed limits.backends_per_service = %d", s.Name, len(s.Backends), max)
-		}
-		if s.Policy.AffinityTimeout < 0 {
-			return res, fmt.Errorf("service %s: negative affinity timeout %v", s.Name, s.Policy.AffinityTimeout)
-		}
-		slots := expandSlots(s.Backends, dp.limits.SlotsPerService)
-		plan = append(plan, wanted{
-			name: s.Name, slots: slots, retained: retainedSet(s.Retained, slots),
-			flags: s.flags(), affTimeout: s.affinityTimeout(), policy: s.Policy,
-		})
-		w := &plan[len(plan)-1]
-		desired[k] = w
-		order = append(order, plannedKey{key: k, w: w})
+		plan = append(plan, w)
+		desired[k] = &plan[len(plan)-1]
+		order = append(order, plannedKey{key: k, w: &plan[len(plan)-1]})
 	}
 	// Only Apply writes dp.services, and Applies take turns: it can be read without mu,
 	// which pod events then need not wait for.
@@ -284,17 +279,7 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
-	steps := 0
-	yield := func() {
-		if steps++; steps%applyChunk == 0 {
-			dp.mu.Unlock()
-			if applyYielded != nil {
-				applyYielded()
-			}
-			runtime.Gosched()
-			dp.mu.Lock()
-		}
-	}
+	yield := dp.yielder()
 	// Only Apply changes services, so the check holds across its yields.
 	kept, err := dp.checkCapacity(order, yield)
 	if err != nil {
@@ -324,17 +309,67 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		// No revision of this service comes after cur.rev: every choice it made is older.
 		res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, cur.name, cur.id, cur.rev+1, cur.serving())...)
 	}
+	dp.write(order, yield, &res, &errs)
+	if len(errs) > 0 {
+		wantPorts = portsOf(dp.services)
+	}
+	if err := dp.writePorts(wantPorts); err != nil {
+		errs = append(errs, err)
+	}
+	dp.tally = nil
+	if len(errs) == 0 {
+		dp.tally = &backendTally{services: services}
+	}
+	return res, errors.Join(errs...)
+}
+
+// plan is what the datapath is to hold for s.
+func (dp *Datapath) plan(s Service) (wanted, error) {
+	if _, err := nameValue(s.Name); err != nil {
+		return wanted{}, err
+	}
+	if max := dp.limits.BackendsPerService; len(s.Backends) > max {
+		return wanted{}, fmt.Errorf("service %s: %d backends exceed limits.backends_per_service = %d", s.Name, len(s.Backends), max)
+	}
+	if s.Policy.AffinityTimeout < 0 {
+		return wanted{}, fmt.Errorf("service %s: negative affinity timeout %v", s.Name, s.Policy.AffinityTimeout)
+	}
+	slots := expandSlots(s.Backends, dp.limits.SlotsPerService)
+	return wanted{
+		name: s.Name, slots: slots, retained: retainedSet(s.Retained, slots),
+		flags: s.flags(), affTimeout: s.affinityTimeout(), policy: s.Policy,
+	}, nil
+}
+
+// yielder returns what Apply calls before each step: every applyChunk steps it lets go of
+// mu, which the caller holds, so that pod events get in.
+func (dp *Datapath) yielder() func() {
+	steps := 0
+	return func() {
+		if steps++; steps%applyChunk == 0 {
+			dp.mu.Unlock()
+			if applyYielded != nil {
+				applyYielded()
+			}
+			runtime.Gosched()
+			dp.mu.Lock()
+		}
+	}
+}
+
+// write adds or updates the planned services, in order, under mu.
+func (dp *Datapath) write(order []plannedKey, yield func(), res *ApplyResult, errs *[]error) {
 	// New services that need no allow entries, timeout or counter are written in batches
 	// of map writes (batchAdd) rather than 3 syscalls each.
 	var batch []pendingAdd
 	flush := func() {
-		res.Added += dp.batchAdd(batch, &errs)
+		res.Added += dp.batchAdd(batch, errs)
 		batch = batch[:0]
 	}
 	// Likewise services whose only change is their slots (batchUpdate).
 	var updates []pendingUpdate
 	flushUpdates := func() {
-		for _, u := range dp.batchUpdate(updates, &errs) {
+		for _, u := range dp.batchUpdate(updates, errs) {
 			res.Updated++
 			res.RemovedBackends = append(res.RemovedBackends, removedBackends(u.key, u.w.name, u.cur.id, u.firstWithout, u.gone)...)
 		}
@@ -357,7 +392,7 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 			}
 		case cur == nil:
 			if err := dp.addService(k, s); err != nil {
-				errs = append(errs, err)
+				*errs = append(*errs, err)
 				continue
 			}
 			res.Added++
@@ -377,7 +412,7 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 				continue
 			}
 			if err := dp.updateService(k, cur, s); err != nil {
-				errs = append(errs, err)
+				*errs = append(*errs, err)
 				continue
 			}
 			res.Updated++
@@ -386,15 +421,93 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 	}
 	flush()
 	flushUpdates()
-	if len(errs) > 0 {
-		wantPorts = portsOf(dp.services)
+}
+
+// changedOnly finds the services that differ from what the last Apply installed, when
+// that Apply worked in full, services has the same frontends, and only a few differ: a
+// reload that changes one service of 100k then plans and writes one, rather than plan
+// every service again to find that the others are as they were. Restricted services and
+// those that retain backends count as changed: their checks need the full plan.
+func (dp *Datapath) changedOnly(services []Service) (changed []int, installedSlots int, ok bool) {
+	if dp.tally == nil || len(services) != len(dp.services) {
+		return nil, 0, false
 	}
-	if err := dp.writePorts(wantPorts); err != nil {
-		errs = append(errs, err)
+	dp.applySeq++
+	for i := range services {
+		s := &services[i]
+		cur := dp.services[svcKey(s.VIP, s.Port, s.Proto)]
+		// A frontend seen twice would leave another without its service: the full plan
+		// finds which, and says so.
+		if cur == nil || cur.seenBy == dp.applySeq {
+			return nil, 0, false
+		}
+		cur.seenBy = dp.applySeq
+		installedSlots += len(cur.slots)
+		if !cur.holds(s, dp.limits.SlotsPerService) {
+			if changed = append(changed, i); len(changed)*4 > len(services) {
+				return nil, 0, false
+			}
+		}
 	}
+	return changed, installedSlots, true
+}
+
+// holds says the installed service is what s asks for, as far as it can tell without a
+// plan: false for a restricted service, or one that retains backends.
+func (s *installed) holds(w *Service, slotsPerService int) bool {
+	if s.name != w.Name || len(w.Retained) > 0 || len(s.retained) > 0 || w.Policy.Restrict || len(s.allowed) > 0 ||
+		s.flags != w.flags() || s.affTimeout != w.affinityTimeout() {
+		return false
+	}
+	// Backends of one weight take a slot each, in their order (expandSlots).
+	if len(w.Backends) > slotsPerService || len(w.Backends) != len(s.slots) {
+		return slices.Equal(s.slots, expandSlots(w.Backends, slotsPerService))
+	}
+	for i, b := range w.Backends {
+		if b.Weight != w.Backends[0].Weight {
+			return slices.Equal(s.slots, expandSlots(w.Backends, slotsPerService))
+		}
+		if s.slots[i] != b.Addr {
+			return false
+		}
+	}
+	return true
+}
+
+// applyChanged writes the services of changed, the rest of services being installed as
+// they are (changedOnly): no service comes or goes, and no frontend port.
+func (dp *Datapath) applyChanged(services []Service, changed []int, installedSlots int) (ApplyResult, error) {
+	var res ApplyResult
+	res.Unchanged = len(services) - len(changed)
+	plan := make([]wanted, 0, len(changed))
+	order := make([]plannedKey, 0, len(changed))
+	for _, i := range changed {
+		s := services[i]
+		w, err := dp.plan(s)
+		if err != nil {
+			return res, err
+		}
+		plan = append(plan, w)
+		order = append(order, plannedKey{key: svcKey(s.VIP, s.Port, s.Proto), w: &plan[len(plan)-1]})
+	}
+	slices.SortFunc(order, func(a, b plannedKey) int { return compareKeys(a.key, b.key) })
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+	// As checkCapacity, for the changed services alone: the others keep their tables.
+	slots, overlap := installedSlots, 0
+	for _, p := range order {
+		old, n := len(dp.services[p.key].slots), len(p.w.slots)
+		slots += max(old, n) - old
+		overlap = max(overlap, min(old, n))
+	}
+	if slots+overlap > dp.limits.Slots {
+		return res, fmt.Errorf("services need %d backend slots, more than limits.slots = %d", slots+overlap, dp.limits.Slots)
+	}
+	var errs []error
+	dp.write(order, dp.yielder(), &res, &errs)
 	dp.tally = nil
 	if len(errs) == 0 {
-		dp.tally = &backendTally{plan: desired}
+		dp.tally = &backendTally{services: services}
 	}
 	return res, errors.Join(errs...)
 }
@@ -1208,8 +1321,8 @@ func (dp *Datapath) Counts() (services, backends int) {
 	// Walking 100k services' slots would hold the datapath from pod events and scrapes:
 	// a fully applied set is counted from its plan, once, by the first who asks.
 	t.once.Do(func() {
-		t.count = distinctBackends(t.plan)
-		t.plan = nil
+		t.count = distinctBackends(t.services)
+		t.services = nil
 	})
 	return n, t.count
 }
@@ -1217,17 +1330,17 @@ func (dp *Datapath) Counts() (services, backends int) {
 // backendTally counts the distinct backends of a fully applied plan, which no one
 // changes once applied.
 type backendTally struct {
-	once  sync.Once
-	plan  map[socklbSvcKey]*wanted
-	count int
+	once     sync.Once
+	services []Service
+	count    int
 }
 
-// distinctBackends counts the addresses the planned services balance to.
-func distinctBackends(desired map[socklbSvcKey]*wanted) int {
+// distinctBackends counts the addresses the services balance to: each backend has a slot.
+func distinctBackends(services []Service) int {
 	seen := map[netip.AddrPort]bool{}
-	for _, w := range desired {
-		for _, a := range w.slots {
-			seen[a] = true
+	for _, s := range services {
+		for _, b := range s.Backends {
+			seen[b.Addr] = true
 		}
 	}
 	return len(seen)

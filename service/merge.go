@@ -3,6 +3,7 @@ package service
 import (
 	"cmp"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 )
@@ -65,11 +66,23 @@ type Limits struct {
 // limits hold, in the sources' order: a view too large for the maps is served as far as
 // it fits rather than not at all. Every service in the result has its Source set.
 func Merge(views map[Source][]Service, limits Limits) ([]Service, []Conflict) {
+	out, conflicts, _ := merge(views, limits)
+	return out, conflicts
+}
+
+// sortedSources are the views' sources in precedence order.
+func sortedSources(views map[Source][]Service) []Source {
 	sources := make([]Source, 0, len(views))
 	for s := range views {
 		sources = append(sources, s)
 	}
 	slices.SortFunc(sources, precedence)
+	return sources
+}
+
+// merge is Merge, which also says how many slots the result takes.
+func merge(views map[Source][]Service, limits Limits) ([]Service, []Conflict, int) {
+	sources := sortedSources(views)
 	n := 0
 	for _, s := range sources {
 		n += len(views[s])
@@ -140,12 +153,110 @@ func Merge(views map[Source][]Service, limits Limits) ([]Service, []Conflict) {
 		}
 	}
 	if whole != nil && prefix == len(whole) {
-		return whole, conflicts
+		return whole, conflicts, slotsUsed
 	}
 	if out == nil {
 		out = append(make([]Service, 0, n), whole[:prefix]...)
 	}
+	return out, conflicts, slotsUsed
+}
+
+// merger is Merge with a memory of its last call, for the reconciler's loop: when that call
+// left nothing out and the views are the same but for a few services, each keeping its
+// name and frontend, the result is the last one with those replaced. At 100k services a
+// reload that changes one then takes a pass over the views instead of building two maps
+// of every name and frontend again.
+type merger struct {
+	views     map[Source][]Service // the last call's
+	limits    Limits
+	out       []Service
+	slotsUsed int
+	clean     bool // the last call had no conflicts
+	patched   bool // the last call patched the result of the one before
+}
+
+// change is a service of the result that differs from the last.
+type change struct {
+	at  int // in the result
+	svc Service
+}
+
+func (m *merger) merge(views map[Source][]Service, limits Limits) ([]Service, []Conflict) {
+	out, slotsUsed, ok := m.mergeChanged(views, limits)
+	var conflicts []Conflict
+	if !ok {
+		out, conflicts, slotsUsed = merge(views, limits)
+	}
+	m.views = make(map[Source][]Service, len(views))
+	maps.Copy(m.views, views)
+	m.limits, m.out, m.slotsUsed, m.clean, m.patched = limits, out, slotsUsed, len(conflicts) == 0, ok
 	return out, conflicts
+}
+
+// mergeChanged is the last result with the services that changed since replaced, or
+// false when Merge must merge the views again: a source came or went, a view grew or
+// shrank, a name or frontend moved, a changed service fails Check or the slots do not
+// hold it, or more than a quarter changed.
+func (m *merger) mergeChanged(views map[Source][]Service, limits Limits) ([]Service, int, bool) {
+	if !m.clean || limits != m.limits || len(views) != len(m.views) {
+		return nil, 0, false
+	}
+	var changes []change
+	slotsUsed, offset := m.slotsUsed, 0
+	for _, src := range sortedSources(views) {
+		view, last := views[src], m.views[src]
+		if len(view) != len(last) {
+			return nil, 0, false
+		}
+		for i := range view {
+			svc, was := &view[i], &last[i]
+			if svc.Name != was.Name || svc.VIP != was.VIP || svc.Port != was.Port || svc.Protocol != was.Protocol {
+				return nil, 0, false
+			}
+			if svc.Equal(was) {
+				continue
+			}
+			if svc.Check(limits.BackendsPerService) != nil || len(changes)*4 > len(m.out) {
+				return nil, 0, false
+			}
+			slotsUsed += SlotCount(svc.Backends, limits.SlotsPerService) - SlotCount(was.Backends, limits.SlotsPerService)
+			c := change{at: offset + i, svc: *svc}
+			c.svc.Source = src
+			changes = append(changes, c)
+		}
+		offset += len(view)
+	}
+	if limits.Slots > 0 && slotsUsed > limits.Slots-limits.SlotsPerService {
+		return nil, 0, false
+	}
+	if view, ok := m.servedWhole(views, changes); ok {
+		return view, slotsUsed, true
+	}
+	out := slices.Clone(m.out)
+	for _, c := range changes {
+		out[c.at] = c.svc
+	}
+	return out, slotsUsed, true
+}
+
+// servedWhole is the one view, when the last result was that view as it came and each
+// changed service has its Source set: Merge would hand it over as it comes too.
+func (m *merger) servedWhole(views map[Source][]Service, changes []change) ([]Service, bool) {
+	if len(views) != 1 || len(m.out) == 0 {
+		return nil, false
+	}
+	for src, view := range views {
+		if &m.out[0] != &m.views[src][0] {
+			return nil, false
+		}
+		for _, c := range changes {
+			if view[c.at].Source != src {
+				return nil, false
+			}
+		}
+		return view, true
+	}
+	return nil, false
 }
 
 // SlotCount is how many slots of the selection table the datapath gives these backends:

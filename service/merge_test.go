@@ -1,6 +1,7 @@
 package service
 
 import (
+	"fmt"
 	"net/netip"
 	"reflect"
 	"slices"
@@ -199,5 +200,115 @@ func TestMergeOneWholeViewIsTheResult(t *testing.T) {
 		if len(got) > 0 && &got[0] == &v[0] {
 			t.Errorf("%s: a view with a service left out was served in place", c.name)
 		}
+	}
+}
+
+// The merger gives what Merge gives, call after call, whatever changed between them; and
+// where a few services changed and nothing was left out, it does so without merging again.
+func TestMergerMatchesMerge(t *testing.T) {
+	be := func(port uint16) []Backend {
+		return []Backend{{Addr: netip.AddrPortFrom(netip.MustParseAddr("10.88.0.5"), port), Weight: 1}}
+	}
+	view := func(src Source, n int) []Service {
+		out := make([]Service, n)
+		for i := range out {
+			out[i] = svc(fmt.Sprintf("%s/svc-%d", src, i), fmt.Sprintf("10.96.%d.%d", len(src), i), 80)
+			out[i].Source, out[i].Backends = src, be(8080)
+		}
+		return out
+	}
+	limits := Limits{Services: 100, BackendsPerService: 4, Slots: 200, SlotsPerService: 8}
+	views := map[Source][]Service{SourceFile: view(SourceFile, 40), SourceKubernetes: view(SourceKubernetes, 40)}
+	edit := func(src Source, f func([]Service)) {
+		v := slices.Clone(views[src])
+		f(v)
+		views[src] = v
+	}
+	var m merger
+	check := func(step string, wantFast bool) {
+		t.Helper()
+		got, gotConflicts := m.merge(views, limits)
+		want, wantConflicts := Merge(views, limits)
+		if !reflect.DeepEqual(got, want) || !reflect.DeepEqual(gotConflicts, wantConflicts) {
+			t.Fatalf("%s: merger gave %d services, conflicts %v; Merge %d, %v", step, len(got), gotConflicts, len(want), wantConflicts)
+		}
+		if m.patched != wantFast {
+			t.Fatalf("%s: patched the last result %v, want %v", step, m.patched, wantFast)
+		}
+	}
+	check("first", false)
+	check("the same again", true)
+	edit(SourceFile, func(v []Service) { v[3].Backends = be(8081) })
+	check("one file backend", true)
+	edit(SourceKubernetes, func(v []Service) { v[5].Endpoints = []Endpoint{{Addr: be(9)[0].Addr, Ready: true}}; v[6].Source = "" })
+	check("endpoints, and a source unset", true)
+	edit(SourceKubernetes, func(v []Service) { v[7].Port = 0 })
+	check("an invalid service", false)
+	check("still invalid", false)
+	edit(SourceKubernetes, func(v []Service) { v[7].Port = 80 })
+	check("fixed", false)
+	edit(SourceKubernetes, func(v []Service) { v[8].VIP = views[SourceFile][8].VIP; v[8].Name = "file/svc-8" })
+	check("a frontend and name the file has", false)
+	edit(SourceKubernetes, func(v []Service) { v[8].VIP = netip.MustParseAddr("10.96.99.8"); v[8].Name = "kubernetes/svc-8" })
+	check("moved away", false)
+	edit(SourceFile, func(v []Service) { v[9].Backends = slices.Repeat(be(1), 4) })
+	check("more slots", true)
+	views = map[Source][]Service{SourceFile: views[SourceFile]}
+	check("a source gone", false)
+	edit(SourceFile, func(v []Service) { v[1].Backends = be(7) })
+	got, _ := m.merge(views, limits)
+	if &got[0] != &views[SourceFile][0] {
+		t.Fatalf("one view, a backend changed: the result is a copy, want the view as it came")
+	}
+	check("one view", true)
+	edit(SourceFile, func(v []Service) { v[2].Source = "" })
+	check("one view, a source unset", true)
+	views[SourceFile] = views[SourceFile][:30]
+	check("shrunk", false)
+	limits.Slots = 8 + 34 // the 30 services hold 33 slots
+	check("new limits", false)
+	edit(SourceFile, func(v []Service) { v[3].Backends = slices.Repeat(be(1), 2) })
+	check("a change the slots hold", true)
+	edit(SourceFile, func(v []Service) { v[4].Backends = slices.Repeat(be(1), 3) })
+	check("a change over the slots", false)
+}
+
+// Equal compares every field: one it missed would let the merger keep a stale service.
+func TestServiceEqualSeesEveryField(t *testing.T) {
+	base := Service{Name: "a", Source: SourceFile, VIP: netip.MustParseAddr("10.96.0.1"), Port: 80, Protocol: ProtocolTCP,
+		Backends: []Backend{{Weight: 1}}, Affinity: AffinityNone, Allow: []Selector{{Namespace: "x", Labels: map[string]string{"a": "b"}}},
+		Endpoints: []Endpoint{{Ready: true}}}
+	typ := reflect.TypeOf(base)
+	for i := range typ.NumField() {
+		other := base
+		other.Allow = []Selector{{Namespace: "x", Labels: map[string]string{"a": "b"}}}
+		f := reflect.ValueOf(&other).Elem().Field(i)
+		switch f.Kind() {
+		case reflect.String:
+			f.SetString(f.String() + "x")
+		case reflect.Bool:
+			f.SetBool(!f.Bool())
+		case reflect.Uint16, reflect.Uint32:
+			f.SetUint(f.Uint() + 1)
+		case reflect.Int64:
+			f.SetInt(f.Int() + 1)
+		case reflect.Slice:
+			f.Set(reflect.MakeSlice(f.Type(), 2, 2))
+		case reflect.Struct: // netip.Addr
+			other.VIP = netip.MustParseAddr("10.96.0.2")
+		default:
+			t.Fatalf("field %s of kind %s: teach this test to change it", typ.Field(i).Name, f.Kind())
+		}
+		if base.Equal(&other) {
+			t.Errorf("Equal misses a change of %s", typ.Field(i).Name)
+		}
+		if !base.Equal(&base) {
+			t.Fatal("Equal says a service differs from itself")
+		}
+	}
+	labels := base
+	labels.Allow = []Selector{{Namespace: "x", Labels: map[string]string{"a": "c"}}}
+	if base.Equal(&labels) {
+		t.Error("Equal misses a change of an allow selector's labels")
 	}
 }

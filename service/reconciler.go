@@ -49,10 +49,12 @@ type Reconciler[S any] struct {
 	// building it for each apply was 100k strings at 100k services.
 	servedList []Service
 	served     map[string]int
-	conflicts  []Conflict
-	pending    bool
-	waiters    []chan error
-	closed     bool
+	// merger merges the views for each apply, and remembers the last merge.
+	merger    merger
+	conflicts []Conflict
+	pending   bool
+	waiters   []chan error
+	closed    bool
 
 	wake chan struct{}
 	done chan struct{}
@@ -141,7 +143,7 @@ func (r *Reconciler[S]) take() (Plan[S], []chan error, bool) {
 	for src := range views {
 		p.sources = append(p.sources, src)
 	}
-	p.Services, p.Conflicts = Merge(views, r.limits)
+	p.Services, p.Conflicts = r.merger.merge(views, r.limits)
 	waiters := r.waiters
 	r.pending, r.settingsFresh, r.waiters = false, false, nil
 	return p, waiters, true

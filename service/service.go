@@ -8,6 +8,7 @@ package service
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"time"
@@ -186,6 +187,19 @@ const (
 	MaxWeight  = 1000
 	MaxNameLen = 143
 )
+
+// Equal says s and o are the same service, in every field.
+func (s *Service) Equal(o *Service) bool {
+	return s.Name == o.Name && s.Source == o.Source && s.VIP == o.VIP && s.Port == o.Port && s.Protocol == o.Protocol &&
+		slices.Equal(s.Backends, o.Backends) && s.Affinity == o.Affinity && s.AffinityTimeout == o.AffinityTimeout &&
+		slices.EqualFunc(s.Allow, o.Allow, Selector.Equal) && s.AllowHost == o.AllowHost && s.HostOnly == o.HostOnly &&
+		slices.Equal(s.Endpoints, o.Endpoints)
+}
+
+// Equal says the selectors select the same.
+func (s Selector) Equal(o Selector) bool {
+	return s.Namespace == o.Namespace && maps.Equal(s.Labels, o.Labels)
+}
 
 // Check says what keeps the datapath from serving s, or nil: a source hands over what it
 // is given (a file, an API object), and one bad service must not stop the others.

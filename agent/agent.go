@@ -6,10 +6,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -90,6 +92,8 @@ type Agent struct {
 
 	// loader loads the config file at start and at each reload.
 	loader *config.Loader
+	// lastApply is what the last apply handed the datapath; only the reconciler touches it.
+	lastApply appliedView
 
 	mu  sync.Mutex
 	cfg *config.Config
@@ -464,7 +468,11 @@ func (a *Agent) apply(w service.Plan[*config.Config]) error {
 	a.mu.Unlock()
 	// Pod events wait until the datapath counts them as late, so none falls between the
 	// policies planned here and the apply.
-	res, err := a.dp.ApplyWith(toDatapath(w.Services, policies), datapath.ApplyOptions{Started: a.opMu.Unlock})
+	changed, incremental := a.lastApply.changedIn(w.Services, policies)
+	res, err := a.dp.ApplyWith(toDatapath(w.Services, policies), datapath.ApplyOptions{
+		Started: a.opMu.Unlock, Incremental: incremental, Changed: changed,
+	})
+	a.lastApply = appliedView{services: w.Services, policies: policies, ok: err == nil}
 	a.log.WithFields(logrus.Fields{
 		"added": res.Added, "updated": res.Updated, "removed": res.Removed, "unchanged": res.Unchanged,
 	}).Info("services applied")
@@ -507,6 +515,42 @@ func (a *Agent) apply(w service.Plan[*config.Config]) error {
 		debug.FreeOSMemory()
 	}()
 	return nil
+}
+
+// appliedView is what an apply handed the datapath, and whether it took all of it.
+type appliedView struct {
+	services []service.Service
+	policies map[string]datapath.ServicePolicy
+	ok       bool
+}
+
+// changedIn lists the positions at which services differs from the view, when the
+// datapath may write those alone (datapath.ApplyOptions.Incremental): the view was taken
+// in full, the policies are the same, each service keeps its name and frontend at its
+// position, and at most a quarter changed (or restrict their clients).
+func (v appliedView) changedIn(services []service.Service, policies map[string]datapath.ServicePolicy) ([]int, bool) {
+	if !v.ok || len(services) != len(v.services) || !maps.EqualFunc(policies, v.policies, samePolicy) {
+		return nil, false
+	}
+	var changed []int
+	for i := range services {
+		s, was := &services[i], &v.services[i]
+		if s.Name != was.Name || s.VIP != was.VIP || s.Port != was.Port || s.Protocol != was.Protocol {
+			return nil, false
+		}
+		// A restricted service is written each time: the datapath resolves its pods then.
+		if !s.Equal(was) || s.RestrictsClients() {
+			if changed = append(changed, i); len(changed)*4 > len(services) {
+				return nil, false
+			}
+		}
+	}
+	return changed, true
+}
+
+func samePolicy(a, b datapath.ServicePolicy) bool {
+	return a.AffinityPod == b.AffinityPod && a.AffinityHost == b.AffinityHost && a.AffinityTimeout == b.AffinityTimeout &&
+		a.Restrict == b.Restrict && a.AllowHost == b.AllowHost && slices.Equal(a.AllowedPods, b.AllowedPods)
 }
 
 // removedLogLimit is how many removed backends an apply names at info level: a reload

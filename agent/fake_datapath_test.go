@@ -3,7 +3,9 @@ package agent
 import (
 	"cmp"
 	"errors"
+	"fmt"
 	"net/netip"
+	"reflect"
 	"slices"
 	"sync"
 
@@ -26,6 +28,10 @@ type fakeDatapath struct {
 	// when an apply has planned (ApplyOptions.Started) and holds.
 	hold     chan struct{}
 	applying chan struct{}
+	// lastInput is the last apply's input when it worked; incrementalApplies counts the
+	// incremental applies that kept their promise about it.
+	lastInput          []datapath.Service
+	incrementalApplies int
 	// applyErr fails the next apply once.
 	applyErr error
 	// pinsErr is what PinsOwned answers; svcCounts, whether per-service counters are on.
@@ -55,8 +61,22 @@ func (f *fakeDatapath) ApplyWith(svcs []datapath.Service, opts datapath.ApplyOpt
 	f.applies = append(f.applies, slices.Clone(svcs))
 	if err := f.applyErr; err != nil {
 		f.applyErr = nil
+		f.lastInput = nil
 		return datapath.ApplyResult{}, err
 	}
+	// An incremental apply's promise, which the real datapath takes on trust, is checked.
+	if opts.Incremental && f.lastInput != nil {
+		if len(svcs) != len(f.lastInput) {
+			return datapath.ApplyResult{}, fmt.Errorf("incremental apply of %d services after %d", len(svcs), len(f.lastInput))
+		}
+		for i := range svcs {
+			if !slices.Contains(opts.Changed, i) && !reflect.DeepEqual(svcs[i], f.lastInput[i]) {
+				return datapath.ApplyResult{}, fmt.Errorf("incremental apply: service %d (%s) changed but is not in %v", i, svcs[i].Name, opts.Changed)
+			}
+		}
+		f.incrementalApplies++
+	}
+	f.lastInput = slices.Clone(svcs)
 	var res datapath.ApplyResult
 	next := map[string]datapath.Service{}
 	for _, s := range svcs {

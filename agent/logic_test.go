@@ -407,3 +407,48 @@ func TestNextAgentKeepsAnotherSourcesServices(t *testing.T) {
 		t.Fatalf("with only the file's services served, %s is left: %v", statedir.SourcesName, err)
 	}
 }
+
+// A reload that changes a few services of many hands the datapath only their positions,
+// and the datapath's check of that promise holds; one that renames or moves a service,
+// or changes most of them, is a full apply.
+func TestReloadOfAFewServicesIsIncremental(t *testing.T) {
+	a, fake, _ := fakeAgent(t)
+	path := filepath.Join(t.TempDir(), "podsock.toml")
+	services := func(changed map[int]string) string {
+		var b strings.Builder
+		b.WriteString(terminateTCP)
+		for i := range 40 {
+			name, backend := fmt.Sprintf("default/svc-%d", i), "10.88.0.5:8080"
+			if c, ok := changed[i]; ok {
+				backend = c
+			}
+			b.WriteString(serviceTOML(name, fmt.Sprintf("10.96.1.%d", i), 80, "tcp", backend))
+		}
+		return b.String()
+	}
+	for _, tt := range []struct {
+		name        string
+		body        string
+		incremental bool
+	}{
+		{"first", services(nil), false},
+		{"two backends", services(map[int]string{3: "10.88.0.6:8080", 17: "10.88.0.7:8080"}), true},
+		{"the same", services(map[int]string{3: "10.88.0.6:8080", 17: "10.88.0.7:8080"}), true},
+		{"renamed", strings.Replace(services(nil), "default/svc-5\"", "default/other\"", 1), false},
+		{"most changed", strings.ReplaceAll(services(nil), "10.88.0.5:8080", "10.88.0.9:8080"), false},
+	} {
+		before := fake.incrementalApplies
+		writeConfig(t, path, tt.body)
+		a.reload(path)
+		if st := a.status(); st.LastReloadError != "" {
+			t.Fatalf("%s: %s", tt.name, st.LastReloadError)
+		}
+		if got := fake.incrementalApplies > before; got != tt.incremental {
+			t.Fatalf("%s: incremental %v, want %v", tt.name, got, tt.incremental)
+		}
+	}
+	applies, _, _, _ := fake.state()
+	if last := applies[len(applies)-1]; len(last) != 40 || last[3].Backends[0].Addr.String() != "10.88.0.9:8080" {
+		t.Fatalf("last apply %v, want all 40 services with the new backend", serviceNames(last))
+	}
+}

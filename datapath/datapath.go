@@ -113,8 +113,13 @@ type Datapath struct {
 	// tally counts the backends of the last fully applied set; nil when unknown (adopted
 	// pins, a failed Apply).
 	tally *backendTally
-	// applySeq numbers the Applies that look for what changed (changedOnly).
-	applySeq uint64
+	// clean says the last Apply worked in full, its services holding heldSlots slots: an
+	// incremental Apply may follow it.
+	clean     bool
+	heldSlots int
+	// lastKeys are the frontends of the last Apply's input, in its order, when it worked
+	// in full: an incremental Apply's changes must keep them where they were.
+	lastKeys []socklbSvcKey
 	usedIDs  map[uint32]bool
 	nextID   uint32
 	// slotsOneByOne: the kernel has no batch map updates (before 5.6), so writeSlots

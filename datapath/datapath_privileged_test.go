@@ -1053,10 +1053,10 @@ func stopServiceBatchesAfterOne(t *testing.T) {
 	}
 }
 
-// An Apply that changes a few services of many, after one that worked in full, writes only
-// those, and the datapath serves the result as the full plan would: connects reach the
-// new backends, the others are as they were, and a frontend given twice is still refused.
-func TestPrivilegedApplyOfAFewChangesWritesThemAlone(t *testing.T) {
+// An incremental Apply after one that worked in full writes the services it names alone,
+// and the datapath serves the result as a full Apply would: connects reach the new
+// backends, the others are as they were. One it cannot follow is a full Apply.
+func TestPrivilegedIncrementalApply(t *testing.T) {
 	f := newFixture(t)
 	testenv.StartTCPBackend(t, f.ns, "A", beA)
 	testenv.StartTCPBackend(t, f.ns, "B", beB)
@@ -1065,38 +1065,53 @@ func TestPrivilegedApplyOfAFewChangesWritesThemAlone(t *testing.T) {
 	for i := range svcs {
 		svcs[i] = tcpService(fmt.Sprintf("bench/svc-%d", i), netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 96, 1, byte(i)}), 80), be(beA, 1))
 	}
-	if res := apply(t, dp, svcs...); res.Added != 200 {
+	incremental := func(svcs []Service, changed ...int) ApplyResult {
+		t.Helper()
+		res, err := dp.ApplyWith(svcs, ApplyOptions{Incremental: true, Changed: changed})
+		if err != nil {
+			t.Fatalf("incremental apply of %v: %v", changed, err)
+		}
+		return res
+	}
+	// Before any Apply that worked, an incremental one is a full one.
+	if res := incremental(svcs); res.Added != 200 {
 		t.Fatalf("first apply %+v, want 200 added", res)
 	}
-	if res := apply(t, dp, slices.Clone(svcs)...); res.Unchanged != 200 || res.Updated != 0 {
-		t.Fatalf("the same services again: %+v, want 200 unchanged", res)
+	if res := incremental(slices.Clone(svcs)); res.Unchanged != 200 || res.Updated != 0 {
+		t.Fatalf("nothing changed: %+v, want 200 unchanged", res)
 	}
 	next := slices.Clone(svcs)
 	next[7].Backends = []Backend{be(beB, 1)}
 	next[9].Backends = []Backend{be(beA, 1), be(beB, 3)}
 	next[11].Name = "bench/renamed"
-	res := apply(t, dp, next...)
+	res := incremental(next, 7, 9, 11)
 	if res.Updated != 3 || res.Unchanged != 197 || len(res.RemovedBackends) != 1 ||
 		res.RemovedBackends[0].Service != "bench/svc-7" || res.RemovedBackends[0].Backend != beA {
 		t.Fatalf("three changed: %+v, want 3 updated, 197 unchanged, and svc-7's %s removed", res, beA)
 	}
-	got, err := dp.Services()
-	if err != nil {
-		t.Fatal(err)
-	}
-	byName := map[string]Service{}
-	for _, s := range got {
-		byName[s.Name] = s
-	}
-	for _, want := range next {
-		s, ok := byName[want.Name]
-		if !ok || s.VIP != want.VIP || !slices.Equal(s.Backends, weightsFromSlots(expandSlots(want.Backends, 4096))) {
-			t.Fatalf("service %s read back as %+v (found %v), want backends %v", want.Name, s, ok, want.Backends)
+	readBack := func(want []Service) {
+		t.Helper()
+		got, err := dp.Services()
+		if err != nil {
+			t.Fatal(err)
+		}
+		byName := map[string]Service{}
+		for _, s := range got {
+			byName[s.Name] = s
+		}
+		if len(got) != len(want) {
+			t.Fatalf("%d services read back, want %d", len(got), len(want))
+		}
+		for _, w := range want {
+			s, ok := byName[w.Name]
+			if !ok || s.VIP != w.VIP || !slices.Equal(s.Backends, weightsFromSlots(expandSlots(w.Backends, 4096))) {
+				t.Fatalf("service %s read back as %+v (found %v), want backends %v", w.Name, s, ok, w.Backends)
+			}
 		}
 	}
+	readBack(next)
 	for range 20 {
-		r, err := testenv.DialTCP(f.ns, 0, netip.AddrPortFrom(next[7].VIP, 80), false)
-		if err != nil || r.Backend != "B" {
+		if r, err := testenv.DialTCP(f.ns, 0, netip.AddrPortFrom(next[7].VIP, 80), false); err != nil || r.Backend != "B" {
 			t.Fatalf("connect to svc-7 after its change: %+v, %v; want backend B", r, err)
 		}
 		if r, err := testenv.DialTCP(f.ns, 0, netip.AddrPortFrom(next[8].VIP, 80), false); err != nil || r.Backend != "A" {
@@ -1107,12 +1122,18 @@ func TestPrivilegedApplyOfAFewChangesWritesThemAlone(t *testing.T) {
 		t.Errorf("%d backends counted, want 2", backends)
 	}
 
-	dup := slices.Clone(next)
-	dup[4].VIP = dup[3].VIP
-	if _, err := dp.Apply(dup); err == nil || !strings.Contains(err.Error(), "duplicate") {
+	// A frontend that moved, and one new, cannot be followed: the Apply is a full one.
+	moved := slices.Clone(next)
+	moved[4].VIP, moved[12].VIP = moved[3].VIP, netip.MustParseAddr("10.96.2.12")
+	if _, err := dp.ApplyWith(moved, ApplyOptions{Incremental: true, Changed: []int{4}}); err == nil || !strings.Contains(err.Error(), "duplicate") {
 		t.Fatalf("a frontend given twice: %v, want it refused as a duplicate", err)
 	}
-	if r, err := testenv.DialTCP(f.ns, 0, netip.AddrPortFrom(next[4].VIP, 80), false); err != nil || r.Backend != "A" {
-		t.Fatalf("svc-4 after the refused apply: %+v, %v; want it served as before", r, err)
+	moved[4].VIP = next[4].VIP
+	if res := incremental(moved, 12); res.Added != 1 || res.Removed != 1 || res.Unchanged != 199 {
+		t.Fatalf("a new frontend: %+v, want the full Apply's 1 added, 1 removed, 199 unchanged", res)
+	}
+	readBack(moved)
+	if r, err := testenv.DialTCP(f.ns, 0, netip.AddrPortFrom(moved[12].VIP, 80), false); err != nil || r.Backend != "A" {
+		t.Fatalf("svc-12 at its new frontend: %+v, %v; want backend A", r, err)
 	}
 }

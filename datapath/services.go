@@ -132,8 +132,6 @@ type installed struct {
 	// allowed are the pod IDs with an entry in the allow map for this service; nil for
 	// most, which restrict nothing.
 	allowed map[uint32]bool
-	// seenBy is the Apply that last found the service in its input (changedOnly).
-	seenBy uint64
 }
 
 func (s *installed) allow(podID uint32) {
@@ -225,6 +223,14 @@ type ApplyOptions struct {
 	// Started is called once pods set from then on count as late, before the long work:
 	// the caller may then let pod events through that its policies did not know of.
 	Started func()
+	// Incremental says services differs from the input of the last Apply only at the
+	// positions Changed lists: the caller promises that every other service is the one at
+	// its position then, in every field. Only those are planned and written, which for one
+	// change among 100k services is the difference between a pass over them all and none.
+	// When the last Apply did not work in full, the count differs, or a changed service's
+	// frontend is not installed, the Apply is a full one.
+	Incremental bool
+	Changed     []int
 }
 
 // ApplyWith is Apply with options.
@@ -243,8 +249,10 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		dp.latePods = nil
 		dp.mu.Unlock()
 	}()
-	if changed, installedSlots, ok := dp.changedOnly(services); ok {
-		return dp.applyChanged(services, changed, installedSlots)
+	if opts.Incremental {
+		if res, ok, err := dp.applyChanged(services, opts.Changed); ok {
+			return res, err
+		}
 	}
 	var res ApplyResult
 	// Plan without the datapath: expanding the selection tables of a large config takes a
@@ -316,10 +324,11 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 	if err := dp.writePorts(wantPorts); err != nil {
 		errs = append(errs, err)
 	}
-	dp.tally = nil
-	if len(errs) == 0 {
-		dp.tally = &backendTally{services: services}
+	held := 0
+	for i := range plan {
+		held += len(plan[i].slots)
 	}
+	dp.settle(services, held, errs)
 	return res, errors.Join(errs...)
 }
 
@@ -423,93 +432,68 @@ func (dp *Datapath) write(order []plannedKey, yield func(), res *ApplyResult, er
 	flushUpdates()
 }
 
-// changedOnly finds the services that differ from what the last Apply installed, when
-// that Apply worked in full, services has the same frontends, and only a few differ: a
-// reload that changes one service of 100k then plans and writes one, rather than plan
-// every service again to find that the others are as they were. Restricted services and
-// those that retain backends count as changed: their checks need the full plan.
-func (dp *Datapath) changedOnly(services []Service) (changed []int, installedSlots int, ok bool) {
-	if dp.tally == nil || len(services) != len(dp.services) {
-		return nil, 0, false
-	}
-	dp.applySeq++
-	for i := range services {
-		s := &services[i]
-		cur := dp.services[svcKey(s.VIP, s.Port, s.Proto)]
-		// A frontend seen twice would leave another without its service: the full plan
-		// finds which, and says so.
-		if cur == nil || cur.seenBy == dp.applySeq {
-			return nil, 0, false
-		}
-		cur.seenBy = dp.applySeq
-		installedSlots += len(cur.slots)
-		if !cur.holds(s, dp.limits.SlotsPerService) {
-			if changed = append(changed, i); len(changed)*4 > len(services) {
-				return nil, 0, false
-			}
-		}
-	}
-	return changed, installedSlots, true
-}
-
-// holds says the installed service is what s asks for, as far as it can tell without a
-// plan: false for a restricted service, or one that retains backends.
-func (s *installed) holds(w *Service, slotsPerService int) bool {
-	if s.name != w.Name || len(w.Retained) > 0 || len(s.retained) > 0 || w.Policy.Restrict || len(s.allowed) > 0 ||
-		s.flags != w.flags() || s.affTimeout != w.affinityTimeout() {
-		return false
-	}
-	// Backends of one weight take a slot each, in their order (expandSlots).
-	if len(w.Backends) > slotsPerService || len(w.Backends) != len(s.slots) {
-		return slices.Equal(s.slots, expandSlots(w.Backends, slotsPerService))
-	}
-	for i, b := range w.Backends {
-		if b.Weight != w.Backends[0].Weight {
-			return slices.Equal(s.slots, expandSlots(w.Backends, slotsPerService))
-		}
-		if s.slots[i] != b.Addr {
-			return false
-		}
-	}
-	return true
-}
-
-// applyChanged writes the services of changed, the rest of services being installed as
-// they are (changedOnly): no service comes or goes, and no frontend port.
-func (dp *Datapath) applyChanged(services []Service, changed []int, installedSlots int) (ApplyResult, error) {
+// applyChanged writes the services at the positions changed, the caller having promised
+// that the rest of services is what the last Apply installed (ApplyOptions.Incremental).
+// False, with nothing written, when it cannot: the last Apply did not work in full, the
+// count differs, or a changed service's frontend is not the one at its position then.
+func (dp *Datapath) applyChanged(services []Service, changed []int) (ApplyResult, bool, error) {
 	var res ApplyResult
-	res.Unchanged = len(services) - len(changed)
+	if !dp.clean || len(services) != len(dp.lastKeys) || len(changed)*4 > len(services) {
+		return res, false, nil
+	}
 	plan := make([]wanted, 0, len(changed))
 	order := make([]plannedKey, 0, len(changed))
 	for _, i := range changed {
+		if i < 0 || i >= len(services) {
+			return res, false, nil
+		}
 		s := services[i]
+		// A frontend where it was is installed, and not twice: the last input had each once.
+		k := svcKey(s.VIP, s.Port, s.Proto)
+		if k != dp.lastKeys[i] || dp.services[k] == nil {
+			return res, false, nil
+		}
 		w, err := dp.plan(s)
 		if err != nil {
-			return res, err
+			return res, true, err
 		}
 		plan = append(plan, w)
-		order = append(order, plannedKey{key: svcKey(s.VIP, s.Port, s.Proto), w: &plan[len(plan)-1]})
+		order = append(order, plannedKey{key: k, w: &plan[len(plan)-1]})
 	}
+	res.Unchanged = len(services) - len(changed)
 	slices.SortFunc(order, func(a, b plannedKey) int { return compareKeys(a.key, b.key) })
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
 	// As checkCapacity, for the changed services alone: the others keep their tables.
-	slots, overlap := installedSlots, 0
+	held, peak, overlap := dp.heldSlots, dp.heldSlots, 0
 	for _, p := range order {
 		old, n := len(dp.services[p.key].slots), len(p.w.slots)
-		slots += max(old, n) - old
+		held += n - old
+		peak += max(old, n) - old
 		overlap = max(overlap, min(old, n))
 	}
-	if slots+overlap > dp.limits.Slots {
-		return res, fmt.Errorf("services need %d backend slots, more than limits.slots = %d", slots+overlap, dp.limits.Slots)
+	if need := peak + overlap; need > dp.limits.Slots {
+		return res, true, fmt.Errorf("services need %d backend slots, more than limits.slots = %d", need, dp.limits.Slots)
 	}
 	var errs []error
 	dp.write(order, dp.yielder(), &res, &errs)
-	dp.tally = nil
-	if len(errs) == 0 {
-		dp.tally = &backendTally{services: services}
+	dp.settle(services, held, errs)
+	return res, true, errors.Join(errs...)
+}
+
+// settle records how an Apply of services went: when it worked in full, the slots its
+// services hold and a tally of their backends; otherwise that nothing is known.
+func (dp *Datapath) settle(services []Service, heldSlots int, errs []error) {
+	dp.tally, dp.clean, dp.heldSlots = nil, len(errs) == 0, 0
+	if !dp.clean {
+		dp.lastKeys = dp.lastKeys[:0]
+		return
 	}
-	return res, errors.Join(errs...)
+	dp.tally, dp.heldSlots = &backendTally{services: services}, heldSlots
+	dp.lastKeys = slices.Grow(dp.lastKeys[:0], len(services))
+	for i := range services {
+		dp.lastKeys = append(dp.lastKeys, svcKey(services[i].VIP, services[i].Port, services[i].Proto))
+	}
 }
 
 // applyChunk is how many services Apply writes before it lets pod events in: a few

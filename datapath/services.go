@@ -328,7 +328,7 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 	for i := range plan {
 		held += len(plan[i].slots)
 	}
-	dp.settle(services, held, errs)
+	dp.settle(services, held, errs, false)
 	return res, errors.Join(errs...)
 }
 
@@ -477,20 +477,24 @@ func (dp *Datapath) applyChanged(services []Service, changed []int) (ApplyResult
 	}
 	var errs []error
 	dp.write(order, dp.yielder(), &res, &errs)
-	dp.settle(services, held, errs)
+	dp.settle(services, held, errs, true)
 	return res, true, errors.Join(errs...)
 }
 
 // settle records how an Apply of services went: when it worked in full, the slots its
-// services hold and a tally of their backends; otherwise that nothing is known.
-func (dp *Datapath) settle(services []Service, heldSlots int, errs []error) {
+// services hold, a tally of their backends and their frontends (unless keysKept: none
+// moved); otherwise that nothing is known.
+func (dp *Datapath) settle(services []Service, heldSlots int, errs []error, keysKept bool) {
 	dp.tally, dp.clean, dp.heldSlots = nil, len(errs) == 0, 0
 	if !dp.clean {
 		dp.lastKeys = dp.lastKeys[:0]
 		return
 	}
 	dp.tally, dp.heldSlots = &backendTally{services: services}, heldSlots
-	dp.lastKeys = slices.Grow(dp.lastKeys[:0], len(services))
+	if keysKept {
+		return
+	}
+	dp.lastKeys = make([]socklbSvcKey, 0, len(services))
 	for i := range services {
 		dp.lastKeys = append(dp.lastKeys, svcKey(services[i].VIP, services[i].Port, services[i].Proto))
 	}

@@ -535,7 +535,7 @@ func (v appliedView) changedIn(services []service.Service, policies map[string]d
 	var changed []int
 	for i := range services {
 		s, was := &services[i], &v.services[i]
-		if s.Name != was.Name || s.VIP != was.VIP || s.Port != was.Port || s.Protocol != was.Protocol {
+		if !s.SameFrontend(was) {
 			return nil, false
 		}
 		// A restricted service is written each time: the datapath resolves its pods then.

@@ -255,8 +255,7 @@ func (p *fileParse) sameFrontends() bool {
 		return false
 	}
 	for i := range p.services {
-		a, b := &p.services[i], &m.services[i]
-		if a.Name != b.Name || a.VIP != b.VIP || a.Port != b.Port || a.Protocol != b.Protocol {
+		if !p.services[i].SameFrontend(&m.services[i]) {
 			return false
 		}
 	}

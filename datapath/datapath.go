@@ -111,17 +111,14 @@ type Datapath struct {
 	// ports mirrors the port filter (podsock_svcport_v1).
 	ports portSet
 	// tally counts the backends of the last fully applied set; nil when unknown (adopted
-	// pins, a failed Apply).
-	tally *backendTally
-	// clean says the last Apply worked in full, its services holding heldSlots slots: an
-	// incremental Apply may follow it.
-	clean     bool
+	// pins, a failed Apply). Only after such a set may an incremental Apply follow: its
+	// services hold heldSlots slots, and lastKeys are their frontends in the input's
+	// order, which an incremental Apply's changes must keep.
+	tally     *backendTally
 	heldSlots int
-	// lastKeys are the frontends of the last Apply's input, in its order, when it worked
-	// in full: an incremental Apply's changes must keep them where they were.
-	lastKeys []socklbSvcKey
-	usedIDs  map[uint32]bool
-	nextID   uint32
+	lastKeys  []socklbSvcKey
+	usedIDs   map[uint32]bool
+	nextID    uint32
 	// slotsOneByOne: the kernel has no batch map updates (before 5.6), so writeSlots
 	// writes each slot on its own.
 	slotsOneByOne bool

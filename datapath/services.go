@@ -438,7 +438,7 @@ func (dp *Datapath) write(order []plannedKey, yield func(), res *ApplyResult, er
 // count differs, or a changed service's frontend is not the one at its position then.
 func (dp *Datapath) applyChanged(services []Service, changed []int) (ApplyResult, bool, error) {
 	var res ApplyResult
-	if !dp.clean || len(services) != len(dp.lastKeys) || len(changed)*4 > len(services) {
+	if dp.tally == nil || len(services) != len(dp.lastKeys) || len(changed)*4 > len(services) {
 		return res, false, nil
 	}
 	plan := make([]wanted, 0, len(changed))
@@ -485,8 +485,8 @@ func (dp *Datapath) applyChanged(services []Service, changed []int) (ApplyResult
 // services hold, a tally of their backends and their frontends (unless keysKept: none
 // moved); otherwise that nothing is known.
 func (dp *Datapath) settle(services []Service, heldSlots int, errs []error, keysKept bool) {
-	dp.tally, dp.clean, dp.heldSlots = nil, len(errs) == 0, 0
-	if !dp.clean {
+	dp.tally, dp.heldSlots = nil, 0
+	if len(errs) > 0 {
 		dp.lastKeys = dp.lastKeys[:0]
 		return
 	}
@@ -1307,7 +1307,7 @@ func (dp *Datapath) Counts() (services, backends int) {
 	}
 	dp.mu.Unlock()
 	// Walking 100k services' slots would hold the datapath from pod events and scrapes:
-	// a fully applied set is counted from its plan, once, by the first who asks.
+	// a fully applied set is counted from its input, once, by the first who asks.
 	t.once.Do(func() {
 		t.count = distinctBackends(t.services)
 		t.services = nil
@@ -1315,7 +1315,7 @@ func (dp *Datapath) Counts() (services, backends int) {
 	return n, t.count
 }
 
-// backendTally counts the distinct backends of a fully applied plan, which no one
+// backendTally counts the distinct backends of a fully applied input, which no one
 // changes once applied.
 type backendTally struct {
 	once     sync.Once

@@ -210,7 +210,7 @@ func (m *merger) mergeChanged(views map[Source][]Service, limits Limits) ([]Serv
 		}
 		for i := range view {
 			svc, was := &view[i], &last[i]
-			if svc.Name != was.Name || svc.VIP != was.VIP || svc.Port != was.Port || svc.Protocol != was.Protocol {
+			if !svc.SameFrontend(was) {
 				return nil, 0, false
 			}
 			if svc.Equal(was) {

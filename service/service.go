@@ -188,6 +188,12 @@ const (
 	MaxNameLen = 143
 )
 
+// SameFrontend says s and o have the same name and frontend: one may stand for the other
+// where a position of a list was checked for unique names and frontends.
+func (s *Service) SameFrontend(o *Service) bool {
+	return s.Name == o.Name && s.VIP == o.VIP && s.Port == o.Port && s.Protocol == o.Protocol
+}
+
 // Equal says s and o are the same service, in every field.
 func (s *Service) Equal(o *Service) bool {
 	return s.Name == o.Name && s.Source == o.Source && s.VIP == o.VIP && s.Port == o.Port && s.Protocol == o.Protocol &&

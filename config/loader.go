@@ -62,21 +62,35 @@ func (l *Loader) Load(path string) (*Config, error) {
 	if err != nil {
 		return nil, err
 	}
+	var mainCut <-chan *fileParse
 	if l.main != nil {
-		if main := l.cut(path, data, l.main); main != nil && main.mostlyKnown() {
+		main := l.cut(path, data, l.main)
+		if main != nil && main.mostlyKnown() {
 			if c, ok := l.loadKnown(path, main); ok {
 				return c, nil
 			}
 		}
+		// Cut already: the whole parse need not cut it again.
+		mainCut = ready(main)
 	}
-	return l.loadWhole(path, data)
+	return l.loadWhole(path, data, mainCut)
+}
+
+// ready is a channel that holds p.
+func ready(p *fileParse) <-chan *fileParse {
+	out := make(chan *fileParse, 1)
+	out <- p
+	return out
 }
 
 // loadWhole parses the files whole, as Load and LoadServicesFile do, which is faster than
 // decoding table by table when most tables are new: at start, or when every service
-// changed. It cuts them meanwhile, for the next load.
-func (l *Loader) loadWhole(path string, data []byte) (*Config, error) {
-	mainCut := l.cutAsync(path, data)
+// changed. Unless mainCut has the main file's cut, it cuts them meanwhile, for the next
+// load.
+func (l *Loader) loadWhole(path string, data []byte, mainCut <-chan *fileParse) (*Config, error) {
+	if mainCut == nil {
+		mainCut = l.cutAsync(path, data)
+	}
 	c, err := Parse(path, data)
 	if err != nil {
 		return nil, err

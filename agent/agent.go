@@ -468,10 +468,7 @@ func (a *Agent) apply(w service.Plan[*config.Config]) error {
 	a.mu.Unlock()
 	// Pod events wait until the datapath counts them as late, so none falls between the
 	// policies planned here and the apply.
-	changed, incremental := a.lastApply.changedIn(w.Services, policies)
-	res, err := a.dp.ApplyWith(toDatapath(w.Services, policies), datapath.ApplyOptions{
-		Started: a.opMu.Unlock, Incremental: incremental, Changed: changed,
-	})
+	res, err := a.applyServices(w.Services, policies)
 	a.lastApply = appliedView{services: w.Services, policies: policies, ok: err == nil}
 	a.log.WithFields(logrus.Fields{
 		"added": res.Added, "updated": res.Updated, "removed": res.Removed, "unchanged": res.Unchanged,
@@ -517,6 +514,23 @@ func (a *Agent) apply(w service.Plan[*config.Config]) error {
 	return nil
 }
 
+// applyServices hands the datapath services: those that changed since the last apply
+// alone when it can follow that (datapath.ApplyChanges), all of them otherwise. It
+// unlocks opMu once the datapath has started.
+func (a *Agent) applyServices(services []service.Service, policies map[string]datapath.ServicePolicy) (datapath.ApplyResult, error) {
+	opts := datapath.ApplyOptions{Started: a.opMu.Unlock}
+	if changed, ok := a.lastApply.changedIn(services, policies); ok {
+		changes := make([]datapath.Change, len(changed))
+		for j, i := range changed {
+			changes[j] = datapath.Change{At: i, Service: toDatapathService(&services[i], policies)}
+		}
+		if res, applied, err := a.dp.ApplyChanges(changes, opts); applied {
+			return res, err
+		}
+	}
+	return a.dp.ApplyWith(toDatapath(services, policies), opts)
+}
+
 // appliedView is what an apply handed the datapath, and whether it took all of it.
 type appliedView struct {
 	services []service.Service
@@ -525,7 +539,7 @@ type appliedView struct {
 }
 
 // changedIn lists the positions at which services differs from the view, when the
-// datapath may write those alone (datapath.ApplyOptions.Incremental): the view was taken
+// datapath may write those alone (datapath.ApplyChanges): the view was taken
 // in full, the policies are the same, each service keeps its name and frontend at its
 // position, and at most a quarter changed (or restrict their clients).
 func (v appliedView) changedIn(services []service.Service, policies map[string]datapath.ServicePolicy) ([]int, bool) {
@@ -596,22 +610,26 @@ func terminatedProtos(cfg *config.Config) []uint8 {
 }
 
 func toDatapath(svcs []service.Service, policies map[string]datapath.ServicePolicy) []datapath.Service {
-	out := make([]datapath.Service, 0, len(svcs))
-	for _, s := range svcs {
-		d := datapath.Service{Name: s.Name, VIP: s.VIP, Port: s.Port, Proto: datapath.ProtoTCP, Policy: policies[s.Name],
-			HostOnly: s.HostOnly, Retained: s.Retained()}
-		if s.Protocol == service.ProtocolUDP {
-			d.Proto = datapath.ProtoUDP
-		}
-		if len(s.Backends) > 0 {
-			d.Backends = make([]datapath.Backend, len(s.Backends))
-		}
-		for i, b := range s.Backends {
-			d.Backends[i] = datapath.Backend{Addr: b.Addr, Weight: b.Weight}
-		}
-		out = append(out, d)
+	out := make([]datapath.Service, len(svcs))
+	for i := range svcs {
+		out[i] = toDatapathService(&svcs[i], policies)
 	}
 	return out
+}
+
+func toDatapathService(s *service.Service, policies map[string]datapath.ServicePolicy) datapath.Service {
+	d := datapath.Service{Name: s.Name, VIP: s.VIP, Port: s.Port, Proto: datapath.ProtoTCP, Policy: policies[s.Name],
+		HostOnly: s.HostOnly, Retained: s.Retained()}
+	if s.Protocol == service.ProtocolUDP {
+		d.Proto = datapath.ProtoUDP
+	}
+	if len(s.Backends) > 0 {
+		d.Backends = make([]datapath.Backend, len(s.Backends))
+	}
+	for i, b := range s.Backends {
+		d.Backends[i] = datapath.Backend{Addr: b.Addr, Weight: b.Weight}
+	}
+	return d
 }
 
 // serviceLimits are the bounds Merge keeps a view within, so that a view too large is

@@ -11,6 +11,7 @@ import (
 type datapathOps interface {
 	// The writes: services, pods and the settings of [lb].
 	ApplyWith([]datapath.Service, datapath.ApplyOptions) (datapath.ApplyResult, error)
+	ApplyChanges([]datapath.Change, datapath.ApplyOptions) (datapath.ApplyResult, bool, error)
 	AllowedSandboxes(service string) []string
 	SetHostnsOnly(bool) error
 	SetServiceCounters(bool) error

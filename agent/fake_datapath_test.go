@@ -3,9 +3,7 @@ package agent
 import (
 	"cmp"
 	"errors"
-	"fmt"
 	"net/netip"
-	"reflect"
 	"slices"
 	"sync"
 
@@ -28,8 +26,8 @@ type fakeDatapath struct {
 	// when an apply has planned (ApplyOptions.Started) and holds.
 	hold     chan struct{}
 	applying chan struct{}
-	// lastInput is the last apply's input when it worked; incrementalApplies counts the
-	// incremental applies that kept their promise about it.
+	// lastInput is the last apply's input when it worked, changes followed;
+	// incrementalApplies counts the applies of changes alone.
 	lastInput          []datapath.Service
 	incrementalApplies int
 	// applyErr fails the next apply once.
@@ -64,19 +62,38 @@ func (f *fakeDatapath) ApplyWith(svcs []datapath.Service, opts datapath.ApplyOpt
 		f.lastInput = nil
 		return datapath.ApplyResult{}, err
 	}
-	// An incremental apply's promise, which the real datapath takes on trust, is checked.
-	if opts.Incremental && f.lastInput != nil {
-		if len(svcs) != len(f.lastInput) {
-			return datapath.ApplyResult{}, fmt.Errorf("incremental apply of %d services after %d", len(svcs), len(f.lastInput))
-		}
-		for i := range svcs {
-			if !slices.Contains(opts.Changed, i) && !reflect.DeepEqual(svcs[i], f.lastInput[i]) {
-				return datapath.ApplyResult{}, fmt.Errorf("incremental apply: service %d (%s) changed but is not in %v", i, svcs[i].Name, opts.Changed)
-			}
-		}
-		f.incrementalApplies++
-	}
 	f.lastInput = slices.Clone(svcs)
+	return f.install(svcs), nil
+}
+
+// ApplyChanges follows the changes as the datapath does, into the last input, which an
+// incremental apply's test compares with what a full apply would have been given.
+func (f *fakeDatapath) ApplyChanges(changes []datapath.Change, opts datapath.ApplyOptions) (datapath.ApplyResult, bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.lastInput == nil || len(changes)*4 > len(f.lastInput) {
+		return datapath.ApplyResult{}, false, nil
+	}
+	for _, c := range changes {
+		if c.At < 0 || c.At >= len(f.lastInput) || c.Service.Key() != f.lastInput[c.At].Key() {
+			return datapath.ApplyResult{}, false, nil
+		}
+	}
+	if opts.Started != nil {
+		opts.Started()
+	}
+	next := slices.Clone(f.lastInput)
+	for _, c := range changes {
+		next[c.At] = c.Service
+	}
+	f.applies = append(f.applies, slices.Clone(next))
+	f.lastInput = next
+	f.incrementalApplies++
+	return f.install(next), true, nil
+}
+
+// install makes svcs the services, as an apply does, under mu.
+func (f *fakeDatapath) install(svcs []datapath.Service) datapath.ApplyResult {
 	var res datapath.ApplyResult
 	next := map[string]datapath.Service{}
 	for _, s := range svcs {
@@ -106,7 +123,7 @@ func (f *fakeDatapath) ApplyWith(svcs []datapath.Service, opts datapath.ApplyOpt
 		}
 	}
 	f.services = next
-	return res, nil
+	return res
 }
 
 func (f *fakeDatapath) AllowedSandboxes(string) []string { return nil }

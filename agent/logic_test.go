@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -445,6 +446,10 @@ func TestReloadOfAFewServicesIsIncremental(t *testing.T) {
 		}
 		if got := fake.incrementalApplies > before; got != tt.incremental {
 			t.Fatalf("%s: incremental %v, want %v", tt.name, got, tt.incremental)
+		}
+		// The changes alone leave the datapath with what a full apply would have given it.
+		if want := toDatapath(a.lastApply.services, a.lastApply.policies); !reflect.DeepEqual(fake.lastInput, want) {
+			t.Fatalf("%s: the datapath's services\n got %+v\nwant %+v", tt.name, fake.lastInput, want)
 		}
 	}
 	applies, _, _, _ := fake.state()

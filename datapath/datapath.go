@@ -106,17 +106,20 @@ type Datapath struct {
 	// Apply holds chunk after chunk: they only need the handles to stay open.
 	handlesMu sync.RWMutex
 
+	// input is what the last Apply that worked in full was given, as ApplyChanges has
+	// changed it since; nil when what is installed is not known to be any input (adopted
+	// pins, a failed Apply). Applies write it, under inputMu, which Counts takes to count
+	// its backends (backendCount; -1 until counted).
+	inputMu      sync.Mutex
+	input        []Service
+	backendCount int
+
 	mu       sync.Mutex
 	services map[socklbSvcKey]*installed
 	// ports mirrors the port filter (podsock_svcport_v1).
 	ports portSet
-	// tally counts the backends of the last fully applied set; nil when unknown (adopted
-	// pins, a failed Apply). Only after such a set may an incremental Apply follow: its
-	// services hold heldSlots slots, and lastKeys are their frontends in the input's
-	// order, which an incremental Apply's changes must keep.
-	tally     *backendTally
+	// heldSlots are the slots the services of input hold; only Applies use it.
 	heldSlots int
-	lastKeys  []socklbSvcKey
 	usedIDs   map[uint32]bool
 	nextID    uint32
 	// slotsOneByOne: the kernel has no batch map updates (before 5.6), so writeSlots

@@ -1053,10 +1053,10 @@ func stopServiceBatchesAfterOne(t *testing.T) {
 	}
 }
 
-// An incremental Apply after one that worked in full writes the services it names alone,
-// and the datapath serves the result as a full Apply would: connects reach the new
-// backends, the others are as they were. One it cannot follow is a full Apply.
-func TestPrivilegedIncrementalApply(t *testing.T) {
+// ApplyChanges after an Apply that worked in full writes the services it names alone, and
+// the datapath serves the result as a full Apply would: connects reach the new backends,
+// the others are as they were. Changes it cannot follow are refused with nothing done.
+func TestPrivilegedApplyChanges(t *testing.T) {
 	f := newFixture(t)
 	testenv.StartTCPBackend(t, f.ns, "A", beA)
 	testenv.StartTCPBackend(t, f.ns, "B", beB)
@@ -1065,26 +1065,33 @@ func TestPrivilegedIncrementalApply(t *testing.T) {
 	for i := range svcs {
 		svcs[i] = tcpService(fmt.Sprintf("bench/svc-%d", i), netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 96, 1, byte(i)}), 80), be(beA, 1))
 	}
-	incremental := func(svcs []Service, changed ...int) ApplyResult {
+	refused := func(what string, changes ...Change) {
 		t.Helper()
-		res, err := dp.ApplyWith(svcs, ApplyOptions{Incremental: true, Changed: changed})
-		if err != nil {
-			t.Fatalf("incremental apply of %v: %v", changed, err)
+		started := false
+		if _, ok, err := dp.ApplyChanges(changes, ApplyOptions{Started: func() { started = true }}); ok || err != nil || started {
+			t.Fatalf("%s: applied %v, err %v, started %v; want it refused before starting", what, ok, err, started)
+		}
+	}
+	refused("before any Apply", Change{At: 0, Service: svcs[0]})
+	if res, err := dp.Apply(slices.Clone(svcs)); err != nil || res.Added != 200 {
+		t.Fatalf("first apply %+v, %v; want 200 added", res, err)
+	}
+	apply := func(changes ...Change) ApplyResult {
+		t.Helper()
+		res, ok, err := dp.ApplyChanges(changes, ApplyOptions{})
+		if !ok || err != nil {
+			t.Fatalf("changes %+v: applied %v, %v", changes, ok, err)
 		}
 		return res
 	}
-	// Before any Apply that worked, an incremental one is a full one.
-	if res := incremental(svcs); res.Added != 200 {
-		t.Fatalf("first apply %+v, want 200 added", res)
-	}
-	if res := incremental(slices.Clone(svcs)); res.Unchanged != 200 || res.Updated != 0 {
-		t.Fatalf("nothing changed: %+v, want 200 unchanged", res)
+	if res := apply(); res.Unchanged != 200 || res.Updated != 0 {
+		t.Fatalf("no changes: %+v, want 200 unchanged", res)
 	}
 	next := slices.Clone(svcs)
 	next[7].Backends = []Backend{be(beB, 1)}
 	next[9].Backends = []Backend{be(beA, 1), be(beB, 3)}
 	next[11].Name = "bench/renamed"
-	res := incremental(next, 7, 9, 11)
+	res := apply(Change{7, next[7]}, Change{9, next[9]}, Change{11, next[11]})
 	if res.Updated != 3 || res.Unchanged != 197 || len(res.RemovedBackends) != 1 ||
 		res.RemovedBackends[0].Service != "bench/svc-7" || res.RemovedBackends[0].Backend != beA {
 		t.Fatalf("three changed: %+v, want 3 updated, 197 unchanged, and svc-7's %s removed", res, beA)
@@ -1121,19 +1128,51 @@ func TestPrivilegedIncrementalApply(t *testing.T) {
 	if _, backends := dp.Counts(); backends != 2 {
 		t.Errorf("%d backends counted, want 2", backends)
 	}
+	// The count follows the changes.
+	var changes []Change
+	for i := range 50 {
+		next[i].Backends = []Backend{be(beB, 1)}
+		changes = append(changes, Change{i, next[i]})
+	}
+	apply(changes...)
+	if _, backends := dp.Counts(); backends != 2 {
+		t.Errorf("%d backends counted after 50 changed to %s, want 2", backends, beB)
+	}
+	for i := range next {
+		next[i].Backends = []Backend{be(beB, 1)}
+	}
+	apply(changes...)
+	for i := 50; i < 200; i += 50 {
+		for j := i; j < i+50; j++ {
+			changes[j-i] = Change{j, next[j]}
+		}
+		apply(changes...)
+	}
+	if _, backends := dp.Counts(); backends != 1 {
+		t.Errorf("%d backends counted once every service went to %s, want 1", backends, beB)
+	}
 
-	// A frontend that moved, and one new, cannot be followed: the Apply is a full one.
-	moved := slices.Clone(next)
-	moved[4].VIP, moved[12].VIP = moved[3].VIP, netip.MustParseAddr("10.96.2.12")
-	if _, err := dp.ApplyWith(moved, ApplyOptions{Incremental: true, Changed: []int{4}}); err == nil || !strings.Contains(err.Error(), "duplicate") {
-		t.Fatalf("a frontend given twice: %v, want it refused as a duplicate", err)
+	moved := next[4]
+	moved.VIP = next[3].VIP
+	refused("a frontend moved", Change{4, moved})
+	refused("a position out of range", Change{200, next[0]})
+	refused("more than a quarter", slices.Repeat([]Change{{0, next[0]}}, 51)...)
+	readBack(next)
+	tooMany := next[5]
+	tooMany.Backends = slices.Repeat([]Backend{be(beA, 1)}, dp.limits.BackendsPerService+1)
+	if _, ok, err := dp.ApplyChanges([]Change{{5, tooMany}}, ApplyOptions{}); !ok || err == nil {
+		t.Fatalf("a change over backends_per_service: applied %v, %v; want an error", ok, err)
 	}
-	moved[4].VIP = next[4].VIP
-	if res := incremental(moved, 12); res.Added != 1 || res.Removed != 1 || res.Unchanged != 199 {
-		t.Fatalf("a new frontend: %+v, want the full Apply's 1 added, 1 removed, 199 unchanged", res)
+	// An Apply refused before it wrote anything leaves the last input in force.
+	if _, err := dp.Apply([]Service{svcs[0], svcs[0]}); err == nil {
+		t.Fatal("an Apply of a duplicate frontend worked")
 	}
-	readBack(moved)
-	if r, err := testenv.DialTCP(f.ns, 0, netip.AddrPortFrom(moved[12].VIP, 80), false); err != nil || r.Backend != "A" {
-		t.Fatalf("svc-12 at its new frontend: %+v, %v; want backend A", r, err)
+	next[8].Backends = []Backend{be(beA, 1)}
+	if res := apply(Change{8, next[8]}); res.Updated != 1 || res.Unchanged != 199 {
+		t.Fatalf("after a refused Apply: %+v, want 1 updated, 199 unchanged", res)
+	}
+	readBack(next)
+	if r, err := testenv.DialTCP(f.ns, 0, netip.AddrPortFrom(next[8].VIP, 80), false); err != nil || r.Backend != "A" {
+		t.Fatalf("connect to svc-8 after its change: %+v, %v; want backend A", r, err)
 	}
 }

@@ -12,7 +12,6 @@ import (
 	"runtime"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -223,37 +222,14 @@ type ApplyOptions struct {
 	// Started is called once pods set from then on count as late, before the long work:
 	// the caller may then let pod events through that its policies did not know of.
 	Started func()
-	// Incremental says services differs from the input of the last Apply only at the
-	// positions Changed lists: the caller promises that every other service is the one at
-	// its position then, in every field. Only those are planned and written, which for one
-	// change among 100k services is the difference between a pass over them all and none.
-	// When the last Apply did not work in full, the count differs, or a changed service's
-	// frontend is not installed, the Apply is a full one.
-	Incremental bool
-	Changed     []int
 }
 
-// ApplyWith is Apply with options.
+// ApplyWith is Apply with options. The datapath keeps services, which the caller must not
+// change afterwards: they are what ApplyChanges changes and the backends are counted from.
 func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResult, error) {
 	dp.applyMu.Lock()
 	defer dp.applyMu.Unlock()
-	// Pods set from here on are late: the plan below cannot know them.
-	dp.mu.Lock()
-	dp.latePods = map[uint32]*installedPod{}
-	dp.mu.Unlock()
-	if opts.Started != nil {
-		opts.Started()
-	}
-	defer func() {
-		dp.mu.Lock()
-		dp.latePods = nil
-		dp.mu.Unlock()
-	}()
-	if opts.Incremental {
-		if res, ok, err := dp.applyChanged(services, opts.Changed); ok {
-			return res, err
-		}
-	}
+	defer dp.started(opts)()
 	var res ApplyResult
 	// Plan without the datapath: expanding the selection tables of a large config takes a
 	// while, and needs nothing of it.
@@ -286,16 +262,17 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 	slices.SortFunc(order, func(a, b plannedKey) int { return compareKeys(a.key, b.key) })
 
 	dp.mu.Lock()
-	defer dp.mu.Unlock()
 	yield := dp.yielder()
 	// Only Apply changes services, so the check holds across its yields.
 	kept, err := dp.checkCapacity(order, yield)
 	if err != nil {
+		dp.mu.Unlock()
 		return res, err
 	}
 
 	// Ports of both the old and the new services while the services change.
 	if err := dp.writePorts(during); err != nil {
+		dp.mu.Unlock()
 		return res, err
 	}
 	var errs []error
@@ -324,12 +301,18 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 	if err := dp.writePorts(wantPorts); err != nil {
 		errs = append(errs, err)
 	}
+	dp.mu.Unlock()
+	// Outside mu: settling may wait for a count of the last input's backends.
+	if len(errs) > 0 {
+		dp.settle(nil, 0)
+		return res, errors.Join(errs...)
+	}
 	held := 0
 	for i := range plan {
 		held += len(plan[i].slots)
 	}
-	dp.settle(services, held, errs, false)
-	return res, errors.Join(errs...)
+	dp.settle(services, held)
+	return res, nil
 }
 
 // plan is what the datapath is to hold for s.
@@ -432,38 +415,50 @@ func (dp *Datapath) write(order []plannedKey, yield func(), res *ApplyResult, er
 	flushUpdates()
 }
 
-// applyChanged writes the services at the positions changed, the caller having promised
-// that the rest of services is what the last Apply installed (ApplyOptions.Incremental).
-// False, with nothing written, when it cannot: the last Apply did not work in full, the
-// count differs, or a changed service's frontend is not the one at its position then.
-func (dp *Datapath) applyChanged(services []Service, changed []int) (ApplyResult, bool, error) {
+// Change is a service for a position of the services the last Apply installed.
+type Change struct {
+	At      int
+	Service Service
+}
+
+// ApplyChanges writes changes into the services of the last Apply, each at its position,
+// and plans and writes nothing else: for one change among 100k services, the difference
+// between a pass over them all and none. Each change must keep the frontend at its
+// position. False, with nothing done, when the changes cannot be followed so: the last
+// Apply did not work in full, a position is out of range or its frontend differs, or
+// more than a quarter of the services change. The caller then applies the whole set.
+func (dp *Datapath) ApplyChanges(changes []Change, opts ApplyOptions) (ApplyResult, bool, error) {
+	dp.applyMu.Lock()
+	defer dp.applyMu.Unlock()
+	// Only an Apply writes input and services, and Applies take turns: both can be read
+	// without their locks.
 	var res ApplyResult
-	if dp.tally == nil || len(services) != len(dp.lastKeys) || len(changed)*4 > len(services) {
+	if dp.input == nil || len(changes)*4 > len(dp.input) {
 		return res, false, nil
 	}
-	plan := make([]wanted, 0, len(changed))
-	order := make([]plannedKey, 0, len(changed))
-	for _, i := range changed {
-		if i < 0 || i >= len(services) {
+	for _, c := range changes {
+		if c.At < 0 || c.At >= len(dp.input) {
 			return res, false, nil
 		}
-		s := services[i]
-		// A frontend where it was is installed, and not twice: the last input had each once.
-		k := svcKey(s.VIP, s.Port, s.Proto)
-		if k != dp.lastKeys[i] || dp.services[k] == nil {
+		k, was := svcKey(c.Service.VIP, c.Service.Port, c.Service.Proto), &dp.input[c.At]
+		if k != svcKey(was.VIP, was.Port, was.Proto) || dp.services[k] == nil {
 			return res, false, nil
 		}
-		w, err := dp.plan(s)
+	}
+	defer dp.started(opts)()
+	plan := make([]wanted, 0, len(changes))
+	order := make([]plannedKey, 0, len(changes))
+	for _, c := range changes {
+		w, err := dp.plan(c.Service)
 		if err != nil {
 			return res, true, err
 		}
 		plan = append(plan, w)
-		order = append(order, plannedKey{key: k, w: &plan[len(plan)-1]})
+		order = append(order, plannedKey{key: svcKey(c.Service.VIP, c.Service.Port, c.Service.Proto), w: &plan[len(plan)-1]})
 	}
-	res.Unchanged = len(services) - len(changed)
+	res.Unchanged = len(dp.input) - len(changes)
 	slices.SortFunc(order, func(a, b plannedKey) int { return compareKeys(a.key, b.key) })
 	dp.mu.Lock()
-	defer dp.mu.Unlock()
 	// As checkCapacity, for the changed services alone: the others keep their tables.
 	held, peak, overlap := dp.heldSlots, dp.heldSlots, 0
 	for _, p := range order {
@@ -473,31 +468,49 @@ func (dp *Datapath) applyChanged(services []Service, changed []int) (ApplyResult
 		overlap = max(overlap, min(old, n))
 	}
 	if need := peak + overlap; need > dp.limits.Slots {
+		dp.mu.Unlock()
 		return res, true, fmt.Errorf("services need %d backend slots, more than limits.slots = %d", need, dp.limits.Slots)
 	}
 	var errs []error
 	dp.write(order, dp.yielder(), &res, &errs)
-	dp.settle(services, held, errs, true)
-	return res, true, errors.Join(errs...)
+	dp.mu.Unlock()
+	if len(errs) > 0 {
+		dp.settle(nil, 0)
+		return res, true, errors.Join(errs...)
+	}
+	dp.inputMu.Lock()
+	for _, c := range changes {
+		dp.input[c.At] = c.Service
+	}
+	dp.backendCount = -1
+	dp.inputMu.Unlock()
+	dp.heldSlots = held
+	return res, true, nil
 }
 
-// settle records how an Apply of services went: when it worked in full, the slots its
-// services hold, a tally of their backends and their frontends (unless keysKept: none
-// moved); otherwise that nothing is known.
-func (dp *Datapath) settle(services []Service, heldSlots int, errs []error, keysKept bool) {
-	dp.tally, dp.heldSlots = nil, 0
-	if len(errs) > 0 {
-		dp.lastKeys = dp.lastKeys[:0]
-		return
+// started marks the pods set from now on as late, for the plan cannot know them, and
+// tells the caller; what it returns ends that.
+func (dp *Datapath) started(opts ApplyOptions) func() {
+	dp.mu.Lock()
+	dp.latePods = map[uint32]*installedPod{}
+	dp.mu.Unlock()
+	if opts.Started != nil {
+		opts.Started()
 	}
-	dp.tally, dp.heldSlots = &backendTally{services: services}, heldSlots
-	if keysKept {
-		return
+	return func() {
+		dp.mu.Lock()
+		dp.latePods = nil
+		dp.mu.Unlock()
 	}
-	dp.lastKeys = make([]socklbSvcKey, 0, len(services))
-	for i := range services {
-		dp.lastKeys = append(dp.lastKeys, svcKey(services[i].VIP, services[i].Port, services[i].Proto))
-	}
+}
+
+// settle records the input of an Apply that worked in full and the slots its services
+// hold; nil input: what is installed is not known to be any input.
+func (dp *Datapath) settle(input []Service, heldSlots int) {
+	dp.inputMu.Lock()
+	dp.input, dp.backendCount = input, -1
+	dp.inputMu.Unlock()
+	dp.heldSlots = heldSlots
 }
 
 // applyChunk is how many services Apply writes before it lets pod events in: a few
@@ -1293,34 +1306,29 @@ func (dp *Datapath) migrateNamesV1() error {
 
 // Counts returns the number of services and of distinct backend addresses they use.
 func (dp *Datapath) Counts() (services, backends int) {
-	dp.mu.Lock()
-	n, t := len(dp.services), dp.tally
-	if t == nil {
-		defer dp.mu.Unlock()
-		seen := map[netip.AddrPort]bool{}
-		for _, s := range dp.services {
-			for _, a := range s.slots {
-				seen[a] = true
-			}
-		}
-		return n, len(seen)
-	}
-	dp.mu.Unlock()
 	// Walking 100k services' slots would hold the datapath from pod events and scrapes:
 	// a fully applied set is counted from its input, once, by the first who asks.
-	t.once.Do(func() {
-		t.count = distinctBackends(t.services)
-		t.services = nil
-	})
-	return n, t.count
-}
-
-// backendTally counts the distinct backends of a fully applied input, which no one
-// changes once applied.
-type backendTally struct {
-	once     sync.Once
-	services []Service
-	count    int
+	dp.inputMu.Lock()
+	if dp.input != nil {
+		if dp.backendCount < 0 {
+			dp.backendCount = distinctBackends(dp.input)
+		}
+		backends = dp.backendCount
+		dp.inputMu.Unlock()
+		dp.mu.Lock()
+		defer dp.mu.Unlock()
+		return len(dp.services), backends
+	}
+	dp.inputMu.Unlock()
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+	seen := map[netip.AddrPort]bool{}
+	for _, s := range dp.services {
+		for _, a := range s.slots {
+			seen[a] = true
+		}
+	}
+	return len(dp.services), len(seen)
 }
 
 // distinctBackends counts the addresses the services balance to: each backend has a slot.

@@ -312,6 +312,9 @@ func serviceChunks(src []byte) (rest []byte, chunks [][]byte, ok bool) {
 	restStart, chunkStart := 0, -1
 	depth := 0 // brackets and braces open in a value
 	lineStart := true
+	// Each table is one slice header: growing the list from empty allocated five times its
+	// final size (2.4 MB at 100k tables).
+	chunks = make([][]byte, 0, bytes.Count(src, []byte("[[service]]")))
 	for pos := 0; pos < len(src); {
 		if lineStart && depth == 0 {
 			lineStart = false
@@ -345,9 +348,12 @@ func serviceChunks(src []byte) (rest []byte, chunks [][]byte, ok bool) {
 				continue
 			}
 		}
-		if !tomlSpecial[src[pos]] {
+		// Most bytes are none of those it looks at: step over them in a loop of their own.
+		for pos < len(src) && !tomlSpecial[src[pos]] {
 			pos++
-			continue
+		}
+		if pos == len(src) {
+			break
 		}
 		switch src[pos] {
 		case '\n':
@@ -455,7 +461,7 @@ func headerAt(src []byte, pos int) (headerKind, int) {
 // skipTOMLString returns where the string at src[pos] ends: basic, literal or multi-line.
 func skipTOMLString(src []byte, pos int) (int, bool) {
 	q := src[pos]
-	if bytes.HasPrefix(src[pos:], []byte{q, q, q}) {
+	if pos+2 < len(src) && src[pos+1] == q && src[pos+2] == q {
 		pos += 3
 		for pos < len(src) {
 			switch {
@@ -474,14 +480,19 @@ func skipTOMLString(src []byte, pos int) (int, bool) {
 		}
 		return pos, false
 	}
+	escapes := q == '"'
 	for pos++; pos < len(src); pos++ {
-		switch c := src[pos]; {
-		case c == '\n':
-			return pos, false
-		case c == '\\' && q == '"':
-			pos++
+		c := src[pos]
+		if c > '\\' || (c != q && c != '\\' && c != '\n') {
+			continue
+		}
+		switch {
 		case c == q:
 			return pos + 1, true
+		case c == '\n':
+			return pos, false
+		case escapes: // a backslash
+			pos++
 		}
 	}
 	return pos, false

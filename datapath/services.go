@@ -164,10 +164,9 @@ func svcKey(vip netip.Addr, port uint16, proto uint8) socklbSvcKey {
 	return socklbSvcKey{Addr: addrWords(vip), Port: htons(port), Proto: proto}
 }
 
-// removedBackends describes backends the service with this key and ID no longer has as
-// of revision rev.
-func removedBackends(k socklbSvcKey, name string, id, rev uint32, gone []netip.AddrPort) []RemovedBackend {
-	out := make([]RemovedBackend, 0, len(gone))
+// appendRemoved appends to out the backends the service with this key and ID no longer
+// has as of revision rev.
+func appendRemoved(out []RemovedBackend, k socklbSvcKey, name string, id, rev uint32, gone []netip.AddrPort) []RemovedBackend {
 	vip := netip.AddrPortFrom(wordsAddr(k.Addr), ntohs(k.Port))
 	for _, b := range gone {
 		out = append(out, RemovedBackend{Service: name, VIP: vip, Proto: k.Proto, Backend: b, ServiceID: id, Revision: rev})
@@ -292,7 +291,7 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		}
 		res.Removed++
 		// No revision of this service comes after cur.rev: every choice it made is older.
-		res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, cur.name, cur.id, cur.rev+1, cur.serving())...)
+		res.RemovedBackends = appendRemoved(res.RemovedBackends, k, cur.name, cur.id, cur.rev+1, cur.serving())
 	}
 	dp.write(order, yield, &res, &errs)
 	if len(errs) > 0 {
@@ -363,7 +362,7 @@ func (dp *Datapath) write(order []plannedKey, yield func(), res *ApplyResult, er
 	flushUpdates := func() {
 		for _, u := range dp.batchUpdate(updates, errs) {
 			res.Updated++
-			res.RemovedBackends = append(res.RemovedBackends, removedBackends(u.key, u.w.name, u.cur.id, u.firstWithout, u.gone)...)
+			res.RemovedBackends = appendRemoved(res.RemovedBackends, u.key, u.w.name, u.cur.id, u.firstWithout, u.gone)
 		}
 		updates = updates[:0]
 	}
@@ -408,7 +407,7 @@ func (dp *Datapath) write(order []plannedKey, yield func(), res *ApplyResult, er
 				continue
 			}
 			res.Updated++
-			res.RemovedBackends = append(res.RemovedBackends, removedBackends(k, s.name, cur.id, firstWithout, gone)...)
+			res.RemovedBackends = appendRemoved(res.RemovedBackends, k, s.name, cur.id, firstWithout, gone)
 		}
 	}
 	flush()
@@ -809,11 +808,13 @@ func (dp *Datapath) batchAdd(batch []pendingAdd, errs *[]error) int {
 		id  uint32
 		rev uint32
 	}
-	var ws []written
-	var nameKeys []uint32
-	var nameValues []socklbSvcName
-	var slotKeys []socklbSlotKey
-	var slotValues []socklbBackend
+	slots := 0
+	for _, p := range batch {
+		slots += len(p.w.slots)
+	}
+	ws := make([]written, 0, len(batch))
+	nameKeys, nameValues := make([]uint32, 0, len(batch)), make([]socklbSvcName, 0, len(batch))
+	slotKeys, slotValues := make([]socklbSlotKey, 0, slots), make([]socklbBackend, 0, slots)
 	for _, p := range batch {
 		id, err := dp.allocID()
 		if err != nil {
@@ -918,8 +919,14 @@ func (dp *Datapath) batchUpdate(batch []pendingUpdate, errs *[]error) []pendingU
 	if len(batch) == 0 {
 		return nil
 	}
-	var slotKeys []socklbSlotKey
-	var slotValues []socklbBackend
+	// Sized up front, here and in batchAdd: grown by append, a 100k-service apply's
+	// batches allocated several times what they hold.
+	slots := 0
+	for _, u := range batch {
+		slots += len(u.w.slots)
+	}
+	slotKeys := make([]socklbSlotKey, 0, slots)
+	slotValues := make([]socklbBackend, 0, slots)
 	svcKeys := make([]socklbSvcKey, len(batch))
 	svcValues := make([]socklbSvcValue, len(batch))
 	for i, u := range batch {
@@ -954,7 +961,8 @@ func (dp *Datapath) batchUpdate(batch []pendingUpdate, errs *[]error) []pendingU
 		return retry(batch, err)
 	}
 	_, err := batchUpdateServices(dp.objs.PodsockSvcV1, svcKeys, svcValues, opts)
-	var switched, failed []pendingUpdate
+	switched := make([]pendingUpdate, 0, len(batch))
+	var failed []pendingUpdate
 	var oldSlots []socklbSlotKey
 	for i, u := range batch {
 		if err != nil {

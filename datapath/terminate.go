@@ -111,14 +111,32 @@ func (dp *Datapath) stillRemoved(gone []RemovedBackend) []RemovedBackend {
 
 func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBackend, walkAll bool) (TerminateResult, error) {
 	res := TerminateResult{Backends: len(gone)}
-	doomed := make([]sockiterSvcBackendKey, 0, len(gone))
-	revs := make([]sockiterDoomedValue, 0, len(gone))
 	buckets := map[socklbSvcKey]uint16{}
-	at := map[sockiterSvcBackendKey]int{}
 	var protos uint8
 	for _, b := range gone {
 		protos |= protoBit(b.Proto)
 		buckets[svcKey(b.VIP.Addr(), b.VIP.Port(), b.Proto)] |= 1 << backendBucket(b.Backend)
+	}
+	targets, err := dp.netnsHolding(buckets, ns)
+	if err != nil {
+		return res, err
+	}
+	full, err := dp.untrackedOpen()
+	if err != nil {
+		return res, err
+	}
+	full = full || dp.BackfillPending()
+	if len(targets) == 0 && !full && !walkAll {
+		// No netns counts a socket of these services: nothing to walk, and nothing for the
+		// destroy programs to know. A reload that removes 100k backends no socket uses
+		// costs this pass the counts' read alone, not 100k doomed entries written and
+		// deleted.
+		return res, nil
+	}
+	doomed := make([]sockiterSvcBackendKey, 0, len(gone))
+	revs := make([]sockiterDoomedValue, 0, len(gone))
+	at := make(map[sockiterSvcBackendKey]int, len(gone))
+	for _, b := range gone {
 		k := sockiterSvcBackendKey{
 			Vip: addrWords(b.VIP.Addr()), VipPort: htons(b.VIP.Port()),
 			Backend: addrWords(b.Backend.Addr()), BackendPort: htons(b.Backend.Port()),
@@ -147,15 +165,6 @@ func (dp *Datapath) terminateBatch(it *sockIter, ns NetnsSet, gone []RemovedBack
 		}
 	}()
 
-	targets, err := dp.netnsHolding(buckets, ns)
-	if err != nil {
-		return res, err
-	}
-	full, err := dp.untrackedOpen()
-	if err != nil {
-		return res, err
-	}
-	full = full || dp.BackfillPending()
 	if full || walkAll {
 		res.FullWalk = true
 		for _, c := range ns.Cookies() {

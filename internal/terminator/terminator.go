@@ -138,6 +138,8 @@ func (t *Terminator) Remove(gone []datapath.RemovedBackend, protos []uint8) {
 	for _, p := range protos {
 		t.stats.Protocols = append(t.stats.Protocols, datapath.ProtoName(p))
 	}
+	// Grown once: appending 100k removals one by one allocated five times their size.
+	t.pending = slices.Grow(t.pending, len(gone))
 	for _, b := range gone {
 		// Without the protocol's iterator there is nothing to do; status says why.
 		if t.dp.TerminateErr(b.Proto) == nil && slices.Contains(protos, b.Proto) {
@@ -294,7 +296,10 @@ func (t *Terminator) terminate(gone []datapath.RemovedBackend) (datapath.Termina
 	destroyed := map[uint8]int{}
 	var errs []error
 	for _, proto := range []uint8{datapath.ProtoTCP, datapath.ProtoUDP} {
-		part := slices.DeleteFunc(slices.Clone(gone), func(b datapath.RemovedBackend) bool { return b.Proto != proto })
+		part := gone
+		if slices.ContainsFunc(gone, func(b datapath.RemovedBackend) bool { return b.Proto != proto }) {
+			part = slices.DeleteFunc(slices.Clone(gone), func(b datapath.RemovedBackend) bool { return b.Proto != proto })
+		}
 		if len(part) == 0 {
 			continue
 		}
@@ -316,6 +321,10 @@ func (t *Terminator) terminate(gone []datapath.RemovedBackend) (datapath.Termina
 // worked, a retry with backoff after one that failed, until the attempts run out.
 func (t *Terminator) reschedule(due []removal, err error) {
 	now := t.now()
+	if err != nil || slices.ContainsFunc(due, func(r removal) bool { return !r.late }) {
+		// Grown once for what follows, unless every removal is done.
+		t.scheduled = slices.Grow(t.scheduled, len(due))
+	}
 	for _, r := range due {
 		switch {
 		case err == nil && r.late:

@@ -108,8 +108,9 @@ type Datapath struct {
 
 	// input is what the last Apply that worked in full was given, as ApplyChanges has
 	// changed it since; nil when what is installed is not known to be any input (adopted
-	// pins, a failed Apply). Applies write it, under inputMu, which Counts takes to count
-	// its backends (backendCount; -1 until counted).
+	// pins, a failed Apply, or one writing). Applies write it, under inputMu, which Counts
+	// takes to count its backends (backendCount; -1 until counted). A full Apply drops it
+	// when it starts writing and keeps its count, for Counts to show until it settles.
 	inputMu      sync.Mutex
 	input        []Service
 	backendCount int

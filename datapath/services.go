@@ -274,6 +274,12 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		dp.mu.Unlock()
 		return res, err
 	}
+	// The writes begin: what is installed is no longer the last input, which need not
+	// stay live beside this one (15 MB at 100k services). Its count, if made, is still
+	// what status shows until the Apply settles.
+	dp.inputMu.Lock()
+	dp.input = nil
+	dp.inputMu.Unlock()
 	var errs []error
 	// Removals first: they free IDs and slots for what comes next. When every installed
 	// service is kept there are none, and no need to look each one up.
@@ -1317,7 +1323,7 @@ func (dp *Datapath) Counts() (services, backends int) {
 	// Walking 100k services' slots would hold the datapath from pod events and scrapes:
 	// a fully applied set is counted from its input, once, by the first who asks.
 	dp.inputMu.Lock()
-	if dp.input != nil {
+	if dp.input != nil || dp.backendCount >= 0 {
 		if dp.backendCount < 0 {
 			dp.backendCount = distinctBackends(dp.input)
 		}

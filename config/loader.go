@@ -83,9 +83,9 @@ func ready(p *fileParse) <-chan *fileParse {
 	return out
 }
 
-// loadWhole parses the files whole, as Load and LoadServicesFile do, which is faster than
-// decoding table by table when most tables are new: at start, or when every service
-// changed. Unless mainCut has the main file's cut, it cuts them meanwhile, for the next
+// loadWhole parses the files whole, as Load and LoadServicesFile do, which is as fast as
+// decoding table by table when most tables are new (at start, or when every service
+// changed) and leaves a fifth less garbage. Unless mainCut has the main file's cut, it cuts them meanwhile, for the next
 // load.
 func (l *Loader) loadWhole(path string, data []byte, mainCut <-chan *fileParse) (*Config, error) {
 	if mainCut == nil {

@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"fmt"
 	"maps"
-	"net/netip"
 	"slices"
 )
 
@@ -109,13 +108,22 @@ func merge(views map[Source][]Service, limits Limits) ([]Service, []Conflict, in
 		}
 		out = append(out, svc)
 	}
-	// Keyed by the frontend itself: its string (Key) is built only for a conflict.
+	// Keyed by the frontend itself, in plain bytes, which hash as one word array: its
+	// string (Key) is built only for a conflict. Check has made sure VIP and Protocol
+	// are valid.
 	type frontend struct {
-		addr  netip.AddrPort
-		proto Protocol
+		addr [16]byte
+		port uint16
+		is4  bool
+		udp  bool
 	}
 	byKey := make(map[frontend]Ref, n)
-	byName := make(map[string]Ref, n)
+	// Names may repeat within a source (a Kubernetes service's frontends), not across
+	// sources: with one source there is nothing to look up.
+	var byName map[string]Ref
+	if len(sources) > 1 {
+		byName = make(map[string]Ref, n)
+	}
 	var conflicts []Conflict
 	// A service switching revisions holds its old and new slots at once, one at a time.
 	slotBudget := limits.Slots - limits.SlotsPerService
@@ -129,7 +137,7 @@ func merge(views map[Source][]Service, limits Limits) ([]Service, []Conflict, in
 				conflicts = append(conflicts, Conflict{Key: "invalid", Dropped: ref, Reason: err.Error()})
 				continue
 			}
-			fe := frontend{netip.AddrPortFrom(svc.VIP, svc.Port), svc.Protocol}
+			fe := frontend{svc.VIP.As16(), svc.Port, svc.VIP.Is4(), svc.Protocol == ProtocolUDP}
 			if kept, taken := byKey[fe]; taken {
 				conflicts = append(conflicts, Conflict{Key: svc.Key(), Kept: kept, Dropped: ref, Reason: "frontend already served"})
 				continue
@@ -148,7 +156,10 @@ func merge(views map[Source][]Service, limits Limits) ([]Service, []Conflict, in
 				continue
 			}
 			slotsUsed += slots
-			byKey[fe], byName[svc.Name] = ref, ref
+			byKey[fe] = ref
+			if byName != nil {
+				byName[svc.Name] = ref
+			}
 			keep(i, svc, changed)
 		}
 	}

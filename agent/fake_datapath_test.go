@@ -74,10 +74,12 @@ func (f *fakeDatapath) ApplyChanges(changes []datapath.Change, opts datapath.App
 	if f.lastInput == nil || len(changes)*4 > len(f.lastInput) {
 		return datapath.ApplyResult{}, false, nil
 	}
+	seen := map[int]bool{}
 	for _, c := range changes {
-		if c.At < 0 || c.At >= len(f.lastInput) || c.Service.Key() != f.lastInput[c.At].Key() {
+		if c.At < 0 || c.At >= len(f.lastInput) || seen[c.At] || c.Service.Key() != f.lastInput[c.At].Key() {
 			return datapath.ApplyResult{}, false, nil
 		}
+		seen[c.At] = true
 	}
 	if opts.Started != nil {
 		opts.Started()

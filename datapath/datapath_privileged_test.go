@@ -1156,6 +1156,7 @@ func TestPrivilegedApplyChanges(t *testing.T) {
 	moved.VIP = next[3].VIP
 	refused("a frontend moved", Change{4, moved})
 	refused("a position out of range", Change{200, next[0]})
+	refused("a position twice", Change{5, next[5]}, Change{5, next[5]})
 	refused("more than a quarter", slices.Repeat([]Change{{0, next[0]}}, 51)...)
 	readBack(next)
 	tooMany := next[5]

@@ -430,8 +430,8 @@ type Change struct {
 // and plans and writes nothing else: for one change among 100k services, the difference
 // between a pass over them all and none. Each change must keep the frontend at its
 // position. False, with nothing done, when the changes cannot be followed so: the last
-// Apply did not work in full, a position is out of range or its frontend differs, or
-// more than a quarter of the services change. The caller then applies the whole set.
+// Apply did not work in full, a position is out of range, given twice or its frontend
+// differs, or more than a quarter of the services change. The caller then applies the whole set.
 func (dp *Datapath) ApplyChanges(changes []Change, opts ApplyOptions) (ApplyResult, bool, error) {
 	dp.applyMu.Lock()
 	defer dp.applyMu.Unlock()
@@ -441,10 +441,13 @@ func (dp *Datapath) ApplyChanges(changes []Change, opts ApplyOptions) (ApplyResu
 	if dp.input == nil || len(changes)*4 > len(dp.input) {
 		return res, false, nil
 	}
+	// Each position once: the input's frontends are distinct, so then are the changes'.
+	seen := make(map[int]bool, len(changes))
 	for _, c := range changes {
-		if c.At < 0 || c.At >= len(dp.input) {
+		if c.At < 0 || c.At >= len(dp.input) || seen[c.At] {
 			return res, false, nil
 		}
+		seen[c.At] = true
 		k, was := svcKey(c.Service.VIP, c.Service.Port, c.Service.Proto), &dp.input[c.At]
 		if k != svcKey(was.VIP, was.Port, was.Proto) || dp.services[k] == nil {
 			return res, false, nil

@@ -81,14 +81,28 @@ func (f *fakeDatapath) ApplyChanges(changes []datapath.Change, opts datapath.App
 		}
 		seen[c.At] = true
 	}
+	hold, applying := f.hold, f.applying
+	f.mu.Unlock()
 	if opts.Started != nil {
 		opts.Started()
 	}
+	if hold != nil {
+		if applying != nil {
+			applying <- struct{}{}
+		}
+		<-hold
+	}
+	f.mu.Lock()
 	next := slices.Clone(f.lastInput)
 	for _, c := range changes {
 		next[c.At] = c.Service
 	}
 	f.applies = append(f.applies, slices.Clone(next))
+	if err := f.applyErr; err != nil {
+		f.applyErr = nil
+		f.lastInput = nil
+		return datapath.ApplyResult{}, true, err
+	}
 	f.lastInput = next
 	f.incrementalApplies++
 	return f.install(next), true, nil

@@ -109,11 +109,12 @@ type Datapath struct {
 	// input is what the last Apply that worked in full was given, as ApplyChanges has
 	// changed it since; nil when what is installed is not known to be any input (adopted
 	// pins, a failed Apply, or one writing). Applies write it, under inputMu, which Counts
-	// takes to count its backends (backendCount; -1 until counted). A full Apply drops it
-	// when it starts writing and keeps its count, for Counts to show until it settles.
-	inputMu      sync.Mutex
-	input        []Service
-	backendCount int
+	// takes to count its backends (backendCount, once backendsCounted). A full Apply drops
+	// it before it writes and keeps its count, for Counts to show until it settles.
+	inputMu         sync.Mutex
+	input           []Service
+	backendCount    int
+	backendsCounted bool
 
 	mu       sync.Mutex
 	services map[socklbSvcKey]*installed

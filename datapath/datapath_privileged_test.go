@@ -454,6 +454,10 @@ func TestPrivilegedPinsSurviveAndAreAdopted(t *testing.T) {
 	if len(svcs) != 1 || svcs[0].Name != "default/web" || svcs[0].Backends[0].Addr != beA {
 		t.Fatalf("adopted services = %+v", svcs)
 	}
+	// Before any Apply the counts come from what was adopted.
+	if n, backends := dp2.Counts(); n != 1 || backends != 1 {
+		t.Fatalf("adopted counts: %d services, %d backends; want 1, 1", n, backends)
+	}
 	res := apply(t, dp2, tcpService("default/web", webVIP, be(beA, 1)))
 	if res.Unchanged != 1 || res.Added+res.Updated+res.Removed != 0 {
 		t.Fatalf("re-applying the same config after adoption changed something: %+v", res)

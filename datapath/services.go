@@ -259,6 +259,12 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 	}
 	// A stable order keeps ID assignment reproducible.
 	slices.SortFunc(order, func(a, b plannedKey) int { return compareKeys(a.key, b.key) })
+	// The writes are about to begin: the last input need not stay live beside this one
+	// (15 MB at 100k services). Its count, if made, is what Counts shows until the Apply
+	// settles. Dropped before mu, which a count in progress would hold up.
+	dp.inputMu.Lock()
+	dp.input = nil
+	dp.inputMu.Unlock()
 
 	dp.mu.Lock()
 	yield := dp.yielder()
@@ -274,12 +280,6 @@ func (dp *Datapath) ApplyWith(services []Service, opts ApplyOptions) (ApplyResul
 		dp.mu.Unlock()
 		return res, err
 	}
-	// The writes begin: what is installed is no longer the last input, which need not
-	// stay live beside this one (15 MB at 100k services). Its count, if made, is still
-	// what status shows until the Apply settles.
-	dp.inputMu.Lock()
-	dp.input = nil
-	dp.inputMu.Unlock()
 	var errs []error
 	// Removals first: they free IDs and slots for what comes next. When every installed
 	// service is kept there are none, and no need to look each one up.
@@ -490,7 +490,7 @@ func (dp *Datapath) ApplyChanges(changes []Change, opts ApplyOptions) (ApplyResu
 	for _, c := range changes {
 		dp.input[c.At] = c.Service
 	}
-	dp.backendCount = -1
+	dp.backendsCounted = false
 	dp.inputMu.Unlock()
 	dp.heldSlots = held
 	return res, true, nil
@@ -516,7 +516,7 @@ func (dp *Datapath) started(opts ApplyOptions) func() {
 // hold; nil input: what is installed is not known to be any input.
 func (dp *Datapath) settle(input []Service, heldSlots int) {
 	dp.inputMu.Lock()
-	dp.input, dp.backendCount = input, -1
+	dp.input, dp.backendsCounted = input, false
 	dp.inputMu.Unlock()
 	dp.heldSlots = heldSlots
 }
@@ -1326,9 +1326,9 @@ func (dp *Datapath) Counts() (services, backends int) {
 	// Walking 100k services' slots would hold the datapath from pod events and scrapes:
 	// a fully applied set is counted from its input, once, by the first who asks.
 	dp.inputMu.Lock()
-	if dp.input != nil || dp.backendCount >= 0 {
-		if dp.backendCount < 0 {
-			dp.backendCount = distinctBackends(dp.input)
+	if dp.input != nil || dp.backendsCounted {
+		if !dp.backendsCounted {
+			dp.backendCount, dp.backendsCounted = distinctBackends(dp.input), true
 		}
 		backends = dp.backendCount
 		dp.inputMu.Unlock()

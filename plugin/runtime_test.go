@@ -64,32 +64,17 @@ func (r *recorder) ContainerStarted(c runtimehooks.ContainerInfo) { r.add("Conta
 func (r *recorder) StopContainer(c runtimehooks.ContainerInfo)    { r.add("StopContainer " + c.ID) }
 func (r *recorder) RemoveContainer(c runtimehooks.ContainerInfo)  { r.add("RemoveContainer " + c.ID) }
 
-// fakeRuntime is NRI's own runtime side (the adaptation containerd and CRI-O embed), run
-// in this process on a private socket, with the pods it reports at each Synchronize.
+// fakeRuntime is NRI's own runtime side, in this process on a private socket, with the
+// pods it reports at each Synchronize.
 func fakeRuntime(t *testing.T, socket string, pods ...string) *adaptation.Adaptation {
 	t.Helper()
-	empty := t.TempDir()
-	sync := func(ctx context.Context, cb adaptation.SyncCB) error {
+	return testenv.StartNRIRuntime(t, socket, func() ([]*api.PodSandbox, []*api.Container) {
 		var sbs []*api.PodSandbox
 		for _, id := range pods {
 			sbs = append(sbs, &api.PodSandbox{Id: id, Name: id, Namespace: "default", Uid: "uid-" + id})
 		}
-		_, err := cb(ctx, sbs, nil)
-		return err
-	}
-	update := func(context.Context, []*adaptation.ContainerUpdate) ([]*adaptation.ContainerUpdate, error) {
-		return nil, nil
-	}
-	r, err := adaptation.New("fake-runtime", "v0", sync, update,
-		adaptation.WithSocketPath(socket), adaptation.WithPluginPath(empty), adaptation.WithPluginConfigPath(empty))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := r.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(r.Stop)
-	return r
+		return sbs, nil
+	})
 }
 
 // runtimeSocket stands for the runtime's NRI socket. It relays each connection to the

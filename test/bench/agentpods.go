@@ -1,13 +1,11 @@
 package main
 
 import (
-	"context"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 
-	"github.com/containerd/nri/pkg/adaptation"
 	nriapi "github.com/containerd/nri/pkg/api"
 
 	"github.com/podsock/podsock/internal/cgroupfs"
@@ -58,22 +56,7 @@ func newBenchPods(e *env, n int) *benchPods {
 // runtime serves the pods over NRI on socket until stop: every plugin that registers is
 // synchronized with all of them.
 func (p *benchPods) runtime(e *env, socket string) (stop func()) {
-	empty := e.tempDir("podsock-bench-nri-")
-	sync := func(ctx context.Context, cb adaptation.SyncCB) error {
-		_, err := cb(ctx, p.sandbox, p.ctrs)
-		return err
-	}
-	update := func(context.Context, []*adaptation.ContainerUpdate) ([]*adaptation.ContainerUpdate, error) {
-		return nil, nil
-	}
-	r, err := adaptation.New("podsock-bench", "v0", sync, update,
-		adaptation.WithSocketPath(socket), adaptation.WithPluginPath(empty), adaptation.WithPluginConfigPath(empty))
-	if err != nil {
-		e.Fatal(err)
-	}
-	if err := r.Start(); err != nil {
-		e.Fatal(err)
-	}
+	r := testenv.StartNRIRuntime(e, socket, func() ([]*nriapi.PodSandbox, []*nriapi.Container) { return p.sandbox, p.ctrs })
 	return func() {
 		r.Stop()
 		os.Remove(socket)

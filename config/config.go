@@ -7,12 +7,14 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
@@ -223,8 +225,11 @@ func Load(path string) (*Config, error) {
 
 // readFile reads a config file; its error is an *Error naming the file.
 func readFile(path string) ([]byte, error) {
-	data, err := os.ReadFile(path)
+	data, err := readRegular(path)
 	if err != nil {
+		if errors.Is(err, errNotRegular) {
+			return nil, &Error{File: path, Msg: err.Error(), Err: err}
+		}
 		msg := err.Error()
 		// The path is already the error's prefix; don't repeat it.
 		var pe *fs.PathError
@@ -234,6 +239,43 @@ func readFile(path string) ([]byte, error) {
 		return nil, &Error{File: path, Msg: msg, Err: err}
 	}
 	return data, nil
+}
+
+// errNotRegular is a config or services file that is a FIFO, device or directory: read
+// as a file, a FIFO would hold a reload until something wrote to it, and a device such
+// as /dev/zero would fill memory.
+var errNotRegular = errors.New("not a regular file")
+
+// readRegular reads a regular file whole, through a symlink (a ConfigMap's files are).
+func readRegular(path string) ([]byte, error) {
+	// Non-blocking: opening a FIFO for reading would otherwise wait for a writer.
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, errNotRegular
+	}
+	// Sized from the file, as os.ReadFile is, and read to its end should it grow meanwhile.
+	data := make([]byte, 0, fi.Size()+512)
+	for {
+		n, err := f.Read(data[len(data):cap(data)])
+		data = data[:len(data)+n]
+		if err == io.EOF {
+			return data, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		if len(data) == cap(data) {
+			data = slices.Grow(data, len(data))
+		}
+	}
 }
 
 // decode parses TOML; its error is an *Error with the file name and line.

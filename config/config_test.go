@@ -11,7 +11,9 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/pelletier/go-toml/v2"
 
@@ -916,6 +918,45 @@ func TestLoadServicesFile(t *testing.T) {
 	}
 	if _, err := Parse("x", []byte("[agent]\nservices_file = \"relative.toml\"\n")); err == nil || !strings.Contains(err.Error(), "must be an absolute path") {
 		t.Errorf("relative services_file: %v", err)
+	}
+}
+
+// A config or services file that is a FIFO, a device or a directory is refused with one
+// line at once: read as a file, a FIFO would hold the load until something wrote to it.
+func TestLoadRefusesWhatIsNotARegularFile(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo.toml")
+	if err := syscall.Mkfifo(fifo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	main := filepath.Join(dir, "podsock.toml")
+	if err := os.WriteFile(main, []byte(fmt.Sprintf("[agent]\nservices_file = %q\n", fifo)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for _, path := range []string{fifo, dir, "/dev/zero"} {
+			if _, err := Load(path); err == nil || err.Error() != path+": not a regular file" {
+				t.Errorf("Load(%s): %v, want %q", path, err, path+": not a regular file")
+			}
+		}
+		c, err := Load(main)
+		if err != nil {
+			t.Errorf("main file: %v", err)
+			return
+		}
+		if err := c.LoadServicesFile(); err == nil || err.Error() != fifo+": not a regular file" {
+			t.Errorf("a FIFO as services_file: %v", err)
+		}
+		if _, err := NewLoader().Load(main); err == nil || err.Error() != fifo+": not a regular file" {
+			t.Errorf("the Loader, a FIFO as services_file: %v", err)
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("a load blocked on a FIFO")
 	}
 }
 

@@ -43,8 +43,20 @@ func newFakeDatapath() *fakeDatapath {
 
 func (f *fakeDatapath) ApplyWith(svcs []datapath.Service, opts datapath.ApplyOptions) (datapath.ApplyResult, error) {
 	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.start(opts)
+	if err := f.record(svcs); err != nil {
+		return datapath.ApplyResult{}, err
+	}
+	return f.install(svcs), nil
+}
+
+// start tells the caller the apply started and, while a test holds applies, waits, as
+// the datapath's long work would; it lets go of mu meanwhile, which the caller holds.
+func (f *fakeDatapath) start(opts datapath.ApplyOptions) {
 	hold, applying := f.hold, f.applying
 	f.mu.Unlock()
+	defer f.mu.Lock()
 	if opts.Started != nil {
 		opts.Started()
 	}
@@ -54,16 +66,19 @@ func (f *fakeDatapath) ApplyWith(svcs []datapath.Service, opts datapath.ApplyOpt
 		}
 		<-hold
 	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
+}
+
+// record keeps svcs as an apply's input, or fails the apply once if a test asked for
+// that, leaving no input to follow changes from; under mu.
+func (f *fakeDatapath) record(svcs []datapath.Service) error {
 	f.applies = append(f.applies, slices.Clone(svcs))
 	if err := f.applyErr; err != nil {
 		f.applyErr = nil
 		f.lastInput = nil
-		return datapath.ApplyResult{}, err
+		return err
 	}
 	f.lastInput = slices.Clone(svcs)
-	return f.install(svcs), nil
+	return nil
 }
 
 // ApplyChanges follows the changes as the datapath does, into the last input, which an
@@ -81,29 +96,14 @@ func (f *fakeDatapath) ApplyChanges(changes []datapath.Change, opts datapath.App
 		}
 		seen[c.At] = true
 	}
-	hold, applying := f.hold, f.applying
-	f.mu.Unlock()
-	if opts.Started != nil {
-		opts.Started()
-	}
-	if hold != nil {
-		if applying != nil {
-			applying <- struct{}{}
-		}
-		<-hold
-	}
-	f.mu.Lock()
+	f.start(opts)
 	next := slices.Clone(f.lastInput)
 	for _, c := range changes {
 		next[c.At] = c.Service
 	}
-	f.applies = append(f.applies, slices.Clone(next))
-	if err := f.applyErr; err != nil {
-		f.applyErr = nil
-		f.lastInput = nil
+	if err := f.record(next); err != nil {
 		return datapath.ApplyResult{}, true, err
 	}
-	f.lastInput = next
 	f.incrementalApplies++
 	return f.install(next), true, nil
 }
